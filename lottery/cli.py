@@ -1,0 +1,90 @@
+"""Hydra entry points. No experiment logic lives here: each app composes its config and calls one function."""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lottery.config import register_configs
+
+log = logging.getLogger("lottery")
+register_configs()
+
+# Errors a user can fix by changing the command line: shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
+    """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
+    try:
+        fn()
+    except USER_ERRORS as e:
+        _record_error(run_dir, e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+            return
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, and in a sweep keep going
+        _record_error(run_dir, e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.exception("job failed (recorded in %s)", run_dir / "error.txt")
+            return
+        raise
+
+
+def _record_error(run_dir: Path, e: BaseException) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _train(cfg: DictConfig) -> None:
+    from lottery.imp import run_experiment
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _guard(lambda: run_experiment(cfg, run_dir), cfg, run_dir)
+
+
+def train() -> None:
+    """`lottery-train`: IMP (or dense training with pruning=none) in one run folder."""
+    _train()
+
+
+def _ticket_config(cfg: DictConfig) -> DictConfig:
+    """The ticket's own config, with exactly the keys the user overrode on the command line taken from `cfg`."""
+    from lottery.ticket import load_ticket
+    if not cfg.ticket:
+        raise ValueError("lottery-retrain needs ticket=PATH (a levels/level_<L>/ticket.pt file of a run)")
+    ticket = load_ticket(Path(cfg.ticket).expanduser())
+    merged = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg)) if False else cfg), {})
+    base = OmegaConf.merge(merged, ticket.config)
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key in ("ticket",):
+            continue
+        OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
+    base.ticket = cfg.ticket
+    return base
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="retrain")
+def _retrain(cfg: DictConfig) -> None:
+    from lottery.imp import retrain as retrain_ticket
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    def go():
+        merged = _ticket_config(cfg)
+        retrain_ticket(merged, merged.ticket, run_dir)
+
+    _guard(go, cfg, run_dir)
+
+
+def retrain() -> None:
+    """`lottery-retrain ticket=PATH [overrides]`: retrain a ticket in isolation."""
+    _retrain()

@@ -1,0 +1,105 @@
+"""Masks: which tensors are prunable, and the one place where masks touch weights.
+
+A mask is a plain tensor beside its parameter (same shape, 1 = kept, 0 = pruned), kept in a dict keyed by parameter
+name. Parameters stay ordinary `nn.Parameter`s: no hooks or parametrizations, so `deepcopy`, `torch.compile` and
+`torch.func` see exactly what runs (pitfall 8). Pruned weights are zeroed after every optimizer step by `apply`, which
+makes them exactly zero whatever the optimizer's momentum or weight decay does to them (pitfall 2).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prunable:
+    name: str  # parameter name, e.g. "hidden.0.weight"
+    kind: str  # "linear", "conv", "output", "bias" or "batchnorm": selects the per-kind pruning rate
+
+
+def prunable_tensors(model: nn.Module, pcfg) -> list[Prunable]:
+    """The prunable parameters, in `named_parameters` order.
+
+    Default policy: weights of Linear and Conv layers. Biases and BatchNorm parameters only when asked
+    (`pruning.prune_biases`, `pruning.prune_batchnorm`). `pruning.exclude` holds glob patterns over parameter names.
+    The output layer (the last Linear) gets its own kind so it can be pruned at its own rate, as in the paper.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    output = linears[-1] if linears else None
+    kinds: dict[str, str] = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind = "output" if mod is output else ("linear" if isinstance(mod, nn.Linear) else "conv")
+            kinds[prefix + "weight"] = kind
+            if mod.bias is not None and pcfg.prune_biases:
+                kinds[prefix + "bias"] = "bias"
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and pcfg.prune_batchnorm and mod.affine:
+            kinds[prefix + "weight"] = "batchnorm"
+            kinds[prefix + "bias"] = "batchnorm"
+    excluded = list(pcfg.exclude)
+    return [Prunable(name, kinds[name]) for name, _ in model.named_parameters()
+            if name in kinds and not any(fnmatch.fnmatchcase(name, pat) for pat in excluded)]
+
+
+def ones(model: nn.Module, prunable: list[Prunable]) -> Masks:
+    params = dict(model.named_parameters())
+    return {p.name: torch.ones_like(params[p.name]) for p in prunable}
+
+
+def apply(model: nn.Module, masks: Masks) -> None:
+    """Zero the pruned entries in place. Called after every optimizer step and after every weight load."""
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        torch._foreach_mul_([params[n] for n in masks], list(masks.values()))
+
+
+class Masker:
+    """`apply` for the training loop: the parameter/mask lists are built once, not per step."""
+
+    def __init__(self, model: nn.Module, masks: Masks):
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in masks]
+        self.masks = [m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()]
+
+    def __call__(self) -> None:
+        if self.params:
+            with torch.no_grad():
+                torch._foreach_mul_(self.params, self.masks)
+
+
+def count(masks: Masks) -> tuple[int, int]:
+    """(remaining, total) over the masked tensors; exact integers."""
+    remaining = sum(int(m.count_nonzero()) for m in masks.values())
+    return remaining, sum(m.numel() for m in masks.values())
+
+
+def density(masks: Masks) -> dict[str, float]:
+    return {n: int(m.count_nonzero()) / m.numel() for n, m in masks.items()}
+
+
+def params_remaining(model: nn.Module, masks: Masks) -> float:
+    """Fraction of ALL parameters remaining (unprunable ones count as kept). Buffers are not parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    pruned = sum(m.numel() - int(m.count_nonzero()) for m in masks.values())
+    return (total - pruned) / total
+
+
+def to_bool(masks: Masks) -> dict[str, torch.Tensor]:
+    """Compact, device-independent form for files."""
+    return {n: m.detach().to("cpu", torch.bool) for n, m in masks.items()}
+
+
+def from_bool(masks: dict[str, torch.Tensor], model: nn.Module) -> Masks:
+    params = dict(model.named_parameters())
+    missing = sorted(set(masks) - set(params))
+    if missing:
+        raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
+    return {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}

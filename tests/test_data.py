@@ -1,0 +1,243 @@
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lottery.data import DATASETS, Batches, Data, eval_batches, load_data
+
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_mnist = pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").is_dir(),
+                                 reason=f"real MNIST not found at {DATA_ROOT / 'MNIST' / 'raw'}")
+needs_cifar = pytest.mark.skipif(not (DATA_ROOT / "cifar-10-batches-py").is_dir(),
+                                 reason=f"real CIFAR-10 not found at {DATA_ROOT / 'cifar-10-batches-py'}")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_data("mnist", str(DATA_ROOT))
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    return load_data("cifar10", str(DATA_ROOT), verify=False)
+
+
+def indexed_data(n=100, shape=(3, 32, 32), augment=False, device="cpu"):
+    """Random images whose label is their index, so a batch tells which samples it holds."""
+    g = torch.Generator().manual_seed(123)
+    x = torch.rand(n, *shape, generator=g) + 0.5  # nonzero everywhere, so zero padding is recognisable
+    y = torch.arange(n)
+    empty = x[:0]
+    return Data(x.to(device), y.to(device), empty.to(device), y[:0].to(device), x[:10].to(device), y[:10].to(device),
+                num_classes=n, input_shape=shape, augment=augment)
+
+
+# --- argument checking ---------------------------------------------------------------------------------------------
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; accepted: mnist, cifar10, synthetic"):
+        load_data("imagenet", str(DATA_ROOT))
+    assert DATASETS == ("mnist", "cifar10", "synthetic")
+
+
+@pytest.mark.parametrize("val_size", [-1, 60000, 70000])
+def test_bad_val_size_rejected_before_loading(val_size, tmp_path):
+    # tmp_path holds no data: a ValueError (not FileNotFoundError) shows validation ran first.
+    with pytest.raises(ValueError, match="val_size"):
+        load_data("mnist", str(tmp_path), val_size=val_size)
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py")])
+def test_missing_root_message(name, folder, tmp_path):
+    for root in (tmp_path / "does-not-exist", tmp_path):  # root missing, and root present but empty
+        with pytest.raises(FileNotFoundError) as e:
+            load_data(name, str(root))
+        msg = str(e.value)
+        assert str(root.resolve()) in msg and "dataset.root=" in msg and folder in msg and "dataset.download=true" in msg
+
+
+# --- real data -----------------------------------------------------------------------------------------------------
+
+def check_split(d, n_train, n_val, n_test, shape):
+    assert d.train_x.shape == (n_train, *shape) and d.train_y.shape == (n_train,)
+    assert d.val_x.shape == (n_val, *shape) and d.val_y.shape == (n_val,)
+    assert d.test_x.shape == (n_test, *shape) and d.test_y.shape == (n_test,)
+    assert d.input_shape == shape and d.num_classes == 10
+    assert d.train_x.dtype == torch.float32 and d.train_y.dtype == torch.int64
+    assert set(d.train_y.unique().tolist()) == set(range(10))
+
+
+def rows_as_keys(x):
+    return {hash(r.numpy().tobytes()) for r in x.flatten(1)}
+
+
+def check_normalized(x):
+    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
+    assert torch.allclose(mean, torch.zeros_like(mean), atol=0.02), mean
+    assert torch.allclose(std, torch.ones_like(std), atol=0.02), std
+
+
+@needs_mnist
+def test_mnist(mnist):
+    check_split(mnist, 55000, 5000, 10000, (1, 28, 28))
+    check_normalized(mnist.train_x)
+    # Disjoint: no validation image appears in the training set.
+    train_keys = rows_as_keys(mnist.train_x)
+    val_keys = rows_as_keys(mnist.val_x)
+    assert not val_keys & train_keys
+
+
+@needs_cifar
+def test_cifar(cifar):
+    check_split(cifar, 45000, 5000, 10000, (3, 32, 32))
+    check_normalized(cifar.train_x)
+    assert len(rows_as_keys(cifar.val_x) & rows_as_keys(cifar.train_x)) == 0
+
+
+@needs_cifar
+def test_cifar_verify_reports_md5():
+    with pytest.raises(RuntimeError, match="md5") as e:
+        load_data("cifar10", str(DATA_ROOT), verify=True)
+    assert "dataset.verify=false" in str(e.value)
+
+
+@needs_mnist
+def test_split_prefix(mnist):
+    # Same seed, smaller val_size: the first 100 indices of the same permutation.
+    small = load_data("mnist", str(DATA_ROOT), val_size=100)
+    assert torch.equal(small.val_x, mnist.val_x[:100]) and len(small.train_x) == 59900
+
+
+def test_split_is_seeded():
+    def load(**kw):
+        return load_data("synthetic", "", val_size=100, synthetic_train=500, **kw)
+    a, b, c = load(), load(), load(split_seed=1)
+    assert torch.equal(a.val_x, b.val_x) and not torch.equal(a.val_x, c.val_x)
+    assert torch.equal(a.val_y, b.val_y) 
+    none = load_data("synthetic", "", val_size=0, synthetic_train=500)
+    assert none.val_x.shape == (0, 1, 28, 28) and none.val_y.shape == (0,) and len(none.train_x) == 500
+    # Together, validation and training hold each original sample exactly once.
+    union = torch.cat([a.val_x, a.train_x]).flatten(1)
+    assert torch.equal(union[union[:, 0].argsort()], none.train_x.flatten(1)[none.train_x[:, 0, 0, 0].argsort()])
+
+
+# --- synthetic -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,expected", [("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32))])
+def test_synthetic_shapes_and_determinism(shape, expected):
+    a = load_data("synthetic", "/ignored", val_size=100, synthetic_shape=shape, synthetic_train=500,
+                  synthetic_test=50)
+    check_split(a, 400, 100, 50, expected)
+    b = load_data("synthetic", "/ignored", val_size=100, synthetic_shape=shape, synthetic_train=500,
+                  synthetic_test=50)
+    c = load_data("synthetic", "/ignored", val_size=100, synthetic_shape=shape, synthetic_train=500,
+                  synthetic_test=50, synthetic_seed=1)
+    assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("train_x", "train_y", "val_x", "test_x", "test_y"))
+    assert not torch.equal(a.train_x, c.train_x)
+
+
+def test_synthetic_is_learnable():
+    d = load_data("synthetic", "", val_size=0)
+    centroids = torch.stack([d.train_x[d.train_y == k].mean(0) for k in range(10)]).flatten(1)
+    assert torch.cdist(centroids, centroids).add(torch.eye(10) * 1e9).min() > 10  # prototypes well apart
+    pred = torch.cdist(d.test_x.flatten(1), centroids).argmin(1)
+    assert (pred == d.test_y).float().mean() > 0.9
+
+
+def test_synthetic_bad_shape():
+    with pytest.raises(ValueError, match="synthetic_shape"):
+        load_data("synthetic", "", synthetic_shape="imagenet")
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batches_deterministic_and_resumable(device):
+    d = indexed_data(device=device, augment=True)
+    a = Batches(d, batch_size=16, seed=7)
+    seq = [a.get(t) for t in range(20)]
+    b = Batches(d, batch_size=16, seed=7)
+    for t in reversed(range(20)):  # out of order, crossing epochs both ways
+        assert all(torch.equal(u, v) for u, v in zip(b.get(t), seq[t]))
+    # A resumed run asks for a far step directly.
+    far = a.get(1234)
+    assert all(torch.equal(u, v) for u, v in zip(Batches(d, 16, 7).get(1234), far))
+    other = Batches(d, 16, 8)
+    assert not torch.equal(other.get(0)[1], seq[0][1])
+    assert all(x.device.type == device for x in far)
+
+
+@pytest.mark.parametrize("n,bs", [(100, 10), (100, 16)])
+def test_each_epoch_visits_each_sample_once(n, bs):
+    d = indexed_data(n=n)
+    b = Batches(d, bs, seed=0)
+    assert b.steps_per_epoch == n // bs
+    epochs = []
+    for e in range(3):
+        ids = torch.cat([b.get(e * b.steps_per_epoch + i)[1] for i in range(b.steps_per_epoch)])
+        assert len(ids) == len(set(ids.tolist())) == (n // bs) * bs
+        epochs.append(ids)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
+
+
+def test_unaugmented_batches_are_stored_tensors():
+    d = indexed_data()
+    x, y = Batches(d, 32, seed=3).get(5)
+    assert torch.equal(x, d.train_x[y]) and torch.equal(y, d.train_y[y])
+
+
+def crops(img, pad=4):
+    """Every flip/offset candidate of one image: (2 * 81, C, H, W), unflipped first, offsets row-major."""
+    c, h, w = img.shape
+    p = F.pad(torch.stack([img, img.flip(-1)]), (pad,) * 4)
+    return p.unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c, h, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
+def test_augmentation(device, shape):
+    d = indexed_data(n=200, shape=shape, augment=True, device=device)
+    b = Batches(d, 200, seed=0)
+    x, y = b.get(0)
+    assert x.shape == (200, *shape) and x.dtype == torch.float32
+    x, y, train = x.cpu(), y.cpu(), d.train_x.cpu()
+    which = []
+    for xi, yi in zip(x, y):
+        match = (crops(train[yi]) == xi).flatten(1).all(1).nonzero().flatten()
+        assert len(match) >= 1, "augmented image is not a flip/crop of its source"
+        which.append(match[0].item())
+    which = torch.tensor(which)
+    flipped, offset = which // 81, which % 81
+    assert 0.3 < flipped.float().mean() < 0.7  # both flipped and unflipped occur
+    assert (offset != 40).float().mean() > 0.8  # offset 40 is (4, 4), the uncropped position
+    assert len(offset.unique()) > 40
+    # Each step (here each step is a whole epoch) and each seed draws fresh augmentations.
+    def by_sample(batch):
+        return batch[0].cpu()[batch[1].cpu().argsort()]
+    assert not torch.equal(by_sample(b.get(1)), by_sample((x, y)))
+    assert not torch.equal(by_sample(Batches(d, 200, seed=1).get(0)), by_sample((x, y)))
+
+
+def test_global_rng_untouched():
+    state = torch.get_rng_state()
+    d = load_data("synthetic", "", val_size=100, synthetic_shape="cifar10", augment=True)
+    b = Batches(d, 64, seed=0)
+    for t in range(b.steps_per_epoch + 2):
+        b.get(t)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_bad_batch_size():
+    d = indexed_data(n=10)
+    for bs in (0, 11):
+        with pytest.raises(ValueError, match="batch_size"):
+            Batches(d, bs, seed=0)
+
+
+def test_eval_batches():
+    x, y = torch.arange(25.0)[:, None], torch.arange(25)
+    parts = list(eval_batches(x, y, batch_size=10))
+    assert [len(p[0]) for p in parts] == [10, 10, 5]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
