@@ -16,6 +16,9 @@ from lottery.config import register_configs
 log = logging.getLogger("lottery")
 register_configs()
 
+# conf/ sits beside the package in the repository; an absolute path works for entry points and `python -m` alike.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
 # Errors a user can fix by changing the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
@@ -44,7 +47,7 @@ def _record_error(run_dir: Path, e: BaseException) -> None:
     (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _train(cfg: DictConfig) -> None:
     from lottery.imp import run_experiment
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -62,8 +65,7 @@ def _ticket_config(cfg: DictConfig) -> DictConfig:
     if not cfg.ticket:
         raise ValueError("lottery-retrain needs ticket=PATH (a levels/level_<L>/ticket.pt file of a run)")
     ticket = load_ticket(Path(cfg.ticket).expanduser())
-    merged = OmegaConf.merge(OmegaConf.structured(type(OmegaConf.to_object(cfg)) if False else cfg), {})
-    base = OmegaConf.merge(merged, ticket.config)
+    base = OmegaConf.merge(cfg, ticket.config)
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith("hydra.") or key in ("ticket",):
@@ -73,7 +75,7 @@ def _ticket_config(cfg: DictConfig) -> DictConfig:
     return base
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="retrain")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def _retrain(cfg: DictConfig) -> None:
     from lottery.imp import retrain as retrain_ticket
     run_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -109,8 +109,8 @@ class Run:
 
     def new_model(self, init_seed: int | None = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
-        m = build_model(self.cfg.model.name, self.data.input_shape, self.data.num_classes,
-                        **OmegaConf.to_container(self.cfg.model, resolve=True) | {"name": None})
+        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
+        m = build_model(kwargs.pop("name"), self.data.input_shape, self.data.num_classes, **kwargs)
         if init_seed is not None:
             initialize(m, self.cfg.init, init_seed)
         return m.to(self.device)
