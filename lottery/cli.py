@@ -21,12 +21,23 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # Errors a user can fix by changing the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# Exit status of a job stopped by SIGUSR2/SIGTERM after its checkpoint: EX_TEMPFAIL, "try again" (scripts requeue on it).
+PREEMPTED_EXIT = 75
 
 
 def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
+    from lottery.checkpoint import install_stop_handlers
+    from lottery.train import Preempted
+    install_stop_handlers()
+    (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
     try:
         fn()
+    except Preempted as e:
+        # Neither done nor failed: leave without a result (under submitit the requeue already happened in
+        # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
+        log.warning("%s; rerun the same command to resume", e)
+        sys.exit(PREEMPTED_EXIT)
     except USER_ERRORS as e:
         _record_error(run_dir, e)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

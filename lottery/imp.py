@@ -198,6 +198,16 @@ class Run:
 
             at_step[step] = fire
 
+    def fault_after_level(self, level: int) -> None:
+        """Test-only: `fault.kill_after_level=L` SIGKILLs the run once, after level L's units, before level L+1."""
+        fault = self.cfg.fault
+        if not fault or fault.get("kill_after_level") is None or int(fault.kill_after_level) != level:
+            return
+        marker = self.dir / ".fault_fired"
+        if not marker.exists():
+            marker.write_text(str(signal.SIGKILL))
+            os.kill(os.getpid(), signal.SIGKILL)
+
 
 def _read_json(path: Path):
     import json
@@ -283,9 +293,7 @@ def _run_levels(run: Run) -> list[dict]:
             run.train_unit(level, "ticket", model, masks, start, at_step, on_done=finish_ticket)
             run.tracker.artifact(ticket_path, f"ticket-level{level}")
 
-        if level == 0:
-            continue
-        for branch in p.branches:
+        for branch in p.branches if level > 0 else ():
             if (level_dir / branch / "result.json").exists():
                 continue
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, branch, level))
@@ -299,6 +307,7 @@ def _run_levels(run: Run) -> list[dict]:
                     else pruning.shuffle(masks, gen)
             M.apply(control, control_masks)
             run.train_unit(level, branch, control, control_masks, start)
+        run.fault_after_level(level)
 
     return run.write_summary()
 

@@ -54,25 +54,24 @@ def ones(model: nn.Module, prunable: list[Prunable]) -> Masks:
 
 def apply(model: nn.Module, masks: Masks) -> None:
     """Zero the pruned entries in place. Called after every optimizer step and after every weight load."""
-    if not masks:
-        return
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        torch._foreach_mul_([params[n] for n in masks], list(masks.values()))
+    Masker(model, masks)()
 
 
 class Masker:
-    """`apply` for the training loop: the parameter/mask lists are built once, not per step."""
+    """`apply` for the training loop: the parameter and mask lists are built once, not per step.
+
+    Pruned entries are overwritten with zero rather than multiplied by it: a diverging run's inf or NaN times 0 is
+    NaN, and a pruned weight must be exactly zero whatever happens to the others."""
 
     def __init__(self, model: nn.Module, masks: Masks):
         params = dict(model.named_parameters())
         self.params = [params[n] for n in masks]
-        self.masks = [m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()]
+        self.pruned = [m.to(device=params[n].device) == 0 for n, m in masks.items()]
 
     def __call__(self) -> None:
-        if self.params:
-            with torch.no_grad():
-                torch._foreach_mul_(self.params, self.masks)
+        with torch.no_grad():
+            for p, pruned in zip(self.params, self.pruned):
+                p.masked_fill_(pruned, 0)
 
 
 def count(masks: Masks) -> tuple[int, int]:

@@ -28,6 +28,22 @@ def wandb_mode() -> str:
         return "offline"
 
 
+def _sweep_name() -> Optional[str]:
+    """The named sweep (`sweep=...`) this job belongs to, if any: the default W&B group of its jobs."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return HydraConfig.get().runtime.choices.get("sweep") if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks) there is no sweep
+        return None
+
+
+def _new_id() -> str:
+    # W&B's own id helper moved between releases; ids only need to be unique, lowercase alphanumeric
+    import secrets
+    import string
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 class Tracker:
     def __init__(self, run_dir: Path, cfg, config_dict: dict, group: Optional[str] = None):
         self.run_dir = Path(run_dir)
@@ -35,6 +51,7 @@ class Tracker:
         self.cfg = cfg
         self.run = None
         self._prefixes: set[str] = set()
+        self._step = 0
         if cfg.logger.name == "wandb":
             self._start_wandb(config_dict, group)
 
@@ -45,12 +62,27 @@ class Tracker:
         lcfg = self.cfg.logger
         id_file = self.run_dir / "wandb_id.txt"
         # The id is stored so a resumed job (SLURM requeue, rerun of the same command) continues the same W&B run.
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else _new_id()
         id_file.write_text(run_id)
-        self.run = wandb.init(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or group,
-                              tags=list(lcfg.tags), job_type=lcfg.job_type, config=config_dict, id=run_id,
-                              resume="allow", dir=str(self.run_dir), mode=wandb_mode(),
-                              name=self.run_dir.name, reinit="finish_previous")
+        kwargs = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
+                      tags=list(lcfg.tags), job_type=lcfg.job_type, config=config_dict, id=run_id, resume="allow",
+                      dir=str(self.run_dir), name=self.run_dir.name, reinit="finish_previous")
+        mode = wandb_mode()
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - W&B trouble (network, login) must not cost the experiment
+            if mode != "online":
+                raise
+            log.error("W&B online start failed (%s); logging offline instead, upload later with `wandb sync`", e)
+            self.run = wandb.init(mode="offline", **kwargs)
+        # An offline run resumed in a new process starts W&B's step at 0 again, and the server drops rows whose step
+        # is not above the last one when the pieces are synced: keep counting from where the last start stopped.
+        self._step_file = self.run_dir / "wandb_step.txt"
+        try:
+            saved = int(self._step_file.read_text())
+        except (OSError, ValueError):
+            saved = 0
+        self._step = max(saved, self.run.step)
         self.run.define_metric("level")
         self.run.define_metric("level/*", step_metric="level")
 
@@ -61,7 +93,12 @@ class Tracker:
             self.run.define_metric(f"{prefix}/step")
             self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
             self._prefixes.add(prefix)
-        self.run.log({f"{prefix}/{k}": v for k, v in record.items() if v is not None and k not in ("level", "branch")})
+        self._log({f"{prefix}/{k}": v for k, v in record.items() if v is not None and k not in ("level", "branch")})
+
+    def _log(self, values: dict) -> None:
+        self.run.log(values, step=self._step)
+        self._step += 1
+        self._step_file.write_text(str(self._step))
 
     # --- events -------------------------------------------------------------------------------------------------
     def _append(self, record: dict) -> None:
@@ -86,7 +123,7 @@ class Tracker:
                    "early_stop_test_accuracy") if record.get(k) is not None}
         if branch == "ticket":
             values.update({f"level/density/{name}": d for name, d in record["layer_density"].items()})
-        self.run.log({"level": record["level"], **values})
+        self._log({"level": record["level"], **values})
 
     def artifact(self, path: Path, name: str) -> None:
         if self.run is None or not self.cfg.logger.log_artifacts:
@@ -105,11 +142,11 @@ class Tracker:
                 columns = ["level", "branch", "weights_remaining", "params_remaining", "test_accuracy",
                            "early_stop_step", "early_stop_test_accuracy"]
                 table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in summary])
-                self.run.log({"summary_table": table})
+                self._log({"summary_table": table})
                 branches = sorted({r["branch"] for r in summary})
                 xs = [[100 * r["weights_remaining"] for r in summary if r["branch"] == b] for b in branches]
                 ys = [[100 * r["test_accuracy"] for r in summary if r["branch"] == b] for b in branches]
-                self.run.log({"accuracy_vs_weights_remaining": wandb.plot.line_series(
+                self._log({"accuracy_vs_weights_remaining": wandb.plot.line_series(
                     xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
                     xname="weights remaining (%)")})
         finally:

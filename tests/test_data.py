@@ -93,7 +93,7 @@ def test_mnist(mnist):
 def test_cifar(cifar):
     check_split(cifar, 45000, 5000, 10000, (3, 32, 32))
     check_normalized(cifar.train_x)
-    assert len(rows_as_keys(cifar.val_x) & rows_as_keys(cifar.train_x)) == 0
+    assert not rows_as_keys(cifar.val_x) & rows_as_keys(cifar.train_x)
 
 
 @needs_cifar
@@ -115,12 +115,14 @@ def test_split_is_seeded():
         return load_data("synthetic", "", val_size=100, synthetic_train=500, **kw)
     a, b, c = load(), load(), load(split_seed=1)
     assert torch.equal(a.val_x, b.val_x) and not torch.equal(a.val_x, c.val_x)
-    assert torch.equal(a.val_y, b.val_y) 
+    assert torch.equal(a.val_y, b.val_y)
     none = load_data("synthetic", "", val_size=0, synthetic_train=500)
     assert none.val_x.shape == (0, 1, 28, 28) and none.val_y.shape == (0,) and len(none.train_x) == 500
     # Together, validation and training hold each original sample exactly once.
-    union = torch.cat([a.val_x, a.train_x]).flatten(1)
-    assert torch.equal(union[union[:, 0].argsort()], none.train_x.flatten(1)[none.train_x[:, 0, 0, 0].argsort()])
+    def sort_rows(x):
+        x = x.flatten(1)
+        return x[x[:, 0].argsort()]
+    assert torch.equal(sort_rows(torch.cat([a.val_x, a.train_x])), sort_rows(none.train_x))
 
 
 # --- synthetic -----------------------------------------------------------------------------------------------------
@@ -188,36 +190,36 @@ def test_unaugmented_batches_are_stored_tensors():
     assert torch.equal(x, d.train_x[y]) and torch.equal(y, d.train_y[y])
 
 
-def crops(img, pad=4):
-    """Every flip/offset candidate of one image: (2 * 81, C, H, W), unflipped first, offsets row-major."""
-    c, h, w = img.shape
-    p = F.pad(torch.stack([img, img.flip(-1)]), (pad,) * 4)
-    return p.unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c, h, w)
+def flip_crop_matches(x, src, pad=4):
+    """(N, 2 * 81) bool: which flip/offset candidates of src equal x; unflipped first, offsets row-major."""
+    n, c, h, w = src.shape
+    padded = F.pad(torch.stack([src, src.flip(-1)], 1), (pad,) * 4)
+    candidates = padded.unfold(3, h, 1).unfold(4, w, 1)  # N, 2, C, 9, 9, H, W (a view)
+    return (candidates == x[:, None, :, None, None]).all(-1).all(-1).all(2).flatten(1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
 def test_augmentation(device, shape):
-    d = indexed_data(n=200, shape=shape, augment=True, device=device)
-    b = Batches(d, 200, seed=0)
+    n = 128
+    d = indexed_data(n=n, shape=shape, augment=True, device=device)
+    b = Batches(d, n, seed=0)
     x, y = b.get(0)
-    assert x.shape == (200, *shape) and x.dtype == torch.float32
-    x, y, train = x.cpu(), y.cpu(), d.train_x.cpu()
-    which = []
-    for xi, yi in zip(x, y):
-        match = (crops(train[yi]) == xi).flatten(1).all(1).nonzero().flatten()
-        assert len(match) >= 1, "augmented image is not a flip/crop of its source"
-        which.append(match[0].item())
-    which = torch.tensor(which)
+    assert x.shape == (n, *shape) and x.dtype == torch.float32 and x.device == d.train_x.device
+    x, y = x.cpu(), y.cpu()
+    match = flip_crop_matches(x, d.train_x.cpu()[y])
+    assert match.any(1).all(), "an augmented image is not a flip/crop of its source"
+    which = match.float().argmax(1)
     flipped, offset = which // 81, which % 81
     assert 0.3 < flipped.float().mean() < 0.7  # both flipped and unflipped occur
     assert (offset != 40).float().mean() > 0.8  # offset 40 is (4, 4), the uncropped position
-    assert len(offset.unique()) > 40
+    assert len(offset.unique()) > 30
+
     # Each step (here each step is a whole epoch) and each seed draws fresh augmentations.
     def by_sample(batch):
         return batch[0].cpu()[batch[1].cpu().argsort()]
     assert not torch.equal(by_sample(b.get(1)), by_sample((x, y)))
-    assert not torch.equal(by_sample(Batches(d, 200, seed=1).get(0)), by_sample((x, y)))
+    assert not torch.equal(by_sample(Batches(d, n, seed=1).get(0)), by_sample((x, y)))
 
 
 def test_global_rng_untouched():

@@ -1,0 +1,52 @@
+"""Shared test helpers: Hydra compose over conf/, tiny configs, the real data folder, W&B kept out of $HOME."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from lottery.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+DATA = REPO.parent / "shared" / "data"
+
+# Small enough to train in well under a second per unit on two cores.
+TINY = ["dataset=synthetic", "train.duration=60it", "train.eval_every=20it", "train.batch_size=32",
+        "train.progress=false", "checkpoint.every=20it"]
+
+
+def make_cfg(*overrides: str, config_name: str = "config"):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def tiny_cfg(*overrides: str):
+    return make_cfg(*TINY, *overrides)
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, module: str = "lottery"):
+    """Run an entry point in a subprocess, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def needs_data(*parts: str):
+    path = DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path}")
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(tmp_path_factory, monkeypatch):
+    wandb_home = tmp_path_factory.mktemp("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(wandb_home))

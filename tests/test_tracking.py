@@ -1,0 +1,132 @@
+"""Tracking: local files always, W&B when asked. The W&B checks read the offline run back from its `.wandb` file, the
+same bytes `wandb sync` uploads later, so they test what would reach the server and need no network."""
+import json
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from lottery.imp import run_experiment
+from lottery.tracking import wandb_mode
+
+from conftest import tiny_cfg
+
+
+def wandb_records(path: Path):
+    """Decoded records of a `.wandb` file: W&B's header, then LevelDB-log framing (32 KiB blocks, 7-byte headers)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if kind == 0:  # zero padding up to the block end (writer flushed a partial block)
+            pos += left - 7
+            continue
+        chunk, pos = data[pos:pos + length], pos + length
+        parts = chunk if kind in (1, 2) else parts + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(parts)
+            yield record
+
+
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """All records once the file ends with the run's exit record: W&B's service may still be writing the last blocks
+    when `run.finish()` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_offline_run(run_dir: Path):
+    """(run id, config keys, history rows with their W&B step) of every offline piece of the run, oldest first."""
+    pieces = []
+    for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        run_id, config, rows = None, set(), []
+        for r in finished_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run_id = r.run.run_id
+                config = {item.key or item.nested_key[0] for item in r.run.config.update}
+            elif kind == "history":
+                row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                rows.append((r.history.step.num, row))
+        pieces.append((run_id, config, rows))
+    return pieces
+
+
+def test_wandb_mode_follows_env_then_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode() == "offline"  # no credentials anywhere
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password x\n")
+    assert wandb_mode() == "online"
+    netrc.write_text("machine example.org\n  login user\n  password x\n")
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_mode() == "online"
+
+
+def test_offline_run_holds_level_metrics_and_resumes_same_run(tmp_path):
+    cfg = tiny_cfg("logger=wandb", "logger.log_every=10", "pruning.levels=3", "pruning.branches=[reinit]",
+                   "logger.tags=[t1]", "name=track")
+    run_dir = tmp_path / "run"
+    summary = run_experiment(cfg, run_dir)
+    assert (run_dir / "metrics.jsonl").stat().st_size > 0 and (run_dir / "summary.json").exists()
+
+    [(run_id, config, rows)] = read_offline_run(run_dir)
+    assert run_id == (run_dir / "wandb_id.txt").read_text().strip()
+    assert {"model", "pruning", "train", "seed"} <= config  # the resolved config went with the run
+
+    levels = {}
+    for _, row in rows:
+        if "level" in row:
+            levels.setdefault(row["level"], {}).update(row)
+    assert sorted(levels) == [0, 1, 2]
+    for rec in summary:
+        got = levels[rec["level"]]
+        b = rec["branch"]
+        assert got[f"level/{b}/weights_remaining"] == pytest.approx(rec["weights_remaining"])
+        assert got[f"level/{b}/test_accuracy"] == pytest.approx(rec["test_accuracy"])
+        assert got[f"level/{b}/early_stop_step"] == rec["early_stop_step"]
+        if b == "ticket":
+            for layer, d in rec["layer_density"].items():
+                assert got[f"level/density/{layer}"] == pytest.approx(d)
+    assert levels[2]["level/ticket/weights_remaining"] < levels[1]["level/ticket/weights_remaining"] < 1
+
+    keys = set().union(*(row for _, row in rows))
+    assert {"L0_ticket/train_loss", "L0_ticket/lr", "L2_reinit/val_loss", "L2_reinit/test_accuracy"} <= keys
+    assert any(k.startswith("summary_table/") for k in keys)
+    first_steps = [s for s, _ in rows]
+    assert first_steps == sorted(first_steps)
+
+    # A second start in the same folder (a requeued job) continues the same W&B run, past the steps already used.
+    run_experiment(cfg, run_dir)
+    pieces = read_offline_run(run_dir)
+    assert len(pieces) == 2 and pieces[1][0] == run_id
+    assert min(s for s, _ in pieces[1][2]) > max(first_steps)
+
+
+@pytest.mark.parametrize("how", ["logger=none", "disabled"])
+def test_no_wandb_files_unless_asked(tmp_path, monkeypatch, how):
+    if how == "disabled":
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = tiny_cfg("pruning.levels=1", "train.duration=20it", "logger=wandb" if how == "disabled" else how)
+    run_experiment(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not list((tmp_path / "run").glob("wandb/*run-*"))
