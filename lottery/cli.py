@@ -21,6 +21,13 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # Errors a user can fix by changing the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    # torchvision's checksum failure is a RuntimeError; ours names the fix (dataset.verify=false).
+    return isinstance(e, USER_ERRORS) or (isinstance(e, RuntimeError) and "dataset.verify" in str(e))
+
+
 # Exit status of a job stopped by SIGUSR2/SIGTERM after its checkpoint: EX_TEMPFAIL, "try again" (scripts requeue on it).
 PREEMPTED_EXIT = 75
 
@@ -31,6 +38,7 @@ def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     from lottery.train import Preempted
     install_stop_handlers()
     (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         fn()
     except Preempted as e:
@@ -38,19 +46,18 @@ def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
         log.warning("%s; rerun the same command to resume", e)
         sys.exit(PREEMPTED_EXIT)
-    except USER_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
         _record_error(run_dir, e)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+        if multirun:
+            if _is_user_error(e):
+                log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+            else:
+                log.exception("job failed (recorded in %s)", run_dir / "error.txt")
             return
+        if not _is_user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, and in a sweep keep going
-        _record_error(run_dir, e)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            log.exception("job failed (recorded in %s)", run_dir / "error.txt")
-            return
-        raise
 
 
 def _record_error(run_dir: Path, e: BaseException) -> None:

@@ -65,22 +65,44 @@ def _not_found(name: str, root: str) -> FileNotFoundError:
     )
 
 
+def _download_failed(name: str, root: str, e: Exception) -> FileNotFoundError:
+    where = os.path.abspath(root)
+    return FileNotFoundError(
+        f"{name} is not in {os.path.join(where, _FOLDERS[name])} and downloading it failed "
+        f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}). "
+        f"If you have the data locally, set dataset.root=/path/to/data to a folder containing {_FOLDERS[name]}."
+    )
+
+
 def _load_mnist(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     try:
         train, test = (MNIST(root, train=t, download=download) for t in (True, False))
     except RuntimeError as e:
         if "not found" in str(e).lower() and not download:
             raise _not_found("mnist", root) from e
+        if download:
+            raise _download_failed("mnist", root, e) from e
+        raise
+    except OSError as e:  # URLError and socket errors when there is no network
+        if download:
+            raise _download_failed("mnist", root, e) from e
         raise
     return train.data[:, None], train.targets, test.data[:, None], test.targets
 
 
 def _load_cifar10(root: str, download: bool, verify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     names = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list]
-    if not download and not all(os.path.isfile(os.path.join(root, CIFAR10.base_folder, f)) for f in names):
+    present = all(os.path.isfile(os.path.join(root, CIFAR10.base_folder, f)) for f in names)
+    if not download and not present:
         raise _not_found("cifar10", root)
+    # Files that are there but fail the md5 check must say so, not trigger a download over them.
+    download = download and not present
     try:
         train = (CIFAR10 if verify else _UnverifiedCIFAR10)(root, train=True, download=download)
+    except OSError as e:
+        if download:
+            raise _download_failed("cifar10", root, e) from e
+        raise
     except RuntimeError as e:
         if verify and "corrupted" in str(e):
             raise RuntimeError(

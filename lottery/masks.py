@@ -57,6 +57,11 @@ def apply(model: nn.Module, masks: Masks) -> None:
     Masker(model, masks)()
 
 
+# integer type of each float type's width, to reinterpret weights as bits
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
 class Masker:
     """`apply` for the training loop: the parameter and mask lists are built once, not per step.
 
@@ -66,12 +71,18 @@ class Masker:
     def __init__(self, model: nn.Module, masks: Masks):
         params = dict(model.named_parameters())
         self.params = [params[n] for n in masks]
-        self.pruned = [m.to(device=params[n].device) == 0 for n, m in masks.items()]
+        # Overwriting as a bitwise AND of the weight's bits with all-ones (kept) or all-zeros (pruned): the same bits
+        # as masked_fill_(pruned, 0), NaN-safe too, but vectorized (a random boolean mask makes masked_fill_ ~10x
+        # slower on CPU, ~0.5 ms per LeNet-300-100 step on 2 cores).
+        self.keep_bits = []
+        for n, m in masks.items():
+            bits = _BITS[params[n].dtype]
+            self.keep_bits.append((m.to(device=params[n].device) != 0).to(bits).neg_())  # True -> -1: all bits set
 
     def __call__(self) -> None:
         with torch.no_grad():
-            for p, pruned in zip(self.params, self.pruned):
-                p.masked_fill_(pruned, 0)
+            for p, keep in zip(self.params, self.keep_bits):
+                p.view(keep.dtype).bitwise_and_(keep)
 
 
 def count(masks: Masks) -> tuple[int, int]:

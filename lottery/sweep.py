@@ -1,13 +1,12 @@
 """Hydra callback that writes a multirun's combined table when the sweep ends.
 
 Registered in conf/config.yaml under `hydra.callbacks`, so every multirun (`-m`, `sweep=...`, any launcher) leaves
-`<sweep dir>/summary.csv`, the same table `lottery-report <sweep dir>` builds. Jobs that failed are rows too: their
-run folders hold `error.txt` (written by the CLI), which the report turns into the `error` column.
+`<sweep dir>/summary.csv`: the table `lottery-report <sweep dir>` writes as runs.csv. Failed jobs are rows too: their
+folders hold `error.txt` (written by the CLI), which becomes the `error` column.
 """
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -15,41 +14,17 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-# A job folder holds config.yaml once the run started, or only error.txt when it failed before (bad config, no data).
-_MARKERS = ("config.yaml", "error.txt")
 
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """The run folders of a sweep, in job order. Hidden folders (.submitit, .hydra) are launcher bookkeeping."""
-    sweep_dir = Path(sweep_dir)
-    found = set()
-    for marker in _MARKERS:
-        for path in sweep_dir.rglob(marker):
-            folder = path.parent
-            if not any(part.startswith(".") for part in folder.relative_to(sweep_dir).parts):
-                found.add(folder)
-    # Only the top folder of each run (runs hold no config.yaml deeper down today, but retrain folders might).
-    runs = [d for d in found if d != sweep_dir and not any(o in d.parents for o in found)]
-    return sorted(runs, key=_job_order)
-
-
-def _job_order(folder: Path):
-    # Hydra names job folders "<job num>_<overrides>": sort 2_ before 10_.
-    m = re.match(r"(\d+)", folder.name)
-    return (int(m.group(1)) if m else float("inf"), str(folder))
-
-
-def write_sweep_table(sweep_dir: Path) -> Path | None:
-    from lottery.report import collect_runs, write_table  # heavy imports only when a sweep ends
+def write_sweep_table(sweep_dir) -> Path | None:
+    from lottery.report import collect_runs, write_table  # matplotlib only when a sweep ends, not in every job
 
     sweep_dir = Path(sweep_dir)
-    runs = job_dirs(sweep_dir)
-    if not runs:
+    rows = collect_runs([sweep_dir])
+    if not rows:
         log.warning("no run folders under %s; no combined table written", sweep_dir)
         return None
-    path = sweep_dir / "summary.csv"
-    write_table(collect_runs(runs), path)
-    log.info("combined table of %d runs: %s", len(runs), path)
+    path = write_table(rows, sweep_dir / "summary.csv")
+    log.info("combined table (%d rows, %d job folders): %s", len(rows), len({r["run_dir"] for r in rows}), path)
     return path
 
 
@@ -58,6 +33,6 @@ class SweepSummary(Callback):
         # A broken table must not turn a finished sweep into a failed command: the runs are safe on disk and
         # `lottery-report <sweep dir>` rebuilds it.
         try:
-            write_sweep_table(Path(config.hydra.sweep.dir))
+            write_sweep_table(config.hydra.sweep.dir)
         except Exception:  # noqa: BLE001
             log.exception("could not write the combined table; run `lottery-report %s`", config.hydra.sweep.dir)

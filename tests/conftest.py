@@ -32,10 +32,12 @@ def tiny_cfg(*overrides: str):
     return make_cfg(*TINY, *overrides)
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, module: str = "lottery"):
-    """Run an entry point in a subprocess, as a user would."""
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, entry: str = "lottery.cli:train"):
+    """Run a console-script entry point (`module:function`, as in pyproject.toml) in a subprocess, as a user would."""
+    module, function = entry.split(":")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+    code = f"import sys; sys.argv[0] = {function!r}; from {module} import {function}; {function}()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 
