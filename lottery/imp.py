@@ -17,6 +17,8 @@ Run folder:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -33,7 +35,7 @@ from lottery.config import parse_steps, validate
 from lottery.data import Batches, load_data
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.ticket import Ticket, load_ticket, save_ticket
+from lottery.ticket import Ticket, load_into, load_ticket, save_ticket
 from lottery.tracking import Tracker
 from lottery.train import Preempted, resolve_device, train
 
@@ -66,6 +68,29 @@ def _differences(old: dict, new: dict) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)]
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One process per run folder: a resubmitted job must not train into a folder its twin is still using."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another process is running in {run_dir} (it holds {run_dir / '.lock'}); wait for it "
+                             f"to end or choose another folder with hydra.run.dir=...") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def set_threads() -> None:
+    """Use the CPUs SLURM gave the job, not every core of the node (jobs sharing a node would oversubscribe)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():
+        torch.set_num_threads(int(cpus))
 
 
 def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> dict:
@@ -226,16 +251,18 @@ def level_count(cfg, masks: M.Masks, prunable) -> int:
 def run_experiment(cfg: DictConfig, run_dir) -> list[dict]:
     """Run (or resume) the experiment `cfg` in `run_dir`; returns the summary records."""
     validate(cfg)
+    set_threads()
     run_dir = Path(run_dir)
-    resolved = prepare_run_dir(run_dir, cfg)
-    run = Run(cfg, run_dir, resolved)
-    ok = False
-    try:
-        summary = _run_levels(run)
-        ok = True
-        return summary
-    finally:
-        run.tracker.finish(run.results(), ok=ok)
+    with run_lock(run_dir):
+        resolved = prepare_run_dir(run_dir, cfg)
+        run = Run(cfg, run_dir, resolved)
+        ok = False
+        try:
+            summary = _run_levels(run)
+            ok = True
+            return summary
+        finally:
+            run.tracker.finish(run.results(), ok=ok)
 
 
 def _run_levels(run: Run) -> list[dict]:
@@ -330,14 +357,19 @@ def _write_ticket(run: Run, level: int, masks, rewind_step: int, rewind_state: d
 def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
     """Retrain a ticket in isolation (other seeds, data orders, optimizers, devices) with the same metrics."""
     validate(cfg)
+    set_threads()
     ticket = load_ticket(ticket_path)
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _retrain(cfg, ticket, run_dir)
+
+
+def _retrain(cfg: DictConfig, ticket: Ticket, run_dir: Path) -> list[dict]:
     resolved = prepare_run_dir(run_dir, cfg)
     run = Run(cfg, run_dir, resolved)
     ok = False
     try:
         model = run.new_model()
-        from lottery.ticket import load_into
         masks = load_into(model, ticket)
         start = ticket.rewind_step
         if start >= run.total:

@@ -19,7 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
 # Config keys that never define a condition: replicates, where data lives, how a run is logged, checkpointed, shown.
 _IGNORED = ("seed", "data_seed", "dataset.root", "dataset.download", "dataset.verify", "device", "logger",
@@ -105,6 +105,7 @@ def collect_runs(paths) -> list[dict]:
     keys = set().union(*configs.values()) if configs else set()
     # a key missing from some configs (an added option) differs too: None vs a value
     swept = sorted(k for k in keys if not _ignored(k) and len({repr(c.get(k)) for c in configs.values()}) > 1)
+    swept = [k for k in swept if not _follows_group(k, swept, configs.values())]
     rows = []
     for d in runs:
         cfg = configs[d]
@@ -127,6 +128,15 @@ def collect_runs(paths) -> list[dict]:
             "no finished unit: still running, or stopped before its first level ended"
         rows.append({"run_dir": str(d), "overrides": _overrides(d), "error": error})
     return rows
+
+
+def _follows_group(key: str, swept: list[str], configs) -> bool:
+    """True for an option that only differs because its group was switched (init.gain with init=xavier_normal)."""
+    name = key.split(".")[0] + ".name"
+    if key == name or name not in swept:
+        return False
+    seen = {}
+    return all(seen.setdefault(repr(c.get(name)), repr(c.get(key))) == repr(c.get(key)) for c in configs)
 
 
 def _condition(row: dict, swept: list[str]) -> str:
@@ -217,10 +227,19 @@ def _draw(ax, curves: dict, colors: dict, scale: float = 1.0) -> None:
             ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=c, alpha=0.18, linewidth=0)
 
 
+def _minor_label(lowest: float):
+    """Minor log ticks: all labelled when the axis spans little more than a decade, else only 2x and 5x ones."""
+    def fmt(v, _):
+        mantissa = round(v / 10 ** math.floor(math.log10(v)))
+        return f"{v:.2g}" if 100 / max(lowest, 1e-9) < 30 or mantissa in (2, 5) else ""
+    return fmt
+
+
 def _save(fig, out_dir: Path, stem: str) -> list[Path]:
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
-    for p in paths:
-        fig.savefig(p, dpi=150, bbox_inches="tight")
+    with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, editable, smaller
+        for p in paths:
+            fig.savefig(p, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return paths
 
@@ -234,7 +253,7 @@ def _legend_below(fig, axes) -> None:
 
 
 def _band_note(n_max: int) -> str:
-    return "line: mean over replicates (n seeds), band: min–max" if n_max > 1 else "single replicate"
+    return "line: mean over the n seeds, shaded band: min to max" if n_max > 1 else "one seed per condition"
 
 
 def make_figures(rows: list[dict], out_dir) -> list[Path]:
@@ -255,10 +274,10 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.3 * len(panels)), squeeze=False, sharey="row")
     for i, panel in enumerate(panels):
         for ax, curves, what in ((axes[i][0], final[panel], "at the end of training"),
-                                 (axes[i][1], early.get(panel, {}), "at the early-stop iteration (min val. loss)")):
+                                 (axes[i][1], early.get(panel, {}), "at early stop (min. validation loss)")):
             _draw(ax, curves, colors, scale=100)
             _percent_axis(ax, [x for c in curves.values() for x in c[1]])
-            ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=10)
+            ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
         axes[i][0].set_ylabel("Test accuracy (%)")
     fig.suptitle(f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", fontsize=11)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * len(colors), 1, 1))
@@ -296,6 +315,8 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
         overall = [100 * sum(r["weights_remaining"] for r in by_level[lv]) / len(by_level[lv]) for lv in levels]
         ax.plot(levels, overall, "k--", linewidth=1, label="all prunable weights")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label(min(min(overall), *[min(l.get_ydata()) for l in ax.lines]))))
         ax.set_xticks(levels)
         ax.set_xticklabels([f"{lv}\n{o:.3g}%" for lv, o in zip(levels, overall)], fontsize=7)
         ax.set_xlabel("IMP level (and overall weights remaining)")

@@ -38,13 +38,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(params, ocfg) -> torch.optim.Optimizer:
+    # foreach: one multi-tensor kernel per operation instead of a Python loop over parameters. torch already picks
+    # it on CUDA; on the CPU it is bit-identical to the default per-tensor loop and ~25% faster for LeNet-300-100.
+    # (fused=True is faster still but rounds differently, so results would change.)
     if ocfg.name == "sgd":
         return torch.optim.SGD(params, lr=ocfg.lr, momentum=ocfg.momentum, nesterov=ocfg.nesterov,
-                               weight_decay=ocfg.weight_decay)
+                               weight_decay=ocfg.weight_decay, foreach=True)
     if ocfg.name == "adam":
-        return torch.optim.Adam(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay)
+        return torch.optim.Adam(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                                foreach=True)
     if ocfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay)
+        return torch.optim.AdamW(params, lr=ocfg.lr, betas=tuple(ocfg.betas), weight_decay=ocfg.weight_decay,
+                                 foreach=True)
     raise ValueError(f"unknown optimizer '{ocfg.name}'; accepted: sgd, adam, adamw")
 
 

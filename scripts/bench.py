@@ -14,7 +14,7 @@ augmentation), every prunable weight masked to 20% density. Training variants, t
            RandomCrop/RandomHorizontalFlip for CIFAR-10) transforms, a shuffling DataLoader, the same nn.Module, default
            torch.optim.Adam, `loss.item()` per step, masks multiplied in after each optimizer step;
   floor    a hand-written loop over batches already in memory as normalized tensors: forward, loss, zero_grad,
-           backward, optimizer step; no masks, no augmentation, nothing else.
+           backward, optimizer step (the optimizer the project builds); no masks, no augmentation, nothing else.
 
 Evaluation: the project's `lottery.train.evaluate` on the validation and test splits against the plain loop's
 DataLoader evaluation (batch 1000, no_grad, `.item()` per batch) of the same 15,000 samples.
@@ -49,9 +49,9 @@ from torchvision import transforms
 
 from lottery import masks as M
 from lottery.config import Config
-from lottery.data import _STATS, _UnverifiedCIFAR10, load_data
+from lottery.data import _STATS, _unverified_cifar10, load_data
 from lottery.models import build_model
-from lottery.train import evaluate, resolve_device, train
+from lottery.train import evaluate, make_optimizer, resolve_device, train
 
 BATCH = 60
 DENSITY = 0.2
@@ -108,7 +108,7 @@ def plain_datasets(dataset: str, root: str | None, augment: bool, val_idx, train
         test_ds = _ImageArray(test_images, test_targets, eval_tf)
     else:
         from torchvision.datasets import MNIST
-        cls = MNIST if dataset == "mnist" else _UnverifiedCIFAR10
+        cls = MNIST if dataset == "mnist" else _unverified_cifar10()
         train_ds, val_ds = cls(root, train=True, transform=train_tf), cls(root, train=True, transform=eval_tf)
         test_ds = cls(root, train=False, transform=eval_tf)
     return Subset(train_ds, train_idx.tolist()), Subset(val_ds, val_idx.tolist()), test_ds
@@ -198,7 +198,9 @@ def run_plain(model, masks, loader, lr, device, warmup, steps, seed):
 
 
 def run_floor(model, batches, lr, device, warmup, steps, seed):
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # the project's optimizer construction (Adam, foreach), so the ratio measures the loop, not the optimizer
+    optimizer = make_optimizer(model.parameters(), OmegaConf.create({"name": "adam", "lr": lr, "betas": [0.9, 0.999],
+                                                                     "weight_decay": 0.0}))
     model.train()
     t0 = None
     for i in range(warmup + steps):

@@ -261,3 +261,16 @@ def test_evaluations_every_n_steps_and_at_the_end(imp_run):
     assert [e["step"] for e in result["evals"]] == [0, 20, 40, 60]
     assert all(math.isfinite(e["val_loss"]) for e in result["evals"])
     assert result["evals"][0]["train_loss"] is None and result["evals"][1]["train_loss"] > 0
+
+
+def test_second_process_in_the_same_run_folder_is_refused(tmp_path):
+    import fcntl
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another process is running in"):
+            run_experiment(tiny_cfg("pruning=none"), run_dir)
+    assert not (run_dir / "config.yaml").exists()
+    run_experiment(tiny_cfg("pruning=none"), run_dir)  # once the lock is free the run goes ahead
+    assert (run_dir / "summary.json").exists()

@@ -6,11 +6,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lottery.imp import run_experiment
 from lottery.tracking import wandb_mode
 
 from conftest import tiny_cfg
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: on a busy 2-core machine threads only spin against each other
+    yield
+    torch.set_num_threads(threads)
 
 
 def wandb_records(path: Path):

@@ -1,0 +1,111 @@
+"""The initialization study against the lecture's closed form: each ReLU layer multiplies the variance of the
+pre-activations (forward) and of their gradients (backward) by D_h sigma^2 / 2, so He's sigma^2 = 2 / D_h is flat."""
+import csv
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lottery import diagnostics as D
+from lottery.init import initialize
+
+from conftest import CONF, REPO
+
+
+def study_cfg(**overrides):
+    cfg = OmegaConf.load(CONF / "init_study.yaml")
+    cfg.pop("hydra")
+    cfg.seeds, cfg.batch_size = 3, 400  # enough for a per-layer slope within 1%
+    for k, v in overrides.items():
+        OmegaConf.update(cfg, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("depth,width", [(50, 100), (50, 40)])
+def test_per_layer_ratio_matches_closed_form(depth, width):
+    he = 2 / width
+    variances = [he / 20, he / 2, he, 5 * he, 50 * he]  # the lecture's 0.001 ... 1.0 for width 100
+    rows = D.run_study(study_cfg(depth=depth, width=width, variances=variances))
+    for v in variances:
+        init = D.label({"name": "normal", "variance": v})
+        expected = math.log10(width * v / 2)
+        # forward: f_k grows by the ratio with k; backward: dL/df_k grows by it going back, so falls with k
+        assert D.slope(rows, init, "forward") == pytest.approx(expected, abs=0.025)
+        assert D.slope(rows, init, "backward") == pytest.approx(-expected, abs=0.025)
+    flat = D.label({"name": "normal", "variance": he})
+    for pass_ in ("forward", "backward"):
+        values = [r["log10_variance"] for r in rows if r["init"] == flat and r["pass"] == pass_]
+        # a few-fold drift over all layers from finite width, against 15 decades for sigma^2 = he / 2
+        assert max(values) - min(values) < 1.5
+
+
+def test_first_layer_and_prediction_follow_the_input_dimension():
+    rows = D.run_study(study_cfg(depth=10, input_dim=30, variances=[0.02]))
+    first = next(r for r in rows if r["pass"] == "forward" and r["layer"] == 1)
+    assert first["log10_variance"] == pytest.approx(math.log10(30 * 0.02), abs=0.05)  # D_in sigma^2, var(x) = 1
+    for r in rows:
+        if r["pass"] == "forward":
+            assert r["log10_variance"] == pytest.approx(r["predicted_log10_variance"], abs=0.15)
+
+
+def test_log_space_pass_equals_plain_float64_autograd():
+    """The rescaled hand-written pass is the autograd answer, not an approximation of it."""
+    model, _ = D.build(study_cfg(depth=6))
+    initialize(model, {"name": "normal", "variance": 0.1, "bias": "zero"}, 0)
+    x = torch.randn(200, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fwd, bwd = D.measure_mlp(model, x)
+    ref_fwd, ref_bwd = D.measure_hooks(model, x)
+    assert fwd == pytest.approx(ref_fwd, abs=1e-9) and bwd == pytest.approx(ref_bwd, abs=1e-9)
+
+
+def test_values_beyond_float64_stay_exact_in_log_space():
+    # 200 layers at sigma^2 = 1: variance 50^200 ~ 1e340 forward and ~1e680 backward, past float64's 1.8e308
+    rows = D.run_study(study_cfg(depth=200, variances=[1.0, 0.001], seeds=2, batch_size=200))
+    for r in rows:
+        assert math.isfinite(r["log10_variance"])
+    big = D.label({"name": "normal", "variance": 1.0})
+    top = max(r["log10_variance"] for r in rows if r["init"] == big)
+    assert top > 600
+    assert D.slope(rows, big, "forward") == pytest.approx(math.log10(50), abs=0.025)
+    small = D.label({"name": "normal", "variance": 0.001})
+    assert min(r["log10_variance"] for r in rows if r["init"] == small) < -400  # below float64's 1e-308 too
+
+
+def test_compared_initializers_and_a_cnn():
+    rows = D.run_study(study_cfg(variances=[], compare=["kaiming_normal", "xavier_normal", "pytorch_default"]))
+    assert D.verdict(D.slope(rows, "kaiming_normal", "forward")) == "stable"
+    assert D.slope(rows, "xavier_normal", "forward") == pytest.approx(math.log10(0.5), abs=0.025)  # 2/(100+100)
+    assert D.slope(rows, "pytorch_default", "forward") == pytest.approx(math.log10(1 / 6), abs=0.025)  # 1/(3 fan_in)
+
+    rows = D.run_study(study_cfg(model="conv2", image_shape=[3, 16, 16], variances=[0.02], seeds=1, batch_size=4,
+                                 compare=["kaiming_normal"]))
+    layers = {r["layer"] for r in rows}
+    assert layers == {1, 2, 3, 4}  # 2 convs + 2 hidden linears; the output layer has no ReLU after it
+    assert all(math.isfinite(r["log10_variance"]) for r in rows)
+
+
+def test_unknown_initializer_is_named():
+    with pytest.raises(ValueError, match="nope"):
+        D.run_study(study_cfg(compare=["nope"]))
+
+
+def test_hydra_app_writes_table_and_figure(tmp_path):
+    """The default study (only fewer seeds) through its Hydra entry point: every curve goes the way it should."""
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, "-c", "from lottery.diagnostics import main; main()",
+                           f"hydra.run.dir={out}", "seeds=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("init_study.csv", "init_study.png", "init_study.svg"):
+        assert (out / name).stat().st_size > 1000
+    with open(out / "init_study.csv") as f:
+        rows = [{**r, "layer": int(r["layer"]), "log10_variance": float(r["log10_variance"])} for r in csv.DictReader(f)]
+    assert len(rows) == 5 * 50 * 2
+    want = {0.001: "vanishing", 0.01: "vanishing", 0.02: "stable", 0.1: "exploding", 1.0: "exploding"}
+    for v, trend in want.items():
+        init = D.label({"name": "normal", "variance": v})
+        assert D.verdict(D.slope(rows, init, "forward")) == trend
+        assert D.verdict(-D.slope(rows, init, "backward")) == trend  # read right to left
