@@ -22,7 +22,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +186,25 @@ def _run_study(cfg) -> list[dict]:
                 f, b = measure_mlp(model, x) if mlp else measure_hooks(model, x)
             fwd_runs.append(f)
             bwd_runs.append(b)
+        if not all(math.isfinite(v) for r in fwd_runs + bwd_runs for v in r):
+            log.warning("%s: some layers left the float64 range (or died); they are gaps in the figure", label(init))
         pred = predicted(model, init) if _is_mlp(cfg.model) else None
         for pass_, runs, k in (("forward", fwd_runs, 0), ("backward", bwd_runs, 1)):
             for layer in range(len(runs[0])):
                 ln = _log_mean([r[layer] for r in runs])
                 rows.append({"init": label(init), "initializer": init["name"], "sigma2": init.get("variance"),
                              "pass": pass_, "layer": layer + 1, "log10_variance": ln / LN10,
-                             "variance": math.exp(ln) if ln < 709 else math.inf,  # past float64: the log stays exact
+                             "variance": _sci(ln / LN10),
                              "predicted_log10_variance": pred[k][layer] / LN10 if pred else None})
     return rows
+
+
+def _sci(log10: float) -> str:
+    """A variance as text from its log, exact past float64's 1e-308..1e308 where a float would read 0 or inf."""
+    if not math.isfinite(log10):
+        return "0" if log10 == -math.inf else str(log10)
+    exp = math.floor(log10)
+    return f"{10 ** (log10 - exp):.6g}e{exp:+d}"
 
 
 def slope(rows: list[dict], init: str, pass_: str, skip: int = 2) -> float:

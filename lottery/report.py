@@ -140,7 +140,8 @@ def _follows_group(key: str, swept: list[str], configs) -> bool:
 
 
 def _condition(row: dict, swept: list[str]) -> str:
-    parts = [row["branch"]] + [f"{k.removesuffix('.name')}={row[f'cfg.{k}']}" for k in swept]
+    parts = [row["branch"]] + [f"{k.removesuffix('.name')}={row[f'cfg.{k}']}" for k in swept
+                               if row[f"cfg.{k}"] is not None]  # init.variance of a kaiming run says nothing
     return ", ".join(parts)
 
 
@@ -260,7 +261,7 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
     """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in rows if r.get("level") is not None and not r.get("error")]
+    rows = [r for r in rows if r.get("level") is not None]  # a run that failed later still has its finished levels
     if not rows:
         return []
     final, early = _curves(rows, "test_accuracy"), _curves(rows, "early_stop_test_accuracy")
@@ -349,10 +350,10 @@ def main(argv=None) -> int:
         print(f"error: no run folders (holding summary.json) below {' '.join(args.paths)}", file=sys.stderr)
         return 2
     written = [write_table(rows, out / "runs.csv"), *make_figures(rows, out)]
-    n_runs = len({r["run_dir"] for r in rows if not r.get("error") or "level" in r})
-    n_failed = sum(1 for r in rows if r.get("error") and "level" not in r)
+    n_runs = len({r["run_dir"] for r in rows if "level" in r})
+    n_failed = sum(1 for r in rows if "level" not in r)
     print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
-          + f": wrote " + ", ".join(str(p) for p in written))
+          + ": wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -67,6 +67,7 @@ def test_values_beyond_float64_stay_exact_in_log_space():
     rows = D.run_study(study_cfg(depth=200, variances=[1.0, 0.001], seeds=2, batch_size=200))
     for r in rows:
         assert math.isfinite(r["log10_variance"])
+        assert int(r["variance"].split("e")[1]) == math.floor(r["log10_variance"])  # the table's text is exact too
     big = D.label({"name": "normal", "variance": 1.0})
     top = max(r["log10_variance"] for r in rows if r["init"] == big)
     assert top > 600

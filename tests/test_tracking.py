@@ -65,7 +65,9 @@ def read_offline_run(run_dir: Path):
         run_id, config, rows = None, set(), []
         for r in finished_records(f):
             kind = r.WhichOneof("record_type")
-            if kind == "run":
+            if kind == "artifact":
+                rows.append((None, {"artifact": (r.artifact.type, r.artifact.name)}))
+            elif kind == "run":
                 run_id = r.run.run_id
                 config = {item.key or item.nested_key[0] for item in r.run.config.update}
             elif kind == "history":
@@ -91,9 +93,12 @@ def test_wandb_mode_follows_env_then_credentials(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
 
 
-def test_offline_run_holds_level_metrics_and_resumes_same_run(tmp_path):
+def test_offline_run_holds_level_metrics_and_resumes_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))  # nothing of W&B's lands in $HOME
     cfg = tiny_cfg("logger=wandb", "logger.log_every=10", "pruning.levels=3", "pruning.branches=[reinit]",
-                   "logger.tags=[t1]", "name=track")
+                   "logger.tags=[t1]", "name=track", "logger.log_artifacts=true")
     run_dir = tmp_path / "run"
     summary = run_experiment(cfg, run_dir)
     assert (run_dir / "metrics.jsonl").stat().st_size > 0 and (run_dir / "summary.json").exists()
@@ -118,17 +123,19 @@ def test_offline_run_holds_level_metrics_and_resumes_same_run(tmp_path):
                 assert got[f"level/density/{layer}"] == pytest.approx(d)
     assert levels[2]["level/ticket/weights_remaining"] < levels[1]["level/ticket/weights_remaining"] < 1
 
-    keys = set().union(*(row for _, row in rows))
+    keys = set().union(*(row for s, row in rows if s is not None))
     assert {"L0_ticket/train_loss", "L0_ticket/lr", "L2_reinit/val_loss", "L2_reinit/test_accuracy"} <= keys
     assert any(k.startswith("summary_table/") for k in keys)
-    first_steps = [s for s, _ in rows]
+    tickets = sorted(row["artifact"][1] for _, row in rows if row.get("artifact", ("",))[0] == "ticket")
+    assert tickets == [f"{run_id}-ticket-level{i}" for i in range(3)]
+    first_steps = [s for s, _ in rows if s is not None]
     assert first_steps == sorted(first_steps)
 
     # A second start in the same folder (a requeued job) continues the same W&B run, past the steps already used.
     run_experiment(cfg, run_dir)
     pieces = read_offline_run(run_dir)
     assert len(pieces) == 2 and pieces[1][0] == run_id
-    assert min(s for s, _ in pieces[1][2]) > max(first_steps)
+    assert min(s for s, _ in pieces[1][2] if s is not None) > max(first_steps)
 
 
 @pytest.mark.parametrize("how", ["logger=none", "disabled"])
