@@ -121,6 +121,7 @@ class Config:
     seed: int = 0
     data_seed: Optional[int] = None
     device: str = "auto"
+    threads: Optional[int] = None
     ticket: Optional[str] = None  # lottery-retrain: path of the ticket file to retrain
     # Faults for the resume tests: a job signals itself once at this step (SIGUSR2), or exits hard (kill).
     fault: Dict[str, Any] = field(default_factory=dict)
@@ -203,6 +204,8 @@ def validate(cfg) -> None:
     _choice(t.schedule, SCHEDULES, "train.schedule")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(cfg.device.split(":")[0], DEVICES, "device")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1 (or null for PyTorch's default), got {cfg.threads}")
     p = cfg.pruning
     _choice(p.strategy, STRATEGIES, "pruning.strategy")
     _choice(p.scope, SCOPES, "pruning.scope")

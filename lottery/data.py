@@ -81,7 +81,8 @@ def _download_failed(name: str, root: str, e: Exception) -> FileNotFoundError:
     )
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _read_idx(path: str) -> Tensor:

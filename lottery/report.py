@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
 # Config keys that never define a condition: replicates, where data lives, how a run is logged, checkpointed, shown.
-_IGNORED = ("seed", "data_seed", "dataset.root", "dataset.download", "dataset.verify", "device", "logger",
+_IGNORED = ("seed", "data_seed", "dataset.root", "dataset.download", "dataset.verify", "device", "threads", "logger",
             "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "fault", "ticket",
             "pruning.branches")
 

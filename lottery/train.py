@@ -81,9 +81,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     model.eval()
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
+    # On a CPU, forwards beyond ~1000 samples only add cache misses (Conv-2 evaluates ~1.5x slower at 10000), so each
+    # batch goes through the model in chunks of 1000; the loss is still summed per batch, as before.
+    chunk = min(batch_size, 1000) if x.device.type == "cpu" else batch_size
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for i in range(0, len(x), batch_size):
-            out = model(x[i:i + batch_size]).float()
+            xb = x[i:i + batch_size]
+            out = model(xb) if len(xb) <= chunk else torch.cat([model(xb[j:j + chunk])
+                                                                for j in range(0, len(xb), chunk)])
+            out = out.float()
             loss += F.cross_entropy(out, y[i:i + batch_size], reduction="sum")
             correct += (out.argmax(1) == y[i:i + batch_size]).sum()
     model.train(was_training)

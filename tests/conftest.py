@@ -12,6 +12,13 @@ from hydra.core.global_hydra import GlobalHydra
 
 from lottery.config import register_configs
 
+# One thread in tests and in the processes they start: PyTorch's 2-thread parallel regions stall whenever the other
+# core is busy (another test process, a benchmark), which made tiny models 10-100x slower here.
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 DATA = REPO.parent / "shared" / "data"

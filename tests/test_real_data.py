@@ -24,12 +24,12 @@ def test_lenet_dense_three_epochs_reaches_97_percent(tmp_path):
 @needs_data("cifar-10-batches-py")
 def test_conv2_trains_on_real_cifar10_and_loss_falls(tmp_path):
     cfg = make_cfg("model=conv2", "dataset=cifar10", f"dataset.root={DATA}", "dataset.verify=false",
-                   "pruning=none", "optimizer.lr=2e-4", "train.duration=300it", "train.eval_every=100it",
-                   "train.progress=false")
+                   "dataset.val_size=1000", "pruning=none", "optimizer.lr=2e-4", "train.duration=200it",
+                   "train.eval_every=200it", "train.progress=false")
     (record,) = run_experiment(cfg, tmp_path / "conv2")
     result = json.loads((tmp_path / "conv2" / "levels" / "level_0" / "ticket" / "result.json").read_text())
     losses = [e["val_loss"] for e in result["evals"]]
-    assert losses[-1] < losses[0] - 0.2, losses
+    assert losses[-1] < losses[0] - 0.15, losses
     train_losses = [e["train_loss"] for e in result["evals"][1:]]
     assert train_losses[-1] < train_losses[0], train_losses
     assert record["test_accuracy"] > 0.25
