@@ -243,3 +243,15 @@ def test_eval_batches():
     parts = list(eval_batches(x, y, batch_size=10))
     assert [len(p[0]) for p in parts] == [10, 10, 5]
     assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+@pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").exists(), reason="real MNIST not found")
+def test_mnist_fast_reader_matches_torchvision():
+    """MNIST on disk is read without importing torchvision (1.3 s of startup); it must equal torchvision's reading."""
+    from torchvision.datasets import MNIST
+
+    from lottery.data import _load_mnist
+    train_x, train_y, test_x, test_y = _load_mnist(str(DATA_ROOT), download=False)
+    tv_train, tv_test = MNIST(str(DATA_ROOT), train=True), MNIST(str(DATA_ROOT), train=False)
+    assert torch.equal(train_x[:, 0], tv_train.data) and torch.equal(train_y, tv_train.targets)
+    assert torch.equal(test_x[:, 0], tv_test.data) and torch.equal(test_y, tv_test.targets)
