@@ -82,7 +82,7 @@ class _ImageArray(Dataset):
 
     def __getitem__(self, i):
         img = self.images[i]
-        img = Image.fromarray(img, mode="L") if img.ndim == 2 else Image.fromarray(img)
+        img = Image.fromarray(img)  # uint8 HxW: mode "L", as torchvision's MNIST; HxWx3: RGB
         return self.transform(img), self.targets[i]
 
 
@@ -160,6 +160,31 @@ def run_project(model, masks, data, lr, device, warmup, steps, seed, precision="
 
     train(model, masks, no_eval, cfg, start=0, end=end, data_seed=seed, at_step={warmup: stamp(0), end: stamp(1)})
     return stamps[1] - stamps[0]
+
+
+def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20) -> dict:
+    """CUDA only: run the project's loop with torch's sync debug mode on between two hooks; count host syncs."""
+    import warnings
+    cfg = OmegaConf.structured(Config)
+    cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
+    end = warmup + steps
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = BATCH, f"{end}it", False
+
+    def on():
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def off():
+        torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(model, masks, data, cfg, start=0, end=end, data_seed=0, at_step={warmup: on, end: off})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"steps": steps, "syncs": len(syncs), "first": syncs[0][:300] if syncs else None}
 
 
 def _forever(loader):
@@ -256,14 +281,15 @@ from lottery.init import initialize
 from lottery.models import build_model
 from lottery.train import resolve_device, train
 t_import = time.perf_counter()
-root, device = sys.argv[1], resolve_device(sys.argv[2])
+root, device, n_synthetic = sys.argv[1], resolve_device(sys.argv[2]), int(sys.argv[3])
 cfg = OmegaConf.structured(Config)
 cfg.train.progress = False
 cfg.optimizer.name, cfg.optimizer.lr = "adam", 1.2e-3
 if root:
     data = load_data("mnist", root, device=device)
 else:
-    data = load_data("synthetic", "", device=device, synthetic_train=60000, synthetic_test=10000)
+    data = load_data("synthetic", "", device=device, synthetic_train=n_synthetic, synthetic_test=n_synthetic // 6,
+                     val_size=n_synthetic // 12)
 t_data = time.perf_counter()
 model = build_model("lenet_300_100", data.input_shape, data.num_classes)
 initialize(model, OmegaConf.create({"name": "xavier_normal"}), 0)
@@ -280,9 +306,10 @@ print(json.dumps({"import_s": t_import - t0, "data_s": t_data - t_import, "first
 """
 
 
-def measure_startup(root: str | None, device: str) -> dict:
+def measure_startup(root: str | None, device: str, n_synthetic: int = 60000) -> dict:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", STARTUP_CODE, root or "", device], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", STARTUP_CODE, root or "", device, str(n_synthetic)],
+                         capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"startup measurement failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -290,6 +317,13 @@ def measure_startup(root: str | None, device: str) -> dict:
 
 
 # --- driver ----------------------------------------------------------------------------------------------------------
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
 
 def _median_rate(times: list[float], samples: int) -> dict:
     rates = [samples / t for t in times]
@@ -316,28 +350,35 @@ def bench_workload(name, args, device, log):
 
     base = build_model(model_name, data.input_shape, data.num_classes).to(device)
     masks = random_masks(base, DENSITY, seed=0)
+    M.apply(base, masks)
     g = torch.Generator(device=device).manual_seed(0)
     floor_batches = []
-    for _ in range(min(100, warmup + steps)):
+    for _ in range(min(100, warmup + max(steps.values()))):
         idx = torch.randint(0, len(data.train_y), (BATCH,), generator=g, device=device)
         floor_batches.append((data.train_x[idx], data.train_y[idx]))
 
     train_variants = {
-        "project": lambda m, r: run_project(m, masks, data, lr, device, warmup, steps, r),
-        "plain": lambda m, r: run_plain(m, masks, loader, lr, device, warmup, steps, r),
-        "floor": lambda m, r: run_floor(m, floor_batches, lr, device, warmup, steps, r),
+        "project": lambda m, r: run_project(m, masks, data, lr, device, warmup, steps["project"], r),
+        "plain": lambda m, r: run_plain(m, masks, loader, lr, device, warmup, steps["plain"], r),
+        "floor": lambda m, r: run_floor(m, floor_batches, lr, device, warmup, steps["floor"], r),
     }
     if device.type == "cuda":
         for prec in ("fp32", "bf16"):
             for comp in (False, True):
                 if (prec, comp) != ("fp32", False):
                     key = f"project_{prec}" + ("_compile" if comp else "")
+                    steps[key] = steps["project"]
                     train_variants[key] = (lambda p, c: lambda m, r: run_project(
-                        m, masks, data, lr, device, warmup, steps, r, precision=p, compile=c))(prec, comp)
+                        m, masks, data, lr, device, warmup, steps["project"], r, precision=p, compile=c))(prec, comp)
     eval_variants = {"project": lambda m: eval_project(m, data, device),
                      "plain": lambda m: eval_plain(m, eval_loaders, device)}
     if device.type == "cuda":
         eval_variants["project_bf16"] = lambda m: eval_project(m, data, device, "bf16")
+    eval_samples = len(data.val_y) + len(data.test_y)
+    eval_repeats = min(args.repeats, args.eval_repeats[name])
+
+    def samples(kind, k):
+        return steps[k] * BATCH if kind == "train" else eval_samples
 
     times = {("train", k): [] for k in train_variants} | {("eval", k): [] for k in eval_variants}
     for r in range(args.repeats):
@@ -346,21 +387,26 @@ def bench_workload(name, args, device, log):
         order = order[r % len(order):] + order[:r % len(order)]
         for k in order:
             times[("train", k)].append(train_variants[k](copy.deepcopy(base), r))
-        for k in eval_variants:
-            times[("eval", k)].append(eval_variants[k](base))
+        if r < eval_repeats:
+            order = list(eval_variants)
+            order = order[r % len(order):] + order[:r % len(order)]
+            for k in order:
+                times[("eval", k)].append(eval_variants[k](base))
         log(f"  {name} repeat {r + 1}/{args.repeats}: " + ", ".join(
-            f"{kind} {k} {(steps * BATCH if kind == 'train' else len(data.val_y) + len(data.test_y)) / t[-1]:,.0f}/s"
-            for (kind, k), t in times.items()))
-    eval_samples = len(data.val_y) + len(data.test_y)
+            f"{kind} {k} {samples(kind, k) / t[-1]:,.0f}/s" for (kind, k), t in times.items()
+            if len(t) == r + 1))
     out = {"model": model_name, "dataset": dataset, "lr": lr, "augment": augment, "steps": steps, "warmup": warmup,
            "eval_samples": eval_samples, "train": {}, "eval": {}}
+    if device.type == "cuda":  # the loop must not wait for the GPU between evaluations
+        out["sync_check"] = check_no_syncs(copy.deepcopy(base), masks, data, lr, device)
+        log(f"  {name} host syncs in {out['sync_check']['steps']} project steps: {out['sync_check']['syncs']}")
     for (kind, k), t in times.items():
-        out[kind][k] = _median_rate(t, steps * BATCH if kind == "train" else eval_samples)
+        out[kind][k] = _median_rate(t, samples(kind, k))
         out[kind][k]["seconds"] = t
     for kind in ("train", "eval"):
         res = out[kind]
         out[kind + "_ratios"] = {f"project/{o}": res["project"]["samples_per_s"] / res[o]["samples_per_s"]
-                                 for o in res if o != "project" and not o.startswith("project")}
+                                 for o in res if not o.startswith("project")}
     return out
 
 
@@ -392,12 +438,22 @@ def format_table(results: dict) -> str:
             for k, v in res[kind].items():
                 lines.append(f"{wl:<15} {kind:<6} {k:<22} {v['samples_per_s']:>12,.0f} {v['min']:>11,.0f}"
                              f" {v['max']:>11,.0f} {proj / v['samples_per_s']:>12.2f}x")
+    for wl, res in results["workloads"].items():
+        if "sync_check" in res:
+            c = res["sync_check"]
+            lines.append(f"{wl}: host-device syncs in {c['steps']} project training steps: {c['syncs']}"
+                         + (f" (first: {c['first']})" if c["first"] else ""))
     if "startup" in results:
         s = results["startup"]
-        lines += ["", f"startup (fresh interpreter, MNIST from disk): import {s['import_s']:.2f}s + data "
+        what = "MNIST from disk" if results["data"] != "synthetic" else "synthetic MNIST-shaped data"
+        lines += ["", f"startup (fresh interpreter, {what}): import {s['import_s']:.2f}s + data "
                       f"{s['data_s']:.2f}s + first step {s['first_step_s']:.2f}s = {s['total_s']:.2f}s "
                       f"(process wall {s['process_wall_s']:.2f}s)"]
     lines.append("")
+    load = results["loadavg_start"]  # (the benchmark's own threads raise the load once it runs)
+    if load and load[0] > 0.5 * os.cpu_count() and results["device"] == "cpu":
+        lines += [f"warning: the machine was busy at the start (1-minute load average {load[0]} on {os.cpu_count()} "
+                  "cores): other processes share the cores, and torch's intra-op threads slow down badly then", ""]
     for c in results["targets"]:
         state = ("met" if c["met"] else "MISSED") if c.get("applies", True) else "n/a here"
         lines.append(f"target {c['what']:<38} {c['value']:>7.2f} (target {'<' if 'startup' in c['what'] else '>='}"
@@ -414,9 +470,12 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 5; quick 1)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
-    p.add_argument("--lenet-steps", type=int, default=None, help="timed steps for LeNet (default 1000; quick 4)")
+    p.add_argument("--lenet-steps", type=int, default=None,
+                   help="timed steps for LeNet, project and floor (default 1000; the plain loop a quarter; quick 4)")
     p.add_argument("--conv2-steps", type=int, default=None, help="timed steps for Conv-2 (default 20 on a CPU, "
                                                                  "500 on a GPU; quick 2)")
+    p.add_argument("--eval-repeats", type=int, default=None,
+                   help="evaluation repeats (default: --repeats, but 3 for Conv-2 on a CPU: ~20 s each)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timing (default 10; quick 2)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain loop (default 0)")
     p.add_argument("--no-startup", action="store_true", help="skip the startup measurement")
@@ -427,8 +486,14 @@ def main(argv=None) -> dict:
     q = args.quick
     args.repeats = args.repeats or (1 if q else 5)
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 10)
-    args.steps = {"lenet_mnist": args.lenet_steps or (4 if q else 1000),
-                  "conv2_cifar10": args.conv2_steps or (2 if q else 20 if cpu else 500)}
+    lenet = args.lenet_steps or (4 if q else 1000)
+    conv2 = args.conv2_steps or (2 if q else 20 if cpu else 500)
+    # the plain LeNet loop is ~5x slower: a quarter of the steps keeps its share of the run's time reasonable
+    # (on a GPU the plain Conv-2 loop is bound by its PIL transforms too: a fifth of the steps)
+    args.steps = {"lenet_mnist": {"project": lenet, "floor": lenet, "plain": max(1, lenet // 4)},
+                  "conv2_cifar10": {"project": conv2, "floor": conv2, "plain": conv2 if cpu else max(1, conv2 // 5)}}
+    args.eval_repeats = {"lenet_mnist": args.eval_repeats or args.repeats,
+                         "conv2_cifar10": args.eval_repeats or (min(3, args.repeats) if cpu else args.repeats)}
     # synthetic (train incl. validation, test, validation) sizes; the real ones when not quick
     args.synthetic_sizes = ({"mnist": (600, 200, 100), "cifar10": (600, 200, 100)} if q else
                             {"mnist": (60000, 10000, 5000), "cifar10": (50000, 10000, 5000)})
@@ -446,15 +511,17 @@ def main(argv=None) -> dict:
                "processor": platform.processor(), "torch": torch.__version__, "python": platform.python_version(),
                "device": str(device), "threads": torch.get_num_threads(),
                "data": "synthetic" if args.data_root is None else os.path.abspath(args.data_root),
+               "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                "quick": q, "repeats": args.repeats, "batch_size": BATCH, "density": DENSITY,
-               "plain_workers": args.workers, "workloads": {}}
+               "plain_workers": args.workers, "loadavg_start": _loadavg(), "workloads": {}}
     for wl in workloads:
         log(f"{wl}: loading data and warming up")
         results["workloads"][wl] = bench_workload(wl, args, device, log)
     if not args.no_startup:
         log("startup: fresh interpreter")
-        runs = [measure_startup(args.data_root, args.device) for _ in range(1 if q else 3)]
+        runs = [measure_startup(args.data_root, args.device, 1200 if q else 60000) for _ in range(1 if q else 3)]
         results["startup"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
+    results["loadavg_end"] = _loadavg()
     results["targets"] = check_targets(results, device)
     table = format_table(results)
     results["table"] = table

@@ -1,0 +1,66 @@
+"""The speed benchmark keeps running (a few steps on synthetic data), and torch.compile keeps masks intact."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lottery.config import Config
+from lottery.data import load_data
+from lottery.models import build_model
+from lottery.train import train
+
+from conftest import REPO
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--device", "cpu",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] and results["data"] == "synthetic" and results["device"] == "cpu"
+    assert set(results["workloads"]) == {"lenet_mnist", "conv2_cifar10"}
+    for wl in results["workloads"].values():
+        assert set(wl["train"]) == {"project", "plain", "floor"} and set(wl["eval"]) == {"project", "plain"}
+        assert all(v["samples_per_s"] > 0 for kind in ("train", "eval") for v in wl[kind].values())
+        assert set(wl["train_ratios"]) == {"project/plain", "project/floor"}
+        assert set(wl["eval_ratios"]) == {"project/plain"}
+    assert results["startup"]["total_s"] > 0
+    # the targets are listed, but not judged on synthetic data
+    assert len(results["targets"]) == 5 and not any(t.get("applies", True) for t in results["targets"])
+    assert "project/this" in proc.stdout and "startup" in proc.stdout
+
+
+def _have_cxx() -> bool:
+    return any(shutil.which(c) for c in ("c++", "g++", "gcc", "clang++", "clang"))
+
+
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
+def test_compile_keeps_masked_weights_exactly_zero():
+    torch._dynamo.reset()
+    data = load_data("synthetic", "", val_size=64, synthetic_train=512, synthetic_test=64, synthetic_seed=0)
+    model = build_model("mlp", data.input_shape, data.num_classes, hidden=[32])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    masks = {n: (torch.rand(p.shape, generator=g) < 0.2).float()
+             for n, p in model.named_parameters() if n.endswith("weight")}
+    cfg = OmegaConf.structured(Config)
+    cfg.optimizer.name, cfg.optimizer.lr = "adam", 1e-2
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress, cfg.train.compile = 32, "5it", False, True
+    from torch._dynamo.utils import counters
+    counters.clear()
+    result = train(model, masks, data, cfg, start=0, end=6, data_seed=0)
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile did not compile anything"
+    assert result["final_step"] == 6 and result["test_accuracy"] is not None
+    for n, p in model.named_parameters():
+        if n in masks:
+            pruned = masks[n] == 0
+            assert torch.all(p.detach()[pruned] == 0), n  # exactly zero, not a tiny leftover
+            kept = ~pruned
+            assert not torch.equal(p.detach()[kept], before[n][kept]), f"{n}: kept weights did not train"
