@@ -30,8 +30,7 @@ def test_conv2_trains_on_real_cifar10_and_loss_falls(tmp_path):
     result = json.loads((tmp_path / "conv2" / "levels" / "level_0" / "ticket" / "result.json").read_text())
     losses = [e["val_loss"] for e in result["evals"]]
     assert losses[-1] < losses[0] - 0.15, losses
-    train_losses = [e["train_loss"] for e in result["evals"][1:]]
-    assert train_losses[-1] < train_losses[0], train_losses
+    assert result["evals"][-1]["train_loss"] < losses[0] - 0.15  # mean training loss over the run vs. loss at step 0
     assert record["test_accuracy"] > 0.25
 
 
