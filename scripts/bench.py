@@ -477,11 +477,15 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-repeats", type=int, default=None,
                    help="evaluation repeats (default: --repeats, but 3 for Conv-2 on a CPU: ~20 s each)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before each timing (default 10; quick 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for every variant (default: PyTorch's, every core)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain loop (default 0)")
     p.add_argument("--no-startup", action="store_true", help="skip the startup measurement")
     p.add_argument("--quick", action="store_true", help="a few steps on small data: checks that it runs, not speed")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cpu = device.type == "cpu"
     q = args.quick
     args.repeats = args.repeats or (1 if q else 5)

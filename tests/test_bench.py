@@ -21,10 +21,11 @@ from conftest import REPO
 def test_bench_quick_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--device", "cpu",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           "--threads", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["quick"] and results["data"] == "synthetic" and results["device"] == "cpu"
+    assert results["threads"] == 1
     assert set(results["workloads"]) == {"lenet_mnist", "conv2_cifar10"}
     for wl in results["workloads"].values():
         assert set(wl["train"]) == {"project", "plain", "floor"} and set(wl["eval"]) == {"project", "plain"}
