@@ -42,6 +42,10 @@ def save_json(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
+def load_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lottery import masks as M
 from lottery import pruning
-from lottery.checkpoint import Checkpoints, hand_over, load_torch, save_json, save_torch, stop_requested
+from lottery.checkpoint import (Checkpoints, hand_over, load_json, load_torch, save_json, save_torch,
+                               stop_requested)
 from lottery.config import parse_steps, validate
 from lottery.data import Batches, load_data
 from lottery.init import initialize
@@ -195,7 +196,7 @@ class Run:
         for path in sorted(self.dir.glob("levels/level_*/*/result.json"),
                            key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
                                           p.parent.name)):
-            rec = _read_json(path)
+            rec = load_json(path)
             rec.pop("evals", None)
             out.append(rec)
         return out
@@ -236,11 +237,6 @@ class Run:
         if not marker.exists():
             marker.write_text(str(signal.SIGKILL))
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _read_json(path: Path):
-    import json
-    return json.loads(Path(path).read_text())
 
 
 def level_count(cfg, masks: M.Masks, prunable) -> int:
