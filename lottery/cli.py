@@ -16,8 +16,16 @@ from lottery.config import register_configs
 log = logging.getLogger("lottery")
 register_configs()
 
-# conf/ sits beside the package in the repository; an absolute path works for entry points and `python -m` alike.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def conf_dir() -> str:
+    """The configs: conf/ beside the package in a source checkout (editable install, PYTHONPATH), else the package
+    lottery.conf that pyproject.toml builds from conf/ (a plain `pip install .` or a wheel), from any folder."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    return str(source) if (source / "config.yaml").is_file() else "pkg://lottery.conf"
+
+
+CONF_DIR = conf_dir()
 
 # Errors a user can fix by changing the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)

@@ -1,90 +1,36 @@
-"""The IMP driver: levels, rewinding, control branches, and resume.
+"""The IMP driver: levels, rewinding, branches, and resume.
 
-A run is a list of units, (level, branch), trained in order. Level 0 trains the dense network; level L prunes the
-trained weights of level L-1's ticket, rewinds the survivors to the rewind point, and trains again from there with a
-fresh optimizer and the schedule restarted at the rewind step. Controls (branches) reuse a level's ticket and change
-one thing each. Every finished unit leaves `levels/level_<L>/<branch>/result.json`; a unit with a result is never
-trained again, so a rerun of the same command (or a SLURM requeue) continues where the last one stopped.
-
-Run folder:
-    config.yaml                 resolved config (the experiment this folder holds)
-    summary.json                one record per (level, branch); rewritten atomically after every unit
-    metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
-    init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
-    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics: see lottery.ticket
-    levels/level_<L>/final.pt   trained weights of the level's ticket (what the next level prunes)
-    levels/level_<L>/<branch>/result.json, checkpoint.pt (while training)
+A run is a list of units trained in order. Level 0 trains the dense network; level L prunes (scores taken after
+level L-1's training, or at the weights the level starts from: `pruning.when`), rewinds the survivors to the rewind
+point, and trains again from there with a fresh optimizer and the schedule restarted at the rewind step. The branches
+in `pruning.branches` (lottery.branches) then run on the level's ticket. Paths, results and tickets belong to the run
+folder (lottery.folder); a unit with a result is never trained again, so reruns and requeues resume.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import logging
 import os
 import signal
 from pathlib import Path
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lottery import masks as M
 from lottery import pruning
-from lottery.checkpoint import (Checkpoints, hand_over, load_json, load_torch, save_json, save_torch,
-                               stop_requested)
-from lottery.config import parse_steps, validate
+from lottery.branches import BRANCHES, LevelContext, Unit, branch_settings
+from lottery.checkpoint import hand_over, load_torch, save_torch, stop_requested
+from lottery.config import Steps, derive_seed, validate
 from lottery.data import Batches, load_data
+from lottery.folder import RunFolder
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.ticket import Ticket, load_into, load_ticket, save_ticket
+from lottery.ticket import Ticket, load_ticket
 from lottery.tracking import Tracker
-from lottery.train import Preempted, resolve_device, train
+from lottery.train import Hooks, Preempted, resolve_device, train
 
 log = logging.getLogger(__name__)
-
-# Keys that may change between two starts of the same run folder: where data lives, how it is logged and run,
-# and which controls to add. Anything else means a different experiment, which must get its own folder.
-_RESUMABLE_KEYS = {"pruning.branches", "logger", "device", "threads", "checkpoint", "fault", "train.progress", "dataset.root",
-                   "dataset.download", "dataset.verify", "train.compile"}
-
-
-def derive_seed(seed: int, *parts) -> int:
-    """Independent, reproducible seeds for each random choice (data order, controls, ...)."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).hexdigest()
-    return int(digest[:15], 16)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return [k for k in keys if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)]
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """One process per run folder: a resubmitted job must not train into a folder its twin is still using."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another process is running in {run_dir} (it holds {run_dir / '.lock'}); wait for it "
-                             f"to end or choose another folder with hydra.run.dir=...") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def set_threads(cfg) -> None:
@@ -98,44 +44,44 @@ def set_threads(cfg) -> None:
         torch.set_num_threads(int(cpus))
 
 
-def prepare_run_dir(run_dir: Path, cfg: DictConfig) -> dict:
-    """Write config.yaml, or check that an existing one describes the same experiment. Returns the resolved dict."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    path = run_dir / "config.yaml"
-    if path.exists():
-        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        diff = _differences(old, resolved)
-        if diff:
-            raise ValueError(f"run folder {run_dir} already holds a different experiment (differs in: "
-                             f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
-                             f"hydra.run.dir=... or rerun with the same settings to resume it")
-        log.info("resuming run in %s", run_dir)
-    tmp = path.with_name(".config.yaml.tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    os.replace(tmp, path)
-    return resolved
+def cpu_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 class Run:
-    """State shared by the units of one run folder."""
+    """What the units of one run folder share: config, data, durations, the weights of the rewind point."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resolved: dict):
-        self.cfg, self.dir, self.resolved = cfg, Path(run_dir), resolved
+    def __init__(self, cfg: DictConfig, folder: RunFolder, resolved: dict):
+        self.cfg, self.folder, self.resolved = cfg, folder, resolved
         self.device = resolve_device(cfg.device)
         d = cfg.dataset
         self.data = load_data(d.name, d.root, val_size=d.val_size, split_seed=cfg.seed, download=d.download,
                               verify=d.verify, augment=d.augment, device=self.device,
                               synthetic_shape=d.synthetic_shape, synthetic_train=d.synthetic_train,
                               synthetic_test=d.synthetic_test, synthetic_seed=cfg.seed)
-        self.spe = Batches(self.data, cfg.train.batch_size, seed=0).steps_per_epoch
-        if self.spe < 1:
+        spe = Batches(self.data, cfg.train.batch_size, seed=0).steps_per_epoch
+        if spe < 1:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
                              f"({len(self.data.train_x)} examples)")
-        self.total = parse_steps(cfg.train.duration, self.spe, "train.duration")
+        self.steps = Steps.resolve(cfg, spe)
+        p = cfg.pruning
+        if self.steps.rewind >= self.steps.total and (p.levels > 1 or p.target is not None or p.branches):
+            raise ValueError(f"pruning.rewind={p.rewind} ({self.steps.rewind} steps) must come before the end of "
+                             f"training (train.duration={cfg.train.duration}, {self.steps.total} steps)")
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        self.summary_path = self.dir / "summary.json"
-        self.tracker = Tracker(self.dir, cfg, resolved, group=cfg.name)
+        self.tracker = Tracker(folder.path, cfg, resolved, group=cfg.name)
+        self._rewind_state: Optional[dict] = None
+
+    @property
+    def rewind_state(self) -> dict:
+        """Full state at the rewind point, read from disk at most once per process."""
+        if self._rewind_state is None:
+            self._rewind_state = load_torch(self.folder.rewind)
+        return self._rewind_state
+
+    def set_rewind_state(self, state: dict) -> None:
+        save_torch(state, self.folder.rewind)
+        self._rewind_state = state
 
     def new_model(self, init_seed: int | None = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
@@ -157,61 +103,87 @@ class Run:
                 "experiment": self.cfg.name, "model": self.cfg.model.name, "dataset": self.cfg.dataset.name,
                 "init": self.cfg.init.get("_target_") or self.cfg.init.name}
 
-    def train_unit(self, level: int, branch: str, model, masks: M.Masks, start: int,
-                   at_step: dict | None = None, on_done=None) -> dict:
-        """Train one (level, branch) to the end, resuming from its checkpoint if one is there."""
-        unit_dir = self.dir / "levels" / f"level_{level}" / branch
-        ckpts = Checkpoints(unit_dir)
+    def train_unit(self, level: int, branch: str, model, masks: M.Masks, start: int, unit: str = "",
+                   data_seed: Optional[int] = None, at_step: dict | None = None, on_done=None) -> dict:
+        """Train one unit to the end, resuming from its checkpoint if one is there; returns its record."""
+        ckpts = self.folder.checkpoints(level, branch, unit)
         resume = ckpts.load()
+        tag = f"{branch}/{unit}" if unit else branch
         if resume is not None:
-            log.info("level %d %s: resuming from step %d", level, branch, resume["step"])
-        ckpt_every = parse_steps(self.cfg.checkpoint.every, self.spe, "checkpoint.every")
+            log.info("level %d %s: resuming from step %d", level, tag, resume["step"])
         at_step = dict(at_step or {})
-        self._add_faults(level, branch, at_step)
+        self._add_faults(level, tag, at_step)
+        logging_on = self.cfg.logger.name != "none"
+        hooks = Hooks(on_eval=lambda r: self.tracker.eval(level, tag, r),
+                      on_log=(lambda r: self.tracker.train(level, tag, r)) if logging_on else None,
+                      log_every=self.cfg.logger.log_every, at_step=at_step, checkpoint=ckpts.save,
+                      checkpoint_every=self.steps.checkpoint_every, should_stop=stop_requested)
         try:
-            result = train(model, masks, self.data, self.cfg, start=start, end=self.total, data_seed=self.data_seed,
-                           desc=f"level {level} {branch}", resume=resume,
-                           on_eval=lambda r: self.tracker.eval(level, branch, r),
-                           on_train_log=lambda r: self.tracker.train(level, branch, r),
-                           train_log_every=self.cfg.logger.log_every if self.cfg.logger.name != "none" else 0,
-                           at_step=at_step, checkpoint=ckpts.save, checkpoint_every=ckpt_every,
-                           should_stop=stop_requested)
+            result = train(model, masks, self.data, self.cfg, start=start, steps=self.steps, hooks=hooks,
+                           data_seed=self.data_seed if data_seed is None else data_seed,
+                           desc=f"level {level} {tag}", resume=resume)
         except Preempted:
             hand_over()
             raise
         record = self.record(level, branch, model, masks, result)
+        if unit:
+            record["unit"] = unit
         if on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
             on_done(record)
-        save_json({**record, "evals": result["evals"]}, unit_dir / "result.json")
+        self.folder.save_result(level, branch, {**record, "evals": result["evals"]}, unit)
         ckpts.clear()
-        self.tracker.level(record)
-        self.write_summary()
+        if not unit:
+            self.tracker.level(record)
+            self.folder.write_summary()
         log.info("level %d %-12s weights remaining %6.2f%%  test acc %.4f  early-stop step %s (test acc %s)",
-                 level, branch, 100 * record["weights_remaining"], record["test_accuracy"],
+                 level, tag, 100 * record["weights_remaining"], record["test_accuracy"],
                  record["early_stop_step"], record["early_stop_test_accuracy"])
         return record
 
-    def results(self) -> list[dict]:
-        out = []
-        for path in sorted(self.dir.glob("levels/level_*/*/result.json"),
-                           key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
-                                          p.parent.name)):
-            rec = load_json(path)
-            rec.pop("evals", None)
-            out.append(rec)
-        return out
+    def run_branch(self, ctx: LevelContext) -> dict:
+        """Train the branch's units that have no result yet, then its analysis; returns the branch's record."""
+        branch = BRANCHES[ctx.branch]
+        units = branch.fn(ctx)
+        if len(units) > 1 and len({u.name for u in units}) < len(units):
+            raise ValueError(f"branch '{ctx.branch}' trains {len(units)} units: give each a distinct Unit.name")
+        single = len(units) == 1 and not units[0].name and branch.analyze is None
+        records, trained = [], []
+        for u in units:
+            name = "" if single else (u.name or "unit")
+            if self.folder.done(ctx.level, ctx.branch, name):
+                rec = self.folder.load_result(ctx.level, ctx.branch, name)
+                rec.pop("evals", None)
+                if u.keep_final:
+                    u.model.load_state_dict(load_torch(self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"))
+                records.append(rec)
+                continue
+            M.apply(u.model, u.masks)
+            on_done = None
+            if u.keep_final:
+                final = self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
+                on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731
+            start = ctx.rewind_step if u.start is None else u.start
+            records.append(self.train_unit(ctx.level, ctx.branch, u.model, u.masks, start, unit=name,
+                                           data_seed=u.data_seed, on_done=on_done))
+            trained.append(u)
+        if single:
+            return records[0]
+        record = {**records[0], "branch": ctx.branch}
+        record.pop("unit", None)
+        if branch.analyze is not None:
+            record.update(branch.analyze(ctx, units, records))
+        self.folder.save_result(ctx.level, ctx.branch, record)
+        self.tracker.level(record)
+        self.folder.write_summary()
+        return record
 
-    def write_summary(self) -> list[dict]:
-        summary = self.results()
-        save_json(summary, self.summary_path)
-        return summary
-
-    def _add_faults(self, level: int, branch: str, at_step: dict) -> None:
-        """Test-only fault injection (`fault.signal_at`, `fault.kill_at`, with `fault.level`): fires once per folder."""
+    def _add_faults(self, level: int, tag: str, at_step: dict) -> None:
+        """Test-only fault injection (`fault.signal_at`, `fault.kill_at`, with `fault.level` and `fault.branch`, which
+        names a branch or a branch's unit as `branch/unit`): fires once per folder."""
         fault = self.cfg.fault
-        if not fault or fault.get("level", 0) != level or branch != fault.get("branch", "ticket"):
+        if not fault or fault.get("level", 0) != level or tag != fault.get("branch", "ticket"):
             return
-        marker = self.dir / ".fault_fired"
+        marker = self.folder.path / ".fault_fired"
         if marker.exists():
             return
         for key, sig in (("signal_at", getattr(signal, "SIGUSR2", signal.SIGTERM)), ("kill_at", signal.SIGKILL)):
@@ -233,16 +205,23 @@ class Run:
         fault = self.cfg.fault
         if not fault or fault.get("kill_after_level") is None or int(fault.kill_after_level) != level:
             return
-        marker = self.dir / ".fault_fired"
+        marker = self.folder.path / ".fault_fired"
         if not marker.exists():
             marker.write_text(str(signal.SIGKILL))
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def ticket(self, level: int, masks: M.Masks, model, record: dict | None) -> Ticket:
+        state = {k: v.clone() for k, v in self.rewind_state.items()}
+        for name, m in masks.items():
+            state[name] = state[name] * m.to(state[name].device, state[name].dtype)
+        remaining, total = M.count(masks)
+        return Ticket(level=level, masks=M.to_bool(masks), rewind_step=self.steps.rewind, rewind_state=state,
+                      config=self.resolved, weights_remaining=remaining / total if total else 1.0,
+                      params_remaining=M.params_remaining(model, masks), metrics=record)
+
 
 def level_count(cfg, masks: M.Masks, prunable) -> int:
     p = cfg.pruning
-    if p.strategy == "none":
-        return 1
     if p.target is not None:
         return 2 if p.one_shot else len(pruning.plan_counts(masks, prunable, p))
     return p.levels
@@ -252,106 +231,92 @@ def run_experiment(cfg: DictConfig, run_dir) -> list[dict]:
     """Run (or resume) the experiment `cfg` in `run_dir`; returns the summary records."""
     validate(cfg)
     set_threads(cfg)
-    run_dir = Path(run_dir)
-    with run_lock(run_dir):
-        resolved = prepare_run_dir(run_dir, cfg)
-        run = Run(cfg, run_dir, resolved)
+    folder = RunFolder(run_dir)
+    with folder.lock():
+        run = Run(cfg, folder, folder.prepare(cfg))
         ok = False
         try:
             summary = _run_levels(run)
             ok = True
             return summary
         finally:
-            run.tracker.finish(run.results(), ok=ok)
+            run.tracker.finish(folder.results(), ok=ok)
+
+
+def _prune(run: Run, level: int, masks: M.Masks, prunable, trained: dict | None) -> M.Masks:
+    """Level `level`'s masks from level L-1's: scored on L-1's trained weights, or on the rewind-point weights."""
+    p = run.cfg.pruning
+    state = trained if p.when == "after_training" else run.rewind_state
+
+    def scoring_model(current: M.Masks):
+        model = run.new_model()
+        model.load_state_dict(state)
+        M.apply(model, current)
+        return model
+
+    batches = Batches(run.data, run.cfg.train.batch_size, seed=derive_seed(run.cfg.seed, "score", level))
+    keep = p.target if p.one_shot else None
+    return pruning.prune(scoring_model(masks), masks, prunable, p, keep_fraction=keep, rescore=scoring_model,
+                         batches=(batches.get(i) for i in range(10**9)),
+                         generator=torch.Generator().manual_seed(derive_seed(run.cfg.seed, "prune", level)))
 
 
 def _run_levels(run: Run) -> list[dict]:
-    cfg, p = run.cfg, run.cfg.pruning
-    rewind_step = parse_steps(p.rewind, run.spe, "pruning.rewind") if p.strategy != "none" else 0
-    if rewind_step >= run.total:
-        raise ValueError(f"pruning.rewind={p.rewind} ({rewind_step} steps) must come before the end of training "
-                         f"(train.duration={cfg.train.duration}, {run.total} steps)")
+    cfg, p, folder = run.cfg, run.cfg.pruning, run.folder
     model = run.new_model(init_seed=cfg.seed)
-    init_path = run.dir / "init.pt"
-    if init_path.exists():
-        model.load_state_dict(load_torch(init_path))
+    if folder.init.exists():
+        model.load_state_dict(load_torch(folder.init))
     else:
-        save_torch(_cpu_state(model), init_path)
-    init_state = _cpu_state(model)
+        save_torch(cpu_state(model), folder.init)
+    init_state = cpu_state(model)
     prunable = M.prunable_tensors(model, p)
-    if p.strategy != "none" and not prunable:
+    n_levels = level_count(cfg, M.ones(model, prunable), prunable)
+    if n_levels > 1 and not prunable:
         raise ValueError("nothing to prune: pruning.exclude removed every prunable tensor")
     masks = M.ones(model, prunable)
-    n_levels = level_count(cfg, masks, prunable)
-    rewind_path = run.dir / "rewind.pt"
-    if rewind_step == 0 and not rewind_path.exists():
-        save_torch(init_state, rewind_path)
+    rewind_step = run.steps.rewind
+    if rewind_step == 0 and not folder.rewind.exists():
+        run.set_rewind_state(init_state)
+    trained = None  # level L-1's trained weights while this process has them
 
     for level in range(n_levels):
-        level_dir = run.dir / "levels" / f"level_{level}"
-        ticket_path = level_dir / "ticket.pt"
         if level > 0:
-            if ticket_path.exists():
-                masks = M.from_bool(load_ticket(ticket_path).masks, model)
+            if folder.has_ticket(level):
+                masks = M.from_bool(folder.load_ticket(level).masks, model)
             else:
-                trained = load_torch(level_dir.parent / f"level_{level - 1}" / "final.pt")
-                keep = p.target if (p.one_shot and p.target is not None) else None
-                masks = pruning.prune({n: trained[n].to(run.device) for n in masks}, masks, prunable, p,
-                                      generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "prune", level)),
-                                      keep_fraction=keep)
-                rewind_state = load_torch(rewind_path)
-                _write_ticket(run, level, masks, rewind_step, rewind_state, model, None)
-        start = 0 if level == 0 else rewind_step
+                if trained is None and p.when == "after_training":
+                    trained = load_torch(folder.final_path(level - 1))
+                masks = _prune(run, level, masks, prunable, trained)
 
-        if not (level_dir / "ticket" / "result.json").exists():
+        if not folder.done(level, "ticket"):
             if level == 0:
                 model.load_state_dict(init_state)
-                at_step = {} if rewind_path.exists() else {
-                    rewind_step: lambda: save_torch(_cpu_state(model), rewind_path)}
+                at_step = {} if folder.rewind.exists() else {
+                    rewind_step: lambda: run.set_rewind_state(cpu_state(model))}
             else:
-                model.load_state_dict(load_torch(rewind_path))
+                model.load_state_dict(run.rewind_state)
                 at_step = {}
             M.apply(model, masks)
 
             def finish_ticket(record, level=level, masks=masks):
-                save_torch(_cpu_state(model), run.dir / "levels" / f"level_{level}" / "final.pt")
-                _write_ticket(run, level, masks, rewind_step, load_torch(rewind_path), model, record)
+                save_torch(cpu_state(model), folder.final_path(level))
+                folder.save_ticket(run.ticket(level, masks, model, record))
 
-            run.train_unit(level, "ticket", model, masks, start, at_step, on_done=finish_ticket)
-            run.tracker.artifact(ticket_path, f"ticket-level{level}")
+            run.train_unit(level, "ticket", model, masks, 0 if level == 0 else rewind_step, at_step=at_step,
+                           on_done=finish_ticket)
+            trained = cpu_state(model)
+            run.tracker.artifact(folder.ticket_path(level), f"ticket-level{level}")
+        else:
+            trained = None
 
-        for branch in p.branches if level > 0 else ():
-            if (level_dir / branch / "result.json").exists():
+        for name in p.branches:
+            if (level == 0 and not BRANCHES[name].dense) or folder.done(level, name):
                 continue
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, branch, level))
-            if branch == "reinit":
-                control = run.new_model(init_seed=derive_seed(cfg.seed, "reinit", level))
-                control_masks = masks
-            else:
-                control = run.new_model()
-                control.load_state_dict(load_torch(rewind_path))
-                control_masks = pruning.random_like(masks, gen) if branch == "random_prune" \
-                    else pruning.shuffle(masks, gen)
-            M.apply(control, control_masks)
-            run.train_unit(level, branch, control, control_masks, start)
+            run.run_branch(LevelContext(run, level, name, masks, rewind_step, run.rewind_state,
+                                        branch_settings(name, cfg)))
         run.fault_after_level(level)
 
-    return run.write_summary()
-
-
-def _cpu_state(model) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _write_ticket(run: Run, level: int, masks, rewind_step: int, rewind_state: dict, model, record) -> None:
-    state = {k: v.clone() for k, v in rewind_state.items()}
-    for name, m in masks.items():
-        state[name] = state[name] * m.to(state[name].device, state[name].dtype)
-    remaining, total = M.count(masks)
-    save_ticket(run.dir / "levels" / f"level_{level}" / "ticket.pt", Ticket(
-        level=level, masks=M.to_bool(masks), rewind_step=rewind_step, rewind_state=state, config=run.resolved,
-        weights_remaining=remaining / total if total else 1.0, params_remaining=M.params_remaining(model, masks),
-        metrics=record))
+    return folder.write_summary()
 
 
 def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
@@ -359,24 +324,21 @@ def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
     validate(cfg)
     set_threads(cfg)
     ticket = load_ticket(ticket_path)
-    run_dir = Path(run_dir)
-    with run_lock(run_dir):
-        return _retrain(cfg, ticket, run_dir)
-
-
-def _retrain(cfg: DictConfig, ticket: Ticket, run_dir: Path) -> list[dict]:
-    resolved = prepare_run_dir(run_dir, cfg)
-    run = Run(cfg, run_dir, resolved)
-    ok = False
-    try:
-        model = run.new_model()
-        masks = load_into(model, ticket)
-        start = ticket.rewind_step
-        if start >= run.total:
-            raise ValueError(f"the ticket rewinds to step {start}, past the end of training ({run.total} steps)")
-        if not (run.dir / "levels" / f"level_{ticket.level}" / "retrain" / "result.json").exists():
-            run.train_unit(ticket.level, "retrain", model, masks, start)
-        ok = True
-        return run.write_summary()
-    finally:
-        run.tracker.finish(run.results(), ok=ok)
+    folder = RunFolder(run_dir)
+    with folder.lock():
+        run = Run(cfg, folder, folder.prepare(cfg))
+        ok = False
+        try:
+            if ticket.rewind_step >= run.steps.total:
+                raise ValueError(f"the ticket rewinds to step {ticket.rewind_step}, past the end of training "
+                                 f"({run.steps.total} steps)")
+            model = run.new_model()
+            masks = M.from_bool(ticket.masks, model)
+            run._rewind_state = ticket.rewind_state
+            if not folder.done(ticket.level, "retrain"):
+                run.run_branch(LevelContext(run, ticket.level, "retrain", masks, ticket.rewind_step,
+                                            ticket.rewind_state))
+            ok = True
+            return folder.write_summary()
+        finally:
+            run.tracker.finish(folder.results(), ok=ok)

@@ -21,19 +21,7 @@ matplotlib.use("Agg")  # files only: works on clusters and in tests without a di
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 
-# Config keys that never define a condition: replicates, where data lives, how a run is logged, checkpointed, shown.
-_IGNORED = ("seed", "data_seed", "dataset.root", "dataset.download", "dataset.verify", "device", "threads", "logger",
-            "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "fault", "ticket",
-            "pruning.branches")
-
-BRANCH_LABELS = {
-    "ticket": "winning ticket (IMP mask, {rewind})",
-    "reinit": "reinit control (ticket mask, fresh random init)",
-    "random_prune": "random-pruning control (random mask, same per-layer sparsity)",
-    "shuffle": "shuffle control (ticket mask permuted within each layer)",
-    "retrain": "ticket retrained in isolation",
-}
-BRANCH_ORDER = ["ticket", "retrain", "reinit", "random_prune", "shuffle"]
+TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
 
 FIRST_COLUMNS = ["run_dir", "overrides", "experiment", "model", "dataset", "init", "replicate", "level", "branch",
                  "condition", "percent_remaining", "weights_remaining", "params_remaining", "weights_remaining_count",
@@ -55,7 +43,14 @@ def _flatten(d, prefix=""):
 
 
 def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in _IGNORED)
+    """Config keys that never define a condition: those that define no experiment, and the replicate's seeds."""
+    from lottery.config import REPLICATE_KEYS, non_experiment
+    return non_experiment(key, REPLICATE_KEYS)
+
+
+def _branch_order() -> list[str]:
+    from lottery.branches import BRANCHES
+    return ["ticket", "retrain", *[b for b in BRANCHES if b != "retrain"]]
 
 
 def _load_config(run_dir: Path) -> dict:
@@ -166,8 +161,9 @@ def write_table(rows: list[dict], path_csv) -> Path:
 def _label(row: dict) -> str:
     branch = row["branch"]
     rewind = str(row.get("rewind") or "0")
-    text = BRANCH_LABELS.get(branch, branch).format(
-        rewind="original init" if rewind in ("0", "0it", "0ep") else f"rewound to {rewind}")
+    from lottery.branches import label
+    text = TICKET_LABEL.format(rewind="original init" if rewind in ("0", "0it", "0ep") else f"rewound to {rewind}") \
+        if branch == "ticket" else label(branch)
     extra = row["condition"].split(", ", 1)[1:]
     return text + (f" [{extra[0]}]" if extra else "")
 
@@ -193,8 +189,8 @@ def _curves(rows: list[dict], y_key: str) -> dict:
 
 
 def _order(cond: str):
-    branch = cond.split(", ")[0]
-    return (BRANCH_ORDER.index(branch) if branch in BRANCH_ORDER else len(BRANCH_ORDER), cond)
+    branch, order = cond.split(", ")[0], _branch_order()
+    return (order.index(branch) if branch in order else len(order), cond)
 
 
 def _colors(conditions) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lottery.config import parse_steps
+from lottery.config import Steps
 from lottery.data import Batches, Data
 from lottery.masks import Masker, Masks
 
@@ -54,10 +55,9 @@ def make_optimizer(params, ocfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer '{ocfg.name}'; accepted: sgd, adam, adamw")
 
 
-def lr_schedule(tcfg, total: int, steps_per_epoch: int) -> Callable[[int], float]:
+def lr_schedule(tcfg, steps: Steps) -> Callable[[int], float]:
     """Multiplier of the base learning rate for the update made at `step`."""
-    milestones = sorted(parse_steps(m, steps_per_epoch, "train.milestones entry") for m in tcfg.milestones)
-    warmup = parse_steps(tcfg.warmup, steps_per_epoch, "train.warmup")
+    milestones, warmup, total = steps.milestones, steps.warmup, steps.total
 
     def multiplier(step: int) -> float:
         if tcfg.schedule == "step":
@@ -109,22 +109,33 @@ def early_stop(evals: list[dict]) -> dict:
             "early_stop_val_loss": best["val_loss"]}
 
 
-def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, end: int, data_seed: int,
-          desc: str = "train", resume: Optional[dict] = None,
-          on_eval: Optional[Callable[[dict], None]] = None,
-          on_train_log: Optional[Callable[[dict], None]] = None, train_log_every: int = 0,
-          at_step: Optional[dict[int, Callable[[], None]]] = None,
-          checkpoint: Optional[Callable[[dict], None]] = None, checkpoint_every: int = 0,
-          should_stop: Callable[[], bool] = lambda: False) -> dict:
-    """Train `model` in place from step `start` to `end` and return the run's metrics.
+@dataclass
+class Hooks:
+    """What the loop calls besides training: all optional, all cheap when unused."""
+    on_eval: Optional[Callable[[dict], None]] = None  # every evaluation record
+    on_log: Optional[Callable[[dict], None]] = None  # mean training loss every `log_every` steps
+    log_every: int = 0
+    at_step: dict[int, Callable[[], None]] = field(default_factory=dict)  # after k steps (rewind capture, faults)
+    checkpoint: Optional[Callable[[dict], None]] = None  # called with the loop's state every `checkpoint_every`
+    checkpoint_every: int = 0
+    should_stop: Callable[[], bool] = lambda: False  # checked after each step: checkpoint, then raise Preempted
 
-    `resume` is a state from `checkpoint` (same arguments otherwise): the loop continues after its step and ends
-    bit-identical to an uninterrupted run. `at_step[k]` runs after k steps are done (used to save rewind weights).
+
+def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, data_seed: int, steps: Optional[Steps] = None,
+          end: Optional[int] = None, hooks: Optional[Hooks] = None, desc: str = "train",
+          resume: Optional[dict] = None) -> dict:
+    """Train `model` in place from step `start` to `end` (default: the end of training) and return its metrics.
+
+    `steps` holds the run's durations resolved once (computed from `cfg` when not given). `resume` is a state handed
+    to `hooks.checkpoint` (same arguments otherwise): the loop continues after its step and ends bit-identical to an
+    uninterrupted run.
     """
     tcfg = cfg.train
     batches = Batches(data, tcfg.batch_size, seed=data_seed)
-    multiplier = lr_schedule(tcfg, end, batches.steps_per_epoch)
-    eval_every = parse_steps(tcfg.eval_every, batches.steps_per_epoch, "train.eval_every")
+    steps = steps or Steps.resolve(cfg, batches.steps_per_epoch)
+    end = steps.total if end is None else end
+    hooks = hooks or Hooks()
+    multiplier = lr_schedule(tcfg, steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optimizer)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -132,7 +143,7 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, end: i
     forward = torch.compile(model) if tcfg.compile else model
     device = data.train_x.device
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
-    at_step = at_step or {}
+    at_step, log_every = hooks.at_step, hooks.log_every if hooks.on_log else 0
 
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -157,8 +168,8 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, end: i
         loss_sum.zero_()
         loss_count = 0
         evals.append(record)
-        if on_eval:
-            on_eval(record)
+        if hooks.on_eval:
+            hooks.on_eval(record)
 
     def state() -> dict:
         return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "evals": evals,
@@ -189,24 +200,23 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, end: i
             loss_count += 1
             step += 1
             bar.update(1)
-            if on_train_log is not None and train_log_every:
+            if log_every:
                 log_sum += loss
-                if step % train_log_every == 0:
-                    on_train_log({"step": step, "train_loss": (log_sum / train_log_every).item(),
-                                  "lr": base_lrs[0] * m})
+                if step % log_every == 0:
+                    hooks.on_log({"step": step, "train_loss": (log_sum / log_every).item(), "lr": base_lrs[0] * m})
                     log_sum.zero_()
             if step in at_step:
                 at_step[step]()
-            if step % eval_every == 0 or step == end:
+            if step % steps.eval_every == 0 or step == end:
                 run_eval()
                 if evals[-1]["test_accuracy"] is not None:  # an empty test split has no accuracy
                     bar.set_postfix(test_acc=f"{evals[-1]['test_accuracy']:.4f}", refresh=False)
-            if checkpoint is not None and step < end:
-                if should_stop():
-                    checkpoint(state())
+            if hooks.checkpoint is not None and step < end:
+                if hooks.should_stop():
+                    hooks.checkpoint(state())
                     raise Preempted(f"stopped at step {step}; checkpoint written")
-                if checkpoint_every and step % checkpoint_every == 0:
-                    checkpoint(state())
+                if hooks.checkpoint_every and step % hooks.checkpoint_every == 0:
+                    hooks.checkpoint(state())
     finally:
         bar.close()
     last = evals[-1]

@@ -51,7 +51,7 @@ from lottery import masks as M
 from lottery.config import Config
 from lottery.data import _STATS, _unverified_cifar10, load_data
 from lottery.models import build_model
-from lottery.train import evaluate, make_optimizer, resolve_device, train
+from lottery.train import Hooks, evaluate, make_optimizer, resolve_device, train
 
 BATCH = 60
 DENSITY = 0.2
@@ -158,7 +158,8 @@ def run_project(model, masks, data, lr, device, warmup, steps, seed, precision="
             stamps[k] = time.perf_counter()
         return f
 
-    train(model, masks, no_eval, cfg, start=0, end=end, data_seed=seed, at_step={warmup: stamp(0), end: stamp(1)})
+    train(model, masks, no_eval, cfg, start=0, end=end, data_seed=seed,
+          hooks=Hooks(at_step={warmup: stamp(0), end: stamp(1)}))
     return stamps[1] - stamps[0]
 
 
@@ -180,7 +181,8 @@ def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20) -> dict:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            train(model, masks, data, cfg, start=0, end=end, data_seed=0, at_step={warmup: on, end: off})
+            train(model, masks, data, cfg, start=0, end=end, data_seed=0,
+                  hooks=Hooks(at_step={warmup: on, end: off}))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
@@ -279,7 +281,7 @@ from lottery.config import Config
 from lottery.data import load_data
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.train import resolve_device, train
+from lottery.train import Hooks, resolve_device, train
 t_import = time.perf_counter()
 root, device, n_synthetic = sys.argv[1], resolve_device(sys.argv[2]), int(sys.argv[3])
 cfg = OmegaConf.structured(Config)
@@ -300,7 +302,7 @@ def first():
     if device.type == "cuda":
         torch.cuda.synchronize()
     stamp["t"] = time.perf_counter()
-train(model, masks, data, cfg, start=0, end=1, data_seed=0, at_step={1: first})
+train(model, masks, data, cfg, start=0, end=1, data_seed=0, hooks=Hooks(at_step={1: first}))
 print(json.dumps({"import_s": t_import - t0, "data_s": t_data - t_import, "first_step_s": stamp["t"] - t_data,
                   "total_s": stamp["t"] - t0}))
 """

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lottery.data import DATASETS, Batches, Data, eval_batches, load_data
+from lottery.data import DATASETS, Batches, Data, load_data
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_mnist = pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").is_dir(),
@@ -236,13 +236,6 @@ def test_bad_batch_size():
     for bs in (0, 11):
         with pytest.raises(ValueError, match="batch_size"):
             Batches(d, bs, seed=0)
-
-
-def test_eval_batches():
-    x, y = torch.arange(25.0)[:, None], torch.arange(25)
-    parts = list(eval_batches(x, y, batch_size=10))
-    assert [len(p[0]) for p in parts] == [10, 10, 5]
-    assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
 
 
 @pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").exists(), reason="real MNIST not found")

@@ -14,7 +14,8 @@ from lottery.checkpoint import load_torch
 from lottery.init import initialize
 from lottery.models import build_model
 from lottery.ticket import load_ticket
-from lottery.train import early_stop, lr_schedule, train
+from lottery.config import Steps
+from lottery.train import Hooks, early_stop, lr_schedule, train
 
 from conftest import tiny_cfg
 
@@ -38,7 +39,7 @@ def test_pruned_weights_exactly_zero_after_every_step(opt):
     prunable = M.prunable_tensors(model, cfg.pruning)
     masks = M.ones(model, prunable)
     for _ in range(3):  # 48.8% remaining: plenty of pruned entries with live gradients
-        masks = pruning.prune({n: p.detach() for n, p in model.named_parameters()}, masks, prunable, cfg.pruning)
+        masks = pruning.prune(model, masks, prunable, cfg.pruning, batches=iter(()), generator=torch.Generator())
     M.apply(model, masks)
     params = dict(model.named_parameters())
     start = {n: params[n].detach().clone() for n in masks}
@@ -49,8 +50,8 @@ def test_pruned_weights_exactly_zero_after_every_step(opt):
             if params[n][m == 0].abs().max() != 0:
                 violations.append((step, n))
 
-    train(model, masks, data, cfg, start=0, end=80, data_seed=0, at_step={s: (lambda s=s: check(s)) for s in
-                                                                           range(1, 81)})
+    train(model, masks, data, cfg, start=0, data_seed=0, hooks=Hooks(at_step={s: (lambda s=s: check(s))
+                                                                           for s in range(1, 81)}))
     assert violations == []
     for n, m in masks.items():  # survivors did train, negative ones included (pitfall 1)
         moved = (params[n] != start[n]) & (m == 1)
@@ -69,13 +70,16 @@ def test_early_stop_uses_validation_not_test():
 
 
 def test_lr_schedules():
-    cfg = tiny_cfg("train.schedule=step", "train.milestones=[10it,20it]", "train.gamma=0.1", "train.warmup=4it")
-    f = lr_schedule(cfg.train, 30, 5)
+    over = ("train.schedule=step", "train.milestones=[10it,20it]", "train.gamma=0.1", "train.warmup=4it")
+    cfg = tiny_cfg(*over)
+    f = lr_schedule(cfg.train, Steps.resolve(tiny_cfg(*over, "train.duration=30it"), 5))
     assert [f(s) for s in (0, 1, 3, 4, 9, 10, 19, 20, 29)] == pytest.approx(
         [0.25, 0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
-    cos = lr_schedule(tiny_cfg("train.schedule=cosine").train, 100, 5)
+    cos = lr_schedule(tiny_cfg("train.schedule=cosine").train,
+                      Steps.resolve(tiny_cfg("train.schedule=cosine", "train.duration=100it"), 5))
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0, abs=1e-12)
-    assert lr_schedule(tiny_cfg("train.milestones=[1ep]", "train.schedule=step").train, 100, 7)(7) == pytest.approx(0.1)
+    one_epoch = tiny_cfg("train.milestones=[1ep]", "train.schedule=step", "train.duration=100it")
+    assert lr_schedule(one_epoch.train, Steps.resolve(one_epoch, 7))(7) == pytest.approx(0.1)
 
 
 def _summary(run_dir):
@@ -126,6 +130,19 @@ def test_rewind_to_initialization_is_exact(imp_run):
         assert ticket.metrics["branch"] == "ticket"
 
 
+def test_load_into_gives_the_tickets_masked_rewind_weights(imp_run):
+    """`lottery.ticket.load_into`, the README's way to use a ticket in your own code."""
+    from lottery.ticket import load_into
+    run_dir, _ = imp_run
+    ticket = load_ticket(run_dir / "levels" / "level_2" / "ticket.pt")
+    model = build_model("lenet_300_100", (1, 28, 28), 10)
+    masks = load_into(model, ticket)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), ticket.rewind_state[name]), name
+        if name in masks:
+            assert torch.equal(masks[name].bool(), ticket.masks[name]) and torch.all(p[masks[name] == 0] == 0)
+
+
 def test_masks_come_from_previous_level_trained_weights(imp_run):
     run_dir, cfg = imp_run
     t1 = load_ticket(run_dir / "levels" / "level_1" / "ticket.pt")
@@ -134,7 +151,8 @@ def test_masks_come_from_previous_level_trained_weights(imp_run):
     model = build_model("lenet_300_100", (1, 28, 28), 10)
     prunable = M.prunable_tensors(model, cfg.pruning)
     masks1 = {n: m.float() for n, m in t1.masks.items()}
-    expected = pruning.prune(final1, masks1, prunable, cfg.pruning)
+    model.load_state_dict(final1)
+    expected = pruning.prune(model, masks1, prunable, cfg.pruning, batches=iter(()), generator=torch.Generator())
     for n in t2.masks:
         assert torch.equal(expected[n].bool(), t2.masks[n])
         assert torch.all(t2.masks[n] <= t1.masks[n])
@@ -159,10 +177,10 @@ def test_reinit_and_random_prune_inputs(tmp_path):
     seen = {}
     original = imp_mod.Run.train_unit
 
-    def spy(self, level, branch, model, masks, start, at_step=None, on_done=None):
+    def spy(self, level, branch, model, masks, start, **kw):
         seen[(level, branch)] = ({n: p.detach().clone() for n, p in model.named_parameters()},
                                  {n: m.clone() for n, m in masks.items()}, start)
-        return original(self, level, branch, model, masks, start, at_step, on_done)
+        return original(self, level, branch, model, masks, start, **kw)
 
     imp_mod.Run.train_unit = spy
     try:
@@ -195,7 +213,7 @@ def test_rewind_to_step_k_saves_weights_after_k_steps_and_bn_statistics(tmp_path
                      synthetic_train=short.dataset.synthetic_train, synthetic_test=short.dataset.synthetic_test)
     model = build_model("resnet20", data.input_shape, 10, width=4)
     initialize(model, short.init, 0)
-    train(model, {}, data, short, start=0, end=10, data_seed=0)
+    train(model, {}, data, short, start=0, data_seed=0)
     for name, value in model.state_dict().items():
         assert torch.equal(rewind[name], value), name
     assert any("running_mean" in n for n in rewind)

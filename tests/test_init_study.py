@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lottery import diagnostics as D
+from lottery import init_study as D
 from lottery.init import initialize
 
 from conftest import CONF, REPO
@@ -97,7 +97,7 @@ def test_unknown_initializer_is_named():
 def test_hydra_app_writes_table_and_figure(tmp_path):
     """The default study (only fewer seeds) through its Hydra entry point: every curve goes the way it should."""
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, "-c", "from lottery.diagnostics import main; main()",
+    proc = subprocess.run([sys.executable, "-c", "from lottery.init_study import main; main()",
                            f"hydra.run.dir={out}", "seeds=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("init_study.csv", "init_study.png", "init_study.svg"):

@@ -30,6 +30,23 @@ def weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def prune(model, masks, prunable, cfg, **kw):
+    """One step of the schedule with the configured criterion (magnitude by default), no data needed."""
+    return pruning.prune(model, masks, prunable, cfg, batches=iter(()), generator=torch.Generator().manual_seed(0),
+                         **kw)
+
+
+def layerwise(w, masks, rates):
+    """Magnitude selection per tensor at the given rates (the counts the schedule would ask for)."""
+    remove = {n: pruning.round_half_up(rates[n] * int(m.count_nonzero())) for n, m in masks.items()}
+    return pruning.select_layerwise({n: t.abs() for n, t in w.items()}, masks, remove)
+
+
+def global_(w, masks, rate):
+    alive = sum(int(m.count_nonzero()) for m in masks.values())
+    return pruning.select_global({n: t.abs() for n, t in w.items()}, masks, pruning.round_half_up(rate * alive))
+
+
 def test_lenet_paper_fractions_exact():
     """Frankle & Carbin 2019, Figure 3 legend: 100, 51.3, 21.1, 7.0, 3.6, 1.9 % at levels 0, 3, 7, 12, 15, 18."""
     model = lenet()
@@ -41,7 +58,7 @@ def test_lenet_paper_fractions_exact():
     for level in range(19):
         remaining, total = M.count(masks)
         fractions.append(round(100 * remaining / total, 1))
-        masks = pruning.prune(w, masks, prunable, cfg)
+        masks = prune(model, masks, prunable, cfg)
     assert [fractions[i] for i in (0, 3, 7, 12, 15, 18)] == [100.0, 51.3, 21.1, 7.0, 3.6, 1.9]
     # plan_counts (used for pruning.target) agrees with actual pruning
     assert total == 266200
@@ -57,7 +74,7 @@ def test_layerwise_removes_exact_rounded_count_per_tensor():
     assert rates == {"hidden.0.weight": 0.2, "hidden.1.weight": 0.2, "out.weight": 0.1}
     for _ in range(5):
         before = {n: int(m.count_nonzero()) for n, m in masks.items()}
-        masks = pruning.prune(w, masks, prunable, cfg)
+        masks = prune(model, masks, prunable, cfg)
         for n, m in masks.items():
             assert int(m.count_nonzero()) == before[n] - pruning.round_half_up(rates[n] * before[n])
 
@@ -72,7 +89,7 @@ def test_counts_match_plan_counts():
     actual = []
     for _ in range(len(plan)):
         actual.append(M.count(masks)[0])
-        masks = pruning.prune(w, masks, prunable, cfg)
+        masks = prune(model, masks, prunable, cfg)
     assert actual == plan
     assert plan[-1] <= 0.3 * plan[0] < plan[-2]
 
@@ -81,13 +98,13 @@ def test_smallest_magnitudes_go_first_and_negative_weights_count_by_magnitude():
     """Pitfall 1: ranking by |w|, not by w: large negative weights survive."""
     w = {"a": torch.tensor([[-5.0, 0.1, -0.2, 3.0, -0.05, 0.3]])}
     masks = {"a": torch.ones(1, 6)}
-    out = pruning.magnitude_layerwise(w, masks, {"a": 0.5})
+    out = layerwise(w, masks, {"a": 0.5})
     assert out["a"].tolist() == [[1, 0, 0, 1, 0, 1]]
 
 
 def test_ties_broken_by_index_deterministically():
     w = {"a": torch.ones(10)}
-    out = pruning.magnitude_layerwise(w, {"a": torch.ones(10)}, {"a": 0.3})
+    out = layerwise(w, {"a": torch.ones(10)}, {"a": 0.3})
     assert out["a"].tolist() == [0, 0, 0] + [1] * 7
 
 
@@ -95,9 +112,9 @@ def test_pruned_weights_never_come_back_even_if_raw_value_is_large():
     """Pitfall 3: only surviving entries are ranked; a pruned entry with a large raw value stays pruned."""
     w = {"a": torch.tensor([100.0, 1.0, 2.0, 3.0, 4.0])}
     masks = {"a": torch.tensor([0.0, 1, 1, 1, 1])}
-    out = pruning.magnitude_layerwise(w, masks, {"a": 0.25})
+    out = layerwise(w, masks, {"a": 0.25})
     assert out["a"].tolist() == [0, 0, 1, 1, 1]
-    out = pruning.magnitude_global(w, masks, 0.25)
+    out = global_(w, masks, 0.25)
     assert out["a"].tolist() == [0, 0, 1, 1, 1]
 
 
@@ -109,8 +126,8 @@ def test_masks_only_shrink_and_counts_exact(seed, rate, scope):
     masks = {"a": (torch.rand(7, 11, generator=g) > 0.3).float(), "b": torch.ones(13)}
     alive = sum(int(m.count_nonzero()) for m in masks.values())
     try:
-        out = (pruning.magnitude_global(w, masks, rate) if scope == "global"
-               else pruning.magnitude_layerwise(w, masks, {"a": rate, "b": rate}))
+        out = (global_(w, masks, rate) if scope == "global"
+               else layerwise(w, masks, {"a": rate, "b": rate}))
     except ValueError as e:
         assert "would remove every weight" in str(e)
         return
@@ -123,10 +140,10 @@ def test_masks_only_shrink_and_counts_exact(seed, rate, scope):
 def test_global_uses_one_threshold_and_refuses_to_empty_a_layer():
     w = {"small": torch.full((4,), 0.01), "big": torch.arange(1.0, 17.0)}
     masks = {n: torch.ones_like(t) for n, t in w.items()}
-    with pytest.raises(ValueError, match="would remove every weight of 'small'"):
-        pruning.magnitude_global(w, masks, 0.25)  # 5 of 20 go: all 4 small ones and the smallest big one
+    with pytest.raises(ValueError, match="would remove every weight of 'small' \\(layer collapse\\)"):
+        global_(w, masks, 0.25)  # 5 of 20 go: all 4 small ones and the smallest big one
     w2 = {"small": torch.tensor([0.01, 50.0]), "big": torch.arange(1.0, 17.0)}
-    out = pruning.magnitude_global(w2, {n: torch.ones_like(t) for n, t in w2.items()}, 0.25)
+    out = global_(w2, {n: torch.ones_like(t) for n, t in w2.items()}, 0.25)
     assert out["small"].tolist() == [0, 1]
     assert out["big"].tolist() == [0, 0, 0, 0] + [1] * 12
 
@@ -159,7 +176,7 @@ def test_one_shot_keep_fraction():
     model = lenet()
     cfg = pcfg()
     prunable = M.prunable_tensors(model, cfg)
-    masks = pruning.prune(weights(model), M.ones(model, prunable), prunable, cfg, keep_fraction=0.2)
+    masks = prune(model, M.ones(model, prunable), prunable, cfg, keep_fraction=0.2)
     assert {n: int(m.count_nonzero()) for n, m in masks.items()} == {
         "hidden.0.weight": 47040, "hidden.1.weight": 6000, "out.weight": 200}
 
@@ -169,8 +186,8 @@ def test_controls_keep_per_layer_counts_and_change_positions():
     model = lenet()
     cfg = pcfg()
     prunable = M.prunable_tensors(model, cfg)
-    masks = pruning.prune(weights(model), M.ones(model, prunable), prunable, cfg)
-    masks = pruning.prune(weights(model), masks, prunable, cfg)
+    masks = prune(model, M.ones(model, prunable), prunable, cfg)
+    masks = prune(model, masks, prunable, cfg)
     for control in (pruning.random_like, pruning.shuffle):
         out = control(masks, torch.Generator().manual_seed(1))
         again = control(masks, torch.Generator().manual_seed(1))
@@ -194,7 +211,7 @@ def test_apply_and_masker_zero_exactly_and_survive_deepcopy():
     """Pitfall 8: masks are plain tensors; a deepcopy of the model is an ordinary model."""
     model = lenet()
     prunable = M.prunable_tensors(model, pcfg())
-    masks = pruning.prune(weights(model), M.ones(model, prunable), prunable, pcfg())
+    masks = prune(model, M.ones(model, prunable), prunable, pcfg())
     M.apply(model, masks)
     clone = copy.deepcopy(model)
     for n, p in clone.named_parameters():

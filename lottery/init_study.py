@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from lottery.cli import CONF_DIR  # noqa: E402  (source checkout or installed package: see lottery/cli.py)
 LN10 = math.log(10)
 
 

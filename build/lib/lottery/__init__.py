@@ -1,0 +1,1 @@
+"""lottery: a research framework for the lottery ticket hypothesis."""

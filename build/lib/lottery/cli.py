@@ -1,0 +1,118 @@
+"""Hydra entry points. No experiment logic lives here: each app composes its config and calls one function."""
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lottery.config import register_configs
+
+log = logging.getLogger("lottery")
+register_configs()
+
+
+
+def conf_dir() -> str:
+    """The configs: conf/ beside the package in a source checkout (editable install, PYTHONPATH), else the package
+    lottery.conf that pyproject.toml builds from conf/ (a plain `pip install .` or a wheel), from any folder."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    return str(source) if (source / "config.yaml").is_file() else "pkg://lottery.conf"
+
+
+CONF_DIR = conf_dir()
+
+# Errors a user can fix by changing the command line: shown as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    # torchvision's checksum failure is a RuntimeError; ours names the fix (dataset.verify=false).
+    return isinstance(e, USER_ERRORS) or (isinstance(e, RuntimeError) and "dataset.verify" in str(e))
+
+
+# Exit status of a job stopped by SIGUSR2/SIGTERM after its checkpoint: EX_TEMPFAIL, "try again" (scripts requeue on it).
+PREEMPTED_EXIT = 75
+
+
+def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
+    """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
+    from lottery.checkpoint import install_stop_handlers
+    from lottery.train import Preempted
+    install_stop_handlers()
+    (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        fn()
+    except Preempted as e:
+        # Neither done nor failed: leave without a result (under submitit the requeue already happened in
+        # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
+        log.warning("%s; rerun the same command to resume", e)
+        sys.exit(PREEMPTED_EXIT)
+    except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
+        _record_error(run_dir, e)
+        if multirun:
+            if _is_user_error(e):
+                log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+            else:
+                log.exception("job failed (recorded in %s)", run_dir / "error.txt")
+            return
+        if not _is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _record_error(run_dir: Path, e: BaseException) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _train(cfg: DictConfig) -> None:
+    from lottery.imp import run_experiment
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _guard(lambda: run_experiment(cfg, run_dir), cfg, run_dir)
+
+
+def train() -> None:
+    """`lottery-train`: IMP (or dense training with pruning=none) in one run folder."""
+    _train()
+
+
+def _ticket_config(cfg: DictConfig) -> DictConfig:
+    """The ticket's own config, with exactly the keys the user overrode on the command line taken from `cfg`."""
+    from lottery.ticket import load_ticket
+    if not cfg.ticket:
+        raise ValueError("lottery-retrain needs ticket=PATH (a levels/level_<L>/ticket.pt file of a run)")
+    ticket = load_ticket(Path(cfg.ticket).expanduser())
+    base = OmegaConf.merge(cfg, ticket.config)
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key in ("ticket",):
+            continue
+        OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
+    base.ticket = cfg.ticket
+    return base
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
+def _retrain(cfg: DictConfig) -> None:
+    from lottery.imp import retrain as retrain_ticket
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+
+    def go():
+        merged = _ticket_config(cfg)
+        retrain_ticket(merged, merged.ticket, run_dir)
+
+    _guard(go, cfg, run_dir)
+
+
+def retrain() -> None:
+    """`lottery-retrain ticket=PATH [overrides]`: retrain a ticket in isolation."""
+    _retrain()

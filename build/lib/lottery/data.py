@@ -1,0 +1,264 @@
+"""Datasets as normalized tensors resident on the training device, plus seeded, resumable training batches.
+
+Whole datasets fit in device memory (CIFAR-10 train is ~600 MB as float32), so batches are a single index_select
+instead of a DataLoader with per-sample PIL transforms. Every random draw uses its own seeded generator, so the
+global torch RNG is never touched and the batch at step t depends only on (seed, t).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# torchvision is imported only where it is needed (CIFAR-10, downloads): its import pulls in torch._dynamo and costs
+# 1.5-3 s, more than the rest of startup; MNIST already on disk is read directly (_read_idx).
+
+DATASETS = ("mnist", "cifar10", "synthetic")
+
+# Fixed training-set statistics, so normalization does not depend on the validation split.
+_STATS = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+_TRAIN_SIZES = {"mnist": 60000, "cifar10": 50000}
+_FOLDERS = {"mnist": "MNIST/raw", "cifar10": "cifar-10-batches-py"}
+_PAD = 4
+
+
+@dataclass
+class Data:
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    augment: bool
+
+
+def _unverified_cifar10():
+    from torchvision.datasets import CIFAR10
+
+    class _UnverifiedCIFAR10(CIFAR10):
+        """CIFAR-10 that only requires the files to exist: local copies may be re-serialized with other md5 sums."""
+
+        def _check_integrity(self) -> bool:
+            names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+            return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in names)
+
+        def _load_meta(self) -> None:
+            pass  # class names are unused, and torchvision md5-checks this file too
+
+    return _UnverifiedCIFAR10
+
+
+def _seed(*parts: int) -> int:
+    # torch seeds must fit in 64 bits; keep them non-negative int64 whatever the caller's seed.
+    return sum(parts) & (2**63 - 1)
+
+
+def _not_found(name: str, root: str) -> FileNotFoundError:
+    where = os.path.abspath(root)
+    return FileNotFoundError(
+        f"{name} not found: looked in {where} (expected {os.path.join(where, _FOLDERS[name])}). "
+        f"Set dataset.root=/path/to/data to a folder containing {_FOLDERS[name]}, "
+        f"or dataset.download=true to download it."
+    )
+
+
+def _download_failed(name: str, root: str, e: Exception) -> FileNotFoundError:
+    where = os.path.abspath(root)
+    return FileNotFoundError(
+        f"{name} is not in {os.path.join(where, _FOLDERS[name])} and downloading it failed "
+        f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}). "
+        f"If you have the data locally, set dataset.root=/path/to/data to a folder containing {_FOLDERS[name]}."
+    )
+
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _read_idx(path: str) -> Tensor:
+    """An uncompressed unsigned-byte IDX file (MNIST's format), as torchvision reads it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic // 256 != 8:  # 0x08: unsigned byte
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
+    ndim = magic % 256
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).view(*dims)
+
+
+def _load_mnist(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    raw = os.path.join(root, _FOLDERS["mnist"])
+    if all(os.path.isfile(os.path.join(raw, f)) for f in _MNIST_FILES):
+        train_x, train_y, test_x, test_y = (_read_idx(os.path.join(raw, f)) for f in _MNIST_FILES)
+        return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
+    from torchvision.datasets import MNIST
+    try:
+        train, test = (MNIST(root, train=t, download=download) for t in (True, False))
+    except RuntimeError as e:
+        if "not found" in str(e).lower() and not download:
+            raise _not_found("mnist", root) from e
+        if download:
+            raise _download_failed("mnist", root, e) from e
+        raise
+    except OSError as e:  # URLError and socket errors when there is no network
+        if download:
+            raise _download_failed("mnist", root, e) from e
+        raise
+    return train.data[:, None], train.targets, test.data[:, None], test.targets
+
+
+def _load_cifar10(root: str, download: bool, verify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from torchvision.datasets import CIFAR10
+    _UnverifiedCIFAR10 = _unverified_cifar10()
+    names = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list]
+    present = all(os.path.isfile(os.path.join(root, CIFAR10.base_folder, f)) for f in names)
+    if not download and not present:
+        raise _not_found("cifar10", root)
+    # Files that are there but fail the md5 check must say so, not trigger a download over them.
+    download = download and not present
+    try:
+        train = (CIFAR10 if verify else _UnverifiedCIFAR10)(root, train=True, download=download)
+    except OSError as e:
+        if download:
+            raise _download_failed("cifar10", root, e) from e
+        raise
+    except RuntimeError as e:
+        if verify and "corrupted" in str(e):
+            raise RuntimeError(
+                f"CIFAR-10 files in {os.path.abspath(os.path.join(root, CIFAR10.base_folder))} exist but fail "
+                f"torchvision's md5 check. If this is a local copy with different checksums (e.g. re-serialized), "
+                f"set dataset.verify=false to only check that the files exist."
+            ) from e
+        raise
+    # The train constructor already checked every file (test batch included); don't hash ~180 MB again.
+    test = _UnverifiedCIFAR10(root, train=False)
+
+    def hwc_to_chw(d):
+        return torch.from_numpy(d).permute(0, 3, 1, 2).contiguous()
+
+    return (hwc_to_chw(train.data), torch.tensor(train.targets, dtype=torch.int64),
+            hwc_to_chw(test.data), torch.tensor(test.targets, dtype=torch.int64))
+
+
+def _make_synthetic(shape: tuple[int, int, int], n_train: int, n_test: int, seed: int, num_classes: int = 10):
+    # Each class is a fixed random prototype; samples are prototype + noise, scaled to unit variance, so the data
+    # is already "normalized" and a small model separates the classes within a few epochs.
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(num_classes, *shape, generator=g)
+
+    def draw(n):
+        y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+        return 0.6 * prototypes[y] + 0.8 * torch.randn(n, *shape, generator=g), y
+
+    return (*draw(n_train), *draw(n_test))
+
+
+def _to_device(x: Tensor, stats, device) -> Tensor:
+    # Move uint8 (4x less host->device traffic), then convert and normalize in place on the device.
+    x = x.to(device)
+    if x.dtype != torch.uint8:
+        return x.float()
+    mean, std = (torch.tensor(s, device=device).view(-1, 1, 1) for s in stats)
+    return x.float().mul_(1 / (255 * std)).sub_(mean / std)
+
+
+def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0, download: bool = False,
+              verify: bool = True, augment: bool = False, device="cpu",
+              synthetic_shape: str = "mnist", synthetic_train: int = 1024, synthetic_test: int = 256,
+              synthetic_seed: int = 0) -> Data:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; accepted: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        if synthetic_shape not in _SHAPES:
+            raise ValueError(f"unknown synthetic_shape '{synthetic_shape}'; accepted: {', '.join(_SHAPES)}")
+        if synthetic_train <= 0 or synthetic_test <= 0:
+            raise ValueError(f"synthetic sizes must be positive, got train={synthetic_train} test={synthetic_test}")
+    n_train = synthetic_train if name == "synthetic" else _TRAIN_SIZES[name]
+    if not 0 <= val_size < n_train:
+        raise ValueError(f"val_size must be in [0, {n_train}) for {name}, got {val_size}")
+    if name != "synthetic" and not download and not os.path.isdir(root):
+        raise _not_found(name, root)
+
+    if name == "mnist":
+        train_x, train_y, test_x, test_y = _load_mnist(root, download)
+    elif name == "cifar10":
+        train_x, train_y, test_x, test_y = _load_cifar10(root, download, verify)
+    else:
+        train_x, train_y, test_x, test_y = _make_synthetic(_SHAPES[synthetic_shape], synthetic_train,
+                                                          synthetic_test, synthetic_seed)
+    assert len(train_x) == n_train, f"{name}: expected {n_train} training samples, found {len(train_x)}"
+
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    stats = _STATS.get(name)
+
+    def put(x, idx=None):
+        return _to_device(x if idx is None else x[idx], stats, device)
+
+    return Data(
+        train_x=put(train_x, train_idx), train_y=train_y[train_idx].to(device),
+        val_x=put(train_x, val_idx), val_y=train_y[val_idx].to(device),
+        test_x=put(test_x), test_y=test_y.to(device),
+        num_classes=10, input_shape=tuple(train_x.shape[1:]), augment=augment,
+    )
+
+
+def _augment(x: Tensor, g: torch.Generator) -> Tensor:
+    # Flip + pad-and-crop as one gather: since the zero padding is symmetric, cropping a flipped padded image equals
+    # reading the unflipped padded image with reversed column indices (and an equally uniform offset).
+    n, c, h, w = x.shape
+    dev = x.device
+    flip = torch.rand(n, generator=g, device=dev) < 0.5
+    dy, dx = torch.randint(0, 2 * _PAD + 1, (2, n), generator=g, device=dev)
+    cols = torch.arange(w, device=dev)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
+    rows = dy[:, None] + torch.arange(h, device=dev)
+    padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
+    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Batches:
+    """Seeded training batches: the batch at step t depends only on (seed, t), so a resumed run sees the same data."""
+
+    def __init__(self, data: Data, batch_size: int, seed: int):
+        n = len(data.train_y)
+        if not 0 < batch_size <= n:
+            raise ValueError(f"batch_size must be in [1, {n}] (training set size), got {batch_size}")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.steps_per_epoch = n // batch_size
+        device = data.train_x.device
+        self._perm_gen = torch.Generator(device=device)
+        self._aug_gen = torch.Generator(device=device)
+        self._epoch, self._perm = None, None
+
+    def get(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            x = self.data.train_x
+            self._perm_gen.manual_seed(_seed(self.seed * 1_000_003, epoch))
+            self._perm = torch.randperm(len(x), generator=self._perm_gen, device=x.device)
+            self._epoch = epoch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)
+        if self.data.augment:
+            # A separate stream (offset 2**40) so augmentation draws never alias a permutation seed.
+            self._aug_gen.manual_seed(_seed(self.seed * 1_000_003, step, 2**40))
+            x = _augment(x, self._aug_gen)
+        return x, y
+
+
+def eval_batches(x: Tensor, y: Tensor, batch_size: int = 10000):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]

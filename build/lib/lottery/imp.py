@@ -1,0 +1,344 @@
+"""The IMP driver: levels, rewinding, branches, and resume.
+
+A run is a list of units trained in order. Level 0 trains the dense network; level L prunes (scores taken after
+level L-1's training, or at the weights the level starts from: `pruning.when`), rewinds the survivors to the rewind
+point, and trains again from there with a fresh optimizer and the schedule restarted at the rewind step. The branches
+in `pruning.branches` (lottery.branches) then run on the level's ticket. Paths, results and tickets belong to the run
+folder (lottery.folder); a unit with a result is never trained again, so reruns and requeues resume.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lottery import masks as M
+from lottery import pruning
+from lottery.branches import BRANCHES, LevelContext, Unit, branch_settings
+from lottery.checkpoint import hand_over, load_torch, save_torch, stop_requested
+from lottery.config import Steps, derive_seed, validate
+from lottery.data import Batches, load_data
+from lottery.folder import RunFolder
+from lottery.init import initialize
+from lottery.models import build_model
+from lottery.ticket import Ticket, load_ticket
+from lottery.tracking import Tracker
+from lottery.train import Hooks, Preempted, resolve_device, train
+
+log = logging.getLogger(__name__)
+
+
+def set_threads(cfg) -> None:
+    """CPU threads: `threads` when set, else the CPUs SLURM gave the job, else PyTorch's default (every core).
+
+    Small models on a busy CPU are much faster with fewer threads: PyTorch's parallel regions wait for every thread,
+    so one core taken by another process stalls each operation (measured here: a BatchNorm on 32x4x32x32 took 23 ms
+    with 2 threads next to a busy process, 0.27 ms with 1)."""
+    cpus = cfg.threads or os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and str(cpus).isdigit():
+        torch.set_num_threads(int(cpus))
+
+
+def cpu_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class Run:
+    """What the units of one run folder share: config, data, durations, the weights of the rewind point."""
+
+    def __init__(self, cfg: DictConfig, folder: RunFolder, resolved: dict):
+        self.cfg, self.folder, self.resolved = cfg, folder, resolved
+        self.device = resolve_device(cfg.device)
+        d = cfg.dataset
+        self.data = load_data(d.name, d.root, val_size=d.val_size, split_seed=cfg.seed, download=d.download,
+                              verify=d.verify, augment=d.augment, device=self.device,
+                              synthetic_shape=d.synthetic_shape, synthetic_train=d.synthetic_train,
+                              synthetic_test=d.synthetic_test, synthetic_seed=cfg.seed)
+        spe = Batches(self.data, cfg.train.batch_size, seed=0).steps_per_epoch
+        if spe < 1:
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
+                             f"({len(self.data.train_x)} examples)")
+        self.steps = Steps.resolve(cfg, spe)
+        p = cfg.pruning
+        if self.steps.rewind >= self.steps.total and (p.levels > 1 or p.target is not None or p.branches):
+            raise ValueError(f"pruning.rewind={p.rewind} ({self.steps.rewind} steps) must come before the end of "
+                             f"training (train.duration={cfg.train.duration}, {self.steps.total} steps)")
+        self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+        self.tracker = Tracker(folder.path, cfg, resolved, group=cfg.name)
+        self._rewind_state: Optional[dict] = None
+
+    @property
+    def rewind_state(self) -> dict:
+        """Full state at the rewind point, read from disk at most once per process."""
+        if self._rewind_state is None:
+            self._rewind_state = load_torch(self.folder.rewind)
+        return self._rewind_state
+
+    def set_rewind_state(self, state: dict) -> None:
+        save_torch(state, self.folder.rewind)
+        self._rewind_state = state
+
+    def new_model(self, init_seed: int | None = None):
+        """Built and initialized on the CPU, so a seed gives the same weights on every device."""
+        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
+        m = build_model(kwargs.pop("name"), self.data.input_shape, self.data.num_classes, **kwargs)
+        if init_seed is not None:
+            initialize(m, self.cfg.init, init_seed)
+        return m.to(self.device)
+
+    def record(self, level: int, branch: str, model, masks: M.Masks, result: dict) -> dict:
+        remaining, total = M.count(masks)
+        return {"level": level, "branch": branch, "replicate": self.cfg.seed,
+                "weights_remaining": remaining / total if total else 1.0,
+                "params_remaining": M.params_remaining(model, masks),
+                "weights_remaining_count": remaining, "weights_total": total,
+                "layer_density": M.density(masks),
+                **{k: result[k] for k in ("test_accuracy", "test_loss", "val_loss", "val_accuracy", "early_stop_step",
+                                          "early_stop_test_accuracy", "early_stop_val_loss", "start_step", "steps")},
+                "experiment": self.cfg.name, "model": self.cfg.model.name, "dataset": self.cfg.dataset.name,
+                "init": self.cfg.init.get("_target_") or self.cfg.init.name}
+
+    def train_unit(self, level: int, branch: str, model, masks: M.Masks, start: int, unit: str = "",
+                   data_seed: Optional[int] = None, at_step: dict | None = None, on_done=None) -> dict:
+        """Train one unit to the end, resuming from its checkpoint if one is there; returns its record."""
+        ckpts = self.folder.checkpoints(level, branch, unit)
+        resume = ckpts.load()
+        tag = f"{branch}/{unit}" if unit else branch
+        if resume is not None:
+            log.info("level %d %s: resuming from step %d", level, tag, resume["step"])
+        at_step = dict(at_step or {})
+        self._add_faults(level, tag, at_step)
+        logging_on = self.cfg.logger.name != "none"
+        hooks = Hooks(on_eval=lambda r: self.tracker.eval(level, tag, r),
+                      on_log=(lambda r: self.tracker.train(level, tag, r)) if logging_on else None,
+                      log_every=self.cfg.logger.log_every, at_step=at_step, checkpoint=ckpts.save,
+                      checkpoint_every=self.steps.checkpoint_every, should_stop=stop_requested)
+        try:
+            result = train(model, masks, self.data, self.cfg, start=start, steps=self.steps, hooks=hooks,
+                           data_seed=self.data_seed if data_seed is None else data_seed,
+                           desc=f"level {level} {tag}", resume=resume)
+        except Preempted:
+            hand_over()
+            raise
+        record = self.record(level, branch, model, masks, result)
+        if unit:
+            record["unit"] = unit
+        if on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
+            on_done(record)
+        self.folder.save_result(level, branch, {**record, "evals": result["evals"]}, unit)
+        ckpts.clear()
+        if not unit:
+            self.tracker.level(record)
+            self.folder.write_summary()
+        log.info("level %d %-12s weights remaining %6.2f%%  test acc %.4f  early-stop step %s (test acc %s)",
+                 level, tag, 100 * record["weights_remaining"], record["test_accuracy"],
+                 record["early_stop_step"], record["early_stop_test_accuracy"])
+        return record
+
+    def run_branch(self, ctx: LevelContext) -> dict:
+        """Train the branch's units that have no result yet, then its analysis; returns the branch's record."""
+        branch = BRANCHES[ctx.branch]
+        units = branch.fn(ctx)
+        if len(units) > 1 and len({u.name for u in units}) < len(units):
+            raise ValueError(f"branch '{ctx.branch}' trains {len(units)} units: give each a distinct Unit.name")
+        single = len(units) == 1 and not units[0].name and branch.analyze is None
+        records, trained = [], []
+        for u in units:
+            name = "" if single else (u.name or "unit")
+            if self.folder.done(ctx.level, ctx.branch, name):
+                rec = self.folder.load_result(ctx.level, ctx.branch, name)
+                rec.pop("evals", None)
+                if u.keep_final:
+                    u.model.load_state_dict(load_torch(self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"))
+                records.append(rec)
+                continue
+            M.apply(u.model, u.masks)
+            on_done = None
+            if u.keep_final:
+                final = self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
+                on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731
+            start = ctx.rewind_step if u.start is None else u.start
+            records.append(self.train_unit(ctx.level, ctx.branch, u.model, u.masks, start, unit=name,
+                                           data_seed=u.data_seed, on_done=on_done))
+            trained.append(u)
+        if single:
+            return records[0]
+        record = {**records[0], "branch": ctx.branch}
+        record.pop("unit", None)
+        if branch.analyze is not None:
+            record.update(branch.analyze(ctx, units, records))
+        self.folder.save_result(ctx.level, ctx.branch, record)
+        self.tracker.level(record)
+        self.folder.write_summary()
+        return record
+
+    def _add_faults(self, level: int, tag: str, at_step: dict) -> None:
+        """Test-only fault injection (`fault.signal_at`, `fault.kill_at`, with `fault.level` and `fault.branch`, which
+        names a branch or a branch's unit as `branch/unit`): fires once per folder."""
+        fault = self.cfg.fault
+        if not fault or fault.get("level", 0) != level or tag != fault.get("branch", "ticket"):
+            return
+        marker = self.folder.path / ".fault_fired"
+        if marker.exists():
+            return
+        for key, sig in (("signal_at", getattr(signal, "SIGUSR2", signal.SIGTERM)), ("kill_at", signal.SIGKILL)):
+            if fault.get(key) is None:
+                continue
+            step = int(fault[key])
+            previous = at_step.get(step)
+
+            def fire(previous=previous, sig=sig):
+                if previous:
+                    previous()
+                marker.write_text(str(sig))
+                os.kill(os.getpid(), sig)
+
+            at_step[step] = fire
+
+    def fault_after_level(self, level: int) -> None:
+        """Test-only: `fault.kill_after_level=L` SIGKILLs the run once, after level L's units, before level L+1."""
+        fault = self.cfg.fault
+        if not fault or fault.get("kill_after_level") is None or int(fault.kill_after_level) != level:
+            return
+        marker = self.folder.path / ".fault_fired"
+        if not marker.exists():
+            marker.write_text(str(signal.SIGKILL))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def ticket(self, level: int, masks: M.Masks, model, record: dict | None) -> Ticket:
+        state = {k: v.clone() for k, v in self.rewind_state.items()}
+        for name, m in masks.items():
+            state[name] = state[name] * m.to(state[name].device, state[name].dtype)
+        remaining, total = M.count(masks)
+        return Ticket(level=level, masks=M.to_bool(masks), rewind_step=self.steps.rewind, rewind_state=state,
+                      config=self.resolved, weights_remaining=remaining / total if total else 1.0,
+                      params_remaining=M.params_remaining(model, masks), metrics=record)
+
+
+def level_count(cfg, masks: M.Masks, prunable) -> int:
+    p = cfg.pruning
+    if p.target is not None:
+        return 2 if p.one_shot else len(pruning.plan_counts(masks, prunable, p))
+    return p.levels
+
+
+def run_experiment(cfg: DictConfig, run_dir) -> list[dict]:
+    """Run (or resume) the experiment `cfg` in `run_dir`; returns the summary records."""
+    validate(cfg)
+    set_threads(cfg)
+    folder = RunFolder(run_dir)
+    with folder.lock():
+        run = Run(cfg, folder, folder.prepare(cfg))
+        ok = False
+        try:
+            summary = _run_levels(run)
+            ok = True
+            return summary
+        finally:
+            run.tracker.finish(folder.results(), ok=ok)
+
+
+def _prune(run: Run, level: int, masks: M.Masks, prunable, trained: dict | None) -> M.Masks:
+    """Level `level`'s masks from level L-1's: scored on L-1's trained weights, or on the rewind-point weights."""
+    p = run.cfg.pruning
+    state = trained if p.when == "after_training" else run.rewind_state
+
+    def scoring_model(current: M.Masks):
+        model = run.new_model()
+        model.load_state_dict(state)
+        M.apply(model, current)
+        return model
+
+    batches = Batches(run.data, run.cfg.train.batch_size, seed=derive_seed(run.cfg.seed, "score", level))
+    keep = p.target if p.one_shot else None
+    return pruning.prune(scoring_model(masks), masks, prunable, p, keep_fraction=keep, rescore=scoring_model,
+                         batches=(batches.get(i) for i in range(10**9)),
+                         generator=torch.Generator().manual_seed(derive_seed(run.cfg.seed, "prune", level)))
+
+
+def _run_levels(run: Run) -> list[dict]:
+    cfg, p, folder = run.cfg, run.cfg.pruning, run.folder
+    model = run.new_model(init_seed=cfg.seed)
+    if folder.init.exists():
+        model.load_state_dict(load_torch(folder.init))
+    else:
+        save_torch(cpu_state(model), folder.init)
+    init_state = cpu_state(model)
+    prunable = M.prunable_tensors(model, p)
+    n_levels = level_count(cfg, M.ones(model, prunable), prunable)
+    if n_levels > 1 and not prunable:
+        raise ValueError("nothing to prune: pruning.exclude removed every prunable tensor")
+    masks = M.ones(model, prunable)
+    rewind_step = run.steps.rewind
+    if rewind_step == 0 and not folder.rewind.exists():
+        run.set_rewind_state(init_state)
+    trained = None  # level L-1's trained weights while this process has them
+
+    for level in range(n_levels):
+        if level > 0:
+            if folder.has_ticket(level):
+                masks = M.from_bool(folder.load_ticket(level).masks, model)
+            else:
+                if trained is None and p.when == "after_training":
+                    trained = load_torch(folder.final_path(level - 1))
+                masks = _prune(run, level, masks, prunable, trained)
+
+        if not folder.done(level, "ticket"):
+            if level == 0:
+                model.load_state_dict(init_state)
+                at_step = {} if folder.rewind.exists() else {
+                    rewind_step: lambda: run.set_rewind_state(cpu_state(model))}
+            else:
+                model.load_state_dict(run.rewind_state)
+                at_step = {}
+            M.apply(model, masks)
+
+            def finish_ticket(record, level=level, masks=masks):
+                save_torch(cpu_state(model), folder.final_path(level))
+                folder.save_ticket(run.ticket(level, masks, model, record))
+
+            run.train_unit(level, "ticket", model, masks, 0 if level == 0 else rewind_step, at_step=at_step,
+                           on_done=finish_ticket)
+            trained = cpu_state(model)
+            run.tracker.artifact(folder.ticket_path(level), f"ticket-level{level}")
+        else:
+            trained = None
+
+        for name in p.branches:
+            if (level == 0 and not BRANCHES[name].dense) or folder.done(level, name):
+                continue
+            run.run_branch(LevelContext(run, level, name, masks, rewind_step, run.rewind_state,
+                                        branch_settings(name, cfg)))
+        run.fault_after_level(level)
+
+    return folder.write_summary()
+
+
+def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
+    """Retrain a ticket in isolation (other seeds, data orders, optimizers, devices) with the same metrics."""
+    validate(cfg)
+    set_threads(cfg)
+    ticket = load_ticket(ticket_path)
+    folder = RunFolder(run_dir)
+    with folder.lock():
+        run = Run(cfg, folder, folder.prepare(cfg))
+        ok = False
+        try:
+            if ticket.rewind_step >= run.steps.total:
+                raise ValueError(f"the ticket rewinds to step {ticket.rewind_step}, past the end of training "
+                                 f"({run.steps.total} steps)")
+            model = run.new_model()
+            masks = M.from_bool(ticket.masks, model)
+            run._rewind_state = ticket.rewind_state
+            if not folder.done(ticket.level, "retrain"):
+                run.run_branch(LevelContext(run, ticket.level, "retrain", masks, ticket.rewind_step,
+                                            ticket.rewind_state))
+            ok = True
+            return folder.write_summary()
+        finally:
+            run.tracker.finish(folder.results(), ok=ok)

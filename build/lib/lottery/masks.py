@@ -1,0 +1,115 @@
+"""Masks: which tensors are prunable, and the one place where masks touch weights.
+
+A mask is a plain tensor beside its parameter (same shape, 1 = kept, 0 = pruned), kept in a dict keyed by parameter
+name. Parameters stay ordinary `nn.Parameter`s: no hooks or parametrizations, so `deepcopy`, `torch.compile` and
+`torch.func` see exactly what runs (pitfall 8). Pruned weights are zeroed after every optimizer step by `apply`, which
+makes them exactly zero whatever the optimizer's momentum or weight decay does to them (pitfall 2).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Prunable:
+    name: str  # parameter name, e.g. "hidden.0.weight"
+    kind: str  # "linear", "conv", "output", "bias" or "batchnorm": selects the per-kind pruning rate
+
+
+def prunable_tensors(model: nn.Module, pcfg) -> list[Prunable]:
+    """The prunable parameters, in `named_parameters` order.
+
+    Default policy: weights of Linear and Conv layers. Biases and BatchNorm parameters only when asked
+    (`pruning.prune_biases`, `pruning.prune_batchnorm`). `pruning.exclude` holds glob patterns over parameter names.
+    The output layer (the last Linear) gets its own kind so it can be pruned at its own rate, as in the paper.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    output = linears[-1] if linears else None
+    kinds: dict[str, str] = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            kind = "output" if mod is output else ("linear" if isinstance(mod, nn.Linear) else "conv")
+            kinds[prefix + "weight"] = kind
+            if mod.bias is not None and pcfg.prune_biases:
+                kinds[prefix + "bias"] = "bias"
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and pcfg.prune_batchnorm and mod.affine:
+            kinds[prefix + "weight"] = "batchnorm"
+            kinds[prefix + "bias"] = "batchnorm"
+    excluded = list(pcfg.exclude)
+    return [Prunable(name, kinds[name]) for name, _ in model.named_parameters()
+            if name in kinds and not any(fnmatch.fnmatchcase(name, pat) for pat in excluded)]
+
+
+def ones(model: nn.Module, prunable: list[Prunable]) -> Masks:
+    params = dict(model.named_parameters())
+    return {p.name: torch.ones_like(params[p.name]) for p in prunable}
+
+
+def apply(model: nn.Module, masks: Masks) -> None:
+    """Zero the pruned entries in place. Called after every optimizer step and after every weight load."""
+    Masker(model, masks)()
+
+
+# integer type of each float type's width, to reinterpret weights as bits
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+
+
+class Masker:
+    """`apply` for the training loop: the parameter and mask lists are built once, not per step.
+
+    Pruned entries are overwritten with zero rather than multiplied by it: a diverging run's inf or NaN times 0 is
+    NaN, and a pruned weight must be exactly zero whatever happens to the others."""
+
+    def __init__(self, model: nn.Module, masks: Masks):
+        params = dict(model.named_parameters())
+        self.params = [params[n] for n in masks]
+        # Overwriting as a bitwise AND of the weight's bits with all-ones (kept) or all-zeros (pruned): the same bits
+        # as masked_fill_(pruned, 0), NaN-safe too, but vectorized (a random boolean mask makes masked_fill_ ~10x
+        # slower on CPU, ~0.5 ms per LeNet-300-100 step on 2 cores).
+        self.keep_bits = []
+        for n, m in masks.items():
+            bits = _BITS[params[n].dtype]
+            self.keep_bits.append((m.to(device=params[n].device) != 0).to(bits).neg_())  # True -> -1: all bits set
+
+    def __call__(self) -> None:
+        with torch.no_grad():
+            for p, keep in zip(self.params, self.keep_bits):
+                p.view(keep.dtype).bitwise_and_(keep)
+
+
+def count(masks: Masks) -> tuple[int, int]:
+    """(remaining, total) over the masked tensors; exact integers."""
+    remaining = sum(int(m.count_nonzero()) for m in masks.values())
+    return remaining, sum(m.numel() for m in masks.values())
+
+
+def density(masks: Masks) -> dict[str, float]:
+    return {n: int(m.count_nonzero()) / m.numel() for n, m in masks.items()}
+
+
+def params_remaining(model: nn.Module, masks: Masks) -> float:
+    """Fraction of ALL parameters remaining (unprunable ones count as kept). Buffers are not parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    pruned = sum(m.numel() - int(m.count_nonzero()) for m in masks.values())
+    return (total - pruned) / total
+
+
+def to_bool(masks: Masks) -> dict[str, torch.Tensor]:
+    """Compact, device-independent form for files."""
+    return {n: m.detach().to("cpu", torch.bool) for n, m in masks.items()}
+
+
+def from_bool(masks: dict[str, torch.Tensor], model: nn.Module) -> Masks:
+    params = dict(model.named_parameters())
+    missing = sorted(set(masks) - set(params))
+    if missing:
+        raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
+    return {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in masks.items()}

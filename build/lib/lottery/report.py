@@ -1,0 +1,357 @@
+"""`lottery-report RUN_OR_SWEEP_DIR... [--out DIR]`: one table and the lottery-ticket figures from finished runs.
+
+Every folder holding `summary.json` below the given paths is a run (a single `lottery-train` run or one job of a Hydra
+multirun); a job folder with `error.txt` and no summary becomes one row with its error, so failed sweep jobs are seen.
+Conditions are the branch (ticket and its controls) plus every config value that differs between the collected runs
+other than the seed, so an initializer sweep gets one line per initializer without being told which key was swept.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
+
+TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
+
+FIRST_COLUMNS = ["run_dir", "overrides", "experiment", "model", "dataset", "init", "replicate", "level", "branch",
+                 "condition", "percent_remaining", "weights_remaining", "params_remaining", "weights_remaining_count",
+                 "weights_total", "test_accuracy", "early_stop_test_accuracy", "early_stop_step", "test_loss",
+                 "val_loss", "val_accuracy", "early_stop_val_loss", "start_step", "steps", "rewind"]
+
+
+# --- collecting ----------------------------------------------------------------------------------------------------
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def _ignored(key: str) -> bool:
+    """Config keys that never define a condition: those that define no experiment, and the replicate's seeds."""
+    from lottery.config import REPLICATE_KEYS, non_experiment
+    return non_experiment(key, REPLICATE_KEYS)
+
+
+def _branch_order() -> list[str]:
+    from lottery.branches import BRANCHES
+    return ["ticket", "retrain", *[b for b in BRANCHES if b != "retrain"]]
+
+
+def _load_config(run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+    path = run_dir / "config.yaml"
+    return _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False)) if path.exists() else {}
+
+
+def _overrides(run_dir: Path) -> str:
+    """The command-line overrides of a Hydra job (what distinguishes sweep jobs to a reader)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return ""
+    from omegaconf import OmegaConf
+    return " ".join(str(o) for o in OmegaConf.load(path))
+
+
+def _error(path: Path) -> str:
+    return path.read_text(errors="replace").strip().splitlines()[0] if path.stat().st_size else "error"
+
+
+def _find(paths) -> tuple[list[Path], list[Path]]:
+    """Run folders (summary.json) and job folders without a finished unit (error.txt, or config.yaml alone)."""
+    runs, other, seen = [], [], set()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"no such folder: {root}")
+        markers = [*root.rglob("summary.json"), *root.rglob("error.txt"), *root.rglob("config.yaml")]
+        for marker in sorted(markers):
+            d = marker.parent
+            inner = d.parts[len(root.parts):]
+            # .hydra/ and .submitit/ hold launcher copies; wandb/ and levels/ belong to the run above them
+            if d.resolve() in seen or any(p.startswith(".") or p in ("wandb", "levels") for p in inner):
+                continue
+            seen.add(d.resolve())
+            (runs if (d / "summary.json").exists() else other).append(d)
+    return sorted(runs), sorted(other)
+
+
+def collect_runs(paths) -> list[dict]:
+    """One row per summary record of every run folder below `paths`, plus one `error` row per failed job folder."""
+    runs, failed = _find(paths)
+    runs_set = set(runs)
+    # a config.yaml in a folder below a run is not a job of its own (retrain folders might sit there)
+    failed = [d for d in failed if not any(p in runs_set for p in d.parents)]
+    configs = {d: _load_config(d) for d in runs}
+    keys = set().union(*configs.values()) if configs else set()
+    # a key missing from some configs (an added option) differs too: None vs a value
+    swept = sorted(k for k in keys if not _ignored(k) and len({repr(c.get(k)) for c in configs.values()}) > 1)
+    swept = [k for k in swept if not _follows_group(k, swept, configs.values())]
+    rows = []
+    for d in runs:
+        cfg = configs[d]
+        err = d / "error.txt"
+        # a run that failed after its last finished unit: its summary is partial, say so
+        error = _error(err) if err.exists() and err.stat().st_mtime >= (d / "summary.json").stat().st_mtime else None
+        for rec in json.loads((d / "summary.json").read_text()):
+            row = {"run_dir": str(d), "overrides": _overrides(d)}
+            row.update({k: v for k, v in rec.items() if k != "layer_density"})
+            row["percent_remaining"] = 100 * rec["weights_remaining"]
+            row["rewind"] = cfg.get("pruning.rewind")
+            row.update({f"density.{name}": v for name, v in (rec.get("layer_density") or {}).items()})
+            row.update({f"cfg.{k}": cfg.get(k) for k in swept})
+            row["condition"] = _condition(row, swept)
+            if error:
+                row["error"] = error
+            rows.append(row)
+    for d in failed:
+        error = _error(d / "error.txt") if (d / "error.txt").exists() else \
+            "no finished unit: still running, or stopped before its first level ended"
+        rows.append({"run_dir": str(d), "overrides": _overrides(d), "error": error})
+    return rows
+
+
+def _follows_group(key: str, swept: list[str], configs) -> bool:
+    """True for an option that only differs because its group was switched (init.gain with init=xavier_normal)."""
+    name = key.split(".")[0] + ".name"
+    if key == name or name not in swept:
+        return False
+    seen = {}
+    return all(seen.setdefault(repr(c.get(name)), repr(c.get(key))) == repr(c.get(key)) for c in configs)
+
+
+def _condition(row: dict, swept: list[str]) -> str:
+    parts = [row["branch"]] + [f"{k.removesuffix('.name')}={row[f'cfg.{k}']}" for k in swept
+                               if row[f"cfg.{k}"] is not None]  # init.variance of a kaiming run says nothing
+    return ", ".join(parts)
+
+
+def write_table(rows: list[dict], path_csv) -> Path:
+    """All rows as CSV; columns are the union over rows (known ones first), dict and list values as JSON."""
+    path = Path(path_csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seen = dict.fromkeys(c for c in FIRST_COLUMNS if any(c in r for r in rows))
+    for r in rows:
+        seen.update(dict.fromkeys(r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(seen), restval="")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+                        for k, v in r.items()})
+    return path
+
+
+# --- figures -------------------------------------------------------------------------------------------------------
+
+def _label(row: dict) -> str:
+    branch = row["branch"]
+    rewind = str(row.get("rewind") or "0")
+    from lottery.branches import label
+    text = TICKET_LABEL.format(rewind="original init" if rewind in ("0", "0it", "0ep") else f"rewound to {rewind}") \
+        if branch == "ticket" else label(branch)
+    extra = row["condition"].split(", ", 1)[1:]
+    return text + (f" [{extra[0]}]" if extra else "")
+
+
+def _curves(rows: list[dict], y_key: str) -> dict:
+    """{(model, dataset): {condition: (label, xs, mean, lo, hi, n)}} with x in percent of weights remaining."""
+    points = defaultdict(lambda: defaultdict(list))
+    labels = {}
+    for r in rows:
+        if r.get(y_key) is None or r.get("level") is None:
+            continue
+        key = ((r["model"], r["dataset"]), r["condition"])
+        points[key][r["level"]].append((r["percent_remaining"], r[y_key]))
+        labels[key] = _label(r)
+    out = defaultdict(dict)
+    for (panel, cond), by_level in points.items():
+        levels = sorted(by_level)
+        xs = [sum(p[0] for p in by_level[lv]) / len(by_level[lv]) for lv in levels]
+        ys = [[p[1] for p in by_level[lv]] for lv in levels]
+        out[panel][cond] = (labels[(panel, cond)], xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys],
+                            [max(v) for v in ys], max(len(v) for v in ys))
+    return out
+
+
+def _order(cond: str):
+    branch, order = cond.split(", ")[0], _branch_order()
+    return (order.index(branch) if branch in order else len(order), cond)
+
+
+def _colors(conditions) -> dict:
+    cmap = plt.get_cmap("tab10")
+    return {c: cmap(i % 10) for i, c in enumerate(sorted(set(conditions), key=_order))}
+
+
+def _percent_axis(ax, xs) -> None:
+    """Log x axis, reversed (dense on the left), labelled at the measured sparsities: 100, 51.2, 21.1, ..."""
+    ax.set_xscale("log")
+    ticks = sorted(set(round(x, 6) for x in xs), reverse=True)
+    if ticks:
+        step = max(1, math.ceil(len(ticks) / 9))
+        ticks = ticks[::step]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{t:.3g}" for t in ticks])
+        lo, hi = min(xs), max(xs)
+        ax.set_xlim(hi * 1.15, lo / 1.15)  # reversed: pruning proceeds to the right
+    ax.set_xlabel("Weights remaining (%, log scale)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _draw(ax, curves: dict, colors: dict, scale: float = 1.0) -> None:
+    for cond in sorted(curves, key=_order):
+        label, xs, mean, lo, hi, n = curves[cond]
+        c = colors[cond]
+        style = "-" if cond.startswith("ticket") else "--"
+        ax.plot(xs, [scale * v for v in mean], style, color=c, marker="o", markersize=3.5, label=f"{label} (n={n})")
+        if n > 1:
+            ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=c, alpha=0.18, linewidth=0)
+
+
+def _minor_label(lowest: float):
+    """Minor log ticks: all labelled when the axis spans little more than a decade, else only 2x and 5x ones."""
+    def fmt(v, _):
+        mantissa = round(v / 10 ** math.floor(math.log10(v)))
+        return f"{v:.2g}" if 100 / max(lowest, 1e-9) < 30 or mantissa in (2, 5) else ""
+    return fmt
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
+    with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, editable, smaller
+        for p in paths:
+            fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def _legend_below(fig, axes) -> None:
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=1, fontsize=8, frameon=False)
+
+
+def _band_note(n_max: int) -> str:
+    return "line: mean over the n seeds, shaded band: min to max" if n_max > 1 else "one seed per condition"
+
+
+def make_figures(rows: list[dict], out_dir) -> list[Path]:
+    """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in rows if r.get("level") is not None]  # a run that failed later still has its finished levels
+    if not rows:
+        return []
+    final, early = _curves(rows, "test_accuracy"), _curves(rows, "early_stop_test_accuracy")
+    steps = _curves(rows, "early_stop_step")
+    panels = sorted(final)
+    colors = _colors(c for p in final.values() for c in p)
+    n_max = max(c[5] for p in final.values() for c in p.values())
+    written = []
+
+    # 1. accuracy vs sparsity: at the end of training and at the early-stop iteration
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.3 * len(panels)), squeeze=False, sharey="row")
+    for i, panel in enumerate(panels):
+        for ax, curves, what in ((axes[i][0], final[panel], "at the end of training"),
+                                 (axes[i][1], early.get(panel, {}), "at early stop (min. validation loss)")):
+            _draw(ax, curves, colors, scale=100)
+            _percent_axis(ax, [x for c in curves.values() for x in c[1]])
+            ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
+        axes[i][0].set_ylabel("Test accuracy (%)")
+    fig.suptitle(f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * len(colors), 1, 1))
+    _legend_below(fig, axes.flat)
+    written += _save(fig, out_dir, "lottery_ticket")
+
+    # 2. early-stop iteration vs sparsity
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 4.3 * len(panels)), squeeze=False)
+    for i, panel in enumerate(panels):
+        ax = axes[i][0]
+        curves = steps.get(panel, {})
+        _draw(ax, curves, colors)
+        _percent_axis(ax, [x for c in curves.values() for x in c[1]])
+        ax.set_ylabel("Early-stop iteration\n(min validation loss)")
+        ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
+    fig.suptitle(f"Early-stop iteration across IMP levels ({_band_note(n_max)})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08 + 0.04 * len(colors), 1, 1))
+    _legend_below(fig, axes.flat)
+    written += _save(fig, out_dir, "early_stop")
+
+    # 3. per-layer density of the ticket masks across levels
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        tickets = [r for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket"]
+        layers = list(dict.fromkeys(k for r in tickets for k in r if k.startswith("density.")))
+        by_level = defaultdict(list)
+        for r in tickets:
+            by_level[r["level"]].append(r)
+        levels = sorted(by_level)
+        cmap = plt.get_cmap("viridis")
+        for j, layer in enumerate(layers):
+            ys = [100 * sum(r.get(layer, math.nan) for r in by_level[lv]) / len(by_level[lv]) for lv in levels]
+            ax.plot(levels, ys, marker="o", markersize=3.5, color=cmap(j / max(1, len(layers) - 1)),
+                    label=layer.removeprefix("density."))
+        overall = [100 * sum(r["weights_remaining"] for r in by_level[lv]) / len(by_level[lv]) for lv in levels]
+        ax.plot(levels, overall, "k--", linewidth=1, label="all prunable weights")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label(min(min(overall), *[min(l.get_ydata()) for l in ax.lines]))))
+        ax.set_xticks(levels)
+        ax.set_xticklabels([f"{lv}\n{o:.3g}%" for lv, o in zip(levels, overall)], fontsize=7)
+        ax.set_xlabel("IMP level (and overall weights remaining)")
+        ax.set_ylabel("Weights remaining in the layer (%, log scale)")
+        ax.set_title(f"{panel[0]} on {panel[1]}: per-layer density of the ticket mask", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(layers) > 8 else 1)
+    fig.tight_layout()
+    written += _save(fig, out_dir, "layer_density")
+    return written
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lottery-report",
+        description="Collect every run below the given folders (single runs and Hydra multiruns) into runs.csv and "
+                    "draw the lottery-ticket figures (PNG and SVG).")
+    parser.add_argument("paths", nargs="+", help="run folders, sweep folders, or any folder above them")
+    parser.add_argument("--out", help="output folder (default: <path>/report for one path, ./report otherwise)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else (Path(args.paths[0]) / "report" if len(args.paths) == 1 else Path("report"))
+    try:
+        rows = collect_runs(args.paths)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: no run folders (holding summary.json) below {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    written = [write_table(rows, out / "runs.csv"), *make_figures(rows, out)]
+    n_runs = len({r["run_dir"] for r in rows if "level" in r})
+    n_failed = sum(1 for r in rows if "level" not in r)
+    print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
+          + ": wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

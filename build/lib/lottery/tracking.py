@@ -1,0 +1,154 @@
+"""Metrics to local files (always; the source of truth) and to Weights & Biases (`logger=wandb`).
+
+`metrics.jsonl` is append-only: one line per evaluation (and per training-loss log), tagged with level and branch. A
+run resumed from a checkpoint repeats the evaluations made after that checkpoint; readers keep the last record for
+each (level, branch, step). W&B is imported only when used, so plain runs start fast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE when set; otherwise online if this machine has W&B credentials, else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
+        return "offline"
+
+
+def _sweep_name() -> Optional[str]:
+    """The named sweep (`sweep=...`) this job belongs to, if any: the default W&B group of its jobs."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return HydraConfig.get().runtime.choices.get("sweep") if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks) there is no sweep
+        return None
+
+
+def _new_id() -> str:
+    # W&B's own id helper moved between releases; ids only need to be unique, lowercase alphanumeric
+    import secrets
+    import string
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, cfg, config_dict: dict, group: Optional[str] = None):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.cfg = cfg
+        self.run = None
+        self._prefixes: set[str] = set()
+        self._step = 0
+        if cfg.logger.name == "wandb":
+            self._start_wandb(config_dict, group)
+
+    # --- W&B ---------------------------------------------------------------------------------------------------
+    def _start_wandb(self, config_dict: dict, group: Optional[str]) -> None:
+        import wandb
+
+        lcfg = self.cfg.logger
+        id_file = self.run_dir / "wandb_id.txt"
+        # The id is stored so a resumed job (SLURM requeue, rerun of the same command) continues the same W&B run.
+        run_id = id_file.read_text().strip() if id_file.exists() else _new_id()
+        id_file.write_text(run_id)
+        kwargs = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
+                      tags=list(lcfg.tags), job_type=lcfg.job_type, config=config_dict, id=run_id, resume="allow",
+                      dir=str(self.run_dir), name=self.run_dir.name, reinit="finish_previous")
+        mode = wandb_mode()
+        try:
+            self.run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - W&B trouble (network, login) must not cost the experiment
+            if mode != "online":
+                raise
+            log.error("W&B online start failed (%s); logging offline instead, upload later with `wandb sync`", e)
+            self.run = wandb.init(mode="offline", **kwargs)
+        # An offline run resumed in a new process starts W&B's step at 0 again, and the server drops rows whose step
+        # is not above the last one when the pieces are synced: keep counting from where the last start stopped.
+        self._step_file = self.run_dir / "wandb_step.txt"
+        try:
+            saved = int(self._step_file.read_text())
+        except (OSError, ValueError):
+            saved = 0
+        self._step = max(saved, self.run.step)
+        self.run.define_metric("level")
+        self.run.define_metric("level/*", step_metric="level")
+
+    def _wandb_log(self, prefix: str, record: dict) -> None:
+        if self.run is None:
+            return
+        if prefix not in self._prefixes:
+            self.run.define_metric(f"{prefix}/step")
+            self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+            self._prefixes.add(prefix)
+        self._log({f"{prefix}/{k}": v for k, v in record.items() if v is not None and k not in ("level", "branch")})
+
+    def _log(self, values: dict) -> None:
+        self.run.log(values, step=self._step)
+        self._step += 1
+        self._step_file.write_text(str(self._step))
+
+    # --- events -------------------------------------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train(self, level: int, branch: str, record: dict) -> None:
+        self._append({"level": level, "branch": branch, "kind": "train", **record})
+        self._wandb_log(f"L{level}_{branch}", record)
+
+    def eval(self, level: int, branch: str, record: dict) -> None:
+        self._append({"level": level, "branch": branch, "kind": "eval", **record})
+        self._wandb_log(f"L{level}_{branch}", record)
+
+    def level(self, record: dict) -> None:
+        """One summary record (a level's ticket or control) with `level` as its x-axis in W&B."""
+        if self.run is None:
+            return
+        branch = record["branch"]
+        values = {f"level/{branch}/{k}": record[k] for k in
+                  ("weights_remaining", "params_remaining", "test_accuracy", "early_stop_step",
+                   "early_stop_test_accuracy") if record.get(k) is not None}
+        if branch == "ticket":
+            values.update({f"level/density/{name}": d for name, d in record["layer_density"].items()})
+        self._log({"level": record["level"], **values})
+
+    def artifact(self, path: Path, name: str) -> None:
+        if self.run is None or not self.cfg.logger.log_artifacts:
+            return
+        import wandb
+        art = wandb.Artifact(name=f"{self.run.id}-{name}", type="ticket")
+        art.add_file(str(path))
+        self.run.log_artifact(art)
+
+    def finish(self, summary: list[dict], ok: bool = True) -> None:
+        if self.run is None:
+            return
+        import wandb
+        try:
+            if summary:
+                columns = ["level", "branch", "weights_remaining", "params_remaining", "test_accuracy",
+                           "early_stop_step", "early_stop_test_accuracy"]
+                table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in summary])
+                self._log({"summary_table": table})
+                branches = sorted({r["branch"] for r in summary})
+                xs = [[100 * r["weights_remaining"] for r in summary if r["branch"] == b] for b in branches]
+                ys = [[100 * r["test_accuracy"] for r in summary if r["branch"] == b] for b in branches]
+                self._log({"accuracy_vs_weights_remaining": wandb.plot.line_series(
+                    xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
+                    xname="weights remaining (%)")})
+        finally:
+            self.run.finish(exit_code=0 if ok else 1)
+            self.run = None

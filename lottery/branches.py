@@ -1,0 +1,142 @@
+"""Branches: what runs on a level's ticket besides the ticket itself.
+
+A branch is one registered function from a `LevelContext` (the level's masks, rewind point and weights, seeded
+randomness, the run's model builder) to the units it trains, each a (model, masks, start step, data seed). A branch
+may add an analysis that runs once its units are trained and adds keys to its record. The controls of the lottery
+ticket papers are entries of a few lines each; a user's own branch is one `@register_branch` function in their module,
+loaded with `imports=[my_module]` and listed in `pruning.branches`. Its settings, if any, live in `branch.<name>`.
+
+Seeds: a branch's randomness comes from `ctx.seed` = f(replicate seed, branch name, level), so every control is
+reproducible and independent of the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from lottery import masks as M
+from lottery import pruning
+from lottery.config import derive_seed
+
+
+@dataclass
+class Unit:
+    """One training run of a branch: `model` (weights already set) trained with `masks` from `start` to the end."""
+    model: nn.Module
+    masks: M.Masks
+    name: str = ""  # sub-folder of the branch folder; needed when a branch trains more than one unit
+    start: Optional[int] = None  # first step; None: the level's rewind step
+    data_seed: Optional[int] = None  # data order and augmentation; None: the run's data seed
+    keep_final: bool = False  # save the trained weights (final.pt in the unit's folder) for the branch's analysis
+
+
+@dataclass
+class LevelContext:
+    """What a branch sees of the level it runs on."""
+    run: Any  # lottery.imp.Run: cfg, data, steps, new_model
+    level: int
+    branch: str
+    masks: M.Masks  # the level's ticket masks
+    rewind_step: int
+    rewind_state: dict  # full state_dict at the rewind point (CPU), before masking
+    settings: dict = field(default_factory=dict)  # this branch's `branch.<name>` node, validated
+
+    @property
+    def cfg(self):
+        return self.run.cfg
+
+    @property
+    def seed(self) -> int:
+        return derive_seed(self.run.cfg.seed, self.branch, self.level)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def new_model(self, init_seed: Optional[int] = None) -> nn.Module:
+        """A fresh model of the run's architecture, initialized with `init_seed` by the run's initializer."""
+        return self.run.new_model(init_seed=init_seed)
+
+    def ticket_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
+        """A model holding the rewind-point weights with `masks` (default: the ticket's) applied."""
+        model = self.run.new_model()
+        model.load_state_dict(self.rewind_state)
+        M.apply(model, self.masks if masks is None else masks)
+        return model
+
+
+@dataclass(frozen=True)
+class Branch:
+    name: str
+    fn: Callable[[LevelContext], list[Unit]]
+    label: str  # legend text in lottery-report's figures
+    settings: Optional[type] = None  # dataclass of its keys under branch.<name>
+    dense: bool = False  # also runs at level 0 (the dense network), not only on pruned levels
+    analyze: Optional[Callable[[LevelContext, list[Unit], list[dict]], dict]] = None
+    selectable: bool = True  # may be listed in pruning.branches (retrain is lottery-retrain's own)
+
+
+BRANCHES: dict[str, Branch] = {}
+
+
+def register_branch(name: str, label: Optional[str] = None, *, settings: Optional[type] = None, dense: bool = False,
+                    analyze: Optional[Callable] = None, selectable: bool = True):
+    def decorator(fn):
+        if name in BRANCHES or name == "ticket":
+            raise ValueError(f"branch '{name}' is already registered")
+        BRANCHES[name] = Branch(name, fn, label or name, settings, dense, analyze, selectable)
+        return fn
+    return decorator
+
+
+def branch_settings(name: str, cfg) -> dict:
+    """`branch.<name>` as plain values, checked against the branch's settings dataclass."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = (cfg.get("branch") or {}).get(name) or {}
+    raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    cls = BRANCHES[name].settings
+    if cls is None:
+        if raw:
+            raise ValueError(f"branch '{name}' takes no settings, got branch.{name}.{sorted(raw)[0]}")
+        return {}
+    accepted = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown key branch.{name}.{unknown[0]}; accepted: {', '.join(accepted)}")
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), raw))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"bad setting for branch '{name}': {getattr(e, 'msg', e)}") from None
+
+
+def label(branch: str) -> str:
+    return BRANCHES[branch].label if branch in BRANCHES else branch
+
+
+# --- the controls of the lottery-ticket papers -----------------------------------------------------------------------
+
+@register_branch("reinit", "reinit control (ticket mask, fresh random init)")
+def reinit(ctx: LevelContext) -> list[Unit]:
+    return [Unit(ctx.new_model(init_seed=ctx.seed), ctx.masks)]
+
+
+@register_branch("random_prune", "random-pruning control (random mask, same per-layer sparsity)")
+def random_prune(ctx: LevelContext) -> list[Unit]:
+    masks = pruning.random_like(ctx.masks, ctx.generator())
+    return [Unit(ctx.ticket_model(masks), masks)]
+
+
+@register_branch("shuffle", "shuffle control (ticket mask permuted within each layer)")
+def shuffle(ctx: LevelContext) -> list[Unit]:
+    masks = pruning.shuffle(ctx.masks, ctx.generator())
+    return [Unit(ctx.ticket_model(masks), masks)]
+
+
+@register_branch("retrain", "ticket retrained in isolation", selectable=False)
+def retrain(ctx: LevelContext) -> list[Unit]:
+    return [Unit(ctx.ticket_model(), ctx.masks)]

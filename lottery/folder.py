@@ -1,0 +1,148 @@
+"""The run folder: every path of a run is built here, and so are its lock, the check that a folder holds the same
+experiment on resume, its results and its tickets.
+
+    config.yaml                 resolved config (the experiment this folder holds)
+    summary.json                one record per (level, branch); rewritten atomically after every unit
+    metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
+    init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
+    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.ticket), written once per level
+    levels/level_<L>/final.pt   trained weights of the level's ticket (what the next level prunes)
+    levels/level_<L>/<branch>/result.json            the branch's record (+ evaluation curve of a one-unit branch)
+    levels/level_<L>/<branch>/<unit>/result.json     units of a branch that trains several (e.g. two copies)
+    .../checkpoint.pt, checkpoint.prev.pt            while a unit trains
+
+A unit with a result is never trained again, so a rerun of the same command (or a SLURM requeue) continues where the
+last one stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lottery.checkpoint import Checkpoints, load_json, save_json
+from lottery.config import non_experiment
+from lottery.ticket import Ticket, load_ticket, save_ticket
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Keys whose values differ and that define the experiment (config.NON_EXPERIMENT_KEYS do not)."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not non_experiment(k))
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.summary = self.path / "summary.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.init = self.path / "init.pt"
+        self.rewind = self.path / "rewind.pt"
+
+    # --- paths -------------------------------------------------------------------------------------------------
+    def level_dir(self, level: int) -> Path:
+        return self.path / "levels" / f"level_{level}"
+
+    def ticket_path(self, level: int) -> Path:
+        return self.level_dir(level) / "ticket.pt"
+
+    def final_path(self, level: int) -> Path:
+        return self.level_dir(level) / "final.pt"
+
+    def unit_dir(self, level: int, branch: str, unit: str = "") -> Path:
+        d = self.level_dir(level) / branch
+        return d / unit if unit else d
+
+    def checkpoints(self, level: int, branch: str, unit: str = "") -> Checkpoints:
+        return Checkpoints(self.unit_dir(level, branch, unit))
+
+    # --- results -----------------------------------------------------------------------------------------------
+    def done(self, level: int, branch: str, unit: str = "") -> bool:
+        return (self.unit_dir(level, branch, unit) / "result.json").exists()
+
+    def save_result(self, level: int, branch: str, record: dict, unit: str = "") -> None:
+        save_json(record, self.unit_dir(level, branch, unit) / "result.json")
+
+    def load_result(self, level: int, branch: str, unit: str = "") -> dict:
+        return load_json(self.unit_dir(level, branch, unit) / "result.json")
+
+    def results(self) -> list[dict]:
+        """Every branch record, by level, the ticket first, then the branches by name (evaluation curves left out)."""
+        paths = sorted(self.path.glob("levels/level_*/*/result.json"),
+                       key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
+                                      p.parent.name))
+        out = []
+        for path in paths:
+            rec = load_json(path)
+            rec.pop("evals", None)
+            out.append(rec)
+        return out
+
+    def write_summary(self) -> list[dict]:
+        summary = self.results()
+        save_json(summary, self.summary)
+        return summary
+
+    # --- tickets -----------------------------------------------------------------------------------------------
+    def has_ticket(self, level: int) -> bool:
+        return self.ticket_path(level).exists()
+
+    def save_ticket(self, ticket: Ticket) -> Path:
+        path = self.ticket_path(ticket.level)
+        save_ticket(path, ticket)
+        return path
+
+    def load_ticket(self, level: int) -> Ticket:
+        return load_ticket(self.ticket_path(level))
+
+    # --- ownership and identity --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """One process per run folder: a resubmitted job must not train into a folder its twin is still using."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another process is running in {self.path} (it holds {self.path / '.lock'}); "
+                                 f"wait for it to end or choose another folder with hydra.run.dir=...") from None
+            try:
+                yield self
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def prepare(self, cfg: DictConfig) -> dict:
+        """Write config.yaml, or check that an existing one describes the same experiment. Returns the resolved
+        config as plain dicts."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if self.config.exists():
+            old = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
+            diff = differences(old, resolved)
+            if diff:
+                raise ValueError(f"run folder {self.path} already holds a different experiment (differs in: "
+                                 f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
+                                 f"hydra.run.dir=... or rerun with the same settings to resume it")
+            log.info("resuming run in %s", self.path)
+        tmp = self.config.with_name(".config.yaml.tmp")
+        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        os.replace(tmp, self.config)
+        return resolved

@@ -1,0 +1,56 @@
+"""A plain (non-editable) install works: the wheel carries conf/ as the package lottery.conf, and the entry points
+compose their configs from it in an empty folder outside the repository."""
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = out.glob("lottery-*.whl")
+    return path
+
+
+def test_wheel_contains_every_config(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"lottery/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
+    assert "lottery/conf/config.yaml" in expected and "lottery/conf/model/lenet_300_100.yaml" in expected
+    assert expected <= names, sorted(expected - names)[:5]
+    assert not any(n.startswith("hydra_plugins") or n.startswith("tests/") for n in names)
+
+
+def test_plain_install_runs_from_an_empty_folder(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    # the machine's packages (torch, hydra, ...) are reused; lottery itself comes only from the wheel
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                          str(wheel)], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled",
+           "OMP_NUM_THREADS": "1"}
+
+    def run(*args):
+        return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=empty, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    where = run("python", "-c", "import lottery.cli as c; print(c.__file__, c.CONF_DIR)")
+    assert where.returncode == 0 and str(venv) in where.stdout and "pkg://lottery.conf" in where.stdout, where
+    job = run("lottery-train", "--cfg", "job")
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert "lenet_300_100" in job.stdout and "criterion" in job.stdout
+    train = run("lottery-train", "dataset=synthetic", "pruning.levels=2", "train.duration=20it",
+                "train.eval_every=10it", "hydra.run.dir=run")
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (empty / "run" / "summary.json").exists() and (empty / "run" / "levels" / "level_1" / "ticket.pt").exists()
+    study = run("lottery-init-study", "--help")
+    assert study.returncode == 0 and "init_study" in study.stdout + study.stderr, study.stderr[-2000:]
