@@ -257,8 +257,3 @@ class Batches:
             self._aug_gen.manual_seed(_seed(self.seed * 1_000_003, step, 2**40))
             x = _augment(x, self._aug_gen)
         return x, y
-
-
-def eval_batches(x: Tensor, y: Tensor, batch_size: int = 10000):
-    for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]

@@ -8,6 +8,7 @@ folder (lottery.folder); a unit with a result is never trained again, so reruns 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -257,7 +258,7 @@ def _prune(run: Run, level: int, masks: M.Masks, prunable, trained: dict | None)
     batches = Batches(run.data, run.cfg.train.batch_size, seed=derive_seed(run.cfg.seed, "score", level))
     keep = p.target if p.one_shot else None
     return pruning.prune(scoring_model(masks), masks, prunable, p, keep_fraction=keep, rescore=scoring_model,
-                         batches=(batches.get(i) for i in range(10**9)),
+                         batches=map(batches.get, itertools.count()),
                          generator=torch.Generator().manual_seed(derive_seed(run.cfg.seed, "prune", level)))
 
 
