@@ -126,6 +126,7 @@ class Config:
     seed: int = 0
     data_seed: Optional[int] = None
     device: str = "auto"
+    deterministic: bool = True  # CUDA: deterministic algorithms (lottery/device.py); false trades that for speed
     threads: Optional[int] = None
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
     branch: Dict[str, Any] = field(default_factory=dict)
@@ -140,7 +141,8 @@ class Config:
 # Keys that do not define an experiment: where data lives, how a run is logged, shown, checkpointed and launched,
 # which controls are added. Used by resume (a changed key here is no different experiment), by `lottery-report` (never
 # a condition) and by sweep folder names (never part of a job's name). A key covers the keys below it.
-NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "threads", "logger",
+NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "deterministic",
+                       "threads", "logger",
                        "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "fault", "imports",
                        "pruning.branches", "launcher", "sweep", "hydra")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
@@ -167,6 +169,24 @@ def register_configs() -> None:
     cs.store(name="lottery_schema", node=Config)
     if not OmegaConf.has_resolver("lottery_dirname"):
         OmegaConf.register_new_resolver("lottery_dirname", lambda overrides: job_dirname(overrides or []))
+    _register_device_resolvers()
+
+
+def _register_device_resolvers() -> None:
+    """`${lottery_gpus:}` (GPUs this machine has) and `${lottery_local_device:N}` (job N's GPU), used by
+    conf/launcher/submitit_local.yaml; see lottery.device.local_job_device."""
+    from omegaconf import OmegaConf
+
+    def gpus() -> int:
+        from lottery.device import local_gpus
+        return local_gpus()
+
+    def local_device(job_num=0) -> str:
+        from lottery.device import local_job_device
+        return local_job_device(job_num)
+
+    OmegaConf.register_new_resolver("lottery_gpus", gpus, replace=True)
+    OmegaConf.register_new_resolver("lottery_local_device", local_device, replace=True)
 
 
 def import_extensions(cfg) -> None:
@@ -229,7 +249,7 @@ class Steps:
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCOPES = ("layerwise", "global")
 WHEN = ("after_training", "at_init")
@@ -283,6 +303,8 @@ def validate(cfg) -> None:
     _choice(t.schedule, SCHEDULES, "train.schedule")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(cfg.device.split(":")[0], DEVICES, "device")
+    from lottery.device import check_device
+    check_device(cfg.device)  # cuda:7 on a two-GPU machine fails here, naming the GPUs there are
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be >= 1 (or null for PyTorch's default), got {cfg.threads}")
     p = cfg.pruning

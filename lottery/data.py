@@ -214,13 +214,49 @@ def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0
     )
 
 
-def _augment(x: Tensor, g: torch.Generator) -> Tensor:
+def draw_augmentation(seed: int, step: int, n: int) -> tuple[Tensor, Tensor]:
+    """The augmentation of the batch at `step`: (flip (n,) bool, offsets (2, n) int64 = dy, dx in [0, 2 * pad]).
+
+    Drawn on the CPU from a generator seeded with (seed, step), so the values are the same whatever device trains."""
+    # A separate stream (offset 2**40) so augmentation draws never alias a permutation seed.
+    g = torch.Generator().manual_seed(_seed(seed * 1_000_003, step, 2**40))
+    flip = torch.rand(n, generator=g) < 0.5
+    offsets = torch.randint(0, 2 * _PAD + 1, (2, n), generator=g)
+    return flip, offsets
+
+
+def draw_epoch(seed: int, epoch: int, n: int, batch_size: int, augment: bool) -> dict[str, Tensor]:
+    """Everything random about one epoch of training batches, drawn on the CPU with CPU generators.
+
+    `perm` is the order of the n training examples; with `augment`, `flip` (steps, batch_size) and `offsets`
+    (steps, 2, batch_size) hold each step's flips and crop offsets. The values depend only on (seed, epoch, n,
+    batch_size), never on the device the data lives on: CUDA's randperm depends on the GPU's number of SMs, so
+    drawing on the device would give another data order on another GPU model (and on the CPU)."""
+    g = torch.Generator().manual_seed(_seed(seed * 1_000_003, epoch))
+    out = {"perm": torch.randperm(n, generator=g)}
+    if augment:
+        steps = n // batch_size
+        draws = [draw_augmentation(seed, epoch * steps + i, batch_size) for i in range(steps)]
+        out["flip"] = torch.stack([f for f, _ in draws])
+        out["offsets"] = torch.stack([o for _, o in draws])
+    return out
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to `device` without making the host wait: on CUDA through pinned memory, asynchronously."""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _augment(x: Tensor, flip: Tensor, offsets: Tensor) -> Tensor:
     # Flip + pad-and-crop as one gather: since the zero padding is symmetric, cropping a flipped padded image equals
     # reading the unflipped padded image with reversed column indices (and an equally uniform offset).
     n, c, h, w = x.shape
     dev = x.device
-    flip = torch.rand(n, generator=g, device=dev) < 0.5
-    dy, dx = torch.randint(0, 2 * _PAD + 1, (2, n), generator=g, device=dev)
+    dy, dx = offsets
     cols = torch.arange(w, device=dev)
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
     rows = dy[:, None] + torch.arange(h, device=dev)
@@ -230,7 +266,10 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
 
 
 class Batches:
-    """Seeded training batches: the batch at step t depends only on (seed, t), so a resumed run sees the same data."""
+    """Seeded training batches: the batch at step t depends only on (seed, t), so a resumed run sees the same data.
+
+    The permutation and the augmentation values are drawn on the CPU once per epoch (`draw_epoch`) and copied to the
+    data's device, so a seed gives the same batches on a CPU and on any GPU."""
 
     def __init__(self, data: Data, batch_size: int, seed: int):
         n = len(data.train_y)
@@ -238,22 +277,17 @@ class Batches:
             raise ValueError(f"batch_size must be in [1, {n}] (training set size), got {batch_size}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.steps_per_epoch = n // batch_size
-        device = data.train_x.device
-        self._perm_gen = torch.Generator(device=device)
-        self._aug_gen = torch.Generator(device=device)
-        self._epoch, self._perm = None, None
+        self.device = data.train_x.device
+        self._epoch, self._draws = None, None
 
     def get(self, step: int) -> tuple[Tensor, Tensor]:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            x = self.data.train_x
-            self._perm_gen.manual_seed(_seed(self.seed * 1_000_003, epoch))
-            self._perm = torch.randperm(len(x), generator=self._perm_gen, device=x.device)
+            drawn = draw_epoch(self.seed, epoch, len(self.data.train_y), self.batch_size, self.data.augment)
+            self._draws = {k: to_device(v, self.device) for k, v in drawn.items()}
             self._epoch = epoch
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self._draws["perm"][i * self.batch_size:(i + 1) * self.batch_size]
         x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)
         if self.data.augment:
-            # A separate stream (offset 2**40) so augmentation draws never alias a permutation seed.
-            self._aug_gen.manual_seed(_seed(self.seed * 1_000_003, step, 2**40))
-            x = _augment(x, self._aug_gen)
+            x = _augment(x, self._draws["flip"][i], self._draws["offsets"][i])
         return x, y

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lottery import device as D
 from lottery import masks as M
 from lottery import pruning
 from lottery.branches import BRANCHES, LevelContext, Unit, branch_settings
@@ -29,7 +30,7 @@ from lottery.init import initialize
 from lottery.models import build_model
 from lottery.ticket import Ticket, load_ticket
 from lottery.tracking import Tracker
-from lottery.train import Hooks, Preempted, resolve_device, train
+from lottery.train import Hooks, Preempted, train
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class Run:
 
     def __init__(self, cfg: DictConfig, folder: RunFolder, resolved: dict):
         self.cfg, self.folder, self.resolved = cfg, folder, resolved
-        self.device = resolve_device(cfg.device)
+        self.device, self.device_info = D.setup(cfg, folder.path)  # checks and records <run>/device.json; logs it
         d = cfg.dataset
         self.data = load_data(d.name, d.root, val_size=d.val_size, split_seed=cfg.seed, download=d.download,
                               verify=d.verify, augment=d.augment, device=self.device,
@@ -102,7 +103,7 @@ class Run:
                 **{k: result[k] for k in ("test_accuracy", "test_loss", "val_loss", "val_accuracy", "early_stop_step",
                                           "early_stop_test_accuracy", "early_stop_val_loss", "start_step", "steps")},
                 "experiment": self.cfg.name, "model": self.cfg.model.name, "dataset": self.cfg.dataset.name,
-                "init": self.cfg.init.get("_target_") or self.cfg.init.name}
+                "init": self.cfg.init.get("_target_") or self.cfg.init.name, "device_info": self.device_info}
 
     def train_unit(self, level: int, branch: str, model, masks: M.Masks, start: int, unit: str = "",
                    data_seed: Optional[int] = None, at_step: dict | None = None, on_done=None) -> dict:
@@ -117,7 +118,8 @@ class Run:
         logging_on = self.cfg.logger.name != "none"
         hooks = Hooks(on_eval=lambda r: self.tracker.eval(level, tag, r),
                       on_log=(lambda r: self.tracker.train(level, tag, r)) if logging_on else None,
-                      log_every=self.cfg.logger.log_every, at_step=at_step, checkpoint=ckpts.save,
+                      log_every=self.cfg.logger.log_every, at_step=at_step,
+                      checkpoint=lambda s: ckpts.save({**s, "device_info": self.device_info}),
                       checkpoint_every=self.steps.checkpoint_every, should_stop=stop_requested)
         try:
             result = train(model, masks, self.data, self.cfg, start=start, steps=self.steps, hooks=hooks,
@@ -129,6 +131,8 @@ class Run:
         record = self.record(level, branch, model, masks, result)
         if unit:
             record["unit"] = unit
+        if resume is not None and D.differences(resume.get("device_info"), self.device_info):
+            record["previous_device_info"] = resume["device_info"]  # the unit started on other hardware
         if on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
             on_done(record)
         self.folder.save_result(level, branch, {**record, "evals": result["evals"]}, unit)
