@@ -21,7 +21,9 @@ DataLoader evaluation (batch 1000, no_grad, `.item()` per batch) of the same 15,
 Startup: a fresh interpreter, from `import lottery` through loading MNIST from disk to the first completed step.
 
 Variants run interleaved in one process, `--repeats` times; the table shows medians and the ratios project/plain and
-project/floor. On a CUDA device the project also runs with bf16 autocast and torch.compile, on and off.
+project/floor. On a CUDA device the project also runs with bf16 autocast and torch.compile, on and off, with the
+precision and determinism settings a run uses (lottery.device.configure: fp32 is IEEE fp32, deterministic), and
+`check_no_syncs` counts the host-device syncs of the training loop over epoch boundaries and a checkpoint.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from torchvision import transforms
 from lottery import masks as M
 from lottery.config import Config
 from lottery.data import _STATS, _unverified_cifar10, load_data
+from lottery.device import configure
 from lottery.models import build_model
 from lottery.train import Hooks, evaluate, make_optimizer, resolve_device, train
 
@@ -163,30 +166,66 @@ def run_project(model, masks, data, lr, device, warmup, steps, seed, precision="
     return stamps[1] - stamps[0]
 
 
-def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20) -> dict:
-    """CUDA only: run the project's loop with torch's sync debug mode on between two hooks; count host syncs."""
+def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20, epoch_steps=8, checkpoint_every=10,
+                   batch_size=BATCH) -> dict:
+    """CUDA only: count the host-device syncs the project's training loop makes between two evaluations.
+
+    `torch.cuda.set_sync_debug_mode("warn")` is on from the hook after `warmup` steps to the one after the last
+    step (no evaluation falls in between: those read their results and sync once each, by design). The training set
+    is cut to `epoch_steps` batches, so the window crosses epoch boundaries (a new permutation and, with
+    augmentation, that epoch's augmentation values are drawn on the CPU and copied to the device), and a checkpoint
+    is written every `checkpoint_every` steps inside it. A checkpoint copies the state to the host, which is a sync
+    by necessity: the mode is off from the hook after a checkpoint step until the checkpoint file is written (the
+    state's copy to the host and the file), and on again for the steps after it. Everything else in the window, the
+    epoch boundaries included, is counted in `syncs`."""
+    import tempfile
     import warnings
+
+    from lottery.checkpoint import Checkpoints
     cfg = OmegaConf.structured(Config)
     cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
     end = warmup + steps
-    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = BATCH, f"{end}it", False
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = batch_size, f"{end}it", False
+    n = min(len(data.train_y), epoch_steps * batch_size)
+    small = replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    spe = n // batch_size
+    ckpt_steps = [k for k in range(warmup + 1, end) if checkpoint_every and k % checkpoint_every == 0]
+    state = {"phase": "train"}
+
+    def mode(m):
+        torch.cuda.set_sync_debug_mode(m)
 
     def on():
         torch.cuda.synchronize(device)
-        torch.cuda.set_sync_debug_mode("warn")
+        mode("warn")
 
-    def off():
-        torch.cuda.set_sync_debug_mode("default")
+    def before_checkpoint():
+        mode("default")
+        state["phase"] = "checkpoint"
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            train(model, masks, data, cfg, start=0, end=end, data_seed=0,
-                  hooks=Hooks(at_step={warmup: on, end: off}))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    return {"steps": steps, "syncs": len(syncs), "first": syncs[0][:300] if syncs else None}
+    hooks = {warmup: on, end: lambda: mode("default")}
+    hooks.update({k: before_checkpoint for k in ckpt_steps})
+    caught_at = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpts = Checkpoints(Path(tmp))
+
+        def checkpoint(s):
+            ckpts.save(s)
+            if state["phase"] == "checkpoint":  # back on for the steps after it
+                state["phase"] = "train"
+                mode("warn")
+
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train(model, masks, small, cfg, start=0, end=end, data_seed=0,
+                      hooks=Hooks(at_step=hooks, checkpoint=checkpoint, checkpoint_every=checkpoint_every))
+                caught_at = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        finally:
+            mode("default")
+    epochs = [k for k in range(warmup + 1, end) if k % spe == 0]
+    return {"steps": steps, "window": [warmup, end], "epoch_boundaries": epochs, "checkpoints": ckpt_steps,
+            "syncs": len(caught_at), "first": caught_at[0][:300] if caught_at else None}
 
 
 def _forever(loader):
@@ -227,7 +266,7 @@ def run_plain(model, masks, loader, lr, device, warmup, steps, seed):
 def run_floor(model, batches, lr, device, warmup, steps, seed):
     # the project's optimizer construction (Adam, foreach), so the ratio measures the loop, not the optimizer
     optimizer = make_optimizer(model.parameters(), OmegaConf.create({"name": "adam", "lr": lr, "betas": [0.9, 0.999],
-                                                                     "weight_decay": 0.0}))
+                                                                     "weight_decay": 0.0}), device)
     model.train()
     t0 = None
     for i in range(warmup + steps):
@@ -300,7 +339,7 @@ masks = {n: torch.ones_like(p) for n, p in model.named_parameters() if n.endswit
 stamp = {}
 def first():
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # the benchmarked GPU, not the current one
     stamp["t"] = time.perf_counter()
 train(model, masks, data, cfg, start=0, end=1, data_seed=0, hooks=Hooks(at_step={1: first}))
 print(json.dumps({"import_s": t_import - t0, "data_s": t_data - t_import, "first_step_s": stamp["t"] - t_data,
@@ -401,7 +440,10 @@ def bench_workload(name, args, device, log):
            "eval_samples": eval_samples, "train": {}, "eval": {}}
     if device.type == "cuda":  # the loop must not wait for the GPU between evaluations
         out["sync_check"] = check_no_syncs(copy.deepcopy(base), masks, data, lr, device)
-        log(f"  {name} host syncs in {out['sync_check']['steps']} project steps: {out['sync_check']['syncs']}")
+        c = out["sync_check"]
+        log(f"  {name} host syncs in {c['steps']} project steps (epoch boundaries after steps "
+            f"{c['epoch_boundaries']}, checkpoints after {c['checkpoints']}, not counting the checkpoints' own "
+            f"copies to the host): {c['syncs']}")
     for (kind, k), t in times.items():
         out[kind][k] = _median_rate(t, samples(kind, k))
         out[kind][k]["seconds"] = t
@@ -443,7 +485,9 @@ def format_table(results: dict) -> str:
     for wl, res in results["workloads"].items():
         if "sync_check" in res:
             c = res["sync_check"]
-            lines.append(f"{wl}: host-device syncs in {c['steps']} project training steps: {c['syncs']}"
+            lines.append(f"{wl}: host-device syncs in {c['steps']} project training steps crossing epoch boundaries "
+                         f"after steps {c['epoch_boundaries']} and checkpoints after {c['checkpoints']} (their own "
+                         f"copies to the host excluded): {c['syncs']}"
                          + (f" (first: {c['first']})" if c["first"] else ""))
     if "startup" in results:
         s = results["startup"]
@@ -486,6 +530,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="a few steps on small data: checks that it runs, not speed")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
+    configure(device, "fp32", deterministic=True)  # what a run does (bf16 variants add autocast on top)
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = device.type == "cpu"
