@@ -24,7 +24,8 @@ Checks (each row of the table; exit status 1 if any FAILs):
                     run, and the device recorded in every record and in the checkpoint
   <model>_no_sync   (CUDA) no host-device sync in the training loop between evaluations, over several epoch boundaries
                     and two checkpoints (their own copies to the host excepted): scripts/bench.py check_no_syncs
-  bf16              (CUDA) a bf16 run trains (finite loss); pre-Ampere GPUs get a warning at start
+  bf16              (CUDA) a short bf16 Conv-2 run ends with exit 0; pre-Ampere GPUs get a warning at start
+  compile           (CUDA) a short train.compile=true Conv-2 run trains with fp32 set through the new API
 models: LeNet-300-100 on MNIST, Conv-2 on CIFAR-10 with augmentation (real data with --data-root, else synthetic).
 Writes --out (default gpu_check.json) with every measured value.
 """
@@ -298,6 +299,20 @@ def check_bf16(tmp: Path, device):
         + ("; warned: pre-Ampere GPU, bf16 emulated" if warned else "") + ("" if ok else f": {r.stderr[-500:]}"))
 
 
+@check("compile")
+def check_compile(tmp: Path, device):
+    """torch.compile under the new fp32_precision API: PyTorch's legacy `allow_tf32` getters raise once the new API
+    is used, and parts of inductor still read them; a short compiled Conv-2 run must train."""
+    t0 = time.perf_counter()
+    r = cli("dataset=synthetic", "model=conv2", "dataset.synthetic_shape=cifar10", "train.duration=30it",
+            "train.eval_every=15it", "pruning=none", "train.compile=true", f"device={device}", "train.progress=false",
+            f"hydra.run.dir={tmp / 'compile'}", cwd=tmp)
+    ok = r.returncode == 0
+    acc = json.loads((tmp / "compile" / "summary.json").read_text())[0]["test_accuracy"] if ok else None
+    row("compile", "PASS" if ok else "FAIL", f"train.compile=true, fp32: exit {r.returncode} in "
+        f"{time.perf_counter() - t0:.0f}s, test accuracy {acc}" + ("" if ok else f": {r.stderr[-800:]}"))
+
+
 # --- driver ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -308,7 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_check.json", help="JSON with every row (default gpu_check.json)")
     p.add_argument("--quick", action="store_true", help="shorter runs (the CPU dry run in the test suite)")
     p.add_argument("--only", default=None, help="comma-separated checks to run (device, bad_device, batches_cpu, "
-                                                "fp32_conv, fused_optimizer, eval_chunks, lenet, conv2, bf16)")
+                                                "fp32_conv, fused_optimizer, eval_chunks, lenet, conv2, bf16, compile)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     t_start = time.perf_counter()
@@ -362,6 +377,8 @@ def main(argv=None) -> int:
                     row(f"{name}_no_sync", "SKIP", "needs a CUDA device")
         if wanted("bf16"):
             check_bf16(tmp, device) if cuda else row("bf16", "SKIP", "needs a CUDA device")
+        if wanted("compile"):
+            check_compile(tmp, device) if cuda else row("compile", "SKIP", "needs a CUDA device")
 
     total = time.perf_counter() - t_start
     failed = [r["check"] for r in ROWS if r["status"] == "FAIL"]
