@@ -1,0 +1,72 @@
+"""`launcher=slurm`: hydra-submitit-launcher's SLURM launcher with the safeguards of lottery/slurm.py.
+
+Hydra takes launcher classes only from the `hydra_plugins` package; the logic lives in lottery/slurm.py.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, List, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from omegaconf import OmegaConf, open_dict
+
+log = logging.getLogger("lottery")
+
+
+class LotterySlurmLauncher(SlurmLauncher):
+    """The parent's launch (hydra-submitit-launcher 1.2), except that it waits for each job on its own: a job that
+    ended without a result is recorded as failed in its folder, where the parent stops the sweep at the first one,
+    and job states come from squeue when sacct does not answer."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+
+        from lottery import slurm
+
+        assert self.config is not None and len(job_overrides) > 0
+        slurm.warn_if_unsatisfiable(self.params)
+        slurm.use_queue_watcher()
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
+                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in baseparams else f"{self._EXECUTOR}_{k}": v
+                                      for k, v in self.params.items() if k not in init_keys})
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {sweep_dir}")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+
+        job_params: List[Any] = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+        jobs = executor.map_array(self, *zip(*job_params))
+
+        returns = []
+        for idx, (overrides, job) in enumerate(zip(job_overrides, jobs), start=initial_job_idx):
+            try:
+                returns.append(job.results()[0])
+            except Exception as e:  # noqa: BLE001 - cancelled, killed, out of memory: this job fails, not the sweep
+                run_dir = self._job_dir(overrides, idx, job.job_id)
+                slurm.record_failure(run_dir, job, e)
+                log.error("job %s (#%d) ended without a result: recorded as failed in %s", job.job_id, idx,
+                          run_dir / "error.txt")
+                returns.append(JobReturn(overrides=list(overrides), working_dir=str(run_dir),
+                                         status=JobStatus.COMPLETED, _return_value=None))
+        return returns
+
+    def _job_dir(self, overrides: Sequence[str], idx: int, job_id: str) -> Path:
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg.hydra.job) as job:
+            job.num = idx
+            job.id = job_id
+        return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
