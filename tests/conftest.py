@@ -59,3 +59,48 @@ def _wandb_offline(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(wandb_home))
+
+
+# --- a real one-node SLURM cluster (scripts/slurm/local-cluster.sh) -----------------------------------------------
+
+LOCAL_CLUSTER = REPO / "scripts" / "slurm" / "local-cluster.sh"
+
+
+def _cluster_up() -> bool:
+    try:
+        r = subprocess.run(["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and any(s.startswith(("idle", "mixed", "allocated")) for s in r.stdout.split())
+
+
+def _why_no_cluster() -> str | None:
+    """None when this machine can run the local cluster, else why not."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "the local SLURM cluster needs root (scripts/slurm/local-cluster.sh installs and starts daemons)"
+    if not Path("/etc/debian_version").exists():
+        return "the local SLURM cluster needs Debian or Ubuntu (apt-get)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM cluster for the `slurm` tests: the running one (`.ci/run` starts it), or one started here and
+    stopped at the end of the session. Where it cannot be had the tests are skipped, except under CI=true, where
+    they fail: CI must run them."""
+    ci = os.environ.get("CI", "").lower() == "true"
+    if _cluster_up():
+        yield
+        return
+    reason = _why_no_cluster()
+    if reason is None:
+        r = subprocess.run(["bash", str(LOCAL_CLUSTER), "start"], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0 or not _cluster_up():
+            reason = f"scripts/slurm/local-cluster.sh start failed: {(r.stdout + r.stderr).strip()[-2000:]}"
+        else:
+            yield
+            subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], capture_output=True, timeout=300)
+            return
+    if ci:
+        pytest.fail(f"CI must run the slurm tests, but: {reason}")
+    pytest.skip(reason)
