@@ -154,8 +154,8 @@ def test_slurm_launcher_script_requeue_and_table(fake_slurm, tmp_path):
 # job's state (no accounting database here: sacct fails, the launcher asks squeue). Jobs are tiny (one CPU, synthetic
 # data); the cluster requeues in ~10 s instead of ~2 min (AuthInfo=cred_expire=10).
 
-# Long enough (about 20 s a level here) that a signal surely lands inside a level.
-LONG = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_size=32", "train.duration=15000it",
+# Long enough (about 28 s a level here) that a time-limit signal surely comes while it trains (see below).
+LONG = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_size=32", "train.duration=20000it",
         "train.eval_every=5000it", "checkpoint.every=100it", "pruning.levels=2", "pruning.branches=[]",
         "train.progress=false", "device=cpu", "threads=1"]
 # What the one-node cluster can give (slurm.yaml's defaults ask for a GPU, 8 CPUs and 32 GB).
@@ -245,6 +245,11 @@ def _submitit_logs(sweep_dir: Path, task: str) -> str:
     return "".join(p.read_text() for p in sweep_dir.glob(f".submitit/{task}/*_log.*"))
 
 
+def _with(args: list[str], *changes: str) -> list[str]:
+    keys = {c.split("=")[0] for c in changes}
+    return [a for a in args if a.split("=")[0] not in keys] + list(changes)
+
+
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted((d for d in sweep_dir.iterdir() if d.name[0].isdigit()), key=lambda d: int(d.name.split("_")[0]))
 
@@ -254,16 +259,20 @@ def _table_rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+
+# A few seconds a level: a signal sent at level 1's first checkpoint lands inside it.
+SHORT = _with(LONG, "train.duration=3000it", "train.eval_every=1000it", "checkpoint.every=20it")
+
+
 @pytest.mark.slurm
-def test_sweep_array_usr2_checkpoints_requeues_and_resumes(reference, job_name, cli, tmp_path):
-    """A two-job sweep is one job array; `scancel --signal=USR2` to task 0 inside level 1: it checkpoints, submitit
-    requeues it (a preemption: timeout_min is long), the requeued task resumes in level 1 and ends equal to an
-    uninterrupted run; task 1 is untouched. The sweep's table has both."""
-    reference_summary = reference  # started now: it trains beside the jobs
+def test_sweep_array_usr2_checkpoints_requeues_and_resumes(job_name, cli, tmp_path):
+    """A two-job sweep is one job array. `scancel --signal=USR2` to task 0 inside level 1: it checkpoints, submitit
+    requeues it (as a preemption: timeout_min is long), the requeued task resumes in level 1 and ends equal to task 1,
+    the same run uninterrupted (the tasks differ only in checkpoint.every). The sweep's table has both."""
     sweep_dir = tmp_path / "sweep"
     started = time.time()
-    proc = cli("-m", *ONE_CPU, f"hydra.launcher.name={job_name}", "hydra.launcher.timeout_min=20", *LONG,
-               "train.duration=15000it,200it", f"hydra.sweep.dir={sweep_dir}")
+    proc = cli("-m", *ONE_CPU, f"hydra.launcher.name={job_name}", "hydra.launcher.timeout_min=20",
+               *_with(SHORT, "checkpoint.every=20it,25it"), f"hydra.sweep.dir={sweep_dir}")
     checkpoint = _wait_for("level 1 checkpoint of job 0",
                            lambda: next(sweep_dir.glob("0_*/levels/level_1/ticket/checkpoint.pt"), None), proc=proc)
     task = next(j for j in _queue(job_name) if j.endswith("_0"))
@@ -272,16 +281,124 @@ def test_sweep_array_usr2_checkpoints_requeues_and_resumes(reference, job_name, 
     log = _finish(proc)
     assert proc.returncode == 0, log
 
-    first, second = _job_dirs(sweep_dir)
-    train_log = (first / "train.log").read_text()
-    assert "received SIGUSR2" in train_log
+    preempted, plain = _job_dirs(sweep_dir)
+    train_log = (preempted / "train.log").read_text()
+    assert "received SIGUSR2" in train_log, train_log
     assert "level 1 ticket: resuming from step" in train_log, train_log
     assert train_log.count("level 0 ticket       weights remaining") == 1, "level 0 was not trained again"
     jobs_log = _submitit_logs(sweep_dir, task)
     assert "this job is preempted" in jobs_log and f"Requeued job {task}" in jobs_log, jobs_log
-    assert json.loads((first / "summary.json").read_text()) == reference_summary()
-    assert "resuming" not in (second / "train.log").read_text()
+    assert "resuming" not in (plain / "train.log").read_text()
+    assert json.loads((preempted / "summary.json").read_text()) == json.loads((plain / "summary.json").read_text())
     assert len(list(sweep_dir.glob(".submitit/*/*_submission.sh"))) == 1, "one array job for the sweep"
-    assert {Path(r["run_dir"]).name for r in _table_rows(sweep_dir)} == {first.name, second.name}
-    assert checkpoint.parent.exists() and not checkpoint.exists(), "checkpoints are removed once a unit is done"
-    print(f"USR2 at {signalled - started:.0f} s; sweep done {time.time() - signalled:.0f} s after it")
+    assert {Path(r["run_dir"]).name for r in _table_rows(sweep_dir)} == {preempted.name, plain.name}
+    assert not checkpoint.exists(), "checkpoints are removed once a unit is done"
+    print(f"USR2 {signalled - started:.0f} s after the start; sweep done {time.time() - signalled:.0f} s later")
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_checkpoints_requeues_and_resumes(reference, job_name, cli, tmp_path):
+    """A real time limit of one minute with USR2 10 s before it: submitit counts it as a time-out (max_num_timeout),
+    the run checkpoints, the requeued job resumes, and the result equals an uninterrupted run's.
+    SLURM checks time limits every 30 s and sends the warning up to 30 s early: 20 to 50 s after the start, so the run
+    (~60 s) surely gets one. A shorter signal_delay_s would not do: a requeued job starts ~14 s after the check
+    that signalled it, and with a window that opens before the next check it would be signalled again after a few
+    seconds of work, every 30 s."""
+    sweep_dir = tmp_path / "sweep"
+    started = time.time()
+    proc = cli("-m", *ONE_CPU, f"hydra.launcher.name={job_name}", "hydra.launcher.timeout_min=1",
+               "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=10", *LONG,
+               f"hydra.sweep.dir={sweep_dir}")
+    log = _finish(proc)
+    assert proc.returncode == 0, log
+    (run_dir,) = _job_dirs(sweep_dir)
+    train_log = (run_dir / "train.log").read_text()
+    assert "received SIGUSR2" in train_log and "resuming from step" in train_log, train_log
+    jobs_log = "".join(p.read_text() for p in sweep_dir.glob(".submitit/*/*_log.*"))
+    assert "this job is timed-out" in jobs_log and "remaining timeouts" in jobs_log, jobs_log
+    assert json.loads((run_dir / "summary.json").read_text()) == reference()
+    print(f"time-limit run: {train_log.count('received SIGUSR2')} signal(s), done in {time.time() - started:.0f} s")
+
+
+@pytest.mark.slurm
+def test_plain_scancel_fails_that_job_and_the_sweep_ends(job_name, cli, tmp_path):
+    """A plain `scancel` (SIGTERM) inside a job: the job ends CANCELLED without a result. sacct does not work on this
+    cluster, so the launcher learns it from squeue; the sweep ends, with that job's folder holding error.txt and its
+    row in the table saying so, and the other job finished."""
+    sweep_dir = tmp_path / "sweep"
+    proc = cli("-m", *ONE_CPU, f"hydra.launcher.name={job_name}", "hydra.launcher.timeout_min=20",
+               *_with(SHORT, "train.duration=3000it,200it"), f"hydra.sweep.dir={sweep_dir}")
+    _wait_for("a checkpoint of job 0", lambda: next(sweep_dir.glob("0_*/levels/level_0/ticket/checkpoint.pt"), None),
+              proc=proc)
+    task = next(j for j in _queue(job_name) if j.endswith("_0"))
+    subprocess.run(["scancel", task], check=True, timeout=30)
+    cancelled = time.time()
+    log = _finish(proc)
+    assert proc.returncode == 0, log
+    assert _queue(job_name)[task] == "CANCELLED"
+    assert "sacct did not answer" in log and "ended without a result" in log, log
+    cancelled_dir, finished_dir = _job_dirs(sweep_dir)
+    error = (cancelled_dir / "error.txt").read_text()
+    assert f"job {task} ended without a result (SLURM state: CANCELLED)" in error, error
+    assert (finished_dir / "summary.json").exists() and not (finished_dir / "error.txt").exists()
+    rows = {Path(r["run_dir"]).name: r for r in _table_rows(sweep_dir)}
+    assert "CANCELLED" in rows[cancelled_dir.name]["error"]
+    assert not rows[finished_dir.name].get("error")
+    print(f"sweep ended {time.time() - cancelled:.0f} s after the scancel")
+
+
+@pytest.mark.slurm
+def test_sbatch_script_requeues_itself_on_its_signal(job_name, tmp_path):
+    """scripts/slurm/train.sbatch as a plain sbatch job: USR2 to its batch shell (what --signal=B:USR2@120 sends
+    before the time limit; here sent at once with `scancel --batch`): the trap passes it on, lottery-train
+    checkpoints, the script requeues the job, the requeued job resumes in RUN_DIR and finishes."""
+    bin_dir, run_dir, out = tmp_path / "bin", tmp_path / "run", tmp_path / "job.out"
+    bin_dir.mkdir()
+    (bin_dir / "lottery-train").write_text(f'#!/bin/bash\nexec {sys.executable} -m lottery "$@"\n')
+    (bin_dir / "lottery-train").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    # The script's #SBATCH lines are for a GPU cluster; the command line overrides them for this node.
+    partition = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True,
+                               check=True).stdout.split()[0].rstrip("*")
+    cmd = ["sbatch", "--parsable", f"--job-name={job_name}", f"--partition={partition}", "--gpus-per-node=0",
+           "--cpus-per-task=1", "--mem=1G", "--time=20", f"--output={out}", f"--chdir={tmp_path}",
+           f"--export=ALL,RUN_DIR={run_dir}", str(REPO / "scripts" / "slurm" / "train.sbatch"),
+           *_with(SHORT, "pruning.levels=1")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    _wait_for("a checkpoint", lambda: (run_dir / "levels" / "level_0" / "ticket" / "checkpoint.pt").exists())
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=True, timeout=30)
+    signalled = time.time()
+    state = _wait_for("the job's end", lambda: (lambda s: s if s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                                                 else None)(_queue(job_name).get(job)), every=1)
+    text = out.read_text()
+    assert state == "COMPLETED", text
+    assert "caught SIGUSR2" in text and f"requeueing job {job}" in text, text
+    assert "(restart 1)" in text and "level 0 ticket: resuming from step" in text, text
+    assert [x["level"] for x in json.loads((run_dir / "summary.json").read_text())] == [0]
+    print(f"sbatch job finished {time.time() - signalled:.0f} s after its USR2")
+
+
+@pytest.mark.slurm
+def test_warns_about_requests_no_node_can_meet(slurm_cluster):
+    """slurm.yaml's defaults (a GPU, 8 CPUs, 32 GB) on this node: named before anything is submitted."""
+    from lottery.slurm import unsatisfiable
+    problems = " ".join(unsatisfiable({"gpus_per_node": 1, "cpus_per_task": 999, "mem_gb": 10_000,
+                                       "tasks_per_node": 1, "timeout_min": 240}))
+    assert "1 GPUs" in problems and "999 CPUs" in problems and "MB of memory" in problems, problems
+    assert unsatisfiable({"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 1, "timeout_min": 20}) == []
+
+
+def test_unsatisfiable_reads_sinfo_fields():
+    from lottery.slurm import _gpus, _minutes, unsatisfiable
+    assert [_minutes(x) for x in ["infinite", "30", "45:00", "4:00:00", "2-00:00:00"]] == \
+        [float("inf"), 30, 45, 240, 2880]
+    assert _gpus("gpu:a100:4(S:0-1),shard:8") == 4 and _gpus("(null)") == 0
+    nodes = [{"partition": "gpu", "cpus": 64, "memory_mb": 512_000, "gpus": 4, "time_min": 2880},
+             {"partition": "gpu", "cpus": 128, "memory_mb": 256_000, "gpus": 0, "time_min": 2880}]
+    assert unsatisfiable({"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 240}, nodes) == []
+    (problem,) = unsatisfiable({"gpus_per_node": 1, "cpus_per_task": 100, "mem_gb": 32, "timeout_min": 240}, nodes)
+    assert "no single node" in problem
+    (problem,) = unsatisfiable({"gpus_per_node": 8, "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 240}, nodes)
+    assert problem.startswith("8 GPUs") and "has: 4" in problem
