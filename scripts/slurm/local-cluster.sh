@@ -21,7 +21,13 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 say() { echo "local-cluster: $*" >&2; }
 die() { say "$*"; exit 1; }
 
-pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# The daemon whose pid FILE holds is running (not a stale file whose pid now belongs to another program).
+pid_alive() {
+    local pid
+    [ -s "$1" ] || return 1
+    pid=$(cat "$1")
+    kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+}
 
 check_host() {
     [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and starts the SLURM daemons)"
