@@ -12,9 +12,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.config import register_configs
+from lottery.slurm import register_launcher
 
 log = logging.getLogger("lottery")
 register_configs()
+register_launcher()
 
 
 

@@ -88,6 +88,18 @@ def use_queue_watcher() -> None:
         SlurmJob.watcher = _queue_watcher_class()(delay_s=POLL_DELAY_S)
 
 
+def register_launcher() -> None:
+    """Make `launcher=slurm`'s class known to Hydra. Hydra finds launchers by listing the hydra_plugins namespace,
+    which misses hydra_plugins/lottery_slurm in an editable install (setuptools' import hook imports it but lists
+    nothing), so it is registered by hand too; without the slurm extra there is nothing to register."""
+    try:
+        from hydra_plugins.lottery_slurm import LotterySlurmLauncher
+    except ImportError:
+        return
+    from hydra.core.plugins import Plugins
+    Plugins.instance().register(LotterySlurmLauncher)
+
+
 # --- resources ---------------------------------------------------------------------------------------------------
 
 def _minutes(limit: str) -> float:
