@@ -152,7 +152,7 @@ LONG = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_s
 # What the one-node cluster can give (slurm.yaml's defaults ask for a GPU, 8 CPUs and 32 GB).
 ONE_CPU = ["launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.mem_gb=1"]
-WAIT_S = 300
+WAIT_S = 900  # a time-limit run needs ~2 min alone, but several on a machine busy with other work
 
 
 def _cli_popen(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
