@@ -1,1 +1,0 @@
-"""lottery: a research framework for the lottery ticket hypothesis."""

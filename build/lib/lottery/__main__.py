@@ -1,3 +1,0 @@
-from lottery.cli import train
-
-train()
