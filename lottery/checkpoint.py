@@ -3,12 +3,23 @@
 Every file a run depends on is written to a temporary name and moved into place with `os.replace`, so a kill leaves
 either the old file or the new one, never half of one. Checkpoints keep the previous good copy; a checkpoint that
 fails to load (truncated, corrupt) is reported and the previous one is used instead.
+
+A write that fails (full disk, quota, read-only folder) removes its temporary file and raises `WriteFailed`, which
+names the file and the remedy; the files already in place are untouched, so rerunning the same command after freeing
+space resumes. Temporary files a killed process left behind (`.<name>.tmp<pid>`) are removed by
+`remove_temp_files` when a run folder is opened.
+
+Every `.pt` file is loaded with `torch.load(weights_only=True)`: tensors, dicts, lists, tuples, strings and numbers
+only, so loading a ticket or checkpoint someone sent you cannot run code from it.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,15 +29,90 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class WriteFailed(OSError):
+    """A file of the run could not be written. The message names the file, the cause and what to do."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        code = getattr(cause, "errno", None)
+        super().__init__(code, getattr(cause, "strerror", None) or str(cause), str(path))
+        self.path = Path(path)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            remedy = ("free space there (or move the run folder to a disk with room and pass its new place as "
+                      "hydra.run.dir=...)")
+        else:
+            remedy = "make the folder writable (or move the run folder elsewhere and pass hydra.run.dir=...)"
+        self.message = (f"cannot write {self.path}: {self.strerror}; {remedy}, then rerun the same command to "
+                        f"resume: finished levels and the last checkpoint are kept")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: itself, or the cause of a RuntimeError (torch.save reports a failed write so)."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_TEMP = re.compile(r"^\..+\.tmp\d*$")
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of writes that never finished (a killed or failed process) below `folder`.
+
+    Call it only while holding the folder's lock: another live process's temporary file would go too."""
+    removed = []
+    for p in Path(folder).rglob(".*.tmp*"):
+        if _TEMP.match(p.name) and p.is_file() and "wandb" not in p.relative_to(folder).parts:
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) of an unfinished write: %s", len(removed),
+                 ", ".join(str(p) for p in removed))
+    return removed
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = os_error(e)
+        if cause is not None:
+            raise WriteFailed(path, cause) from e
+        raise
+
+
+@contextlib.contextmanager
+def appending(path: Path):
+    """Open `path` to append; a failed append is cut off again (no half line) and raised as `WriteFailed`."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as f:
+            yield f
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise WriteFailed(path, e) from e
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -34,7 +120,13 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def load_torch(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Tensors and plain containers only (`weights_only=True`): a file cannot run code when it is loaded."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    data = text.encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
 
 
 def save_json(obj: Any, path: Path) -> None:

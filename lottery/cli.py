@@ -1,6 +1,7 @@
 """Hydra entry points. No experiment logic lives here: each app composes its config and calls one function."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
@@ -40,17 +41,29 @@ def _is_user_error(e: BaseException) -> bool:
 
 # Exit status of a job stopped by SIGUSR2/SIGTERM after its checkpoint: EX_TEMPFAIL, "try again" (scripts requeue on it).
 PREEMPTED_EXIT = 75
+# Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
+# same command resumes once there is room.
+WRITE_FAILED_EXIT = 74
 
 
 def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
-    from lottery.checkpoint import install_stop_handlers
+    from lottery.checkpoint import WriteFailed, install_stop_handlers
     from lottery.train import Preempted
     install_stop_handlers()
+    _quiet_log_file_errors()
     (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         fn()
+    except WriteFailed as e:
+        # A full disk is neither a bug nor a bad command: one line, the files in place are intact, the rerun resumes.
+        _record_error(run_dir, e)
+        if multirun:
+            log.error("job failed: %s", e)
+            return
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(WRITE_FAILED_EXIT)
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
@@ -71,8 +84,22 @@ def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _record_error(run_dir: Path, e: BaseException) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
+    """Best effort: on a full disk this write fails too, and must not hide the error it records."""
+    path = run_dir / "error.txt"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
+    except OSError as write_error:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)  # an empty error.txt would say less than none
+        log.warning("could not record the error in %s (%s)", path, write_error.strerror or write_error)
+
+
+def _quiet_log_file_errors() -> None:
+    """A log file on a full disk: drop the lines it cannot take instead of printing a traceback for each one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = lambda record: None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -89,7 +116,7 @@ def train() -> None:
 
 def _ticket_config(cfg: DictConfig) -> DictConfig:
     """The ticket's own config, with exactly the keys the user overrode on the command line taken from `cfg`."""
-    from lottery.ticket import load_ticket
+    from lottery.ticket import check_fits_config, load_ticket
     if not cfg.ticket:
         raise ValueError("lottery-retrain needs ticket=PATH (a levels/level_<L>/ticket.pt file of a run)")
     ticket = load_ticket(Path(cfg.ticket).expanduser())
@@ -100,6 +127,7 @@ def _ticket_config(cfg: DictConfig) -> DictConfig:
             continue
         OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
     base.ticket = cfg.ticket
+    check_fits_config(ticket, base)  # before anything is written: a rerun with the right model must find no folder
     return base
 
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lottery.checkpoint import Checkpoints, load_json, save_json
+from lottery.checkpoint import Checkpoints, load_json, remove_temp_files, save_json, write_text
 from lottery.config import non_experiment
 from lottery.ticket import Ticket, load_ticket, save_ticket
 
@@ -125,6 +124,7 @@ class RunFolder:
                 raise ValueError(f"another process is running in {self.path} (it holds {self.path / '.lock'}); "
                                  f"wait for it to end or choose another folder with hydra.run.dir=...") from None
             try:
+                remove_temp_files(self.path)  # left by a write that failed (full disk) or a killed process
                 yield self
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
@@ -142,7 +142,5 @@ class RunFolder:
                                  f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
                                  f"hydra.run.dir=... or rerun with the same settings to resume it")
             log.info("resuming run in %s", self.path)
-        tmp = self.config.with_name(".config.yaml.tmp")
-        tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        os.replace(tmp, self.config)
+        write_text(self.config, OmegaConf.to_yaml(OmegaConf.create(resolved)))
         return resolved

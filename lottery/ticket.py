@@ -12,10 +12,18 @@
 | `config` | the run's resolved config (model, dataset, init, optimizer, train, pruning, seed, ...) as plain dicts |
 | `weights_remaining`, `params_remaining` | fractions of prunable weights / of all parameters that survive |
 | `metrics` | the level's ticket results once trained (same keys as a `summary.json` record), else None |
+
+The file holds only tensors and plain containers (dicts, lists, strings, numbers, None), and `load_ticket` reads it
+with `torch.load(weights_only=True)` (so do checkpoints, `init.pt`, `rewind.pt`, `final.pt`): loading a ticket someone
+sent you cannot run code. A truncated or corrupt file, or one holding other Python objects, is refused with a
+`ValueError` naming the file; so is a ticket whose weights do not fit the model it is loaded into (another model,
+width or dataset), naming both models and the first layer shapes that differ.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import pickle
+import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -42,24 +50,101 @@ class Ticket:
 
 
 def save_ticket(path: Path, ticket: Ticket) -> None:
-    save_torch({"format": FORMAT, "version": VERSION, **ticket.__dict__}, path)
+    save_torch({"format": FORMAT, "version": VERSION, **{f.name: getattr(ticket, f.name) for f in fields(Ticket)}},
+               path)
 
 
 def load_ticket(path) -> Ticket:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ticket file at {path.resolve()}; tickets live in <run>/levels/level_<L>/ticket.pt")
-    data = load_torch(path)
+    try:
+        data = load_torch(path)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only" in str(e):
+            raise ValueError(f"ticket file {path} holds Python objects other than tensors and plain containers; it "
+                             f"was not written by lottery, which loads files with weights_only=True and will not "
+                             f"run code from them") from None
+        raise ValueError(f"ticket file {path} is unreadable (corrupt: {_first_line(e)}); copy it again from its run "
+                         f"folder") from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt: {_first_line(e)}); copy it again "
+                         f"from its run folder") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a lottery ticket file")
-    if data["version"] > VERSION:
-        raise ValueError(f"{path} has ticket format version {data['version']}; this lottery reads up to {VERSION}")
-    fields = {k: data[k] for k in Ticket.__dataclass_fields__ if k in data}
-    return Ticket(**fields)
+        raise ValueError(f"{path} is not a lottery ticket file (no format: {FORMAT!r} key); tickets are the "
+                         f"levels/level_<L>/ticket.pt files of a run")
+    if data.get("version", VERSION + 1) > VERSION:
+        raise ValueError(f"{path} has ticket format version {data.get('version')}; this lottery reads up to {VERSION}")
+    missing = [f.name for f in fields(Ticket) if f.default is not None and f.name not in data]
+    if missing:
+        raise ValueError(f"ticket file {path} lacks {', '.join(missing)}; it is damaged or not a lottery ticket")
+    ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
+    ticket.source = str(path)  # for messages; not a field, so never saved
+    return ticket
 
 
-def load_into(model: nn.Module, ticket: Ticket) -> M.Masks:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _shape(t) -> str:
+    return "x".join(map(str, t.shape)) if t.dim() else "scalar"
+
+
+def _made_for(ticket: Ticket) -> str:
+    cfg = ticket.config or {}
+    model = (cfg.get("model") or {}).get("name", "an unknown model")
+    dataset = (cfg.get("dataset") or {}).get("name")
+    return f"{model}" + (f" on {dataset}" if dataset else "")
+
+
+def check_fits(ticket: Ticket, state: dict, model_name: str, where: Optional[str] = None) -> None:
+    """Raise a one-line ValueError unless the ticket's weights have exactly the tensors and shapes of `state` (the
+    state_dict of the model it is about to be loaded into, on any device, `meta` included)."""
+    theirs = ticket.rewind_state
+    diffs = []
+    for name in list(theirs) + [n for n in state if n not in theirs]:
+        a, b = theirs.get(name), state.get(name)
+        if a is None or b is None or tuple(a.shape) != tuple(b.shape):
+            diffs.append(f"{name} {_shape(a) if a is not None else 'absent'} in the ticket, "
+                         f"{_shape(b) if b is not None else 'absent'} here")
+    masks_ok = all(n in state and tuple(m.shape) == tuple(state[n].shape) for n, m in ticket.masks.items())
+    if not diffs and masks_ok:
+        return
+    if not diffs:
+        diffs = ["its masks do not match the model's tensors"]
+    source = getattr(ticket, "source", None) or "the ticket"
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise ValueError(f"ticket {source} was made for model {_made_for(ticket)}, not {model_name}"
+                     f"{f' ({where})' if where else ''}: layer shapes differ: {'; '.join(diffs[:3])}{more}. Drop the "
+                     f"model/dataset overrides, or use a ticket made for {model_name}")
+
+
+def check_fits_config(ticket: Ticket, cfg) -> None:
+    """`check_fits` against the model `cfg` describes, built on the `meta` device (no memory, no data loaded), so a
+    mismatched ticket is refused before anything is written."""
+    from omegaconf import OmegaConf
+
+    from lottery.data import _SHAPES
+    from lottery.models import build_model
+    d = cfg.dataset
+    shape = _SHAPES.get(d.synthetic_shape if d.name == "synthetic" else d.name)
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    name = kwargs.pop("name")
+    if shape is None:
+        return  # an unknown dataset or model is validate()'s to report
+    try:
+        with torch.device("meta"):
+            state = build_model(name, shape, 10, **kwargs).state_dict()  # every dataset here has 10 classes
+    except ValueError:
+        return
+    check_fits(ticket, state, name, f"on {d.name}")
+
+
+def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None) -> M.Masks:
     """Load the ticket's rewind weights into `model` and return its masks on the model's device (masks applied)."""
+    check_fits(ticket, model.state_dict(), model_name or type(model).__name__)
     model.load_state_dict(ticket.rewind_state)
     masks = M.from_bool(ticket.masks, model)
     M.apply(model, masks)

@@ -3,6 +3,10 @@
 `metrics.jsonl` is append-only: one line per evaluation (and per training-loss log), tagged with level and branch. A
 run resumed from a checkpoint repeats the evaluations made after that checkpoint; readers keep the last record for
 each (level, branch, step). W&B is imported only when used, so plain runs start fast.
+
+W&B never costs a run: if it cannot start, cannot write (a full disk under `<run>/wandb`), or the service rejects the
+run, the log says once what failed, W&B is switched off for the rest of the job, and training goes on with the local
+files, which hold everything W&B would have had.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Optional
+
+from lottery.checkpoint import appending
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +59,25 @@ class Tracker:
         self._prefixes: set[str] = set()
         self._step = 0
         if cfg.logger.name == "wandb":
-            self._start_wandb(config_dict, group)
+            self._guarded("start", self._start_wandb, config_dict, group)
 
     # --- W&B ---------------------------------------------------------------------------------------------------
+    def _guarded(self, what: str, fn, *args) -> None:
+        """Call a W&B step; on any failure say so once, switch W&B off, and let training go on."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - whatever W&B raises, the local files carry the run
+            run, self.run = self.run, None
+            text = str(e).strip()
+            log.error("W&B failed to %s (%s%s); W&B logging is off for the rest of this job, training goes on and "
+                      "the local files in %s hold every result", what, type(e).__name__,
+                      f": {text.splitlines()[0]}" if text else "", self.run_dir)
+            if run is not None:
+                try:
+                    run.finish(exit_code=1, quiet=True)
+                except Exception:  # noqa: BLE001 - a broken service may not even finish
+                    pass
+
     def _start_wandb(self, config_dict: dict, group: Optional[str]) -> None:
         import wandb
 
@@ -87,8 +109,10 @@ class Tracker:
         self.run.define_metric("level/*", step_metric="level")
 
     def _wandb_log(self, prefix: str, record: dict) -> None:
-        if self.run is None:
-            return
+        if self.run is not None:
+            self._guarded("log metrics", self._wandb_log_unguarded, prefix, record)
+
+    def _wandb_log_unguarded(self, prefix: str, record: dict) -> None:
         if prefix not in self._prefixes:
             self.run.define_metric(f"{prefix}/step")
             self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
@@ -102,7 +126,7 @@ class Tracker:
 
     # --- events -------------------------------------------------------------------------------------------------
     def _append(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
+        with appending(self.metrics_path) as f:
             f.write(json.dumps(record) + "\n")
 
     def train(self, level: int, branch: str, record: dict) -> None:
@@ -115,8 +139,10 @@ class Tracker:
 
     def level(self, record: dict) -> None:
         """One summary record (a level's ticket or control) with `level` as its x-axis in W&B."""
-        if self.run is None:
-            return
+        if self.run is not None:
+            self._guarded("log the level summary", self._level, record)
+
+    def _level(self, record: dict) -> None:
         branch = record["branch"]
         values = {f"level/{branch}/{k}": record[k] for k in
                   ("weights_remaining", "params_remaining", "test_accuracy", "early_stop_step",
@@ -126,16 +152,20 @@ class Tracker:
         self._log({"level": record["level"], **values})
 
     def artifact(self, path: Path, name: str) -> None:
-        if self.run is None or not self.cfg.logger.log_artifacts:
-            return
+        if self.run is not None and self.cfg.logger.log_artifacts:
+            self._guarded("upload the ticket artifact", self._artifact, path, name)
+
+    def _artifact(self, path: Path, name: str) -> None:
         import wandb
         art = wandb.Artifact(name=f"{self.run.id}-{name}", type="ticket")
         art.add_file(str(path))
         self.run.log_artifact(art)
 
     def finish(self, summary: list[dict], ok: bool = True) -> None:
-        if self.run is None:
-            return
+        if self.run is not None:
+            self._guarded("finish the run", self._finish, summary, ok)
+
+    def _finish(self, summary: list[dict], ok: bool) -> None:
         import wandb
         try:
             if summary:
