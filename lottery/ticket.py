@@ -22,6 +22,7 @@ width or dataset), naming both models and the first layer shapes that differ.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -61,11 +62,14 @@ def load_ticket(path) -> Ticket:
     try:
         data = load_torch(path)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Weights only" in str(e):
-            raise ValueError(f"ticket file {path} holds Python objects other than tensors and plain containers; it "
-                             f"was not written by lottery, which loads files with weights_only=True and will not "
-                             f"run code from them") from None
-        raise ValueError(f"ticket file {path} is unreadable (corrupt: {_first_line(e)}); copy it again from its run "
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise ValueError(f"ticket file {path} holds Python objects other than tensors and plain containers "
+                             f"({found.group(1)}); lottery did not write it, and loads files with weights_only=True "
+                             f"so that a file cannot run code") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise ValueError(f"ticket file {path} is unreadable (corrupt: "
+                         f"{detail.group(1).strip() if detail else _first_line(e)}); copy it again from its run "
                          f"folder") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt: {_first_line(e)}); copy it again "

@@ -105,6 +105,7 @@ class Tracker:
         except (OSError, ValueError):
             saved = 0
         self._step = max(saved, self.run.step)
+        self._wandb_files = Path(self.run.dir).parent
         self.run.define_metric("level")
         self.run.define_metric("level/*", step_metric="level")
 
@@ -182,3 +183,19 @@ class Tracker:
         finally:
             self.run.finish(exit_code=0 if ok else 1)
             self.run = None
+            self._report_write_errors()
+
+    def _report_write_errors(self) -> None:
+        """W&B's service does not tell the caller when it cannot write its files (a full disk under `<run>/wandb`): it
+        drops the records and notes it in its own log. Say so once, at the end."""
+        log_file = self._wandb_files / "logs" / "debug-internal.log"
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            return
+        for line in text.splitlines():
+            if '"level":"ERROR"' in line and ("no space left" in line.lower() or "failed to save" in line):
+                log.error("W&B could not write its files under %s, so its record of this run is incomplete (%s); "
+                          "the local files in %s are complete", self._wandb_files,
+                          line.split('"msg":"', 1)[-1].split('"', 1)[0][:300], self.run_dir)
+                return
