@@ -72,8 +72,8 @@ def load_ticket(path) -> Ticket:
                          f"{detail.group(1).strip() if detail else _first_line(e)}); copy it again from its run "
                          f"folder") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt: {_first_line(e)}); copy it again "
-                         f"from its run folder") from None
+        raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
+                         f"{_first_line(e)}); copy it again from its run folder") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lottery ticket file (no format: {FORMAT!r} key); tickets are the "
                          f"levels/level_<L>/ticket.pt files of a run")
@@ -88,41 +88,54 @@ def load_ticket(path) -> Ticket:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an error message (torch's go on for a paragraph)."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(e).__name__
 
 
 def _shape(t) -> str:
     return "x".join(map(str, t.shape)) if t.dim() else "scalar"
 
 
+def _data_desc(dataset) -> Optional[str]:
+    """`mnist`, `cifar10`, `synthetic 3x32x32`: the dataset and, where it varies, its input shape."""
+    from lottery.data import _SHAPES
+    if not dataset or not dataset.get("name"):
+        return None
+    if dataset["name"] == "synthetic":
+        return f"synthetic {'x'.join(map(str, _SHAPES.get(dataset.get('synthetic_shape'), ())))}".strip()
+    return dataset["name"]
+
+
 def _made_for(ticket: Ticket) -> str:
     cfg = ticket.config or {}
     model = (cfg.get("model") or {}).get("name", "an unknown model")
-    dataset = (cfg.get("dataset") or {}).get("name")
-    return f"{model}" + (f" on {dataset}" if dataset else "")
+    data = _data_desc(cfg.get("dataset"))
+    return f"{model}" + (f" on {data}" if data else "")
 
 
 def check_fits(ticket: Ticket, state: dict, model_name: str, where: Optional[str] = None) -> None:
     """Raise a one-line ValueError unless the ticket's weights have exactly the tensors and shapes of `state` (the
     state_dict of the model it is about to be loaded into, on any device, `meta` included)."""
     theirs = ticket.rewind_state
-    diffs = []
-    for name in list(theirs) + [n for n in state if n not in theirs]:
-        a, b = theirs.get(name), state.get(name)
-        if a is None or b is None or tuple(a.shape) != tuple(b.shape):
-            diffs.append(f"{name} {_shape(a) if a is not None else 'absent'} in the ticket, "
-                         f"{_shape(b) if b is not None else 'absent'} here")
-    masks_ok = all(n in state and tuple(m.shape) == tuple(state[n].shape) for n, m in ticket.masks.items())
-    if not diffs and masks_ok:
+    differ = {n for n in set(theirs) | set(state)
+              if n not in theirs or n not in state or tuple(theirs[n].shape) != tuple(state[n].shape)}
+    differ |= {n for n, m in ticket.masks.items() if n not in state or tuple(m.shape) != tuple(state[n].shape)}
+    if not differ:
         return
-    if not diffs:
-        diffs = ["its masks do not match the model's tensors"]
+
+    def layers(tensors: dict) -> str:
+        names = [n for n in tensors if n in differ]
+        shown = [n for n in names if tensors[n].dim() >= 2] or names  # weight matrices and kernels say it best
+        text = ", ".join(f"{n} {_shape(tensors[n])}" for n in shown[:3])
+        rest = len(names) - len(shown[:3])
+        return (text + (f" and {rest} more tensors" if rest else "")) or "none of these tensors"
+
     source = getattr(ticket, "source", None) or "the ticket"
-    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    raise ValueError(f"ticket {source} was made for model {_made_for(ticket)}, not {model_name}"
-                     f"{f' ({where})' if where else ''}: layer shapes differ: {'; '.join(diffs[:3])}{more}. Drop the "
-                     f"model/dataset overrides, or use a ticket made for {model_name}")
+    here = f"{model_name}{f' on {where}' if where else ''}"
+    raise ValueError(f"ticket {source} was made for model {_made_for(ticket)} with layers {layers(theirs)}, not for "
+                     f"{here} with layers {layers(state)}; drop the model/dataset overrides, or use a ticket made for "
+                     f"{model_name}")
 
 
 def check_fits_config(ticket: Ticket, cfg) -> None:
@@ -143,7 +156,7 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
             state = build_model(name, shape, 10, **kwargs).state_dict()  # every dataset here has 10 classes
     except ValueError:
         return
-    check_fits(ticket, state, name, f"on {d.name}")
+    check_fits(ticket, state, name, _data_desc(OmegaConf.to_container(d, resolve=True)))
 
 
 def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None) -> M.Masks:

@@ -88,8 +88,11 @@ def test_ticket_with_code_is_refused_not_run(ticket, tmp_path):
 
 def test_ticket_for_another_model_names_both(ticket, tmp_path):
     line = assert_refused(retrain(tmp_path, ticket, "model=conv2"), tmp_path, str(ticket),
-                          "made for model lenet_300_100", "not conv2", "layer shapes differ", "300x784")
+                          "made for model lenet_300_100 on synthetic 1x28x28 with layers hidden.0.weight 300x784",
+                          "not for conv2 on synthetic 1x28x28 with layers convs.0.weight 64x1x3x3")
     assert len(line) < 600
+    line = assert_refused(retrain(tmp_path, ticket, "dataset.synthetic_shape=cifar10"), tmp_path, str(ticket),
+                          "hidden.0.weight 300x784", "not for lenet_300_100 on synthetic 3x32x32")
 
 
 def test_ticket_right_model_still_retrains(ticket, tmp_path):
