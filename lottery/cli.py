@@ -44,11 +44,14 @@ PREEMPTED_EXIT = 75
 # Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
 # same command resumes once there is room.
 WRITE_FAILED_EXIT = 74
+# Exit status of a run whose training diverged (lottery/divergence.py): its records are written, the run is not done.
+DIVERGED_EXIT = 3
 
 
 def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
     from lottery.checkpoint import WriteFailed, install_stop_handlers
+    from lottery.divergence import Diverged
     from lottery.train import Preempted
     install_stop_handlers()
     _quiet_log_file_errors()
@@ -56,6 +59,14 @@ def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         fn()
+    except Diverged as e:
+        # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
+        _record_error(run_dir, e)
+        if multirun:
+            log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+            return
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
     except WriteFailed as e:
         # A full disk is neither a bug nor a bad command: one line, the files in place are intact, the rerun resumes.
         _record_error(run_dir, e)

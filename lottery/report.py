@@ -4,6 +4,9 @@ Every folder holding `summary.json` below the given paths is a run (a single `lo
 multirun); a job folder with `error.txt` and no summary becomes one row with its error, so failed sweep jobs are seen.
 Conditions are the branch (ticket and its controls) plus every config value that differs between the collected runs
 other than the seed, so an initializer sweep gets one line per initializer without being told which key was swept.
+
+A unit whose training diverged (`diverged: true` in its record, see lottery/divergence.py) has no accuracy: the
+figures mark it with a red x at the bottom of the panel, at its sparsity, instead of a point on a curve.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
 
 FIRST_COLUMNS = ["run_dir", "overrides", "experiment", "model", "dataset", "init", "replicate", "level", "branch",
-                 "condition", "percent_remaining", "weights_remaining", "params_remaining", "weights_remaining_count",
-                 "weights_total", "test_accuracy", "early_stop_test_accuracy", "early_stop_step", "test_loss",
-                 "val_loss", "val_accuracy", "early_stop_val_loss", "start_step", "steps", "rewind"]
+                 "condition", "diverged", "diverged_step", "percent_remaining", "weights_remaining", "params_remaining",
+                 "weights_remaining_count", "weights_total", "test_accuracy", "early_stop_test_accuracy",
+                 "early_stop_step", "test_loss", "val_loss", "val_accuracy", "early_stop_val_loss", "start_step",
+                 "steps", "rewind"]
 
 
 # --- collecting ----------------------------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ def _curves(rows: list[dict], y_key: str) -> dict:
     points = defaultdict(lambda: defaultdict(list))
     labels = {}
     for r in rows:
-        if r.get(y_key) is None or r.get("level") is None:
+        if r.get(y_key) is None or r.get("level") is None or r.get("diverged"):
             continue
         key = ((r["model"], r["dataset"]), r["condition"])
         points[key][r["level"]].append((r["percent_remaining"], r[y_key]))
@@ -253,6 +258,25 @@ def _band_note(n_max: int) -> str:
     return "line: mean over the n seeds, shaded band: min to max" if n_max > 1 else "one seed per condition"
 
 
+DIVERGED_LABEL = "diverged (no accuracy; at its sparsity)"
+
+
+def _diverged(rows: list[dict]) -> dict:
+    """{(model, dataset): [percent remaining of each diverged unit]}."""
+    out = defaultdict(list)
+    for r in rows:
+        if r.get("diverged") and r.get("level") is not None:
+            out[(r["model"], r["dataset"])].append(r["percent_remaining"])
+    return out
+
+
+def _mark_diverged(ax, xs: list[float]) -> None:
+    """Red x's at the bottom of the panel (y in axes coordinates, so they never move the accuracy scale)."""
+    if xs:
+        ax.plot(xs, [0.04] * len(xs), "x", color="red", markersize=7, mew=2, clip_on=False, label=DIVERGED_LABEL,
+                transform=blended_transform_factory(ax.transData, ax.transAxes))
+
+
 def make_figures(rows: list[dict], out_dir) -> list[Path]:
     """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG."""
     out_dir = Path(out_dir)
@@ -262,18 +286,20 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
         return []
     final, early = _curves(rows, "test_accuracy"), _curves(rows, "early_stop_test_accuracy")
     steps = _curves(rows, "early_stop_step")
-    panels = sorted(final)
+    diverged = _diverged(rows)
+    panels = sorted(set(final) | set(diverged))
     colors = _colors(c for p in final.values() for c in p)
-    n_max = max(c[5] for p in final.values() for c in p.values())
+    n_max = max((c[5] for p in final.values() for c in p.values()), default=1)
     written = []
 
     # 1. accuracy vs sparsity: at the end of training and at the early-stop iteration
     fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.3 * len(panels)), squeeze=False, sharey="row")
     for i, panel in enumerate(panels):
-        for ax, curves, what in ((axes[i][0], final[panel], "at the end of training"),
+        for ax, curves, what in ((axes[i][0], final.get(panel, {}), "at the end of training"),
                                  (axes[i][1], early.get(panel, {}), "at early stop (min. validation loss)")):
             _draw(ax, curves, colors, scale=100)
-            _percent_axis(ax, [x for c in curves.values() for x in c[1]])
+            _mark_diverged(ax, diverged.get(panel, []))
+            _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
             ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
         axes[i][0].set_ylabel("Test accuracy (%)")
     fig.suptitle(f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", fontsize=11)
@@ -287,7 +313,8 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
         ax = axes[i][0]
         curves = steps.get(panel, {})
         _draw(ax, curves, colors)
-        _percent_axis(ax, [x for c in curves.values() for x in c[1]])
+        _mark_diverged(ax, diverged.get(panel, []))
+        _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
         ax.set_ylabel("Early-stop iteration\n(min validation loss)")
         ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
     fig.suptitle(f"Early-stop iteration across IMP levels ({_band_note(n_max)})", fontsize=11)
@@ -348,7 +375,9 @@ def main(argv=None) -> int:
     written = [write_table(rows, out / "runs.csv"), *make_figures(rows, out)]
     n_runs = len({r["run_dir"] for r in rows if "level" in r})
     n_failed = sum(1 for r in rows if "level" not in r)
+    n_diverged = sum(1 for r in rows if r.get("diverged"))
     print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
+          + (f", {n_diverged} diverged units (see the diverged column; red x in the figures)" if n_diverged else "")
           + ": wrote " + ", ".join(str(p) for p in written))
     return 0
 

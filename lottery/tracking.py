@@ -150,6 +150,12 @@ class Tracker:
                    "early_stop_test_accuracy") if record.get(k) is not None}
         if branch == "ticket":
             values.update({f"level/density/{name}": d for name, d in record["layer_density"].items()})
+        if record.get("diverged"):
+            # the W&B run says so three ways: a per-level metric, the run summary, and a tag to filter a sweep by
+            values[f"level/{branch}/diverged_step"] = record["diverged_step"]
+            self.run.summary["diverged"] = True
+            self.run.summary[f"diverged/L{record['level']}_{branch}"] = record["diverged_step"]
+            self.run.tags = tuple(dict.fromkeys([*(self.run.tags or ()), "diverged"]))
         self._log({"level": record["level"], **values})
 
     def artifact(self, path: Path, name: str) -> None:
@@ -171,15 +177,17 @@ class Tracker:
         try:
             if summary:
                 columns = ["level", "branch", "weights_remaining", "params_remaining", "test_accuracy",
-                           "early_stop_step", "early_stop_test_accuracy"]
+                           "early_stop_step", "early_stop_test_accuracy", "diverged"]
                 table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in summary])
                 self._log({"summary_table": table})
+                summary = [r for r in summary if r.get("test_accuracy") is not None]  # a diverged unit has none
                 branches = sorted({r["branch"] for r in summary})
                 xs = [[100 * r["weights_remaining"] for r in summary if r["branch"] == b] for b in branches]
                 ys = [[100 * r["test_accuracy"] for r in summary if r["branch"] == b] for b in branches]
-                self._log({"accuracy_vs_weights_remaining": wandb.plot.line_series(
-                    xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
-                    xname="weights remaining (%)")})
+                if branches:
+                    self._log({"accuracy_vs_weights_remaining": wandb.plot.line_series(
+                        xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
+                        xname="weights remaining (%)")})
         finally:
             self.run.finish(exit_code=0 if ok else 1)
             self.run = None

@@ -1,0 +1,56 @@
+"""Diverged training: how it is detected, what a diverged unit records, and what the run does next.
+
+Detection costs no extra host-device sync: the training loop already reads the summed training loss at every
+evaluation (and at every training-loss log), so a NaN or infinite loss anywhere since the last read shows there, as
+does a non-finite validation or test loss. The unit stops at once: its `result.json` and `summary.json` record say
+`diverged: true` with `diverged_step` (the evaluation that saw it; the loss first went bad after `last_finite_step`),
+its final accuracy and losses are null (a network of NaNs scores chance accuracy, which is not a result), and its
+evaluation curve up to that point is kept.
+
+A diverged ticket is never pruned to make the next level. `train.on_divergence` says what else happens:
+- `stop` (default): the run ends at once with `Diverged`: one `error:` line and exit status 3 (a multirun records
+  the job as failed, `error.txt` and the `error` column of summary.csv, and goes on with the other jobs). Diverging
+  is almost always a setting to fix (a learning rate too high for the model), the other units of the run use the same
+  setting, and in a sweep their cluster time is better spent elsewhere.
+- `continue`: the remaining units that do not depend on the diverged one still train (the controls of the same level,
+  and every later level when only a control diverged); the run then ends with the same error, so it is still seen as
+  failed. Rerunning the same command with `train.on_divergence=continue` in a stopped run's folder trains them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+POLICIES = ("stop", "continue")
+
+
+def nonfinite(*values) -> bool:
+    """True when a number among `values` (None allowed) is NaN or infinite."""
+    return any(v is not None and not math.isfinite(v) for v in values)
+
+
+def finite_or_none(record: dict) -> dict:
+    """The record with NaN and infinities replaced by None: JSON has no NaN, and strict readers refuse it."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def describe(record: dict) -> str:
+    where = f"level {record['level']} {record['branch']}"
+    last = record.get("last_finite_step")
+    return (f"{where} at step {record['diverged_step']}"
+            + (f" (last finite loss at step {last})" if last is not None and last != record["diverged_step"] else ""))
+
+
+class Diverged(Exception):
+    """Raised after the diverged units' records are written; the message names each one."""
+
+    def __init__(self, records: Iterable[dict], stopped: bool):
+        self.records = list(records)
+        units = "; ".join(describe(r) for r in self.records)
+        n = len(self.records)
+        after = ("the run stopped there (train.on_divergence=stop; =continue trains the remaining controls)"
+                 if stopped else "the other units that did not depend on it were trained")
+        super().__init__(
+            f"training diverged (non-finite loss) in {n} unit{'s' if n > 1 else ''}: {units}; its record says "
+            f"diverged: true, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
+            f"train.warmup) and run again in a new folder")
