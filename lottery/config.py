@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     progress: bool = True
+    on_divergence: str = "stop"  # a non-finite loss: stop the run | continue with the units that do not depend on it
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Config:
 NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "deterministic",
                        "threads", "logger",
                        "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "fault", "imports",
-                       "pruning.branches", "launcher", "sweep", "hydra")
+                       "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 
@@ -302,6 +303,8 @@ def validate(cfg) -> None:
         parse_steps(m, 1, "train.milestones entry")
     _choice(t.schedule, SCHEDULES, "train.schedule")
     _choice(t.precision, PRECISIONS, "train.precision")
+    from lottery.divergence import POLICIES
+    _choice(t.on_divergence, POLICIES, "train.on_divergence")
     _choice(cfg.device.split(":")[0], DEVICES, "device")
     from lottery.device import check_device
     check_device(cfg.device)  # cuda:7 on a two-GPU machine fails here, naming the GPUs there are

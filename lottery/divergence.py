@@ -35,10 +35,9 @@ def finite_or_none(record: dict) -> dict:
 
 
 def describe(record: dict) -> str:
-    where = f"level {record['level']} {record['branch']}"
     last = record.get("last_finite_step")
-    return (f"{where} at step {record['diverged_step']}"
-            + (f" (last finite loss at step {last})" if last is not None and last != record["diverged_step"] else ""))
+    return (f"level {record['level']} {record['branch']} has a non-finite loss by step {record['diverged_step']}"
+            + (f" (finite at step {last})" if last is not None else ""))
 
 
 class Diverged(Exception):
@@ -46,11 +45,9 @@ class Diverged(Exception):
 
     def __init__(self, records: Iterable[dict], stopped: bool):
         self.records = list(records)
-        units = "; ".join(describe(r) for r in self.records)
-        n = len(self.records)
         after = ("the run stopped there (train.on_divergence=stop; =continue trains the remaining controls)"
-                 if stopped else "the other units that did not depend on it were trained")
+                 if stopped else "the units that did not depend on it were trained")
         super().__init__(
-            f"training diverged (non-finite loss) in {n} unit{'s' if n > 1 else ''}: {units}; its record says "
-            f"diverged: true, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
+            f"training diverged: {'; '.join(describe(r) for r in self.records)}; recorded as diverged: true in "
+            f"summary.json, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
             f"train.warmup) and run again in a new folder")

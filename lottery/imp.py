@@ -25,6 +25,7 @@ from lottery.branches import BRANCHES, LevelContext, Unit, branch_settings
 from lottery.checkpoint import hand_over, load_torch, save_torch, stop_requested
 from lottery.config import Steps, derive_seed, validate
 from lottery.data import Batches, load_data
+from lottery.divergence import Diverged
 from lottery.folder import RunFolder
 from lottery.init import initialize
 from lottery.models import build_model
@@ -103,7 +104,9 @@ class Run:
                 **{k: result[k] for k in ("test_accuracy", "test_loss", "val_loss", "val_accuracy", "early_stop_step",
                                           "early_stop_test_accuracy", "early_stop_val_loss", "start_step", "steps")},
                 "experiment": self.cfg.name, "model": self.cfg.model.name, "dataset": self.cfg.dataset.name,
-                "init": self.cfg.init.get("_target_") or self.cfg.init.name, "device_info": self.device_info}
+                "init": self.cfg.init.get("_target_") or self.cfg.init.name, "device_info": self.device_info,
+                "diverged": result["diverged"], "diverged_step": result["diverged_step"],
+                **({"last_finite_step": result["last_finite_step"]} if result["diverged"] else {})}
 
     def train_unit(self, level: int, branch: str, model, masks: M.Masks, start: int, unit: str = "",
                    data_seed: Optional[int] = None, at_step: dict | None = None, on_done=None) -> dict:
@@ -140,6 +143,12 @@ class Run:
         if not unit:
             self.tracker.level(record)
             self.folder.write_summary()
+        if record["diverged"]:
+            log.error("level %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d (finite at step "
+                      "%s); stopped, recorded with diverged: true in %s", level, tag, 100 * record["weights_remaining"],
+                      record["diverged_step"], record["last_finite_step"],
+                      self.folder.unit_dir(level, branch, unit) / "result.json")
+            return record
         log.info("level %d %-12s weights remaining %6.2f%%  test acc %.4f  early-stop step %s (test acc %s)",
                  level, tag, 100 * record["weights_remaining"], record["test_accuracy"],
                  record["early_stop_step"], record["early_stop_test_accuracy"])
@@ -171,11 +180,16 @@ class Run:
             records.append(self.train_unit(ctx.level, ctx.branch, u.model, u.masks, start, unit=name,
                                            data_seed=u.data_seed, on_done=on_done))
             trained.append(u)
+            if records[-1].get("diverged"):
+                break  # the branch's other units and its analysis would build on a failed one
         if single:
             return records[0]
-        record = {**records[0], "branch": ctx.branch}
+        failed = next((r for r in records if r.get("diverged")), None)
+        record = {**(failed or records[0]), "branch": ctx.branch}
         record.pop("unit", None)
-        if branch.analyze is not None:
+        if failed is not None:
+            record["diverged_unit"] = failed.get("unit")
+        elif branch.analyze is not None:
             record.update(branch.analyze(ctx, units, records))
         self.folder.save_result(ctx.level, ctx.branch, record)
         self.tracker.level(record)
@@ -268,6 +282,14 @@ def _prune(run: Run, level: int, masks: M.Masks, prunable, trained: dict | None)
 
 def _run_levels(run: Run) -> list[dict]:
     cfg, p, folder = run.cfg, run.cfg.pruning, run.folder
+    diverged: list[dict] = []  # records of diverged units (lottery/divergence.py)
+
+    def check(record: dict) -> None:
+        if record.get("diverged"):
+            diverged.append(record)
+            if cfg.train.on_divergence == "stop":
+                raise Diverged(diverged, stopped=True)
+
     model = run.new_model(init_seed=cfg.seed)
     if folder.init.exists():
         model.load_state_dict(load_torch(folder.init))
@@ -304,24 +326,33 @@ def _run_levels(run: Run) -> list[dict]:
             M.apply(model, masks)
 
             def finish_ticket(record, level=level, masks=masks):
-                save_torch(cpu_state(model), folder.final_path(level))
+                if not record["diverged"]:  # NaN weights are nothing to prune from
+                    save_torch(cpu_state(model), folder.final_path(level))
                 folder.save_ticket(run.ticket(level, masks, model, record))
 
-            run.train_unit(level, "ticket", model, masks, 0 if level == 0 else rewind_step, at_step=at_step,
-                           on_done=finish_ticket)
+            ticket = run.train_unit(level, "ticket", model, masks, 0 if level == 0 else rewind_step,
+                                    at_step=at_step, on_done=finish_ticket)
             trained = cpu_state(model)
             run.tracker.artifact(folder.ticket_path(level), f"ticket-level{level}")
         else:
+            ticket = folder.load_result(level, "ticket")
             trained = None
+        check(ticket)
 
         for name in p.branches:
-            if (level == 0 and not BRANCHES[name].dense) or folder.done(level, name):
+            if level == 0 and not BRANCHES[name].dense:
                 continue
-            run.run_branch(LevelContext(run, level, name, masks, rewind_step, run.rewind_state,
-                                        branch_settings(name, cfg)))
+            check(folder.load_result(level, name) if folder.done(level, name) else
+                  run.run_branch(LevelContext(run, level, name, masks, rewind_step, run.rewind_state,
+                                              branch_settings(name, cfg))))
         run.fault_after_level(level)
+        if ticket.get("diverged"):
+            break  # a diverged ticket is never pruned to make the next level
 
-    return folder.write_summary()
+    summary = folder.write_summary()
+    if diverged:  # train.on_divergence=continue: the units that did not depend on it are done; the run still failed
+        raise Diverged(diverged, stopped=False)
+    return summary
 
 
 def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
@@ -343,6 +374,9 @@ def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
             if not folder.done(ticket.level, "retrain"):
                 run.run_branch(LevelContext(run, ticket.level, "retrain", masks, ticket.rewind_step,
                                             ticket.rewind_state))
+            record = folder.load_result(ticket.level, "retrain")
+            if record.get("diverged"):
+                raise Diverged([record], stopped=True)
             ok = True
             return folder.write_summary()
         finally:

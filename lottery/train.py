@@ -20,6 +20,7 @@ from tqdm import tqdm
 from lottery.config import Steps
 from lottery.data import Batches, Data
 from lottery.device import resolve_device  # noqa: F401 - re-exported: callers import it from here
+from lottery.divergence import finite_or_none, nonfinite
 from lottery.masks import Masker, Masks
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,7 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, data_s
     log_sum = torch.zeros((), device=device)
     evals: list[dict] = []
     step = start
+    diverged_at: Optional[int] = None  # divergence: read only where the loop already syncs (evaluations, loss logs)
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -154,12 +156,16 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, data_s
         log_sum += resume["log_sum"].to(device)
 
     def run_eval() -> None:
-        nonlocal loss_count
+        nonlocal loss_count, diverged_at
         val_loss, val_acc = evaluate(model, data.val_x, data.val_y, tcfg.eval_batch_size, tcfg.precision)
         test_loss, test_acc = evaluate(model, data.test_x, data.test_y, tcfg.eval_batch_size, tcfg.precision)
         record = {"step": step, "train_loss": (loss_sum / loss_count).item() if loss_count else None,
                   "val_loss": val_loss, "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": test_acc,
                   "lr": base_lrs[0] * multiplier(max(step - 1, 0))}
+        if nonfinite(record["train_loss"], val_loss, test_loss):
+            diverged_at = step
+            # the accuracy of a network of NaNs is chance, not a measurement of it: only the step and rate stay
+            record = {**dict.fromkeys(record), "step": step, "lr": record["lr"], "diverged": True}
         loss_sum.zero_()
         loss_count = 0
         evals.append(record)
@@ -179,7 +185,7 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, data_s
     bar = tqdm(total=end - start, initial=step - start, desc=desc, leave=False, dynamic_ncols=True,
                disable=not (tcfg.progress and sys.stderr.isatty()))
     try:
-        while step < end:
+        while step < end and diverged_at is None:
             x, y = batches.get(step)
             m = multiplier(step)
             for g, lr in zip(optimizer.param_groups, base_lrs):
@@ -198,12 +204,18 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, data_s
             if log_every:
                 log_sum += loss
                 if step % log_every == 0:
-                    hooks.on_log({"step": step, "train_loss": (log_sum / log_every).item(), "lr": base_lrs[0] * m})
+                    logged = {"step": step, "train_loss": (log_sum / log_every).item(), "lr": base_lrs[0] * m}
+                    hooks.on_log(finite_or_none(logged))
                     log_sum.zero_()
+                    if nonfinite(logged["train_loss"]):
+                        run_eval()  # record the state it diverged in, then stop the unit
+                        break
             if step in at_step:
                 at_step[step]()
             if step % steps.eval_every == 0 or step == end:
                 run_eval()
+                if diverged_at is not None:
+                    break
                 if evals[-1]["test_accuracy"] is not None:  # an empty test split has no accuracy
                     bar.set_postfix(test_acc=f"{evals[-1]['test_accuracy']:.4f}", refresh=False)
             if hooks.checkpoint is not None and step < end:
@@ -215,6 +227,10 @@ def train(model: nn.Module, masks: Masks, data: Data, cfg, *, start: int, data_s
     finally:
         bar.close()
     last = evals[-1]
-    return {"steps": end, "start_step": start, "final_step": step, "evals": evals,
-            "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
-            "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], **early_stop(evals)}
+    result = {"steps": end, "start_step": start, "final_step": step, "evals": evals,
+              "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
+              "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"], **early_stop(evals),
+              "diverged": diverged_at is not None, "diverged_step": diverged_at}
+    if diverged_at is not None:  # no final metrics: a diverged network's are chance, not a result
+        result["last_finite_step"] = evals[-2]["step"] if len(evals) > 1 else None
+    return result
