@@ -29,7 +29,7 @@ from lottery.divergence import Diverged
 from lottery.folder import RunFolder
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.ticket import Ticket, load_ticket
+from lottery.ticket import Ticket, check_fits_config, load_ticket
 from lottery.tracking import Tracker
 from lottery.train import Hooks, Preempted, train
 
@@ -360,6 +360,7 @@ def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
     validate(cfg)
     set_threads(cfg)
     ticket = load_ticket(ticket_path)
+    check_fits_config(ticket, cfg)  # another model's ticket: one clear error before the folder is touched
     folder = RunFolder(run_dir)
     with folder.lock():
         run = Run(cfg, folder, folder.prepare(cfg))

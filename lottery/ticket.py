@@ -143,8 +143,10 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
     mismatched ticket is refused before anything is written."""
     from omegaconf import OmegaConf
 
+    from lottery.config import import_extensions
     from lottery.data import _SHAPES
     from lottery.models import build_model
+    import_extensions(cfg)  # a user's model registers itself on import
     d = cfg.dataset
     shape = _SHAPES.get(d.synthetic_shape if d.name == "synthetic" else d.name)
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
