@@ -170,6 +170,8 @@ class Run:
                 if u.keep_final:
                     u.model.load_state_dict(load_torch(self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"))
                 records.append(rec)
+                if rec.get("diverged"):
+                    break
                 continue
             M.apply(u.model, u.masks)
             on_done = None

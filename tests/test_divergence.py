@@ -100,6 +100,25 @@ def test_continue_after_a_diverged_control_makes_every_level(tmp_path, monkeypat
                    (2, "reinit", False)]
 
 
+def test_branch_of_several_units_stops_at_its_diverged_unit(tmp_path, monkeypatch):
+    """A user's two-unit branch with an analysis: the diverged copy ends the branch (no second copy, no analysis
+    over NaNs), its record says which unit diverged, and the levels go on with train.on_divergence=continue."""
+    from conftest import REPO
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "plugins"))
+    poison(monkeypatch, "level 1 two_copies/copy_0")
+    run_dir = tmp_path / "run"
+    with pytest.raises(Diverged, match="level 1 two_copies has a non-finite loss by step 0"):
+        run_experiment(tiny_cfg("imports=[my_lottery_ext]", "pruning.levels=3", "pruning.branches=[two_copies]",
+                                "train.duration=40it", "train.on_divergence=continue"), run_dir)
+    rows = {(r["level"], r["branch"]): r for r in summary(run_dir)}
+    assert sorted(rows) == [(0, "ticket"), (0, "two_copies"), (1, "ticket"), (1, "two_copies"), (2, "ticket"),
+                            (2, "two_copies")]
+    bad = rows[(1, "two_copies")]
+    assert bad["diverged"] and bad["diverged_unit"] == "copy_0" and "mean_copy_accuracy" not in bad
+    assert not (run_dir / "levels" / "level_1" / "two_copies" / "copy_1").exists()
+    assert rows[(2, "two_copies")]["copies"] == 2 and not rows[(2, "two_copies")]["diverged"]
+
+
 def test_bad_policy_is_refused():
     from lottery.config import validate
     with pytest.raises(ValueError, match="unknown train.on_divergence 'maybe'; accepted: stop, continue"):

@@ -183,6 +183,18 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
         atomic_write_bytes(path, torch_full)
     assert os.listdir(tmp_path) == ["f.pt"]
 
+    # an append that fails (metrics.jsonl) is cut back: no half line for readers or the next append
+    from lottery.checkpoint import appending
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 0}\n')
+    with pytest.raises(WriteFailed, match="metrics.jsonl: No space left on device"):
+        with appending(log) as f:
+            f.write('{"step": 2')
+            f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert log.read_text() == '{"step": 0}\n'
+    log.unlink()
+
     (tmp_path / ".summary.json.tmp123").write_text("x")
     (tmp_path / ".config.yaml.tmp").write_text("x")
     (tmp_path / "keep.tmp5").write_text("x")  # not hidden: not ours
