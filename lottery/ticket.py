@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -71,7 +70,7 @@ def load_ticket(path) -> Ticket:
         raise ValueError(f"ticket file {path} is unreadable (corrupt: "
                          f"{detail.group(1).strip() if detail else _first_line(e)}); copy it again from its run "
                          f"folder") from None
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way (IndexError, EOFError, ...)
         raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
                          f"{_first_line(e)}); copy it again from its run folder") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
