@@ -116,12 +116,18 @@ def appending(path: Path):
 
 
 def save_torch(obj: Any, path: Path) -> None:
+    """`obj` must be plain data (tensors, dicts, lists, tuples, str, int, float, bool, None; not a str subclass such
+    as torch.__version__) so that `load_torch` reads it back with weights_only=True."""
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
 def load_torch(path: Path) -> Any:
-    """Tensors and plain containers only (`weights_only=True`): a file cannot run code when it is loaded."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Tensors and plain containers only (`weights_only=True`): a file cannot run code when it is loaded.
+
+    torch's TorchVersion (a str) is allowed too: files written before device_info stored it as a plain str hold it."""
+    from torch.torch_version import TorchVersion
+    with torch.serialization.safe_globals([TorchVersion]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -170,7 +170,7 @@ def configure(device: torch.device, precision: str = "fp32", deterministic: bool
 def device_info(device: torch.device) -> dict:
     """What a run ran on: stored in checkpoints, result records and <run>/device.json."""
     info = {"type": device.type, "device": str(device), "name": None, "capability": None,
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None}
+            "torch": str(torch.__version__), "cuda": torch.version.cuda, "cudnn": None}  # plain str: weights_only
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
