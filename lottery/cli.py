@@ -107,10 +107,14 @@ def _record_error(run_dir: Path, e: BaseException) -> None:
 
 
 def _quiet_log_file_errors() -> None:
-    """A log file on a full disk: drop the lines it cannot take instead of printing a traceback for each one."""
+    """A log file on a full disk: drop the lines it cannot take instead of printing a traceback for each one (other
+    logging errors, a bad format string, still show)."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.handleError = lambda record: None
+            def handle_error(record, original=handler.handleError):
+                if not isinstance(sys.exc_info()[1], OSError):
+                    original(record)
+            handler.handleError = handle_error
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

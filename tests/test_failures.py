@@ -235,3 +235,29 @@ def test_real_full_disk_then_more_space_resumes(small_disk, tmp_path):
     assert out.returncode == 0, out.stderr
     assert [x["level"] for x in json.loads((run_dir / "summary.json").read_text())] == [0, 1]
     assert not temp_files(run_dir) and not (run_dir / "error.txt").exists()
+
+
+def test_log_file_on_a_full_disk_prints_no_traceback(tmp_path, capsys):
+    import errno
+    import logging
+
+    from lottery.cli import _quiet_log_file_errors
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+    handler = logging.FileHandler(tmp_path / "train.log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        handler.stream.close()
+        handler.stream = Full()
+        _quiet_log_file_errors()
+        logging.getLogger("lottery").error("a line the full disk cannot take")
+    finally:
+        root.removeHandler(handler)
+    assert "Traceback" not in capsys.readouterr().err
