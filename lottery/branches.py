@@ -137,6 +137,25 @@ def shuffle(ctx: LevelContext) -> list[Unit]:
     return [Unit(ctx.ticket_model(masks), masks)]
 
 
+# --- the ablations of pruning at initialization (Frankle, Dziugaite, Roy & Carbin 2021) ------------------------------
+
+@register_branch("layer_shuffle", "layer-shuffle ablation (mask permuted within each layer)")
+def layer_shuffle(ctx: LevelContext) -> list[Unit]:
+    """Frankle et al. 2021's name for the shuffle control: random positions at the per-layer densities the criterion
+    chose, which tests whether a method's value lies in which weights it keeps or only in how many per layer."""
+    return shuffle(ctx)
+
+
+@register_branch("invert", "invert ablation (lowest scores kept, same per-layer counts)")
+def invert(ctx: LevelContext) -> list[Unit]:
+    """The level's criterion scores recomputed (same weights, data and seed as the ticket's pruning step), the
+    lowest-scoring weights kept, with the ticket's count in each layer. For an iterative schedule (pruning.rounds)
+    every round keeps the lowest scores, as Synaptic-Flow's invert option does."""
+    keep = {n: int(m.count_nonzero()) for n, m in ctx.masks.items()}
+    masks = ctx.run.prune_level(ctx.level, ctx.run.masks_before(ctx.level), keep=keep, invert=True)
+    return [Unit(ctx.ticket_model(masks), masks)]
+
+
 @register_branch("retrain", "ticket retrained in isolation", selectable=False)
 def retrain(ctx: LevelContext) -> list[Unit]:
     return [Unit(ctx.ticket_model(), ctx.masks)]

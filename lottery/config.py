@@ -86,6 +86,8 @@ class PruningConfig:
     target: Optional[float] = None
     one_shot: bool = False
     rounds: int = 1
+    train_dense: bool = True  # false: no level 0 (pruning at init from rewind 0 needs no dense network)
+    from_dense: bool = False  # every level pruned from the dense network to its count, not from level L-1's mask
     rewind: str = "0"
     rate: float = 0.2
     rates: Dict[str, float] = field(default_factory=dict)
@@ -323,6 +325,12 @@ def validate(cfg) -> None:
                          "pruning.target=<fraction to keep> or pruning.one_shot=false")
     if p.rounds < 1:
         raise ValueError(f"pruning.rounds must be >= 1, got {p.rounds}")
+    if not p.get("train_dense", True):
+        from lottery.pruning import scores_at
+        if scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0:
+            raise ValueError(f"pruning.train_dense=false skips the dense network, which pruning.when="
+                             f"{scores_at(p)} with pruning.rewind={p.rewind} needs; it is for pruning at "
+                             "initialization (pruning.when=at_init, pruning.rewind=0)")
     if p.scope == "global" and (p.rates or p.layer_rates):
         raise ValueError("pruning.rates and pruning.layer_rates are per-layer rates, which global pruning does not "
                          "use (it removes pruning.rate of all surviving weights); use pruning.scope=layerwise or "

@@ -231,6 +231,47 @@ class Run:
             marker.write_text(str(signal.SIGKILL))
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def prune_level(self, level: int, masks: M.Masks, *, trained: dict | None = None,
+                    keep: dict[str, int] | None = None, invert: bool = False) -> M.Masks:
+        """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
+        unless given), or on the rewind-point weights (`pruning.when`, or the criterion's own). With
+        `pruning.from_dense` every level prunes the dense network (level 0's weights, all-ones masks) to the count
+        the level would have under the per-level rates. The scoring data and randomness depend only on (seed,
+        level), so a branch calling this again gets the same scores; `keep` and `invert` are for such a branch
+        (per-tensor counts, lowest scores kept)."""
+        p = self.cfg.pruning
+        source = 0 if p.from_dense else level - 1  # the level whose masks (and trained weights) are pruned
+        if p.from_dense:
+            masks, trained = self.masks_before(level), None
+        if pruning.scores_at(p) == "after_training":
+            state = trained if trained is not None else load_torch(self.folder.final_path(source))
+        else:
+            state = self.rewind_state
+
+        def scoring_model(current: M.Masks):
+            model = self.new_model()
+            model.load_state_dict(state)
+            M.apply(model, current)
+            return model
+
+        model = scoring_model(masks)
+        prunable = M.prunable_tensors(model, p)
+        if keep is None and p.from_dense and not p.one_shot:
+            keep = pruning.level_survivors(masks, prunable, p, level)
+        batches = Batches(self.data, self.cfg.train.batch_size, seed=derive_seed(self.cfg.seed, "score", level))
+        return pruning.prune(model, masks, prunable, p, keep_fraction=p.target if p.one_shot else None,
+                             rescore=scoring_model, keep=keep, invert=invert,
+                             batches=map(batches.get, itertools.count()),
+                             generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, "prune", level)))
+
+    def masks_before(self, level: int) -> M.Masks:
+        """The masks level `level` is pruned from: level L-1's ticket masks (all ones before level 1, and at every
+        level with pruning.from_dense)."""
+        model = self.new_model()
+        if level <= 1 or self.cfg.pruning.from_dense:
+            return M.ones(model, M.prunable_tensors(model, self.cfg.pruning))
+        return M.from_bool(self.folder.load_ticket(level - 1).masks, model)
+
     def ticket(self, level: int, masks: M.Masks, model, record: dict | None) -> Ticket:
         state = {k: v.clone() for k, v in self.rewind_state.items()}
         for name, m in masks.items():
@@ -264,24 +305,6 @@ def run_experiment(cfg: DictConfig, run_dir) -> list[dict]:
             run.tracker.finish(folder.results(), ok=ok)
 
 
-def _prune(run: Run, level: int, masks: M.Masks, prunable, trained: dict | None) -> M.Masks:
-    """Level `level`'s masks from level L-1's: scored on L-1's trained weights, or on the rewind-point weights."""
-    p = run.cfg.pruning
-    state = trained if p.when == "after_training" else run.rewind_state
-
-    def scoring_model(current: M.Masks):
-        model = run.new_model()
-        model.load_state_dict(state)
-        M.apply(model, current)
-        return model
-
-    batches = Batches(run.data, run.cfg.train.batch_size, seed=derive_seed(run.cfg.seed, "score", level))
-    keep = p.target if p.one_shot else None
-    return pruning.prune(scoring_model(masks), masks, prunable, p, keep_fraction=keep, rescore=scoring_model,
-                         batches=map(batches.get, itertools.count()),
-                         generator=torch.Generator().manual_seed(derive_seed(run.cfg.seed, "prune", level)))
-
-
 def _run_levels(run: Run) -> list[dict]:
     cfg, p, folder = run.cfg, run.cfg.pruning, run.folder
     diverged: list[dict] = []  # records of diverged units (lottery/divergence.py)
@@ -313,9 +336,9 @@ def _run_levels(run: Run) -> list[dict]:
             if folder.has_ticket(level):
                 masks = M.from_bool(folder.load_ticket(level).masks, model)
             else:
-                if trained is None and p.when == "after_training":
-                    trained = load_torch(folder.final_path(level - 1))
-                masks = _prune(run, level, masks, prunable, trained)
+                masks = run.prune_level(level, masks, trained=trained)
+        elif not p.train_dense:
+            continue  # pruning at init from the rewind point (rewind 0) needs no dense network
 
         if not folder.done(level, "ticket"):
             if level == 0:

@@ -1,8 +1,9 @@
 """Pruning: criteria score weights, one shared selection turns scores into masks, a schedule says when and how much.
 
 - A **criterion** (registry `CRITERIA`) maps (model, masks, batches, generator, its settings) to one score per entry
-  of every masked tensor; higher scores are kept. `magnitude` and `random` are the first entries; a user's own is one
-  `@register_criterion` function in their module (`imports=[my_module]`).
+  of every masked tensor; higher scores are kept. `magnitude` and `random` are here, the pruning-at-initialization
+  criteria (magnitude_init, snip, grasp, synflow) in lottery/criteria.py; a user's own is one `@register_criterion`
+  function in their module (`imports=[my_module]`).
 - **Selection** is the only code that writes masks: exact counts (round half up), only surviving entries ranked
   (pitfall 3), ties to the lower flat index (a stable sort), layerwise or global, and a global prune never empties a
   tensor (pitfall 6).
@@ -41,21 +42,33 @@ class Criterion:
     name: str
     fn: Callable[..., Scores]  # fn(model, masks, *, batches, generator, **settings) -> scores
     settings: Optional[type] = None  # dataclass of its keys under pruning.criterion (types and defaults)
+    label: str = ""  # name in lottery-report's legends (SNIP, GraSP, ...); defaults to `name`
+    when: Optional[str] = None  # "at_init": always scores the weights a level starts from, whatever pruning.when says
 
 
 CRITERIA: dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, settings: Optional[type] = None):
+def register_criterion(name: str, settings: Optional[type] = None, *, label: str = "", when: Optional[str] = None):
     """`@register_criterion("snip", settings=SnipSettings)`: `settings` is a dataclass whose fields are the keys the
     criterion accepts under `pruning.criterion` (checked and typed before any work). Without it, the keyword
-    parameters of the function are the accepted keys."""
+    parameters of the function are the accepted keys. `when="at_init"` makes the criterion score the weights a level
+    starts from even under pruning.when=after_training (magnitude_init)."""
+    if when not in (None, "at_init", "after_training"):
+        raise ValueError(f"register_criterion: when must be None, 'at_init' or 'after_training', got {when!r}")
+
     def decorator(fn):
         if name in CRITERIA:
             raise ValueError(f"pruning criterion '{name}' is already registered")
-        CRITERIA[name] = Criterion(name, fn, settings)
+        CRITERIA[name] = Criterion(name, fn, settings, label or name, when)
         return fn
     return decorator
+
+
+def scores_at(pcfg) -> str:
+    """Which weights the schedule scores: the criterion's own `when` if it fixes one, else `pruning.when`."""
+    crit = CRITERIA.get(pcfg.criterion["name"])
+    return (crit.when if crit is not None and crit.when else None) or pcfg.when
 
 
 def criterion_settings(node) -> dict:
@@ -134,7 +147,8 @@ def select_global(scores: Scores, masks: Masks, remove: int, criterion: str = "m
     """The `remove` lowest-scoring surviving entries over all tensors; refuses to empty a whole tensor."""
     names = list(masks)
     alive = [masks[n].reshape(-1).nonzero().squeeze(1) for n in names]
-    flat_scores = torch.cat([scores[n].detach().reshape(-1)[a].float().cpu() for n, a in zip(names, alive)])
+    # float64: SynFlow's scores can be far below float32's range; float32 scores convert exactly, order unchanged
+    flat_scores = torch.cat([scores[n].detach().reshape(-1)[a].double().cpu() for n, a in zip(names, alive)])
     owner = torch.cat([torch.full((len(a),), i) for i, a in enumerate(alive)])
     index = torch.cat([a.cpu() for a in alive])
     drop = torch.sort(flat_scores, stable=True).indices[:remove]
@@ -183,6 +197,21 @@ def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction:
     return {n: a - round_half_up(rates[n] * a) for n, a in alive.items()}
 
 
+def level_survivors(masks: Masks, prunable: list[Prunable], pcfg, level: int):
+    """Survivors after `level` steps of the per-level rates from `masks`, from counts alone: {name: count} for
+    layerwise pruning, a total for global pruning (the counts IMP's levels have; used by pruning.from_dense)."""
+    alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
+    if pcfg.scope == "global":
+        total = sum(alive.values())
+        for _ in range(level):
+            total -= round_half_up(pcfg.rate * total)
+        return total
+    rates = layer_rates(prunable, pcfg)
+    for _ in range(level):
+        alive = {n: a - round_half_up(rates[n] * a) for n, a in alive.items()}
+    return alive
+
+
 def _round_target(now: int, final: int, r: int, rounds: int) -> int:
     """Survivors after round r of `rounds`, spaced exponentially from `now` to `final` (the last round is exact)."""
     if r == rounds or now == 0:
@@ -192,12 +221,18 @@ def _round_target(now: int, final: int, r: int, rounds: int) -> int:
 
 def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, batches: Batches,
           generator: torch.Generator, keep_fraction: Optional[float] = None,
-          rescore: Optional[Callable[[Masks], nn.Module]] = None) -> Masks:
+          rescore: Optional[Callable[[Masks], nn.Module]] = None, keep: Optional[dict[str, int] | int] = None,
+          invert: bool = False) -> Masks:
     """One pruning step of the schedule: new masks scored on `model` (whose weights the caller chose).
 
     With `pruning.rounds` > 1 the step is split into rounds: after each round the masks are applied to the model
-    (`rescore(masks)` returns the model to score next, defaulting to `model` with the masks applied) and scored anew."""
-    target = survivors_after(masks, prunable, pcfg, keep_fraction)
+    (`rescore(masks)` returns the model to score next, defaulting to `model` with the masks applied) and scored anew.
+    `keep` replaces the schedule's counts: {name: survivors} per tensor (layerwise selection) or a total (global);
+    `invert` keeps the lowest scores instead of the highest (the invert ablation)."""
+    if keep is None:
+        target, scope = survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
+    else:
+        target, scope = (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
     start = dict((n, int(m.count_nonzero())) for n, m in masks.items())
     name = pcfg.criterion["name"]
     rounds = int(pcfg.get("rounds", 1) or 1)
@@ -205,8 +240,10 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
         if r > 1:
             model = rescore(masks) if rescore is not None else _masked(model, masks)
         scores = score(model, masks, pcfg.criterion, batches=batches, generator=generator)
+        if invert:
+            scores = {n: -s for n, s in scores.items()}
         alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
-        if pcfg.scope == "global":
+        if scope == "global":
             keep = _round_target(sum(start.values()), target, r, rounds)
             masks = select_global(scores, masks, sum(alive.values()) - keep, name)
         else:
@@ -263,3 +300,7 @@ def shuffle(masks: Masks, generator: torch.Generator) -> Masks:
         flat = mask.reshape(-1).cpu()
         out[name] = flat[torch.randperm(flat.numel(), generator=generator)].view_as(mask).to(mask.device)
     return out
+
+
+# imported last so that its @register_criterion calls see the registry above; always registered with this module
+from lottery import criteria  # noqa: E402,F401

@@ -1,0 +1,150 @@
+"""Pruning-at-initialization criteria: magnitude at init, SNIP, GraSP, SynFlow (registered in lottery.pruning.CRITERIA).
+
+Each criterion scores the model it is handed (the weights the schedule chose, with the current masks applied, so
+pruned weights are zero and score zero) and returns one score per entry of every masked tensor; higher is kept. They
+work on a deep copy of the model, so the caller's weights, gradients and BatchNorm statistics are left as they were,
+and the same criteria work at initialization, iteratively (`pruning.rounds`) and after training.
+
+Following the papers' code:
+- SNIP (Lee, Ajanthan & Torr 2019): |g * theta|, g the gradient of the training loss summed over `num_batches` batches (the
+  setting cannot be called `batches`: that is the criterion's iterator of training batches).
+- GraSP (Wang, Zhang & Grosse 2020; github alecwangcq/GraSP, pruner/GraSP.py): the authors compute
+  S = -theta * (H g) and remove the largest S, i.e. keep the largest theta * (H g); this module returns
+  theta * (H g) (kept high). g and H come from `samples_per_class` examples per class with the logits divided by the
+  temperature T = 200, taken in two halves (the examples sorted by class, as the authors' code does). `abs=true` is
+  Frankle et al. 2021's |GraSP| (keep the largest |theta * H g|).
+- SynFlow (Tanaka et al. 2020; github ganguli-lab/Synaptic-Flow, Pruners/pruners.py): data-free; every parameter
+  and buffer made absolute, BatchNorm in eval mode, an all-ones input, R = sum of the outputs,
+  score |theta * dR/dtheta|; computed in float64 (products over many layers under- or overflow in float32).
+  Its iterative schedule is `pruning.rounds` (100 in the paper's experiments; `method=synflow` sets it).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lottery.pruning import Batches, Scores, magnitude, register_criterion
+from lottery.masks import Masks
+
+
+def _weights(net: nn.Module, masks: Masks) -> list[torch.Tensor]:
+    params = dict(net.named_parameters())
+    return [params[n] for n in masks]
+
+
+# --- magnitude at initialization -------------------------------------------------------------------------------------
+
+register_criterion("magnitude_init", label="magnitude", when="at_init")(magnitude)
+
+
+# --- SNIP ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SnipSettings:
+    num_batches: int = 1  # training batches (of train.batch_size) whose loss gradients are summed; the paper: one
+
+
+@register_criterion("snip", settings=SnipSettings, label="SNIP")
+def snip(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator, **settings) -> Scores:
+    s = SnipSettings(**settings)
+    if s.num_batches < 1:
+        raise ValueError(f"pruning.criterion.num_batches must be >= 1 for snip, got {s.num_batches}")
+    net = copy.deepcopy(model).train()
+    weights = _weights(net, masks)
+    grads = [torch.zeros_like(w) for w in weights]
+    for _ in range(s.num_batches):
+        x, y = next(batches)
+        for acc, g in zip(grads, torch.autograd.grad(F.cross_entropy(net(x), y), weights)):
+            acc += g
+    return {n: (g * w).detach().abs() for n, g, w in zip(masks, grads, weights)}
+
+
+# --- GraSP -----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class GraspSettings:
+    samples_per_class: int = 10  # examples of each class for g and Hg (the authors' CIFAR configs: 10)
+    temperature: float = 200.0  # logits divided by T before the loss (the authors' code: 200)
+    abs: bool = False  # false: the authors' ranking (keep the largest theta*Hg); true: Frankle et al. 2021's |GraSP|
+
+
+def per_class(batches: Batches, num_classes: int, samples_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `samples_per_class` examples of each class met in `batches`, sorted by class (GraSP_fetch_data)."""
+    xs, ys = [[] for _ in range(num_classes)], [[] for _ in range(num_classes)]
+    need = num_classes * samples_per_class
+    for _ in range(100_000):
+        x, y = next(batches)
+        for i, c in enumerate(y.tolist()):
+            if len(xs[c]) < samples_per_class:
+                xs[c].append(x[i])
+                ys[c].append(y[i])
+                need -= 1
+        if need == 0:
+            return torch.stack([v for c in xs for v in c]), torch.stack([v for c in ys for v in c])
+    missing = [c for c in range(num_classes) if len(xs[c]) < samples_per_class]
+    raise ValueError(f"grasp: the training set has fewer than {samples_per_class} examples of classes {missing[:5]}; "
+                     f"lower pruning.criterion.samples_per_class")
+
+
+@register_criterion("grasp", settings=GraspSettings, label="GraSP")
+def grasp(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator, **settings) -> Scores:
+    s = GraspSettings(**settings)
+    if s.samples_per_class < 1 or not s.temperature > 0:
+        raise ValueError(f"grasp needs pruning.criterion.samples_per_class >= 1 and temperature > 0, got "
+                         f"{s.samples_per_class} and {s.temperature}")
+    net = copy.deepcopy(model).train()  # the authors' copy is in training mode (their .eval() is commented out)
+    weights = _weights(net, masks)
+    first = next(batches)
+    num_classes = net(first[0][:1]).shape[1]
+    x, y = per_class(_chain(first, batches), num_classes, s.samples_per_class)
+    half = len(x) // 2
+    halves = [(x[:half], y[:half]), (x[half:], y[half:])]
+
+    def loss(xb, yb):
+        return F.cross_entropy(net(xb) / s.temperature, yb)
+
+    # g: the gradient of the masked network (pruned coordinates are not parameters of it), no graph
+    g = [torch.zeros_like(w) for w in weights]
+    for xb, yb in halves:
+        for acc, gi in zip(g, torch.autograd.grad(loss(xb, yb), weights)):
+            acc += gi
+    g = [gi * masks[n].to(gi.dtype) for gi, n in zip(g, masks)]
+    # Hg: the gradient of <g, grad L> with the graph of grad L kept (create_graph=True)
+    hg = [torch.zeros_like(w) for w in weights]
+    for xb, yb in halves:
+        grad = torch.autograd.grad(loss(xb, yb), weights, create_graph=True)
+        z = sum((gi * gr).sum() for gi, gr in zip(g, grad))
+        for acc, h in zip(hg, torch.autograd.grad(z, weights)):
+            acc += h
+    out = {n: (w * h).detach() for n, w, h in zip(masks, weights, hg)}
+    return {n: v.abs() for n, v in out.items()} if s.abs else out
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+# --- SynFlow ---------------------------------------------------------------------------------------------------------
+
+@register_criterion("synflow", label="SynFlow")
+def synflow(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator) -> Scores:
+    x, _ = next(batches)  # only its shape: the score is data-free
+    net = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    weights = _weights(net, masks)
+    flow = net(torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)).sum()
+    if not torch.isfinite(flow):
+        raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
+                         "deep or wide for its initialization scale)")
+    if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
+        return {n: torch.zeros_like(m) for n, m in masks.items()}
+    grads = torch.autograd.grad(flow, weights)
+    return {n: (g * w).detach().abs() for n, g, w in zip(masks, grads, weights)}
