@@ -26,6 +26,13 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: 
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
+# Keys that only say how far pruning goes: they place a run's points along the x axis (weights remaining) and never
+# split a line, so one-shot runs at several pruning.target values draw one line.
+X_KEYS = ("pruning.target", "pruning.levels")
+# Keys that make up a pruning method (criterion, when it scores, schedule, rewind point): when they differ between
+# runs, each ticket line is labelled by its method (SNIP at init, IMP (magnitude), ...) instead of listing the keys.
+METHOD_KEYS = ("pruning.criterion", "pruning.when", "pruning.one_shot", "pruning.from_dense", "pruning.rounds",
+               "pruning.train_dense", "pruning.rewind")
 
 FIRST_COLUMNS = ["run_dir", "overrides", "experiment", "model", "dataset", "init", "replicate", "level", "branch",
                  "condition", "diverged", "diverged_step", "percent_remaining", "weights_remaining", "params_remaining",
@@ -48,9 +55,37 @@ def _flatten(d, prefix=""):
 
 
 def _ignored(key: str) -> bool:
-    """Config keys that never define a condition: those that define no experiment, and the replicate's seeds."""
+    """Config keys that never define a condition: those that define no experiment, the replicate's seeds, and the
+    keys that only say how far along the x axis a run goes."""
     from lottery.config import REPLICATE_KEYS, non_experiment
-    return non_experiment(key, REPLICATE_KEYS)
+    return non_experiment(key, (*REPLICATE_KEYS, *X_KEYS))
+
+
+def _is_method_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in METHOD_KEYS)
+
+
+def method_label(cfg: dict, settings: list[str] = ()) -> str:
+    """A run's pruning method in words, from its flattened config: 'SynFlow at init (100 rounds)', 'IMP (magnitude),
+    rewound to 500it', 'one-shot magnitude after training'. `settings`: criterion keys to show (those that differ)."""
+    from lottery.pruning import CRITERIA
+    name = cfg.get("pruning.criterion.name") or "magnitude"
+    crit = CRITERIA.get(name)
+    text = crit.label if crit is not None else name
+    shown = [f"{k.rsplit('.', 1)[1]}={cfg.get(k)}" for k in settings if k in cfg and k != "pruning.criterion.name"]
+    if shown:
+        text += f" ({', '.join(shown)})"
+    when = (crit.when if crit is not None and crit.when else None) or cfg.get("pruning.when") or "after_training"
+    rounds = int(cfg.get("pruning.rounds") or 1)
+    rewind = str(cfg.get("pruning.rewind") or "0")
+    if when == "at_init":
+        text = f"{text} at init" + (f" ({rounds} rounds)" if rounds > 1 else "")
+        return text if rewind in ("0", "0it", "0ep") else f"{text} (scored at {rewind})"
+    if cfg.get("pruning.one_shot") or cfg.get("pruning.from_dense"):
+        text = f"one-shot {text} after training"
+    else:
+        text = f"IMP ({text})"
+    return text + (", original init" if rewind in ("0", "0it", "0ep") else f", rewound to {rewind}")
 
 
 def _branch_order() -> list[str]:
@@ -106,6 +141,9 @@ def collect_runs(paths) -> list[dict]:
     # a key missing from some configs (an added option) differs too: None vs a value
     swept = sorted(k for k in keys if not _ignored(k) and len({repr(c.get(k)) for c in configs.values()}) > 1)
     swept = [k for k in swept if not _follows_group(k, swept, configs.values())]
+    method_keys = [k for k in swept if _is_method_key(k)]
+    settings = [k for k in method_keys if k.startswith("pruning.criterion.")]
+    from lottery.config import REPLICATE_KEYS
     rows = []
     for d in runs:
         cfg = configs[d]
@@ -120,6 +158,9 @@ def collect_runs(paths) -> list[dict]:
             row.update({f"density.{name}": v for name, v in (rec.get("layer_density") or {}).items()})
             row.update({f"cfg.{k}": cfg.get(k) for k in swept})
             row["condition"] = _condition(row, swept)
+            row["_replicate"] = repr([cfg.get(k) for k in REPLICATE_KEYS])  # not written: identifies the replicate
+            if method_keys:
+                row["method"] = method_label(cfg, settings)
             if error:
                 row["error"] = error
             rows.append(row)
@@ -132,8 +173,10 @@ def collect_runs(paths) -> list[dict]:
 
 def _follows_group(key: str, swept: list[str], configs) -> bool:
     """True for an option that only differs because its group was switched (init.gain with init=xavier_normal)."""
-    name = key.split(".")[0] + ".name"
-    if key == name or name not in swept:
+    parts = key.split(".")
+    names = [".".join(parts[:i]) + ".name" for i in range(len(parts) - 1, 0, -1)]  # innermost group first
+    name = next((n for n in names if n in swept), None)
+    if name is None or key == name:
         return False
     seen = {}
     return all(seen.setdefault(repr(c.get(name)), repr(c.get(key))) == repr(c.get(key)) for c in configs)
@@ -151,13 +194,13 @@ def write_table(rows: list[dict], path_csv) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     seen = dict.fromkeys(c for c in FIRST_COLUMNS if any(c in r for r in rows))
     for r in rows:
-        seen.update(dict.fromkeys(r))
+        seen.update(dict.fromkeys(k for k in r if not k.startswith("_")))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(seen), restval="")
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                        for k, v in r.items()})
+                        for k, v in r.items() if not k.startswith("_")})
     return path
 
 
@@ -167,21 +210,32 @@ def _label(row: dict) -> str:
     branch = row["branch"]
     rewind = str(row.get("rewind") or "0")
     from lottery.branches import label
+    if "method" in row:  # methods differ: the method names the line, its keys are left out of the brackets
+        extra = [p for p in row["condition"].split(", ")[1:] if not _is_method_key(p.split("=", 1)[0])]
+        text = row["method"] if branch == "ticket" else f"{label(branch)}: {row['method']}"
+        return text + (f" [{', '.join(extra)}]" if extra else "")
     text = TICKET_LABEL.format(rewind="original init" if rewind in ("0", "0it", "0ep") else f"rewound to {rewind}") \
         if branch == "ticket" else label(branch)
     extra = row["condition"].split(", ", 1)[1:]
     return text + (f" [{extra[0]}]" if extra else "")
 
 
+
 def _curves(rows: list[dict], y_key: str) -> dict:
     """{(model, dataset): {condition: (label, xs, mean, lo, hi, n)}} with x in percent of weights remaining."""
     points = defaultdict(lambda: defaultdict(list))
-    labels = {}
+    labels, seen = {}, set()
     for r in rows:
         if r.get(y_key) is None or r.get("level") is None or r.get("diverged"):
             continue
         key = ((r["model"], r["dataset"]), r["condition"])
-        points[key][r["level"]].append((r["percent_remaining"], r[y_key]))
+        # points of a line are its densities (one-shot runs at several targets share a level number), and a density
+        # reached by two runs of one replicate (IMP stopped at two targets) is one measurement, counted once
+        x = round(r["percent_remaining"], 9)
+        if (key, x, r.get("_replicate"), r.get("unit")) in seen:
+            continue
+        seen.add((key, x, r.get("_replicate"), r.get("unit")))
+        points[key][-x].append((r["percent_remaining"], r[y_key]))
         labels[key] = _label(r)
     out = defaultdict(dict)
     for (panel, cond), by_level in points.items():
@@ -350,6 +404,94 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
         ax.legend(fontsize=7, ncol=2 if len(layers) > 8 else 1)
     fig.tight_layout()
     written += _save(fig, out_dir, "layer_density")
+    return written + _method_figures(rows, out_dir, n_max)
+
+
+def _method_rank(method: str) -> tuple:
+    """IMP (the ceiling) first, then one-shot after training, random at init (the floor), the other methods."""
+    kind = 0 if method.startswith("IMP") else 1 if method.startswith("one-shot") else \
+        2 if method.startswith("random") else 3
+    return kind, method
+
+
+def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
+    """When runs differ in their pruning method: `methods` (test accuracy of every method's tickets against weights
+    remaining, one line per method, the dense network dotted) and `ablations` (one panel per method: its tickets
+    beside each branch run on them: layer_shuffle, reinit, invert, ...)."""
+    rows = [r for r in rows if "method" in r]
+    if len({r["method"] for r in rows}) < 2:
+        return []
+    from lottery.branches import label as branch_label
+    panels = sorted({(r["model"], r["dataset"]) for r in rows})
+    methods = sorted({r["method"] for r in rows}, key=_method_rank)
+    cmap = plt.get_cmap("tab10")
+    colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+    def dense(ax, panel):
+        accs = [r["test_accuracy"] for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket"
+                and r["level"] == 0 and r.get("test_accuracy") is not None]
+        if accs:
+            ax.axhline(100 * sum(accs) / len(accs), color="k", linestyle=":", linewidth=1,
+                       label=f"dense network (n={len(accs)})")
+
+    written = []
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        pruned = [r for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket" and r["level"]]
+        curves = _curves(pruned, "test_accuracy").get(panel, {})
+        by_method = {}
+        for cond, curve in curves.items():
+            by_method.setdefault(next(r["method"] for r in pruned if r["condition"] == cond), []).append(curve)
+        for m in methods:
+            for lab, xs, mean, lo, hi, n in by_method.get(m, []):
+                role = " (ceiling)" if m.startswith("IMP") else " (floor)" if m.startswith("random") else ""
+                style = "-" if m.startswith(("IMP", "one-shot")) else ":" if m.startswith("random") else "--"
+                ax.plot(xs, [100 * v for v in mean], style, color=colors[m], marker="o", markersize=3.5,
+                        linewidth=2 if m.startswith("IMP") else 1.5, label=f"{lab}{role} (n={n})")
+                if n > 1:
+                    ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=colors[m], alpha=0.15,
+                                    linewidth=0)
+        dense(ax, panel)
+        _percent_axis(ax, [x for c in curves.values() for x in c[1]])
+        ax.set_ylabel("Test accuracy (%)")
+        ax.set_title(f"{panel[0]} on {panel[1]}: pruning methods, test accuracy at the end of training", fontsize=10)
+    fig.suptitle(f"Pruning at initialization vs IMP ({_band_note(n_max)})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(methods) + 1), 1, 1))
+    _legend_below(fig, axes.flat)
+    written += _save(fig, out_dir, "methods")
+
+    with_branches = [m for m in methods if any(r["method"] == m and r["branch"] != "ticket" for r in rows)]
+    if not with_branches:
+        return written
+    branches = [b for b in _branch_order() if any(r["branch"] == b for r in rows)]
+    bcolors = {b: cmap(i % 10) for i, b in enumerate(branches)}
+    ncols = min(4, len(with_branches))
+    nrows = math.ceil(len(with_branches) / ncols) * len(panels)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, sharey="row")
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for p_i, panel in enumerate(panels):
+        for i, m in enumerate(with_branches):
+            ax = axes[p_i * math.ceil(len(with_branches) / ncols) + i // ncols][i % ncols]
+            ax.set_visible(True)
+            mine = [r for r in rows if (r["model"], r["dataset"]) == panel and r["method"] == m and r["level"]]
+            curves = _curves(mine, "test_accuracy").get(panel, {})
+            for cond, (lab, xs, mean, lo, hi, n) in sorted(curves.items(), key=lambda kv: _order(kv[0])):
+                b = cond.split(", ")[0]
+                name = "ticket (the method's mask)" if b == "ticket" else branch_label(b)
+                ax.plot(xs, [100 * v for v in mean], "-" if b == "ticket" else "--", color=bcolors[b], marker="o",
+                        markersize=3, label=name)
+                if n > 1:
+                    ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=bcolors[b], alpha=0.15,
+                                    linewidth=0)
+            dense(ax, panel)
+            _percent_axis(ax, [x for c in curves.values() for x in c[1]])
+            ax.set_title(f"{m}\n{panel[0]} on {panel[1]}", fontsize=8.5)
+            ax.set_ylabel("Test accuracy (%)")
+    fig.suptitle(f"Ablations of each method's masks ({_band_note(n_max)})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * (len(branches) + 1), 1, 1))
+    _legend_below(fig, [a for a in axes.flat if a.get_visible()])
+    written += _save(fig, out_dir, "ablations")
     return written
 
 

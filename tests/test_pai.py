@@ -310,3 +310,33 @@ def test_every_method_composes_on_both_experiments(experiment, method):
     assert p.from_dense == (method != "imp") and p.train_dense == (method in ("imp", "oneshot_magnitude"))
     with pytest.raises(FileNotFoundError):  # everything else checks out; only the data is not in REPO
         validate(cfg)
+
+
+def test_report_draws_one_line_per_method_with_ablations(tmp_path):
+    from lottery.report import _curves, collect_runs, make_figures
+    root = tmp_path / "sweep"
+    G = ("pruning=global", "pruning.exclude=[]")  # one density per level for every method
+    run_experiment(tiny_cfg(*G, "method=imp", "pruning.levels=3", "pruning.branches=[]"), root / "imp")
+    run_experiment(tiny_cfg(*G, "method=snip", "pruning.levels=3", "pruning.branches=[layer_shuffle,invert]"),
+                   root / "snip")
+    counts = _records(root / "imp")
+    for level in (1, 2):  # one-shot runs, one per density: one line between them
+        frac = counts[(level, "ticket")]["weights_remaining"]
+        run_experiment(tiny_cfg(*G, "method=magnitude_init", f"pruning.target={frac}", "pruning.one_shot=true",
+                                "pruning.branches=[]"), root / f"mi_{level}")
+    rows = collect_runs([root])
+    assert not any("pruning.target" in r["condition"] or "pruning.levels" in r["condition"] for r in rows)
+    methods = {r["method"] for r in rows}
+    assert methods == {"IMP (magnitude), original init", "SNIP at init", "magnitude at init"}
+    curves = _curves([r for r in rows if r["branch"] == "ticket" and r["level"]], "test_accuracy")
+    (panel,) = curves.values()
+    by_label = {c[0]: c for c in panel.values()}
+    assert set(by_label) == methods
+    imp_x = sorted(by_label["IMP (magnitude), original init"][1])
+    assert sorted(by_label["magnitude at init"][1]) == imp_x == sorted(by_label["SNIP at init"][1])
+    labels = {(r["branch"], r["method"]) for r in rows}
+    assert ("invert", "SNIP at init") in labels and ("layer_shuffle", "SNIP at init") in labels
+    written = {p.name for p in make_figures(rows, tmp_path / "rep")}
+    assert {"methods.png", "methods.svg", "ablations.png", "lottery_ticket.png"} <= written
+    svg = (tmp_path / "rep" / "methods.svg").read_text()
+    assert "SNIP at init" in svg and "IMP (magnitude), original init (ceiling)" in svg and "dense network" in svg
