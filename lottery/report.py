@@ -428,8 +428,9 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
     colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
 
     def dense(ax, panel):
-        accs = [r["test_accuracy"] for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket"
-                and r["level"] == 0 and r.get("test_accuracy") is not None]
+        # one dense network per replicate: the level 0 of every run of that seed is the same training
+        accs = list({r["_replicate"]: r["test_accuracy"] for r in rows if (r["model"], r["dataset"]) == panel
+                     and r["branch"] == "ticket" and r["level"] == 0 and r.get("test_accuracy") is not None}.values())
         if accs:
             ax.axhline(100 * sum(accs) / len(accs), color="k", linestyle=":", linewidth=1,
                        label=f"dense network (n={len(accs)})")

@@ -48,7 +48,8 @@ def test_user_criterion_and_branch_from_own_module_via_cli(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["pruning.criterion.name=snap"], "unknown pruning criterion 'snap'; accepted: magnitude, random"),
+    (["pruning.criterion.name=snap"], "unknown pruning criterion 'snap'; accepted: grasp, magnitude, magnitude_init, "
+                                       "random, snip, synflow"),
     (["+pruning.criterion.batches=3"], "unknown key pruning.criterion.batches for criterion 'magnitude'; accepted: none"),
     (["pruning.branches=[reinit,mine]"], "unknown pruning.branches entry 'mine'; accepted: "),
     (["pruning.branches=[retrain]"], "unknown pruning.branches entry 'retrain'"),

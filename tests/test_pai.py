@@ -340,3 +340,22 @@ def test_report_draws_one_line_per_method_with_ablations(tmp_path):
     assert {"methods.png", "methods.svg", "ablations.png", "lottery_ticket.png"} <= written
     svg = (tmp_path / "rep" / "methods.svg").read_text()
     assert "SNIP at init" in svg and "IMP (magnitude), original init (ceiling)" in svg and "dense network" in svg
+
+
+@pytest.mark.parametrize("name", ["pai_lenet_mnist", "pai_resnet20_cifar10"])
+def test_named_comparison_sweep_is_a_multirun_over_every_method_and_works_with_slurm(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from lottery.config import register_configs
+    from conftest import CONF
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"sweep={name}", "launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.name == name
+    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"method", "seed"} and len(str(params.seed).split(",")) == 3
+    methods = str(params.method).split(",")
+    assert methods == ["imp", "oneshot_magnitude", "random", "magnitude_init", "snip", "grasp", "synflow"]
+    assert all((CONF / "method" / f"{m}.yaml").exists() for m in methods)
