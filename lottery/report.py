@@ -308,6 +308,12 @@ def _legend_below(fig, axes) -> None:
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=1, fontsize=8, frameon=False)
 
 
+def _with_legend(height: float, entries: int) -> tuple[float, float]:
+    """(figure height, bottom of the plot area) leaving room below the plots for a one-column legend of `entries`."""
+    legend = 0.3 + 0.17 * entries  # inches: font size 8, one line per entry
+    return height + legend, legend / (height + legend)
+
+
 def _band_note(n_max: int) -> str:
     return "line: mean over the n seeds, shaded band: min to max" if n_max > 1 else "one seed per condition"
 
@@ -347,7 +353,8 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
     written = []
 
     # 1. accuracy vs sparsity: at the end of training and at the early-stop iteration
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.3 * len(panels)), squeeze=False, sharey="row")
+    height, bottom = _with_legend(4.3 * len(panels), len(colors))
+    fig, axes = plt.subplots(len(panels), 2, figsize=(12, height), squeeze=False, sharey="row")
     for i, panel in enumerate(panels):
         for ax, curves, what in ((axes[i][0], final.get(panel, {}), "at the end of training"),
                                  (axes[i][1], early.get(panel, {}), "at early stop (min. validation loss)")):
@@ -357,12 +364,13 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
             ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
         axes[i][0].set_ylabel("Test accuracy (%)")
     fig.suptitle(f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * len(colors), 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _legend_below(fig, axes.flat)
     written += _save(fig, out_dir, "lottery_ticket")
 
     # 2. early-stop iteration vs sparsity
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 4.3 * len(panels)), squeeze=False)
+    height, bottom = _with_legend(4.3 * len(panels), len(colors))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, height), squeeze=False)
     for i, panel in enumerate(panels):
         ax = axes[i][0]
         curves = steps.get(panel, {})
@@ -372,34 +380,49 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
         ax.set_ylabel("Early-stop iteration\n(min validation loss)")
         ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
     fig.suptitle(f"Early-stop iteration across IMP levels ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * len(colors), 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _legend_below(fig, axes.flat)
     written += _save(fig, out_dir, "early_stop")
 
-    # 3. per-layer density of the ticket masks across levels
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        tickets = [r for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket"]
+    # 3. per-layer density of the ticket masks across levels (one panel per method when methods differ: each chooses
+    # its own layer densities; their points are their densities, as one-shot runs all sit at level 1)
+    groups = [(panel, m) for panel in panels
+              for m in sorted({r.get("method") for r in rows if (r["model"], r["dataset"]) == panel},
+                              key=lambda m: _method_rank(m or ""))]
+    ncols = min(4, len(groups))
+    fig, axes = plt.subplots(math.ceil(len(groups) / ncols), ncols, figsize=(7 * ncols, 4.5 * math.ceil(
+        len(groups) / ncols)), squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (panel, method) in zip(axes.flat, groups):
+        tickets = [r for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket"
+                   and r.get("method") == method]
         layers = list(dict.fromkeys(k for r in tickets for k in r if k.startswith("density.")))
         by_level = defaultdict(list)
         for r in tickets:
-            by_level[r["level"]].append(r)
-        levels = sorted(by_level)
+            by_level[r["level"] if method is None else -round(r["weights_remaining"], 9)].append(r)
+        keys = sorted(by_level)
+        xs = keys if method is None else list(range(len(keys)))
         cmap = plt.get_cmap("viridis")
         for j, layer in enumerate(layers):
-            ys = [100 * sum(r.get(layer, math.nan) for r in by_level[lv]) / len(by_level[lv]) for lv in levels]
-            ax.plot(levels, ys, marker="o", markersize=3.5, color=cmap(j / max(1, len(layers) - 1)),
+            ys = [100 * sum(r.get(layer, math.nan) for r in by_level[k]) / len(by_level[k]) for k in keys]
+            ax.plot(xs, ys, marker="o", markersize=3.5, color=cmap(j / max(1, len(layers) - 1)),
                     label=layer.removeprefix("density."))
-        overall = [100 * sum(r["weights_remaining"] for r in by_level[lv]) / len(by_level[lv]) for lv in levels]
-        ax.plot(levels, overall, "k--", linewidth=1, label="all prunable weights")
+        overall = [100 * sum(r["weights_remaining"] for r in by_level[k]) / len(by_level[k]) for k in keys]
+        ax.plot(xs, overall, "k--", linewidth=1, label="all prunable weights")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label(min(min(overall), *[min(l.get_ydata()) for l in ax.lines]))))
-        ax.set_xticks(levels)
-        ax.set_xticklabels([f"{lv}\n{o:.3g}%" for lv, o in zip(levels, overall)], fontsize=7)
-        ax.set_xlabel("IMP level (and overall weights remaining)")
+        ax.set_xticks(xs)
+        if method is None:
+            ax.set_xticklabels([f"{lv}\n{o:.3g}%" for lv, o in zip(keys, overall)], fontsize=7)
+            ax.set_xlabel("IMP level (and overall weights remaining)")
+        else:
+            ax.set_xticklabels([f"{o:.3g}%" for o in overall], fontsize=7)
+            ax.set_xlabel("Overall weights remaining")
         ax.set_ylabel("Weights remaining in the layer (%, log scale)")
-        ax.set_title(f"{panel[0]} on {panel[1]}: per-layer density of the ticket mask", fontsize=10)
+        ax.set_title(f"{panel[0]} on {panel[1]}: per-layer density of the "
+                     + ("ticket mask" if method is None else f"mask\n{method}"), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(layers) > 8 else 1)
     fig.tight_layout()
@@ -436,7 +459,8 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
                        label=f"dense network (n={len(accs)})")
 
     written = []
-    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.2), squeeze=False)
+    height, bottom = _with_legend(4.5, len(methods) + 1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), height), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         pruned = [r for r in rows if (r["model"], r["dataset"]) == panel and r["branch"] == "ticket" and r["level"]]
         curves = _curves(pruned, "test_accuracy").get(panel, {})
@@ -457,7 +481,7 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
         ax.set_ylabel("Test accuracy (%)")
         ax.set_title(f"{panel[0]} on {panel[1]}: pruning methods, test accuracy at the end of training", fontsize=10)
     fig.suptitle(f"Pruning at initialization vs IMP ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(methods) + 1), 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _legend_below(fig, axes.flat)
     written += _save(fig, out_dir, "methods")
 
@@ -468,7 +492,8 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
     bcolors = {b: cmap(i % 10) for i, b in enumerate(branches)}
     ncols = min(4, len(with_branches))
     nrows = math.ceil(len(with_branches) / ncols) * len(panels)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False, sharey="row")
+    height, bottom = _with_legend(3.8 * nrows, len(branches) + 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, height), squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
     for p_i, panel in enumerate(panels):
@@ -490,7 +515,7 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
             ax.set_title(f"{m}\n{panel[0]} on {panel[1]}", fontsize=8.5)
             ax.set_ylabel("Test accuracy (%)")
     fig.suptitle(f"Ablations of each method's masks ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * (len(branches) + 1), 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     _legend_below(fig, [a for a in axes.flat if a.get_visible()])
     written += _save(fig, out_dir, "ablations")
     return written
