@@ -232,7 +232,7 @@ class Run:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def prune_level(self, level: int, masks: M.Masks, *, trained: dict | None = None,
-                    keep: dict[str, int] | None = None, invert: bool = False) -> M.Masks:
+                    keep: dict[str, int] | int | None = None, invert: bool = False) -> M.Masks:
         """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
         unless given), or on the rewind-point weights (`pruning.when`, or the criterion's own). With
         `pruning.from_dense` every level prunes the dense network (level 0's weights, all-ones masks) to the count

@@ -359,3 +359,27 @@ def test_named_comparison_sweep_is_a_multirun_over_every_method_and_works_with_s
     methods = str(params.method).split(",")
     assert methods == ["imp", "oneshot_magnitude", "random", "magnitude_init", "snip", "grasp", "synflow"]
     assert all((CONF / "method" / f"{m}.yaml").exists() for m in methods)
+
+
+def test_killed_pruning_at_init_run_resumes_to_the_same_results(tmp_path):
+    """SNIP at every level from the dense network, no dense level, the invert ablation: SIGKILL inside level 2's
+    invert unit, rerun the same command: the same summary as an uninterrupted run, finished units not redone."""
+    import signal
+    from conftest import TINY, run_cli
+    args = [*TINY, "device=cpu", "method=snip", "pruning.levels=3", "pruning.branches=[invert]"]
+
+    def train(run, *extra):
+        r = run_cli(*args, f"hydra.run.dir={run}", *extra, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+        return r.returncode, r.stdout + r.stderr
+
+    assert train(tmp_path / "ref")[0] == 0
+    fault = ["+fault.kill_at=50", "+fault.level=2", "+fault.branch=invert"]
+    code, log = train(tmp_path / "run", *fault)
+    assert code == -signal.SIGKILL, log
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("levels/*/*/result.json")}
+    assert len(done) == 3  # level 1 ticket and invert, level 2 ticket
+    code, log = train(tmp_path / "run", *fault)
+    assert code == 0, log
+    assert "level 2 invert: resuming from step 40" in log
+    assert _records(tmp_path / "run") == _records(tmp_path / "ref")
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())
