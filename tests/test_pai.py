@@ -373,7 +373,7 @@ def test_killed_pruning_at_init_run_resumes_to_the_same_results(tmp_path):
         r = run_cli(*args, f"hydra.run.dir={run}", *extra, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
         return r.returncode, r.stdout + r.stderr
 
-    assert train(tmp_path / "ref")[0] == 0
+    run_experiment(tiny_cfg(*args[len(TINY):]), tmp_path / "ref")  # uninterrupted, in this process
     fault = ["+fault.kill_at=50", "+fault.level=2", "+fault.branch=invert"]
     code, log = train(tmp_path / "run", *fault)
     assert code == -signal.SIGKILL, log
@@ -384,3 +384,23 @@ def test_killed_pruning_at_init_run_resumes_to_the_same_results(tmp_path):
     assert "level 2 invert: resuming from step 40" in log
     assert _records(tmp_path / "run") == _records(tmp_path / "ref")
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
+
+
+@pytest.mark.parametrize("name", ["snip", "grasp", "synflow"])
+def test_criteria_score_a_resnet_with_batchnorm_and_leave_it_as_it_was(name):
+    from lottery.masks import prunable_tensors
+    from lottery.models import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet20", (3, 32, 32), 10, width=4)
+    pcfg = tiny_cfg("pruning=global").pruning
+    masks = {p.name: torch.ones_like(dict(model.named_parameters())[p.name]) for p in prunable_tensors(model, pcfg)}
+    model.train()
+    before = _params(model)
+    batches = iter(lambda: (torch.randn(20, 3, 32, 32), torch.arange(20) % 10), None)
+    scores = CRITERIA[name].fn(model, masks, batches=batches, generator=torch.Generator(),
+                               **({"samples_per_class": 2} if name == "grasp" else {}))
+    assert set(scores) == set(masks)
+    for n, v in scores.items():
+        assert v.shape == masks[n].shape and torch.isfinite(v).all() and v.abs().sum() > 0, n
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
