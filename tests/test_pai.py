@@ -18,6 +18,7 @@ from lottery.pruning import CRITERIA, select_global
 from lottery.ticket import load_ticket
 
 from conftest import REPO, tiny_cfg, make_cfg
+from test_slurm import fake_slurm  # noqa: F401  (the fake scheduler fixture, shared)
 
 torch.set_default_dtype(torch.float32)
 
@@ -354,7 +355,7 @@ def test_named_comparison_sweep_is_a_multirun_over_every_method_and_works_with_s
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"sweep={name}", "launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.name == name
-    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    assert "slurm" in cfg.hydra.launcher._target_.lower()
     params = cfg.hydra.sweeper.params
     assert set(params) == {"method", "seed"} and len(str(params.seed).split(",")) == 3
     methods = str(params.method).split(",")
@@ -404,3 +405,26 @@ def test_criteria_score_a_resnet_with_batchnorm_and_leave_it_as_it_was(name):
         assert v.shape == masks[n].shape and torch.isfinite(v).all() and v.abs().sum() > 0, n
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_comparison_sweep_runs_as_a_slurm_array_and_reports_per_method(fake_slurm, tmp_path):
+    """The named sweep through launcher=slurm (a fake scheduler, tests/test_slurm.py), shrunk from the command line to
+    two methods, one seed and tiny training; lottery-report then draws the per-method figures."""
+    import csv
+    from conftest import run_cli
+    env, state = fake_slurm
+    sweep = tmp_path / "sweep"
+    r = run_cli("sweep=pai_lenet_mnist", "launcher=slurm", "method=imp,snip", "seed=0", "dataset=synthetic",
+                "dataset.val_size=128",
+                "train.duration=40it", "train.eval_every=20it", "train.batch_size=32", "train.progress=false",
+                "checkpoint.every=20it", "pruning.levels=2", "device=cpu", f"hydra.sweep.dir={sweep}",
+                cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr + "".join(p.read_text() for p in state.glob("run_*.log"))
+    assert len(list(state.glob("sbatch_*.sh"))) == 1  # one array job
+    with open(sweep / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["level"], r["branch"]) for r in rows if "snip" in r["run_dir"]} == \
+        {("1", "ticket"), ("1", "layer_shuffle"), ("1", "reinit"), ("1", "invert")}
+    rep = run_cli(str(sweep), entry="lottery.report:main", cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (sweep / "report" / "methods.png").exists() and (sweep / "report" / "ablations.png").exists()
