@@ -6,8 +6,8 @@ work on a deep copy of the model, so the caller's weights, gradients and BatchNo
 and the same criteria work at initialization, iteratively (`pruning.rounds`) and after training.
 
 Following the papers' code:
-- SNIP (Lee, Ajanthan & Torr 2019): |g * theta|, g the gradient of the training loss summed over `num_batches` batches (the
-  setting cannot be called `batches`: that is the criterion's iterator of training batches).
+- SNIP (Lee, Ajanthan & Torr 2019): |g * theta|, g the gradient of the training loss summed over `num_batches`
+  batches (not `batches`: that name is the iterator of training batches every criterion is handed).
 - GraSP (Wang, Zhang & Grosse 2020; github alecwangcq/GraSP, pruner/GraSP.py): the authors compute
   S = -theta * (H g) and remove the largest S, i.e. keep the largest theta * (H g); this module returns
   theta * (H g) (kept high). g and H come from `samples_per_class` examples per class with the logits divided by the

@@ -244,11 +244,11 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
             scores = {n: -s for n, s in scores.items()}
         alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
         if scope == "global":
-            keep = _round_target(sum(start.values()), target, r, rounds)
-            masks = select_global(scores, masks, sum(alive.values()) - keep, name)
+            now = _round_target(sum(start.values()), target, r, rounds)
+            masks = select_global(scores, masks, sum(alive.values()) - now, name)
         else:
-            keep = {n: _round_target(start[n], target[n], r, rounds) for n in masks}
-            masks = select_layerwise(scores, masks, {n: alive[n] - keep[n] for n in masks})
+            now = {n: _round_target(start[n], target[n], r, rounds) for n in masks}
+            masks = select_layerwise(scores, masks, {n: alive[n] - now[n] for n in masks})
     return masks
 
 
