@@ -41,10 +41,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+_MISSING = object()
+
+
+def _schema_defaults() -> dict:
+    from lottery.config import Config
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
 def differences(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ and that define the experiment (config.NON_EXPERIMENT_KEYS do not)."""
+    """Keys whose values differ and that define the experiment (config.NON_EXPERIMENT_KEYS do not).
+
+    A key that the old config lacks because it was added to lottery later is no difference while it keeps its
+    schema default: a folder written by an older version resumes unless the new option is actually used."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not non_experiment(k))
+    defaults = _schema_defaults()
+    out = []
+    for k in set(a) | set(b):
+        if non_experiment(k) or a.get(k, _MISSING) == b.get(k, _MISSING):
+            continue
+        if k not in a and k in defaults and b[k] == defaults[k]:
+            continue
+        out.append(k)
+    return sorted(out)
 
 
 class RunFolder:

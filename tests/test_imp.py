@@ -249,6 +249,21 @@ def test_rerun_returns_at_once_and_other_experiment_is_refused(imp_run):
         run_experiment(tiny_cfg("pruning.levels=3", "optimizer.lr=0.5"), run_dir)
 
 
+def test_folder_from_an_older_version_resumes_unless_a_new_option_is_used():
+    """A key added to lottery later is missing from an old folder's config.yaml: no difference at its default."""
+    from omegaconf import OmegaConf
+
+    from lottery.folder import differences
+    new = OmegaConf.to_container(tiny_cfg("pruning.levels=2"), resolve=True)
+    old = {**new, "pruning": {k: v for k, v in new["pruning"].items() if k != "rounds"}}
+    assert differences(old, new) == []
+    new["pruning"]["rounds"] = 3
+    assert differences(old, new) == ["pruning.rounds"]
+    new["pruning"]["rounds"] = 1
+    new["optimizer"]["lr"] = 0.5
+    assert differences(old, new) == ["optimizer.lr"]
+
+
 def test_branch_added_later_to_finished_run(tmp_path):
     run_experiment(tiny_cfg("pruning.levels=2", "pruning.branches=[]"), tmp_path / "r")
     first = _summary(tmp_path / "r")
