@@ -62,8 +62,13 @@ class LevelContext:
 
     def ticket_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
         """A model holding the rewind-point weights with `masks` (default: the ticket's) applied."""
+        return self.model_at(self.rewind_step, masks)
+
+    def model_at(self, step: int, masks: Optional[M.Masks] = None) -> nn.Module:
+        """A model holding the dense run's full state at `step` (a step the branch's `capture` asked for, the rewind
+        step, or 0) with `masks` (default: the ticket's) applied."""
         model = self.run.new_model()
-        model.load_state_dict(self.rewind_state)
+        model.load_state_dict(self.rewind_state if step == self.rewind_step else self.run.state_at(step))
         M.apply(model, self.masks if masks is None else masks)
         return model
 
@@ -77,17 +82,20 @@ class Branch:
     dense: bool = False  # also runs at level 0 (the dense network), not only on pruned levels
     analyze: Optional[Callable[[LevelContext, list[Unit], list[dict]], dict]] = None
     selectable: bool = True  # may be listed in pruning.branches (retrain is lottery-retrain's own)
+    # Steps of level 0's training whose full state the branch starts units from (`ctx.model_at(k)`): fn(settings,
+    # steps: lottery.config.Steps) -> list of steps. Level 0 saves them once as it passes them.
+    capture: Optional[Callable[[dict, Any], list[int]]] = None
 
 
 BRANCHES: dict[str, Branch] = {}
 
 
 def register_branch(name: str, label: Optional[str] = None, *, settings: Optional[type] = None, dense: bool = False,
-                    analyze: Optional[Callable] = None, selectable: bool = True):
+                    analyze: Optional[Callable] = None, selectable: bool = True, capture: Optional[Callable] = None):
     def decorator(fn):
         if name in BRANCHES or name == "ticket":
             raise ValueError(f"branch '{name}' is already registered")
-        BRANCHES[name] = Branch(name, fn, label or name, settings, dense, analyze, selectable)
+        BRANCHES[name] = Branch(name, fn, label or name, settings, dense, analyze, selectable, capture)
         return fn
     return decorator
 
@@ -109,9 +117,11 @@ def branch_settings(name: str, cfg) -> dict:
     if unknown:
         raise ValueError(f"unknown key branch.{name}.{unknown[0]}; accepted: {', '.join(accepted)}")
     try:
-        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), raw))
+        values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), raw))
     except OmegaConfBaseException as e:
         raise ValueError(f"bad setting for branch '{name}': {getattr(e, 'msg', e)}") from None
+    cls(**values)  # a settings class checks its values in __post_init__ (raising ValueError), before any work
+    return values
 
 
 def label(branch: str) -> str:
@@ -159,3 +169,7 @@ def invert(ctx: LevelContext) -> list[Unit]:
 @register_branch("retrain", "ticket retrained in isolation", selectable=False)
 def retrain(ctx: LevelContext) -> list[Unit]:
     return [Unit(ctx.ticket_model(), ctx.masks)]
+
+
+# the linear-mode-connectivity analysis lives in its own module; imported here so it is always registered
+from lottery import lmc  # noqa: E402,F401

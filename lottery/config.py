@@ -46,6 +46,7 @@ class InitConfig:
     nonlinearity: str = "relu"
     gain: Optional[float] = None
     bias: str = "zero"
+    batchnorm: str = "ones"
     _target_: Optional[str] = None
 
 
@@ -257,6 +258,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 SCOPES = ("layerwise", "global")
 WHEN = ("after_training", "at_init")
 RATE_KINDS = ("linear", "conv", "output")
+BATCHNORM_INITS = ("ones", "uniform")
 
 
 def _choice(value: str, accepted, what: str) -> None:
@@ -284,6 +286,7 @@ def validate(cfg) -> None:
         if cfg.init.variance is None or cfg.init.variance <= 0:
             raise ValueError(f"init.variance must be a positive float for init=normal, got {cfg.init.variance}")
     _choice(cfg.init.bias, ("zero", "default"), "init.bias")
+    _choice(cfg.init.batchnorm, BATCHNORM_INITS, "init.batchnorm")
     _choice(cfg.optimizer.name, OPTIMIZERS, "optimizer")
     if not cfg.optimizer.lr > 0:
         raise ValueError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ class Data:
     num_classes: int
     input_shape: tuple[int, int, int]
     augment: bool
+    # What the pad-and-crop augmentation pads with, per channel: black after normalization (torchvision pads the raw
+    # image with black before normalizing); None pads with 0 (synthetic data has no black).
+    pad_value: Optional[Tensor] = None
 
 
 def _unverified_cifar10():
@@ -173,6 +177,12 @@ def _to_device(x: Tensor, stats, device) -> Tensor:
     return x.float().mul_(1 / (255 * std)).sub_(mean / std)
 
 
+def black(stats, device="cpu") -> Tensor:
+    """A black pixel (byte 0 in every channel) after normalization: -mean/std per channel, computed exactly as the
+    images are."""
+    return _to_device(torch.zeros(1, len(stats[0]), 1, 1, dtype=torch.uint8), stats, device).view(-1)
+
+
 def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0, download: bool = False,
               verify: bool = True, augment: bool = False, device="cpu",
               synthetic_shape: str = "mnist", synthetic_train: int = 1024, synthetic_test: int = 256,
@@ -211,6 +221,7 @@ def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0
         val_x=put(train_x, val_idx), val_y=train_y[val_idx].to(device),
         test_x=put(test_x), test_y=test_y.to(device),
         num_classes=10, input_shape=tuple(train_x.shape[1:]), augment=augment,
+        pad_value=None if stats is None else black(stats, device),
     )
 
 
@@ -251,16 +262,20 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def _augment(x: Tensor, flip: Tensor, offsets: Tensor) -> Tensor:
-    # Flip + pad-and-crop as one gather: since the zero padding is symmetric, cropping a flipped padded image equals
-    # reading the unflipped padded image with reversed column indices (and an equally uniform offset).
+def _augment(x: Tensor, flip: Tensor, offsets: Tensor, pad_value: Optional[Tensor] = None) -> Tensor:
+    # Flip + pad-and-crop as one gather: since the constant padding is symmetric, cropping a flipped padded image
+    # equals reading the unflipped padded image with reversed column indices (and an equally uniform offset).
     n, c, h, w = x.shape
     dev = x.device
     dy, dx = offsets
     cols = torch.arange(w, device=dev)
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)
     rows = dy[:, None] + torch.arange(h, device=dev)
-    padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
+    if pad_value is None:
+        padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
+    else:  # per-channel constant: written around an exact copy of the image (no arithmetic on its pixels)
+        padded = pad_value.view(1, c, 1, 1).expand(n, c, h + 2 * _PAD, w + 2 * _PAD).clone()
+        padded[:, :, _PAD:_PAD + h, _PAD:_PAD + w] = x
     return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
 
@@ -289,5 +304,5 @@ class Batches:
         idx = self._draws["perm"][i * self.batch_size:(i + 1) * self.batch_size]
         x, y = self.data.train_x.index_select(0, idx), self.data.train_y.index_select(0, idx)
         if self.data.augment:
-            x = _augment(x, self._draws["flip"][i], self._draws["offsets"][i])
+            x = _augment(x, self._draws["flip"][i], self._draws["offsets"][i], self.data.pad_value)
         return x, y

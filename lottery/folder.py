@@ -5,9 +5,11 @@ experiment on resume, its results and its tickets.
     summary.json                one record per (level, branch); rewritten atomically after every unit
     metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
     init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
+    states/step_<k>.pt          full state of level 0 at other steps a branch starts from (lmc's steps; saved once)
     levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.ticket), written once per level
     levels/level_<L>/final.pt   trained weights of the level's ticket (what the next level prunes)
-    levels/level_<L>/<branch>/result.json            the branch's record (+ evaluation curve of a one-unit branch)
+    levels/level_<L>/<branch>/result.json            the branch's record (+ evaluation curve of a one-unit branch,
+                                                     or an analysis's `curves`)
     levels/level_<L>/<branch>/<unit>/result.json     units of a branch that trains several (e.g. two copies)
     .../checkpoint.pt, checkpoint.prev.pt            while a unit trains
 
@@ -28,6 +30,9 @@ from lottery.config import non_experiment
 from lottery.ticket import Ticket, load_ticket, save_ticket
 
 log = logging.getLogger(__name__)
+
+# Keys of a result file that stay there and out of summary.json: whole curves (training evaluations, an analysis's).
+DETAIL_KEYS = ("evals", "curves")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -85,6 +90,9 @@ class RunFolder:
     def final_path(self, level: int) -> Path:
         return self.level_dir(level) / "final.pt"
 
+    def state_path(self, step: int) -> Path:
+        return self.path / "states" / f"step_{step}.pt"
+
     def unit_dir(self, level: int, branch: str, unit: str = "") -> Path:
         d = self.level_dir(level) / branch
         return d / unit if unit else d
@@ -110,7 +118,8 @@ class RunFolder:
         out = []
         for path in paths:
             rec = load_json(path)
-            rec.pop("evals", None)
+            for key in DETAIL_KEYS:
+                rec.pop(key, None)
             out.append(rec)
         return out
 

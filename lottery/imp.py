@@ -26,7 +26,7 @@ from lottery.checkpoint import hand_over, load_torch, save_torch, stop_requested
 from lottery.config import Steps, derive_seed, validate
 from lottery.data import Batches, load_data
 from lottery.divergence import Diverged
-from lottery.folder import RunFolder
+from lottery.folder import DETAIL_KEYS, RunFolder
 from lottery.init import initialize
 from lottery.models import build_model
 from lottery.ticket import Ticket, check_fits_config, load_ticket
@@ -72,8 +72,24 @@ class Run:
             raise ValueError(f"pruning.rewind={p.rewind} ({self.steps.rewind} steps) must come before the end of "
                              f"training (train.duration={cfg.train.duration}, {self.steps.total} steps)")
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+        self.capture_steps = self._capture_steps()
         self.tracker = Tracker(folder.path, cfg, resolved, group=cfg.name)
         self._rewind_state: Optional[dict] = None
+
+    def _capture_steps(self) -> list[int]:
+        """Steps of level 0 whose state the branches in pruning.branches start from (besides 0 and the rewind step)."""
+        out = set()
+        for name in self.cfg.pruning.branches:
+            capture = BRANCHES[name].capture
+            if capture is None:
+                continue
+            for k in capture(branch_settings(name, self.cfg), self.steps):
+                if not 0 <= k < self.steps.total:
+                    raise ValueError(f"branch '{name}' starts from step {k}, outside training (train.duration="
+                                     f"{self.cfg.train.duration}, {self.steps.total} steps); accepted: 0 to "
+                                     f"{self.steps.total - 1}")
+                out.add(k)
+        return sorted(out - {0, self.steps.rewind})
 
     @property
     def rewind_state(self) -> dict:
@@ -85,6 +101,30 @@ class Run:
     def set_rewind_state(self, state: dict) -> None:
         save_torch(state, self.folder.rewind)
         self._rewind_state = state
+
+    def state_at(self, step: int) -> dict:
+        """Level 0's full state after `step` steps: saved while level 0 trained (`Branch.capture`), or, for a run
+        whose level 0 ended before the branch was added, recomputed by training from init.pt to `step` (data order
+        and schedule are functions of the step, so the replay is the same computation)."""
+        if step == self.steps.rewind:
+            return self.rewind_state
+        if step == 0:
+            return load_torch(self.folder.init)
+        path = self.folder.state_path(step)
+        if not path.exists():
+            self._replay_level0(sorted({step, *[k for k in self.capture_steps if k < step]}))
+        return load_torch(path)
+
+    def _replay_level0(self, wanted: list[int]) -> None:
+        missing = [k for k in wanted if not self.folder.state_path(k).exists()]
+        log.info("level 0: state at step(s) %s was not saved while level 0 trained; replaying level 0 to step %d",
+                 missing, missing[-1])
+        model = self.new_model()
+        model.load_state_dict(load_torch(self.folder.init))
+        masks = M.ones(model, M.prunable_tensors(model, self.cfg.pruning))
+        at_step = {k: (lambda k=k: save_torch(cpu_state(model), self.folder.state_path(k))) for k in missing}
+        train(model, masks, self.data, self.cfg, start=0, end=missing[-1], steps=self.steps,
+              hooks=Hooks(at_step=at_step), data_seed=self.data_seed, desc="level 0 replay")
 
     def new_model(self, init_seed: int | None = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
@@ -158,6 +198,8 @@ class Run:
         """Train the branch's units that have no result yet, then its analysis; returns the branch's record."""
         branch = BRANCHES[ctx.branch]
         units = branch.fn(ctx)
+        if not units:  # the branch skips this level (lmc's `levels` setting)
+            return {}
         if len(units) > 1 and len({u.name for u in units}) < len(units):
             raise ValueError(f"branch '{ctx.branch}' trains {len(units)} units: give each a distinct Unit.name")
         single = len(units) == 1 and not units[0].name and branch.analyze is None
@@ -166,7 +208,8 @@ class Run:
             name = "" if single else (u.name or "unit")
             if self.folder.done(ctx.level, ctx.branch, name):
                 rec = self.folder.load_result(ctx.level, ctx.branch, name)
-                rec.pop("evals", None)
+                for key in DETAIL_KEYS:
+                    rec.pop(key, None)
                 if u.keep_final:
                     u.model.load_state_dict(load_torch(self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"))
                 records.append(rec)
@@ -194,6 +237,8 @@ class Run:
         elif branch.analyze is not None:
             record.update(branch.analyze(ctx, units, records))
         self.folder.save_result(ctx.level, ctx.branch, record)
+        for key in DETAIL_KEYS:
+            record.pop(key, None)
         self.tracker.level(record)
         self.folder.write_summary()
         return record
@@ -345,6 +390,9 @@ def _run_levels(run: Run) -> list[dict]:
                 model.load_state_dict(init_state)
                 at_step = {} if folder.rewind.exists() else {
                     rewind_step: lambda: run.set_rewind_state(cpu_state(model))}
+                for k in run.capture_steps:  # the states branches start from (lmc's steps), once
+                    if not folder.state_path(k).exists():
+                        at_step[k] = lambda k=k: save_torch(cpu_state(model), folder.state_path(k))
             else:
                 model.load_state_dict(run.rewind_state)
                 at_step = {}

@@ -135,10 +135,21 @@ def _seed_default_rng(seed: int, device: torch.device):
             torch.cuda.manual_seed(seed)
 
 
+def _init_batchnorm(m: nn.Module, how: str, generator) -> None:
+    """BatchNorm scales 1 (PyTorch) or U(0, 1) (open_lth's `batchnorm_init='uniform'`), shifts 0, fresh statistics."""
+    m.reset_parameters()
+    if how == "uniform" and m.affine:
+        with torch.no_grad():
+            m.weight.uniform_(0.0, 1.0, generator=generator)
+
+
 def initialize(model: nn.Module, cfg, seed: int) -> None:
     bias = _get(cfg, "bias", "zero")
     if bias not in ("zero", "default"):
         raise ValueError(f"init.bias must be 'zero' or 'default', got '{bias}'")
+    batchnorm = _get(cfg, "batchnorm", "ones")
+    if batchnorm not in ("ones", "uniform"):
+        raise ValueError(f"unknown init.batchnorm '{batchnorm}'; accepted: ones, uniform")
     fn = _resolve(cfg)
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -154,7 +165,7 @@ def initialize(model: nn.Module, cfg, seed: int) -> None:
                     if bias == "zero" and m.bias is not None:
                         nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.reset_parameters()
+                    _init_batchnorm(m, batchnorm, None)  # None: the forked global RNG seeded above
         return
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -173,4 +184,5 @@ def initialize(model: nn.Module, cfg, seed: int) -> None:
                         bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
                         m.bias.uniform_(-bound, bound, generator=g)
             elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_parameters()  # weight 1, bias 0, running stats reset; draws nothing
+                # ones: draws nothing, so the other layers' weights are those of a model without BatchNorm init
+                _init_batchnorm(m, batchnorm, g)

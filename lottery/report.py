@@ -26,6 +26,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: 
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
+LMC = "lmc"  # lottery.lmc's branch: figures of its own (error along the path, instability)
 # Keys that only say how far pruning goes: they place a run's points along the x axis (weights remaining) and never
 # split a line, so one-shot runs at several pruning.target values draw one line.
 X_KEYS = ("pruning.target", "pruning.levels")
@@ -152,7 +153,9 @@ def collect_runs(paths) -> list[dict]:
         error = _error(err) if err.exists() and err.stat().st_mtime >= (d / "summary.json").stat().st_mtime else None
         for rec in json.loads((d / "summary.json").read_text()):
             row = {"run_dir": str(d), "overrides": _overrides(d)}
-            row.update({k: v for k, v in rec.items() if k != "layer_density"})
+            row.update({k: v for k, v in rec.items() if k not in ("layer_density", "instability_by_step")})
+            for k, by_split in (rec.get("instability_by_step") or {}).items():
+                row.update({f"instability_{split}_k{k}": v for split, v in by_split.items()})
             row["percent_remaining"] = 100 * rec["weights_remaining"]
             row["rewind"] = cfg.get("pruning.rewind")
             row.update({f"density.{name}": v for name, v in (rec.get("layer_density") or {}).items()})
@@ -337,6 +340,141 @@ def _mark_diverged(ax, xs: list[float]) -> None:
                 transform=blended_transform_factory(ax.transData, ax.transAxes))
 
 
+# --- linear mode connectivity (lottery.lmc) -------------------------------------------------------------------------
+
+def _spread(values_by_key: dict) -> dict:
+    """{key: [values over replicates]} -> {key: (mean, min, max, n)}, None values left out."""
+    out = {}
+    for key, vs in values_by_key.items():
+        vs = [v for v in vs if v is not None]
+        if vs:
+            out[key] = (sum(vs) / len(vs), min(vs), max(vs), len(vs))
+    return out
+
+
+def _line(ax, xs, stats, color, label, style="-"):
+    mean, lo, hi = ([s[i] for s in stats] for i in range(3))
+    n = max(s[3] for s in stats)
+    ax.plot(xs, mean, style, color=color, marker="o", markersize=3, label=f"{label} (n={n})")
+    if n > 1:
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.18, linewidth=0)
+
+
+def _lmc_groups(rows: list[dict]) -> dict:
+    """{(model, dataset, extra condition): [lmc rows]}."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["branch"] == LMC and r.get("lmc_steps"):
+            extra = r["condition"].split(", ", 1)[1] if ", " in r["condition"] else ""
+            groups[(r["model"], r["dataset"], extra)].append(r)
+    return dict(sorted(groups.items()))
+
+
+def _steps_of(r: dict) -> list[int]:
+    steps = r["lmc_steps"]
+    return json.loads(steps) if isinstance(steps, str) else list(steps)
+
+
+def _title(group) -> str:
+    return f"{group[0]} on {group[1]}" + (f" [{group[2]}]" if group[2] else "")
+
+
+def make_lmc_figures(rows: list[dict], out_dir) -> list[Path]:
+    """`lmc_path`: error along the straight line between the two copies, one line per level and step k;
+    `instability`: error barrier against the step k (one line per level) and against weights remaining (one line per
+    k). Mean over replicates, min-max band."""
+    groups = _lmc_groups(rows)
+    if not groups:
+        return []
+    out_dir = Path(out_dir)
+    written = []
+    cmap = plt.get_cmap("viridis")
+
+    # 1. error along the path, test and train
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.3 * len(groups)), squeeze=False)
+    for i, (group, rs) in enumerate(groups.items()):
+        curves = defaultdict(lambda: defaultdict(list))  # (level, k) -> split -> [curve per replicate]
+        alphas, percent = {}, defaultdict(list)
+        for r in rs:
+            path = Path(r["run_dir"]) / "levels" / f"level_{r['level']}" / LMC / "result.json"
+            if not path.exists():
+                continue
+            for k, c in json.loads(path.read_text()).get("curves", {}).items():
+                key = (r["level"], int(k))
+                alphas[key] = c["alpha"]
+                percent[key].append(r["percent_remaining"])
+                for split in ("test", "train"):
+                    curves[key][split].append(c[f"{split}_error"])
+        keys = sorted(curves, key=lambda key: (-sum(percent[key]) / len(percent[key]), key[1]))
+        for j, key in enumerate(keys):
+            color = cmap(0.85 * j / max(1, len(keys) - 1))
+            label = f"{sum(percent[key]) / len(percent[key]):.3g}% weights, k={key[1]}"
+            for ax, split in zip(axes[i], ("test", "train")):
+                by_point = _spread(dict(enumerate(zip(*curves[key][split]))))
+                xs = [alphas[key][p] for p in sorted(by_point)]
+                _line(ax, xs, [by_point[p] for p in sorted(by_point)], color, label)
+        for ax, split in zip(axes[i], ("test", "train")):
+            ax.set_xlabel("interpolation: 0 = copy a, 1 = copy b")
+            ax.set_ylabel(f"{split} error (%)")
+            ax.set_title(f"{_title(group)}: {split} error on the line between the copies", fontsize=9.5)
+            ax.grid(True, alpha=0.3)
+        axes[i][0].legend(fontsize=7)
+    fig.suptitle("Linear mode connectivity: two copies trained from step k on different data orders "
+                 "(line: mean over seeds, band: min to max)", fontsize=10.5)
+    fig.tight_layout()
+    written += _save(fig, out_dir, "lmc_path")
+
+    # 2. instability against k (a line per level) and against weights remaining (a line per k)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.3 * len(groups)), squeeze=False)
+    for i, (group, rs) in enumerate(groups.items()):
+        values = defaultdict(list)  # (split, level, k) -> values over replicates
+        percent = defaultdict(list)
+        for r in rs:
+            percent[r["level"]].append(r["percent_remaining"])
+            for k in _steps_of(r):
+                for split in ("test", "train"):
+                    values[(split, r["level"], k)].append(r.get(f"instability_{split}_k{k}"))
+        stats = _spread(values)
+        levels = sorted(percent)
+        ks = sorted({k for _, _, k in stats})
+        pct = {lv: sum(percent[lv]) / len(percent[lv]) for lv in levels}
+        ax = axes[i][0]
+        for j, lv in enumerate(levels):
+            color = cmap(0.85 * j / max(1, len(levels) - 1))
+            for split, style in (("test", "-"), ("train", "--")):
+                pts = [k for k in ks if (split, lv, k) in stats]
+                if pts:
+                    _line(ax, pts, [stats[(split, lv, k)] for k in pts], color,
+                          f"{pct[lv]:.3g}% weights, {split}", style)
+        positive = [k for k in ks if k > 0]
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
+        ax.xaxis.set_major_locator(FixedLocator(ks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("rewind step k the copies start from")
+        ax.set_title(f"{_title(group)}: instability vs k", fontsize=9.5)
+        ax = axes[i][1]
+        for j, k in enumerate(ks):
+            color = plt.get_cmap("plasma")(0.85 * j / max(1, len(ks) - 1))
+            for split, style in (("test", "-"), ("train", "--")):
+                pts = [lv for lv in levels if (split, lv, k) in stats]
+                if pts:
+                    _line(ax, [pct[lv] for lv in pts], [stats[(split, lv, k)] for lv in pts], color,
+                          f"k={k}, {split}", style)
+        _percent_axis(ax, list(pct.values()))
+        ax.set_title(f"{_title(group)}: instability vs weights remaining", fontsize=9.5)
+        for ax in axes[i]:
+            ax.set_ylabel("error barrier (percentage points)")
+            ax.axhline(0, color="k", linewidth=0.6)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("Instability: max error on the path minus the mean error of its ends "
+                 "(solid: test, dashed: train; mean over seeds, band: min to max)", fontsize=10.5)
+    fig.tight_layout()
+    written += _save(fig, out_dir, "instability")
+    return written
+
+
 def make_figures(rows: list[dict], out_dir) -> list[Path]:
     """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG."""
     out_dir = Path(out_dir)
@@ -344,20 +482,27 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
     rows = [r for r in rows if r.get("level") is not None]  # a run that failed later still has its finished levels
     if not rows:
         return []
+    written = make_lmc_figures(rows, out_dir)
+    # the lmc branch has its own figures; its record's accuracy is one of its copies', not a condition of its own
+    rows = [r for r in rows if r["branch"] != LMC]
+    if not rows:
+        return written
     final, early = _curves(rows, "test_accuracy"), _curves(rows, "early_stop_test_accuracy")
     steps = _curves(rows, "early_stop_step")
+    has_early = any(early.values())  # none without a validation split (dataset.val_size=0)
     diverged = _diverged(rows)
     panels = sorted(set(final) | set(diverged))
     colors = _colors(c for p in final.values() for c in p)
     n_max = max((c[5] for p in final.values() for c in p.values()), default=1)
-    written = []
 
     # 1. accuracy vs sparsity: at the end of training and at the early-stop iteration
     height, bottom = _with_legend(4.3 * len(panels), len(colors))
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, height), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(len(panels), 1 + has_early, figsize=(6 + 6 * has_early, height), squeeze=False,
+                             sharey="row")
     for i, panel in enumerate(panels):
         for ax, curves, what in ((axes[i][0], final.get(panel, {}), "at the end of training"),
-                                 (axes[i][1], early.get(panel, {}), "at early stop (min. validation loss)")):
+                                 (axes[i][-1], early.get(panel, {}), "at early stop (min. validation loss)"))[
+                                     :1 + has_early]:
             _draw(ax, curves, colors, scale=100)
             _mark_diverged(ax, diverged.get(panel, []))
             _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
@@ -368,21 +513,22 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
     _legend_below(fig, axes.flat)
     written += _save(fig, out_dir, "lottery_ticket")
 
-    # 2. early-stop iteration vs sparsity
-    height, bottom = _with_legend(4.3 * len(panels), len(colors))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, height), squeeze=False)
-    for i, panel in enumerate(panels):
-        ax = axes[i][0]
-        curves = steps.get(panel, {})
-        _draw(ax, curves, colors)
-        _mark_diverged(ax, diverged.get(panel, []))
-        _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
-        ax.set_ylabel("Early-stop iteration\n(min validation loss)")
-        ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
-    fig.suptitle(f"Early-stop iteration across IMP levels ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    _legend_below(fig, axes.flat)
-    written += _save(fig, out_dir, "early_stop")
+    # 2. early-stop iteration vs sparsity (runs without a validation split have none)
+    if has_early:
+        height, bottom = _with_legend(4.3 * len(panels), len(colors))
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, height), squeeze=False)
+        for i, panel in enumerate(panels):
+            ax = axes[i][0]
+            curves = steps.get(panel, {})
+            _draw(ax, curves, colors)
+            _mark_diverged(ax, diverged.get(panel, []))
+            _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
+            ax.set_ylabel("Early-stop iteration\n(min validation loss)")
+            ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
+        fig.suptitle(f"Early-stop iteration across IMP levels ({_band_note(n_max)})", fontsize=11)
+        fig.tight_layout(rect=(0, bottom, 1, 1))
+        _legend_below(fig, axes.flat)
+        written += _save(fig, out_dir, "early_stop")
 
     # 3. per-layer density of the ticket masks across levels (one panel per method when methods differ: each chooses
     # its own layer densities; their points are their densities, as one-shot runs all sit at level 1)

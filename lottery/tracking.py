@@ -147,7 +147,10 @@ class Tracker:
         branch = record["branch"]
         values = {f"level/{branch}/{k}": record[k] for k in
                   ("weights_remaining", "params_remaining", "test_accuracy", "early_stop_step",
-                   "early_stop_test_accuracy") if record.get(k) is not None}
+                   "early_stop_test_accuracy", "instability_test", "instability_train") if record.get(k) is not None}
+        for k, by_split in (record.get("instability_by_step") or {}).items():  # lmc with several steps k
+            values.update({f"level/{branch}/instability_{split}_k{k}": v for split, v in by_split.items()
+                           if v is not None})
         if branch == "ticket":
             values.update({f"level/density/{name}": d for name, d in record["layer_density"].items()})
         if record.get("diverged"):
@@ -177,7 +180,8 @@ class Tracker:
         try:
             if summary:
                 columns = ["level", "branch", "weights_remaining", "params_remaining", "test_accuracy",
-                           "early_stop_step", "early_stop_test_accuracy", "diverged"]
+                           "early_stop_step", "early_stop_test_accuracy", "diverged", "instability_test",
+                           "instability_train"]
                 table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in summary])
                 self._log({"summary_table": table})
                 summary = [r for r in summary if r.get("test_accuracy") is not None]  # a diverged unit has none

@@ -198,6 +198,28 @@ def flip_crop_matches(x, src, pad=4):
     return (candidates == x[:, None, :, None, None]).all(-1).all(-1).all(2).flatten(1)
 
 
+def test_augmentation_pads_with_normalized_black_as_torchvision():
+    """torchvision's RandomCrop(padding=4) pads the raw image with black before Normalize: our on-device augmentation
+    of normalized images must give exactly those pixels (black = -mean/std per channel, not 0)."""
+    from lottery.data import _STATS, _to_device, black
+    stats = _STATS["cifar10"]
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8)
+    d = indexed_data(n=64, shape=(3, 32, 32), augment=True)
+    d.train_x, d.pad_value = _to_device(raw, stats, "cpu"), black(stats)
+    assert torch.allclose(black(stats), -torch.tensor(stats[0]) / torch.tensor(stats[1]))
+    x, y = Batches(d, 64, seed=0).get(0)
+    # candidates: every flip/crop of the raw image padded with byte 0, then normalized like the dataset
+    padded_raw = F.pad(raw[y], (4,) * 4)
+    normalized = _to_device(torch.stack([padded_raw, padded_raw.flip(-1)], 1).flatten(0, 1), stats, "cpu")
+    normalized = normalized.view(64, 2, 3, 40, 40)
+    candidates = normalized.unfold(3, 32, 1).unfold(4, 32, 1)
+    match = (candidates == x[:, None, :, None, None]).all(-1).all(-1).all(2).flatten(1)
+    assert match.any(1).all(), "an augmented image is not a flip/crop of its black-padded source"
+    which = match.float().argmax(1) % 81
+    assert (which != 40).float().mean() > 0.8  # mostly shifted crops: the padding is in the comparison
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
 def test_augmentation(device, shape):

@@ -17,6 +17,7 @@ class InitCfg:
     nonlinearity: str = "relu"
     gain: float | None = None
     bias: str = "zero"
+    batchnorm: str = "ones"
     _target_: str | None = None
 
 
@@ -111,6 +112,30 @@ def test_biases_zero_by_default_and_bn_reset():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
             assert torch.all(m.running_mean == 0) and torch.all(m.running_var == 1)
+
+
+@pytest.mark.parametrize("name", ["kaiming_normal", "pytorch_default"])
+def test_batchnorm_uniform_is_open_lths_u01_seeded(name):
+    """init.batchnorm=uniform: scales from U(0, 1) (open_lth's batchnorm_init='uniform'), shifts 0, fresh running
+    statistics, reproducible from the seed; ones leaves PyTorch's BatchNorm init."""
+    a, b, c = small_model(), small_model(), small_model()
+    for m, seed in ((a, 0), (b, 0), (c, 1)):
+        initialize(m, InitCfg(name=name, batchnorm="uniform"), seed=seed)
+    bns = [i for i, m in enumerate(a) if isinstance(m, nn.BatchNorm2d)]
+    scales = torch.cat([a[i].weight.detach() for i in bns])
+    assert (scales >= 0).all() and (scales < 1).all() and len(scales.unique()) == len(scales)
+    assert all(torch.all(a[i].bias == 0) and torch.all(a[i].running_var == 1) for i in bns)
+    assert all(torch.equal(x, y) for x, y in zip(state(a).values(), state(b).values()))
+    assert not torch.equal(a[bns[0]].weight, c[bns[0]].weight)
+    ones = small_model()
+    initialize(ones, InitCfg(name=name), seed=0)
+    assert all(torch.all(ones[i].weight == 1) for i in bns)
+    big = nn.BatchNorm2d(20000)
+    initialize(big, InitCfg(name=name, batchnorm="uniform"), seed=0)
+    assert big.weight.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert big.weight.var().item() == pytest.approx(1 / 12, rel=0.05)
+    with pytest.raises(ValueError, match="unknown init.batchnorm 'zeros'; accepted: ones, uniform"):
+        initialize(small_model(), InitCfg(name=name, batchnorm="zeros"), seed=0)
 
 
 @pytest.mark.parametrize("name", ["kaiming_normal", "pytorch_default"])

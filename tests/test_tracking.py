@@ -244,3 +244,26 @@ def test_full_disk_under_wandb_folder_is_reported(tmp_path, caplog):
     # W&B either raises from a write of its own (the summary table) or only notes the dropped records in its log
     assert message.startswith(("W&B could not write its files", "W&B failed to")), message
     assert "no space left" in message.lower(), message
+
+
+def test_offline_run_without_validation_split_logs_instability(tmp_path, monkeypatch):
+    """dataset.val_size=0 (the LMC experiments): no validation metrics or early-stop step reach W&B (nothing logged
+    as null or 0), and the lmc branch's instability is a level metric."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    cfg = tiny_cfg("logger=wandb", "dataset.val_size=0", "pruning.levels=2", "pruning.branches=[lmc]",
+                   "branch.lmc.points=3", "branch.lmc.steps=[0,10]", "train.duration=30it")
+    summary = run_experiment(cfg, tmp_path / "run")
+    assert all(r["early_stop_step"] is None and r["val_loss"] is None for r in summary)
+    [(_, _, rows)] = read_offline_run(tmp_path / "run")
+    keys = set().union(*(row for s, row in rows if s is not None))
+    assert not any("val_" in k or "early_stop" in k for k in keys if not k.startswith("summary_table"))
+    levels = {}
+    for _, row in rows:
+        if "level" in row:
+            levels.setdefault(row["level"], {}).update(row)
+    for rec in (r for r in summary if r["branch"] == "lmc"):
+        got = levels[rec["level"]]
+        assert got["level/lmc/instability_test"] == pytest.approx(rec["instability_test"])
+        assert got["level/lmc/instability_train_k10"] == pytest.approx(rec["instability_by_step"]["10"]["train"])
