@@ -39,7 +39,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):  # an empty node has no leaf: {} and a missing node compare equal
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
@@ -58,13 +58,17 @@ def differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ and that define the experiment (config.NON_EXPERIMENT_KEYS do not).
 
     A key that the old config lacks because it was added to lottery later is no difference while it keeps its
-    schema default: a folder written by an older version resumes unless the new option is actually used."""
+    schema default, and neither are the settings of branches the run does not list: a folder written by an older
+    version resumes unless a new option is actually used."""
     a, b = _flatten(old), _flatten(new)
     defaults = _schema_defaults()
+    listed = {*((old.get("pruning") or {}).get("branches") or []), *((new.get("pruning") or {}).get("branches") or [])}
     out = []
     for k in set(a) | set(b):
         if non_experiment(k) or a.get(k, _MISSING) == b.get(k, _MISSING):
             continue
+        if k.startswith("branch.") and k.split(".")[1] not in listed:
+            continue  # settings of a branch the run does not use change none of its results
         if k not in a and k in defaults and b[k] == defaults[k]:
             continue
         out.append(k)

@@ -262,6 +262,11 @@ def test_folder_from_an_older_version_resumes_unless_a_new_option_is_used():
     new["pruning"]["rounds"] = 3
     assert differences(old, new) == ["pruning.rounds"]
     new["pruning"]["rounds"] = 1
+    del old["branch"]["lmc"]  # settings of a branch added later, not used by this run
+    assert differences(old, new) == []
+    new["pruning"]["branches"] = ["lmc"]
+    assert "branch.lmc.points" in differences(old, new)
+    new["pruning"]["branches"] = []
     new["optimizer"]["lr"] = 0.5
     assert differences(old, new) == ["optimizer.lr"]
 
