@@ -8,6 +8,9 @@ loaded with `imports=[my_module]` and listed in `pruning.branches`. Its settings
 
 Seeds: a branch's randomness comes from `ctx.seed` = f(replicate seed, branch name, level), so every control is
 reproducible and independent of the others.
+
+A branch function must not read the level's trained ticket (final.pt): with `replicas` (lottery.replicas) its units
+are built before the level's ticket trains, and train in the same batch as the ticket.
 """
 from __future__ import annotations
 

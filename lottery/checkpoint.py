@@ -167,6 +167,11 @@ class Checkpoints:
         save_torch(state, self.current)
 
     def load(self) -> dict | None:
+        return next(iter(self.states()), None)
+
+    def states(self) -> list[dict]:
+        """The readable checkpoints, newest first (a batched run may need the previous one to resume whole)."""
+        out = []
         for path in (self.current, self.previous):
             if not path.exists():
                 continue
@@ -178,10 +183,10 @@ class Checkpoints:
                 log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
                             path, type(e).__name__, e)
                 continue
-            if path is self.previous:
+            if path is self.previous and not out:
                 log.warning("resuming from the previous checkpoint %s", path)
-            return state
-        return None
+            out.append(state)
+        return out
 
     def clear(self) -> None:
         for path in (self.current, self.previous):

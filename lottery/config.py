@@ -132,6 +132,12 @@ class Config:
     device: str = "auto"
     deterministic: bool = True  # CUDA: deterministic algorithms (lottery/device.py); false trades that for speed
     threads: Optional[int] = None
+    # Replicates trained batched in one process (lottery.replicas): a count R (seeds seed..seed+R-1) or a list of
+    # seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
+    replicas: Optional[Any] = None
+    # How replicas train: batched | sequential | auto (batched, except models with convolutions on a CPU, where
+    # batching measured slower).
+    replica_batching: str = "auto"
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
     branch: Dict[str, Any] = field(default_factory=dict)
     # Modules imported before the config is checked, so their @register_* calls (models, initializers, criteria,
@@ -148,7 +154,8 @@ class Config:
 NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "deterministic",
                        "threads", "logger",
                        "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "fault", "imports",
-                       "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra")
+                       "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra", "replicas",
+                       "replica_batching")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 

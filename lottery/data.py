@@ -183,10 +183,37 @@ def black(stats, device="cpu") -> Tensor:
     return _to_device(torch.zeros(1, len(stats[0]), 1, 1, dtype=torch.uint8), stats, device).view(-1)
 
 
-def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0, download: bool = False,
-              verify: bool = True, augment: bool = False, device="cpu",
-              synthetic_shape: str = "mnist", synthetic_train: int = 1024, synthetic_test: int = 256,
-              synthetic_seed: int = 0) -> Data:
+@dataclass
+class Pool:
+    """The whole training set (before the validation split) and the test set, normalized on the device. Replicas
+    share one pool and keep only their split's indices, instead of a copy of the data each."""
+    x: Tensor
+    y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    augment: bool
+    pad_value: Optional[Tensor] = None
+
+
+@dataclass
+class Split:
+    """One replicate's view of a pool: which pool rows are its training and its validation examples."""
+    pool: Pool
+    train_idx: Tensor  # on the pool's device
+    val_idx: Tensor
+
+    def data(self) -> Data:
+        p = self.pool
+        return Data(train_x=p.x[self.train_idx], train_y=p.y[self.train_idx], val_x=p.x[self.val_idx],
+                    val_y=p.y[self.val_idx], test_x=p.test_x, test_y=p.test_y, num_classes=p.num_classes,
+                    input_shape=p.input_shape, augment=p.augment, pad_value=p.pad_value)
+
+
+def load_pool(name: str, root: str, *, val_size: int = 5000, download: bool = False, verify: bool = True,
+              augment: bool = False, device="cpu", synthetic_shape: str = "mnist", synthetic_train: int = 1024,
+              synthetic_test: int = 256, synthetic_seed: int = 0) -> Pool:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}'; accepted: {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -208,21 +235,31 @@ def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0
         train_x, train_y, test_x, test_y = _make_synthetic(_SHAPES[synthetic_shape], synthetic_train,
                                                           synthetic_test, synthetic_seed)
     assert len(train_x) == n_train, f"{name}: expected {n_train} training samples, found {len(train_x)}"
-
-    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(split_seed))
-    val_idx, train_idx = perm[:val_size], perm[val_size:]
     stats = _STATS.get(name)
+    # Normalization is element-wise, so normalizing the whole set and then selecting rows gives the same bits as
+    # selecting first.
+    return Pool(x=_to_device(train_x, stats, device), y=train_y.to(device), test_x=_to_device(test_x, stats, device),
+                test_y=test_y.to(device), num_classes=10, input_shape=tuple(train_x.shape[1:]), augment=augment,
+                pad_value=None if stats is None else black(stats, device))
 
-    def put(x, idx=None):
-        return _to_device(x if idx is None else x[idx], stats, device)
 
-    return Data(
-        train_x=put(train_x, train_idx), train_y=train_y[train_idx].to(device),
-        val_x=put(train_x, val_idx), val_y=train_y[val_idx].to(device),
-        test_x=put(test_x), test_y=test_y.to(device),
-        num_classes=10, input_shape=tuple(train_x.shape[1:]), augment=augment,
-        pad_value=None if stats is None else black(stats, device),
-    )
+def split(pool: Pool, val_size: int, seed: int) -> Split:
+    """The validation split of replicate `seed`: `val_size` examples held out of the training set."""
+    n = len(pool.y)
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(pool.y.device)
+    return Split(pool, train_idx=perm[val_size:], val_idx=perm[:val_size])
+
+
+def load_data(name: str, root: str, *, val_size: int = 5000, split_seed: int = 0, download: bool = False,
+              verify: bool = True, augment: bool = False, device="cpu",
+              synthetic_shape: str = "mnist", synthetic_train: int = 1024, synthetic_test: int = 256,
+              synthetic_seed: int = 0) -> Data:
+    pool = load_pool(name, root, val_size=val_size, download=download, verify=verify, augment=augment, device=device,
+                     synthetic_shape=synthetic_shape, synthetic_train=synthetic_train, synthetic_test=synthetic_test,
+                     synthetic_seed=synthetic_seed)
+    return split(pool, val_size, split_seed).data()
 
 
 def draw_augmentation(seed: int, step: int, n: int) -> tuple[Tensor, Tensor]:

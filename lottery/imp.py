@@ -12,8 +12,9 @@ import itertools
 import logging
 import os
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +25,7 @@ from lottery import pruning
 from lottery.branches import BRANCHES, LevelContext, Unit, branch_settings
 from lottery.checkpoint import hand_over, load_torch, save_torch, stop_requested
 from lottery.config import Steps, derive_seed, validate
-from lottery.data import Batches, load_data
+from lottery.data import Batches, Split, load_data
 from lottery.divergence import Diverged
 from lottery.folder import DETAIL_KEYS, RunFolder
 from lottery.init import initialize
@@ -51,21 +52,56 @@ def cpu_state(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-class Run:
-    """What the units of one run folder share: config, data, durations, the weights of the rewind point."""
+@dataclass
+class Job:
+    """One unit to train: what `Run.train_job` (one at a time) or lottery.replicas (batched) needs."""
+    run: "Run"
+    level: int
+    branch: str
+    model: torch.nn.Module
+    masks: M.Masks
+    start: int
+    unit: str = ""
+    data_seed: Optional[int] = None
+    at_step: dict = field(default_factory=dict)
+    on_done: Optional[Callable[[dict], None]] = None
 
-    def __init__(self, cfg: DictConfig, folder: RunFolder, resolved: dict):
+    @property
+    def tag(self) -> str:
+        return f"{self.branch}/{self.unit}" if self.unit else self.branch
+
+
+@dataclass
+class BranchPlan:
+    """A branch's units at one level: records of the finished ones, jobs for the others."""
+    ctx: LevelContext
+    units: list[Unit]
+    single: bool  # one unnamed unit and no analysis: the unit's record is the branch's
+    records: list[Optional[dict]]
+    jobs: list[tuple[int, Job]]  # (index in units, job)
+
+
+class Run:
+    """What the units of one run folder share: config, data, durations, the weights of the rewind point.
+
+    `split` (lottery.replicas): the replicate's rows of a data pool shared with other replicates; its own copy of the
+    data is then made only when something asks for `data` (a criterion that reads batches, a unit trained alone)."""
+
+    def __init__(self, cfg: DictConfig, folder: RunFolder, resolved: dict, split: Optional[Split] = None,
+                 concurrent_tracking: bool = False):
         self.cfg, self.folder, self.resolved = cfg, folder, resolved
         self.device, self.device_info = D.setup(cfg, folder.path)  # checks and records <run>/device.json; logs it
-        d = cfg.dataset
-        self.data = load_data(d.name, d.root, val_size=d.val_size, split_seed=cfg.seed, download=d.download,
-                              verify=d.verify, augment=d.augment, device=self.device,
-                              synthetic_shape=d.synthetic_shape, synthetic_train=d.synthetic_train,
-                              synthetic_test=d.synthetic_test, synthetic_seed=cfg.seed)
-        spe = Batches(self.data, cfg.train.batch_size, seed=0).steps_per_epoch
-        if spe < 1:
-            raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the training set "
-                             f"({len(self.data.train_x)} examples)")
+        self.split, self._data = split, None
+        if split is None:
+            d = cfg.dataset
+            self._data = load_data(d.name, d.root, val_size=d.val_size, split_seed=cfg.seed, download=d.download,
+                                   verify=d.verify, augment=d.augment, device=self.device,
+                                   synthetic_shape=d.synthetic_shape, synthetic_train=d.synthetic_train,
+                                   synthetic_test=d.synthetic_test, synthetic_seed=cfg.seed)
+        n_train = len(self._data.train_y) if split is None else len(split.train_idx)
+        if not 0 < cfg.train.batch_size <= n_train:
+            raise ValueError(f"batch_size must be in [1, {n_train}] (training set size), got {cfg.train.batch_size}")
+        spe = n_train // cfg.train.batch_size
         self.steps = Steps.resolve(cfg, spe)
         p = cfg.pruning
         if self.steps.rewind >= self.steps.total and (p.levels > 1 or p.target is not None or p.branches):
@@ -73,8 +109,20 @@ class Run:
                              f"training (train.duration={cfg.train.duration}, {self.steps.total} steps)")
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         self.capture_steps = self._capture_steps()
-        self.tracker = Tracker(folder.path, cfg, resolved, group=cfg.name)
+        self.tracker = Tracker(folder.path, cfg, resolved, group=cfg.name, concurrent=concurrent_tracking)
         self._rewind_state: Optional[dict] = None
+        self.fault_marker = folder.path / ".fault_fired"
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self.split.data()
+        return self._data
+
+    def release_data(self) -> None:
+        """Drop the replicate's own copy of the data (the shared pool stays)."""
+        if self.split is not None:
+            self._data = None
 
     def _capture_steps(self) -> list[int]:
         """Steps of level 0 whose state the branches in pruning.branches start from (besides 0 and the rewind step)."""
@@ -148,38 +196,51 @@ class Run:
                 "diverged": result["diverged"], "diverged_step": result["diverged_step"],
                 **({"last_finite_step": result["last_finite_step"]} if result["diverged"] else {})}
 
+    def hooks(self, job: Job, ckpts) -> Hooks:
+        at_step = dict(job.at_step)
+        self._add_faults(job.level, job.tag, at_step)
+        logging_on = self.cfg.logger.name != "none"
+        level, tag = job.level, job.tag
+        return Hooks(on_eval=lambda r: self.tracker.eval(level, tag, r),
+                     on_log=(lambda r: self.tracker.train(level, tag, r)) if logging_on else None,
+                     log_every=self.cfg.logger.log_every, at_step=at_step,
+                     checkpoint=lambda s: ckpts.save({**s, "device_info": self.device_info}),
+                     checkpoint_every=self.steps.checkpoint_every, should_stop=stop_requested)
+
     def train_unit(self, level: int, branch: str, model, masks: M.Masks, start: int, unit: str = "",
                    data_seed: Optional[int] = None, at_step: dict | None = None, on_done=None) -> dict:
+        return self.train_job(Job(self, level, branch, model, masks, start, unit, data_seed, dict(at_step or {}),
+                                  on_done))
+
+    def train_job(self, job: Job) -> dict:
         """Train one unit to the end, resuming from its checkpoint if one is there; returns its record."""
-        ckpts = self.folder.checkpoints(level, branch, unit)
+        ckpts = self.folder.checkpoints(job.level, job.branch, job.unit)
         resume = ckpts.load()
-        tag = f"{branch}/{unit}" if unit else branch
         if resume is not None:
-            log.info("level %d %s: resuming from step %d", level, tag, resume["step"])
-        at_step = dict(at_step or {})
-        self._add_faults(level, tag, at_step)
-        logging_on = self.cfg.logger.name != "none"
-        hooks = Hooks(on_eval=lambda r: self.tracker.eval(level, tag, r),
-                      on_log=(lambda r: self.tracker.train(level, tag, r)) if logging_on else None,
-                      log_every=self.cfg.logger.log_every, at_step=at_step,
-                      checkpoint=lambda s: ckpts.save({**s, "device_info": self.device_info}),
-                      checkpoint_every=self.steps.checkpoint_every, should_stop=stop_requested)
+            log.info("level %d %s: resuming from step %d", job.level, job.tag, resume["step"])
         try:
-            result = train(model, masks, self.data, self.cfg, start=start, steps=self.steps, hooks=hooks,
-                           data_seed=self.data_seed if data_seed is None else data_seed,
-                           desc=f"level {level} {tag}", resume=resume)
+            result = train(job.model, job.masks, self.data, self.cfg, start=job.start, steps=self.steps,
+                           hooks=self.hooks(job, ckpts),
+                           data_seed=self.data_seed if job.data_seed is None else job.data_seed,
+                           desc=f"level {job.level} {job.tag}", resume=resume)
         except Preempted:
             hand_over()
             raise
-        record = self.record(level, branch, model, masks, result)
+        return self.finish_unit(job, result, resume)
+
+    def finish_unit(self, job: Job, result: dict, resume: Optional[dict] = None) -> dict:
+        """A unit's files once it is trained: what the next unit needs, its result (which marks it done), the
+        summary."""
+        level, branch, unit, tag = job.level, job.branch, job.unit, job.tag
+        record = self.record(level, branch, job.model, job.masks, result)
         if unit:
             record["unit"] = unit
         if resume is not None and D.differences(resume.get("device_info"), self.device_info):
             record["previous_device_info"] = resume["device_info"]  # the unit started on other hardware
-        if on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
-            on_done(record)
+        if job.on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
+            job.on_done(record)
         self.folder.save_result(level, branch, {**record, "evals": result["evals"]}, unit)
-        ckpts.clear()
+        self.folder.checkpoints(level, branch, unit).clear()
         if not unit:
             self.tracker.level(record)
             self.folder.write_summary()
@@ -194,17 +255,15 @@ class Run:
                  record["early_stop_step"], record["early_stop_test_accuracy"])
         return record
 
-    def run_branch(self, ctx: LevelContext) -> dict:
-        """Train the branch's units that have no result yet, then its analysis; returns the branch's record."""
+    def plan_branch(self, ctx: LevelContext) -> BranchPlan:
+        """The branch's units; those with a result are read back, the others become jobs."""
         branch = BRANCHES[ctx.branch]
         units = branch.fn(ctx)
-        if not units:  # the branch skips this level (lmc's `levels` setting)
-            return {}
         if len(units) > 1 and len({u.name for u in units}) < len(units):
             raise ValueError(f"branch '{ctx.branch}' trains {len(units)} units: give each a distinct Unit.name")
         single = len(units) == 1 and not units[0].name and branch.analyze is None
-        records, trained = [], []
-        for u in units:
+        plan = BranchPlan(ctx, units, single, [None] * len(units), [])
+        for i, u in enumerate(units):
             name = "" if single else (u.name or "unit")
             if self.folder.done(ctx.level, ctx.branch, name):
                 rec = self.folder.load_result(ctx.level, ctx.branch, name)
@@ -212,9 +271,9 @@ class Run:
                     rec.pop(key, None)
                 if u.keep_final:
                     u.model.load_state_dict(load_torch(self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"))
-                records.append(rec)
+                plan.records[i] = rec
                 if rec.get("diverged"):
-                    break
+                    break  # the branch's other units and its analysis would build on a failed one
                 continue
             M.apply(u.model, u.masks)
             on_done = None
@@ -222,20 +281,27 @@ class Run:
                 final = self.folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
                 on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731
             start = ctx.rewind_step if u.start is None else u.start
-            records.append(self.train_unit(ctx.level, ctx.branch, u.model, u.masks, start, unit=name,
-                                           data_seed=u.data_seed, on_done=on_done))
-            trained.append(u)
-            if records[-1].get("diverged"):
-                break  # the branch's other units and its analysis would build on a failed one
-        if single:
+            plan.jobs.append((i, Job(self, ctx.level, ctx.branch, u.model, u.masks, start, name, u.data_seed,
+                                     on_done=on_done)))
+        return plan
+
+    def finish_branch(self, plan: BranchPlan) -> dict:
+        """The branch's record once its units have theirs: the unit's own, or the first unit's (the first diverged
+        one's) plus the analysis."""
+        ctx = plan.ctx
+        if not plan.units:  # the branch skips this level (lmc's `levels` setting)
+            return {}
+        records = [r for r in plan.records if r is not None]
+        if plan.single:
             return records[0]
+        branch = BRANCHES[ctx.branch]
         failed = next((r for r in records if r.get("diverged")), None)
         record = {**(failed or records[0]), "branch": ctx.branch}
         record.pop("unit", None)
         if failed is not None:
             record["diverged_unit"] = failed.get("unit")
         elif branch.analyze is not None:
-            record.update(branch.analyze(ctx, units, records))
+            record.update(branch.analyze(ctx, plan.units, records))
         self.folder.save_result(ctx.level, ctx.branch, record)
         for key in DETAIL_KEYS:
             record.pop(key, None)
@@ -243,13 +309,22 @@ class Run:
         self.folder.write_summary()
         return record
 
+    def run_branch(self, ctx: LevelContext) -> dict:
+        """Train the branch's units that have no result yet, then its analysis; returns the branch's record."""
+        plan = self.plan_branch(ctx)
+        for i, job in plan.jobs:
+            plan.records[i] = self.train_job(job)
+            if plan.records[i].get("diverged"):
+                break  # the branch's other units and its analysis would build on a failed one
+        return self.finish_branch(plan)
+
     def _add_faults(self, level: int, tag: str, at_step: dict) -> None:
         """Test-only fault injection (`fault.signal_at`, `fault.kill_at`, with `fault.level` and `fault.branch`, which
         names a branch or a branch's unit as `branch/unit`): fires once per folder."""
         fault = self.cfg.fault
         if not fault or fault.get("level", 0) != level or tag != fault.get("branch", "ticket"):
             return
-        marker = self.folder.path / ".fault_fired"
+        marker = self.fault_marker
         if marker.exists():
             return
         for key, sig in (("signal_at", getattr(signal, "SIGUSR2", signal.SIGTERM)), ("kill_at", signal.SIGKILL)):
@@ -271,7 +346,7 @@ class Run:
         fault = self.cfg.fault
         if not fault or fault.get("kill_after_level") is None or int(fault.kill_after_level) != level:
             return
-        marker = self.folder.path / ".fault_fired"
+        marker = self.fault_marker
         if not marker.exists():
             marker.write_text(str(signal.SIGKILL))
             os.kill(os.getpid(), signal.SIGKILL)
@@ -303,10 +378,12 @@ class Run:
         prunable = M.prunable_tensors(model, p)
         if keep is None and p.from_dense and not p.one_shot:
             keep = pruning.level_survivors(masks, prunable, p, level)
-        batches = Batches(self.data, self.cfg.train.batch_size, seed=derive_seed(self.cfg.seed, "score", level))
+        def batches():  # built on first use: a criterion that reads no data costs a replicate no copy of it
+            b = Batches(self.data, self.cfg.train.batch_size, seed=derive_seed(self.cfg.seed, "score", level))
+            yield from map(b.get, itertools.count())
+
         return pruning.prune(model, masks, prunable, p, keep_fraction=p.target if p.one_shot else None,
-                             rescore=scoring_model, keep=keep, invert=invert,
-                             batches=map(batches.get, itertools.count()),
+                             rescore=scoring_model, keep=keep, invert=invert, batches=batches(),
                              generator=torch.Generator().manual_seed(derive_seed(self.cfg.seed, "prune", level)))
 
     def masks_before(self, level: int) -> M.Masks:
@@ -335,7 +412,11 @@ def level_count(cfg, masks: M.Masks, prunable) -> int:
 
 
 def run_experiment(cfg: DictConfig, run_dir) -> list[dict]:
-    """Run (or resume) the experiment `cfg` in `run_dir`; returns the summary records."""
+    """Run (or resume) the experiment `cfg` in `run_dir`; returns the summary records. With `replicas`, one run
+    folder per replicate below `run_dir`, trained batched (lottery.replicas)."""
+    if cfg.get("replicas") is not None:
+        from lottery.replicas import run_replicas
+        return run_replicas(cfg, run_dir)
     validate(cfg)
     set_threads(cfg)
     folder = RunFolder(run_dir)
@@ -430,6 +511,9 @@ def _run_levels(run: Run) -> list[dict]:
 
 def retrain(cfg: DictConfig, ticket_path, run_dir) -> list[dict]:
     """Retrain a ticket in isolation (other seeds, data orders, optimizers, devices) with the same metrics."""
+    if cfg.get("replicas") is not None:
+        raise ValueError(f"lottery-retrain trains one ticket and takes no replicas (got replicas={cfg.replicas}); "
+                         f"retrain each replicate's ticket, or drop replicas")
     validate(cfg)
     set_threads(cfg)
     ticket = load_ticket(ticket_path)

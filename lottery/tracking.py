@@ -51,13 +51,15 @@ def _new_id() -> str:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, cfg, config_dict: dict, group: Optional[str] = None):
+    def __init__(self, run_dir: Path, cfg, config_dict: dict, group: Optional[str] = None, concurrent: bool = False):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.cfg = cfg
         self.run = None
         self._prefixes: set[str] = set()
         self._step = 0
+        # Replicas (lottery.replicas) keep one W&B run per replicate open at once in one process.
+        self._reinit = "create_new" if concurrent else "finish_previous"
         if cfg.logger.name == "wandb":
             self._guarded("start", self._start_wandb, config_dict, group)
 
@@ -88,7 +90,7 @@ class Tracker:
         id_file.write_text(run_id)
         kwargs = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
                       tags=list(lcfg.tags), job_type=lcfg.job_type, config=config_dict, id=run_id, resume="allow",
-                      dir=str(self.run_dir), name=self.run_dir.name, reinit="finish_previous")
+                      dir=str(self.run_dir), name=self.run_dir.name, reinit=self._reinit)
         mode = wandb_mode()
         try:
             self.run = wandb.init(mode=mode, **kwargs)

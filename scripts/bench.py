@@ -24,6 +24,12 @@ Variants run interleaved in one process, `--repeats` times; the table shows medi
 project/floor. On a CUDA device the project also runs with bf16 autocast and torch.compile, on and off, with the
 precision and determinism settings a run uses (lottery.device.configure: fp32 is IEEE fp32, deterministic), and
 `check_no_syncs` counts the host-device syncs of the training loop over epoch boundaries and a checkpoint.
+
+Replicas (`--replicas 8`, or a list `--replicas 1,8,32,128`): aggregate training samples/s of R networks trained in one
+batched loop (`lottery.batched.train_batched`, what `lottery-train replicas=R` runs) against the project's single-run
+loop run R times one after another (each network its own init seed, data order and 20% random masks; the single-run
+rate is measured on min(R, --single-models) of them, since R runs in sequence go at one run's rate). Interleaved,
+medians of --repeats; the 1-minute load average is recorded before and after.
 """
 from __future__ import annotations
 
@@ -70,6 +76,8 @@ TARGETS = {
     ("conv2_cifar10", "train", "plain"): 1.0,
 }
 STARTUP_TARGET_S = 5.0
+# Replicas issue: batched / single-run loop x R, at R = 8 on the 2-core CPU.
+REPLICA_TARGETS = {"lenet_mnist": 1.4, "conv2_cifar10": 1.0}
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -280,6 +288,101 @@ def run_floor(model, batches, lr, device, warmup, steps, seed):
         optimizer.step()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds):
+    """Seconds for `steps` batched steps of all `models` after `warmup` untimed ones."""
+    from lottery.batched import Member, train_batched
+    from lottery.config import Steps
+    cfg = OmegaConf.structured(Config)
+    cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
+    end = warmup + steps
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = BATCH, f"{end}it", False
+    stamps = {}
+
+    def stamp(k):
+        def f():
+            _sync(device)
+            stamps[k] = time.perf_counter()
+        return f
+
+    members = [Member(m, mk, split_, s, Hooks()) for m, mk, s in zip(models, masks_list, seeds)]
+    members[0].hooks = Hooks(at_step={warmup: stamp(0), end: stamp(1)})
+    steps_ = Steps.resolve(cfg, len(split_.train_idx) // BATCH)
+    train_batched(members, cfg, start=0, end=end, steps=steps_)
+    return stamps[1] - stamps[0]
+
+
+def bench_replicas(name, args, device, log) -> dict:
+    """Batched replicas against the single-run loop run R times (see the module docstring)."""
+    from lottery.data import Pool, load_pool, split
+    from lottery.init import initialize
+    model_name, dataset, lr, augment = WORKLOADS[name]
+    if args.data_root is None:
+        n_train, n_test, val = args.synthetic_sizes[dataset]
+        pool = load_pool("synthetic", "", val_size=val, augment=augment, device=device, synthetic_shape=dataset,
+                         synthetic_train=n_train, synthetic_test=n_test)
+    else:
+        val = 5000
+        pool = load_pool(dataset, args.data_root, val_size=val, verify=False, augment=augment, device=device)
+    # no evaluation inside the timed windows: an empty validation split and one test example
+    pool = Pool(pool.x, pool.y, pool.test_x[:1], pool.test_y[:1], pool.num_classes, pool.input_shape, augment)
+    sp = split(pool, val, 0)
+    data = replace(sp.data(), val_x=pool.x[:0], val_y=pool.y[:0])
+    steps, warmup = args.replica_steps[name], args.warmup
+    out = {"model": model_name, "dataset": dataset, "lr": lr, "augment": augment, "steps": steps, "warmup": warmup,
+           "by_replicas": {}}
+    for r_count in args.replicas:
+        models, masks_list = [], []
+        for seed in range(r_count):
+            m = build_model(model_name, pool.input_shape, pool.num_classes)
+            initialize(m, OmegaConf.create({"name": "xavier_normal"}), seed)
+            m = m.to(device)
+            mk = random_masks(m, DENSITY, seed)
+            M.apply(m, mk)
+            models.append(m)
+            masks_list.append(mk)
+        n_single = min(r_count, args.single_models)
+        b_steps = steps["batched"]
+        times = {"single": [], "batched": []}
+        loads = [_loadavg()]
+        for rep in range(args.repeats):
+            order = ["single", "batched"] if rep % 2 == 0 else ["batched", "single"]
+            for k in order:
+                if k == "single":
+                    times[k].append(sum(run_project(copy.deepcopy(models[i]), masks_list[i], data, lr, device, warmup,
+                                                    steps["single"], i) for i in range(n_single)))
+                else:
+                    times[k].append(run_batched([copy.deepcopy(m) for m in models], masks_list, sp, lr, device,
+                                                warmup, b_steps, list(range(r_count))))
+            loads.append(_loadavg())
+            log(f"  {name} R={r_count} repeat {rep + 1}/{args.repeats}: single x{r_count} "
+                f"{n_single * steps['single'] * BATCH / times['single'][-1]:,.0f}/s, batched "
+                f"{r_count * b_steps * BATCH / times['batched'][-1]:,.0f}/s  (load {loads[-1]})")
+        single = _median_rate(times["single"], n_single * steps["single"] * BATCH)
+        batched = _median_rate(times["batched"], r_count * b_steps * BATCH)
+        out["by_replicas"][str(r_count)] = {
+            "single": single, "batched": batched, "ratio": batched["samples_per_s"] / single["samples_per_s"],
+            "single_models_timed": n_single, "loadavg": loads,
+            "ratios": [r_count * b_steps / tb / (n_single * steps["single"] / ts)
+                       for tb, ts in zip(times["batched"], times["single"])]}
+    return out
+
+
+def format_replicas(results: dict) -> str:
+    lines = [f"# {results['date']}  {results['machine']}  torch {results['torch']}  device {results['device']}"
+             f"  threads {results['threads']}  data {results['data']}  repeats {results['repeats']}"
+             f"  load at start {results['loadavg_start']}", "",
+             f"{'workload':<15} {'R':>4} {'single x R /s':>14} {'batched /s':>12} {'batched/single':>15}"
+             f" {'per-repeat ratios':>22}"]
+    for wl, res in results["replicas"].items():
+        for r, v in res["by_replicas"].items():
+            lines.append(f"{wl:<15} {r:>4} {v['single']['samples_per_s']:>14,.0f} {v['batched']['samples_per_s']:>12,.0f}"
+                         f" {v['ratio']:>14.2f}x  {', '.join(f'{x:.2f}' for x in v['ratios'])}")
+    for c in results["targets"]:
+        state = ("met" if c["met"] else "MISSED") if c.get("applies", True) else "n/a here"
+        lines.append(f"target {c['what']:<38} {c['value']:>7.2f} (target >= {c['target']}): {state}")
+    return "\n".join(lines)
 
 
 # --- evaluation variants ---------------------------------------------------------------------------------------------
@@ -528,6 +631,13 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain loop (default 0)")
     p.add_argument("--no-startup", action="store_true", help="skip the startup measurement")
     p.add_argument("--quick", action="store_true", help="a few steps on small data: checks that it runs, not speed")
+    p.add_argument("--replicas", default=None,
+                   help="replicas mode: R or a list R1,R2,... batched networks against the single-run loop run R "
+                        "times (the other benchmarks are skipped)")
+    p.add_argument("--conv-mode", default=None, choices=["grouped", "loop"],
+                   help="replicas mode: force lottery.batched.BatchedConv2d.mode (default: the library's choice)")
+    p.add_argument("--single-models", type=int, default=8,
+                   help="replicas mode: how many of the R single runs are timed (default 8)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     configure(device, "fp32", deterministic=True)  # what a run does (bf16 variants add autocast on top)
@@ -548,6 +658,11 @@ def main(argv=None) -> dict:
     # synthetic (train incl. validation, test, validation) sizes; the real ones when not quick
     args.synthetic_sizes = ({"mnist": (600, 200, 100), "cifar10": (600, 200, 100)} if q else
                             {"mnist": (60000, 10000, 5000), "cifar10": (50000, 10000, 5000)})
+    # replicas mode: batched steps and single-run steps per timing (a single run is timed on this many steps each)
+    lenet_r = args.lenet_steps or (3 if q else 200)
+    conv2_r = args.conv2_steps or (2 if q else 10 if cpu else 200)
+    args.replica_steps = {"lenet_mnist": {"single": lenet_r, "batched": lenet_r},
+                          "conv2_cifar10": {"single": conv2_r, "batched": conv2_r}}
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
@@ -565,6 +680,30 @@ def main(argv=None) -> dict:
                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                "quick": q, "repeats": args.repeats, "batch_size": BATCH, "density": DENSITY,
                "plain_workers": args.workers, "loadavg_start": _loadavg(), "workloads": {}}
+    if args.replicas is not None:
+        if args.conv_mode:
+            from lottery.batched import BatchedConv2d
+            BatchedConv2d.mode = args.conv_mode
+        try:
+            args.replicas = [int(r) for r in str(args.replicas).split(",")]
+        except ValueError:
+            p.error(f"--replicas takes a count or a comma-separated list of counts, got {args.replicas!r}")
+        results["replicas"] = {}
+        for wl in workloads:
+            log(f"{wl}: replicas {args.replicas}")
+            results["replicas"][wl] = bench_replicas(wl, args, device, log)
+        results["loadavg_end"] = _loadavg()
+        results["targets"] = [
+            {"what": f"{wl} R=8 batched/single", "value": res["by_replicas"]["8"]["ratio"],
+             "target": REPLICA_TARGETS[wl], "met": res["by_replicas"]["8"]["ratio"] >= REPLICA_TARGETS[wl],
+             "applies": device.type == "cpu" and results["data"] != "synthetic" and not q}
+            for wl, res in results["replicas"].items() if "8" in res["by_replicas"]]
+        results["table"] = format_replicas(results)
+        print(results["table"])
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            log(f"wrote {args.out}")
+        return results
     for wl in workloads:
         log(f"{wl}: loading data and warming up")
         results["workloads"][wl] = bench_workload(wl, args, device, log)

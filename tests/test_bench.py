@@ -65,3 +65,19 @@ def test_compile_keeps_masked_weights_exactly_zero():
             assert torch.all(p.detach()[pruned] == 0), n  # exactly zero, not a tiny leftover
             kept = ~pruned
             assert not torch.equal(p.detach()[kept], before[n][kept]), f"{n}: kept weights did not train"
+
+
+def test_gpu_replicas_script_dry_run(tmp_path):
+    """scripts/gpu_replicas.py (the GPU check of batched replicas) runs end to end in its CPU dry mode: the replicas
+    benchmark at R = 1, 2 and a two-level lth_lenet_mnist with 5 replicates and the reinit control."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_replicas.py"), "--dry", "--workloads",
+                           "lenet_mnist", "--work-dir", str(tmp_path / "work"), "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                            "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    by_r = results["bench"]["replicas"]["lenet_mnist"]["by_replicas"]
+    assert set(by_r) == {"1", "2"} and all(v["batched"]["samples_per_s"] > 0 for v in by_r.values())
+    e = results["experiment_replicas"]
+    assert e["replicates"] == 5 and e["levels"] == 2 and len(e["final_level_test_accuracy"]["reinit"]) == 5

@@ -176,18 +176,18 @@ def test_reinit_and_random_prune_inputs(tmp_path):
     """Look inside the controls: capture the model each branch starts from."""
     from lottery import imp as imp_mod
     seen = {}
-    original = imp_mod.Run.train_unit
+    original = imp_mod.Run.train_job
 
-    def spy(self, level, branch, model, masks, start, **kw):
-        seen[(level, branch)] = ({n: p.detach().clone() for n, p in model.named_parameters()},
-                                 {n: m.clone() for n, m in masks.items()}, start)
-        return original(self, level, branch, model, masks, start, **kw)
+    def spy(self, job):
+        seen[(job.level, job.branch)] = ({n: p.detach().clone() for n, p in job.model.named_parameters()},
+                                         {n: m.clone() for n, m in job.masks.items()}, job.start)
+        return original(self, job)
 
-    imp_mod.Run.train_unit = spy
+    imp_mod.Run.train_job = spy
     try:
         run_experiment(tiny_cfg("pruning.levels=2", "pruning.branches=[reinit,random_prune]"), tmp_path / "r")
     finally:
-        imp_mod.Run.train_unit = original
+        imp_mod.Run.train_job = original
     w_t, m_t, _ = seen[(1, "ticket")]
     w_r, m_r, _ = seen[(1, "reinit")]
     w_p, m_p, _ = seen[(1, "random_prune")]
