@@ -104,3 +104,20 @@ def slurm_cluster():
     if ci:
         pytest.fail(f"CI must run the slurm tests, but: {reason}")
     pytest.skip(reason)
+
+
+# --- the slurm tests by name at the end of every run ------------------------------------------------------------
+# `pytest -q` prints dots; whether the real-cluster tests ran or were skipped must be visible in CI's output.
+_SLURM_OUTCOMES: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report):
+    if "slurm" in report.keywords and (report.when == "call" or report.outcome != "passed"):
+        _SLURM_OUTCOMES[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SLURM_OUTCOMES:
+        terminalreporter.section("real SLURM cluster tests")
+        for nodeid, outcome in _SLURM_OUTCOMES.items():
+            terminalreporter.write_line(f"{outcome.upper():8s} {nodeid}")
