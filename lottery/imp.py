@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -394,6 +393,30 @@ class Run:
             return M.ones(model, M.prunable_tensors(model, self.cfg.pruning))
         return M.from_bool(self.folder.load_ticket(level - 1).masks, model)
 
+    def prepare_ticket(self, level: int, model, masks: M.Masks, init_state: dict):
+        """Set `model` to where level `level`'s ticket starts (initialization for level 0, else the rewind point),
+        masked; returns (start step, steps at which level 0 saves the rewind and capture states, the callback that
+        writes final.pt and the ticket file once the unit is trained)."""
+        folder = self.folder
+        if level == 0:
+            model.load_state_dict(init_state)
+            at_step = {} if folder.rewind.exists() else {
+                self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))}
+            for k in self.capture_steps:  # the states branches start from (lmc's steps), once
+                if not folder.state_path(k).exists():
+                    at_step[k] = lambda k=k: save_torch(cpu_state(model), folder.state_path(k))
+        else:
+            model.load_state_dict(self.rewind_state)
+            at_step = {}
+        M.apply(model, masks)
+
+        def finish_ticket(record):
+            if not record["diverged"]:  # NaN weights are nothing to prune from
+                save_torch(cpu_state(model), folder.final_path(level))
+            folder.save_ticket(self.ticket(level, masks, model, record))
+
+        return (0 if level == 0 else self.steps.rewind), at_step, finish_ticket
+
     def ticket(self, level: int, masks: M.Masks, model, record: dict | None) -> Ticket:
         state = {k: v.clone() for k, v in self.rewind_state.items()}
         for name, m in masks.items():
@@ -467,25 +490,8 @@ def _run_levels(run: Run) -> list[dict]:
             continue  # pruning at init from the rewind point (rewind 0) needs no dense network
 
         if not folder.done(level, "ticket"):
-            if level == 0:
-                model.load_state_dict(init_state)
-                at_step = {} if folder.rewind.exists() else {
-                    rewind_step: lambda: run.set_rewind_state(cpu_state(model))}
-                for k in run.capture_steps:  # the states branches start from (lmc's steps), once
-                    if not folder.state_path(k).exists():
-                        at_step[k] = lambda k=k: save_torch(cpu_state(model), folder.state_path(k))
-            else:
-                model.load_state_dict(run.rewind_state)
-                at_step = {}
-            M.apply(model, masks)
-
-            def finish_ticket(record, level=level, masks=masks):
-                if not record["diverged"]:  # NaN weights are nothing to prune from
-                    save_torch(cpu_state(model), folder.final_path(level))
-                folder.save_ticket(run.ticket(level, masks, model, record))
-
-            ticket = run.train_unit(level, "ticket", model, masks, 0 if level == 0 else rewind_step,
-                                    at_step=at_step, on_done=finish_ticket)
+            start, at_step, finish_ticket = run.prepare_ticket(level, model, masks, init_state)
+            ticket = run.train_unit(level, "ticket", model, masks, start, at_step=at_step, on_done=finish_ticket)
             trained = cpu_state(model)
             run.tracker.artifact(folder.ticket_path(level), f"ticket-level{level}")
         else:

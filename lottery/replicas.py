@@ -162,25 +162,8 @@ class Lineage:
             self.ticket = folder.load_result(level, "ticket")
             self.trained = None
             return None
-        rewind_step = run.steps.rewind
-        if level == 0:
-            model.load_state_dict(self.init_state)
-            at_step = {} if folder.rewind.exists() else {rewind_step: lambda: run.set_rewind_state(cpu_state(model))}
-            for k in run.capture_steps:  # the states branches start from (lmc's steps), once
-                if not folder.state_path(k).exists():
-                    at_step[k] = lambda k=k: save_torch(cpu_state(model), folder.state_path(k))
-        else:
-            model.load_state_dict(run.rewind_state)
-            at_step = {}
-        M.apply(model, masks)
-
-        def finish_ticket(record):
-            if not record["diverged"]:  # NaN weights are nothing to prune from
-                save_torch(cpu_state(model), folder.final_path(level))
-            folder.save_ticket(run.ticket(level, masks, model, record))
-
-        return Job(run, level, "ticket", model, masks, 0 if level == 0 else rewind_step, at_step=at_step,
-                   on_done=finish_ticket)
+        start, at_step, finish_ticket = run.prepare_ticket(level, model, masks, self.init_state)
+        return Job(run, level, "ticket", model, masks, start, at_step=at_step, on_done=finish_ticket)
 
     def ticket_trained(self, level: int, record: dict) -> None:
         self.ticket = record
