@@ -1,22 +1,30 @@
-"""Batched training: many networks of one architecture (replicates, a level's ticket and its controls) in one step.
+"""Batched training: many networks of one architecture (replicates, a level's ticket and its controls) in one loop.
 
-The networks are stacked: every parameter and buffer gets a leading dimension of size U (one entry per network) and
-keeps its name, so network u's state_dict is `{k: v[u]}`, the optimizer, the masks (`Masker` on stacked tensors) and
-the checkpoints need nothing new. Activations fold the networks into the channel dimension, `[B, U*C, H, W]` and
+Two layouts (`LAYOUTS`), chosen per model and device by lottery.replicas.layout:
+
+stacked: every parameter and buffer gets a leading dimension of size U (one entry per network) and keeps its name, so
+network u's state is `{k: v[u]}`. Activations fold the networks into the channel dimension, `[B, U*C, H, W]` and
 `[B, U*F]`: a convolution becomes one grouped convolution (groups = U), a Linear one batched matmul, a BatchNorm one
 BatchNorm over U*C channels (so each network keeps its own running statistics), and every parameter-free op the models
-use (ReLU, pooling, flatten, residual sums) already acts per channel, so the models' own `forward` runs unchanged.
+use (ReLU, pooling, flatten, residual sums) already acts per channel, so the models' own `forward` runs unchanged. This
+is what fills a GPU, and it wins for MLPs on a CPU. Batched matmuls and grouped convolutions round differently from
+single ones, so losses agree with single runs to float32 round-off, not bit for bit.
 
-Why explicit layers and not torch.func (stack_module_state + functional_call + vmap): measured on the 2-core CPU, 8
-LeNet-300-100 networks, batch 60, Adam, one thread, a busy machine: 8 separate models 7,634 samples/s, vmap 7,870,
-explicit layers 9,064 (and 5,544 / 5,863 / 7,407 in a second interleaved run); with two threads 471 / 752 / 853. The
-explicit layers were never slower, and vmap cannot update BatchNorm running statistics in place, so it would need a
-functional BatchNorm anyway; the channel fold gives BatchNorm for free.
+interleaved: each network keeps its own model and runs its own forward on its own batch, but all of them share one
+step: one backward, one multi-tensor optimizer step over every network's parameters, one data pipeline, one loop,
+evaluation and checkpointing. The arithmetic is exactly each single run's, so results equal single runs bit for bit;
+what it saves is per-step overhead. It is what a CPU wants for convolutional networks, whose stacked activations
+outgrow the caches (measured in lottery.replicas.layout).
 
-Exactness: each network's update is its own (the loss is the sum of the networks' mean losses, so each gradient is its
+Both: each network's update is its own (the loss is the sum of the networks' mean losses, so each gradient is its
 network's; SGD, Adam and AdamW act element-wise; masks are applied by overwriting), a NaN in one network stays there,
-but batched matmuls and grouped convolutions round differently from single ones, so losses agree with single runs to
-float32 round-off, not bit for bit.
+and checkpoints are written per network in the single-run format, so either layout (or a single run) resumes them.
+
+Why explicit stacked layers and not torch.func (stack_module_state + functional_call + vmap): measured on the 2-core
+CPU, 8 LeNet-300-100 networks, batch 60, Adam, one thread, a busy machine: 8 separate models 7,634 samples/s, vmap
+7,870, explicit layers 9,064 (and 5,544 / 5,863 / 7,407 in a second interleaved run); with two threads 471 / 752 / 853.
+The explicit layers were never slower, and vmap cannot update BatchNorm running statistics in place, so it would need a
+functional BatchNorm anyway; the channel fold gives BatchNorm for free.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from lottery.data import Split, _augment, draw_epoch, to_device
 from lottery.divergence import finite_or_none, nonfinite
 from lottery.masks import Masker, Masks
 from lottery.train import Hooks, Preempted, early_stop, lr_schedule, make_optimizer
+from lottery.train import evaluate as single_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +84,7 @@ class BatchedConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(n, *conv.weight.shape))
         self.bias = nn.Parameter(torch.empty(n, *conv.bias.shape)) if conv.bias is not None else None
 
-    mode = "grouped"  # or "loop": one convolution per network (measured against each other in scripts/bench.py)
-
     def forward(self, x):
-        if self.mode == "loop":
-            xs = x.chunk(self.n, 1)
-            return torch.cat([F.conv2d(xs[u], self.weight[u], None if self.bias is None else self.bias[u],
-                                       self.stride, self.padding, self.dilation, self.groups)
-                              for u in range(self.n)], 1)
         bias = None if self.bias is None else self.bias.flatten()
         return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation,
                         self.groups * self.n)
@@ -112,15 +114,23 @@ class BatchedBatchNorm2d(nn.Module):
 _BATCHED = {nn.Linear: BatchedLinear, nn.Conv2d: BatchedConv2d, nn.BatchNorm2d: BatchedBatchNorm2d}
 
 
-def check_supported(model: nn.Module, name: str) -> None:
-    """Every module holding parameters or buffers must be one of SUPPORTED; else one error naming the first that is
-    not."""
+def unsupported_layer(model: nn.Module) -> Optional[tuple[str, str]]:
+    """(name, type) of the first module holding parameters or buffers that `stack` cannot batch, or None."""
     for mod_name, mod in model.named_modules():
         own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
         if own and type(mod) not in _BATCHED:
-            raise ValueError(f"replicas: model '{name}' has a {type(mod).__name__} layer ('{mod_name}') that batched "
-                             f"training does not support (supported layers: Linear, Conv2d, BatchNorm2d); "
-                             f"run without replicas")
+            return mod_name, type(mod).__name__
+    return None
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    """Stacked training needs every layer with state to be one of SUPPORTED; else one error naming the first that is
+    not."""
+    bad = unsupported_layer(model)
+    if bad:
+        raise ValueError(f"replicas: model '{name}' has a {bad[1]} layer ('{bad[0]}') that stacked training does not "
+                         f"support (supported layers: Linear, Conv2d, BatchNorm2d); use replica_batching=interleaved "
+                         f"(or auto), which trains any model")
 
 
 def stack(models: list[nn.Module]) -> nn.Module:
@@ -136,11 +146,6 @@ def stack(models: list[nn.Module]) -> nn.Module:
     return batched.to(next(iter(states[0].values())).device)
 
 
-def state_of(batched: nn.Module, u: int) -> dict:
-    """Network u's state_dict, as the single model names it."""
-    return {k: v[u].clone() for k, v in batched.state_dict().items()}
-
-
 def fold(x: torch.Tensor) -> torch.Tensor:
     """[B, U, C, ...] per-network inputs -> [B, U*C, ...], the layout the batched modules take."""
     return x.flatten(1, 2)
@@ -148,6 +153,112 @@ def fold(x: torch.Tensor) -> torch.Tensor:
 
 def unfold_logits(out: torch.Tensor, n: int) -> torch.Tensor:
     return out.reshape(out.shape[0], n, -1)
+
+
+@torch.no_grad()
+def check_forward(batched: nn.Module, models: list[nn.Module], x: torch.Tensor) -> None:
+    """The batched forward must equal the single forwards (to round-off): a model whose forward mixes channels (and so
+    networks) is refused instead of trained wrong."""
+    was = [m.training for m in models], batched.training
+    batched.eval()
+    for m in models:
+        m.eval()
+    try:
+        want = torch.stack([m(x) for m in models], 1)
+        got = unfold_logits(batched(fold(x.unsqueeze(1).expand(-1, len(models), *x.shape[1:]))), len(models))
+    finally:
+        batched.train(was[1])
+        for m, w in zip(models, was[0]):
+            m.train(w)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4, equal_nan=True):
+        raise ValueError("replicas: this model's forward does not act per channel (its stacked outputs differ from "
+                         "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, which "
+                         "trains any model")
+
+
+class Stacked(nn.Module):
+    """The networks as one stacked model (`stack`): one batched matmul or grouped convolution per layer for all of
+    them. Takes per-network inputs [B, U, ...] and gives per-network logits [B, U, K], as `Interleaved` does."""
+
+    def __init__(self, models: list[nn.Module], sample: torch.Tensor):
+        super().__init__()
+        self.n = len(models)
+        self.net = stack(models)
+        check_forward(self.net, models, sample)
+
+    def forward(self, x):
+        return unfold_logits(self.net(fold(x)), self.n)
+
+    def losses(self, out, y):
+        """Each network's mean training loss [U]; their sum's gradient is each network's own gradient."""
+        return F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).mean(0)
+
+    def states(self) -> list[dict]:
+        """Every network's state_dict (copies), as the single model names it."""
+        state = self.net.state_dict()
+        return [{k: v[u].clone() for k, v in state.items()} for u in range(self.n)]
+
+    def stacked_masks(self, masks: list[Masks]) -> Masks:
+        return {f"net.{k}": torch.stack([m[k] for m in masks]) for k in masks[0]}
+
+    def optimizer_state(self, states: list[dict]) -> dict:
+        """The batched optimizer's state from each network's (a single run's) optimizer state."""
+        out = copy.deepcopy(states[0])
+        for i, st in out["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    st[k] = torch.stack([s["state"][i][k] for s in states])
+        return out
+
+    def optimizer_states(self, state: dict) -> list[dict]:
+        """Each network's optimizer state, as a single run's optimizer would hold it."""
+        return [{"state": {i: {k: (v[u].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()}
+                           for i, st in state["state"].items()},
+                 "param_groups": state["param_groups"]} for u in range(self.n)]
+
+
+class Interleaved(nn.Module):
+    """The networks side by side, each through its own model on its own batch, in one step: one backward, one
+    optimizer step (multi-tensor over every network's parameters), one data pipeline and loop. Each network computes
+    exactly what its single run computes, so results equal single runs bit for bit; what it saves is the per-step
+    overhead, not arithmetic. Used where stacking loses (convolutions on a CPU: see lottery.replicas.layout)."""
+
+    def __init__(self, models: list[nn.Module], sample: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.n = len(models)
+        self.nets = nn.ModuleList(copy.deepcopy(m) for m in models)
+        self.per_net = sum(1 for p in models[0].parameters() if p.requires_grad)
+
+    def forward(self, x):
+        return torch.stack([net(x[:, u]) for u, net in enumerate(self.nets)], 1)
+
+    def losses(self, out, y):
+        return torch.stack([F.cross_entropy(out[:, u], y[:, u]) for u in range(self.n)])  # as lottery.train, exactly
+
+    def states(self) -> list[dict]:
+        return [{k: v.clone() for k, v in net.state_dict().items()} for net in self.nets]
+
+    def stacked_masks(self, masks: list[Masks]) -> Masks:
+        return {f"nets.{u}.{k}": v for u, m in enumerate(masks) for k, v in m.items()}
+
+    def optimizer_state(self, states: list[dict]) -> dict:
+        # one parameter group (make_optimizer): network u's parameter i is parameter u * per_net + i
+        out = {"state": {}, "param_groups": copy.deepcopy(states[0]["param_groups"])}
+        for u, st in enumerate(states):
+            out["state"].update({u * self.per_net + i: v for i, v in st["state"].items()})
+        out["param_groups"][0]["params"] = list(range(self.n * self.per_net))
+        return out
+
+    def optimizer_states(self, state: dict) -> list[dict]:
+        p = self.per_net
+        groups = copy.deepcopy(state["param_groups"])
+        groups[0]["params"] = list(range(p))
+        return [{"state": {i - u * p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                           for i, st in state["state"].items() if u * p <= i < (u + 1) * p},
+                 "param_groups": groups} for u in range(self.n)]
+
+
+LAYOUTS = {"stacked": Stacked, "interleaved": Interleaved}
 
 
 _MALLOC_SET = []
@@ -172,26 +283,6 @@ def keep_freed_memory() -> None:
         pass
 
 
-@torch.no_grad()
-def check_forward(batched: nn.Module, models: list[nn.Module], x: torch.Tensor) -> None:
-    """The batched forward must equal the single forwards (to round-off): a model whose forward mixes channels (and so
-    networks) is refused instead of trained wrong."""
-    was = [m.training for m in models], batched.training
-    batched.eval()
-    for m in models:
-        m.eval()
-    try:
-        want = torch.stack([m(x) for m in models], 1)
-        got = unfold_logits(batched(fold(x.unsqueeze(1).expand(-1, len(models), *x.shape[1:]))), len(models))
-    finally:
-        batched.train(was[1])
-        for m, w in zip(models, was[0]):
-            m.train(w)
-    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4, equal_nan=True):
-        raise ValueError("replicas: this model's forward does not act per channel (its batched outputs differ from "
-                         "the single model's), so it cannot be trained batched; run without replicas")
-
-
 @dataclass
 class Member:
     """One network of a batched run: what a single `lottery.train.train` call would get."""
@@ -205,7 +296,7 @@ class Member:
 
 
 class _Data:
-    """Per-network batches in the folded layout: network u's batch at step t is exactly the one `Batches` gives a
+    """Per-network batches, [B, U, ...]: network u's batch at step t is exactly the one `Batches` gives a
     single run with its split and data seed (same indices, same augmentation draws)."""
 
     def __init__(self, members: list[Member], batch_size: int):
@@ -234,7 +325,7 @@ class _Data:
         return self._draws
 
     def _gather(self, idx: torch.Tensor, test: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx [B, U] pool rows -> x [B, U*C, H, W], y [B, U]."""
+        """idx [B, U] pool rows -> x [B*U, C, H, W] (in [B, U] order), y [B, U]."""
         b = idx.shape[0]
         if self.shared:
             p = self.pools[0]
@@ -261,7 +352,7 @@ class _Data:
             flip = torch.stack([draws[k]["flip"][i] for k in self.key_of], 1).reshape(-1)
             offsets = torch.stack([draws[k]["offsets"][i] for k in self.key_of], 2).reshape(2, -1)
             x = _augment(x, flip, offsets, self.pad_value)
-        return fold(x.view(idx.shape[0], self.n, *x.shape[1:])), y
+        return x.view(idx.shape[0], self.n, *x.shape[1:]), y
 
     def eval_batches(self, which: str, chunk: int):
         """(x, y) chunks over the validation or test split of every network."""
@@ -274,12 +365,25 @@ class _Data:
             test = True
         for i in range(0, idx.shape[0], chunk):
             x, y = self._gather(idx[i:i + chunk], test)
-            yield fold(x.view(y.shape[0], self.n, *x.shape[1:])), y
+            yield x.view(y.shape[0], self.n, *x.shape[1:]), y
+
+
+def evaluate(batched: nn.Module, data: _Data, which: str, batch_size: int, precision: str = "fp32"):
+    """Per network (mean loss, accuracy) over its own split ("val" or "test"), as lists."""
+    if isinstance(batched, Interleaved):  # each network exactly as its single run evaluates it
+        out = []
+        for u, net in enumerate(batched.nets):
+            sp = data.members[u].split
+            x, y = ((sp.pool.x[sp.val_idx], sp.pool.y[sp.val_idx]) if which == "val"
+                    else (sp.pool.test_x, sp.pool.test_y))
+            out.append(single_evaluate(net, x, y, batch_size, precision))
+        return [o[0] for o in out], [o[1] for o in out]
+    return _evaluate_stacked(batched, data, which, batch_size, precision)
 
 
 @torch.inference_mode()
-def evaluate(batched: nn.Module, data: _Data, which: str, batch_size: int, precision: str = "fp32"):
-    """Per network (mean loss, accuracy) over its own split, as lists; one host sync per call."""
+def _evaluate_stacked(batched: nn.Module, data: _Data, which: str, batch_size: int, precision: str):
+    """All networks in one forward per chunk; one host sync per call."""
     n = data.n
     length = len(data.members[0].split.val_idx) if which == "val" else len(data.pools[0].test_y)
     if length == 0:
@@ -294,7 +398,7 @@ def evaluate(batched: nn.Module, data: _Data, which: str, batch_size: int, preci
     correct = torch.zeros(n, device=device, dtype=torch.long)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for x, y in data.eval_batches(which, max(1, rows // n)):
-            out = unfold_logits(batched(x), n).float()
+            out = batched(x).float()
             loss += F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).sum(0)
             correct += (out.argmax(2) == y).sum(0)
     batched.train(was_training)
@@ -302,25 +406,11 @@ def evaluate(batched: nn.Module, data: _Data, which: str, batch_size: int, preci
     return [s / length for s in sums[0]], [c / length for c in sums[1]]
 
 
-def _stack_optimizer_states(states: list[dict]) -> dict:
-    out = copy.deepcopy(states[0])
-    for i, st in out["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() > 0:
-                st[k] = torch.stack([s["state"][i][k] for s in states])
-    return out
-
-
-def _optimizer_state_of(state: dict, u: int) -> dict:
-    return {"state": {i: {k: (v[u].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()}
-                      for i, st in state["state"].items()},
-            "param_groups": state["param_groups"]}
-
-
 def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
-                  desc: str = "batched") -> list[dict]:
-    """Train every member from `start` to `end` (default: the end of training) in one batched loop; each member's model
-    holds its trained weights afterwards. Returns one result per member, as `lottery.train.train` does."""
+                  desc: str = "batched", layout: str = "stacked") -> list[dict]:
+    """Train every member from `start` to `end` (default: the end of training) in one batched loop, its networks
+    `stacked` or `interleaved` (LAYOUTS); each member's model holds its trained weights afterwards. Returns one result
+    per member, as `lottery.train.train` does."""
     tcfg = cfg.train
     end = steps.total if end is None else end
     n = len(members)
@@ -333,15 +423,15 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
     for m in members:
         if m.resume is not None:
             m.model.load_state_dict(m.resume["model"])
-    batched = stack([m.model for m in members])
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batched layout '{layout}'; accepted: {', '.join(LAYOUTS)}")
     data = _Data(members, tcfg.batch_size)
-    check_forward(batched, [m.model for m in members], data.pools[0].x[:2])
+    batched = LAYOUTS[layout]([m.model for m in members], data.pools[0].x[:2])
     multiplier = lr_schedule(tcfg, steps)
     optimizer = make_optimizer([p for p in batched.parameters() if p.requires_grad], cfg.optimizer,
                                data.pools[0].x.device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    stacked_masks = {k: torch.stack([m.masks[k] for m in members]) for k in members[0].masks}
-    mask_weights = Masker(batched, stacked_masks)
+    mask_weights = Masker(batched, batched.stacked_masks([m.masks for m in members]))
     forward = torch.compile(batched) if tcfg.compile else batched
     device = data.pools[0].x.device
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
@@ -359,7 +449,7 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
     step = start
     diverged_at: list[Optional[int]] = [None] * n  # as in lottery.train: a network is done at its first NaN
     if all(resumed):
-        optimizer.load_state_dict(_stack_optimizer_states([m.resume["optimizer"] for m in members]))
+        optimizer.load_state_dict(batched.optimizer_state([m.resume["optimizer"] for m in members]))
         step = members[0].resume["step"]
         evals = [list(m.resume["evals"]) for m in members]
         diverged_at[:] = [e[-1]["step"] if e and e[-1].get("diverged") else None for e in evals]
@@ -388,18 +478,18 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
                 hooks[u].on_eval(record)
 
     def call_at_step(s: int) -> None:
-        for u, h in enumerate(hooks):
-            if s in h.at_step:
-                members[u].model.load_state_dict(state_of(batched, u))  # the hook sees this network's weights now
-                h.at_step[s]()
+        if not any(s in h.at_step for h in hooks):
+            return
+        for u, state in enumerate(batched.states()):
+            if s in hooks[u].at_step:
+                members[u].model.load_state_dict(state)  # the hook sees this network's weights now
+                hooks[u].at_step[s]()
 
     def checkpoint() -> None:
-        model_state = batched.state_dict()
-        opt_state = optimizer.state_dict()
+        states, opt_states = batched.states(), batched.optimizer_states(optimizer.state_dict())
         sums, logs = loss_sum.cpu(), log_sum.cpu()
         for u, h in enumerate(hooks):
-            h.checkpoint({"step": step, "model": {k: v[u].clone() for k, v in model_state.items()},
-                          "optimizer": _optimizer_state_of(opt_state, u), "evals": evals[u],
+            h.checkpoint({"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
                           "loss_sum": sums[u].clone(), "loss_count": loss_count, "log_sum": logs[u].clone()})
 
     batched.train()
@@ -416,9 +506,8 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * m
             with torch.autocast(**autocast):
-                out = unfold_logits(forward(x), n)
-                # each network's own mean loss; their sum's gradient is each network's own gradient
-                losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).mean(0)
+                out = forward(x)
+                losses = batched.losses(out, y)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
@@ -448,8 +537,8 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
                     checkpoint()
     finally:
         bar.close()
-    for u, m in enumerate(members):
-        m.model.load_state_dict(state_of(batched, u))
+    for m, state in zip(members, batched.states()):
+        m.model.load_state_dict(state)
     results = []
     for u in range(n):
         last = evals[u][-1]

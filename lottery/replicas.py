@@ -64,12 +64,14 @@ def replicate_config(cfg: DictConfig, seed: int) -> DictConfig:
 
 
 def check_model(cfg) -> None:
-    """Before any work: a model batched training cannot handle fails with one line naming it."""
+    """Before any work: a model the chosen layout cannot train fails with one line naming it."""
     from lottery.data import _SHAPES
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     name = kwargs.pop("name")
     shape = _SHAPES.get(cfg.dataset.name, _SHAPES.get(cfg.dataset.synthetic_shape, (1, 28, 28)))
-    batched.check_supported(build_model(name, shape, 10, **kwargs), name)
+    model = build_model(name, shape, 10, **kwargs)
+    if layout(cfg, model) == "stacked":
+        batched.check_supported(model, name)
 
 
 def run_replicas(cfg: DictConfig, run_dir) -> list[dict]:
@@ -233,28 +235,34 @@ def _run_levels(runs: list[Run]) -> list[dict]:
     return summaries
 
 
-BATCHING = ("auto", "batched", "sequential")
+BATCHING = ("auto", "stacked", "interleaved", "sequential")
 
 
-def batched_here(cfg, model) -> bool:
-    """`replica_batching`: batched, sequential, or auto = batched except models with convolutions on a CPU. Measured
-    on the 2-core CPU (2026-11-29, 8 Conv-2 networks, batch 60, Adam, one thread): batched 91 samples/s (grouped
-    convolution) or 101 (one convolution per network) against 153 for the networks one after another. The convolutions
-    cost the same; the element-wise ops (ReLU, pooling, Adam) over 8x larger activations and states fall out of the
-    caches and ran 2-5x slower per element."""
+def layout(cfg, model) -> str:
+    """`replica_batching` resolved: stacked | interleaved | sequential. auto = stacked, except models with
+    convolutions on a CPU and models with layers `batched.stack` cannot batch, which go interleaved.
+
+    Measured on the 2-core CPU (2026-11-29, scripts/bench.py --replicas 8, real data, batch 60, Adam, two threads):
+    8 Conv-2 networks stacked ran at 0.62x the single-run loop run 8 times, interleaved at 1.03x. The grouped
+    convolutions cost what 8 single ones do, but the element-wise work (ReLU, pooling, their gradients) over 8x larger
+    activations falls out of the 32 MB cache into freshly page-faulted memory; interleaved keeps every activation the
+    size of a single run's. 8 LeNet-300-100 networks stacked: 1.82x. On a GPU stacking is what fills the device (no GPU
+    was lent to measure it: scripts/gpu_replicas.py)."""
     mode = cfg.get("replica_batching") or "auto"
     if mode == "auto":
-        return not (resolve_device(cfg.device).type == "cpu"
-                    and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
-    return mode == "batched"
+        on_cpu = resolve_device(cfg.device).type == "cpu"
+        conv_on_cpu = on_cpu and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        return "interleaved" if conv_on_cpu or batched.unsupported_layer(model) else "stacked"
+    return mode
 
 
 def execute(jobs: list[Job], on_record) -> None:
-    """Train `jobs` batched, one batch per (start step, resume step), or one after another (`batched_here`); each
+    """Train `jobs` batched, one batch per (start step, resume step), or one after another (`layout`); each
     unit's files as a single run writes them; `on_record(job, record)` gets each unit's record."""
     if not jobs:
         return
-    if not batched_here(jobs[0].run.cfg, jobs[0].model):
+    how = layout(jobs[0].run.cfg, jobs[0].model)
+    if how == "sequential":
         order = {id(r): i for i, r in enumerate(dict.fromkeys(job.run for job in jobs))}
         previous = None
         for job in sorted(jobs, key=lambda j: order[id(j.run)]):  # one replicate's data copy at a time
@@ -276,11 +284,12 @@ def execute(jobs: list[Job], on_record) -> None:
             members.append(batched.Member(job.model, job.masks, run.split, seed, run.hooks(job, ckpts), state,
                                           desc=job.tag))
         desc = f"level {group[0][0].level} x{len(group)}"
-        log.info("level %d: training %d networks batched from step %d%s (%s)", group[0][0].level, len(group), start,
-                 f", resumed at step {resumed}" if resumed is not None else "",
+        log.info("level %d: training %d networks batched (%s) from step %d%s (%s)", group[0][0].level, len(group),
+                 how, start, f", resumed at step {resumed}" if resumed is not None else "",
                  ", ".join(sorted({j.tag for j, _ in group})))
         try:
-            results = batched.train_batched(members, runs[0].cfg, start=start, steps=runs[0].steps, desc=desc)
+            results = batched.train_batched(members, runs[0].cfg, start=start, steps=runs[0].steps, desc=desc,
+                                            layout=how)
         except Preempted:
             hand_over()
             raise

@@ -290,8 +290,9 @@ def run_floor(model, batches, lr, device, warmup, steps, seed):
     return time.perf_counter() - t0
 
 
-def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds):
-    """Seconds for `steps` batched steps of all `models` after `warmup` untimed ones."""
+def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds, layout):
+    """Seconds for `steps` batched steps of all `models` (`layout`: lottery.batched.LAYOUTS) after `warmup` untimed
+    ones."""
     from lottery.batched import Member, train_batched
     from lottery.config import Steps
     cfg = OmegaConf.structured(Config)
@@ -309,7 +310,7 @@ def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds):
     members = [Member(m, mk, split_, s, Hooks()) for m, mk, s in zip(models, masks_list, seeds)]
     members[0].hooks = Hooks(at_step={warmup: stamp(0), end: stamp(1)})
     steps_ = Steps.resolve(cfg, len(split_.train_idx) // BATCH)
-    train_batched(members, cfg, start=0, end=end, steps=steps_)
+    train_batched(members, cfg, start=0, end=end, steps=steps_, layout=layout)
     return stamps[1] - stamps[0]
 
 
@@ -330,8 +331,14 @@ def bench_replicas(name, args, device, log) -> dict:
     sp = split(pool, val, 0)
     data = replace(sp.data(), val_x=pool.x[:0], val_y=pool.y[:0])
     steps, warmup = args.replica_steps[name], args.warmup
+    if args.layout:
+        how = args.layout
+    else:  # what replica_batching=auto picks on this device
+        from lottery.replicas import layout
+        how = layout(OmegaConf.create({"device": str(device), "replica_batching": "auto"}),
+                     build_model(model_name, pool.input_shape, pool.num_classes))
     out = {"model": model_name, "dataset": dataset, "lr": lr, "augment": augment, "steps": steps, "warmup": warmup,
-           "by_replicas": {}}
+           "layout": how, "by_replicas": {}}
     for r_count in args.replicas:
         models, masks_list = [], []
         for seed in range(r_count):
@@ -354,9 +361,9 @@ def bench_replicas(name, args, device, log) -> dict:
                                                     steps["single"], i) for i in range(n_single)))
                 else:
                     times[k].append(run_batched([copy.deepcopy(m) for m in models], masks_list, sp, lr, device,
-                                                warmup, b_steps, list(range(r_count))))
+                                                warmup, b_steps, list(range(r_count)), how))
             loads.append(_loadavg())
-            log(f"  {name} R={r_count} repeat {rep + 1}/{args.repeats}: single x{r_count} "
+            log(f"  {name} R={r_count} ({how}) repeat {rep + 1}/{args.repeats}: single x{r_count} "
                 f"{n_single * steps['single'] * BATCH / times['single'][-1]:,.0f}/s, batched "
                 f"{r_count * b_steps * BATCH / times['batched'][-1]:,.0f}/s  (load {loads[-1]})")
         single = _median_rate(times["single"], n_single * steps["single"] * BATCH)
@@ -373,11 +380,12 @@ def format_replicas(results: dict) -> str:
     lines = [f"# {results['date']}  {results['machine']}  torch {results['torch']}  device {results['device']}"
              f"  threads {results['threads']}  data {results['data']}  repeats {results['repeats']}"
              f"  load at start {results['loadavg_start']}", "",
-             f"{'workload':<15} {'R':>4} {'single x R /s':>14} {'batched /s':>12} {'batched/single':>15}"
+             f"{'workload':<15} {'layout':<12} {'R':>4} {'single x R /s':>14} {'batched /s':>12} {'batched/single':>15}"
              f" {'per-repeat ratios':>22}"]
     for wl, res in results["replicas"].items():
         for r, v in res["by_replicas"].items():
-            lines.append(f"{wl:<15} {r:>4} {v['single']['samples_per_s']:>14,.0f} {v['batched']['samples_per_s']:>12,.0f}"
+            lines.append(f"{wl:<15} {res['layout']:<12} {r:>4} {v['single']['samples_per_s']:>14,.0f}"
+                         f" {v['batched']['samples_per_s']:>12,.0f}"
                          f" {v['ratio']:>14.2f}x  {', '.join(f'{x:.2f}' for x in v['ratios'])}")
     for c in results["targets"]:
         state = ("met" if c["met"] else "MISSED") if c.get("applies", True) else "n/a here"
@@ -634,8 +642,9 @@ def main(argv=None) -> dict:
     p.add_argument("--replicas", default=None,
                    help="replicas mode: R or a list R1,R2,... batched networks against the single-run loop run R "
                         "times (the other benchmarks are skipped)")
-    p.add_argument("--conv-mode", default=None, choices=["grouped", "loop"],
-                   help="replicas mode: force lottery.batched.BatchedConv2d.mode (default: the library's choice)")
+    p.add_argument("--layout", default=None, choices=["stacked", "interleaved"],
+                   help="replicas mode: how the batched networks train (lottery.batched.LAYOUTS; default: what "
+                        "replica_batching=auto picks on the device)")
     p.add_argument("--single-models", type=int, default=8,
                    help="replicas mode: how many of the R single runs are timed (default 8)")
     args = p.parse_args(argv)
@@ -681,9 +690,6 @@ def main(argv=None) -> dict:
                "quick": q, "repeats": args.repeats, "batch_size": BATCH, "density": DENSITY,
                "plain_workers": args.workers, "loadavg_start": _loadavg(), "workloads": {}}
     if args.replicas is not None:
-        if args.conv_mode:
-            from lottery.batched import BatchedConv2d
-            BatchedConv2d.mode = args.conv_mode
         try:
             args.replicas = [int(r) for r in str(args.replicas).split(",")]
         except ValueError:

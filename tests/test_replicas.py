@@ -83,8 +83,11 @@ def _pool(shape, augment):
                      synthetic_test=24, synthetic_seed=0)
 
 
+@pytest.mark.parametrize("layout", ["stacked", "interleaved"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_batched_run_matches_single_runs(name):
+def test_batched_run_matches_single_runs(name, layout):
+    """Stacked: losses agree to round-off (LOSS_RTOL). Interleaved: each network computes what its single run does, so
+    losses and final weights are bit-identical."""
     kwargs, shape, opt, n = MODELS[name]
     augment = shape == "cifar10"
     cfg = _cfg(opt, augment)
@@ -101,31 +104,40 @@ def test_batched_run_matches_single_runs(name):
         x, y = data.train_batch(step)
         for u, sp in enumerate(splits):
             want_x, want_y = Batches(sp.data(), 8, seed=10 + seeds[u]).get(step)
-            assert torch.equal(x.view(8, n, *want_x.shape[1:])[:, u], want_x)
+            assert torch.equal(x[:, u], want_x)
             assert torch.equal(y[:, u], want_y)
 
     # the same start
-    stacked = B.stack([m for m, _ in nets])
-    for u, (m, _) in enumerate(nets):
-        assert all(torch.equal(v, m.state_dict()[k]) for k, v in B.state_of(stacked, u).items())
+    together = B.LAYOUTS[layout]([m for m, _ in nets], pool.x[:2])
+    for (m, _), state in zip(nets, together.states()):
+        assert state.keys() == m.state_dict().keys()
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
 
-    single_losses = []
+    single_losses, single_models, single_results = [], [], []
     for (m, mk), sp, s in zip(nets, splits, seeds):
         losses = []
         model = copy.deepcopy(m)
-        train(model, mk, sp.data(), cfg, start=0, data_seed=10 + s, steps=steps,
-              hooks=Hooks(on_log=lambda r, losses=losses: losses.append(r["train_loss"]), log_every=1))
+        single_results.append(train(model, mk, sp.data(), cfg, start=0, data_seed=10 + s, steps=steps,
+                                    hooks=Hooks(on_log=lambda r, losses=losses: losses.append(r["train_loss"]),
+                                                log_every=1)))
         single_losses.append(losses)
+        single_models.append(model)
     batched_losses = [[] for _ in seeds]
     for u, mem in enumerate(members):
         mem.hooks = Hooks(on_log=lambda r, u=u: batched_losses[u].append(r["train_loss"]), log_every=1)
-    results = B.train_batched(members, cfg, start=0, steps=steps)
+    results = B.train_batched(members, cfg, start=0, steps=steps, layout=layout)
 
     def worst(k):
         return max(abs(a - b) / abs(a) for s, b_ in zip(single_losses, batched_losses) for a, b in zip(s[:k], b_[:k]))
 
-    print(f"{name}: max relative loss difference, first 2 steps {worst(2):.1e}, {STEPS} steps {worst(STEPS):.1e}")
+    print(f"{name} {layout}: max relative loss difference, first 2 steps {worst(2):.1e}, {STEPS} steps "
+          f"{worst(STEPS):.1e}")
     assert all(len(b_) == STEPS for b_ in batched_losses)
+    if layout == "interleaved":
+        assert batched_losses == single_losses
+        assert [r["evals"] for r in results] == [r["evals"] for r in single_results]
+        for mem, single in zip(members, single_models):
+            assert all(torch.equal(v, single.state_dict()[k]) for k, v in mem.model.state_dict().items())
     assert worst(2) <= LOSS_RTOL_FIRST and worst(STEPS) <= LOSS_RTOL
     for mem, (_, mk), res in zip(members, nets, results):
         params = dict(mem.model.named_parameters())
@@ -134,8 +146,9 @@ def test_batched_run_matches_single_runs(name):
         assert [e["step"] for e in res["evals"]] == [0, 3, 6]
 
 
+@pytest.mark.parametrize("layout", ["stacked", "interleaved"])
 @pytest.mark.parametrize("name", ["lenet_300_100", "conv2", "resnet20"])
-def test_diverging_network_disturbs_no_other(name):
+def test_diverging_network_disturbs_no_other(name, layout):
     """Network 1's weights are NaN from the start; networks 0 and 2 end bit-identical to a batch where network 1 is
     healthy, and network 1's pruned weights stay exactly zero."""
     kwargs, _, opt, _ = MODELS[name]
@@ -153,7 +166,7 @@ def test_diverging_network_disturbs_no_other(name):
     def run(models):
         members = [B.Member(copy.deepcopy(m), mk, sp, s, Hooks()) for m, (_, mk), sp, s in
                    zip(models, nets, splits, range(3))]
-        return members, B.train_batched(members, cfg, start=0, steps=steps)
+        return members, B.train_batched(members, cfg, start=0, steps=steps, layout=layout)
 
     healthy, _ = run([m for m, _ in nets])
     broken, results = run([nets[0][0], bad, nets[2][0]])
@@ -261,26 +274,36 @@ def _summaries(parent):
 
 @pytest.fixture(scope="module")
 def batched_reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    r = _cli(run_dir)
-    assert r.returncode == 0, r.log
-    return _summaries(run_dir)
+    """Summaries of the uninterrupted run, per replica_batching (computed when first asked for)."""
+    refs = {}
+
+    def get(how):
+        if how not in refs:
+            run_dir = tmp_path_factory.mktemp("ref") / "run"
+            r = _cli(run_dir, f"replica_batching={how}")
+            assert r.returncode == 0, r.log
+            refs[how] = _summaries(run_dir)
+        return refs[how]
+    return get
 
 
-@pytest.mark.parametrize("fault", [["+fault.level=1", "+fault.kill_at=35"], ["+fault.level=0", "+fault.signal_at=25"]])
-def test_killed_or_signalled_batched_run_resumes_bit_identical(batched_reference, tmp_path, fault):
+@pytest.mark.parametrize("fault, how", [(["+fault.level=1", "+fault.kill_at=35"], "stacked"),
+                                        (["+fault.level=0", "+fault.signal_at=25"], "stacked"),
+                                        (["+fault.level=1", "+fault.kill_at=35"], "interleaved")])
+def test_killed_or_signalled_batched_run_resumes_bit_identical(batched_reference, tmp_path, fault, how):
+    """Stacked and interleaved (whose checkpoints keep each network's optimizer state under its own indices)."""
     run_dir = tmp_path / "run"
-    r = _cli(run_dir, *fault)
+    r = _cli(run_dir, *fault, f"replica_batching={how}")
     assert r.returncode != 0, r.log
     assert (run_dir / ".fault_fired").exists()
     if "+fault.signal_at=25" in fault:
         assert r.returncode == 75, r.log
         ck = load_torch(run_dir / "replicate_1" / "levels" / "level_0" / "ticket" / "checkpoint.pt")
         assert ck["step"] == 25
-    r = _cli(run_dir, *fault)
+    r = _cli(run_dir, *fault, f"replica_batching={how}")
     assert r.returncode == 0, r.log
     assert "resumed at step" in r.log
-    assert _summaries(run_dir) == batched_reference
+    assert _summaries(run_dir) == batched_reference(how)
 
 
 def test_one_wandb_run_per_replicate_in_one_group(tmp_path, monkeypatch):
@@ -301,10 +324,12 @@ def test_one_wandb_run_per_replicate_in_one_group(tmp_path, monkeypatch):
         assert (tmp_path / "run" / f"replicate_{s}" / "wandb_id.txt").exists()
 
 
-def test_sequential_replicas_equal_single_runs_exactly(replicated, tmp_path):
-    """`replica_batching=sequential` (what `auto` picks for conv models on a CPU) runs each unit with the single-run
-    loop: its summaries equal the single runs' exactly."""
-    run_experiment(tiny_cfg(*LEVELS, "replicas=[0,1]", "replica_batching=sequential"), tmp_path / "seq")
+@pytest.mark.parametrize("how", ["interleaved", "sequential"])
+def test_interleaved_and_sequential_replicas_equal_single_runs_exactly(replicated, tmp_path, how):
+    """`replica_batching=interleaved` (what `auto` picks for conv models on a CPU: one batched loop, each network
+    through its own model) and `sequential` (the single-run loop, one unit after another) give summaries exactly equal
+    to the single runs'."""
+    run_experiment(tiny_cfg(*LEVELS, "replicas=[0,1]", f"replica_batching={how}"), tmp_path / "seq")
     for s in (0, 1):
         one = json.loads((replicated / f"single_{s}" / "summary.json").read_text())
         seq = json.loads((tmp_path / "seq" / f"replicate_{s}" / "summary.json").read_text())
@@ -312,10 +337,10 @@ def test_sequential_replicas_equal_single_runs_exactly(replicated, tmp_path):
 
 
 def test_auto_batching_choice():
-    from lottery.replicas import batched_here
+    from lottery.replicas import layout
     cfg = tiny_cfg("device=cpu")
-    assert batched_here(cfg, build_model("lenet_300_100", (1, 28, 28), 10))
-    assert not batched_here(cfg, build_model("conv2", (3, 32, 32), 10))
-    assert batched_here(tiny_cfg("device=cpu", "replica_batching=batched"), build_model("conv2", (3, 32, 32), 10))
-    with pytest.raises(ValueError, match="replica_batching"):
+    assert layout(cfg, build_model("lenet_300_100", (1, 28, 28), 10)) == "stacked"
+    assert layout(cfg, build_model("conv2", (3, 32, 32), 10)) == "interleaved"
+    assert layout(tiny_cfg("device=cpu", "replica_batching=stacked"), build_model("conv2", (3, 32, 32), 10)) == "stacked"
+    with pytest.raises(ValueError, match="unknown replica_batching 'fast'; accepted: auto, stacked, interleaved"):
         run_experiment(tiny_cfg("replicas=2", "replica_batching=fast"), "/nonexistent/never_created")
