@@ -189,9 +189,14 @@ class Stacked(nn.Module):
     def forward(self, x):
         return unfold_logits(self.net(fold(x)), self.n)
 
-    def losses(self, out, y):
-        """Each network's mean training loss [U]; their sum's gradient is each network's own gradient."""
-        return F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).mean(0)
+    def backward(self, x, y, autocast: dict) -> torch.Tensor:
+        """Forward and backward of every network's mean training loss; returns the losses [U], detached. The sum's
+        gradient is each network's own gradient."""
+        with torch.autocast(**autocast):
+            out = self(x)
+            losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).mean(0)
+        losses.sum().backward()
+        return losses.detach().float()
 
     def states(self) -> list[dict]:
         """Every network's state_dict (copies), as the single model names it."""
@@ -232,8 +237,16 @@ class Interleaved(nn.Module):
     def forward(self, x):
         return torch.stack([net(x[:, u]) for u, net in enumerate(self.nets)], 1)
 
-    def losses(self, out, y):
-        return torch.stack([F.cross_entropy(out[:, u], y[:, u]) for u in range(self.n)])  # as lottery.train, exactly
+    def backward(self, x, y, autocast: dict) -> torch.Tensor:
+        # One network at a time, as its single run does (so exactly its arithmetic): only one network's activations are
+        # alive at once, so the memory is a single run's however many networks there are.
+        losses = []
+        for u, net in enumerate(self.nets):
+            with torch.autocast(**autocast):
+                loss = F.cross_entropy(net(x[:, u]), y[:, u])
+            loss.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses).float()
 
     def states(self) -> list[dict]:
         return [{k: v.clone() for k, v in net.state_dict().items()} for net in self.nets]
@@ -432,7 +445,9 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
                                data.pools[0].x.device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(batched, batched.stacked_masks([m.masks for m in members]))
-    forward = torch.compile(batched) if tcfg.compile else batched
+    if tcfg.compile:  # in place, so parameter names (masks, checkpoints) stay as they are
+        for net in (batched.nets if isinstance(batched, Interleaved) else [batched]):
+            net.compile()
     device = data.pools[0].x.device
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
     hooks = [m.hooks for m in members]
@@ -505,14 +520,10 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
             m = multiplier(step)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * m
-            with torch.autocast(**autocast):
-                out = forward(x)
-                losses = batched.losses(out, y)
             optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
+            losses = batched.backward(x, y, autocast)
             optimizer.step()
             mask_weights()
-            losses = losses.detach().float()
             loss_sum += losses
             loss_count += 1
             step += 1

@@ -67,6 +67,44 @@ def test_compile_keeps_masked_weights_exactly_zero():
             assert not torch.equal(p.detach()[kept], before[n][kept]), f"{n}: kept weights did not train"
 
 
+@pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
+@pytest.mark.parametrize("layout", ["stacked", "interleaved"])
+def test_compiled_batched_run_keeps_masks_and_names(layout):
+    """train.compile=true in a batched run: something compiles, pruned weights stay exactly zero, and every network's
+    state comes back under the single model's parameter names."""
+    from lottery.batched import Member, train_batched
+    from lottery.config import Steps
+    from lottery.data import load_pool, split
+    from lottery.train import Hooks
+    torch._dynamo.reset()
+    pool = load_pool("synthetic", "", val_size=64, synthetic_train=512, synthetic_test=64, synthetic_seed=0)
+    cfg = OmegaConf.structured(Config)
+    cfg.optimizer.name, cfg.optimizer.lr = "adam", 1e-2
+    cfg.train.batch_size, cfg.train.duration, cfg.train.eval_every = 32, "6it", "3it"
+    cfg.train.progress, cfg.train.compile = False, True
+    members, before = [], []
+    for s in range(2):
+        torch.manual_seed(s)
+        model = build_model("mlp", pool.input_shape, pool.num_classes, hidden=[32])
+        g = torch.Generator().manual_seed(s)
+        masks = {n: (torch.rand(p.shape, generator=g) < 0.2).float()
+                 for n, p in model.named_parameters() if n.endswith("weight")}
+        before.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        members.append(Member(model, masks, split(pool, 64, s), s, Hooks()))
+    from torch._dynamo.utils import counters
+    counters.clear()
+    results = train_batched(members, cfg, start=0, steps=Steps.resolve(cfg, 448 // 32), layout=layout)
+    assert counters["stats"]["unique_graphs"] >= 1, "torch.compile did not compile anything"
+    for m, b, r in zip(members, before, results):
+        assert r["final_step"] == 6 and r["test_accuracy"] is not None
+        assert m.model.state_dict().keys() == b.keys()
+        for n, p in m.model.named_parameters():
+            if n in m.masks:
+                pruned = m.masks[n] == 0
+                assert torch.all(p.detach()[pruned] == 0), n
+                assert not torch.equal(p.detach()[~pruned], b[n][~pruned]), f"{n}: kept weights did not train"
+
+
 def test_gpu_replicas_script_dry_run(tmp_path):
     """scripts/gpu_replicas.py (the GPU check of batched replicas) runs end to end in its CPU dry mode: the replicas
     benchmark at R = 1, 2 and a two-level lth_lenet_mnist with 5 replicates and the reinit control."""
