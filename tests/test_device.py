@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 import lottery.data as D
 from lottery import device as dev
+from lottery import train as T
 from lottery.data import Batches, Data, draw_epoch
 from lottery.imp import run_experiment
 from lottery.models import build_model
@@ -204,17 +205,22 @@ def test_optimizer_kind_per_device():
 # --- evaluation chunks -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["lenet_300_100", "conv2"])
-def test_chunked_evaluation_matches_one_forward(model):
+def test_chunked_evaluation_matches_one_forward(model, monkeypatch):
     g = torch.Generator().manual_seed(0)
     shape = (1, 28, 28) if model == "lenet_300_100" else (3, 32, 32)
     n = 2 * EVAL_CHUNK + (0 if model == "lenet_300_100" else -EVAL_CHUNK + 200)  # LeNet: 2000; Conv-2: 1200
     x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
     net = build_model(model, shape, 10)
+    assert T.eval_chunk(net, "cpu") == (1000 if model == "lenet_300_100" else 100)
+    assert T.eval_chunk(net, "cuda") == 1000
     loss, acc = evaluate(net, x, y, 10000)
     with torch.inference_mode():
         out = net.eval()(x)
     assert acc == (out.argmax(1) == y).sum().item() / n
     assert loss == pytest.approx(F.cross_entropy(out, y, reduction="sum").item() / n, rel=1e-6)
+    assert evaluate(net, x, y, 10000) == (loss, acc)
+    # the CPU's smaller chunks for conv models change nothing: chunks of 1000 give the same bits
+    monkeypatch.setattr(T, "CPU_CONV_EVAL_CHUNK", 1000)
     assert evaluate(net, x, y, 10000) == (loss, acc)
 
 

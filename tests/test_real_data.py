@@ -24,8 +24,8 @@ def test_lenet_dense_three_epochs_reaches_97_percent(tmp_path):
 @needs_data("cifar-10-batches-py")
 def test_conv2_trains_on_real_cifar10_and_loss_falls(tmp_path):
     cfg = make_cfg("model=conv2", "dataset=cifar10", f"dataset.root={DATA}", "dataset.verify=false",
-                   "dataset.val_size=1000", "pruning=none", "optimizer.lr=2e-4", "train.duration=200it",
-                   "train.eval_every=200it", "train.progress=false")
+                   "dataset.val_size=1000", "pruning=none", "optimizer.lr=2e-4", "train.duration=100it",
+                   "train.eval_every=100it", "train.progress=false")
     (record,) = run_experiment(cfg, tmp_path / "conv2")
     result = json.loads((tmp_path / "conv2" / "levels" / "level_0" / "ticket" / "result.json").read_text())
     losses = [e["val_loss"] for e in result["evals"]]
@@ -37,16 +37,18 @@ def test_conv2_trains_on_real_cifar10_and_loss_falls(tmp_path):
 @pytest.mark.slow
 @needs_data("MNIST", "raw")
 def test_winning_ticket_effect_lenet_mnist(tmp_path):
-    """Scaled-down lth_lenet_mnist (3,000 steps per level, 8 levels, down to 21.1%): the ticket is no less accurate
-    than the dense network (0.1 points of noise allowed), and randomly reinitializing it costs at least 0.3 points.
-    Accuracy is the test accuracy at the end of training; the early-stop accuracy is printed beside it (with one seed
-    and 3,000 steps it is the noisier of the two: the early-stop step is picked from 31 noisy validation losses)."""
-    cfg = make_cfg("experiment=lth_lenet_mnist", f"dataset.root={DATA}", "train.duration=3000it",
-                   "pruning.levels=8", "pruning.branches=[reinit]", "train.progress=false")
+    """Scaled-down lth_lenet_mnist (1,500 steps per level, 60% of the hidden weights and 30% of the output weights
+    pruned per level, 3 levels: down to 16.1%, the headline range): the ticket is no less accurate than the dense
+    network (0.1 points of noise allowed), and randomly reinitializing it costs at least 0.3 points. Accuracy is the
+    test accuracy at the end of training; the early-stop accuracy is printed beside it. Measured (2026-11-29, two
+    threads) over seeds 0-3: the ticket led the dense network by 0.9-1.3 points and its reinit control by 1.0-1.4."""
+    cfg = make_cfg("experiment=lth_lenet_mnist", f"dataset.root={DATA}", "train.duration=1500it",
+                   "pruning.levels=3", "pruning.rates.linear=0.6", "pruning.rates.output=0.3",
+                   "pruning.branches=[reinit]", "train.progress=false")
     summary = run_experiment(cfg, tmp_path / "lth")
     s = {(r["level"], r["branch"]): r for r in summary}
-    dense, ticket, reinit = s[(0, "ticket")], s[(7, "ticket")], s[(7, "reinit")]
-    assert round(100 * ticket["weights_remaining"], 1) == 21.1
+    dense, ticket, reinit = s[(0, "ticket")], s[(2, "ticket")], s[(2, "reinit")]
+    assert round(100 * ticket["weights_remaining"], 1) == 16.1
     print(json.dumps({k: (v["weights_remaining"], v["early_stop_test_accuracy"], v["test_accuracy"])
                       for k, v in [("dense", dense), ("ticket", ticket), ("reinit", reinit)]}))
     assert ticket["test_accuracy"] >= dense["test_accuracy"] - 0.001
