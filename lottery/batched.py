@@ -178,7 +178,7 @@ def check_forward(batched: nn.Module, models: list[nn.Module], x: torch.Tensor) 
 
 class Stacked(nn.Module):
     """The networks as one stacked model (`stack`): one batched matmul or grouped convolution per layer for all of
-    them. Takes per-network inputs [B, U, ...] and gives per-network logits [B, U, K], as `Interleaved` does."""
+    them. Takes per-network inputs [B, U, ...] and gives per-network logits [B, U, K]."""
 
     def __init__(self, models: list[nn.Module], sample: torch.Tensor):
         super().__init__()
@@ -203,7 +203,8 @@ class Stacked(nn.Module):
         state = self.net.state_dict()
         return [{k: v[u].clone() for k, v in state.items()} for u in range(self.n)]
 
-    def stacked_masks(self, masks: list[Masks]) -> Masks:
+    def named_masks(self, masks: list[Masks]) -> Masks:
+        """The networks' masks under this module's parameter names (for Masker): here stacked."""
         return {f"net.{k}": torch.stack([m[k] for m in masks]) for k in masks[0]}
 
     def optimizer_state(self, states: list[dict]) -> dict:
@@ -223,19 +224,17 @@ class Stacked(nn.Module):
 
 
 class Interleaved(nn.Module):
-    """The networks side by side, each through its own model on its own batch, in one step: one backward, one
-    optimizer step (multi-tensor over every network's parameters), one data pipeline and loop. Each network computes
-    exactly what its single run computes, so results equal single runs bit for bit; what it saves is the per-step
-    overhead, not arithmetic. Used where stacking loses (convolutions on a CPU: see lottery.replicas.layout)."""
+    """The networks side by side, each through its own model on its own batch, in one step: one optimizer step
+    (multi-tensor over every network's parameters), one data pipeline and loop. Each network computes exactly what its
+    single run computes, so results equal single runs bit for bit; what it saves is the per-step overhead, not
+    arithmetic. Used where stacking loses (convolutions on a CPU: see lottery.replicas.layout) or cannot batch a layer.
+    Evaluation runs each network through lottery.train.evaluate (`evaluate` below)."""
 
-    def __init__(self, models: list[nn.Module], sample: Optional[torch.Tensor] = None):
+    def __init__(self, models: list[nn.Module], sample: Optional[torch.Tensor] = None):  # sample: as Stacked's
         super().__init__()
         self.n = len(models)
         self.nets = nn.ModuleList(copy.deepcopy(m) for m in models)
         self.per_net = sum(1 for p in models[0].parameters() if p.requires_grad)
-
-    def forward(self, x):
-        return torch.stack([net(x[:, u]) for u, net in enumerate(self.nets)], 1)
 
     def backward(self, x, y, autocast: dict) -> torch.Tensor:
         # One network at a time, as its single run does (so exactly its arithmetic): only one network's activations are
@@ -251,7 +250,7 @@ class Interleaved(nn.Module):
     def states(self) -> list[dict]:
         return [{k: v.clone() for k, v in net.state_dict().items()} for net in self.nets]
 
-    def stacked_masks(self, masks: list[Masks]) -> Masks:
+    def named_masks(self, masks: list[Masks]) -> Masks:
         return {f"nets.{u}.{k}": v for u, m in enumerate(masks) for k, v in m.items()}
 
     def optimizer_state(self, states: list[dict]) -> dict:
@@ -444,7 +443,7 @@ def train_batched(members: list[Member], cfg, *, start: int, steps: Steps, end: 
     optimizer = make_optimizer([p for p in batched.parameters() if p.requires_grad], cfg.optimizer,
                                data.pools[0].x.device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    mask_weights = Masker(batched, batched.stacked_masks([m.masks for m in members]))
+    mask_weights = Masker(batched, batched.named_masks([m.masks for m in members]))
     if tcfg.compile:  # in place, so parameter names (masks, checkpoints) stay as they are
         for net in (batched.nets if isinstance(batched, Interleaved) else [batched]):
             net.compile()
