@@ -311,6 +311,14 @@ def _legend_below(fig, axes) -> None:
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=1, fontsize=8, frameon=False)
 
 
+def _finish_with_legend(fig, axes, title: str, bottom: float, out_dir: Path, stem: str) -> list[Path]:
+    """Title, layout above the legend's room (`_with_legend`), the legend below the plots, saved and closed."""
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    _legend_below(fig, axes)
+    return _save(fig, out_dir, stem)
+
+
 def _with_legend(height: float, entries: int) -> tuple[float, float]:
     """(figure height, bottom of the plot area) leaving room below the plots for a one-column legend of `entries`."""
     legend = 0.3 + 0.17 * entries  # inches: font size 8, one line per entry
@@ -508,10 +516,9 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
             _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
             ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
         axes[i][0].set_ylabel("Test accuracy (%)")
-    fig.suptitle(f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    _legend_below(fig, axes.flat)
-    written += _save(fig, out_dir, "lottery_ticket")
+    written += _finish_with_legend(fig, axes.flat,
+                                   f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", bottom,
+                                   out_dir, "lottery_ticket")
 
     # 2. early-stop iteration vs sparsity (runs without a validation split have none)
     if has_early:
@@ -525,10 +532,9 @@ def make_figures(rows: list[dict], out_dir) -> list[Path]:
             _percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
             ax.set_ylabel("Early-stop iteration\n(min validation loss)")
             ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
-        fig.suptitle(f"Early-stop iteration across IMP levels ({_band_note(n_max)})", fontsize=11)
-        fig.tight_layout(rect=(0, bottom, 1, 1))
-        _legend_below(fig, axes.flat)
-        written += _save(fig, out_dir, "early_stop")
+        written += _finish_with_legend(fig, axes.flat,
+                                       f"Early-stop iteration across IMP levels ({_band_note(n_max)})", bottom,
+                                       out_dir, "early_stop")
 
     # 3. per-layer density of the ticket masks across levels (one panel per method when methods differ: each chooses
     # its own layer densities; their points are their densities, as one-shot runs all sit at level 1)
@@ -626,10 +632,8 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
         _percent_axis(ax, [x for c in curves.values() for x in c[1]])
         ax.set_ylabel("Test accuracy (%)")
         ax.set_title(f"{panel[0]} on {panel[1]}: pruning methods, test accuracy at the end of training", fontsize=10)
-    fig.suptitle(f"Pruning at initialization vs IMP ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    _legend_below(fig, axes.flat)
-    written += _save(fig, out_dir, "methods")
+    written += _finish_with_legend(fig, axes.flat, f"Pruning at initialization vs IMP ({_band_note(n_max)})", bottom,
+                                   out_dir, "methods")
 
     with_branches = [m for m in methods if any(r["method"] == m and r["branch"] != "ticket" for r in rows)]
     if not with_branches:
@@ -660,10 +664,9 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int) -> list[Path]:
             _percent_axis(ax, [x for c in curves.values() for x in c[1]])
             ax.set_title(f"{m}\n{panel[0]} on {panel[1]}", fontsize=8.5)
             ax.set_ylabel("Test accuracy (%)")
-    fig.suptitle(f"Ablations of each method's masks ({_band_note(n_max)})", fontsize=11)
-    fig.tight_layout(rect=(0, bottom, 1, 1))
-    _legend_below(fig, [a for a in axes.flat if a.get_visible()])
-    written += _save(fig, out_dir, "ablations")
+    written += _finish_with_legend(fig, [a for a in axes.flat if a.get_visible()],
+                                   f"Ablations of each method's masks ({_band_note(n_max)})", bottom, out_dir,
+                                   "ablations")
     return written
 
 

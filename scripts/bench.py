@@ -150,6 +150,18 @@ def _sync(device):
 # --- training variants ---------------------------------------------------------------------------------------------
 # Each returns the seconds taken by `steps` training steps after `warmup` untimed ones.
 
+def _stamper(device):
+    """(stamps, stamp): stamp(k) is a hook that syncs `device` and records the time under k in stamps."""
+    stamps = {}
+
+    def stamp(k):
+        def f():
+            _sync(device)
+            stamps[k] = time.perf_counter()
+        return f
+    return stamps, stamp
+
+
 def run_project(model, masks, data, lr, device, warmup, steps, seed, precision="fp32", compile=False):
     cfg = OmegaConf.structured(Config)
     cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
@@ -161,14 +173,7 @@ def run_project(model, masks, data, lr, device, warmup, steps, seed, precision="
     # after the last step.
     no_eval = replace(data, val_x=data.val_x[:0], val_y=data.val_y[:0], test_x=data.test_x[:1],
                       test_y=data.test_y[:1])
-    stamps = {}
-
-    def stamp(k):
-        def f():
-            _sync(device)
-            stamps[k] = time.perf_counter()
-        return f
-
+    stamps, stamp = _stamper(device)
     train(model, masks, no_eval, cfg, start=0, end=end, data_seed=seed,
           hooks=Hooks(at_step={warmup: stamp(0), end: stamp(1)}))
     return stamps[1] - stamps[0]
@@ -299,14 +304,7 @@ def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds, la
     cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
     end = warmup + steps
     cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = BATCH, f"{end}it", False
-    stamps = {}
-
-    def stamp(k):
-        def f():
-            _sync(device)
-            stamps[k] = time.perf_counter()
-        return f
-
+    stamps, stamp = _stamper(device)
     members = [Member(m, mk, split_, s, Hooks()) for m, mk, s in zip(models, masks_list, seeds)]
     members[0].hooks = Hooks(at_step={warmup: stamp(0), end: stamp(1)})
     steps_ = Steps.resolve(cfg, len(split_.train_idx) // BATCH)
