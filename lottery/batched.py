@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lottery.config import Steps
+from lottery.core.steps import Steps
 from lottery.data import Split, _augment, draw_epoch, to_device
-from lottery.divergence import finite_or_none, nonfinite
+from lottery.core.divergence import finite_or_none, nonfinite
 from lottery.masks import Masker, Masks
-from lottery.train import Hooks, Preempted, early_stop, lr_schedule, make_optimizer
+from lottery.train import Hooks, early_stop, lr_schedule, make_optimizer
+from lottery.core.signals import Preempted
 from lottery.train import evaluate as single_evaluate
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from torch import nn
 
 from lottery import masks as M
 from lottery import pruning
-from lottery.config import derive_seed
+from lottery.core.seeds import derive_seed
 
 
 @dataclass

@@ -50,9 +50,10 @@ DIVERGED_EXIT = 3
 
 def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
-    from lottery.checkpoint import WriteFailed, install_stop_handlers
-    from lottery.divergence import Diverged
-    from lottery.train import Preempted
+    from lottery.core.files import WriteFailed
+    from lottery.core.signals import install_stop_handlers
+    from lottery.core.divergence import Diverged
+    from lottery.core.signals import Preempted
     install_stop_handlers()
     _quiet_log_file_errors()
     (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error

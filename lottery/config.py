@@ -6,15 +6,14 @@ a bad run fails in a second with one message instead of after data loading.
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from lottery.core.steps import parse_steps
 
 
 @dataclass
@@ -186,15 +185,15 @@ def register_configs() -> None:
 
 def _register_device_resolvers() -> None:
     """`${lottery_gpus:}` (GPUs this machine has) and `${lottery_local_device:N}` (job N's GPU), used by
-    conf/launcher/submitit_local.yaml; see lottery.device.local_job_device."""
+    conf/launcher/submitit_local.yaml; see lottery.core.device.local_job_device."""
     from omegaconf import OmegaConf
 
     def gpus() -> int:
-        from lottery.device import local_gpus
+        from lottery.core.device import local_gpus
         return local_gpus()
 
     def local_device(job_num=0) -> str:
-        from lottery.device import local_job_device
+        from lottery.core.device import local_job_device
         return local_job_device(job_num)
 
     OmegaConf.register_new_resolver("lottery_gpus", gpus, replace=True)
@@ -209,52 +208,6 @@ def import_extensions(cfg) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise ValueError(f"imports entry '{name}' cannot be imported ({e}); put its folder on PYTHONPATH") from e
-
-
-def derive_seed(seed: int, *parts) -> int:
-    """Independent, reproducible seeds for each random choice (data order, controls, pruning, ...)."""
-    digest = hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).hexdigest()
-    return int(digest[:15], 16)
-
-
-# --- durations ---------------------------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(it|ep)?\s*$")
-
-
-def parse_steps(value: Any, steps_per_epoch: int, what: str = "duration") -> int:
-    """'500it' -> 500, '2ep' -> 2 * steps_per_epoch, 300 -> 300 (iterations)."""
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ValueError(f"bad {what} '{value}'; accepted: '<N>it' (iterations), '<N>ep' (epochs) or a plain integer")
-    number, unit = float(m.group(1)), m.group(2) or "it"
-    steps = number * steps_per_epoch if unit == "ep" else number
-    if unit == "it" and not number.is_integer():
-        raise ValueError(f"bad {what} '{value}': iterations must be a whole number")
-    return int(math.floor(steps + 0.5))
-
-
-@dataclass(frozen=True)
-class Steps:
-    """Every duration of a run in steps, resolved once from the config and the epoch length."""
-    per_epoch: int
-    total: int  # train.duration
-    eval_every: int
-    warmup: int
-    milestones: tuple
-    rewind: int  # pruning.rewind
-    checkpoint_every: int
-
-    @staticmethod
-    def resolve(cfg, steps_per_epoch: int) -> "Steps":
-        t = cfg.train
-        parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731
-        total = parse(t.duration, "train.duration")
-        rewind = parse(cfg.pruning.rewind, "pruning.rewind")
-        return Steps(per_epoch=steps_per_epoch, total=total, eval_every=parse(t.eval_every, "train.eval_every"),
-                     warmup=parse(t.warmup, "train.warmup"),
-                     milestones=tuple(sorted(parse(m, "train.milestones entry") for m in t.milestones)),
-                     rewind=rewind, checkpoint_every=parse(cfg.checkpoint.every, "checkpoint.every"))
 
 
 # --- validation --------------------------------------------------------------------------------------------------
@@ -316,10 +269,10 @@ def validate(cfg) -> None:
         parse_steps(m, 1, "train.milestones entry")
     _choice(t.schedule, SCHEDULES, "train.schedule")
     _choice(t.precision, PRECISIONS, "train.precision")
-    from lottery.divergence import POLICIES
+    from lottery.core.divergence import POLICIES
     _choice(t.on_divergence, POLICIES, "train.on_divergence")
     _choice(cfg.device.split(":")[0], DEVICES, "device")
-    from lottery.device import check_device
+    from lottery.core.device import check_device
     check_device(cfg.device)  # cuda:7 on a two-GPU machine fails here, naming the GPUs there are
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be >= 1 (or null for PyTorch's default), got {cfg.threads}")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lottery.checkpoint import Checkpoints, load_json, remove_temp_files, save_json, write_text
+from lottery.core.files import Checkpoints, load_json, remove_temp_files, save_json, write_text
 from lottery.config import non_experiment
 from lottery.ticket import Ticket, load_ticket, save_ticket
 

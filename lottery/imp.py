@@ -18,20 +18,24 @@ from typing import Callable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lottery import device as D
+from lottery.core import device as D
 from lottery import masks as M
 from lottery import pruning
 from lottery.branches import BRANCHES, LevelContext, Unit, branch_settings
-from lottery.checkpoint import hand_over, load_torch, save_torch, stop_requested
-from lottery.config import Steps, derive_seed, validate
+from lottery.core.signals import hand_over, stop_requested
+from lottery.core.files import load_torch, save_torch
+from lottery.core.steps import Steps
+from lottery.core.seeds import derive_seed
+from lottery.config import validate
 from lottery.data import Batches, Split, load_data
-from lottery.divergence import Diverged
+from lottery.core.divergence import Diverged
 from lottery.folder import DETAIL_KEYS, RunFolder
 from lottery.init import initialize
 from lottery.models import build_model
 from lottery.ticket import Ticket, check_fits_config, load_ticket
 from lottery.tracking import Tracker
-from lottery.train import Hooks, Preempted, train
+from lottery.train import Hooks, train
+from lottery.core.signals import Preempted
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from lottery import masks as M
 from lottery.branches import LevelContext, Unit, register_branch
-from lottery.config import derive_seed, parse_steps
+from lottery.core.seeds import derive_seed
+from lottery.core.steps import parse_steps
 from lottery.train import evaluate
 
 BATCHNORM = ("interpolate", "recompute")

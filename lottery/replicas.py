@@ -23,17 +23,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lottery import batched
-from lottery.checkpoint import hand_over, save_json
+from lottery.core.signals import hand_over
+from lottery.core.files import save_json
 from lottery.config import validate
 from lottery.data import load_pool, split
 from lottery.folder import RunFolder
 from lottery import masks as M
 from lottery.branches import BRANCHES, LevelContext, branch_settings
-from lottery.checkpoint import load_torch, save_torch
-from lottery.divergence import Diverged
+from lottery.core.files import load_torch, save_torch
+from lottery.core.divergence import Diverged
 from lottery.imp import Job, Run, cpu_state, level_count, set_threads
 from lottery.models import build_model
-from lottery.train import Preempted, resolve_device
+from lottery.core.signals import Preempted
+from lottery.core.device import resolve_device
 
 log = logging.getLogger(__name__)
 

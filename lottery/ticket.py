@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery.checkpoint import load_torch, save_torch
+from lottery.core.files import load_torch, save_torch
 
 FORMAT = "lottery-ticket"
 VERSION = 1

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from lottery.checkpoint import appending
+from lottery.core.files import appending
 
 log = logging.getLogger(__name__)
 

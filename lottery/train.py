@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lottery.config import Steps
+from lottery.core.steps import Steps
 from lottery.data import Batches, Data
-from lottery.device import resolve_device  # noqa: F401 - re-exported: callers import it from here
-from lottery.divergence import finite_or_none, nonfinite
+from lottery.core.signals import Preempted
+from lottery.core.divergence import finite_or_none, nonfinite
 from lottery.masks import Masker, Masks
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(Exception):
-    """Raised after a checkpoint was written because the job was asked to stop (SIGUSR2/SIGTERM)."""
 
 
 def make_optimizer(params, ocfg, device=None) -> torch.optim.Optimizer:

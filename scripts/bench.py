@@ -22,7 +22,7 @@ Startup: a fresh interpreter, from `import lottery` through loading MNIST from d
 
 Variants run interleaved in one process, `--repeats` times; the table shows medians and the ratios project/plain and
 project/floor. On a CUDA device the project also runs with bf16 autocast and torch.compile, on and off, with the
-precision and determinism settings a run uses (lottery.device.configure: fp32 is IEEE fp32, deterministic), and
+precision and determinism settings a run uses (lottery.core.device.configure: fp32 is IEEE fp32, deterministic), and
 `check_no_syncs` counts the host-device syncs of the training loop over epoch boundaries and a checkpoint.
 
 Replicas (`--replicas 8`, or a list `--replicas 1,8,32,128`): aggregate training samples/s of R networks trained in one
@@ -58,9 +58,10 @@ from torchvision import transforms
 from lottery import masks as M
 from lottery.config import Config
 from lottery.data import _STATS, _unverified_cifar10, load_data
-from lottery.device import configure
+from lottery.core.device import configure
 from lottery.models import build_model
-from lottery.train import Hooks, evaluate, make_optimizer, resolve_device, train
+from lottery.train import Hooks, evaluate, make_optimizer, train
+from lottery.core.device import resolve_device
 
 BATCH = 60
 DENSITY = 0.2
@@ -194,7 +195,7 @@ def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20, epoch_ste
     import tempfile
     import warnings
 
-    from lottery.checkpoint import Checkpoints
+    from lottery.core.files import Checkpoints
     cfg = OmegaConf.structured(Config)
     cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
     end = warmup + steps
@@ -299,7 +300,7 @@ def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds, la
     """Seconds for `steps` batched steps of all `models` (`layout`: lottery.batched.LAYOUTS) after `warmup` untimed
     ones."""
     from lottery.batched import Member, train_batched
-    from lottery.config import Steps
+    from lottery.core.steps import Steps
     cfg = OmegaConf.structured(Config)
     cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
     end = warmup + steps
@@ -429,7 +430,8 @@ from lottery.config import Config
 from lottery.data import load_data
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.train import Hooks, resolve_device, train
+from lottery.train import Hooks, train
+from lottery.core.device import resolve_device
 t_import = time.perf_counter()
 root, device, n_synthetic = sys.argv[1], resolve_device(sys.argv[2]), int(sys.argv[3])
 cfg = OmegaConf.structured(Config)

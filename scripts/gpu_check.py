@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lottery.data import Batches, Data  # noqa: E402
-from lottery.device import configure, device_info, resolve_device  # noqa: E402
+from lottery.core.device import configure, device_info, resolve_device  # noqa: E402
 
 ROWS: list[dict] = []
 _CLOCK = [time.perf_counter()]

@@ -73,7 +73,7 @@ def test_compiled_batched_run_keeps_masks_and_names(layout):
     """train.compile=true in a batched run: something compiles, pruned weights stay exactly zero, and every network's
     state comes back under the single model's parameter names."""
     from lottery.batched import Member, train_batched
-    from lottery.config import Steps
+    from lottery.core.steps import Steps
     from lottery.data import load_pool, split
     from lottery.train import Hooks
     torch._dynamo.reset()

@@ -21,7 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import lottery.data as D
-from lottery import device as dev
+from lottery.core import device as dev
 from lottery import train as T
 from lottery.data import Batches, Data, draw_epoch
 from lottery.imp import run_experiment

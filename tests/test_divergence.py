@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lottery.imp as imp
-from lottery.divergence import Diverged
+from lottery.core.divergence import Diverged
 from lottery.imp import run_experiment
 from lottery.report import _curves, collect_runs, make_figures
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from lottery.checkpoint import load_torch
+from lottery.core.files import load_torch
 from lottery.config import validate
 from lottery.ticket import load_ticket
 

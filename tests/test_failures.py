@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lottery.checkpoint import WriteFailed, atomic_write_bytes, remove_temp_files, save_torch
+from lottery.core.files import WriteFailed, atomic_write_bytes, remove_temp_files, save_torch
 from lottery.imp import run_experiment
 
 from conftest import TINY, run_cli, tiny_cfg
@@ -184,7 +184,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["f.pt"]
 
     # an append that fails (metrics.jsonl) is cut back: no half line for readers or the next append
-    from lottery.checkpoint import appending
+    from lottery.core.files import appending
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 0}\n')
     with pytest.raises(WriteFailed, match="metrics.jsonl: No space left on device"):

@@ -11,11 +11,11 @@ from lottery import masks as M
 from lottery import pruning
 from lottery.data import load_data
 from lottery.imp import run_experiment, retrain
-from lottery.checkpoint import load_torch
+from lottery.core.files import load_torch
 from lottery.init import initialize
 from lottery.models import build_model
 from lottery.ticket import load_ticket
-from lottery.config import Steps
+from lottery.core.steps import Steps
 from lottery.train import Hooks, early_stop, lr_schedule, train
 
 from conftest import tiny_cfg

@@ -11,7 +11,7 @@ import torch
 from lottery import lmc
 from lottery import masks as M
 from lottery import pruning
-from lottery.checkpoint import load_torch
+from lottery.core.files import load_torch
 from lottery.config import validate
 from lottery.data import Data, load_data
 from lottery.imp import run_experiment

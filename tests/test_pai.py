@@ -249,7 +249,7 @@ def test_one_shot_at_init_without_dense_level_and_the_ablations(tmp_path):
     same = r.prune_level(1, r.masks_before(1))
     assert all(torch.equal(same[n].bool().cpu(), ticket.masks[n]) for n in masks)  # the ticket's scores again
     from lottery.data import Batches
-    from lottery.config import derive_seed
+    from lottery.core.seeds import derive_seed
     import itertools
     model = r.new_model()
     model.load_state_dict(r.rewind_state)

@@ -13,8 +13,9 @@ from torch import nn
 
 from lottery import batched as B
 from lottery import masks as M
-from lottery.checkpoint import load_torch
-from lottery.config import Config, Steps
+from lottery.core.files import load_torch
+from lottery.config import Config
+from lottery.core.steps import Steps
 from lottery.data import Batches, load_pool, split
 from lottery.imp import run_experiment
 from lottery.init import initialize
@@ -242,7 +243,7 @@ def test_replicate_folders_are_ordinary_runs(replicated):
 
 def test_resume_uses_the_previous_checkpoint_to_keep_the_batch_whole(tmp_path):
     """A kill while the units' checkpoints are written leaves some one checkpoint ahead."""
-    from lottery.checkpoint import Checkpoints
+    from lottery.core.files import Checkpoints
     from lottery.folder import RunFolder
     from lottery.imp import Job
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import run_cli
 
-from lottery.checkpoint import load_torch
+from lottery.core.files import load_torch
 from lottery.cli import PREEMPTED_EXIT
 
 STEPS, REWIND = 80, 10

@@ -266,6 +266,6 @@ def setup(cfg, run_dir: Path) -> tuple[torch.device, dict]:
     warning = check_resume(old, info, cfg.device)
     if warning:
         log.warning(warning)
-    from lottery.checkpoint import save_json
+    from lottery.core.files import save_json
     save_json(info, path)
     return device, info

@@ -1,4 +1,4 @@
-"""Atomic files, checkpoints that survive a kill, and the stop signal for preemption.
+"""Atomic files and checkpoints that survive a kill.
 
 Every file a run depends on is written to a temporary name and moved into place with `os.replace`, so a kill leaves
 either the old file or the new one, never half of one. Checkpoints keep the previous good copy; a checkpoint that
@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -191,41 +190,3 @@ class Checkpoints:
     def clear(self) -> None:
         for path in (self.current, self.previous):
             path.unlink(missing_ok=True)
-
-
-# --- stop requests -----------------------------------------------------------------------------------------------
-
-_stop: dict = {"signal": None, "previous": {}}
-
-
-def _handler(signum, frame):
-    _stop["signal"] = signum
-    log.warning("received %s: will checkpoint and stop at the next step", signal.Signals(signum).name)
-
-
-def install_stop_handlers() -> None:
-    """SIGUSR2 (SLURM's warning before a time limit, as submitit configures it) and SIGTERM (preemption) ask the
-    training loop to checkpoint and stop. The handlers they replace (submitit's, which requeue the job) are kept and
-    called by `hand_over` once the checkpoint is on disk, so the requeued job finds it."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (getattr(signal, "SIGUSR2", None), signal.SIGTERM):
-        if sig is not None:
-            previous = signal.signal(sig, _handler)
-            if previous is not _handler:
-                _stop["previous"][sig] = previous
-
-
-def stop_requested() -> bool:
-    return _stop["signal"] is not None
-
-
-def hand_over() -> None:
-    """After the checkpoint: let the replaced handler (submitit's requeue) act on the signal we caught."""
-    signum = _stop["signal"]
-    previous = _stop["previous"].get(signum)
-    _stop["signal"] = None
-    if callable(previous):
-        log.warning("checkpoint written; handing %s to the launcher to requeue the job", signal.Signals(signum).name)
-        previous(signum, None)
