@@ -50,7 +50,7 @@ def test_user_criterion_and_branch_from_own_module_via_cli(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["pruning.criterion.name=snap"], "unknown pruning criterion 'snap'; accepted: grasp, magnitude, magnitude_init, "
                                       "random, "),  # (a test's own criteria may follow)
-    (["+pruning.criterion.batches=3"], "unknown key pruning.criterion.batches for criterion 'magnitude'; accepted: none"),
+    (["+pruning.criterion.batches=3"], "unknown key pruning.criterion.batches for pruning criterion 'magnitude'; accepted: none"),
     (["pruning.branches=[reinit,mine]"], "unknown pruning.branches entry 'mine'; accepted: "),
     (["pruning.branches=[retrain]"], "unknown pruning.branches entry 'retrain'"),
     (["+branch.reinit.x=1", "pruning.branches=[reinit]"], "branch 'reinit' takes no settings"),
@@ -68,7 +68,7 @@ def test_bad_criterion_setting_is_one_error_line_before_any_work(tmp_path):
     run = tmp_path / "bad"
     out = run_cli(*TINY, "+pruning.criterion.batches=3", f"hydra.run.dir={run}", cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == ("error: unknown key pruning.criterion.batches for criterion "
+    assert out.stderr.strip().splitlines()[-1] == ("error: unknown key pruning.criterion.batches for pruning criterion "
                                                    "'magnitude'; accepted: none")
     assert not (run / "config.yaml").exists()
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from lottery import masks as M
 from lottery import pruning
 from lottery.branches import BRANCHES, LevelContext
 from lottery.config import validate
-from lottery.criteria import grasp, per_class, snip, synflow
+from lottery.pruning.pai import grasp, per_class, snip, synflow
 from lottery.folder import RunFolder
 from lottery.imp import Run, run_experiment
 from lottery.pruning import CRITERIA, select_global
@@ -198,7 +199,7 @@ def test_synflow_avoids_the_layer_collapse_of_global_magnitude_at_init():
     density = 0.01
     net = _deep_narrow()
     masks = {n: torch.ones_like(p) for n, p in net.named_parameters()}
-    prunable = [pruning.Prunable(n, "linear") for n in masks]
+    prunable = [M.Prunable(n, "linear") for n in masks]
     batches = iter(lambda: (torch.randn(4, 784), torch.zeros(4, dtype=torch.long)), None)
     with pytest.raises(ValueError, match=r"global magnitude_init pruning to 1% .* \(layer collapse\)"):
         pruning.prune(net, masks, prunable, pcfg, batches=batches, generator=torch.Generator(), keep_fraction=density)
@@ -286,7 +287,7 @@ def test_from_dense_prunes_every_level_from_the_dense_network_at_imps_counts(tmp
     (["method=snip", "pruning.rewind=20it"], "pruning.train_dense=false skips the dense network, which "
                                              "pruning.when=at_init with pruning.rewind=20it needs"),
     (["criterion=snip", "+pruning.criterion.batches=2"],
-     "unknown key pruning.criterion.batches for criterion 'snip'; accepted: num_batches"),
+     "unknown key pruning.criterion.batches for pruning criterion 'snip'; accepted: num_batches"),
     (["criterion=grasp", "pruning.criterion.temperature=hot"], "bad setting for pruning criterion 'grasp'"),
     (["pruning.branches=[inverse]"], "unknown pruning.branches entry 'inverse'; accepted: reinit, random_prune, "
                                      "shuffle, layer_shuffle, invert"),

@@ -43,11 +43,13 @@ def plain(node: Any) -> dict:
     return dict(node)
 
 
-def check_settings(raw: Mapping, settings: Optional[type], where: str, *, fn: Optional[Callable] = None,
+def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: str = "", fn: Optional[Callable] = None,
                    skip: Iterable[str] = (), defaults: bool = True) -> dict:
     """`raw` (a thing's keys, without `name`) checked and typed: against the dataclass `settings`, or else against
     the keyword parameters of `fn` (minus `skip`). `where` names the node in messages (e.g. `pruning.criterion` or
-    `branch.lmc`). Returns plain values, with the dataclass's defaults filled in when `defaults`."""
+    `branch.lmc`), `of` the thing (e.g. "pruning criterion 'snip'"). Returns plain values, with the dataclass's
+    defaults filled in when `defaults`."""
+    of_text = f" for {of}" if of else ""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -56,16 +58,16 @@ def check_settings(raw: Mapping, settings: Optional[type], where: str, *, fn: Op
         accepted = [f.name for f in dataclasses.fields(settings)]
         unknown = sorted(set(raw) - set(accepted))
         if unknown:
-            raise ValueError(f"unknown key {where}.{unknown[0]}; accepted: {', '.join(accepted) or 'none'}")
+            raise ValueError(f"unknown key {where}.{unknown[0]}{of_text}; accepted: {', '.join(accepted) or 'none'}")
         try:
             values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(settings), raw))
         except OmegaConfBaseException as e:
-            raise ValueError(f"bad setting {where}: {getattr(e, 'msg', e)}") from None
+            raise ValueError(f"bad setting{of_text or ' ' + where}: {getattr(e, 'msg', e)}") from None
         settings(**values)  # a settings class checks its values in __post_init__ (raising ValueError)
         return values if defaults else {k: values[k] for k in raw}
     if fn is None:
         if raw:
-            raise ValueError(f"{where} takes no settings, got {where}.{sorted(raw)[0]}")
+            raise ValueError(f"{of or where} takes no settings, got {where}.{sorted(raw)[0]}")
         return raw
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -74,5 +76,5 @@ def check_settings(raw: Mapping, settings: Optional[type], where: str, *, fn: Op
                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in set(skip)]
     unknown = sorted(set(raw) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown key {where}.{unknown[0]}; accepted: {', '.join(accepted) or 'none'}")
+        raise ValueError(f"unknown key {where}.{unknown[0]}{of_text}; accepted: {', '.join(accepted) or 'none'}")
     return raw

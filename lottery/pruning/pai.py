@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lottery.pruning import Batches, Scores, magnitude, register_criterion
+from lottery.pruning.criteria import Batches, Scores, magnitude, register_criterion
 from lottery.masks import Masks
 
 

@@ -1,0 +1,126 @@
+"""The schedule: how many entries each pruning step removes (the per-level rates, or straight to `pruning.target` in
+one shot), optionally in `pruning.rounds` exponentially spaced rounds with fresh scores each round (SynFlow's
+iterative schedule). *When* the scores are taken (`pruning.when`) is the experiment's choice of which weights it hands
+in."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from lottery.masks import Masks, Prunable, apply
+from lottery.pruning.criteria import Batches, score
+from lottery.pruning.selection import round_half_up, select_global, select_layerwise
+
+
+def layer_rates(prunable: list[Prunable], pcfg) -> dict[str, float]:
+    """Per-tensor rate: `layer_rates` (name or glob, with or without '.weight') > `rates[kind]` > `rate`."""
+    out = {}
+    for p in prunable:
+        rate = pcfg.rates.get(p.kind, pcfg.rate) if p.kind in ("linear", "conv", "output") else pcfg.rate
+        for pattern, r in pcfg.layer_rates.items():
+            if fnmatch.fnmatchcase(p.name, pattern) or fnmatch.fnmatchcase(p.name, f"{pattern}.weight"):
+                rate = r
+        out[p.name] = float(rate)
+    return out
+
+
+def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction: Optional[float] = None):
+    """How many entries survive one pruning step: {name: count} for layerwise pruning, a total for global pruning.
+
+    `keep_fraction` (one-shot) prunes straight to that fraction of each tensor (layerwise) or of all masked weights
+    (global) instead of applying the per-level rates."""
+    alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
+    if pcfg.scope == "global":
+        now = sum(alive.values())
+        if keep_fraction is not None:
+            return round_half_up(keep_fraction * sum(m.numel() for m in masks.values()))
+        return now - round_half_up(pcfg.rate * now)
+    if keep_fraction is not None:
+        return {n: round_half_up(keep_fraction * m.numel()) for n, m in masks.items()}
+    rates = layer_rates(prunable, pcfg)
+    return {n: a - round_half_up(rates[n] * a) for n, a in alive.items()}
+
+
+def level_survivors(masks: Masks, prunable: list[Prunable], pcfg, level: int):
+    """Survivors after `level` steps of the per-level rates from `masks`, from counts alone: {name: count} for
+    layerwise pruning, a total for global pruning (the counts IMP's levels have; used by pruning.from_dense)."""
+    alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
+    if pcfg.scope == "global":
+        total = sum(alive.values())
+        for _ in range(level):
+            total -= round_half_up(pcfg.rate * total)
+        return total
+    rates = layer_rates(prunable, pcfg)
+    for _ in range(level):
+        alive = {n: a - round_half_up(rates[n] * a) for n, a in alive.items()}
+    return alive
+
+
+def _round_target(now: int, final: int, r: int, rounds: int) -> int:
+    """Survivors after round r of `rounds`, spaced exponentially from `now` to `final` (the last round is exact)."""
+    if r == rounds or now == 0:
+        return final
+    return max(final, min(now, round_half_up(now * (final / now) ** (r / rounds))))
+
+
+def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, batches: Batches,
+          generator: torch.Generator, keep_fraction: Optional[float] = None,
+          rescore: Optional[Callable[[Masks], nn.Module]] = None, keep: Optional[dict[str, int] | int] = None,
+          invert: bool = False) -> Masks:
+    """One pruning step of the schedule: new masks scored on `model` (whose weights the caller chose).
+
+    With `pruning.rounds` > 1 the step is split into rounds: after each round the masks are applied to the model
+    (`rescore(masks)` returns the model to score next, defaulting to `model` with the masks applied) and scored anew.
+    `keep` replaces the schedule's counts: {name: survivors} per tensor (layerwise selection) or a total (global);
+    `invert` keeps the lowest scores instead of the highest (the invert ablation)."""
+    if keep is None:
+        target, scope = survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
+    else:
+        target, scope = (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
+    start = dict((n, int(m.count_nonzero())) for n, m in masks.items())
+    name = pcfg.criterion["name"]
+    rounds = int(pcfg.get("rounds", 1) or 1)
+    for r in range(1, rounds + 1):
+        if r > 1:
+            model = rescore(masks) if rescore is not None else _masked(model, masks)
+        scores = score(model, masks, pcfg.criterion, batches=batches, generator=generator)
+        if invert:
+            scores = {n: -s for n, s in scores.items()}
+        alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
+        if scope == "global":
+            now = _round_target(sum(start.values()), target, r, rounds)
+            masks = select_global(scores, masks, sum(alive.values()) - now, name)
+        else:
+            now = {n: _round_target(start[n], target[n], r, rounds) for n in masks}
+            masks = select_layerwise(scores, masks, {n: alive[n] - now[n] for n in masks})
+    return masks
+
+
+def _masked(model: nn.Module, masks: Masks) -> nn.Module:
+    apply(model, masks)
+    return model
+
+
+def plan_counts(masks: Masks, prunable: list[Prunable], pcfg) -> list[int]:
+    """Remaining prunable weights at each level, computed from counts alone (no weights needed).
+
+    Used to decide how many levels a `pruning.target` needs. Exact for layerwise pruning; for global pruning the
+    total is exact too (only the split between tensors depends on the scores)."""
+    rates = layer_rates(prunable, pcfg)
+    alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
+    counts = [sum(alive.values())]
+    for _ in range(10_000):
+        if pcfg.scope == "global":
+            total = counts[-1]
+            counts.append(total - round_half_up(pcfg.rate * total))
+        else:
+            alive = {n: a - round_half_up(rates[n] * a) for n, a in alive.items()}
+            counts.append(sum(alive.values()))
+        if counts[-1] == counts[-2]:
+            break
+        if pcfg.target is not None and counts[-1] <= pcfg.target * counts[0]:
+            break
+    return counts
