@@ -26,7 +26,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: 
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
-LMC = "lmc"  # lottery.lmc's branch: figures of its own (error along the path, instability)
+LMC = "lmc"  # lottery.branches.lmc's branch: figures of its own (error along the path, instability)
 # Keys that only say how far pruning goes: they place a run's points along the x axis (weights remaining) and never
 # split a line, so one-shot runs at several pruning.target values draw one line.
 X_KEYS = ("pruning.target", "pruning.levels")
@@ -348,7 +348,7 @@ def _mark_diverged(ax, xs: list[float]) -> None:
                 transform=blended_transform_factory(ax.transData, ax.transAxes))
 
 
-# --- linear mode connectivity (lottery.lmc) -------------------------------------------------------------------------
+# --- linear mode connectivity (lottery.branches.lmc) -------------------------------------------------------------------------
 
 def _spread(values_by_key: dict) -> dict:
     """{key: [values over replicates]} -> {key: (mean, min, max, n)}, None values left out."""

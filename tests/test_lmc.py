@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from lottery import lmc
+from lottery.branches import lmc
 from lottery import masks as M
 from lottery import pruning
 from lottery.core.files import load_torch
@@ -231,7 +231,7 @@ def test_recompute_option_runs_through_the_branch(tmp_path):
     ("branch.lmc.steps=[500x]", "bad branch.lmc.steps entry '500x'"),
     ("branch.lmc.levels=[-1]", "branch.lmc.levels entries are IMP levels"),
     ("branch.lmc.train_examples=0", "branch.lmc.train_examples must be >= 1"),
-    ("+branch.lmc.pointz=3", "unknown key branch.lmc.pointz; accepted: points, steps, levels"),
+    ("+branch.lmc.pointz=3", "unknown key branch.lmc.pointz for branch 'lmc'; accepted: points, steps, levels"),
     ("init.batchnorm=zeros", "unknown init.batchnorm 'zeros'; accepted: ones, uniform"),
 ])
 def test_bad_settings_fail_before_any_work(override, message):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery.branches import LevelContext, Unit, register_branch
+from lottery.branches.base import LevelContext, Unit, register_branch
 from lottery.core.seeds import derive_seed
 from lottery.core.steps import parse_steps
 from lottery.train import evaluate

@@ -14,7 +14,6 @@ are built before the level's ticket trains, and train in the same batch as the t
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery import pruning
+from lottery.core.registry import Registry, check_settings, plain
 from lottery.core.seeds import derive_seed
 
 
@@ -90,89 +89,24 @@ class Branch:
     capture: Optional[Callable[[dict, Any], list[int]]] = None
 
 
-BRANCHES: dict[str, Branch] = {}
+BRANCHES = Registry("branch")
 
 
 def register_branch(name: str, label: Optional[str] = None, *, settings: Optional[type] = None, dense: bool = False,
                     analyze: Optional[Callable] = None, selectable: bool = True, capture: Optional[Callable] = None):
     def decorator(fn):
-        if name in BRANCHES or name == "ticket":
-            raise ValueError(f"branch '{name}' is already registered")
-        BRANCHES[name] = Branch(name, fn, label or name, settings, dense, analyze, selectable, capture)
+        if name == "ticket":
+            raise ValueError("branch 'ticket' is already registered (it is the level's ticket itself)")
+        BRANCHES.add(name, Branch(name, fn, label or name, settings, dense, analyze, selectable, capture))
         return fn
     return decorator
 
 
 def branch_settings(name: str, cfg) -> dict:
     """`branch.<name>` as plain values, checked against the branch's settings dataclass."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    node = (cfg.get("branch") or {}).get(name) or {}
-    raw = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    cls = BRANCHES[name].settings
-    if cls is None:
-        if raw:
-            raise ValueError(f"branch '{name}' takes no settings, got branch.{name}.{sorted(raw)[0]}")
-        return {}
-    accepted = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown key branch.{name}.{unknown[0]}; accepted: {', '.join(accepted)}")
-    try:
-        values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(cls), raw))
-    except OmegaConfBaseException as e:
-        raise ValueError(f"bad setting for branch '{name}': {getattr(e, 'msg', e)}") from None
-    cls(**values)  # a settings class checks its values in __post_init__ (raising ValueError), before any work
-    return values
+    raw = plain((cfg.get("branch") or {}).get(name))
+    return check_settings(raw, BRANCHES.lookup(name).settings, f"branch.{name}", of=f"branch '{name}'")
 
 
 def label(branch: str) -> str:
     return BRANCHES[branch].label if branch in BRANCHES else branch
-
-
-# --- the controls of the lottery-ticket papers -----------------------------------------------------------------------
-
-@register_branch("reinit", "reinit control (ticket mask, fresh random init)")
-def reinit(ctx: LevelContext) -> list[Unit]:
-    return [Unit(ctx.new_model(init_seed=ctx.seed), ctx.masks)]
-
-
-@register_branch("random_prune", "random-pruning control (random mask, same per-layer sparsity)")
-def random_prune(ctx: LevelContext) -> list[Unit]:
-    masks = pruning.random_like(ctx.masks, ctx.generator())
-    return [Unit(ctx.ticket_model(masks), masks)]
-
-
-@register_branch("shuffle", "shuffle control (ticket mask permuted within each layer)")
-def shuffle(ctx: LevelContext) -> list[Unit]:
-    masks = pruning.shuffle(ctx.masks, ctx.generator())
-    return [Unit(ctx.ticket_model(masks), masks)]
-
-
-# --- the ablations of pruning at initialization (Frankle, Dziugaite, Roy & Carbin 2021) ------------------------------
-
-@register_branch("layer_shuffle", "layer-shuffle ablation (mask permuted within each layer)")
-def layer_shuffle(ctx: LevelContext) -> list[Unit]:
-    """Frankle et al. 2021's name for the shuffle control: random positions at the per-layer densities the criterion
-    chose, which tests whether a method's value lies in which weights it keeps or only in how many per layer."""
-    return shuffle(ctx)
-
-
-@register_branch("invert", "invert ablation (lowest scores kept, same per-layer counts)")
-def invert(ctx: LevelContext) -> list[Unit]:
-    """The level's criterion scores recomputed (same weights, data and seed as the ticket's pruning step), the
-    lowest-scoring weights kept, with the ticket's count in each layer. For an iterative schedule (pruning.rounds)
-    every round keeps the lowest scores, as Synaptic-Flow's invert option does."""
-    keep = {n: int(m.count_nonzero()) for n, m in ctx.masks.items()}
-    masks = ctx.run.prune_level(ctx.level, ctx.run.masks_before(ctx.level), keep=keep, invert=True)
-    return [Unit(ctx.ticket_model(masks), masks)]
-
-
-@register_branch("retrain", "ticket retrained in isolation", selectable=False)
-def retrain(ctx: LevelContext) -> list[Unit]:
-    return [Unit(ctx.ticket_model(), ctx.masks)]
-
-
-# the linear-mode-connectivity analysis lives in its own module; imported here so it is always registered
-from lottery import lmc  # noqa: E402,F401

@@ -1,0 +1,48 @@
+"""The controls of the lottery-ticket papers and the ablations of pruning at initialization, registered as branches."""
+from __future__ import annotations
+
+from lottery import pruning
+from lottery.branches.base import LevelContext, Unit, register_branch
+
+
+# --- the controls of the lottery-ticket papers -----------------------------------------------------------------------
+
+@register_branch("reinit", "reinit control (ticket mask, fresh random init)")
+def reinit(ctx: LevelContext) -> list[Unit]:
+    return [Unit(ctx.new_model(init_seed=ctx.seed), ctx.masks)]
+
+
+@register_branch("random_prune", "random-pruning control (random mask, same per-layer sparsity)")
+def random_prune(ctx: LevelContext) -> list[Unit]:
+    masks = pruning.random_like(ctx.masks, ctx.generator())
+    return [Unit(ctx.ticket_model(masks), masks)]
+
+
+@register_branch("shuffle", "shuffle control (ticket mask permuted within each layer)")
+def shuffle(ctx: LevelContext) -> list[Unit]:
+    masks = pruning.shuffle(ctx.masks, ctx.generator())
+    return [Unit(ctx.ticket_model(masks), masks)]
+
+
+# --- the ablations of pruning at initialization (Frankle, Dziugaite, Roy & Carbin 2021) ------------------------------
+
+@register_branch("layer_shuffle", "layer-shuffle ablation (mask permuted within each layer)")
+def layer_shuffle(ctx: LevelContext) -> list[Unit]:
+    """Frankle et al. 2021's name for the shuffle control: random positions at the per-layer densities the criterion
+    chose, which tests whether a method's value lies in which weights it keeps or only in how many per layer."""
+    return shuffle(ctx)
+
+
+@register_branch("invert", "invert ablation (lowest scores kept, same per-layer counts)")
+def invert(ctx: LevelContext) -> list[Unit]:
+    """The level's criterion scores recomputed (same weights, data and seed as the ticket's pruning step), the
+    lowest-scoring weights kept, with the ticket's count in each layer. For an iterative schedule (pruning.rounds)
+    every round keeps the lowest scores, as Synaptic-Flow's invert option does."""
+    keep = {n: int(m.count_nonzero()) for n, m in ctx.masks.items()}
+    masks = ctx.run.prune_level(ctx.level, ctx.run.masks_before(ctx.level), keep=keep, invert=True)
+    return [Unit(ctx.ticket_model(masks), masks)]
+
+
+@register_branch("retrain", "ticket retrained in isolation", selectable=False)
+def retrain(ctx: LevelContext) -> list[Unit]:
+    return [Unit(ctx.ticket_model(), ctx.masks)]
