@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.config import register_configs
-from lottery.slurm import register_launcher
+from lottery.launch.slurm import register_launcher
 
 log = logging.getLogger("lottery")
 register_configs()

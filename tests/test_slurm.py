@@ -122,7 +122,7 @@ def test_slurm_launcher_puts_site_settings_in_the_job_script(fake_slurm, tmp_pat
 def test_hanging_sacct_gives_way_to_squeue(tmp_path, monkeypatch):
     """An accounting database that does not answer: after SACCT_TIMEOUT_S the states come from squeue; a job that
     squeue no longer lists has ended, and one it lists keeps its state."""
-    from lottery import slurm
+    from lottery.launch import slurm
     _fake_programs(tmp_path / "bin", {
         "sacct": "import time; time.sleep(30)",
         "squeue": "print('77_0|RUNNING')\nprint('77_1|CANCELLED')",
@@ -374,7 +374,7 @@ def test_sbatch_script_requeues_itself_on_its_signal(job_name, tmp_path):
 @pytest.mark.slurm
 def test_warns_about_requests_no_node_can_meet(slurm_cluster):
     """slurm.yaml's defaults (a GPU, 8 CPUs, 32 GB) on this node: named before anything is submitted."""
-    from lottery.slurm import unsatisfiable
+    from lottery.launch.slurm import unsatisfiable
     problems = " ".join(unsatisfiable({"gpus_per_node": 1, "cpus_per_task": 999, "mem_gb": 10_000,
                                        "tasks_per_node": 1, "timeout_min": 240}))
     assert "1 GPUs" in problems and "999 CPUs" in problems and "MB of memory" in problems, problems
@@ -382,7 +382,7 @@ def test_warns_about_requests_no_node_can_meet(slurm_cluster):
 
 
 def test_unsatisfiable_reads_sinfo_fields():
-    from lottery.slurm import _gpus, _minutes, unsatisfiable
+    from lottery.launch.slurm import _gpus, _minutes, unsatisfiable
     assert [_minutes(x) for x in ["infinite", "30", "45:00", "4:00:00", "2-00:00:00"]] == \
         [float("inf"), 30, 45, 240, 2880]
     assert _gpus("gpu:a100:4(S:0-1),shard:8") == 4 and _gpus("(null)") == 0

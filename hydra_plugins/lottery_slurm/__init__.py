@@ -1,6 +1,6 @@
-"""`launcher=slurm`: hydra-submitit-launcher's SLURM launcher with the safeguards of lottery/slurm.py.
+"""`launcher=slurm`: hydra-submitit-launcher's SLURM launcher with the safeguards of lottery/launch/slurm.py.
 
-Hydra takes launcher classes only from the `hydra_plugins` package; the logic lives in lottery/slurm.py.
+Hydra takes launcher classes only from the `hydra_plugins` package; the logic lives in lottery/launch/slurm.py.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class LotterySlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from lottery import slurm
+        from lottery.launch import slurm
 
         assert self.config is not None and len(job_overrides) > 0
         slurm.warn_if_unsatisfiable(self.params)
