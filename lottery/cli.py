@@ -12,21 +12,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lottery.config import register_configs
+from lottery.config import conf_dir, register_configs
 from lottery.launch.slurm import register_launcher
 
 log = logging.getLogger("lottery")
 register_configs()
 register_launcher()
-
-
-
-def conf_dir() -> str:
-    """The configs: conf/ beside the package in a source checkout (editable install, PYTHONPATH), else the package
-    lottery.conf that pyproject.toml builds from conf/ (a plain `pip install .` or a wheel), from any folder."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    return str(source) if (source / "config.yaml").is_file() else "pkg://lottery.conf"
-
 
 CONF_DIR = conf_dir()
 
@@ -50,10 +41,9 @@ DIVERGED_EXIT = 3
 
 def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
-    from lottery.core.files import WriteFailed
-    from lottery.core.signals import install_stop_handlers
     from lottery.core.divergence import Diverged
-    from lottery.core.signals import Preempted
+    from lottery.core.files import WriteFailed
+    from lottery.core.signals import Preempted, install_stop_handlers
     install_stop_handlers()
     _quiet_log_file_errors()
     (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
@@ -120,7 +110,7 @@ def _quiet_log_file_errors() -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from lottery.imp import run_experiment
+    from lottery.experiment import run_experiment
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     _guard(lambda: run_experiment(cfg, run_dir), cfg, run_dir)
 
@@ -132,24 +122,19 @@ def train() -> None:
 
 def _ticket_config(cfg: DictConfig) -> DictConfig:
     """The ticket's own config, with exactly the keys the user overrode on the command line taken from `cfg`."""
-    from lottery.ticket import check_fits_config, load_ticket
+    from lottery.experiment.ticket import load_ticket, retrain_config
     if not cfg.ticket:
         raise ValueError("lottery-retrain needs ticket=PATH (a levels/level_<L>/ticket.pt file of a run)")
     ticket = load_ticket(Path(cfg.ticket).expanduser())
-    base = OmegaConf.merge(cfg, ticket.config)
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra.") or key in ("ticket",):
-            continue
-        OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
+    overridden = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    base = retrain_config(cfg, ticket.config, [k for k in overridden if not k.startswith("hydra.") and k != "ticket"])
     base.ticket = cfg.ticket
-    check_fits_config(ticket, base)  # before anything is written: a rerun with the right model must find no folder
     return base
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def _retrain(cfg: DictConfig) -> None:
-    from lottery.imp import retrain as retrain_ticket
+    from lottery.experiment import retrain as retrain_ticket
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     def go():

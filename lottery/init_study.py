@@ -26,7 +26,9 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-from lottery.cli import CONF_DIR  # noqa: E402  (source checkout or installed package: see lottery/cli.py)
+from lottery.config import conf_dir  # noqa: E402
+
+CONF_DIR = conf_dir()  # source checkout or installed package: see lottery.config.conf_dir
 LN10 = math.log(10)
 
 

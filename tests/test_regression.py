@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from lottery.imp import run_experiment
+from lottery.experiment import run_experiment
 
 from conftest import DATA, REPO, make_cfg, needs_data
 

@@ -9,12 +9,12 @@ loaded with `imports=[my_module]` and listed in `pruning.branches`. Its settings
 Seeds: a branch's randomness comes from `ctx.seed` = f(replicate seed, branch name, level), so every control is
 reproducible and independent of the others.
 
-A branch function must not read the level's trained ticket (final.pt): with `replicas` (lottery.replicas) its units
-are built before the level's ticket trains, and train in the same batch as the ticket.
+A branch function must not read the level's trained ticket (final.pt): with `replicas` its units are built before the
+level's ticket trains, and train in the same batch as the ticket.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -23,6 +23,8 @@ from torch import nn
 from lottery import masks as M
 from lottery.core.registry import Registry, check_settings, plain
 from lottery.core.seeds import derive_seed
+from lottery.core.steps import Steps
+from lottery.data import Split
 
 
 @dataclass
@@ -38,29 +40,28 @@ class Unit:
 
 @dataclass
 class LevelContext:
-    """What a branch sees of the level it runs on."""
-    run: Any  # lottery.imp.Run: cfg, data, steps, new_model
+    """What a branch sees of the level it runs on, and the few things it may do there. It does not see the run that
+    calls it: everything a branch needs is a field or a method here."""
     level: int
     branch: str
     masks: M.Masks  # the level's ticket masks
     rewind_step: int
-    rewind_state: dict  # full state_dict at the rewind point (CPU), before masking
-    settings: dict = field(default_factory=dict)  # this branch's `branch.<name>` node, validated
-
-    @property
-    def cfg(self):
-        return self.run.cfg
+    settings: dict  # this branch's `branch.<name>` node, validated
+    replicate: int  # the replicate seed
+    cfg: Any  # the run's config, read-only (model, train, ...: e.g. the evaluation batch size an analysis uses)
+    steps: Steps  # the run's durations in steps
+    data: Split  # the replicate's data: data.val(), data.test(), data.train_rows(idx), data.n_train
+    new_model: Callable[..., nn.Module]  # new_model(init_seed=None): a fresh model, initialized when given a seed
+    state_at: Callable[[int], dict]  # the dense run's full state after k steps (0, the rewind step, a captured k)
+    prune: Callable[..., M.Masks]  # prune(keep=counts, invert=False): the level's pruning, recomputed
 
     @property
     def seed(self) -> int:
-        return derive_seed(self.run.cfg.seed, self.branch, self.level)
+        """This branch's own seed at this level: f(replicate seed, branch name, level)."""
+        return derive_seed(self.replicate, self.branch, self.level)
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
-
-    def new_model(self, init_seed: Optional[int] = None) -> nn.Module:
-        """A fresh model of the run's architecture, initialized with `init_seed` by the run's initializer."""
-        return self.run.new_model(init_seed=init_seed)
 
     def ticket_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
         """A model holding the rewind-point weights with `masks` (default: the ticket's) applied."""
@@ -69,8 +70,8 @@ class LevelContext:
     def model_at(self, step: int, masks: Optional[M.Masks] = None) -> nn.Module:
         """A model holding the dense run's full state at `step` (a step the branch's `capture` asked for, the rewind
         step, or 0) with `masks` (default: the ticket's) applied."""
-        model = self.run.new_model()
-        model.load_state_dict(self.rewind_state if step == self.rewind_step else self.run.state_at(step))
+        model = self.new_model()
+        model.load_state_dict(self.state_at(step))
         M.apply(model, self.masks if masks is None else masks)
         return model
 

@@ -39,7 +39,7 @@ def invert(ctx: LevelContext) -> list[Unit]:
     lowest-scoring weights kept, with the ticket's count in each layer. For an iterative schedule (pruning.rounds)
     every round keeps the lowest scores, as Synaptic-Flow's invert option does."""
     keep = {n: int(m.count_nonzero()) for n, m in ctx.masks.items()}
-    masks = ctx.run.prune_level(ctx.level, ctx.run.masks_before(ctx.level), keep=keep, invert=True)
+    masks = ctx.prune(keep=keep, invert=True)
     return [Unit(ctx.ticket_model(masks), masks)]
 
 

@@ -25,8 +25,9 @@ from torch import nn
 from lottery import masks as M
 from lottery.branches.base import LevelContext, Unit, register_branch
 from lottery.core.seeds import derive_seed
+from lottery.data import Split
 from lottery.core.steps import parse_steps
-from lottery.train import evaluate
+from lottery.training import evaluate
 
 BATCHNORM = ("interpolate", "recompute")
 
@@ -103,9 +104,10 @@ def path(model: nn.Module, state_a: dict, state_b: dict, masks: M.Masks, alphas:
         if recompute is not None:
             recompute_batchnorm(model, *recompute)
         for name, (x, y) in splits.items():
-            loss, acc = evaluate(model, x, y, batch_size, precision)
+            metrics = evaluate(model, x, y, batch_size, precision)
+            acc = metrics["accuracy"]
             out[f"{name}_error"].append(None if acc is None else 100 * (1 - acc))
-            out[f"{name}_loss"].append(loss)
+            out[f"{name}_loss"].append(metrics["loss"])
     return out
 
 
@@ -116,12 +118,11 @@ def barrier(errors: list) -> Optional[float]:
     return max(errors) - (errors[0] + errors[-1]) / 2
 
 
-def train_subset(data, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_subset(data: Split, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed subset of the training set (without augmentation), the same for every level and k of a replicate."""
-    n = len(data.train_y)
+    n = data.n_train
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(size, n)]
-    idx = idx.to(data.train_x.device)
-    return data.train_x.index_select(0, idx), data.train_y.index_select(0, idx)
+    return data.train_rows(idx)
 
 
 # --- the branch ------------------------------------------------------------------------------------------------------
@@ -136,17 +137,17 @@ def _copies(ctx: LevelContext) -> list[Unit]:
     # The same two data orders for every k: only the starting point changes along the instability-vs-k curve.
     seeds = [derive_seed(ctx.seed, "copy", c) for c in ("a", "b")]
     return [Unit(ctx.model_at(k), ctx.masks, name=f"k{k}_{c}", start=k, data_seed=seed, keep_final=True)
-            for k in start_steps(ctx.settings, ctx.run.steps) for c, seed in zip(("a", "b"), seeds)]
+            for k in start_steps(ctx.settings, ctx.steps) for c, seed in zip(("a", "b"), seeds)]
 
 
 def _analyze(ctx: LevelContext, units: list[Unit], records: list[dict]) -> dict:
-    run, s = ctx.run, ctx.settings
+    s = ctx.settings
     n = s["points"]
     alphas = [i / (n - 1) for i in range(n)]
-    sub = train_subset(run.data, s["train_examples"], derive_seed(ctx.cfg.seed, "lmc", "train_subset"))
-    splits = {"test": (run.data.test_x, run.data.test_y), "train": sub}
+    sub = train_subset(ctx.data, s["train_examples"], derive_seed(ctx.replicate, "lmc", "train_subset"))
+    splits = {"test": ctx.data.test(), "train": sub}
     recompute = (sub[0], ctx.cfg.train.batch_size) if s["batchnorm"] == "recompute" else None
-    model = run.new_model()
+    model = ctx.new_model()
     by_step, curves = {}, {}
     for a, b in zip(units[0::2], units[1::2]):
         state_a = {k: v.detach() for k, v in a.model.state_dict().items()}

@@ -246,9 +246,8 @@ def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str
             f"each result record's device_info says where it finished")
 
 
-def setup(cfg, run_dir: Path) -> tuple[torch.device, dict]:
-    """Resolve the run's device, configure precision and determinism, log it, and check and record it in
-    `<run_dir>/device.json` (refusing or warning on a change of hardware, see `check_resume`)."""
+def setup(cfg) -> tuple[torch.device, dict]:
+    """Resolve the run's device, configure precision and determinism, and log it; returns (device, device_info)."""
     device = resolve_device(cfg.device)
     precision = cfg.train.precision
     deterministic = bool(cfg.get("deterministic", True))
@@ -256,6 +255,12 @@ def setup(cfg, run_dir: Path) -> tuple[torch.device, dict]:
         log.warning(w)
     info = device_info(device)
     log.info(describe(info, precision, deterministic))
+    return device, info
+
+
+def check_folder(run_dir: Path, info: dict, requested: str) -> None:
+    """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: refuse or warn
+    (`check_resume`). Writes nothing: the caller records `info` there once every check has passed."""
     path = Path(run_dir) / "device.json"
     old = None
     if path.exists():
@@ -263,9 +268,6 @@ def setup(cfg, run_dir: Path) -> tuple[torch.device, dict]:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-    warning = check_resume(old, info, cfg.device)
+    warning = check_resume(old, info, requested)
     if warning:
         log.warning(warning)
-    from lottery.core.files import save_json
-    save_json(info, path)
-    return device, info

@@ -34,20 +34,28 @@ def finite_or_none(record: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
-def describe(record: dict) -> str:
+def describe(record: dict, replicate: bool = False) -> str:
+    """`level 2 reinit has a non-finite loss by step 40 (finite at step 20)`, naming the replicate when asked."""
     last = record.get("last_finite_step")
-    return (f"level {record['level']} {record['branch']} has a non-finite loss by step {record['diverged_step']}"
+    who = f"replicate {record.get('replicate')}: " if replicate else ""
+    return (f"{who}level {record['level']} {record['branch']} has a non-finite loss by step {record['diverged_step']}"
             + (f" (finite at step {last})" if last is not None else ""))
 
 
 class Diverged(Exception):
     """Raised after the diverged units' records are written; the message names each one."""
 
-    def __init__(self, records: Iterable[dict], stopped: bool):
+    def __init__(self, records: Iterable[dict], stopped: bool, replicas: bool = False):
         self.records = list(records)
-        after = ("the run stopped there (train.on_divergence=stop; =continue trains the remaining controls)"
-                 if stopped else "the units that did not depend on it were trained")
+        if stopped:
+            after = ("the replicate stopped there (train.on_divergence=stop; =continue trains the remaining "
+                     "controls)" if replicas else
+                     "the run stopped there (train.on_divergence=stop; =continue trains the remaining controls)")
+        else:
+            after = "the units that did not depend on it were trained"
+        if replicas and stopped:
+            after += "; the other replicates finished"
         super().__init__(
-            f"training diverged: {'; '.join(describe(r) for r in self.records)}; recorded as diverged: true in "
+            f"training diverged: {'; '.join(describe(r, replicas) for r in self.records)}; recorded as diverged: true in "
             f"summary.json, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
             f"train.warmup) and run again in a new folder")

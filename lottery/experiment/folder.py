@@ -23,17 +23,14 @@ import fcntl
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from lottery.core.files import Checkpoints, load_json, remove_temp_files, save_json, write_text
 from lottery.config import non_experiment
-from lottery.ticket import Ticket, load_ticket, save_ticket
+from lottery.core.files import Checkpoints, load_json, remove_temp_files, save_json, write_text
+from lottery.experiment.records import without_details
+from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
 log = logging.getLogger(__name__)
-
-# Keys of a result file that stay there and out of summary.json: whole curves (training evaluations, an analysis's).
-DETAIL_KEYS = ("evals", "curves")
-
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -59,7 +56,9 @@ def differences(old: dict, new: dict) -> list[str]:
 
     A key that the old config lacks because it was added to lottery later is no difference while it keeps its
     schema default, and neither are the settings of branches the run does not list: a folder written by an older
-    version resumes unless a new option is actually used."""
+    version resumes unless a new option is actually used. A key only the old config has is one the new version no
+    longer reads (new configs record every setting of the dataset, optimizer and criterion they use, defaults
+    included), so it is no difference either."""
     a, b = _flatten(old), _flatten(new)
     defaults = _schema_defaults()
     listed = {*((old.get("pruning") or {}).get("branches") or []), *((new.get("pruning") or {}).get("branches") or [])}
@@ -69,6 +68,8 @@ def differences(old: dict, new: dict) -> list[str]:
             continue
         if k.startswith("branch.") and k.split(".")[1] not in listed:
             continue  # settings of a branch the run does not use change none of its results
+        if k not in b:
+            continue
         if k not in a and k in defaults and b[k] == defaults[k]:
             continue
         out.append(k)
@@ -119,13 +120,7 @@ class RunFolder:
         paths = sorted(self.path.glob("levels/level_*/*/result.json"),
                        key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
                                       p.parent.name))
-        out = []
-        for path in paths:
-            rec = load_json(path)
-            for key in DETAIL_KEYS:
-                rec.pop(key, None)
-            out.append(rec)
-        return out
+        return [without_details(load_json(path)) for path in paths]
 
     def write_summary(self) -> list[dict]:
         summary = self.results()
@@ -161,18 +156,19 @@ class RunFolder:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def prepare(self, cfg: DictConfig) -> dict:
-        """Write config.yaml, or check that an existing one describes the same experiment. Returns the resolved
-        config as plain dicts."""
+    def check_config(self, resolved: dict) -> bool:
+        """Refuse (ValueError naming the differing keys) if the folder holds another experiment; True if it holds
+        this one (a resume). Reads only."""
+        if not self.config.exists():
+            return False
+        old = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
+        diff = differences(old, resolved)
+        if diff:
+            raise ValueError(f"run folder {self.path} already holds a different experiment (differs in: "
+                             f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
+                             f"hydra.run.dir=... or rerun with the same settings to resume it")
+        return True
+
+    def write_config(self, resolved: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        if self.config.exists():
-            old = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
-            diff = differences(old, resolved)
-            if diff:
-                raise ValueError(f"run folder {self.path} already holds a different experiment (differs in: "
-                                 f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
-                                 f"hydra.run.dir=... or rerun with the same settings to resume it")
-            log.info("resuming run in %s", self.path)
         write_text(self.config, OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        return resolved

@@ -97,13 +97,18 @@ def _shape(t) -> str:
 
 
 def _data_desc(dataset) -> Optional[str]:
-    """`mnist`, `cifar10`, `synthetic 3x32x32`: the dataset and, where it varies, its input shape."""
-    from lottery.data import _SHAPES
+    """`mnist`, `cifar10`, `synthetic 3x32x32`: the dataset and, where it varies with its settings, its input shape."""
+    from lottery.data import DATASETS, dataset_settings
     if not dataset or not dataset.get("name"):
         return None
-    if dataset["name"] == "synthetic":
-        return f"synthetic {'x'.join(map(str, _SHAPES.get(dataset.get('synthetic_shape'), ())))}".strip()
-    return dataset["name"]
+    entry = DATASETS.get(dataset["name"])
+    if entry is None or not callable(entry.input_shape):
+        return dataset["name"]
+    try:
+        _, _, own = dataset_settings({k: v for k, v in dataset.items() if k != "verify"})
+    except ValueError:
+        return dataset["name"]
+    return f"{dataset['name']} {'x'.join(map(str, entry.shape(own)))}"
 
 
 def _made_for(ticket: Ticket) -> str:
@@ -139,25 +144,17 @@ def check_fits(ticket: Ticket, state: dict, model_name: str, where: Optional[str
 
 def check_fits_config(ticket: Ticket, cfg) -> None:
     """`check_fits` against the model `cfg` describes, built on the `meta` device (no memory, no data loaded), so a
-    mismatched ticket is refused before anything is written."""
+    mismatched ticket is refused before anything is written. `cfg` is a checked config (lottery.experiment.check)."""
     from omegaconf import OmegaConf
 
-    from lottery.config import import_extensions
-    from lottery.data import _SHAPES
+    from lottery.data import dataset_settings
     from lottery.models import build_model
-    import_extensions(cfg)  # a user's model registers itself on import
-    d = cfg.dataset
-    shape = _SHAPES.get(d.synthetic_shape if d.name == "synthetic" else d.name)
+    entry, _, own = dataset_settings(cfg.dataset)
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     name = kwargs.pop("name")
-    if shape is None:
-        return  # an unknown dataset or model is validate()'s to report
-    try:
-        with torch.device("meta"):
-            state = build_model(name, shape, 10, **kwargs).state_dict()  # every dataset here has 10 classes
-    except ValueError:
-        return
-    check_fits(ticket, state, name, _data_desc(OmegaConf.to_container(d, resolve=True)))
+    with torch.device("meta"):
+        state = build_model(name, entry.shape(own), entry.num_classes, **kwargs).state_dict()
+    check_fits(ticket, state, name, _data_desc(OmegaConf.to_container(cfg.dataset, resolve=True)))
 
 
 def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None) -> M.Masks:
@@ -167,3 +164,35 @@ def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None
     masks = M.from_bool(ticket.masks, model)
     M.apply(model, masks)
     return masks
+
+
+# Config nodes of registered things with settings of their own: a ticket's node replaces the composed one whole.
+_OWN_NODES = ("dataset", "optimizer", "pruning.criterion")
+
+
+def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
+    """The config of `lottery-retrain`: the ticket's own run config, with the keys the user overrode on the command
+    line (`overridden`) taken from `cfg`. Keys a ticket written by an older version holds that its dataset or
+    optimizer no longer takes (settings of another optimizer, say) are dropped."""
+    from omegaconf import OmegaConf
+    base = OmegaConf.merge(cfg, ticket_config)
+    for node in _OWN_NODES:
+        value = OmegaConf.select(OmegaConf.create(ticket_config), node)
+        if value is not None:
+            OmegaConf.update(base, node, _known_keys(node, OmegaConf.to_container(value)), merge=False)
+    for key in overridden:
+        OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
+    return base
+
+
+def _known_keys(node: str, values: dict) -> dict:
+    import dataclasses
+    from lottery.data import DATASETS
+    from lottery.data.registry import COMMON as DATA_COMMON
+    from lottery.training.optimizers import COMMON as OPT_COMMON, OPTIMIZERS
+    registry, common = {"dataset": (DATASETS, DATA_COMMON), "optimizer": (OPTIMIZERS, OPT_COMMON)}.get(node, (None, ()))
+    entry = registry.get(values.get("name")) if registry is not None else None
+    if entry is None:
+        return values
+    own = [f.name for f in dataclasses.fields(entry.settings)] if entry.settings else []
+    return {k: v for k, v in values.items() if k in common or k in own}

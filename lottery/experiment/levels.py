@@ -1,0 +1,180 @@
+"""The level loop: one loop for one replicate or R. Level 0 trains the dense network; level L prunes (scores taken after
+level L-1's training, or at the weights the level starts from: `pruning.when`), rewinds the survivors to the rewind
+point, and trains again from there with a fresh optimizer and the schedule restarted at the rewind step. The branches
+in `pruning.branches` then run on the level's ticket. A unit with a result is never trained again, so reruns and
+requeues resume.
+
+Replicates go through the levels in lockstep: each prunes its own masks, and the units of a level are trained as
+`execute` is told: one after another (a plain run), or the tickets and branch units of every replicate together,
+grouped by start step (replicas). Level 0's tickets train before the branches that run on the dense network, which
+start from states level 0 saves on its way.
+
+Divergence (lottery.core.divergence): a diverged ticket is never pruned to make the next level. With
+`train.on_divergence=stop` the replicate whose unit diverged stops there (its later units are not trained) and the
+other replicates go on; with `continue` the units that do not build on the diverged one still train. Either way the run
+ends with `Diverged` naming every diverged unit and its replicate.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from lottery import masks as M
+from lottery.branches import BRANCHES
+from lottery.core.divergence import Diverged
+from lottery.core.files import load_torch, save_torch
+from lottery.experiment import callbacks, plan
+from lottery.experiment.replicate import Replicate, cpu_state
+from lottery.experiment.ticket import Ticket
+from lottery.experiment.units import BranchPlan, Job, context, execute, finish_branch, plan_branch
+
+log = logging.getLogger(__name__)
+
+
+class Lineage:
+    """One replicate's state across levels: its model, its masks, the trained weights the next level prunes, its
+    diverged units, and whether it has stopped."""
+
+    def __init__(self, rep: Replicate):
+        self.rep = rep
+        cfg, folder = rep.cfg, rep.folder
+        self.model = model = rep.new_model(init_seed=cfg.seed)
+        if folder.init.exists():
+            model.load_state_dict(load_torch(folder.init))
+        else:
+            save_torch(cpu_state(model), folder.init)
+        self.init_state = cpu_state(model)
+        self.prunable = rep.prunable(model)
+        self.n_levels = plan.level_count(cfg, M.ones(model, self.prunable), self.prunable)
+        self.masks = M.ones(model, self.prunable)
+        if rep.steps.rewind == 0 and not folder.rewind.exists():
+            rep.set_rewind_state(self.init_state)
+        self.trained: Optional[dict] = None  # level L-1's trained weights while this process has them
+        self.ticket: dict = {}
+        self.diverged: list[dict] = []
+        self.stopped = False
+
+    def check(self, record: dict) -> None:
+        if record.get("diverged"):
+            self.diverged.append(record)
+            if self.rep.cfg.train.on_divergence == "stop":
+                self.stopped = True
+
+    def enter(self, level: int) -> bool:
+        """Set the level's masks (the saved ticket's, or pruned from level L-1); False: this level is skipped."""
+        if self.stopped:
+            return False
+        if level == 0:
+            return bool(self.rep.cfg.pruning.train_dense)
+        folder = self.rep.folder
+        if folder.has_ticket(level):
+            self.masks = M.from_bool(folder.load_ticket(level).masks, self.model)
+        else:
+            self.masks = plan.prune_level(self.rep, level, self.masks, trained=self.trained)
+        return True
+
+    def ticket_job(self, level: int) -> Optional[Job]:
+        """The job of the level's ticket, or None when it has a result (then read into `ticket`)."""
+        rep, folder, model, masks = self.rep, self.rep.folder, self.model, self.masks
+        if folder.done(level, "ticket"):
+            self.ticket = folder.load_result(level, "ticket")
+            self.trained = None
+            return None
+        if level == 0:
+            model.load_state_dict(self.init_state)
+            at_step = rep.capture_hooks(model)
+        else:
+            model.load_state_dict(rep.rewind_state)
+            at_step = {}
+        M.apply(model, masks)
+
+        def finish_ticket(record):
+            if not record["diverged"]:  # NaN weights are nothing to prune from
+                save_torch(cpu_state(model), folder.final_path(level))
+            folder.save_ticket(make_ticket(rep, level, masks, model, record))
+
+        return Job(rep, level, "ticket", model, masks, 0 if level == 0 else rep.steps.rewind, at_step=at_step,
+                   on_done=finish_ticket)
+
+    def ticket_trained(self, level: int, record: dict) -> None:
+        self.ticket = record
+        self.trained = cpu_state(self.model)
+        self.rep.tracker.artifact(self.rep.folder.ticket_path(level), f"ticket-level{level}")
+
+    def branch_plans(self, level: int) -> list[BranchPlan]:
+        """Plans of the level's branches without a record; the records of the others are checked."""
+        rep = self.rep
+        plans = []
+        for name in rep.cfg.pruning.branches:
+            if level == 0 and not BRANCHES[name].dense:
+                continue
+            if rep.folder.done(level, name):
+                self.check(rep.folder.load_result(level, name))
+                continue
+            plans.append(plan_branch(rep, context(rep, level, name, self.masks)))
+        return plans
+
+
+def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optional[dict]) -> Ticket:
+    state = {k: v.clone() for k, v in rep.rewind_state.items()}
+    for name, m in masks.items():
+        state[name] = state[name] * m.to(state[name].device, state[name].dtype)
+    remaining, total = M.count(masks)
+    return Ticket(level=level, masks=M.to_bool(masks), rewind_step=rep.steps.rewind, rewind_state=state,
+                  config=rep.resolved, weights_remaining=remaining / total if total else 1.0,
+                  params_remaining=M.params_remaining(model, masks), metrics=record)
+
+
+def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
+    """Run (or resume) every level of every replicate; returns the summary records of all of them."""
+    lineages = [Lineage(rep) for rep in reps]
+    of = {id(lin.rep): lin for lin in lineages}
+    units: dict[int, tuple[BranchPlan, int]] = {}  # id(job) -> (its branch plan, its index there)
+
+    def skip(job: Job) -> bool:
+        if of[id(job.rep)].stopped:
+            return True
+        unit = units.get(id(job))  # a branch's other units would build on a diverged one (its analysis too)
+        return unit is not None and any(r is not None and r.get("diverged") for r in unit[0].records)
+
+    for level in range(lineages[0].n_levels):
+        active = [lin for lin in lineages if lin.enter(level)]
+        if not active and all(lin.stopped for lin in lineages):
+            break
+        tickets = []
+        for lin in active:
+            job = lin.ticket_job(level)
+            if job is None:
+                lin.check(lin.ticket)
+            else:
+                tickets.append(job)
+
+        def on_record(job: Job, record: dict, level=level) -> None:
+            lin = of[id(job.rep)]
+            if id(job) in units:
+                branch_plan, i = units[id(job)]
+                branch_plan.records[i] = record
+                if record.get("diverged") and lin.rep.cfg.train.on_divergence == "stop":
+                    lin.stopped = True
+            else:
+                lin.ticket_trained(level, record)
+                lin.check(record)
+
+        if level == 0 or how == "sequential":  # the dense branches start from states level 0 saves on its way
+            execute(tickets, how, on_record, parent=parent, skip=skip)
+            tickets = []
+        plans = [p for lin in active if not lin.stopped for p in lin.branch_plans(level)]
+        units.update({id(job): (p, i) for p in plans for i, job in p.jobs})
+        execute([*tickets, *(job for p in plans for _, job in p.jobs)], how, on_record, parent=parent, skip=skip)
+        for p in plans:
+            if all(r is not None for r in p.records) or any(r and r.get("diverged") for r in p.records):
+                of[id(p.rep)].check(finish_branch(p))
+        for lin in active:
+            if lin.ticket.get("diverged"):
+                lin.stopped = True  # a diverged ticket is never pruned to make the next level
+        callbacks.level_done(reps, level)
+    summaries = [rec for rep in reps for rec in rep.folder.write_summary()]
+    diverged = [r for lin in lineages for r in lin.diverged]
+    if diverged:  # the units that did not depend on a diverged one are done; the run still failed
+        raise Diverged(diverged, stopped=reps[0].cfg.train.on_divergence == "stop", replicas=parent is not None)
+    return summaries

@@ -1,0 +1,60 @@
+"""The pruning plan of a run: how many levels it has, and how level L's masks are made (which weights are scored, from
+which masks, with which data and randomness)."""
+from __future__ import annotations
+
+import torch
+
+from lottery import masks as M
+from lottery import pruning
+from lottery.core.files import load_torch
+from lottery.core.seeds import derive_seed
+
+
+def level_count(cfg, masks: M.Masks, prunable) -> int:
+    """Levels of the run, level 0 (dense) included: pruning.levels, or as many as pruning.target needs."""
+    p = cfg.pruning
+    if p.target is not None:
+        return 2 if p.one_shot else len(pruning.plan_counts(masks, prunable, p))
+    return p.levels
+
+
+def masks_before(rep, level: int) -> M.Masks:
+    """The masks level `level` is pruned from: level L-1's ticket masks (all ones before level 1, and at every level
+    with pruning.from_dense)."""
+    model = rep.new_model()
+    if level <= 1 or rep.cfg.pruning.from_dense:
+        return M.ones(model, rep.prunable(model))
+    return M.from_bool(rep.folder.load_ticket(level - 1).masks, model)
+
+
+def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
+                keep: dict[str, int] | int | None = None, invert: bool = False) -> M.Masks:
+    """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
+    unless given), or on the rewind-point weights (`pruning.when`, or the criterion's own). With `pruning.from_dense`
+    every level prunes the dense network (level 0's weights, all-ones masks) to the count the level would have under
+    the per-level rates. The scoring data and randomness depend only on (seed, level), so a branch calling this again
+    gets the same scores; `keep` and `invert` are for such a branch (per-tensor counts, lowest scores kept)."""
+    p = rep.cfg.pruning
+    source = 0 if p.from_dense else level - 1  # the level whose masks (and trained weights) are pruned
+    if p.from_dense:
+        masks, trained = masks_before(rep, level), None
+    if pruning.scores_at(p) == "after_training":
+        state = trained if trained is not None else load_torch(rep.folder.final_path(source))
+    else:
+        state = rep.rewind_state
+
+    def scoring_model(current: M.Masks):
+        model = rep.new_model()
+        model.load_state_dict(state)
+        M.apply(model, current)
+        return model
+
+    model = scoring_model(masks)
+    prunable = rep.prunable(model)
+    if keep is None and p.from_dense and not p.one_shot:
+        keep = pruning.level_survivors(masks, prunable, p, level)
+    # built on first use: a criterion that reads no data draws no batch
+    batches = iter(rep.batches(derive_seed(rep.seed, "score", level)))
+    return pruning.prune(model, masks, prunable, p, keep_fraction=p.target if p.one_shot else None,
+                         rescore=scoring_model, keep=keep, invert=invert, batches=batches,
+                         generator=torch.Generator().manual_seed(derive_seed(rep.seed, "prune", level)))

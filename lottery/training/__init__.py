@@ -1,0 +1,19 @@
+"""Training: the one loop that trains one network or many, and what it is made of.
+
+- `loop`: `train(networks, cfg, start=, steps=, layout=)`, `Network`, `Hooks`: schedule, evaluation, divergence,
+  checkpoints and results, the same for every layout;
+- `layouts`: how N networks compute (`interleaved`, the single run when N = 1; `stacked`), `choose` (replicas' auto);
+- `optimizers`: the registry `OPTIMIZERS` (sgd, adam, adamw), `register_optimizer`, `make_optimizer`;
+- `schedule`: the learning rate as a function of the step;
+- `evaluation`: `evaluate` on a whole split, the early-stop step.
+
+Imports data, masks and core.
+"""
+from lottery.training.evaluation import EVAL_CHUNK, batch_sums, early_stop, eval_chunk, evaluate, metric_names
+from lottery.training.layouts import BATCHING, LAYOUTS, choose
+from lottery.training.loop import Hooks, Network, train
+from lottery.training.optimizers import OPTIMIZERS, make_optimizer, optimizer_settings, register_optimizer
+from lottery.training.schedule import lr_schedule
+
+__all__ = ["EVAL_CHUNK", "batch_sums", "metric_names", "early_stop", "eval_chunk", "evaluate", "BATCHING", "LAYOUTS", "choose", "Hooks", "Network",
+           "train", "OPTIMIZERS", "make_optimizer", "optimizer_settings", "register_optimizer", "lr_schedule"]

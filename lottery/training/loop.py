@@ -1,0 +1,209 @@
+"""The training loop: one or many networks (a single unit, replicates, a level's ticket and its controls) from step
+`start` to step `end`, with the same code for the schedule, evaluation, divergence, checkpoints and results.
+
+How the networks compute is the layout's (lottery.training.layouts): `interleaved` (each network its own model and
+batch; with one network, the single run) or `stacked` (one batched model). Everything else is here and the same for
+both: batches are a function of (seed, step) (lottery.data.Batches), so a resumed run sees the same data; losses
+accumulate in device tensors and are read only at evaluations and loss logs; the learning rate is a pure function of
+the step, so the schedule needs no state and restarts exactly at a rewind step; pruned weights are overwritten with
+zero after every optimizer step (lottery.masks.Masker, the one place masks touch weights during training).
+
+A network whose loss turns NaN or infinite is done at that evaluation (or training-loss log): its record says
+`diverged` (lottery.core.divergence); the others train on, unaffected (nothing couples the networks).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lottery.core.divergence import finite_or_none, nonfinite
+from lottery.core.signals import Preempted
+from lottery.core.steps import Steps
+from lottery.data import Batches
+from lottery.masks import Masker, Masks
+from lottery.training.evaluation import early_stop
+from lottery.training.layouts import LAYOUTS, keep_freed_memory
+from lottery.training.optimizers import make_optimizer
+from lottery.training.schedule import lr_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hooks:
+    """What the loop calls for a network besides training it: all optional, all cheap when unused."""
+    on_eval: Optional[Callable[[dict], None]] = None  # every evaluation record
+    on_log: Optional[Callable[[dict], None]] = None  # mean training loss every `log_every` steps
+    log_every: int = 0
+    at_step: dict[int, Callable[[], None]] = field(default_factory=dict)  # after k steps (rewind capture, callbacks)
+    checkpoint: Optional[Callable[[dict], None]] = None  # called with the network's state every `checkpoint_every`
+    checkpoint_every: int = 0
+    should_stop: Callable[[], bool] = lambda: False  # checked after each step: checkpoint, then raise Preempted
+
+
+@dataclass
+class Network:
+    """One network of a training call: its model (weights and masks applied), its batches (split and data seed),
+    its hooks, and the checkpoint it resumes from (the state a `hooks.checkpoint` call received), if any."""
+    model: nn.Module
+    masks: Masks
+    batches: Batches
+    hooks: Hooks = field(default_factory=Hooks)
+    resume: Optional[dict] = None
+
+
+def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
+          layout: str = "interleaved", desc: str = "train") -> list[dict]:
+    """Train every network in place from step `start` to `end` (default: the end of training) and return one result
+    per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
+    after their checkpoint's step and end bit-identical to an uninterrupted run."""
+    tcfg = cfg.train
+    end = steps.total if end is None else end
+    n = len(networks)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}'; accepted: {', '.join(LAYOUTS)}")
+    resumed = [nw.resume is not None for nw in networks]
+    if any(resumed) and not all(resumed):
+        raise ValueError("a batch of networks resumes all its networks or none")
+    if any(resumed) and len({nw.resume["step"] for nw in networks}) > 1:
+        raise ValueError("a batch of networks resumes all its networks from the same step")
+    for nw in networks:
+        if nw.resume is not None:
+            nw.model.load_state_dict(nw.resume["model"])
+    if n > 1:
+        keep_freed_memory()
+    net = LAYOUTS[layout]([nw.model for nw in networks], [nw.batches for nw in networks])
+    device = net.device
+    multiplier = lr_schedule(tcfg, steps)
+    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optimizer, device)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
+    if tcfg.compile:
+        net.compile_in_place()
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+    hooks = [nw.hooks for nw in networks]
+    log_every = next((h.log_every for h in hooks if h.on_log), 0)
+    at_steps = {s for h in hooks for s in h.at_step}
+    can_checkpoint = all(h.checkpoint is not None for h in hooks)
+    ckpt_every = hooks[0].checkpoint_every
+
+    loss_sum = torch.zeros(n, device=device)
+    loss_count = [0] * n
+    log_sum = torch.zeros(n, device=device)
+    evals: list[list[dict]] = [[] for _ in networks]
+    step = start
+    diverged_at: list[Optional[int]] = [None] * n
+    if all(resumed):
+        optimizer.load_state_dict(net.optimizer_state([nw.resume["optimizer"] for nw in networks]))
+        step = networks[0].resume["step"]
+        evals = [list(nw.resume["evals"]) for nw in networks]
+        diverged_at = [e[-1]["step"] if e and e[-1].get("diverged") else None for e in evals]
+        loss_sum += torch.stack([nw.resume["loss_sum"].reshape(()) for nw in networks]).to(device)
+        loss_count = [nw.resume["loss_count"] for nw in networks]
+        log_sum += torch.stack([nw.resume["log_sum"].reshape(()) for nw in networks]).to(device)
+
+    def active() -> list[int]:
+        return [u for u in range(n) if diverged_at[u] is None]
+
+    def run_eval(which: list[int]) -> None:
+        """Evaluate the networks in `which` (an evaluation step: every active one; a loss log that saw a non-finite
+        loss: those whose loss it was) and append their records."""
+        val = net.evaluate("val", tcfg.eval_batch_size, tcfg.precision, which)
+        test = net.evaluate("test", tcfg.eval_batch_size, tcfg.precision, which)
+        counts = torch.tensor([max(c, 1) for c in loss_count], dtype=loss_sum.dtype, device=device)
+        train_loss = (loss_sum / counts).tolist()
+        lr = base_lrs[0] * multiplier(max(step - 1, 0))
+        for u in which:
+            record = {"step": step, "train_loss": train_loss[u] if loss_count[u] else None,
+                      **{f"val_{k}": v for k, v in val[u].items()}, **{f"test_{k}": v for k, v in test[u].items()},
+                      "lr": lr}
+            if nonfinite(record["train_loss"], record["val_loss"], record["test_loss"]):
+                diverged_at[u] = step
+                # the accuracy of a network of NaNs is chance, not a measurement of it: only the step and rate stay
+                record = {**dict.fromkeys(record), "step": step, "lr": lr, "diverged": True}
+            loss_sum[u] = 0
+            loss_count[u] = 0
+            evals[u].append(record)
+            if hooks[u].on_eval:
+                hooks[u].on_eval(record)
+
+    def call_at_step(s: int) -> None:
+        for u, h in enumerate(hooks):
+            if s in h.at_step:
+                net.sync(u)  # the hook sees this network's weights now
+                h.at_step[s]()
+
+    def checkpoint() -> None:
+        states, opt_states = net.states(), net.optimizer_states(optimizer.state_dict())
+        sums, logs = loss_sum.cpu(), log_sum.cpu()
+        for u, h in enumerate(hooks):
+            h.checkpoint({"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
+                          "loss_sum": sums[u].clone(), "loss_count": loss_count[u], "log_sum": logs[u].clone()})
+
+    net.train()
+    if not all(resumed):
+        mask_weights()
+        if start in at_steps:
+            call_at_step(start)
+        run_eval(active())
+    bar = tqdm(total=end - start, initial=step - start, desc=desc, leave=False, dynamic_ncols=True,
+               disable=not (tcfg.progress and sys.stderr.isatty()))
+    try:
+        while step < end and any(d is None for d in diverged_at):
+            m = multiplier(step)
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * m
+            optimizer.zero_grad(set_to_none=True)
+            losses = net.backward(step, autocast, [d is None for d in diverged_at])
+            optimizer.step()
+            mask_weights()
+            loss_sum += losses
+            for u in range(n):
+                loss_count[u] += 1
+            step += 1
+            bar.update(1)
+            if log_every:
+                log_sum += losses
+                if step % log_every == 0:
+                    values = (log_sum / log_every).tolist()
+                    log_sum.zero_()
+                    for u in active():
+                        if hooks[u].on_log:
+                            hooks[u].on_log(finite_or_none({"step": step, "train_loss": values[u],
+                                                            "lr": base_lrs[0] * m}))
+                    bad = [u for u in active() if nonfinite(values[u])]
+                    if bad:
+                        run_eval(bad)  # record the state each diverged in; those networks are done
+            if step in at_steps:
+                call_at_step(step)
+            if step % steps.eval_every == 0 or step == end:
+                run_eval(active())
+                last = next((evals[u][-1] for u in active()), None)
+                if n == 1 and last is not None and last["test_accuracy"] is not None:
+                    bar.set_postfix(test_acc=f"{last['test_accuracy']:.4f}", refresh=False)
+            if can_checkpoint and step < end and any(d is None for d in diverged_at):
+                if hooks[0].should_stop():
+                    checkpoint()
+                    raise Preempted(f"stopped at step {step}; checkpoint written")
+                if ckpt_every and step % ckpt_every == 0:
+                    checkpoint()
+    finally:
+        bar.close()
+    net.sync()
+    results = []
+    for u in range(n):
+        last = evals[u][-1]
+        final = step if diverged_at[u] is None else diverged_at[u]
+        result = {"steps": end, "start_step": start, "final_step": final, "evals": evals[u],
+                  **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))}, **early_stop(evals[u]),
+                  "diverged": diverged_at[u] is not None, "diverged_step": diverged_at[u]}
+        if diverged_at[u] is not None:  # no final metrics: a diverged network's are chance, not a result
+            result["last_finite_step"] = evals[u][-2]["step"] if len(evals[u]) > 1 else None
+        results.append(result)
+    return results
