@@ -160,10 +160,19 @@ def conf_dir() -> str:
     return str(source) if (source / "config.yaml").is_file() else "pkg://lottery.conf"
 
 
+# Nodes whose keys are a registered thing's own settings: open, so `dataset.verify=false` or `optimizer.momentum=0.9`
+# needs no `+` whichever dataset or optimizer the composed config starts from (lottery-retrain starts from the
+# defaults and takes the ticket's), and checked against the registry instead (lottery.experiment.check).
+OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch")
+
+
 def register_configs() -> None:
     from omegaconf import OmegaConf
     cs = ConfigStore.instance()
-    cs.store(name="lottery_schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    for key in OPEN_NODES:
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    cs.store(name="lottery_schema", node=schema)
     if not OmegaConf.has_resolver("lottery_dirname"):
         OmegaConf.register_new_resolver("lottery_dirname", lambda overrides: job_dirname(overrides or []))
     _register_device_resolvers()

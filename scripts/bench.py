@@ -8,15 +8,15 @@
 Workloads: LeNet-300-100 on MNIST (batch 60, Adam 1.2e-3) and Conv-2 on CIFAR-10 (batch 60, Adam 2e-4, flip + crop
 augmentation), every prunable weight masked to 20% density. Training variants, timed without any evaluation:
 
-  project  `lottery.train.train` itself (the code every experiment runs), timed between two `at_step` hooks, so setup,
-           warm-up steps and the start/end evaluations are outside the timed window;
+  project  `lottery.training.train` itself (the code every experiment runs), timed between two `at_step` hooks, so
+           setup, warm-up steps and the start/end evaluations are outside the timed window;
   plain    the loop popular reimplementations write: a torchvision dataset with ToTensor/Normalize (and
            RandomCrop/RandomHorizontalFlip for CIFAR-10) transforms, a shuffling DataLoader, the same nn.Module, default
            torch.optim.Adam, `loss.item()` per step, masks multiplied in after each optimizer step;
   floor    a hand-written loop over batches already in memory as normalized tensors: forward, loss, zero_grad,
            backward, optimizer step (the optimizer the project builds); no masks, no augmentation, nothing else.
 
-Evaluation: the project's `lottery.train.evaluate` on the validation and test splits against the plain loop's
+Evaluation: the project's `lottery.training.evaluate` on the validation and test splits against the plain loop's
 DataLoader evaluation (batch 1000, no_grad, `.item()` per batch) of the same 15,000 samples.
 Startup: a fresh interpreter, from `import lottery` through loading MNIST from disk to the first completed step.
 
@@ -26,10 +26,10 @@ precision and determinism settings a run uses (lottery.core.device.configure: fp
 `check_no_syncs` counts the host-device syncs of the training loop over epoch boundaries and a checkpoint.
 
 Replicas (`--replicas 8`, or a list `--replicas 1,8,32,128`): aggregate training samples/s of R networks trained in one
-batched loop (`lottery.batched.train_batched`, what `lottery-train replicas=R` runs) against the project's single-run
-loop run R times one after another (each network its own init seed, data order and 20% random masks; the single-run
-rate is measured on min(R, --single-models) of them, since R runs in sequence go at one run's rate). Interleaved,
-medians of --repeats; the 1-minute load average is recorded before and after.
+batched loop (`lottery.training.train` with R networks, what `lottery-train replicas=R` runs) against the project's
+single-run loop run R times one after another (each network its own init seed, data order and 20% random masks; the
+single-run rate is measured on min(R, --single-models) of them, since R runs in sequence go at one run's rate).
+Interleaved, medians of --repeats; the 1-minute load average is recorded before and after.
 """
 from __future__ import annotations
 
@@ -57,11 +57,12 @@ from torchvision import transforms
 
 from lottery import masks as M
 from lottery.config import Config
-from lottery.data import _STATS, _unverified_cifar10, load_data
-from lottery.core.device import configure
+from lottery.core.device import configure, resolve_device
+from lottery.core.steps import Steps
+from lottery.data import Batches, Split, load_pool, split
+from lottery.data.sources import CIFAR10_STATS, MNIST_STATS, _unverified_cifar10
 from lottery.models import build_model
-from lottery.train import Hooks, evaluate, make_optimizer, train
-from lottery.core.device import resolve_device
+from lottery.training import Hooks, Network, evaluate, make_optimizer, train
 
 BATCH = 60
 DENSITY = 0.2
@@ -82,6 +83,40 @@ REPLICA_TARGETS = {"lenet_mnist": 1.4, "conv2_cifar10": 1.0}
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
+
+_STATS = {"mnist": MNIST_STATS, "cifar10": CIFAR10_STATS}
+
+
+def load_split(dataset: str, root: str | None, val: int, augment: bool, device, sizes=None) -> Split:
+    """The project's data for a workload: real `dataset` under `root`, or (root None) synthetic data of its shape with
+    `sizes` = (training examples incl. validation, test examples); the validation split of seed 0."""
+    if root is None:
+        n_train, n_test = sizes
+        node = {"name": "synthetic", "synthetic_shape": dataset, "synthetic_train": n_train, "synthetic_test": n_test}
+    else:
+        node = {"name": dataset, "root": root, "download": False, **({"verify": False} if dataset == "cifar10" else {})}
+    node.update(val_size=val, augment=augment)
+    return split(load_pool(node, device=device), val, 0)
+
+
+def without_eval(sp: Split) -> Split:
+    """`sp` with no validation examples and one test example: the evaluations train() makes at its start and end
+    cost nothing (they are outside the timed windows anyway). The training rows and data order are `sp`'s."""
+    return Split(replace(sp.pool, test_x=sp.pool.test_x[:1], test_y=sp.pool.test_y[:1]), sp.train_idx,
+                 sp.val_idx[:0])
+
+
+def train_steps(cfg, networks: list[Network], end: int, layout: str = "interleaved") -> list[dict]:
+    """The project's training loop (lottery.training.train) from step 0 to `end`, durations resolved from `cfg`."""
+    return train(networks, cfg, start=0, end=end, steps=Steps.resolve(cfg, networks[0].batches.steps_per_epoch),
+                 layout=layout)
+
+
+def adam_cfg(lr: float, batch_size: int, end: int):
+    cfg = OmegaConf.structured(Config)
+    cfg.optimizer = {"name": "adam", "lr": lr}
+    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = batch_size, f"{end}it", False
+    return cfg
 
 class _ImageArray(Dataset):
     """A torchvision-style dataset over uint8 arrays (synthetic runs): PIL image per sample, then the transform."""
@@ -163,24 +198,20 @@ def _stamper(device):
     return stamps, stamp
 
 
-def run_project(model, masks, data, lr, device, warmup, steps, seed, precision="fp32", compile=False):
-    cfg = OmegaConf.structured(Config)
-    cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
+def run_project(model, masks, data: Split, lr, device, warmup, steps, seed, precision="fp32", compile=False):
     end = warmup + steps
-    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = BATCH, f"{end}it", False
+    cfg = adam_cfg(lr, BATCH, end)
     cfg.train.precision, cfg.train.compile = precision, compile
     # With one test sample and no validation ones, the two evaluations train() makes at its start and end cost
     # nothing; they are outside the timed window anyway, which runs from the hook after `warmup` steps to the one
     # after the last step.
-    no_eval = replace(data, val_x=data.val_x[:0], val_y=data.val_y[:0], test_x=data.test_x[:1],
-                      test_y=data.test_y[:1])
     stamps, stamp = _stamper(device)
-    train(model, masks, no_eval, cfg, start=0, end=end, data_seed=seed,
-          hooks=Hooks(at_step={warmup: stamp(0), end: stamp(1)}))
+    hooks = Hooks(at_step={warmup: stamp(0), end: stamp(1)})
+    train_steps(cfg, [Network(model, masks, Batches(without_eval(data), BATCH, seed), hooks)], end)
     return stamps[1] - stamps[0]
 
 
-def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20, epoch_steps=8, checkpoint_every=10,
+def check_no_syncs(model, masks, data: Split, lr, device, warmup=3, steps=20, epoch_steps=8, checkpoint_every=10,
                    batch_size=BATCH) -> dict:
     """CUDA only: count the host-device syncs the project's training loop makes between two evaluations.
 
@@ -196,12 +227,10 @@ def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20, epoch_ste
     import warnings
 
     from lottery.core.files import Checkpoints
-    cfg = OmegaConf.structured(Config)
-    cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
     end = warmup + steps
-    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = batch_size, f"{end}it", False
-    n = min(len(data.train_y), epoch_steps * batch_size)
-    small = replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
+    cfg = adam_cfg(lr, batch_size, end)
+    n = min(data.n_train, epoch_steps * batch_size)
+    small = Split(data.pool, data.train_idx[:n], data.val_idx)  # the first n training rows
     spe = n // batch_size
     ckpt_steps = [k for k in range(warmup + 1, end) if checkpoint_every and k % checkpoint_every == 0]
     state = {"phase": "train"}
@@ -232,8 +261,9 @@ def check_no_syncs(model, masks, data, lr, device, warmup=3, steps=20, epoch_ste
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train(model, masks, small, cfg, start=0, end=end, data_seed=0,
-                      hooks=Hooks(at_step=hooks, checkpoint=checkpoint, checkpoint_every=checkpoint_every))
+                train_steps(cfg, [Network(model, masks, Batches(small, batch_size, 0),
+                                          Hooks(at_step=hooks, checkpoint=checkpoint,
+                                                checkpoint_every=checkpoint_every))], end)
                 caught_at = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
         finally:
             mode("default")
@@ -296,46 +326,36 @@ def run_floor(model, batches, lr, device, warmup, steps, seed):
     return time.perf_counter() - t0
 
 
-def run_batched(models, masks_list, split_, lr, device, warmup, steps, seeds, layout):
-    """Seconds for `steps` batched steps of all `models` (`layout`: lottery.batched.LAYOUTS) after `warmup` untimed
+def run_batched(models, masks_list, split_: Split, lr, device, warmup, steps, seeds, layout):
+    """Seconds for `steps` batched steps of all `models` (`layout`: lottery.training.LAYOUTS) after `warmup` untimed
     ones."""
-    from lottery.batched import Member, train_batched
-    from lottery.core.steps import Steps
-    cfg = OmegaConf.structured(Config)
-    cfg.optimizer.name, cfg.optimizer.lr = "adam", lr
     end = warmup + steps
-    cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress = BATCH, f"{end}it", False
+    cfg = adam_cfg(lr, BATCH, end)
     stamps, stamp = _stamper(device)
-    members = [Member(m, mk, split_, s, Hooks()) for m, mk, s in zip(models, masks_list, seeds)]
-    members[0].hooks = Hooks(at_step={warmup: stamp(0), end: stamp(1)})
-    steps_ = Steps.resolve(cfg, len(split_.train_idx) // BATCH)
-    train_batched(members, cfg, start=0, end=end, steps=steps_, layout=layout)
+    networks = [Network(m, mk, Batches(split_, BATCH, s), Hooks()) for m, mk, s in zip(models, masks_list, seeds)]
+    networks[0].hooks = Hooks(at_step={warmup: stamp(0), end: stamp(1)})
+    train_steps(cfg, networks, end, layout)
     return stamps[1] - stamps[0]
 
 
 def bench_replicas(name, args, device, log) -> dict:
     """Batched replicas against the single-run loop run R times (see the module docstring)."""
-    from lottery.data import Pool, load_pool, split
     from lottery.init import initialize
+    from lottery.training import choose
     model_name, dataset, lr, augment = WORKLOADS[name]
     if args.data_root is None:
         n_train, n_test, val = args.synthetic_sizes[dataset]
-        pool = load_pool("synthetic", "", val_size=val, augment=augment, device=device, synthetic_shape=dataset,
-                         synthetic_train=n_train, synthetic_test=n_test)
+        sp = load_split(dataset, None, val, augment, device, (n_train, n_test))
     else:
-        val = 5000
-        pool = load_pool(dataset, args.data_root, val_size=val, verify=False, augment=augment, device=device)
+        sp = load_split(dataset, args.data_root, 5000, augment, device)
     # no evaluation inside the timed windows: an empty validation split and one test example
-    pool = Pool(pool.x, pool.y, pool.test_x[:1], pool.test_y[:1], pool.num_classes, pool.input_shape, augment)
-    sp = split(pool, val, 0)
-    data = replace(sp.data(), val_x=pool.x[:0], val_y=pool.y[:0])
+    data = without_eval(sp)
+    pool = data.pool
     steps, warmup = args.replica_steps[name], args.warmup
     if args.layout:
         how = args.layout
     else:  # what replica_batching=auto picks on this device
-        from lottery.replicas import layout
-        how = layout(OmegaConf.create({"device": str(device), "replica_batching": "auto"}),
-                     build_model(model_name, pool.input_shape, pool.num_classes))
+        how = choose("auto", build_model(model_name, pool.input_shape, pool.num_classes), device)
     out = {"model": model_name, "dataset": dataset, "lr": lr, "augment": augment, "steps": steps, "warmup": warmup,
            "layout": how, "by_replicas": {}}
     for r_count in args.replicas:
@@ -359,7 +379,7 @@ def bench_replicas(name, args, device, log) -> dict:
                     times[k].append(sum(run_project(copy.deepcopy(models[i]), masks_list[i], data, lr, device, warmup,
                                                     steps["single"], i) for i in range(n_single)))
                 else:
-                    times[k].append(run_batched([copy.deepcopy(m) for m in models], masks_list, sp, lr, device,
+                    times[k].append(run_batched([copy.deepcopy(m) for m in models], masks_list, data, lr, device,
                                                 warmup, b_steps, list(range(r_count)), how))
             loads.append(_loadavg())
             log(f"  {name} R={r_count} ({how}) repeat {rep + 1}/{args.repeats}: single x{r_count} "
@@ -394,11 +414,12 @@ def format_replicas(results: dict) -> str:
 
 # --- evaluation variants ---------------------------------------------------------------------------------------------
 
-def eval_project(model, data, device, precision="fp32"):
+def eval_project(model, data: Split, device, precision="fp32"):
+    # (the validation examples are gathered once, when a run starts: bench_workload has done it before any timing)
     _sync(device)
     t0 = time.perf_counter()
-    evaluate(model, data.val_x, data.val_y, 10000, precision)
-    evaluate(model, data.test_x, data.test_y, 10000, precision)
+    evaluate(model, *data.val(), 10000, precision)
+    evaluate(model, *data.test(), 10000, precision)
     return time.perf_counter() - t0
 
 
@@ -427,23 +448,25 @@ t0 = time.perf_counter()
 import torch
 from omegaconf import OmegaConf
 from lottery.config import Config
-from lottery.data import load_data
+from lottery.core.device import resolve_device
+from lottery.core.steps import Steps
+from lottery.data import Batches, load_pool, split
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.train import Hooks, train
-from lottery.core.device import resolve_device
+from lottery.training import Hooks, Network, train
 t_import = time.perf_counter()
 root, device, n_synthetic = sys.argv[1], resolve_device(sys.argv[2]), int(sys.argv[3])
 cfg = OmegaConf.structured(Config)
 cfg.train.progress = False
-cfg.optimizer.name, cfg.optimizer.lr = "adam", 1.2e-3
+cfg.optimizer = {"name": "adam", "lr": 1.2e-3}
 if root:
-    data = load_data("mnist", root, device=device)
+    node = {"name": "mnist", "root": root, "download": False, "val_size": 5000}
 else:
-    data = load_data("synthetic", "", device=device, synthetic_train=n_synthetic, synthetic_test=n_synthetic // 6,
-                     val_size=n_synthetic // 12)
+    node = {"name": "synthetic", "synthetic_train": n_synthetic, "synthetic_test": n_synthetic // 6,
+            "val_size": n_synthetic // 12}
+data = split(load_pool(node, device=device), node["val_size"], 0)
 t_data = time.perf_counter()
-model = build_model("lenet_300_100", data.input_shape, data.num_classes)
+model = build_model("lenet_300_100", data.pool.input_shape, data.pool.num_classes)
 initialize(model, OmegaConf.create({"name": "xavier_normal"}), 0)
 model.to(device)
 masks = {n: torch.ones_like(p) for n, p in model.named_parameters() if n.endswith("weight")}
@@ -452,7 +475,9 @@ def first():
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the benchmarked GPU, not the current one
     stamp["t"] = time.perf_counter()
-train(model, masks, data, cfg, start=0, end=1, data_seed=0, hooks=Hooks(at_step={1: first}))
+batches = Batches(data, cfg.train.batch_size, 0)
+train([Network(model, masks, batches, Hooks(at_step={1: first}))], cfg, start=0, end=1,
+      steps=Steps.resolve(cfg, batches.steps_per_epoch))
 print(json.dumps({"import_s": t_import - t0, "data_s": t_data - t_import, "first_step_s": stamp["t"] - t_data,
                   "total_s": stamp["t"] - t0}))
 """
@@ -488,26 +513,26 @@ def bench_workload(name, args, device, log):
     synthetic = args.data_root is None
     if synthetic:
         n_train, n_test, val = args.synthetic_sizes[dataset]
-        data = load_data("synthetic", "", val_size=val, augment=augment, device=device,
-                         synthetic_shape=dataset, synthetic_train=n_train, synthetic_test=n_test)
+        data = load_split(dataset, None, val, augment, device, (n_train, n_test))
     else:
-        data = load_data(dataset, args.data_root, val_size=5000, verify=False, augment=augment, device=device)
-        n_train, n_test, val = len(data.train_y) + len(data.val_y), len(data.test_y), 5000
-    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))  # the split load_data makes
+        data = load_split(dataset, args.data_root, 5000, augment, device)
+        n_train, n_test, val = len(data.pool.y), len(data.pool.test_y), 5000
+    data.val()  # gathered once, as a run does before its first evaluation
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))  # the split lottery.data.split makes
     train_ds, val_ds, test_ds = plain_datasets(dataset, args.data_root, augment, perm[:val], perm[val:],
                                                (n_train, n_test))
     loader = DataLoader(train_ds, batch_size=BATCH, shuffle=True, num_workers=args.workers, drop_last=True,
                         persistent_workers=args.workers > 0)
     eval_loaders = [DataLoader(d, batch_size=1000, num_workers=args.workers) for d in (val_ds, test_ds)]
 
-    base = build_model(model_name, data.input_shape, data.num_classes).to(device)
+    base = build_model(model_name, data.pool.input_shape, data.pool.num_classes).to(device)
     masks = random_masks(base, DENSITY, seed=0)
     M.apply(base, masks)
     g = torch.Generator(device=device).manual_seed(0)
     floor_batches = []
     for _ in range(min(100, warmup + max(steps.values()))):
-        idx = torch.randint(0, len(data.train_y), (BATCH,), generator=g, device=device)
-        floor_batches.append((data.train_x[idx], data.train_y[idx]))
+        idx = torch.randint(0, data.n_train, (BATCH,), generator=g, device=device)
+        floor_batches.append(data.train_rows(idx))
 
     train_variants = {
         "project": lambda m, r: run_project(m, masks, data, lr, device, warmup, steps["project"], r),
@@ -526,7 +551,7 @@ def bench_workload(name, args, device, log):
                      "plain": lambda m: eval_plain(m, eval_loaders, device)}
     if device.type == "cuda":
         eval_variants["project_bf16"] = lambda m: eval_project(m, data, device, "bf16")
-    eval_samples = len(data.val_y) + len(data.test_y)
+    eval_samples = len(data.val_idx) + len(data.pool.test_y)
     eval_repeats = min(args.repeats, args.eval_repeats[name])
 
     def samples(kind, k):
@@ -643,7 +668,7 @@ def main(argv=None) -> dict:
                    help="replicas mode: R or a list R1,R2,... batched networks against the single-run loop run R "
                         "times (the other benchmarks are skipped)")
     p.add_argument("--layout", default=None, choices=["stacked", "interleaved"],
-                   help="replicas mode: how the batched networks train (lottery.batched.LAYOUTS; default: what "
+                   help="replicas mode: how the batched networks train (lottery.training.LAYOUTS; default: what "
                         "replica_batching=auto picks on the device)")
     p.add_argument("--single-models", type=int, default=8,
                    help="replicas mode: how many of the R single runs are timed (default 8)")

@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lottery.data import Batches, Data  # noqa: E402
+from lottery.data import Batches, Pool, Split  # noqa: E402
 from lottery.core.device import configure, device_info, resolve_device  # noqa: E402
 
 ROWS: list[dict] = []
@@ -77,11 +77,21 @@ def check(name):
     return wrap
 
 
-def cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def cli(*args: str, cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    extra = dict(env or {})  # its PYTHONPATH goes after the repository's
+    paths = [str(REPO), *([extra.pop("PYTHONPATH")] if extra.get("PYTHONPATH") else []),
+             os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra, "PYTHONPATH": os.pathsep.join(paths)}
     code = "import sys; sys.argv[0] = 'lottery-train'; from lottery.cli import train; train()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def fault(**spec) -> tuple[list[str], dict]:
+    """(arguments, environment) of a run that hits a fault once: the test suite's fault injection (tests/plugins/
+    faults.py, a callback loaded with imports=[faults]), e.g. fault(kill_at=30, level=1, branch="ticket")."""
+    return ["imports=[faults]"], {"PYTHONPATH": str(REPO / "tests" / "plugins"),
+                                  "LOTTERY_FAULT": ",".join(f"{k}={v}" for k, v in spec.items())}
 
 
 # --- checks ----------------------------------------------------------------------------------------------------------
@@ -107,12 +117,14 @@ def check_bad_device(tmp: Path):
         stderr=r.stderr[-2000:])
 
 
-def _indexed(n, shape, augment, device):
+def _indexed(n, shape, augment, device) -> Split:
+    """n images whose label is their index, all of them training rows (in pool order), the first 10 as test set."""
     g = torch.Generator().manual_seed(123)
     x = torch.rand(n, *shape, generator=g) + 0.5
     y = torch.arange(n)
-    return Data(x.to(device), y.to(device), x[:0].to(device), y[:0].to(device), x[:10].to(device), y[:10].to(device),
-                num_classes=n, input_shape=shape, augment=augment)
+    pool = Pool(x.to(device), y.to(device), x[:10].to(device), y[:10].to(device), num_classes=n, input_shape=shape,
+                augment=augment)
+    return Split(pool, train_idx=torch.arange(n).to(device), val_idx=torch.arange(0).to(device))
 
 
 @check("batches_cpu")
@@ -184,12 +196,13 @@ def check_fp32(device, deterministic=True):
 def check_fused(device):
     from omegaconf import OmegaConf
 
-    from lottery.train import make_optimizer
+    from lottery.training import make_optimizer
     p = [torch.zeros(3, device=device, requires_grad=True)]
     kinds = {}
+    own = {"sgd": {"momentum": 0.9, "nesterov": False}, "adam": {"betas": [0.9, 0.999]},
+           "adamw": {"betas": [0.9, 0.999]}}
     for name in ("sgd", "adam", "adamw"):
-        o = make_optimizer(p, OmegaConf.create({"name": name, "lr": 0.1, "momentum": 0.9, "nesterov": False,
-                                                "weight_decay": 0.0, "betas": [0.9, 0.999]}), device)
+        o = make_optimizer(p, OmegaConf.create({"name": name, "lr": 0.1, "weight_decay": 0.0, **own[name]}), device)
         kinds[name] = "fused" if o.defaults.get("fused") else "foreach" if o.defaults.get("foreach") else "default"
     want = "fused" if device.type == "cuda" else "foreach"
     row("fused_optimizer", "PASS" if set(kinds.values()) == {want} else "FAIL", f"{kinds} (want {want})")
@@ -198,13 +211,14 @@ def check_fused(device):
 @check("eval_chunks")
 def check_eval_chunks(device):
     from lottery.models import build_model
-    from lottery.train import EVAL_CHUNK, evaluate
+    from lottery.training import EVAL_CHUNK, evaluate
     g = torch.Generator().manual_seed(1)
     n = 2500 if device.type == "cuda" else 1100  # at least two chunks
     x = torch.randn(n, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (n,), generator=g).to(device)
     model = build_model("conv2", (3, 32, 32), 10).to(device)
-    loss, acc = evaluate(model, x, y, 10000)
+    metrics = evaluate(model, x, y, 10000)
+    loss, acc = metrics["loss"], metrics["accuracy"]
     model.eval()
     with torch.inference_mode():
         out = model(x).float()
@@ -244,13 +258,13 @@ def check_runs(name: str, args: list[str], tmp: Path, device, kill_at: int):
         f"{'identical' if same else 'DIFFER'}; test accuracy {acc}")
 
     # kill inside level 1 (after a checkpoint), start again with the same command
-    fault = [f"+fault.kill_at={kill_at}", "+fault.level=1", "+fault.branch=ticket"]
+    fault_args, fault_env = fault(kill_at=kill_at, level=1, branch="ticket")
     run_dir = tmp / name / "killed"
-    r = cli(*base, *fault, f"hydra.run.dir={run_dir}", cwd=tmp)
+    r = cli(*base, *fault_args, f"hydra.run.dir={run_dir}", cwd=tmp, env=fault_env)
     killed = r.returncode == -9
     ckpt = run_dir / "levels" / "level_1" / "ticket" / "checkpoint.pt"
     ckpt_device = torch.load(ckpt, map_location="cpu", weights_only=False).get("device_info") if ckpt.exists() else None
-    r = cli(*base, *fault, f"hydra.run.dir={run_dir}", cwd=tmp)
+    r = cli(*base, *fault_args, f"hydra.run.dir={run_dir}", cwd=tmp, env=fault_env)
     if r.returncode != 0:
         raise RuntimeError(f"resumed run failed (exit {r.returncode}): {r.stderr[-1500:]}")
     c = json.loads((run_dir / "summary.json").read_text())
@@ -269,14 +283,12 @@ def check_runs(name: str, args: list[str], tmp: Path, device, kill_at: int):
 @check("{0}_no_sync")
 def check_no_sync(name: str, model_name: str, dataset: str, data_root, augment: bool, device):
     import bench
-    from lottery.data import load_data
     from lottery.models import build_model
     if data_root:
-        data = load_data(dataset, data_root, verify=False, augment=augment, device=device)
+        data = bench.load_split(dataset, data_root, 5000, augment, device)
     else:
-        data = load_data("synthetic", "", val_size=100, synthetic_shape=dataset, augment=augment, device=device,
-                         synthetic_train=1000, synthetic_test=200)
-    model = build_model(model_name, data.input_shape, data.num_classes).to(device)
+        data = bench.load_split(dataset, None, 100, augment, device, (1000, 200))
+    model = build_model(model_name, data.pool.input_shape, data.pool.num_classes).to(device)
     masks = bench.random_masks(model, 0.2, 0)
     c = bench.check_no_syncs(model, masks, data, 1e-3, device, warmup=3, steps=30, epoch_steps=8,
                              checkpoint_every=10)

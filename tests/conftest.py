@@ -28,6 +28,27 @@ TINY = ["dataset=synthetic", "train.duration=60it", "train.eval_every=20it", "tr
         "train.progress=false", "checkpoint.every=20it"]
 
 
+def synthetic_split(shape: str = "mnist", n_train: int = 512, n_test: int = 128, val_size: int = 64,
+                    augment: bool = False, seed: int = 0, split_seed: int = 0, device="cpu"):
+    """A split of small synthetic data (lottery.data): `seed` draws the data, `split_seed` the validation split."""
+    from lottery.data import load_pool, split
+    pool = load_pool({"name": "synthetic", "synthetic_shape": shape, "synthetic_train": n_train,
+                      "synthetic_test": n_test, "val_size": val_size, "augment": augment}, seed=seed, device=device)
+    return split(pool, val_size, split_seed)
+
+
+def train_one(model, masks, split, cfg, *, start: int = 0, data_seed: int = 0, hooks=None, resume=None, end=None,
+              steps=None) -> dict:
+    """One network through the training loop (lottery.training.train with N = 1); returns its result."""
+    from lottery.core.steps import Steps
+    from lottery.data import Batches
+    from lottery.training import Hooks, Network, train
+    batches = Batches(split, cfg.train.batch_size, data_seed)
+    steps = steps or Steps.resolve(cfg, batches.steps_per_epoch)
+    return train([Network(model, masks, batches, hooks or Hooks(), resume)], cfg, start=start, steps=steps,
+                 end=end)[0]
+
+
 def make_cfg(*overrides: str, config_name: str = "config"):
     register_configs()
     GlobalHydra.instance().clear()
@@ -46,6 +67,21 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, 
     code = f"import sys; sys.argv[0] = {function!r}; from {module} import {function}; {function}()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+PLUGINS = REPO / "tests" / "plugins"
+
+
+def plugins_env(env: dict | None = None) -> dict:
+    """`env` plus tests/plugins on PYTHONPATH (the user-extension examples and the fault injection)."""
+    return {**(env or {}), "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
+
+
+def fault(env: dict | None = None, **spec) -> tuple[list[str], dict]:
+    """(command-line arguments, environment) that make a run hit a fault once (tests/plugins/faults.py), e.g.
+    `fault(kill_at=30, level=1, branch="reinit")`."""
+    text = ",".join(f"{k}={v}" for k, v in spec.items())
+    return ["imports=[faults]"], plugins_env({**(env or {}), "LOTTERY_FAULT": text})
 
 
 def needs_data(*parts: str):

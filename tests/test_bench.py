@@ -11,11 +11,14 @@ import torch
 from omegaconf import OmegaConf
 
 from lottery.config import Config
-from lottery.data import load_data
+from lottery.core.steps import Steps
+from lottery.data import Batches, load_pool, split
 from lottery.models import build_model
-from lottery.train import train
+from lottery.training import Hooks, Network, train
 
 from conftest import REPO
+
+SYNTHETIC = {"name": "synthetic", "val_size": 64, "synthetic_train": 512, "synthetic_test": 64}
 
 
 def test_bench_quick_runs_and_writes_json(tmp_path):
@@ -45,18 +48,20 @@ def _have_cxx() -> bool:
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
 def test_compile_keeps_masked_weights_exactly_zero():
     torch._dynamo.reset()
-    data = load_data("synthetic", "", val_size=64, synthetic_train=512, synthetic_test=64, synthetic_seed=0)
-    model = build_model("mlp", data.input_shape, data.num_classes, hidden=[32])
+    pool = load_pool(SYNTHETIC, seed=0)
+    model = build_model("mlp", pool.input_shape, pool.num_classes, hidden=[32])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
     masks = {n: (torch.rand(p.shape, generator=g) < 0.2).float()
              for n, p in model.named_parameters() if n.endswith("weight")}
     cfg = OmegaConf.structured(Config)
-    cfg.optimizer.name, cfg.optimizer.lr = "adam", 1e-2
+    cfg.optimizer = {"name": "adam", "lr": 1e-2}
     cfg.train.batch_size, cfg.train.eval_every, cfg.train.progress, cfg.train.compile = 32, "5it", False, True
     from torch._dynamo.utils import counters
     counters.clear()
-    result = train(model, masks, data, cfg, start=0, end=6, data_seed=0)
+    batches = Batches(split(pool, 64, 0), cfg.train.batch_size, seed=0)
+    (result,) = train([Network(model, masks, batches)], cfg, start=0, end=6,
+                      steps=Steps.resolve(cfg, batches.steps_per_epoch))
     assert counters["stats"]["unique_graphs"] >= 1, "torch.compile did not compile anything"
     assert result["final_step"] == 6 and result["test_accuracy"] is not None
     for n, p in model.named_parameters():
@@ -72,17 +77,13 @@ def test_compile_keeps_masked_weights_exactly_zero():
 def test_compiled_batched_run_keeps_masks_and_names(layout):
     """train.compile=true in a batched run: something compiles, pruned weights stay exactly zero, and every network's
     state comes back under the single model's parameter names."""
-    from lottery.batched import Member, train_batched
-    from lottery.core.steps import Steps
-    from lottery.data import load_pool, split
-    from lottery.train import Hooks
     torch._dynamo.reset()
-    pool = load_pool("synthetic", "", val_size=64, synthetic_train=512, synthetic_test=64, synthetic_seed=0)
+    pool = load_pool(SYNTHETIC, seed=0)
     cfg = OmegaConf.structured(Config)
-    cfg.optimizer.name, cfg.optimizer.lr = "adam", 1e-2
+    cfg.optimizer = {"name": "adam", "lr": 1e-2}
     cfg.train.batch_size, cfg.train.duration, cfg.train.eval_every = 32, "6it", "3it"
     cfg.train.progress, cfg.train.compile = False, True
-    members, before = [], []
+    networks, before = [], []
     for s in range(2):
         torch.manual_seed(s)
         model = build_model("mlp", pool.input_shape, pool.num_classes, hidden=[32])
@@ -90,12 +91,13 @@ def test_compiled_batched_run_keeps_masks_and_names(layout):
         masks = {n: (torch.rand(p.shape, generator=g) < 0.2).float()
                  for n, p in model.named_parameters() if n.endswith("weight")}
         before.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        members.append(Member(model, masks, split(pool, 64, s), s, Hooks()))
+        networks.append(Network(model, masks, Batches(split(pool, 64, s), cfg.train.batch_size, seed=s), Hooks()))
     from torch._dynamo.utils import counters
     counters.clear()
-    results = train_batched(members, cfg, start=0, steps=Steps.resolve(cfg, 448 // 32), layout=layout)
+    results = train(networks, cfg, start=0, steps=Steps.resolve(cfg, 448 // 32), layout=layout)
     assert counters["stats"]["unique_graphs"] >= 1, "torch.compile did not compile anything"
-    for m, b, r in zip(members, before, results):
+    assert len(results) == len(networks)
+    for m, b, r in zip(networks, before, results):
         assert r["final_step"] == 6 and r["test_accuracy"] is not None
         assert m.model.state_dict().keys() == b.keys()
         for n, p in m.model.named_parameters():

@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from lottery.config import validate
+from lottery.experiment.check import checked
 
 from conftest import CONF, TINY, make_cfg, run_cli
 
@@ -22,7 +22,7 @@ def test_help_lists_config_groups(tmp_path):
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(experiment, tmp_path):
     cfg = make_cfg(f"experiment={experiment}", f"dataset.root={tmp_path}")
-    validate(cfg)
+    checked(cfg)
     assert cfg.name == experiment
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
     assert "arXiv" in text or "ICML" in text or "ICLR" in text  # each states its source

@@ -21,22 +21,26 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import lottery.data as D
+import lottery.data.batches as DB
+import lottery.training.evaluation as E
 from lottery.core import device as dev
-from lottery import train as T
-from lottery.data import Batches, Data, draw_epoch
-from lottery.imp import run_experiment
+from lottery.data import Batches, Pool, Split, draw_epoch
+from lottery.experiment import run_experiment
 from lottery.models import build_model
-from lottery.train import EVAL_CHUNK, evaluate, make_optimizer
+from lottery.training import EVAL_CHUNK, evaluate, make_optimizer
 
-from conftest import CONF, REPO, run_cli, tiny_cfg
+from conftest import CONF, REPO, fault, run_cli, tiny_cfg
 
 
 def indexed(device="cpu", augment=True, n=100):
+    """n images whose label is their index, all of them training rows in pool order (an index is a pool row), no
+    validation rows, the first 10 as test set."""
     g = torch.Generator().manual_seed(123)
     x = torch.rand(n, 3, 32, 32, generator=g) + 0.5
     y = torch.arange(n)
-    return Data(x.to(device), y.to(device), x[:0].to(device), y[:0].to(device), x[:10].to(device),
-                y[:10].to(device), num_classes=n, input_shape=(3, 32, 32), augment=augment)
+    pool = Pool(x.to(device), y.to(device), x[:10].to(device), y[:10].to(device), num_classes=n,
+                input_shape=(3, 32, 32), augment=augment)
+    return Split(pool, train_idx=torch.arange(n).to(device), val_idx=torch.arange(0).to(device))
 
 
 # --- data order --------------------------------------------------------------------------------------------------------
@@ -65,7 +69,7 @@ def test_batches_drawn_the_same_whatever_the_device(augment, monkeypatch):
         sent[torch.device(device).type].append(t.clone())
         return real(t, device)
 
-    monkeypatch.setattr(D, "to_device", spy)
+    monkeypatch.setattr(DB, "to_device", spy)  # what Batches calls (lottery.data.batches)
     steps = [0, 3, 6, 7, 13, 14, 500, 1]  # across epochs (6 steps each), a far one (a resume), and back
     on_cpu = Batches(indexed("cpu", augment), 16, seed=7)
     on_meta = Batches(indexed("meta", augment), 16, seed=7)
@@ -190,11 +194,15 @@ def test_tf32_on_the_cpu_is_fp32(tmp_path):
     assert [r["test_loss"] for r in a] == [r["test_loss"] for r in b]
 
 
+OPTIMIZER_NODES = {"sgd": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0},
+                   "adam": {"name": "adam", "lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.0},
+                   "adamw": {"name": "adamw", "lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.0}}
+
+
 def test_optimizer_kind_per_device():
     p = [torch.zeros(3, requires_grad=True)]
     for name in ("sgd", "adam", "adamw"):
-        ocfg = OmegaConf.create({"name": name, "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                                 "betas": [0.9, 0.999]})
+        ocfg = OmegaConf.create(OPTIMIZER_NODES[name])
         cpu = make_optimizer(p, ocfg, torch.device("cpu"))
         assert cpu.defaults["foreach"] and not cpu.defaults.get("fused")
         assert make_optimizer(p, ocfg).defaults["foreach"]  # no device: the CPU's
@@ -211,23 +219,26 @@ def test_chunked_evaluation_matches_one_forward(model, monkeypatch):
     n = 2 * EVAL_CHUNK + (0 if model == "lenet_300_100" else -EVAL_CHUNK + 200)  # LeNet: 2000; Conv-2: 1200
     x, y = torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
     net = build_model(model, shape, 10)
-    assert T.eval_chunk(net, "cpu") == (1000 if model == "lenet_300_100" else 100)
-    assert T.eval_chunk(net, "cuda") == 1000
-    loss, acc = evaluate(net, x, y, 10000)
+    assert E.eval_chunk(net, "cpu") == (1000 if model == "lenet_300_100" else 100)
+    assert E.eval_chunk(net, "cuda") == 1000
+    metrics = evaluate(net, x, y, 10000)
+    loss, acc = metrics["loss"], metrics["accuracy"]
+    assert set(metrics) == {"loss", "accuracy"}
     with torch.inference_mode():
         out = net.eval()(x)
     assert acc == (out.argmax(1) == y).sum().item() / n
     assert loss == pytest.approx(F.cross_entropy(out, y, reduction="sum").item() / n, rel=1e-6)
-    assert evaluate(net, x, y, 10000) == (loss, acc)
+    assert evaluate(net, x, y, 10000) == {"loss": loss, "accuracy": acc}
     # the CPU's smaller chunks for conv models change nothing: chunks of 1000 give the same bits
-    monkeypatch.setattr(T, "CPU_CONV_EVAL_CHUNK", 1000)
-    assert evaluate(net, x, y, 10000) == (loss, acc)
+    monkeypatch.setattr(E, "CPU_CONV_EVAL_CHUNK", 1000)
+    assert E.eval_chunk(net, "cpu") == 1000
+    assert evaluate(net, x, y, 10000) == {"loss": loss, "accuracy": acc}
 
 
 # --- the device record -----------------------------------------------------------------------------------------------
 
 def test_device_recorded_and_logged(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="lottery.device"):
+    with caplog.at_level(logging.INFO, logger=dev.log.name):
         records = run_experiment(tiny_cfg("device=cpu", "pruning.levels=2"), tmp_path / "run")
     info = json.loads((tmp_path / "run" / "device.json").read_text())
     assert info["type"] == "cpu" and info["torch"] == torch.__version__ and info["name"]
@@ -237,9 +248,10 @@ def test_device_recorded_and_logged(tmp_path, caplog):
 
 def test_checkpoint_records_device(tmp_path):
     run_dir = tmp_path / "run"
+    fault_args, env = fault({"OMP_NUM_THREADS": "1"}, kill_at=30, level=0)
     r = run_cli("dataset=synthetic", "train.duration=60it", "train.eval_every=20it", "train.batch_size=32",
-                "train.progress=false", "checkpoint.every=20it", "device=cpu", "+fault.kill_at=30", "+fault.level=0",
-                f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+                "train.progress=false", "checkpoint.every=20it", "device=cpu", *fault_args,
+                f"hydra.run.dir={run_dir}", cwd=tmp_path, env=env)
     assert r.returncode == -9, r.stderr
     state = torch.load(run_dir / "levels" / "level_0" / "ticket" / "checkpoint.pt", weights_only=False)
     assert state["device_info"] == json.loads((run_dir / "device.json").read_text())
@@ -269,7 +281,7 @@ def test_resume_of_a_gpu_run_on_a_cpu_node(tmp_path, caplog):
     (run_dir / "device.json").write_text(json.dumps(GPU))
     with pytest.raises(ValueError, match="last ran on NVIDIA A100-SXM4-80GB"):
         run_experiment(tiny_cfg("device=auto", "pruning=none"), run_dir)
-    with caplog.at_level(logging.WARNING, logger="lottery.device"):
+    with caplog.at_level(logging.WARNING, logger=dev.log.name):
         records = run_experiment(tiny_cfg("device=cpu", "pruning=none"), run_dir)
     assert any("continues on cpu" in m for m in caplog.messages)
     assert records[0]["device_info"]["type"] == "cpu"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import lottery.imp as imp
+from lottery.experiment import units
 from lottery.core.divergence import Diverged
-from lottery.imp import run_experiment
+from lottery.experiment import run_experiment
 from lottery.report import _curves, collect_runs, make_figures
 
 from conftest import TINY, run_cli, tiny_cfg
@@ -63,14 +63,14 @@ def test_real_diverging_run_stops_records_and_never_prunes(tmp_path, caplog):
 
 def poison(monkeypatch, unit: str):
     """The unit `level L branch` starts from NaN weights (diverges at its first evaluation)."""
-    real = imp.train
+    real = units.train
 
-    def train(model, *args, desc="train", **kwargs):
+    def train(networks, *args, desc="train", **kwargs):
         if desc == unit:
             with torch.no_grad():
-                next(model.parameters()).fill_(math.nan)
-        return real(model, *args, desc=desc, **kwargs)
-    monkeypatch.setattr(imp, "train", train)
+                next(networks[0].model.parameters()).fill_(math.nan)
+        return real(networks, *args, desc=desc, **kwargs)
+    monkeypatch.setattr(units, "train", train)
 
 
 def test_stop_then_continue_trains_only_the_units_that_do_not_depend_on_it(tmp_path, monkeypatch):
@@ -120,9 +120,9 @@ def test_branch_of_several_units_stops_at_its_diverged_unit(tmp_path, monkeypatc
 
 
 def test_bad_policy_is_refused():
-    from lottery.config import validate
+    from lottery.experiment.check import checked
     with pytest.raises(ValueError, match="unknown train.on_divergence 'maybe'; accepted: stop, continue"):
-        validate(tiny_cfg("train.on_divergence=maybe"))
+        checked(tiny_cfg("train.on_divergence=maybe"))
 
 
 SWEEP = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_size=32", "train.duration=60it",

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lottery.core.files import load_torch
-from lottery.config import validate
-from lottery.ticket import load_ticket
+from lottery.experiment.check import checked
+from lottery.experiment.ticket import load_ticket
 
 from conftest import REPO, TINY, run_cli, tiny_cfg
 
@@ -60,7 +60,7 @@ def test_user_criterion_and_branch_from_own_module_via_cli(tmp_path):
 ])
 def test_bad_extension_settings_fail_validation(overrides, message):
     with pytest.raises(ValueError) as e:
-        validate(tiny_cfg(*overrides))
+        checked(tiny_cfg(*overrides))
     assert message in str(e.value)
 
 
@@ -94,7 +94,7 @@ def test_typed_criterion_settings_in_process():
 def test_rounds_reach_the_same_count_and_one_round_is_plain(tmp_path):
     """pruning.rounds splits a step into exponentially spaced rounds that end at exactly the same count."""
     one = tiny_cfg("pruning.target=0.1", "pruning.one_shot=true", "pruning.branches=[]")
-    from lottery.imp import run_experiment
+    from lottery.experiment import run_experiment
     a = run_experiment(one, tmp_path / "one")
     b = run_experiment(tiny_cfg("pruning.target=0.1", "pruning.one_shot=true", "pruning.branches=[]",
                                 "pruning.rounds=5"), tmp_path / "five")
@@ -109,7 +109,7 @@ def test_rounds_reach_the_same_count_and_one_round_is_plain(tmp_path):
 def test_when_at_init_scores_the_weights_a_level_starts_from(tmp_path):
     """pruning.when=at_init: level 1's masks come from the initial weights (magnitude at initialization), not from
     level 0's trained ones; level 0 still trains the dense network as the baseline."""
-    from lottery.imp import run_experiment
+    from lottery.experiment import run_experiment
     run_experiment(tiny_cfg("pruning.levels=2", "pruning.when=at_init", "pruning.branches=[]"), tmp_path / "r")
     init = load_torch(tmp_path / "r" / "init.pt")
     final0 = load_torch(tmp_path / "r" / "levels" / "level_0" / "final.pt")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lottery.core.files import WriteFailed, atomic_write_bytes, remove_temp_files, save_torch
-from lottery.imp import run_experiment
+from lottery.experiment import run_experiment
 
 from conftest import TINY, run_cli, tiny_cfg
 

@@ -9,20 +9,19 @@ import torch
 
 from lottery import masks as M
 from lottery import pruning
-from lottery.data import load_data
-from lottery.imp import run_experiment, retrain
+from lottery.experiment import run_experiment, retrain
 from lottery.core.files import load_torch
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.ticket import load_ticket
+from lottery.experiment.ticket import load_ticket
 from lottery.core.steps import Steps
-from lottery.train import Hooks, early_stop, lr_schedule, train
+from lottery.training import Hooks, early_stop, lr_schedule
 
-from conftest import tiny_cfg
+from conftest import synthetic_split, tiny_cfg, train_one
 
 
 def synthetic(shape="mnist"):
-    return load_data("synthetic", "", val_size=64, synthetic_shape=shape, synthetic_train=512, synthetic_test=128)
+    return synthetic_split(shape)
 
 
 @pytest.mark.parametrize("opt", [
@@ -35,7 +34,7 @@ def test_pruned_weights_exactly_zero_after_every_step(opt):
     """Pitfall 2: momentum, Adam moments and weight decay must not revive pruned weights."""
     cfg = tiny_cfg(*opt, "train.duration=80it")
     data = synthetic()
-    model = build_model("lenet_300_100", data.input_shape, 10)
+    model = build_model("lenet_300_100", data.pool.input_shape, 10)
     initialize(model, cfg.init, 0)
     prunable = M.prunable_tensors(model, cfg.pruning)
     masks = M.ones(model, prunable)
@@ -51,8 +50,8 @@ def test_pruned_weights_exactly_zero_after_every_step(opt):
             if params[n][m == 0].abs().max() != 0:
                 violations.append((step, n))
 
-    train(model, masks, data, cfg, start=0, data_seed=0, hooks=Hooks(at_step={s: (lambda s=s: check(s))
-                                                                           for s in range(1, 81)}))
+    train_one(model, masks, data, cfg, start=0, data_seed=0, hooks=Hooks(at_step={s: (lambda s=s: check(s))
+                                                                               for s in range(1, 81)}))
     assert violations == []
     for n, m in masks.items():  # survivors did train, negative ones included (pitfall 1)
         moved = (params[n] != start[n]) & (m == 1)
@@ -133,7 +132,7 @@ def test_rewind_to_initialization_is_exact(imp_run):
 
 def test_load_into_gives_the_tickets_masked_rewind_weights(imp_run):
     """`lottery.ticket.load_into`, the README's way to use a ticket in your own code."""
-    from lottery.ticket import load_into
+    from lottery.experiment.ticket import load_into
     run_dir, _ = imp_run
     ticket = load_ticket(run_dir / "levels" / "level_2" / "ticket.pt")
     model = build_model("lenet_300_100", (1, 28, 28), 10)
@@ -174,20 +173,21 @@ def test_controls_change_only_what_they_claim(imp_run):
 
 def test_reinit_and_random_prune_inputs(tmp_path):
     """Look inside the controls: capture the model each branch starts from."""
-    from lottery import imp as imp_mod
+    from lottery.experiment import units
     seen = {}
-    original = imp_mod.Run.train_job
+    original = units._train
 
-    def spy(self, job):
-        seen[(job.level, job.branch)] = ({n: p.detach().clone() for n, p in job.model.named_parameters()},
-                                         {n: m.clone() for n, m in job.masks.items()}, job.start)
-        return original(self, job)
+    def spy(group, *args):
+        for job, _ in group:
+            seen[(job.level, job.branch)] = ({n: p.detach().clone() for n, p in job.model.named_parameters()},
+                                             {n: m.clone() for n, m in job.masks.items()}, job.start)
+        return original(group, *args)
 
-    imp_mod.Run.train_job = spy
+    units._train = spy
     try:
         run_experiment(tiny_cfg("pruning.levels=2", "pruning.branches=[reinit,random_prune]"), tmp_path / "r")
     finally:
-        imp_mod.Run.train_job = original
+        units._train = original
     w_t, m_t, _ = seen[(1, "ticket")]
     w_r, m_r, _ = seen[(1, "reinit")]
     w_p, m_p, _ = seen[(1, "random_prune")]
@@ -210,11 +210,11 @@ def test_rewind_to_step_k_saves_weights_after_k_steps_and_bn_statistics(tmp_path
     rewind = load_torch(tmp_path / "a" / "rewind.pt")
     # An independent run of only the first 10 steps ends where the rewind point was saved.
     short = tiny_cfg(*over, "pruning=none", "train.duration=10it")
-    data = load_data("synthetic", "", val_size=short.dataset.val_size, synthetic_shape="cifar10", augment=True,
-                     synthetic_train=short.dataset.synthetic_train, synthetic_test=short.dataset.synthetic_test)
-    model = build_model("resnet20", data.input_shape, 10, width=4)
+    data = synthetic_split("cifar10", short.dataset.synthetic_train, short.dataset.synthetic_test,
+                           short.dataset.val_size, augment=True)
+    model = build_model("resnet20", data.pool.input_shape, 10, width=4)
     initialize(model, short.init, 0)
-    train(model, {}, data, short, start=0, data_seed=0)
+    train_one(model, {}, data, short, start=0, data_seed=0)
     for name, value in model.state_dict().items():
         assert torch.equal(rewind[name], value), name
     assert any("running_mean" in n for n in rewind)
@@ -254,7 +254,7 @@ def test_folder_from_an_older_version_resumes_unless_a_new_option_is_used():
     """A key added to lottery later is missing from an old folder's config.yaml: no difference at its default."""
     from omegaconf import OmegaConf
 
-    from lottery.folder import differences
+    from lottery.experiment.folder import differences
     new = OmegaConf.to_container(tiny_cfg("pruning.levels=2"), resolve=True)
     old = copy.deepcopy(new)
     del old["pruning"]["rounds"]

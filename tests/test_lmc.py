@@ -12,15 +12,14 @@ from lottery.branches import lmc
 from lottery import masks as M
 from lottery import pruning
 from lottery.core.files import load_torch
-from lottery.config import validate
-from lottery.data import Data, load_data
-from lottery.imp import run_experiment
+from lottery.experiment.check import checked
+from lottery.data import Pool, Split
+from lottery.experiment import run_experiment
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.ticket import load_ticket
-from lottery.train import train
+from lottery.experiment.ticket import load_ticket
 
-from conftest import make_cfg, run_cli, tiny_cfg
+from conftest import fault, make_cfg, run_cli, synthetic_split, tiny_cfg, train_one
 
 # A two-level run with the analysis from three steps k (0, the rewind step 10, and 30, which level 0 must save).
 LMC_ARGS = ["model=mlp", "model.hidden=[64,32]", "pruning.levels=2", "pruning.rewind=10it", "pruning.branches=[lmc]",
@@ -48,13 +47,13 @@ def result(path, level, unit=""):
     return json.loads((path / "levels" / f"level_{level}" / "lmc" / unit / "result.json").read_text())
 
 
-def random_labels(n_train=1024, n_test=256) -> Data:
+def random_labels(n_train=1024, n_test=256) -> Split:
     """Random inputs with random labels: a small MLP fits them only partly, so errors along a path are far from 0
     and two data orders end in different places."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n_train, 1, 8, 8, generator=g), torch.randint(0, 10, (n_train,), generator=g)
     tx, ty = torch.randn(n_test, 1, 8, 8, generator=g), torch.randint(0, 10, (n_test,), generator=g)
-    return Data(x, y, x[:0], y[:0], tx, ty, 10, (1, 8, 8), False)
+    return Split(Pool(x, y, tx, ty, 10, (1, 8, 8), False), torch.arange(n_train), torch.arange(0))
 
 
 # --- the barrier and the path ----------------------------------------------------------------------------------------
@@ -71,15 +70,15 @@ def test_same_state_same_data_seed_gives_barrier_exactly_zero():
     data = random_labels()
     cfg = tiny_cfg("model=mlp", "model.hidden=[32]", "train.duration=300it", "optimizer=sgd", "optimizer.lr=0.1",
                    "optimizer.momentum=0.9")
-    start = build_model("mlp", data.input_shape, 10, hidden=[32])
+    start = build_model("mlp", data.pool.input_shape, 10, hidden=[32])
     initialize(start, cfg.init, 0)
     masks = M.ones(start, M.prunable_tensors(start, cfg.pruning))
     trained = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         model = copy.deepcopy(start)
-        train(model, masks, data, cfg, start=0, data_seed=seed)
+        train_one(model, masks, data, cfg, start=0, data_seed=seed)
         trained[name] = model.state_dict()
-    splits = {"test": (data.test_x, data.test_y), "train": (data.train_x, data.train_y)}
+    splits = {"test": data.test(), "train": (data.pool.x, data.pool.y)}
     alphas = [i / 6 for i in range(7)]
     same = lmc.path(copy.deepcopy(start), trained["a"], trained["b"], masks, alphas, splits, batch_size=1000)
     other = lmc.path(copy.deepcopy(start), trained["a"], trained["c"], masks, alphas, splits, batch_size=1000)
@@ -133,19 +132,19 @@ def test_copies_start_from_the_dense_state_at_k_with_the_level_masks(run):
     # training of the dense network for 30 steps
     saved = load_torch(path / "states" / "step_30.pt")
     assert sorted(p.name for p in (path / "states").iterdir()) == ["step_30.pt"]
-    data = load_data("synthetic", "", val_size=cfg.dataset.val_size, split_seed=0, synthetic_seed=0)
-    model = build_model("mlp", data.input_shape, 10, hidden=[64, 32])
+    data = synthetic_split("mnist", cfg.dataset.synthetic_train, cfg.dataset.synthetic_test, cfg.dataset.val_size)
+    model = build_model("mlp", data.pool.input_shape, 10, hidden=[64, 32])
     model.load_state_dict(load_torch(path / "init.pt"))
-    train(model, M.ones(model, M.prunable_tensors(model, cfg.pruning)), data, cfg, start=0, end=30, data_seed=0)
+    train_one(model, M.ones(model, M.prunable_tensors(model, cfg.pruning)), data, cfg, start=0, end=30, data_seed=0)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     # the copies' first evaluation is at their start step k, with the level's masks applied to that state
     masks = load_ticket(path / "levels" / "level_1" / "ticket.pt").masks
     first = result(path, 1, "k30_a")["evals"][0]
     model.load_state_dict(saved)
     M.apply(model, M.from_bool(masks, model))
-    from lottery.train import evaluate
+    from lottery.training import evaluate
     assert first["step"] == 30
-    assert first["test_loss"] == evaluate(model, data.test_x, data.test_y, cfg.train.eval_batch_size)[0]
+    assert first["test_loss"] == evaluate(model, *data.test(), cfg.train.eval_batch_size)["loss"]
 
 
 def test_branch_added_to_a_finished_run_replays_level0_to_k(run, tmp_path):
@@ -169,21 +168,21 @@ def test_levels_setting_skips_other_levels(tmp_path):
 # --- BatchNorm along the path ----------------------------------------------------------------------------------------
 
 def test_batchnorm_recompute_changes_only_running_statistics():
-    data = load_data("synthetic", "", val_size=0, synthetic_shape="cifar10", synthetic_train=256, synthetic_test=64)
+    data = synthetic_split("cifar10", 256, 64, 0)
     cfg = tiny_cfg("model=resnet20", "model.width=4", "init=kaiming_normal", "init.batchnorm=uniform",
                    "train.duration=6it", "train.eval_every=6it", "optimizer=sgd", "optimizer.lr=0.1")
     states = []
     for seed in (0, 1):
-        model = build_model("resnet20", data.input_shape, 10, width=4)
+        model = build_model("resnet20", data.pool.input_shape, 10, width=4)
         initialize(model, cfg.init, seed)
-        train(model, M.ones(model, M.prunable_tensors(model, cfg.pruning)), data, cfg, start=0, data_seed=seed)
+        train_one(model, M.ones(model, M.prunable_tensors(model, cfg.pruning)), data, cfg, start=0, data_seed=seed)
         states.append({k: v.clone() for k, v in model.state_dict().items()})
     point = lmc.interpolate(*states, 0.5)
     model.load_state_dict(point)
     model.eval()
     inputs = []
     hook = model.bn.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
-    lmc.recompute_batchnorm(model, data.train_x[:96], 32)
+    lmc.recompute_batchnorm(model, data.train_rows(torch.arange(96))[0], 32)
     hook.remove()
     after = model.state_dict()
     params = {n for n, _ in model.named_parameters()}
@@ -236,7 +235,7 @@ def test_recompute_option_runs_through_the_branch(tmp_path):
 ])
 def test_bad_settings_fail_before_any_work(override, message):
     with pytest.raises(ValueError) as e:
-        validate(tiny_cfg("pruning.branches=[lmc]", override))
+        checked(tiny_cfg("pruning.branches=[lmc]", override))
     assert message in str(e.value)
 
 
@@ -252,8 +251,9 @@ RESUME = ["dataset=synthetic", "model=mlp", "model.hidden=[32]", "train.batch_si
           "device=cpu", "branch.lmc.train_examples=200"]
 
 
-def _cli(run_dir, *extra):
-    r = run_cli(*RESUME, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent, env={"OMP_NUM_THREADS": "1"})
+def _cli(run_dir, *extra, env=None):
+    r = run_cli(*RESUME, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent,
+                env={"OMP_NUM_THREADS": "1", **(env or {})})
     r.log = r.stdout + r.stderr
     return r
 
@@ -270,13 +270,13 @@ def resume_reference(tmp_path_factory):
 def test_kill_resumes_to_the_same_results(resume_reference, tmp_path, where):
     rng = random.Random(10)
     if where == "second copy":  # inside k20_b of level 1: k20_a has its result, k20_b a checkpoint
-        fault = [f"+fault.kill_at={rng.randint(31, 59)}", "+fault.level=1", "+fault.branch=lmc/k20_b"]
+        args, env = fault(kill_at=rng.randint(31, 59), level=1, branch="lmc/k20_b")
     else:  # level 0 after its rewind capture (5) and before the state at 20 is saved
-        fault = [f"+fault.kill_at={rng.randint(11, 19)}", "+fault.level=0"]
+        args, env = fault(kill_at=rng.randint(11, 19), level=0)
     run_dir = tmp_path / "run"
-    r = _cli(run_dir, *fault)
+    r = _cli(run_dir, *args, env=env)
     assert r.returncode == -signal.SIGKILL, r.log
-    r = _cli(run_dir, *fault)
+    r = _cli(run_dir, *args, env=env)
     assert r.returncode == 0, r.log
     if where == "second copy":
         assert "level 1 lmc/k20_b: resuming from step" in r.log

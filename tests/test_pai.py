@@ -10,13 +10,14 @@ from torch import nn
 
 from lottery import masks as M
 from lottery import pruning
-from lottery.branches import BRANCHES, LevelContext
-from lottery.config import validate
+from lottery.branches import BRANCHES
+from lottery.experiment.check import checked
 from lottery.pruning.pai import grasp, per_class, snip, synflow
-from lottery.folder import RunFolder
-from lottery.imp import Run, run_experiment
+from lottery.experiment import plan, run_experiment
+from lottery.experiment.session import open_session
+from lottery.experiment.units import context
 from lottery.pruning import CRITERIA, select_global
-from lottery.ticket import load_ticket
+from lottery.experiment.ticket import load_ticket
 
 from conftest import REPO, tiny_cfg, make_cfg
 from test_slurm import fake_slurm  # noqa: F401  (the fake scheduler fixture, shared)
@@ -242,26 +243,24 @@ def test_one_shot_at_init_without_dense_level_and_the_ablations(tmp_path):
     assert abs(s[(1, "ticket")]["weights_remaining"] - 0.1) < 1e-3
 
     # invert: the same scores (same weights and scoring batches) with the lowest kept, layer by layer
-    folder = RunFolder(run)
-    r = Run(cfg, folder, folder.prepare(cfg))
+    with open_session(cfg, run) as session:
+        [r] = session.replicates
     masks = {n: m.float() for n, m in ticket.masks.items()}
-    ctx = LevelContext(r, 1, "invert", masks, 0, r.rewind_state)
-    inv = BRANCHES["invert"].fn(ctx)[0].masks
-    same = r.prune_level(1, r.masks_before(1))
+    inv = BRANCHES["invert"].fn(context(r, 1, "invert", masks))[0].masks
+    same = plan.prune_level(r, 1, plan.masks_before(r, 1))
     assert all(torch.equal(same[n].bool().cpu(), ticket.masks[n]) for n in masks)  # the ticket's scores again
     from lottery.data import Batches
     from lottery.core.seeds import derive_seed
-    import itertools
     model = r.new_model()
     model.load_state_dict(r.rewind_state)
-    b = Batches(r.data, cfg.train.batch_size, seed=derive_seed(cfg.seed, "score", 1))
-    scores = CRITERIA["snip"].fn(model, r.masks_before(1), batches=map(b.get, itertools.count()), generator=None)
+    b = Batches(r.split, cfg.train.batch_size, seed=derive_seed(cfg.seed, "score", 1))
+    scores = CRITERIA["snip"].fn(model, plan.masks_before(r, 1), batches=iter(b), generator=None)
     for n, m in inv.items():
         kept = m.bool()
         assert int(kept.sum()) == int(ticket.masks[n].sum())
         assert scores[n][kept].max() <= scores[n][~kept].min(), n
         assert not torch.equal(kept.cpu(), ticket.masks[n])
-    shuffled = BRANCHES["layer_shuffle"].fn(LevelContext(r, 1, "layer_shuffle", masks, 0, r.rewind_state))[0].masks
+    shuffled = BRANCHES["layer_shuffle"].fn(context(r, 1, "layer_shuffle", masks))[0].masks
     assert all(int(shuffled[n].sum()) == int(masks[n].sum()) and not torch.equal(shuffled[n], masks[n])
                for n in masks)
 
@@ -294,7 +293,7 @@ def test_from_dense_prunes_every_level_from_the_dense_network_at_imps_counts(tmp
 ])
 def test_bad_pai_settings_fail_validation(overrides, message):
     with pytest.raises(ValueError) as e:
-        validate(tiny_cfg(*overrides))
+        checked(tiny_cfg(*overrides))
     assert message in str(e.value)
 
 
@@ -311,7 +310,7 @@ def test_every_method_composes_on_both_experiments(experiment, method):
     assert p.rounds == (100 if method == "synflow" else 1)
     assert p.from_dense == (method != "imp") and p.train_dense == (method in ("imp", "oneshot_magnitude"))
     with pytest.raises(FileNotFoundError):  # everything else checks out; only the data is not in REPO
-        validate(cfg)
+        checked(cfg)
 
 
 def test_report_draws_one_line_per_method_with_ablations(tmp_path):
@@ -368,20 +367,20 @@ def test_killed_pruning_at_init_run_resumes_to_the_same_results(tmp_path):
     """SNIP at every level from the dense network, no dense level, the invert ablation: SIGKILL inside level 2's
     invert unit, rerun the same command: the same summary as an uninterrupted run, finished units not redone."""
     import signal
-    from conftest import TINY, run_cli
+    from conftest import TINY, fault, run_cli
     args = [*TINY, "device=cpu", "method=snip", "pruning.levels=3", "pruning.branches=[invert]"]
+    fault_args, env = fault({"OMP_NUM_THREADS": "1"}, kill_at=50, level=2, branch="invert")
 
-    def train(run, *extra):
-        r = run_cli(*args, f"hydra.run.dir={run}", *extra, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    def train(run):
+        r = run_cli(*args, f"hydra.run.dir={run}", *fault_args, cwd=tmp_path, env=env)
         return r.returncode, r.stdout + r.stderr
 
     run_experiment(tiny_cfg(*args[len(TINY):]), tmp_path / "ref")  # uninterrupted, in this process
-    fault = ["+fault.kill_at=50", "+fault.level=2", "+fault.branch=invert"]
-    code, log = train(tmp_path / "run", *fault)
+    code, log = train(tmp_path / "run")
     assert code == -signal.SIGKILL, log
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("levels/*/*/result.json")}
     assert len(done) == 3  # level 1 ticket and invert, level 2 ticket
-    code, log = train(tmp_path / "run", *fault)
+    code, log = train(tmp_path / "run")
     assert code == 0, log
     assert "level 2 invert: resuming from step 40" in log
     assert _records(tmp_path / "run") == _records(tmp_path / "ref")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lottery.imp import run_experiment
+from lottery.experiment import run_experiment
 
 from conftest import DATA, make_cfg, needs_data, run_cli
 

@@ -11,21 +11,22 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lottery import batched as B
 from lottery import masks as M
+from lottery.training import layouts as B
 from lottery.core.files import load_torch
 from lottery.config import Config
 from lottery.core.steps import Steps
 from lottery.data import Batches, load_pool, split
-from lottery.imp import run_experiment
+from lottery.training import Hooks, Network, choose, train
+from lottery.experiment import run_experiment
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.replicas import _resume_states, replica_seeds
+from lottery.experiment.units import _resume_states
+from lottery.experiment.session import replica_seeds
 from lottery.report import collect_runs
-from lottery.ticket import load_ticket
-from lottery.train import Hooks, train
+from lottery.experiment.ticket import load_ticket
 
-from conftest import run_cli, tiny_cfg
+from conftest import fault, run_cli, tiny_cfg, train_one
 
 # (model, kwargs, data shape, optimizer, networks): every supported model, every optimizer (with momentum, Nesterov,
 # weight decay) at least once; Conv-2 on CIFAR-shaped data with augmentation. VGG trains with SGD: its conv biases sit
@@ -53,14 +54,12 @@ LOSS_RTOL_FIRST, LOSS_RTOL = 1e-5, 0.1
 
 def _cfg(opt: str, augment: bool):
     cfg = OmegaConf.structured(Config)
-    cfg.optimizer.name = opt
     if opt == "sgd":
-        cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.nesterov, cfg.optimizer.weight_decay = 0.01, 0.9, True, 1e-3
+        cfg.optimizer = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
     else:
-        cfg.optimizer.lr, cfg.optimizer.weight_decay = 1e-3, 1e-2
+        cfg.optimizer = {"name": opt, "lr": 1e-3, "weight_decay": 1e-2, "betas": [0.9, 0.999]}
     cfg.train.batch_size, cfg.train.duration, cfg.train.eval_every = 8, f"{STEPS}it", "3it"
     cfg.train.progress = False
-    cfg.dataset.augment = augment
     return cfg
 
 
@@ -80,8 +79,8 @@ def _networks(name, kwargs, pool, cfg, seeds):
 
 
 def _pool(shape, augment):
-    return load_pool("synthetic", "", val_size=16, augment=augment, synthetic_shape=shape, synthetic_train=96,
-                     synthetic_test=24, synthetic_seed=0)
+    return load_pool({"name": "synthetic", "val_size": 16, "augment": augment, "synthetic_shape": shape,
+                      "synthetic_train": 96, "synthetic_test": 24}, seed=0)
 
 
 @pytest.mark.parametrize("layout", ["stacked", "interleaved"])
@@ -98,18 +97,18 @@ def test_batched_run_matches_single_runs(name, layout):
     nets = _networks(name, kwargs, pool, cfg, seeds)
     steps = Steps.resolve(cfg, 80 // 8)
 
-    # the same batches, augmentation included
-    members = [B.Member(copy.deepcopy(m), mk, sp, 10 + s, Hooks()) for (m, mk), sp, s in zip(nets, splits, seeds)]
-    data = B._Data(members, 8)
+    # the same batches, augmentation included: the stacked layout gathers every network's batch at once
+    batches = [Batches(sp, 8, seed=10 + s) for sp, s in zip(splits, seeds)]
+    gathered = B.Stacked([copy.deepcopy(m) for m, _ in nets], batches)
     for step in (0, 5, 11):  # 11: second epoch
-        x, y = data.train_batch(step)
+        x, y = gathered.train_batch(step)
         for u, sp in enumerate(splits):
-            want_x, want_y = Batches(sp.data(), 8, seed=10 + seeds[u]).get(step)
+            want_x, want_y = Batches(sp, 8, seed=10 + seeds[u]).get(step)
             assert torch.equal(x[:, u], want_x)
             assert torch.equal(y[:, u], want_y)
 
     # the same start
-    together = B.LAYOUTS[layout]([m for m, _ in nets], pool.x[:2])
+    together = B.LAYOUTS[layout]([copy.deepcopy(m) for m, _ in nets], batches)
     for (m, _), state in zip(nets, together.states()):
         assert state.keys() == m.state_dict().keys()
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())
@@ -118,15 +117,16 @@ def test_batched_run_matches_single_runs(name, layout):
     for (m, mk), sp, s in zip(nets, splits, seeds):
         losses = []
         model = copy.deepcopy(m)
-        single_results.append(train(model, mk, sp.data(), cfg, start=0, data_seed=10 + s, steps=steps,
-                                    hooks=Hooks(on_log=lambda r, losses=losses: losses.append(r["train_loss"]),
-                                                log_every=1)))
+        single_results.append(train_one(model, mk, sp, cfg, start=0, data_seed=10 + s, steps=steps,
+                                        hooks=Hooks(on_log=lambda r, losses=losses: losses.append(r["train_loss"]),
+                                                    log_every=1)))
         single_losses.append(losses)
         single_models.append(model)
     batched_losses = [[] for _ in seeds]
-    for u, mem in enumerate(members):
-        mem.hooks = Hooks(on_log=lambda r, u=u: batched_losses[u].append(r["train_loss"]), log_every=1)
-    results = B.train_batched(members, cfg, start=0, steps=steps, layout=layout)
+    members = [Network(copy.deepcopy(m), mk, Batches(sp, 8, seed=10 + s),
+                       Hooks(on_log=lambda r, u=u: batched_losses[u].append(r["train_loss"]), log_every=1))
+               for u, ((m, mk), sp, s) in enumerate(zip(nets, splits, seeds))]
+    results = train(members, cfg, start=0, steps=steps, layout=layout)
 
     def worst(k):
         return max(abs(a - b) / abs(a) for s, b_ in zip(single_losses, batched_losses) for a, b in zip(s[:k], b_[:k]))
@@ -165,9 +165,9 @@ def test_diverging_network_disturbs_no_other(name, layout):
     M.apply(bad, nets[1][1])
 
     def run(models):
-        members = [B.Member(copy.deepcopy(m), mk, sp, s, Hooks()) for m, (_, mk), sp, s in
+        members = [Network(copy.deepcopy(m), mk, Batches(sp, 8, s)) for m, (_, mk), sp, s in
                    zip(models, nets, splits, range(3))]
-        return members, B.train_batched(members, cfg, start=0, steps=steps, layout=layout)
+        return members, train(members, cfg, start=0, steps=steps, layout=layout)
 
     healthy, _ = run([m for m, _ in nets])
     broken, results = run([nets[0][0], bad, nets[2][0]])
@@ -244,17 +244,17 @@ def test_replicate_folders_are_ordinary_runs(replicated):
 def test_resume_uses_the_previous_checkpoint_to_keep_the_batch_whole(tmp_path):
     """A kill while the units' checkpoints are written leaves some one checkpoint ahead."""
     from lottery.core.files import Checkpoints
-    from lottery.folder import RunFolder
-    from lottery.imp import Job
+    from lottery.experiment.folder import RunFolder
+    from lottery.experiment.units import Job
 
-    class FakeRun:
+    class FakeReplicate:
         folder = RunFolder(tmp_path)
 
     for unit, steps in (("a", (20, 40)), ("b", (20,)), ("c", ())):
         ck = Checkpoints(tmp_path / "levels" / "level_1" / "ticket" / unit)
         for s in steps:
             ck.save({"step": s})
-    jobs = [Job(FakeRun(), 1, "ticket", None, {}, 0, unit=u) for u in ("a", "b", "c")]
+    jobs = [Job(FakeReplicate(), 1, "ticket", None, {}, 0, unit=u) for u in ("a", "b", "c")]
     assert [None if s is None else s["step"] for s in _resume_states(jobs)] == [20, 20, None]
 
 
@@ -263,8 +263,9 @@ RESUME_ARGS = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.
                "pruning.rewind=10it", "train.progress=false", "device=cpu", "replicas=2"]
 
 
-def _cli(run_dir, *extra):
-    r = run_cli(*RESUME_ARGS, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent, env={"OMP_NUM_THREADS": "1"})
+def _cli(run_dir, *extra, env=None):
+    r = run_cli(*RESUME_ARGS, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent,
+                env={"OMP_NUM_THREADS": "1", **(env or {})})
     r.log = r.stdout + r.stderr
     return r
 
@@ -288,20 +289,21 @@ def batched_reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("fault, how", [(["+fault.level=1", "+fault.kill_at=35"], "stacked"),
-                                        (["+fault.level=0", "+fault.signal_at=25"], "stacked"),
-                                        (["+fault.level=1", "+fault.kill_at=35"], "interleaved")])
-def test_killed_or_signalled_batched_run_resumes_bit_identical(batched_reference, tmp_path, fault, how):
+@pytest.mark.parametrize("spec, how", [({"level": 1, "kill_at": 35}, "stacked"),
+                                       ({"level": 0, "signal_at": 25}, "stacked"),
+                                       ({"level": 1, "kill_at": 35}, "interleaved")])
+def test_killed_or_signalled_batched_run_resumes_bit_identical(batched_reference, tmp_path, spec, how):
     """Stacked and interleaved (whose checkpoints keep each network's optimizer state under its own indices)."""
     run_dir = tmp_path / "run"
-    r = _cli(run_dir, *fault, f"replica_batching={how}")
+    args, env = fault(**spec)
+    r = _cli(run_dir, *args, f"replica_batching={how}", env=env)
     assert r.returncode != 0, r.log
     assert (run_dir / ".fault_fired").exists()
-    if "+fault.signal_at=25" in fault:
+    if "signal_at" in spec:
         assert r.returncode == 75, r.log
         ck = load_torch(run_dir / "replicate_1" / "levels" / "level_0" / "ticket" / "checkpoint.pt")
         assert ck["step"] == 25
-    r = _cli(run_dir, *fault, f"replica_batching={how}")
+    r = _cli(run_dir, *args, f"replica_batching={how}", env=env)
     assert r.returncode == 0, r.log
     assert "resumed at step" in r.log
     assert _summaries(run_dir) == batched_reference(how)
@@ -338,10 +340,13 @@ def test_interleaved_and_sequential_replicas_equal_single_runs_exactly(replicate
 
 
 def test_auto_batching_choice():
-    from lottery.replicas import layout
-    cfg = tiny_cfg("device=cpu")
-    assert layout(cfg, build_model("lenet_300_100", (1, 28, 28), 10)) == "stacked"
-    assert layout(cfg, build_model("conv2", (3, 32, 32), 10)) == "interleaved"
-    assert layout(tiny_cfg("device=cpu", "replica_batching=stacked"), build_model("conv2", (3, 32, 32), 10)) == "stacked"
+    cpu = torch.device("cpu")
+    assert choose("auto", build_model("lenet_300_100", (1, 28, 28), 10), cpu) == "stacked"
+    assert choose("auto", build_model("conv2", (3, 32, 32), 10), cpu) == "interleaved"
+    assert choose("stacked", build_model("conv2", (3, 32, 32), 10), cpu) == "stacked"
+    assert choose("auto", nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), cpu) == "interleaved"
+    for extra in (["replicas=2"], []):  # checked whether or not the run has replicas
+        with pytest.raises(ValueError, match="unknown replica_batching 'fast'; accepted: auto, stacked, interleaved"):
+            run_experiment(tiny_cfg(*extra, "replica_batching=fast"), "/nonexistent/never_created")
     with pytest.raises(ValueError, match="unknown replica_batching 'fast'; accepted: auto, stacked, interleaved"):
         run_experiment(tiny_cfg("replicas=2", "replica_batching=fast"), "/nonexistent/never_created")

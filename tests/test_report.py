@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lottery.imp import run_experiment
+from lottery.experiment import run_experiment
 from lottery.report import collect_runs, main, make_figures, write_table
 
 from conftest import tiny_cfg

@@ -1,6 +1,6 @@
 """Resume after a hard kill, a stop signal, or a damaged checkpoint ends bit-identical to an uninterrupted run.
 
-Every test runs the real CLI in a subprocess, breaks it with the test-only `fault` options (lottery/imp.py), starts
+Every test runs the real CLI in a subprocess, breaks it with the test-only fault injection (tests/plugins/faults.py), starts
 it again with the same command in the same folder, and compares `summary.json` with `==` against a reference run.
 Kill points are drawn from seeded RNGs: random, but the same on every run of the suite.
 """
@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from conftest import run_cli
+from conftest import fault, run_cli
 
 from lottery.core.files import load_torch
 from lottery.cli import PREEMPTED_EXIT
@@ -27,8 +27,10 @@ UNITS = [(0, "ticket"), (1, "ticket"), (1, "reinit"), (2, "ticket"), (2, "reinit
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def train(run_dir, *extra):
-    r = run_cli(*ARGS, f"hydra.run.dir={run_dir}", *extra, cwd=run_dir.parent, env=ENV)
+def train(run_dir, faults=None):
+    """The same command each time; `faults`: what `fault(...)` gives, to break this start."""
+    args, env = faults or ([], {})
+    r = run_cli(*ARGS, f"hydra.run.dir={run_dir}", *args, cwd=run_dir.parent, env={**ENV, **env})
     r.log = r.stdout + r.stderr
     return r
 
@@ -58,15 +60,15 @@ def test_sigkill_inside_a_level_resumes_bit_identical(reference, tmp_path):
     start = 0 if level == 0 else REWIND
     step = rng.randint(start + 1, STEPS - 1)
     run_dir = tmp_path / "run"
-    fault = [f"+fault.kill_at={step}", f"+fault.level={level}", f"+fault.branch={branch}"]
+    faults = fault(kill_at=step, level=level, branch=branch)
     where = f"killed at step {step} of level {level} {branch}"
 
-    r = train(run_dir, *fault)
+    r = train(run_dir, faults)
     assert r.returncode == -signal.SIGKILL, f"{where}: {r.log}"
     done_before = result_mtimes(run_dir)
     assert len(done_before) == UNITS.index((level, branch)), where
 
-    r = train(run_dir, *fault)  # the same command again, as a person or SLURM would
+    r = train(run_dir, faults)  # the same command again, as a person or SLURM would
     assert r.returncode == 0, f"{where}: {r.log}"
     assert summary(run_dir) == reference, where
     after = result_mtimes(run_dir)
@@ -79,15 +81,15 @@ def test_sigkill_inside_a_level_resumes_bit_identical(reference, tmp_path):
 def test_sigkill_between_levels_resumes_bit_identical(reference, tmp_path):
     level = random.Random(7).choice([0, 1])
     run_dir = tmp_path / "run"
-    fault = [f"+fault.kill_after_level={level}"]
+    faults = fault(kill_after_level=level)
 
-    r = train(run_dir, *fault)
+    r = train(run_dir, faults)
     assert r.returncode == -signal.SIGKILL, r.log
     done_before = result_mtimes(run_dir)
     assert sorted(done_before) == sorted(f"levels/level_{lv}/{b}/result.json" for lv, b in UNITS if lv <= level)
     assert not (run_dir / "levels" / f"level_{level + 1}").exists(), "the next level must not have started"
 
-    r = train(run_dir, *fault)
+    r = train(run_dir, faults)
     assert r.returncode == 0, r.log
     assert summary(run_dir) == reference
     after = result_mtimes(run_dir)
@@ -97,15 +99,15 @@ def test_sigkill_between_levels_resumes_bit_identical(reference, tmp_path):
 
 def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
     run_dir = tmp_path / "run"
-    fault = ["+fault.kill_at=75", "+fault.level=1"]  # level 1 checkpoints at steps 20, 40 and 60
-    assert train(run_dir, *fault).returncode == -signal.SIGKILL
+    faults = fault(kill_at=75, level=1)  # level 1 checkpoints at steps 20, 40 and 60
+    assert train(run_dir, faults).returncode == -signal.SIGKILL
     unit = run_dir / "levels" / "level_1" / "ticket"
     assert load_torch(unit / "checkpoint.pt")["step"] == 60
     assert load_torch(unit / "checkpoint.prev.pt")["step"] == 40
     data = (unit / "checkpoint.pt").read_bytes()
     (unit / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # a truncated write
 
-    r = train(run_dir, *fault)
+    r = train(run_dir, faults)
     assert r.returncode == 0, r.log
     assert "checkpoint.pt is unreadable" in r.log and "resuming from the previous checkpoint" in r.log
     assert "level 1 ticket: resuming from step 40" in r.log
@@ -117,14 +119,14 @@ def test_stop_signal_checkpoints_exits_and_resumes(reference, tmp_path):
     the 'try again' status and no error recorded; the same command continues from that exact step."""
     step = random.Random(3).randint(REWIND + 1, STEPS - 1)
     run_dir = tmp_path / "run"
-    fault = [f"+fault.signal_at={step}", "+fault.level=1"]
+    faults = fault(signal_at=step, level=1)
 
-    r = train(run_dir, *fault)
+    r = train(run_dir, faults)
     assert r.returncode == PREEMPTED_EXIT, r.log
     assert load_torch(run_dir / "levels" / "level_1" / "ticket" / "checkpoint.pt")["step"] == step
     assert not (run_dir / "error.txt").exists()
 
-    r = train(run_dir, *fault)
+    r = train(run_dir, faults)
     assert r.returncode == 0, r.log
     assert f"level 1 ticket: resuming from step {step}" in r.log
     assert summary(run_dir) == reference

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, run_cli
+from conftest import CONF, fault, run_cli
 
 from lottery.config import register_configs
 
@@ -20,8 +20,9 @@ TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_s
 ENV = {"OMP_NUM_THREADS": "1"}  # parallel jobs on two cores: one thread each
 
 
-def multirun(sweep_dir: Path, *args: str, timeout: int = 600):
-    r = run_cli(*args, f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent, env=ENV, timeout=timeout)
+def multirun(sweep_dir: Path, *args: str, timeout: int = 600, env: dict | None = None):
+    r = run_cli(*args, f"hydra.sweep.dir={sweep_dir}", cwd=sweep_dir.parent, env={**ENV, **(env or {})},
+                timeout=timeout)
     r.log = r.stdout + r.stderr
     return r
 
@@ -95,7 +96,9 @@ def test_submitit_local_requeues_preempted_job_which_resumes(tmp_path):
     """Job 0 sends itself SIGUSR2 at step 50 of level 1: it checkpoints, submitit requeues it, the new process
     resumes at step 50 (level 0 is not trained again) and ends bit-identical to job 1, the same run uninterrupted."""
     sweep_dir = tmp_path / "sweep"
-    r = multirun(sweep_dir, "-m", "launcher=submitit_local", *TINY, "+fault.level=1", "+fault.signal_at=50,null")
+    # two jobs of the same run (train.progress defines no experiment), the fault only in job 0's folder
+    args, env = fault(level=1, signal_at=50, where="*/0_*")
+    r = multirun(sweep_dir, "-m", "launcher=submitit_local", *TINY, *args, "train.progress=false,true", env=env)
     assert r.returncode == 0, r.log
     preempted, plain = jobs(sweep_dir)
     log = (preempted / "train.log").read_text()

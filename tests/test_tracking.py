@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lottery.imp import run_experiment
-from lottery.tracking import wandb_mode
+from lottery.experiment import run_experiment
+from lottery.experiment.tracking import wandb_mode
 
 from conftest import tiny_cfg
 

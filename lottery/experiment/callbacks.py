@@ -4,8 +4,8 @@ named in `imports=[...]`. They see where a run is, never change what it computes
     from lottery.experiment import Callback, register_callback
 
     class Notify(Callback):
-        def level_done(self, replicates, level):
-            print("level", level, "done in", [r.folder.path for r in replicates])
+        def level_done(self, level, folders, parent):
+            print("level", level, "done in", folders)
 
     register_callback(Notify())
 
@@ -39,8 +39,9 @@ class Callback:
         """Functions to call after the given steps of this unit's training (step 0: before its first step)."""
         return {}
 
-    def level_done(self, replicates: list, level: int) -> None:
-        """After every unit of `level` (of every replicate in this process) has its result."""
+    def level_done(self, level: int, folders: list[Path], parent: Optional[Path]) -> None:
+        """After every unit of `level` has its result, in every replicate folder of this process (`folders`; `parent`:
+        the replicas parent folder, if any)."""
 
 
 CALLBACKS: list[Callback] = []
@@ -61,6 +62,6 @@ def unit_steps(unit: UnitInfo, at_step: dict) -> dict:
     return out
 
 
-def level_done(replicates: list, level: int) -> None:
+def level_done(level: int, folders: list[Path], parent: Optional[Path]) -> None:
     for cb in CALLBACKS:
-        cb.level_done(replicates, level)
+        cb.level_done(level, folders, parent)

@@ -172,7 +172,7 @@ def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
         for lin in active:
             if lin.ticket.get("diverged"):
                 lin.stopped = True  # a diverged ticket is never pruned to make the next level
-        callbacks.level_done(reps, level)
+        callbacks.level_done(level, [rep.folder.path for rep in reps], parent)
     summaries = [rec for rep in reps for rec in rep.folder.write_summary()]
     diverged = [r for lin in lineages for r in lin.diverged]
     if diverged:  # the units that did not depend on a diverged one are done; the run still failed

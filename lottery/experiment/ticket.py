@@ -175,7 +175,9 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
     line (`overridden`) taken from `cfg`. Keys a ticket written by an older version holds that its dataset or
     optimizer no longer takes (settings of another optimizer, say) are dropped."""
     from omegaconf import OmegaConf
-    base = OmegaConf.merge(cfg, ticket_config)
+    base = OmegaConf.create(OmegaConf.to_container(cfg))
+    OmegaConf.set_struct(base, False)  # the ticket's nodes may hold keys the composed config's do not
+    base = OmegaConf.merge(base, ticket_config)
     for node in _OWN_NODES:
         value = OmegaConf.select(OmegaConf.create(ticket_config), node)
         if value is not None:
