@@ -1,33 +1,9 @@
-"""Model registry: every builder is fn(input_shape, num_classes, **kwargs) -> nn.Module.
+"""Models: the registry (`registry`: `MODELS`, `register_model`, `build_model`) and the built-in networks, registered
+here on import: MLPs (LeNet-300-100, deep MLPs), Conv-2/4/6, VGG, ResNet-20.
 
-Rules shared by all models (pruning and init code rely on them): only plain nn.Linear,
-nn.Conv2d and nn.BatchNorm2d hold parameters, activations are ReLU, and the classifier
-is the last nn.Linear in named_modules() order.
+Imports core only.
 """
+from lottery.models.registry import MODELS, build_model, register_model
+from lottery.models import conv, mlp, resnet, vgg  # noqa: F401  (register the built-in models)
 
-from typing import Callable
-
-import torch.nn as nn
-
-MODELS: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str):
-    def decorator(fn):
-        if name in MODELS:
-            raise ValueError(f"model '{name}' is already registered")
-        MODELS[name] = fn
-        return fn
-    return decorator
-
-
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module:
-    if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; accepted: {', '.join(sorted(MODELS))}")
-    # one flat config serves every model, so fields a model does not use arrive as None
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return MODELS[name](tuple(input_shape), num_classes, **kwargs)
-
-
-# imported last so their @register_model calls see the registry above
-from lottery.models import conv, mlp, resnet, vgg  # noqa: E402,F401
+__all__ = ["MODELS", "build_model", "register_model"]

@@ -3,7 +3,7 @@
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lottery.models import register_model
+from lottery.models.registry import register_model
 
 
 class ConvNet(nn.Module):

@@ -5,7 +5,7 @@ import math
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lottery.models import register_model
+from lottery.models.registry import register_model
 
 
 class MLP(nn.Module):

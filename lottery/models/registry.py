@@ -1,0 +1,26 @@
+"""The model registry: every builder is fn(input_shape, num_classes, **kwargs) -> nn.Module.
+
+Rules shared by all models (pruning and init code rely on them): only plain nn.Linear, nn.Conv2d and nn.BatchNorm2d
+hold parameters, activations are ReLU, and the classifier is the last nn.Linear in named_modules() order.
+"""
+from typing import Callable
+
+import torch.nn as nn
+
+from lottery.core.registry import Registry
+
+MODELS = Registry("model")
+
+
+def register_model(name: str):
+    def decorator(fn: Callable[..., nn.Module]):
+        MODELS.add(name, fn)
+        return fn
+    return decorator
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, **kwargs) -> nn.Module:
+    builder = MODELS.lookup(name)
+    # one flat config serves every model, so fields a model does not use arrive as None
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return builder(tuple(input_shape), num_classes, **kwargs)
