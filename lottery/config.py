@@ -80,6 +80,8 @@ class PruningConfig:
     # The criterion's own node: `name` (a key of lottery.pruning.CRITERIA) plus the settings that criterion declares;
     # its keys are type-checked against the criterion's registered settings by `validate`.
     criterion: Dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
+    # layerwise (per-tensor rates) | global (one threshold over all tensors) | uniform | er | erk: global pruning's
+    # count per level, split between tensors by that density distribution (lottery.pruning.densities, RigL's ER/ERK)
     scope: str = "layerwise"
     when: str = "after_training"
     levels: int = 1
@@ -216,7 +218,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SCOPES = ("layerwise", "global")
+SCOPES = ("layerwise", "global", "uniform", "er", "erk")
 WHEN = ("after_training", "at_init")
 RATE_KINDS = ("linear", "conv", "output")
 BATCHNORM_INITS = ("ones", "uniform")
@@ -233,7 +235,7 @@ def validate(cfg) -> None:
     from lottery.data import DATASETS
     from lottery.init import INITIALIZERS
     from lottery.models import MODELS
-    from lottery.pruning import criterion_settings
+    from lottery.pruning import DISTRIBUTIONS, criterion_settings
 
     import_extensions(cfg)
 
@@ -299,6 +301,11 @@ def validate(cfg) -> None:
         raise ValueError("pruning.rates and pruning.layer_rates are per-layer rates, which global pruning does not "
                          "use (it removes pruning.rate of all surviving weights); use pruning.scope=layerwise or "
                          "drop them")
+    if p.scope in DISTRIBUTIONS and (p.rates or p.layer_rates):
+        raise ValueError(f"pruning.rates and pruning.layer_rates are per-layer rates, which pruning.scope={p.scope} "
+                         "does not use (it splits each level's global count, pruning.rate of all surviving weights, "
+                         f"by the {p.scope} densities); use pruning=global pruning.scope={p.scope} (pruning=lth "
+                         "sets per-kind rates)")
     for name, rate in [("rate", p.rate), *[(f"rates.{k}", v) for k, v in p.rates.items()],
                        *[(f"layer_rates.{k}", v) for k, v in p.layer_rates.items()]]:
         if not 0 <= rate < 1:
