@@ -94,7 +94,8 @@ class BatchNormNet(nn.Module):
 def hand_grad_batchnorm(p, x, y, mode, eps=1e-5):
     """Gradient of mean cross-entropy for out = W2 relu(gamma * xhat + beta) + b2, pre = W1 x + b1, by hand:
     eval mode xhat = (pre - running_mean) / sqrt(running_var + eps), a fixed affine map; train mode xhat normalizes
-    with the batch's mean and biased variance, whose backward is (N dxhat - sum dxhat - xhat sum(dxhat xhat)) / (N s)."""
+    with the batch's mean and biased variance, whose backward is
+    (N dxhat - sum dxhat - xhat sum(dxhat xhat)) / (N s)."""
     W1, b1, W2, b2, gamma, beta = (p[k] for k in ("fc.weight", "fc.bias", "out.weight", "out.bias", "bn.weight",
                                                   "bn.bias"))
     pre = x @ W1.T + b1

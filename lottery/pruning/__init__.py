@@ -17,5 +17,6 @@ from lottery.pruning.transforms import random_like, shuffle
 from lottery.pruning import pai  # noqa: F401  (registers the pruning-at-initialization criteria)
 
 __all__ = ["CRITERIA", "Criterion", "criterion_settings", "register_criterion", "score", "scores_at", "layer_rates",
-           "DISTRIBUTIONS", "allocate", "distribution", "survivor_counts", "level_survivors", "plan_counts", "prune", "survivors_after", "round_half_up", "select_global",
-           "select_layerwise", "random_like", "shuffle"]
+           "level_survivors", "plan_counts", "prune", "survivors_after", "round_half_up", "select_global",
+           "select_layerwise", "random_like", "shuffle", "DISTRIBUTIONS", "allocate", "distribution",
+           "survivor_counts"]

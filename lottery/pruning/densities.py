@@ -68,8 +68,8 @@ def raw_probability(name: str, shape: Sequence[int], power: float = 1.0) -> floa
 def distribution(name: str, shapes: Shapes, density: float, *, power: float = 1.0) -> dict[str, float]:
     """{tensor: density} of the distribution `name` (uniform | er | erk) over the tensors `shapes` ({name: shape},
     the masked tensors only), averaging `density` weighted by size: sum_l d_l N_l = density * sum_l N_l. Tensors
-    whose Erdős–Rényi density would exceed 1 are dense (1.0), the others rescaled (RigL's capping). `power` is RigL's
-    `erk_power_scale` (erk only)."""
+    whose Erdős–Rényi density would exceed 1 are dense (1.0), the others rescaled (RigL's capping). `power` is
+    RigL's `erk_power_scale` (erk only)."""
     if not 0 <= density <= 1:
         raise ValueError(f"a density is a fraction in [0, 1], got {density}")
     if not shapes:
