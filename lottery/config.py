@@ -58,6 +58,8 @@ class PruningConfig:
     # The criterion's own node: `name` (a key of lottery.pruning.CRITERIA) plus the settings that criterion declares;
     # its keys are type-checked against the criterion's registered settings by `validate`.
     criterion: Dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
+    # layerwise (per-tensor rates) | global (one threshold over all tensors) | uniform | er | erk: global pruning's
+    # count per level, split between tensors by that density distribution (lottery.pruning.densities, RigL's ER/ERK)
     scope: str = "layerwise"
     when: str = "after_training"
     levels: int = 1

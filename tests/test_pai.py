@@ -81,6 +81,90 @@ def test_snip_equals_hand_written_gradient_times_weight():
     assert all(p.grad is None for p in model.parameters())
 
 
+class BatchNormNet(nn.Module):
+    def __init__(self, d_in=6, d_hidden=5, d_out=3):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_hidden)
+        self.bn = nn.BatchNorm1d(d_hidden)
+        self.out = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+def hand_grad_batchnorm(p, x, y, mode, eps=1e-5):
+    """Gradient of mean cross-entropy for out = W2 relu(gamma * xhat + beta) + b2, pre = W1 x + b1, by hand:
+    eval mode xhat = (pre - running_mean) / sqrt(running_var + eps), a fixed affine map; train mode xhat normalizes
+    with the batch's mean and biased variance, whose backward is
+    (N dxhat - sum dxhat - xhat sum(dxhat xhat)) / (N s)."""
+    W1, b1, W2, b2, gamma, beta = (p[k] for k in ("fc.weight", "fc.bias", "out.weight", "out.bias", "bn.weight",
+                                                  "bn.bias"))
+    pre = x @ W1.T + b1
+    if mode == "eval":
+        mean, var = p["bn.running_mean"], p["bn.running_var"]
+    else:
+        mean, var = pre.mean(0), pre.var(0, unbiased=False)
+    inv = 1 / torch.sqrt(var + eps)
+    xhat = (pre - mean) * inv
+    bn = gamma * xhat + beta
+    h = bn.clamp(min=0)
+    z = h @ W2.T + b2
+    n = len(y)
+    dz = (torch.softmax(z, 1) - torch.nn.functional.one_hot(y, z.shape[1]).to(z.dtype)) / n
+    dW2 = dz.T @ h
+    dxhat = (dz @ W2) * (bn > 0).to(z.dtype) * gamma
+    if mode == "eval":
+        dpre = dxhat * inv
+    else:
+        dpre = inv / n * (n * dxhat - dxhat.sum(0) - xhat * (dxhat * xhat).sum(0))
+    return dpre.T @ x, dW2
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_snip_in_both_batchnorm_modes_against_a_hand_computation(mode):
+    torch.manual_seed(3)
+    model = BatchNormNet().double()
+    with torch.no_grad():  # statistics and affine parameters far from the batch's, so the two modes differ
+        model.bn.running_mean.copy_(torch.randn(5, dtype=torch.float64))
+        model.bn.running_var.copy_(torch.rand(5, dtype=torch.float64) + 0.5)
+        model.bn.weight.copy_(torch.rand(5, dtype=torch.float64) + 0.5)
+        model.bn.bias.copy_(torch.randn(5, dtype=torch.float64) * 0.1)
+    model.train()
+    x, y = torch.randn(16, 6, dtype=torch.float64) * 2 + 1, torch.arange(16) % 3
+    masks = _masks(model)
+    before = _params(model)
+    scores = snip(model, masks, batches=iter([(x, y)]), generator=None, batchnorm=mode)
+    g1, g2 = hand_grad_batchnorm(before, x, y, mode)
+    torch.testing.assert_close(scores["fc.weight"], (g1 * before["fc.weight"]).abs(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(scores["out.weight"], (g2 * before["out.weight"]).abs(), rtol=1e-10, atol=1e-12)
+    other = hand_grad_batchnorm(before, x, y, "train" if mode == "eval" else "eval")
+    assert not torch.allclose((other[0] * before["fc.weight"]).abs(), scores["fc.weight"], rtol=1e-3)
+    # the caller's model: its mode, weights and BatchNorm statistics (num_batches_tracked too), no gradients
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    snip(model, masks, batches=iter([(x, y)]), generator=None, batchnorm=mode)
+    assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_snip_defaults_to_the_authors_batchnorm_mode_and_checks_it():
+    from lottery.pruning import criterion_settings
+    assert criterion_settings(tiny_cfg("criterion=snip").pruning.criterion) == {"num_batches": 1, "batchnorm": "eval"}
+    torch.manual_seed(0)
+    model = BatchNormNet()
+    x, y = torch.randn(8, 6), torch.arange(8) % 3
+    default = snip(model, _masks(model), batches=iter([(x, y)]), generator=None)
+    assert all(torch.equal(default[n], v)
+               for n, v in snip(model, _masks(model), batches=iter([(x, y)]), generator=None, batchnorm="eval").items())
+    with pytest.raises(ValueError, match="unknown pruning.criterion.batchnorm 'inference' for snip; accepted: eval, "
+                                         "train"):
+        checked(tiny_cfg("criterion=snip", "pruning.criterion.batchnorm=inference"))
+    # no BatchNorm: the two modes are the same computation
+    mlp = TwoLayer()
+    a, b = (snip(mlp, _masks(mlp), batches=iter([(x, y)]), generator=None, batchnorm=m) for m in ("eval", "train"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_grasp_equals_finite_difference_hessian_gradient_product_and_authors_selection():
     torch.manual_seed(1)
     model = TwoLayer().double()

@@ -20,13 +20,13 @@ from lottery.core.steps import parse_steps
 from lottery.data import dataset_settings
 from lottery.init import INITIALIZERS
 from lottery.models import MODELS
-from lottery.pruning import criterion_settings, scores_at
+from lottery.pruning import DISTRIBUTIONS, criterion_settings, scores_at
 from lottery.training import BATCHING, optimizer_settings
 
 SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SCOPES = ("layerwise", "global")
+SCOPES = ("layerwise", "global", "uniform", "er", "erk")
 WHEN = ("after_training", "at_init")
 RATE_KINDS = ("linear", "conv", "output")
 BATCHNORM_INITS = ("ones", "uniform")
@@ -109,6 +109,11 @@ def checked(cfg: DictConfig) -> DictConfig:
         raise ValueError("pruning.rates and pruning.layer_rates are per-layer rates, which global pruning does not "
                          "use (it removes pruning.rate of all surviving weights); use pruning.scope=layerwise or "
                          "drop them")
+    if p.scope in DISTRIBUTIONS and (p.rates or p.layer_rates):
+        raise ValueError(f"pruning.rates and pruning.layer_rates are per-layer rates, which pruning.scope={p.scope} "
+                         "does not use (it splits each level's global count, pruning.rate of all surviving weights, "
+                         f"by the {p.scope} densities); use pruning=global pruning.scope={p.scope} (pruning=lth "
+                         "sets per-kind rates)")
     for name, rate in [("rate", p.rate), *[(f"rates.{k}", v) for k, v in p.rates.items()],
                        *[(f"layer_rates.{k}", v) for k, v in p.layer_rates.items()]]:
         if not 0 <= rate < 1:

@@ -4,10 +4,12 @@
 - `pai`: the pruning-at-initialization criteria (magnitude_init, SNIP, GraSP, SynFlow), registered here on import;
 - `selection`: exact counts, survivors only, stable ties, layerwise or global, never an emptied tensor;
 - `schedule`: the per-level rates, one-shot targets and rounds (`prune`), counts per level (`plan_counts`);
+- `densities`: per-tensor densities and exact counts from one global density (uniform, er, erk as in RigL);
 - `transforms`: random and shuffled masks for the controls.
 
 Imports masks and core only.
 """
+from lottery.pruning.densities import DISTRIBUTIONS, allocate, distribution, survivor_counts
 from lottery.pruning.criteria import CRITERIA, Criterion, criterion_settings, register_criterion, score, scores_at
 from lottery.pruning.schedule import layer_rates, level_survivors, plan_counts, prune, survivors_after
 from lottery.pruning.selection import round_half_up, select_global, select_layerwise
@@ -16,4 +18,5 @@ from lottery.pruning import pai  # noqa: F401  (registers the pruning-at-initial
 
 __all__ = ["CRITERIA", "Criterion", "criterion_settings", "register_criterion", "score", "scores_at", "layer_rates",
            "level_survivors", "plan_counts", "prune", "survivors_after", "round_half_up", "select_global",
-           "select_layerwise", "random_like", "shuffle"]
+           "select_layerwise", "random_like", "shuffle", "DISTRIBUTIONS", "allocate", "distribution",
+           "survivor_counts"]

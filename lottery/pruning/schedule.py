@@ -1,7 +1,12 @@
 """The schedule: how many entries each pruning step removes (the per-level rates, or straight to `pruning.target` in
 one shot), optionally in `pruning.rounds` exponentially spaced rounds with fresh scores each round (SynFlow's
 iterative schedule). *When* the scores are taken (`pruning.when`) is the experiment's choice of which weights it hands
-in."""
+in.
+
+`pruning.scope`: `layerwise` (each tensor at its own rate), `global` (one total, split by the scores), or a density
+distribution `uniform | er | erk` (lottery.pruning.densities): the total is global pruning's (pruning.rate of all
+surviving weights per level, or pruning.target in one shot) and the split between tensors is the distribution's, so
+the counts are per tensor and selection is layerwise."""
 from __future__ import annotations
 
 import fnmatch
@@ -12,6 +17,7 @@ from torch import nn
 
 from lottery.masks import Masks, Prunable, apply
 from lottery.pruning.criteria import Batches, score
+from lottery.pruning.densities import DISTRIBUTIONS, allocate
 from lottery.pruning.selection import round_half_up, select_global, select_layerwise
 
 
@@ -27,17 +33,28 @@ def layer_rates(prunable: list[Prunable], pcfg) -> dict[str, float]:
     return out
 
 
+def _split(masks: Masks, pcfg, total: int) -> dict[str, int]:
+    """A global total split between the tensors by the distribution `pruning.scope`; no tensor gets more than it has
+    now (a pruning step only removes)."""
+    return allocate(pcfg.scope, {n: tuple(m.shape) for n, m in masks.items()}, total,
+                    upper={n: int(m.count_nonzero()) for n, m in masks.items()})
+
+
 def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction: Optional[float] = None):
-    """How many entries survive one pruning step: {name: count} for layerwise pruning, a total for global pruning.
+    """How many entries survive one pruning step: {name: count} for layerwise pruning and for a density
+    distribution (uniform, er, erk), a total for global pruning.
 
     `keep_fraction` (one-shot) prunes straight to that fraction of each tensor (layerwise) or of all masked weights
-    (global) instead of applying the per-level rates."""
+    (global, distributions) instead of applying the per-level rates. A distribution splits the global total, the
+    same count global pruning would keep, by its per-tensor densities of all masked weights."""
     alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
-    if pcfg.scope == "global":
+    if pcfg.scope == "global" or pcfg.scope in DISTRIBUTIONS:
         now = sum(alive.values())
         if keep_fraction is not None:
-            return round_half_up(keep_fraction * sum(m.numel() for m in masks.values()))
-        return now - round_half_up(pcfg.rate * now)
+            total = round_half_up(keep_fraction * sum(m.numel() for m in masks.values()))
+        else:
+            total = now - round_half_up(pcfg.rate * now)
+        return total if pcfg.scope == "global" else _split(masks, pcfg, total)
     if keep_fraction is not None:
         return {n: round_half_up(keep_fraction * m.numel()) for n, m in masks.items()}
     rates = layer_rates(prunable, pcfg)
@@ -46,13 +63,14 @@ def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction:
 
 def level_survivors(masks: Masks, prunable: list[Prunable], pcfg, level: int):
     """Survivors after `level` steps of the per-level rates from `masks`, from counts alone: {name: count} for
-    layerwise pruning, a total for global pruning (the counts IMP's levels have; used by pruning.from_dense)."""
+    layerwise pruning, a total for global pruning (the counts IMP's levels have; used by pruning.from_dense), and
+    for a distribution the global total after `level` steps split by the distribution."""
     alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
-    if pcfg.scope == "global":
+    if pcfg.scope == "global" or pcfg.scope in DISTRIBUTIONS:
         total = sum(alive.values())
         for _ in range(level):
             total -= round_half_up(pcfg.rate * total)
-        return total
+        return total if pcfg.scope == "global" else _split(masks, pcfg, total)
     rates = layer_rates(prunable, pcfg)
     for _ in range(level):
         alive = {n: a - round_half_up(rates[n] * a) for n, a in alive.items()}
@@ -108,12 +126,13 @@ def plan_counts(masks: Masks, prunable: list[Prunable], pcfg) -> list[int]:
     """Remaining prunable weights at each level, computed from counts alone (no weights needed).
 
     Used to decide how many levels a `pruning.target` needs. Exact for layerwise pruning; for global pruning the
-    total is exact too (only the split between tensors depends on the scores)."""
+    total is exact too (only the split between tensors depends on the scores), and a distribution has global
+    pruning's totals (only their split differs)."""
     rates = layer_rates(prunable, pcfg)
     alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
     counts = [sum(alive.values())]
     for _ in range(10_000):
-        if pcfg.scope == "global":
+        if pcfg.scope == "global" or pcfg.scope in DISTRIBUTIONS:
             total = counts[-1]
             counts.append(total - round_half_up(pcfg.rate * total))
         else:

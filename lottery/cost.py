@@ -1,0 +1,170 @@
+"""Training cost: an estimate of the FLOPs of training, dense and sparse (counted from the masks).
+
+Conventions, those of RigL (Evci et al. 2020, "Rigging the Lottery", Appendix H) and of the counter its code uses
+(rigl/sparse_utils.py `get_stats` -> google-research micronet_challenge/counting.py `count_ops`):
+
+- Only the weights of Linear and Conv layers are counted. One multiply-accumulate (MAC) is 2 FLOPs (a multiply and an
+  add): a Linear layer costs in_features * out_features MACs per example (per position, for inputs with extra
+  dimensions), a convolution (its weight's entries) * (output positions) MACs: C_out * C_in/groups * k_h * k_w * H_out *
+  W_out; the output size is measured with forward hooks on one example, on the meta device (no real computation).
+  micronet counts mults + adds of a dot product of length n as n + (n - 1) plus one add for the bias, i.e. the same
+  2n per output with a bias and 2n - 1 without; it also counts one operation per ReLU output. Biases, BatchNorm,
+  activations, pooling and the loss are left out here: they are linear in the activations, not in the weights, and
+  a small fraction of a network's FLOPs.
+- Sparse: a layer with density d (kept entries / entries of its weight) costs d times its dense MACs (micronet's
+  `vector_length = k*k*c_in*(1 - sparsity)`), i.e. (output positions) * (kept weights), an exact integer here.
+  Unmasked layers count dense. This is the theoretical cost of a sparse implementation; PyTorch's dense kernels do
+  the dense work whatever the masks.
+- A training step on one example costs 3 forward passes (RigL: forward f, backward 2f: the gradient with respect to
+  the activations and with respect to the weights, each as costly as the forward pass), sparse ones for a sparse
+  network: 3 f_S. A step whose weight gradient is dense (RigL's mask-update steps, which need dense gradients to grow
+  connections) costs 2 f_S + f_D. Steps of batch size B cost B times that.
+
+    forward_flops(masks) = f_S = 2 * sum over layers of (output positions)_l * (kept weights)_l
+    step_flops(masks, B) = 3 * f_S * B            (dense_weight_grad: (2 * f_S + f_D) * B)
+    training_flops(masks, steps, B) = steps * step_flops(masks, B)
+
+  The dense counterpart is the same with every layer dense (f_D). Evaluation passes are not training and not counted.
+
+Usage: `info = model_info(model, input_shape)` once (a deep copy of the model on the meta device; the model itself is
+not touched), then `step_flops(info, masks, batch_size)` per mask (cheap: one count_nonzero per masked tensor), e.g.
+at every mask update of a dynamic sparse run; `TrainingCost` adds steps under changing masks up.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+# masks ({name: 0/1 tensor}) or densities ({name: kept fraction}); None: dense
+MasksOrDensities = Optional[Mapping[str, Union[torch.Tensor, float]]]
+
+_COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str  # the weight's parameter name, the key of its mask, e.g. "hidden.0.weight"
+    positions: int  # times each weight entry is used per example (output positions: 1 for a Linear on flat input)
+    numel: int  # entries of the weight
+
+    @property
+    def macs(self) -> int:
+        """Dense forward multiply-accumulates per example."""
+        return self.positions * self.numel
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    layers: tuple[LayerCost, ...]
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+
+def model_info(model: nn.Module, input_shape: Sequence[int]) -> ModelInfo:
+    """Per-layer costs of `model` on inputs of shape `input_shape` (one example, without the batch dimension, e.g.
+    (1, 28, 28)): every Linear and Conv layer's weight name, entries and output positions, measured by forward hooks
+    on a deep copy on the meta device (the model, its mode and its statistics are not touched). A module called twice
+    in one forward pass counts twice."""
+    try:
+        net = copy.deepcopy(model).to("meta")
+        x = torch.empty((1, *input_shape), device="meta")
+        return _measure(net, x)
+    except (NotImplementedError, RuntimeError):  # an operation without a meta kernel: a zero input on the CPU
+        net = copy.deepcopy(model).cpu()
+        return _measure(net, torch.zeros((1, *input_shape)))
+
+
+def _measure(net: nn.Module, x: torch.Tensor) -> ModelInfo:
+    positions: dict[str, int] = {}
+    order: list[str] = []
+    numel: dict[str, int] = {}
+    handles = []
+    for mod_name, mod in net.named_modules():
+        if not isinstance(mod, _COUNTED):
+            continue
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        numel[name] = mod.weight.numel()
+        channels = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+
+        def hook(module, inputs, output, name=name, channels=channels):
+            if name not in positions:
+                order.append(name)
+            # each weight entry is used once per output position (per example: the batch is 1)
+            positions[name] = positions.get(name, 0) + output.numel() // channels
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ModelInfo(tuple(LayerCost(n, positions[n], numel[n]) for n in order))
+
+
+def _kept(layer: LayerCost, masks: MasksOrDensities) -> Union[int, float]:
+    if masks is None or layer.name not in masks:
+        return layer.numel
+    m = masks[layer.name]
+    if isinstance(m, torch.Tensor):
+        return int(m.count_nonzero())
+    return float(m) * layer.numel
+
+
+def macs(info: ModelInfo, masks: MasksOrDensities = None) -> Union[int, float]:
+    """Forward multiply-accumulates per example: sum of (output positions) * (kept weights) over the layers; dense
+    without masks. Masks give an exact integer, densities a float."""
+    return sum(layer.positions * _kept(layer, masks) for layer in info.layers)
+
+
+def forward_flops(info: ModelInfo, masks: MasksOrDensities = None) -> Union[int, float]:
+    """f: FLOPs of one forward pass of one example, 2 per multiply-accumulate."""
+    return 2 * macs(info, masks)
+
+
+def step_flops(info: ModelInfo, masks: MasksOrDensities = None, batch_size: int = 1, *,
+               dense_weight_grad: bool = False) -> Union[int, float]:
+    """FLOPs of one training step of `batch_size` examples at `masks`: 3 f_S per example (forward, gradient of the
+    activations, gradient of the weights), or 2 f_S + f_D when the weight gradient is dense (RigL's update steps)."""
+    sparse = forward_flops(info, masks)
+    weight_grad = forward_flops(info) if dense_weight_grad else sparse
+    return (2 * sparse + weight_grad) * batch_size
+
+
+def training_flops(info: ModelInfo, masks: MasksOrDensities, steps: int, batch_size: int) -> Union[int, float]:
+    """FLOPs of `steps` training steps of `batch_size` examples at fixed `masks` (None: dense)."""
+    return steps * step_flops(info, masks, batch_size)
+
+
+@dataclass
+class TrainingCost:
+    """Steps and FLOPs added up under masks that may change (IMP's levels, a dynamic sparse run's mask updates).
+    `flops_dense` is what the same steps cost without masks, `flops_sparse` what they cost at the masks they ran at."""
+    info: ModelInfo
+    batch_size: int
+    steps: int = 0
+    flops_dense: Union[int, float] = 0
+    flops_sparse: Union[int, float] = 0
+    _dense_step: Union[int, float] = field(default=0, init=False, repr=False)
+
+    def __post_init__(self):
+        self._dense_step = step_flops(self.info, None, self.batch_size)
+
+    def add(self, steps: int, masks: MasksOrDensities = None, *, dense_weight_grad_steps: int = 0) -> None:
+        """`steps` steps at `masks`, of which `dense_weight_grad_steps` computed a dense weight gradient."""
+        if not 0 <= dense_weight_grad_steps <= steps:
+            raise ValueError(f"dense_weight_grad_steps must be in [0, steps={steps}], got {dense_weight_grad_steps}")
+        sparse = step_flops(self.info, masks, self.batch_size)
+        update = step_flops(self.info, masks, self.batch_size, dense_weight_grad=True) if dense_weight_grad_steps else 0
+        self.steps += steps
+        self.flops_dense += steps * self._dense_step
+        self.flops_sparse += (steps - dense_weight_grad_steps) * sparse + dense_weight_grad_steps * update
+
+    def record(self) -> dict:
+        return {"steps": self.steps, "train_flops_dense": self.flops_dense, "train_flops_sparse": self.flops_sparse}
