@@ -272,6 +272,8 @@ def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable
     """Whether a setting that differs between runs says something about this record of this run."""
     if cfg.get(key) is None:  # init.variance of a kaiming run says nothing
         return False
+    if key == "branch":
+        return False  # no branch settings at all (an empty node) beside runs that have some
     if key.startswith("branch."):
         return key.split(".")[1] == branch  # a branch's settings change only that branch's units
     if key.startswith("pruning.") and dense_only:

@@ -221,45 +221,56 @@ def _accuracy_figures(rows, out_dir: Path, style: Style, final: dict, n_max: int
     return written
 
 
+def _mean_percent(values) -> float:
+    vs = [v for v in map(number, values) if v is not None]
+    return 100 * sum(vs) / len(vs) if vs else math.nan
+
+
+def _densities(tickets: list[dict], by_density: bool) -> tuple[list, dict, list]:
+    """(x keys, {layer: mean density (%) per key}, overall density (%) per key) of one panel's ticket rows; keys are
+    levels, or densities (one-shot runs all sit at level 1)."""
+    by_key = defaultdict(list)
+    for r in tickets:
+        by_key[-round(r["weights_remaining"], 9) if by_density else r["level"]].append(r)
+    keys = sorted(by_key)
+    layers = list(dict.fromkeys(k for r in tickets for k in r if k.startswith("density.")))
+    curves = {layer: [_mean_percent(r.get(layer) for r in by_key[k]) for k in keys] for layer in layers}
+    return keys, curves, [_mean_percent(r["weights_remaining"] for r in by_key[k]) for k in keys]
+
+
 def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
     """Per-layer density of the ticket masks across levels, one panel per network and colour group (method or
     condition: each chooses its own layer densities; with methods, points are their densities, as one-shot runs all
-    sit at level 1). Layers whose densities are equal at every point share one line (the legend names them all); the
-    others differ in colour, marker and line style and sit slightly apart sideways, so lines that nearly coincide
-    stay visible."""
+    sit at level 1); groups whose densities are all equal (an initializer sweep under layerwise rates) share a panel.
+    Layers whose densities are equal at every point share one line (the legend names them all); the others differ in
+    colour, marker and line style and sit slightly apart sideways, so lines that nearly coincide stay visible."""
     tickets_of = defaultdict(list)
     for r in rows:
         if r["branch"] == "ticket":
             tickets_of[(panel_of(r), style.group(r))].append(r)
-    groups = sorted(tickets_of, key=lambda pg: (pg[0], method_rank(pg[1]), pg[1]))
-    if not groups:
+    panels = {}  # (network, what it draws) -> [groups]
+    data = {}
+    for panel, group in sorted(tickets_of, key=lambda pg: (pg[0], method_rank(pg[1]), pg[1])):
+        by_density = tickets_of[(panel, group)][0].get("method") is not None
+        keys, curves, overall = _densities(tickets_of[(panel, group)], by_density)
+        signature = (panel, by_density, tuple(keys), tuple(overall),
+                     tuple((k, tuple(round(v, 9) if v == v else None for v in vs)) for k, vs in curves.items()))
+        panels.setdefault(signature, []).append(group)
+        data[signature] = (keys, curves, overall, by_density)
+    if not panels:
         return []
-    ncols = min(3, len(groups))
-    nrows = math.ceil(len(groups) / ncols)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(9.5 * ncols, 4.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(groups):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, (panel, group) in zip(axes.flat, groups):
-        tickets = tickets_of[(panel, group)]
-        method = tickets[0].get("method")
-        layers = list(dict.fromkeys(k for r in tickets for k in r if k.startswith("density.")))
-        by_level = defaultdict(list)
-        for r in tickets:
-            by_level[r["level"] if method is None else -round(r["weights_remaining"], 9)].append(r)
-        keys = sorted(by_level)
-        xs = keys if method is None else list(range(len(keys)))
-
-        def mean(values):
-            vs = [number(v) for v in values]
-            vs = [v for v in vs if v is not None]
-            return 100 * sum(vs) / len(vs) if vs else math.nan
-
+    for ax, (signature, groups) in zip(axes.flat, panels.items()):
+        panel = signature[0]
+        keys, curves, overall, by_density = data[signature]
+        xs = list(range(len(keys))) if by_density else keys
         series = {}  # rounded curve -> layers that have it
-        curves = {}
-        for layer in layers:
-            ys = [mean(r.get(layer) for r in by_level[k]) for k in keys]
+        for layer, ys in curves.items():
             series.setdefault(tuple(round(y, 9) if y == y else None for y in ys), []).append(layer)
-            curves[layer] = ys
         lines = list(series.values())
         for j, names in enumerate(lines):
             # sideways offsets within +-0.12 of a level: nearly equal lines stay apart, points stay at their level
@@ -270,23 +281,25 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
             ax.plot([x + offset for x in xs], curves[names[0]], color=PALETTE[j % len(PALETTE)],
                     marker=MARKERS[j % len(MARKERS)], linestyle=LINESTYLES[(j // len(PALETTE)) % len(LINESTYLES)],
                     markersize=4, linewidth=1.3, label=text)
-        overall = [mean(r["weights_remaining"] for r in by_level[k]) for k in keys]
         ax.plot(xs, overall, color="k", linestyle=(0, (4, 2)), linewidth=1.2, label="all prunable weights")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
         finite = [y for line in ax.lines for y in line.get_ydata() if y == y and y > 0]
         ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label(min(finite, default=1.0))))
         ax.set_xticks(xs)
-        if method is None:
-            ax.set_xticklabels([f"{lv}\n{o:.3g}%" for lv, o in zip(keys, overall)], fontsize=7)
-            ax.set_xlabel("IMP level (and overall weights remaining)")
-        else:
+        if by_density:
             ax.set_xticklabels([f"{o:.3g}%" for o in overall], fontsize=7)
             ax.set_xlabel("Overall weights remaining")
+        else:
+            ax.set_xticklabels([f"{lv}\n{o:.3g}%" for lv, o in zip(keys, overall)], fontsize=7)
+            ax.set_xlabel("IMP level (and overall weights remaining)")
         ax.set_ylabel("Weights remaining in the layer (%, log scale)")
+        names = [style.group_text.get(g) or g for g in groups if g]
+        which = "" if not names else f"\n{names[0]}" if len(names) == 1 else \
+            f"\n{', '.join(names)} (the same densities)" if len(names) <= 3 else \
+            f"\n{len(names)} conditions with the same densities: {names[0]}, ..., {names[-1]}"
         ax.set_title(f"{panel[0]} on {panel[1]}: per-layer density of the "
-                     + ("ticket mask" if method is None else "mask") + (f"\n{style.group_text.get(group) or group}"
-                                                                       if group else ""), fontsize=10)
+                     + ("mask" if by_density else "ticket mask") + which, fontsize=10)
         ax.grid(True, alpha=0.3)
         note = "layer (equal densities share a line;\nothers slightly apart sideways)"
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, title=note,

@@ -76,6 +76,7 @@ def make_lmc_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> 
     if not groups:
         return []
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     cmap = plt.get_cmap("viridis")
 

@@ -57,8 +57,9 @@ class Style:
         self.by_branch = len(self.groups) <= 1
         self.group_markers = len(self.groups) > len(PALETTE)
         tickets = [r for r in rows if r["branch"] == "ticket"]
-        self.ticket_text = DENSE_LABEL if tickets and all(r.get("_dense_only") for r in tickets) else \
-            "ticket (each method's mask)" if self.methods else ticket_label(tickets[0]) if tickets else "ticket"
+        pruned = [r for r in tickets if not r.get("_dense_only")]
+        self.ticket_text = DENSE_LABEL if tickets and not pruned else \
+            "ticket (each method's mask)" if self.methods else ticket_label(pruned[0]) if pruned else "ticket"
 
     def group(self, row: dict) -> str:
         """The method and the other settings that differ in the row's panel: what its colour stands for."""
