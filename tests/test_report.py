@@ -198,8 +198,15 @@ def test_aggregate_single_replicate_has_no_std_and_takes_every_listed_metric(swe
     for r in rows:
         r["cost_steps"] = 30 * (r["level"] + 1) + r["replicate"]
         r["cost_flops"] = 1.5e9 * (r["level"] + 1) * (1 + r["replicate"])
+    [lost] = [r for r in rows if r["condition"] == "ticket, init=xavier_normal" and r["level"] == 2
+              and r["replicate"] == 1]
+    lost.update(diverged=True, test_accuracy=None)  # a diverged unit: counted, without an accuracy
     table = aggregate(rows)
     by_key = {(r["condition"], r["level"]): r for r in table}
+    diverged = by_key[("ticket, init=xavier_normal", 2)]
+    assert (diverged["n"], diverged["diverged"], diverged["test_accuracy_n"]) == (2, 1, 1)
+    assert diverged["test_accuracy_mean"] == [r for r in rows if r["condition"] == "ticket, init=xavier_normal"
+                                              and r["level"] == 2 and r["replicate"] == 0][0]["test_accuracy"]
     one = by_key[("ticket, init=kaiming_normal", 2)]
     assert one["n"] == 1 and one["test_accuracy_std"] is None and one["cost_steps_std"] is None
     two = by_key[("reinit, init=xavier_normal", 1)]
@@ -213,5 +220,7 @@ def test_aggregate_single_replicate_has_no_std_and_takes_every_listed_metric(swe
     assert "Training FLOPs (x10^9)" in md and "Settings" in md and "init=kaiming_normal" in md
     row = next(line for line in md.splitlines() if line.startswith("| ticket | init=kaiming_normal | 2 "))
     assert row.split("|")[-2].strip() == "1" and " ± " not in row  # one replicate: the mean alone
+    cells = next(line for line in md.splitlines() if line.startswith("| ticket | init=xavier_normal | 2 ")).split("|")
+    assert cells[5].strip().endswith(" (n=1)") and " ± " not in cells[5] and cells[-2].strip() == "2"
     tex = write_latex(table, tmp_path / "aggregate.tex").read_text()
     assert "$\\times 10^{9}$" in tex and "init=kaiming\\_normal" in tex and "\\addlinespace" in tex

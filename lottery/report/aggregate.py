@@ -152,8 +152,9 @@ class _Column:
 
     def header_for(self, fmt: str) -> str:
         if not self.exponent:
-            return self.header
-        return f"{self.header} (x10^{self.exponent})" if fmt == "md" else f"{self.header} ($\\times 10^{{{self.exponent}}}$)"
+            return self.header if fmt == "md" else tex_escape(self.header)
+        return f"{self.header} (x10^{self.exponent})" if fmt == "md" else \
+            f"{tex_escape(self.header)} ($\\times 10^{{{self.exponent}}}$)"
 
     def cell(self, row: dict, fmt: str) -> str:
         mean, std, n = (row.get(f"{self.metric}_{s}") for s in ("mean", "std", "n"))
@@ -219,7 +220,7 @@ def write_latex(table: list[dict], path: Path) -> Path:
     columns = [_Column(m, table) for m in metrics_of_table(table)]
     spec = "".join("l" if c in ("Network", "Method", "Branch", "Settings") else "r" for c in text_cols) \
         + "r" * (len(columns) + 1)
-    header = [tex_escape(c) for c in text_cols] + [c.header_for("tex").replace("%", r"\%") for c in columns] + ["$n$"]
+    header = [tex_escape(c) for c in text_cols] + [c.header_for("tex") for c in columns] + ["$n$"]
     lines = ["% lottery-report: mean $\\pm$ sample standard deviation over replicates (n); needs \\usepackage{booktabs}",
              *([f"% {tex_escape(panels[0][0])} on {tex_escape(panels[0][1])}"] if len(panels) == 1 else []),
              f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
