@@ -58,6 +58,7 @@ def test_plain_install_runs_from_an_empty_folder(wheel, tmp_path):
     assert (empty / "run" / "summary.json").exists() and (empty / "run" / "levels" / "level_1" / "ticket.pt").exists()
     report = run("lottery-report", "run")
     assert report.returncode == 0, report.stderr[-3000:]
-    assert (empty / "run" / "report" / "aggregate.md").exists() and (empty / "run" / "report" / "lottery_ticket.png").exists()
+    for name in ("runs.csv", "aggregate.md", "lottery_ticket.png"):
+        assert (empty / "run" / "report" / name).exists(), name
     study = run("lottery-init-study", "--help")
     assert study.returncode == 0 and "init_study" in study.stdout + study.stderr, study.stderr[-2000:]

@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     n_unreadable = sum(1 for r in rows if r.get("_unreadable"))
     n_failed = sum(1 for r in rows if "level" not in r) - n_unreadable
     if not n_runs:
-        print(f"error: no run below {' '.join(args.paths)} could be read"
-              + (f" ({n_failed} failed jobs, {n_unreadable} unreadable run folders: see {written[0]})"), file=sys.stderr)
+        print(f"error: no run below {' '.join(args.paths)} could be read ({n_failed} failed jobs, {n_unreadable} "
+              f"unreadable run folders: see {written[0]})", file=sys.stderr)
         return 2
     try:
         written += write_aggregate(rows, out)

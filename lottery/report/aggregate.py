@@ -221,7 +221,8 @@ def write_latex(table: list[dict], path: Path) -> Path:
     spec = "".join("l" if c in ("Network", "Method", "Branch", "Settings") else "r" for c in text_cols) \
         + "r" * (len(columns) + 1)
     header = [tex_escape(c) for c in text_cols] + [c.header_for("tex") for c in columns] + ["$n$"]
-    lines = ["% lottery-report: mean $\\pm$ sample standard deviation over replicates (n); needs \\usepackage{booktabs}",
+    lines = ["% lottery-report: mean $\\pm$ sample standard deviation over replicates (n)",
+             "% needs \\usepackage{booktabs}",
              *([f"% {tex_escape(panels[0][0])} on {tex_escape(panels[0][1])}"] if len(panels) == 1 else []),
              f"\\begin{{tabular}}{{{spec}}}", "\\toprule", " & ".join(header) + " \\\\", "\\midrule"]
     previous = None

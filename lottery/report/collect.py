@@ -33,7 +33,7 @@ X_KEYS = ("pruning.target", "pruning.levels")
 # runs, each ticket line is labelled by its method (SNIP at init, IMP (magnitude), ...) instead of listing the keys.
 METHOD_KEYS = ("pruning.criterion", "pruning.when", "pruning.one_shot", "pruning.from_dense", "pruning.rounds",
                "pruning.train_dense", "pruning.rewind")
-# Layer kinds that have a per-kind rate (pruning.rates.<kind>); other pruned tensors (biases, BatchNorm) use pruning.rate
+# Layer kinds with a per-kind rate (pruning.rates.<kind>); other pruned tensors (biases, BatchNorm) use pruning.rate
 RATE_KINDS = ("linear", "conv", "output")
 
 FIRST_COLUMNS = ["run_dir", "overrides", "experiment", "model", "dataset", "init", "replicate", "level", "branch",
@@ -442,7 +442,7 @@ def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
 
 
 def condition(row: dict) -> str:
-    """The branch and the settings that differ between runs and matter for this record: 'ticket, init=kaiming_normal'."""
+    """The branch and the settings that differ between runs and matter for this record: 'ticket, init=xavier_normal'."""
     return ", ".join([row["branch"]] + [f"{k.removesuffix('.name')}={v}" for k, v in row.get("_settings", ())])
 
 

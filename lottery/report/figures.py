@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
-from lottery.report.collect import (LMC, Warn, branch_label, branch_order, label, method_rank, number,  # noqa: E402
-                                    panel_of, warn_stderr)
-from lottery.report.style import LINESTYLES, MARKERS, PALETTE, Style, n_text, section_legend  # noqa: E402
+from lottery.report.collect import (LMC, Warn, branch_order, label, method_rank, number, panel_of,  # noqa: E402
+                                    warn_stderr)
+from lottery.report.style import LINESTYLES, MARKERS, PALETTE, Style, section_legend  # noqa: E402
 
 DIVERGED_LABEL = "diverged (no accuracy; at its sparsity)"
 DENSE_LINE = {"color": "k", "linestyle": (0, (1, 1)), "linewidth": 1.2}
@@ -377,5 +377,3 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
     written += _finish(fig, legend, f"Ablations of each method's masks ({_band_note(n_max)})", out_dir, "ablations")
     return written
 
-
-__all__ = ["make_figures", "save", "_curves", "_percent_axis", "DIVERGED_LABEL", "branch_label", "n_text"]

@@ -24,6 +24,7 @@ MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 LINESTYLES = ["-", (0, (5, 2)), (0, (1, 1.3)), (0, (7, 2, 1.5, 2)), (0, (3, 1.5, 1, 1.5, 1, 1.5)), (0, (11, 3)),
               (0, (2, 3.5)), (0, (8, 2, 2, 2, 2, 2))]
 NEUTRAL = "0.3"  # the line-style keys of the legend
+NO_SETTING = "(none of the differing settings applies)"  # a group of runs none of whose differing settings matter
 HANDLE_LENGTH = 4.0  # legend lines long enough to show two periods of every dash pattern
 
 
@@ -131,7 +132,7 @@ class Legend:
                 kw = s.line(g, "ticket")
                 handle = Line2D([], [], color=kw["color"], linewidth=2.5,
                                 marker=kw["marker"] if s.group_markers else None, markersize=5)
-                text = self.group_labels.get(g) or s.group_text.get(g) or g or "(none of the differing settings applies)"
+                text = self.group_labels.get(g) or s.group_text.get(g) or g or NO_SETTING
                 entries.append((handle, f"{text} ({n_text(self.groups[g])})"))
             out.append(("Pruning method (colour)" if s.methods else "Condition (colour)", entries))
             if branches != ["ticket"]:
