@@ -134,6 +134,14 @@ def test_every_method_keeps_its_colour_and_legends_are_sections_outside_the_axes
                 assert box.x0 >= a.x1 - 1 or box.y1 <= a.y0 + 1, (stem, box, a)
 
 
+    # a report of two of these methods draws them in the same colours as the whole comparison
+    figures.clear()
+    make_figures(collect_runs([tmp_path / "runs" / name for name in ("imp_0", "snip_0", "snip_1")]), tmp_path / "two")
+    entries = _entries(figures["lottery_ticket"].legends[0])
+    two = {_strip(text): h.get_color() for text, h in entries if _strip(text) in colours}
+    assert two == {m: colours[m] for m in ("IMP (magnitude), original init", "SNIP at init")}
+
+
 def test_more_conditions_than_colours_add_markers_and_no_entry_repeats(tmp_path, figures):
     n = len(PALETTE) + 4
     for i in range(n):

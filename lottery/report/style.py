@@ -20,6 +20,9 @@ from lottery.report.collect import (DENSE_LABEL, branch_label, branch_order, met
 # tab10 without its red and grey, then tab20b's darkest and lightest shades that differ from those
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
            "#393b79", "#e7ba52", "#637939", "#7b4173", "#6b6ecf", "#843c39", "#b5cf6b", "#8c6d31"]
+# The methods of lottery-train's method= (conf/method/) by the start of their label, and their palette index
+METHOD_COLOURS = [("IMP", 0), ("one-shot", 1), ("random", 2), ("GraSP", 3), ("SNIP", 4), ("SynFlow", 5),
+                  ("magnitude at init", 6)]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 LINESTYLES = ["-", (0, (5, 2)), (0, (1, 1.3)), (0, (7, 2, 1.5, 2)), (0, (3, 1.5, 1, 1.5, 1, 1.5)), (0, (11, 3)),
               (0, (2, 3.5)), (0, (8, 2, 2, 2, 2, 2))]
@@ -57,10 +60,29 @@ class Style:
                                key=lambda b: (order.index(b) if b in order else len(order), b))
         self.by_branch = len(self.groups) <= 1
         self.group_markers = len(self.groups) > len(PALETTE)
+        self.colour_of = self._colours()
         tickets = [r for r in rows if r["branch"] == "ticket"]
         pruned = [r for r in tickets if not r.get("_dense_only")]
         self.ticket_text = DENSE_LABEL if tickets and not pruned else \
             "ticket (each method's mask)" if self.methods else ticket_label(pruned[0]) if pruned else "ticket"
+
+    def _colours(self) -> dict:
+        """{group: palette index}: the built-in methods keep their own colour in every report (SNIP is the same
+        brown beside IMP alone as in the full comparison); the other groups take the free colours in order. Past the
+        palette, colour and marker follow the group's position."""
+        if self.group_markers:
+            return {g: i for i, g in enumerate(self.groups)}
+        out, taken = {}, set()
+        for prefix, index in METHOD_COLOURS if self.methods else ():
+            g = next((g for g in self.groups if g.startswith(prefix) and g not in out), None)
+            if g is not None:
+                out[g] = index
+                taken.add(index)
+        free = (i for i in range(len(PALETTE)) if i not in taken)
+        for g in self.groups:
+            if g not in out:
+                out[g] = next(free)
+        return out
 
     def group(self, row: dict) -> str:
         """The method and the other settings that differ in the row's panel: what its colour stands for."""
@@ -77,7 +99,7 @@ class Style:
 
     def line(self, group: str, branch: str) -> dict:
         """Keyword arguments of `ax.plot` for a line of `group` and `branch`."""
-        g = self.groups.index(group) if group in self.groups else len(self.groups)
+        g = self.colour_of.get(group, len(self.groups))
         b = self.branches.index(branch) if branch in self.branches else len(self.branches)
         if self.by_branch:
             color, marker = PALETTE[b % len(PALETTE)], MARKERS[b % len(MARKERS)]
