@@ -25,6 +25,8 @@ def test_wheel_contains_every_config(wheel):
     assert "lottery/conf/config.yaml" in expected and "lottery/conf/model/lenet_300_100.yaml" in expected
     assert expected <= names, sorted(expected - names)[:5]
     assert not any(n.startswith("tests/") for n in names)
+    report = {f"lottery/report/{p.name}" for p in (REPO / "lottery" / "report").glob("*.py")}
+    assert "lottery/report/__init__.py" in report and report <= names, sorted(report - names)
     # the one plugin: launcher=slurm's launcher class (Hydra takes launchers only from hydra_plugins)
     assert {n.split("/")[1] for n in names if n.startswith("hydra_plugins/")} == {"lottery_slurm"}
 
@@ -54,5 +56,9 @@ def test_plain_install_runs_from_an_empty_folder(wheel, tmp_path):
                 "train.eval_every=10it", "hydra.run.dir=run")
     assert train.returncode == 0, train.stderr[-3000:]
     assert (empty / "run" / "summary.json").exists() and (empty / "run" / "levels" / "level_1" / "ticket.pt").exists()
+    report = run("lottery-report", "run")
+    assert report.returncode == 0, report.stderr[-3000:]
+    for name in ("runs.csv", "aggregate.md", "lottery_ticket.png"):
+        assert (empty / "run" / "report" / name).exists(), name
     study = run("lottery-init-study", "--help")
     assert study.returncode == 0 and "init_study" in study.stdout + study.stderr, study.stderr[-2000:]

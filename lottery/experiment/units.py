@@ -16,7 +16,7 @@ from lottery.core import device as D
 from lottery.core.files import load_torch, save_torch
 from lottery.core.signals import Preempted, hand_over, stop_requested
 from lottery.experiment import callbacks, plan
-from lottery.experiment.records import DETAIL_KEYS, unit_record, without_details
+from lottery.experiment.records import unit_record, without_details
 from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.training import Hooks, Network, train
 

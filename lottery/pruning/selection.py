@@ -9,6 +9,8 @@ import torch
 
 from lottery.masks import Masks
 
+Scores = dict[str, torch.Tensor]
+
 
 def round_half_up(x: float) -> int:
     # Python's round() rounds half to even, which would make counts depend on parity.

@@ -1,0 +1,5 @@
+import sys
+
+from lottery.report import main
+
+sys.exit(main())
