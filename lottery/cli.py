@@ -134,7 +134,7 @@ def _ticket_config(cfg: DictConfig) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def _retrain(cfg: DictConfig) -> None:
-    from lottery.experiment import retrain as retrain_ticket
+    from lottery.experiment import retrain_ticket
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
     def go():

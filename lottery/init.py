@@ -1,7 +1,9 @@
 """Weight initializers, seeded by their own generator so that init never disturbs the global RNG.
 
-An initializer is fn(weight, *, generator, **kwargs) and fills `weight` in place. `initialize`
-visits model.modules() in order with one generator, so a seed fixes every weight bit for bit.
+An initializer is fn(weight, *, generator, **kwargs) and fills `weight` in place, registered in `INITIALIZERS`.
+`initialize` visits model.modules() in order with one generator, so a seed fixes every weight bit for bit.
+
+Imports core only.
 """
 
 import inspect
@@ -12,7 +14,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-INITIALIZERS: dict[str, Callable] = {}
+from lottery.core.registry import Registry
+
+INITIALIZERS = Registry("initializer")
 
 # the cfg fields an initializer may consume; each gets only those its signature names
 INIT_KWARGS = ("variance", "mode", "nonlinearity", "gain")
@@ -21,9 +25,7 @@ WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def register_initializer(name: str):
     def decorator(fn):
-        if name in INITIALIZERS:
-            raise ValueError(f"initializer '{name}' is already registered")
-        INITIALIZERS[name] = fn
+        INITIALIZERS.add(name, fn)
         return fn
     return decorator
 

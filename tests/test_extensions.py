@@ -117,3 +117,59 @@ def test_when_at_init_scores_the_weights_a_level_starts_from(tmp_path):
     for name, m in masks.items():
         assert init[name].abs()[m].min() >= init[name].abs()[~m].max(), name
     assert any(final0[n].abs()[m].min() < final0[n].abs()[~m].max() for n, m in masks.items())
+
+
+USER_DATA = ["imports=[my_lottery_ext]", f"hydra.searchpath=[file://{PLUGINS / 'conf'}]", "dataset=stripes",
+             "optimizer=signsgd", "dataset.noise=0.3", "optimizer.momentum=0.5", "optimizer.lr=0.003", "model=mlp",
+             "model.hidden=[32]", "train.duration=60it", "train.eval_every=30it", "train.batch_size=32",
+             "train.progress=false", "checkpoint.every=30it", "pruning.levels=2", "pruning.branches=[reinit]"]
+
+
+def test_user_dataset_and_optimizer_from_own_module_single_and_replicas(tmp_path):
+    """A user's dataset (its own setting dataset.noise, 4 classes, 1x8x8 inputs) and optimizer (its own setting
+    optimizer.momentum) from their module: selected as config group options from their own conf folder, they run
+    through lottery-train and through replicas=2 (each replicate exactly as its single run: interleaved)."""
+    one = tmp_path / "one"
+    out = run_cli(*USER_DATA, f"hydra.run.dir={one}", cwd=tmp_path, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = (one / "config.yaml").read_text()
+    assert "name: stripes" in cfg and "noise: 0.3" in cfg and "name: signsgd" in cfg and "momentum: 0.5" in cfg
+    summary = json.loads((one / "summary.json").read_text())
+    assert [(r["level"], r["branch"]) for r in summary] == [(0, "ticket"), (1, "ticket"), (1, "reinit")]
+    assert summary[0]["dataset"] == "stripes" and summary[0]["test_accuracy"] > 0.5  # 4 classes: chance is 0.25
+    # the model was built for the dataset's own input shape and classes
+    assert tuple(load_torch(one / "init.pt")["out.weight"].shape) == (4, 32)
+    assert tuple(load_torch(one / "init.pt")["hidden.0.weight"].shape) == (32, 64)
+    # the setting reaches the dataset: other noise, other data, other results
+    noisy = tmp_path / "noisy"
+    assert run_cli(*USER_DATA, "dataset.noise=2.0", "pruning.levels=1", f"hydra.run.dir={noisy}", cwd=tmp_path,
+                   env=ENV).returncode == 0
+    assert json.loads((noisy / "summary.json").read_text())[0]["test_accuracy"] < summary[0]["test_accuracy"]
+
+    many = tmp_path / "many"
+    out = run_cli(*USER_DATA, "replicas=2", "replica_batching=interleaved", f"hydra.run.dir={many}", cwd=tmp_path,
+                  env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rep0 = json.loads((many / "replicate_0" / "summary.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "device_info"} for r in rep0] == \
+        [{k: v for k, v in r.items() if k != "device_info"} for r in summary]
+    rep1 = json.loads((many / "replicate_1" / "summary.json").read_text())
+    assert rep1[0]["replicate"] == 1 and rep1[0]["test_loss"] != rep0[0]["test_loss"]
+    # stacked too (the default layout for an MLP on a CPU)
+    out = run_cli(*USER_DATA, "replicas=2", f"hydra.run.dir={tmp_path / 'stacked'}", cwd=tmp_path, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batched (stacked)" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["dataset.noise=-1"], "dataset.noise must be >= 0, got -1"),
+    (["+dataset.colour=red"], "unknown key dataset.colour for dataset 'stripes'; accepted: noise, train_examples"),
+    (["optimizer.momentum=fast"], "bad setting for optimizer 'signsgd'"),
+    (["+optimizer.betas=[0.9,0.99]"], "unknown key optimizer.betas for optimizer 'signsgd'; accepted: momentum"),
+])
+def test_user_dataset_and_optimizer_settings_are_checked_before_any_work(tmp_path, overrides, message):
+    run = tmp_path / "bad"
+    out = run_cli(*USER_DATA, *overrides, f"hydra.run.dir={run}", cwd=tmp_path, env=ENV)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr.strip().splitlines()[-1]
+    assert not (run / "config.yaml").exists()

@@ -9,7 +9,7 @@ import torch
 
 from lottery import masks as M
 from lottery import pruning
-from lottery.experiment import run_experiment, retrain
+from lottery.experiment import retrain_ticket, run_experiment
 from lottery.core.files import load_torch
 from lottery.init import initialize
 from lottery.models import build_model
@@ -284,13 +284,13 @@ def test_retrain_reproduces_level_from_ticket(imp_run, tmp_path):
     run_dir, cfg = imp_run
     ticket_path = run_dir / "levels" / "level_2" / "ticket.pt"
     cfg2 = tiny_cfg("pruning.levels=3", "pruning.branches=[reinit,random_prune,shuffle]")
-    summary = retrain(cfg2, ticket_path, tmp_path / "retrain")
+    summary = retrain_ticket(cfg2, ticket_path, tmp_path / "retrain")
     original = next(r for r in _summary(run_dir) if r["level"] == 2 and r["branch"] == "ticket")
     assert summary[0]["branch"] == "retrain"
     for key in ("test_accuracy", "test_loss", "early_stop_step", "early_stop_test_accuracy", "weights_remaining",
                 "layer_density"):
         assert summary[0][key] == original[key], key
-    other = retrain(tiny_cfg("pruning.levels=3", "seed=5"), ticket_path, tmp_path / "retrain_seed5")
+    other = retrain_ticket(tiny_cfg("pruning.levels=3", "seed=5"), ticket_path, tmp_path / "retrain_seed5")
     assert other[0]["weights_remaining"] == original["weights_remaining"]
     assert other[0]["test_loss"] != original["test_loss"]
 

@@ -44,5 +44,5 @@ def invert(ctx: LevelContext) -> list[Unit]:
 
 
 @register_branch("retrain", "ticket retrained in isolation", selectable=False)
-def retrain(ctx: LevelContext) -> list[Unit]:
+def in_isolation(ctx: LevelContext) -> list[Unit]:
     return [Unit(ctx.ticket_model(), ctx.masks)]

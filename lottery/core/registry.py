@@ -62,7 +62,8 @@ def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: st
         try:
             values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(settings), raw))
         except OmegaConfBaseException as e:
-            raise ValueError(f"bad setting{of_text or ' ' + where}: {getattr(e, 'msg', e)}") from None
+            first = str(getattr(e, "msg", e)).strip().splitlines()[0]  # OmegaConf adds full_key and type lines
+            raise ValueError(f"bad setting{of_text or ' ' + where}: {first}") from None
         settings(**values)  # a settings class checks its values in __post_init__ (raising ValueError)
         return values if defaults else {k: values[k] for k in raw}
     if fn is None:

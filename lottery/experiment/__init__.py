@@ -30,7 +30,7 @@ def run_experiment(cfg, run_dir) -> list[dict]:
         return run_levels(session.replicates, session.how, parent=session.parent)
 
 
-def retrain(cfg, ticket_path, run_dir) -> list[dict]:
+def retrain_ticket(cfg, ticket_path, run_dir) -> list[dict]:
     """Retrain a ticket in isolation (other seeds, data orders, optimizers, devices) with the same metrics."""
     from lottery import masks as M
     from lottery.core.divergence import Diverged
@@ -63,4 +63,4 @@ def _with_rewind(steps, rewind: int):
     return replace(steps, rewind=rewind)
 
 
-__all__ = ["Callback", "UnitInfo", "register_callback", "run_experiment", "retrain"]
+__all__ = ["Callback", "UnitInfo", "register_callback", "run_experiment", "retrain_ticket"]

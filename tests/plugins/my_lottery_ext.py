@@ -33,3 +33,63 @@ def _mean_accuracy(ctx, units, records):
 def two_copies(ctx):
     return [Unit(ctx.ticket_model(), ctx.masks, name=f"copy_{i}", data_seed=ctx.seed + i, keep_final=True)
             for i in range(2)]
+
+
+# --- a user's dataset and optimizer, each with a setting of its own ------------------------------------------------
+
+import torch  # noqa: E402
+
+from lottery.data import register_dataset  # noqa: E402
+from lottery.training import register_optimizer  # noqa: E402
+
+
+@dataclass
+class StripesSettings:
+    noise: float = 0.5  # dataset.noise: standard deviation of the noise on each class's stripe pattern
+    train_examples: int = 600  # dataset.train_examples
+
+    def __post_init__(self):
+        if self.noise < 0:
+            raise ValueError(f"dataset.noise must be >= 0, got {self.noise}")
+
+
+@register_dataset("stripes", input_shape=(1, 8, 8), num_classes=4, settings=StripesSettings)
+def stripes(noise, train_examples, seed):
+    """Class c is a bright row 2c in an 8x8 image, plus noise: learnable, and harder the larger the noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        y = torch.arange(n) % 4
+        x = noise * torch.randn(n, 1, 8, 8, generator=g)
+        x[torch.arange(n), 0, 2 * y] += 1.0
+        return x, y
+
+    return (*draw(train_examples), *draw(200))
+
+
+@dataclass
+class SignSgdSettings:
+    momentum: float = 0.0  # optimizer.momentum: heavy-ball momentum of the sign updates
+
+
+class SignSGD(torch.optim.Optimizer):
+    """w -= lr * sign(m), m = momentum * m + g (+ weight_decay * w)."""
+
+    def __init__(self, params, lr, momentum, weight_decay):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad + group["weight_decay"] * p
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(g)
+                p.add_(torch.sign(buf), alpha=-group["lr"])
+
+
+@register_optimizer("signsgd", settings=SignSgdSettings)
+def signsgd(params, *, lr, weight_decay, device, momentum):
+    return SignSGD(params, lr, momentum, weight_decay)
