@@ -264,9 +264,18 @@ def test_folder_from_an_older_version_resumes_unless_a_new_option_is_used():
     new["pruning"]["rounds"] = 1
     del old["branch"]["lmc"]  # settings of a branch added later, not used by this run
     assert differences(old, new) == []
-    new["pruning"]["branches"] = ["lmc"]
-    assert "branch.lmc.points" in differences(old, new)
+    new["pruning"]["branches"] = ["lmc"]  # the branch added to an older folder: at its settings' defaults, no difference
+    assert differences(old, new) == []
+    new["branch"]["lmc"]["points"] = 5
+    assert differences(old, new) == ["branch.lmc.points"]
     new["pruning"]["branches"] = []
+    new["pruning"]["criterion"]["name"] = "snip"  # a criterion setting added later, at its default: no difference
+    new["pruning"]["criterion"]["num_batches"] = 1
+    old["pruning"]["criterion"] = {"name": "snip"}
+    assert differences(old, new) == []
+    new["pruning"]["criterion"]["num_batches"] = 2
+    assert differences(old, new) == ["pruning.criterion.num_batches"]
+    new["pruning"]["criterion"] = old["pruning"]["criterion"] = {"name": "magnitude"}
     new["optimizer"]["lr"] = 0.5
     assert differences(old, new) == ["optimizer.lr"]
 

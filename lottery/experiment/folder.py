@@ -46,9 +46,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 _MISSING = object()
 
 
-def _schema_defaults() -> dict:
+def _defaults(new: dict) -> dict:
+    """Flattened defaults of every key `new` may hold: the schema's, and those of the registered settings of its
+    dataset, optimizer, criterion and branches."""
+    import dataclasses
+
+    from lottery.branches import BRANCHES
     from lottery.config import Config
-    return _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    from lottery.data import DATASETS
+    from lottery.pruning import CRITERIA
+    from lottery.training import OPTIMIZERS
+    out = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    nodes = [("dataset", DATASETS, (new.get("dataset") or {}).get("name")),
+             ("optimizer", OPTIMIZERS, (new.get("optimizer") or {}).get("name")),
+             ("pruning.criterion", CRITERIA, ((new.get("pruning") or {}).get("criterion") or {}).get("name")),
+             *[(f"branch.{b}", BRANCHES, b) for b in (new.get("pruning") or {}).get("branches") or []]]
+    for prefix, registry, name in nodes:
+        settings = getattr(registry.get(name), "settings", None)
+        if settings is not None:
+            values = OmegaConf.to_container(OmegaConf.structured(settings))
+            out.update({f"{prefix}.{k}": v for k, v in _flatten(values).items()})
+    return out
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -56,11 +74,11 @@ def differences(old: dict, new: dict) -> list[str]:
 
     A key that the old config lacks because it was added to lottery later is no difference while it keeps its
     schema default, and neither are the settings of branches the run does not list: a folder written by an older
-    version resumes unless a new option is actually used. A key only the old config has is one the new version no
-    longer reads (new configs record every setting of the dataset, optimizer and criterion they use, defaults
-    included), so it is no difference either."""
+    version resumes unless a new option is actually used (a new setting of a criterion, too). A key only the old config
+    has is one the new version no longer reads (new configs record every setting of the dataset, optimizer and
+    criterion they use, defaults included), so it is no difference either."""
     a, b = _flatten(old), _flatten(new)
-    defaults = _schema_defaults()
+    defaults = _defaults(new)
     listed = {*((old.get("pruning") or {}).get("branches") or []), *((new.get("pruning") or {}).get("branches") or [])}
     out = []
     for k in set(a) | set(b):
