@@ -13,8 +13,7 @@ PACKAGE = REPO / "lottery"
 LAYERS = [
     ("core helpers", ["lottery.core"]),
     ("config schema", ["lottery.config"]),
-    ("data, models, initializers, masks", ["lottery.data", "lottery.models", "lottery.init", "lottery.masks",
-                                            "lottery.cost"]),
+    ("data, models, initializers, masks", ["lottery.data", "lottery.models", "lottery.init", "lottery.masks"]),
     ("training and pruning", ["lottery.training", "lottery.pruning"]),
     ("branches", ["lottery.branches"]),
     ("experiment", ["lottery.experiment"]),

@@ -1,10 +1,10 @@
-"""Training FLOPs from the shapes and the masks (lottery.cost): hand-computed counts for LeNet-300-100, Conv-2 on 32x32
+"""Training FLOPs from the shapes and the masks (lottery.training.cost): hand-computed counts for LeNet-300-100, Conv-2 on 32x32
 and strided, unpadded and grouped convolutions, sparse counts from the masks, RigL's 3x (and 2 f_S + f_D) per step."""
 import pytest
 import torch
 from torch import nn
 
-from lottery import cost
+from lottery.training import cost
 from lottery.models import build_model
 
 LENET_MACS = 784 * 300 + 300 * 100 + 100 * 10
