@@ -35,7 +35,7 @@ PREEMPTED_EXIT = 75
 # Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
 # same command resumes once there is room.
 WRITE_FAILED_EXIT = 74
-# Exit status of a run whose training diverged (lottery/divergence.py): its records are written, the run is not done.
+# Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not done.
 DIVERGED_EXIT = 3
 
 

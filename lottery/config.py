@@ -114,12 +114,12 @@ class Config:
     device: str = "auto"
     deterministic: bool = True  # CUDA: deterministic algorithms (lottery/device.py); false trades that for speed
     threads: Optional[int] = None
-    # Replicates trained batched in one process (lottery.replicas): a count R (seeds seed..seed+R-1) or a list of
+    # Replicates trained batched in one process (lottery.experiment.levels): a count R (seeds seed..seed+R-1) or a list of
     # seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
     replicas: Optional[Any] = None
     # How replicas train: stacked (one batched matmul / grouped convolution per layer for all networks) | interleaved
     # (one step, each network through its own model) | sequential (one unit after another) | auto (stacked, except
-    # models with convolutions on a CPU: interleaved; lottery.replicas.layout).
+    # models with convolutions on a CPU: interleaved; lottery.training.layouts.choose).
     replica_batching: str = "auto"
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
     branch: Dict[str, Any] = field(default_factory=dict)

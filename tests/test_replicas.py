@@ -1,4 +1,4 @@
-"""Batched replicas (lottery.batched, lottery.replicas): each network of a batched run sees its single run's batches,
+"""Batched replicas (lottery.training.layouts, lottery.experiment.levels): each network of a batched run sees its single run's batches,
 starts from its weights and masks, and follows its losses to float32 round-off; a diverging network disturbs no other;
 replicate folders are ordinary run folders; a killed batched run resumes bit-identical."""
 from __future__ import annotations

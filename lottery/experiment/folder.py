@@ -6,7 +6,7 @@ experiment on resume, its results and its tickets.
     metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
     init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
     states/step_<k>.pt          full state of level 0 at other steps a branch starts from (lmc's steps; saved once)
-    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.ticket), written once per level
+    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.experiment.ticket), written once per level
     levels/level_<L>/final.pt   trained weights of the level's ticket (what the next level prunes)
     levels/level_<L>/<branch>/result.json            the branch's record (+ evaluation curve of a one-unit branch,
                                                      or an analysis's `curves`)

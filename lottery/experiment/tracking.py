@@ -58,7 +58,7 @@ class Tracker:
         self.run = None
         self._prefixes: set[str] = set()
         self._step = 0
-        # Replicas (lottery.replicas) keep one W&B run per replicate open at once in one process.
+        # Replicas keep one W&B run per replicate open at once in one process.
         self._reinit = "create_new" if concurrent else "finish_previous"
         if cfg.logger.name == "wandb":
             self._guarded("start", self._start_wandb, config_dict, group)
