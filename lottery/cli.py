@@ -39,40 +39,76 @@ WRITE_FAILED_EXIT = 74
 DIVERGED_EXIT = 3
 
 
-def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
+class _Job:
+    """One job's run folder and whether this process owns it yet (every check passed: lock held, same experiment).
+    A process that does not own its folder writes nothing there, so a refused or failed start leaves another
+    process's or another experiment's folder exactly as it was."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir, self.owned = cfg, run_dir, False
+
+    def on_owned(self, run_dir: Path) -> None:
+        """Called by the session once the folder is this process's: the files Hydra would have written at the start
+        (hydra.output_subdir is null, so it writes none), and no error of an earlier start left behind."""
+        self.owned = True
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
+        self.write_hydra_files(run_dir)
+
+    def write_hydra_files(self, run_dir: Path) -> None:
+        from omegaconf import OmegaConf
+        hydra_cfg = HydraConfig.get()
+        out = run_dir / ".hydra"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+        (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
+
+    def may_record(self) -> bool:
+        """error.txt goes into a folder this process owns, or one that holds no run of anybody's."""
+        return self.owned or not any((self.run_dir / f).exists() for f in ("config.yaml", "replicas.json", ".lock"))
+
+
+def _guard(fn, job: _Job) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
     from lottery.core.divergence import Diverged
     from lottery.core.files import WriteFailed
     from lottery.core.signals import Preempted, install_stop_handlers
+    from lottery.experiment.folder import FolderRefused
     install_stop_handlers()
     _quiet_log_file_errors()
-    (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
+    run_dir = job.run_dir
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         fn()
+    except FolderRefused as e:
+        # Not this process's folder: one line on stderr, nothing written there (not even to its log file).
+        print(f"error: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)
     except Diverged as e:
         # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
-        _record_error(run_dir, e)
+        _record_error(job, e)
         if multirun:
             log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
             return
         print(f"error: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
     except WriteFailed as e:
-        # A full disk is neither a bug nor a bad command: one line, the files in place are intact, the rerun resumes.
-        _record_error(run_dir, e)
-        if multirun:
-            log.error("job failed: %s", e)
-            return
+        # A full disk or a read-only folder is neither a bug nor a bad command: one line, the files in place are
+        # intact, the rerun resumes.
+        _record_error(job, e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(WRITE_FAILED_EXIT)
+        if not multirun:
+            sys.exit(WRITE_FAILED_EXIT)
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
-        log.warning("%s; rerun the same command to resume", e)
+        if job.owned:
+            log.warning("%s; rerun the same command to resume", e)
+        else:
+            print(f"warning: {e}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
     except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
-        _record_error(run_dir, e)
+        _record_error(job, e)
         if multirun:
             if _is_user_error(e):
                 log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
@@ -85,16 +121,22 @@ def _guard(fn, cfg: DictConfig, run_dir: Path) -> None:
         sys.exit(2)
 
 
-def _record_error(run_dir: Path, e: BaseException) -> None:
-    """Best effort: on a full disk this write fails too, and must not hide the error it records."""
-    path = run_dir / "error.txt"
+def _record_error(job: _Job, e: BaseException) -> None:
+    """error.txt (and, in a folder nobody owns, Hydra's overrides, so a sweep's table names the failed job). Best
+    effort: on a full disk this write fails too, and must not hide the error it records."""
+    if not job.may_record():
+        return
+    path = job.run_dir / "error.txt"
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{type(e).__name__}: {e}\n\n" + traceback.format_exc())
+        if not job.owned:
+            job.write_hydra_files(job.run_dir)
     except OSError as write_error:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)  # an empty error.txt would say less than none
-        log.warning("could not record the error in %s (%s)", path, write_error.strerror or write_error)
+        print(f"warning: could not record the error in {path} ({write_error.strerror or write_error})",
+              file=sys.stderr)
 
 
 def _quiet_log_file_errors() -> None:
@@ -111,8 +153,8 @@ def _quiet_log_file_errors() -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _train(cfg: DictConfig) -> None:
     from lottery.experiment import run_experiment
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    _guard(lambda: run_experiment(cfg, run_dir), cfg, run_dir)
+    job = _Job(cfg, Path(HydraConfig.get().runtime.output_dir))
+    _guard(lambda: run_experiment(cfg, job.run_dir, on_owned=job.on_owned), job)
 
 
 def train() -> None:
@@ -135,13 +177,13 @@ def _ticket_config(cfg: DictConfig) -> DictConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def _retrain(cfg: DictConfig) -> None:
     from lottery.experiment import retrain_ticket
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    job = _Job(cfg, Path(HydraConfig.get().runtime.output_dir))
 
     def go():
         merged = _ticket_config(cfg)
-        retrain_ticket(merged, merged.ticket, run_dir)
+        retrain_ticket(merged, merged.ticket, job.run_dir, on_owned=job.on_owned)
 
-    _guard(go, cfg, run_dir)
+    _guard(go, job)
 
 
 def retrain() -> None:

@@ -246,21 +246,20 @@ def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str
             f"each result record's device_info says where it finished")
 
 
-def setup(cfg) -> tuple[torch.device, dict]:
-    """Resolve the run's device, configure precision and determinism, and log it; returns (device, device_info)."""
+def setup(cfg) -> tuple[torch.device, dict, list[str], str]:
+    """Resolve the run's device and configure precision and determinism; returns (device, device_info, warnings, a
+    line saying where and how the run computes). Logs nothing itself: a run logs once it owns its folder."""
     device = resolve_device(cfg.device)
     precision = cfg.train.precision
     deterministic = bool(cfg.get("deterministic", True))
-    for w in configure(device, precision, deterministic):
-        log.warning(w)
+    warnings = configure(device, precision, deterministic)
     info = device_info(device)
-    log.info(describe(info, precision, deterministic))
-    return device, info
+    return device, info, warnings, describe(info, precision, deterministic)
 
 
-def check_folder(run_dir: Path, info: dict, requested: str) -> None:
-    """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: refuse or warn
-    (`check_resume`). Writes nothing: the caller records `info` there once every check has passed."""
+def check_folder(run_dir: Path, info: dict, requested: str) -> Optional[str]:
+    """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: raise to refuse, or
+    return a warning (`check_resume`). Writes and logs nothing: the caller records `info` once every check passed."""
     path = Path(run_dir) / "device.json"
     old = None
     if path.exists():
@@ -268,6 +267,4 @@ def check_folder(run_dir: Path, info: dict, requested: str) -> None:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-    warning = check_resume(old, info, requested)
-    if warning:
-        log.warning(warning)
+    return check_resume(old, info, requested)

@@ -21,16 +21,17 @@ from pathlib import Path
 from lottery.experiment.callbacks import Callback, UnitInfo, register_callback
 
 
-def run_experiment(cfg, run_dir) -> list[dict]:
+def run_experiment(cfg, run_dir, on_owned=None) -> list[dict]:
     """Run (or resume) the experiment `cfg` in `run_dir`; returns the summary records. With `replicas`, one run
-    folder per replicate below `run_dir`, their units trained together."""
+    folder per replicate below `run_dir`, their units trained together. `on_owned(run_dir)` is called once every
+    check has passed and the folder is this process's (lottery.experiment.session)."""
     from lottery.experiment.levels import run_levels
     from lottery.experiment.session import open_session
-    with open_session(cfg, run_dir) as session:
+    with open_session(cfg, run_dir, on_owned=on_owned) as session:
         return run_levels(session.replicates, session.how, parent=session.parent)
 
 
-def retrain_ticket(cfg, ticket_path, run_dir) -> list[dict]:
+def retrain_ticket(cfg, ticket_path, run_dir, on_owned=None) -> list[dict]:
     """Retrain a ticket in isolation (other seeds, data orders, optimizers, devices) with the same metrics."""
     from lottery import masks as M
     from lottery.core.divergence import Diverged
@@ -38,7 +39,7 @@ def retrain_ticket(cfg, ticket_path, run_dir) -> list[dict]:
     from lottery.experiment.ticket import load_ticket
     from lottery.experiment.units import context, execute, finish_branch, plan_branch
     ticket = load_ticket(Path(ticket_path))
-    with open_session(cfg, run_dir, ticket=ticket) as session:
+    with open_session(cfg, run_dir, ticket=ticket, on_owned=on_owned) as session:
         rep = session.replicates[0]
         folder = rep.folder
         rep.set_rewind_state(ticket.rewind_state, save=False)

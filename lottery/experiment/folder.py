@@ -26,11 +26,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lottery.config import non_experiment
-from lottery.core.files import Checkpoints, load_json, remove_temp_files, save_json, write_text
+from lottery.core.files import Checkpoints, WriteFailed, load_json, remove_temp_files, save_json, write_text
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
 log = logging.getLogger(__name__)
+
+
+class FolderRefused(ValueError):
+    """This process may not use the folder: another process holds it, or it holds another experiment (or a single run
+    where replicas were asked for, or the reverse). Nothing is written there."""
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -131,14 +136,25 @@ class RunFolder:
         save_json(record, self.unit_dir(level, branch, unit) / "result.json")
 
     def load_result(self, level: int, branch: str, unit: str = "") -> dict:
-        return load_json(self.unit_dir(level, branch, unit) / "result.json")
+        path = self.unit_dir(level, branch, unit) / "result.json"
+        try:
+            record = load_json(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}), "
+                             f"so this unit cannot be counted as done; delete that file (and its folder's other "
+                             f"files) and rerun the same command to train the unit again") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} holds no result record; delete it and rerun the same command to train the unit "
+                             f"again")
+        return record
 
     def results(self) -> list[dict]:
         """Every branch record, by level, the ticket first, then the branches by name (evaluation curves left out)."""
         paths = sorted(self.path.glob("levels/level_*/*/result.json"),
                        key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
                                       p.parent.name))
-        return [without_details(load_json(path)) for path in paths]
+        return [without_details(self.load_result(int(p.parent.parent.name.split("_")[1]), p.parent.name))
+                for p in paths]
 
     def write_summary(self) -> list[dict]:
         summary = self.results()
@@ -160,31 +176,47 @@ class RunFolder:
     # --- ownership and identity --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self):
-        """One process per run folder: a resubmitted job must not train into a folder its twin is still using."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as f:
+        """One process per run folder: a resubmitted job must not train into a folder its twin is still using. The
+        lock file is opened without writing to it, so a refused process leaves the folder as it was."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            f = open(self.path / ".lock", "a")
+        except OSError as e:
+            raise WriteFailed(self.path / ".lock", e) from e
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise ValueError(f"another process is running in {self.path} (it holds {self.path / '.lock'}); "
-                                 f"wait for it to end or choose another folder with hydra.run.dir=...") from None
+                raise FolderRefused(f"another process is running in {self.path} (it holds {self.path / '.lock'}); "
+                                    f"wait for it to end or choose another folder with hydra.run.dir=...") from None
             try:
-                remove_temp_files(self.path)  # left by a write that failed (full disk) or a killed process
                 yield self
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def clean(self) -> None:
+        """Remove the temporary files of writes that never finished (a killed or failed process). Only once this
+        process owns the folder: lock held, same experiment."""
+        remove_temp_files(self.path)
+
+    def holds_replicas(self) -> bool:
+        return (self.path / "replicas.json").exists()
 
     def check_config(self, resolved: dict) -> bool:
         """Refuse (ValueError naming the differing keys) if the folder holds another experiment; True if it holds
         this one (a resume). Reads only."""
         if not self.config.exists():
             return False
-        old = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
-        diff = differences(old, resolved)
+        try:
+            old = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or garbled file: the folder's experiment is unknown
+            raise FolderRefused(f"{self.config} is unreadable ({type(e).__name__}), so what this folder holds is "
+                                f"unknown; choose another folder with hydra.run.dir=..., or restore the file") from None
+        diff = differences(old if isinstance(old, dict) else {}, resolved)
         if diff:
-            raise ValueError(f"run folder {self.path} already holds a different experiment (differs in: "
-                             f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
-                             f"hydra.run.dir=... or rerun with the same settings to resume it")
+            raise FolderRefused(f"run folder {self.path} already holds a different experiment (differs in: "
+                                f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
+                                f"hydra.run.dir=... or rerun with the same settings to resume it")
         return True
 
     def write_config(self, resolved: dict) -> None:

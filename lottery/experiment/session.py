@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -107,10 +107,79 @@ class Session:
     parent: Optional[Path]  # the replicas parent folder, if any
 
 
+# Replicates beyond which a replicas run says what it is about to cost before it starts.
+MANY_REPLICATES = 64
+
+
+def _check_parent(parent: Path, cfg, seeds: list[int]) -> list[int]:
+    """A replicas parent holds replicas of one experiment: refuse a single run's folder and a parent of another
+    experiment (naming the differing keys); returns the seeds replicas.json will list (earlier ones first)."""
+    from lottery.core.files import load_json
+    from lottery.experiment.folder import FolderRefused, differences
+    if (parent / "config.yaml").exists():
+        raise FolderRefused(f"{parent} holds a single run (its config.yaml), not replicas; choose another folder with "
+                            f"hydra.run.dir=..., or drop replicas to resume that run")
+    path = parent / "replicas.json"
+    if not path.exists():
+        return list(seeds)
+    try:
+        old = load_json(path)
+    except (OSError, ValueError) as e:
+        raise FolderRefused(f"{path} is unreadable ({type(e).__name__}); what this replicas folder holds is unknown: "
+                            f"choose another folder with hydra.run.dir=..., or restore the file") from None
+    if "config" in old:
+        diff = differences(old["config"], _parent_config(cfg))
+        if diff:
+            raise FolderRefused(f"replicas folder {parent} already holds replicates of a different experiment "
+                                f"(differs in: {', '.join(diff)}); choose another folder with hydra.run.dir=... or "
+                                f"rerun with the same settings to resume or add replicates")
+    return list(dict.fromkeys([*old.get("replicas", []), *seeds]))
+
+
+def _parent_config(cfg) -> dict:
+    """What a replicas parent records of its experiment: the config without the keys that tell replicates apart."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("seed", "data_seed", "replicas"):
+        out.pop(key, None)
+    return out
+
+
+def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
+    """For many replicates: what a level will hold in memory and cost in time, before anything starts."""
+    if len(seeds) < MANY_REPLICATES:
+        return None
+    networks = len(seeds) * (1 + len(cfg.pruning.branches))
+    params = sum(p.numel() for p in model.parameters())
+    # weights, gradients, two optimizer moments and the mask, float32, per network of a level's batch
+    need = networks * params * 4 * 5
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+        where = "GPU memory"
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        where = "memory"
+    return (f"replicas={len(seeds)}: a level trains up to {networks} networks together ({len(seeds)} replicates x "
+            f"{1 + len(cfg.pruning.branches)} units), about {need / 2**30:.1f} GiB of weights, gradients, optimizer "
+            f"state and masks ({100 * need / have:.0f}% of this machine's {have / 2**30:.0f} GiB of {where}) before "
+            f"activations and checkpoints, and about {len(seeds)} times a single run's training time: batched "
+            f"replicas save per-step overhead, not arithmetic. Fewer replicates per job (a sweep over seed lists) "
+            f"spread them over jobs")
+
+
+def _stop_if_asked(what: str) -> None:
+    from lottery.core.signals import Preempted, hand_over, stop_requested
+    if stop_requested():
+        hand_over()
+        raise Preempted(f"stopped {what}; nothing was lost")
+
+
 @contextlib.contextmanager
-def open_session(cfg: DictConfig, run_dir, *, ticket=None) -> Iterator[Session]:
-    """Check, lock, load, check again, write, then yield the session; close the trackers on leaving. `ticket`
-    (lottery-retrain): the ticket to retrain, which must fit the model and come before the end of training."""
+def open_session(cfg: DictConfig, run_dir, *, ticket=None,
+                 on_owned: Optional[Callable[[Path], None]] = None) -> Iterator[Session]:
+    """Check, lock, load, check again, then (the folders are this process's now) call `on_owned(run_dir)`, write,
+    and yield the session; close the trackers on leaving. `ticket` (lottery-retrain): the ticket to retrain, which
+    must fit the model and come before the end of training. Nothing is logged before the folders are owned either:
+    the log file lives in the run folder."""
     cfg = checked(cfg)
     seeds = replica_seeds(cfg)
     if ticket is not None:
@@ -120,19 +189,27 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None) -> Iterator[Session]:
                              f"retrain each replicate's ticket, or drop replicas")
         check_fits_config(ticket, cfg)  # another model's ticket: one clear error before the folder is touched
     set_threads(cfg)
-    device, info = D.setup(cfg)
+    device, info, warnings, described = D.setup(cfg)
     run_dir = Path(run_dir)
     parent = run_dir if seeds is not None else None
     configs = [replicate_config(cfg, s) for s in seeds] if seeds is not None else [cfg]
     folders = [RunFolder(parent / f"replicate_{s}") for s in seeds] if seeds is not None else [RunFolder(run_dir)]
     how = "sequential"
     with contextlib.ExitStack() as stack:
+        _stop_if_asked("before set-up")
         if parent is not None:
             stack.enter_context(RunFolder(parent).lock())
+            listed = _check_parent(parent, cfg, seeds)
+        elif RunFolder(run_dir).holds_replicas():
+            from lottery.experiment.folder import FolderRefused
+            raise FolderRefused(f"{run_dir} holds replicas (replicas.json, replicate_<seed>/ folders), not a single "
+                                f"run; rerun with the same replicas=... to resume them, resume one replicate in "
+                                f"{run_dir}/replicate_<seed>, or choose another folder with hydra.run.dir=...")
         for folder in folders:
             stack.enter_context(folder.lock())
-        pools, reps = {}, []
+        pools, reps, resumed = {}, [], []
         for rcfg, folder in zip(configs, folders):
+            _stop_if_asked("during set-up")
             d = rcfg.dataset
             key = rcfg.seed if DATASETS[d.name].seeded else None  # seeded data: one pool per replicate
             if key not in pools:
@@ -145,18 +222,34 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None) -> Iterator[Session]:
             rep = Replicate(rcfg, folder, data, steps, capture_steps(rcfg, steps), device, info)
             rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
             if folder.check_config(rep.resolved):
-                log.info("resuming run in %s", folder.path)
-            D.check_folder(folder.path, info, rcfg.device)
+                resumed.append(folder.path)
+            warning = D.check_folder(folder.path, info, rcfg.device)
+            if warning and warning not in warnings:
+                warnings.append(warning)
             reps.append(rep)
         if seeds is not None:
             model = reps[0].new_model()
             how = choose(cfg.get("replica_batching") or "auto", model, device)
             if how == "stacked":
                 check_supported(model, cfg.model.name)
-        # every check has passed: from here on, the folders are written
+            warning = _cost_warning(cfg, seeds, model, device)
+            if warning:
+                warnings.append(warning)
+        _stop_if_asked("during set-up")
+        # every check has passed: the folders are this process's, and from here on they are written
+        if on_owned is not None:
+            on_owned(run_dir)
+        log.info("run folder %s; %s", run_dir, described)
+        for warning in warnings:
+            log.warning(warning)
+        if resumed:
+            log.info("resuming %s", resumed[0] if len(resumed) == 1 else
+                     f"{len(resumed)} of {len(folders)} replicate folders in {parent}")
         if parent is not None:
-            save_json({"replicas": seeds, "folders": [f.path.name for f in folders]}, parent / "replicas.json")
+            save_json({"replicas": listed, "folders": [f"replicate_{s}" for s in listed],
+                       "config": _parent_config(cfg)}, parent / "replicas.json")
         for rep in reps:
+            rep.folder.clean()
             rep.folder.write_config(rep.resolved)
             save_json(info, rep.folder.path / "device.json")
             rep.tracker = Tracker(rep.folder.path, rep.cfg, rep.resolved, group=cfg.name, concurrent=parent is not None)
