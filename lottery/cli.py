@@ -61,6 +61,7 @@ class _Job:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
         (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
+        (out / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra_cfg}))
 
     def may_record(self) -> bool:
         """error.txt goes into a folder this process owns, or one that holds no run of anybody's."""

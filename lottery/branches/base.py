@@ -86,19 +86,23 @@ class Branch:
     analyze: Optional[Callable[[LevelContext, list[Unit], list[dict]], dict]] = None
     selectable: bool = True  # may be listed in pruning.branches (retrain is lottery-retrain's own)
     # Steps of level 0's training whose full state the branch starts units from (`ctx.model_at(k)`): fn(settings,
-    # steps: lottery.config.Steps) -> list of steps. Level 0 saves them once as it passes them.
+    # steps: lottery.core.steps.Steps) -> list of steps. Level 0 saves them once as it passes them.
     capture: Optional[Callable[[dict, Any], list[int]]] = None
+    # check(settings, levels, dense): the branch's settings against the run's levels (levels: how many, level 0
+    # included; dense: whether level 0 trains), raising ValueError before any work
+    check: Optional[Callable[[dict, int, bool], None]] = None
 
 
 BRANCHES = Registry("branch")
 
 
 def register_branch(name: str, label: Optional[str] = None, *, settings: Optional[type] = None, dense: bool = False,
-                    analyze: Optional[Callable] = None, selectable: bool = True, capture: Optional[Callable] = None):
+                    analyze: Optional[Callable] = None, selectable: bool = True, capture: Optional[Callable] = None,
+                    check: Optional[Callable] = None):
     def decorator(fn):
         if name == "ticket":
             raise ValueError("branch 'ticket' is already registered (it is the level's ticket itself)")
-        BRANCHES.add(name, Branch(name, fn, label or name, settings, dense, analyze, selectable, capture))
+        BRANCHES.add(name, Branch(name, fn, label or name, settings, dense, analyze, selectable, capture, check))
         return fn
     return decorator
 

@@ -164,5 +164,14 @@ def _analyze(ctx: LevelContext, units: list[Unit], records: list[dict]) -> dict:
             "lmc_batchnorm": s["batchnorm"], "lmc_train_examples": len(sub[1]), "curves": curves}
 
 
+def _check(settings: dict, levels: int, dense: bool) -> None:
+    """branch.lmc.levels must name levels the run has (and level 0 only where the dense network trains)."""
+    have = list(range(0 if dense else 1, levels))
+    missing = [lv for lv in settings["levels"] if lv not in have]
+    if missing:
+        raise ValueError(f"branch.lmc.levels names level {missing[0]}, which this run does not have (it trains levels "
+                         f"{', '.join(map(str, have)) or 'none'}); accepted: those levels, or [] for every level")
+
+
 register_branch("lmc", "linear mode connectivity: two copies from step k, error barrier between them",
-                settings=LmcSettings, dense=True, analyze=_analyze, capture=_capture)(_copies)
+                settings=LmcSettings, dense=True, analyze=_analyze, capture=_capture, check=_check)(_copies)

@@ -122,9 +122,8 @@ def checked(cfg: DictConfig) -> DictConfig:
         _choice(kind, RATE_KINDS, "pruning.rates key")
     for b in p.branches:
         _choice(b, [n for n, br in BRANCHES.items() if br.selectable], "pruning.branches entry")
-    for b in cfg.get("branch") or {}:
+    for b in cfg.get("branch") or {}:  # every branch's settings, listed or not: a bad one fails now, not when added
         _choice(b, sorted(BRANCHES), "branch settings key")
-    for b in p.branches:
         branch_settings(b, cfg)
     parse_steps(p.rewind, 1, "pruning.rewind")
     parse_steps(cfg.checkpoint.every, 1, "checkpoint.every")

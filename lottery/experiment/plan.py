@@ -18,6 +18,45 @@ def level_count(cfg, masks: M.Masks, prunable) -> int:
     return p.levels
 
 
+def preflight(rep, model) -> int:
+    """Everything about the pruning plan that can be wrong, found before any work: the number of levels, a layer that
+    the planned counts would empty (layerwise pruning and density distributions: the counts are known without
+    scores; global pruning refuses at prune time, when the scores decide), the criterion's needs of the data and the
+    branches' settings against the levels the run has. Returns the number of levels."""
+    cfg, p = rep.cfg, rep.cfg.pruning
+    prunable = rep.prunable(model)
+    masks = M.ones(model, prunable)
+    n_levels = level_count(cfg, masks, prunable)
+    if n_levels > 1 and not prunable:
+        raise ValueError("nothing to prune: pruning.exclude removed every prunable tensor")
+    if n_levels > 1:
+        for level in range(1, n_levels):
+            counts = (pruning.survivors_after(masks, prunable, p, keep_fraction=p.target) if p.one_shot
+                      else pruning.level_survivors(masks, prunable, p, level))
+            if not isinstance(counts, dict):  # global: one total, split by the scores
+                if counts < 1:
+                    raise ValueError(f"pruning to level {level} keeps no weight at all; keep more weights "
+                                     f"(pruning.target, pruning.levels, pruning.rate)")
+                continue
+            empty = [n for n, c in counts.items() if c < 1 and masks[n].numel() > 0]
+            if empty:
+                total = sum(counts.values()) / sum(m.numel() for m in masks.values())
+                raise ValueError(f"{p.scope} pruning to {100 * total:.3g}% of the weights (level {level}) would remove "
+                                 f"every weight of '{empty[0]}' ({masks[empty[0]].numel()} weights; layer collapse"
+                                 f"{f', and {len(empty) - 1} more tensors' if len(empty) > 1 else ''}); keep more "
+                                 f"weights (pruning.target, pruning.levels), give the layer a smaller rate "
+                                 f"(pruning.layer_rates) or exclude it (pruning.exclude=[{empty[0]}])")
+        crit = pruning.CRITERIA[p.criterion["name"]]
+        if crit.check is not None:
+            crit.check(pruning.criterion_settings(p.criterion), rep.split)
+    from lottery.branches import BRANCHES, branch_settings
+    for name in p.branches:
+        check = BRANCHES[name].check
+        if check is not None:
+            check(branch_settings(name, cfg), n_levels, bool(p.train_dense))
+    return n_levels
+
+
 def masks_before(rep, level: int) -> M.Masks:
     """The masks level `level` is pruned from: level L-1's ticket masks (all ones before level 1, and at every level
     with pruning.from_dense)."""

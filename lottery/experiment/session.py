@@ -28,6 +28,7 @@ from lottery.core.steps import Steps
 from lottery.data import DATASETS, load_pool, split
 from lottery.experiment.check import checked
 from lottery.experiment.folder import RunFolder
+from lottery.experiment.plan import preflight
 from lottery.experiment.replicate import Replicate
 from lottery.experiment.tracking import Tracker
 from lottery.training import choose
@@ -227,8 +228,10 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             if warning and warning not in warnings:
                 warnings.append(warning)
             reps.append(rep)
+        model = reps[0].new_model()
+        for rep in reps:
+            preflight(rep, model)
         if seeds is not None:
-            model = reps[0].new_model()
             how = choose(cfg.get("replica_batching") or "auto", model, device)
             if how == "stacked":
                 check_supported(model, cfg.model.name)

@@ -23,21 +23,25 @@ class Criterion:
     settings: Optional[type] = None  # dataclass of its keys under pruning.criterion (types and defaults)
     label: str = ""  # name in lottery-report's legends (SNIP, GraSP, ...); defaults to `name`
     when: Optional[str] = None  # "at_init": always scores the weights a level starts from, whatever pruning.when says
+    # check(settings, split): what the criterion needs of a replicate's data (raises ValueError), before any work
+    check: Optional[Callable] = None
 
 
 CRITERIA = Registry("pruning criterion")
 
 
-def register_criterion(name: str, settings: Optional[type] = None, *, label: str = "", when: Optional[str] = None):
+def register_criterion(name: str, settings: Optional[type] = None, *, label: str = "", when: Optional[str] = None,
+                       check: Optional[Callable] = None):
     """`@register_criterion("snip", settings=SnipSettings)`: `settings` is a dataclass whose fields are the keys the
     criterion accepts under `pruning.criterion` (checked and typed before any work). Without it, the keyword
     parameters of the function are the accepted keys. `when="at_init"` makes the criterion score the weights a level
-    starts from even under pruning.when=after_training (magnitude_init)."""
+    starts from even under pruning.when=after_training (magnitude_init). `check(settings, split)` checks what the
+    criterion needs of a replicate's data (lottery.data.Split) once it is loaded, before anything is written."""
     if when not in (None, "at_init", "after_training"):
         raise ValueError(f"register_criterion: when must be None, 'at_init' or 'after_training', got {when!r}")
 
     def decorator(fn):
-        CRITERIA.add(name, Criterion(name, fn, settings, label or name, when))
+        CRITERIA.add(name, Criterion(name, fn, settings, label or name, when, check))
         return fn
     return decorator
 

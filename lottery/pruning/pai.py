@@ -55,6 +55,8 @@ class SnipSettings:
     batchnorm: str = "eval"
 
     def __post_init__(self):
+        if self.num_batches < 1:
+            raise ValueError(f"pruning.criterion.num_batches must be >= 1 for snip, got {self.num_batches}")
         if self.batchnorm not in SNIP_BATCHNORM:
             raise ValueError(f"unknown pruning.criterion.batchnorm '{self.batchnorm}' for snip; accepted: "
                              f"{', '.join(SNIP_BATCHNORM)}")
@@ -77,8 +79,6 @@ def snip(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.G
     mode's on only 22-29% (two seeds, experiment=pai_resnet20_cifar10). The modes agree on networks without
     BatchNorm."""
     s = SnipSettings(**settings)
-    if s.num_batches < 1:
-        raise ValueError(f"pruning.criterion.num_batches must be >= 1 for snip, got {s.num_batches}")
     net = copy.deepcopy(model).train(s.batchnorm == "train")
     weights = _weights(net, masks)
     grads = [torch.zeros_like(w) for w in weights]
@@ -96,6 +96,24 @@ class GraspSettings:
     samples_per_class: int = 10  # examples of each class for g and Hg (the authors' CIFAR configs: 10)
     temperature: float = 200.0  # logits divided by T before the loss (the authors' code: 200)
     abs: bool = False  # false: the authors' ranking (keep the largest theta*Hg); true: Frankle et al. 2021's |GraSP|
+
+    def __post_init__(self):
+        if self.samples_per_class < 1 or not self.temperature > 0:
+            raise ValueError(f"grasp needs pruning.criterion.samples_per_class >= 1 and temperature > 0, got "
+                             f"{self.samples_per_class} and {self.temperature}")
+
+
+def grasp_check(settings: dict, data) -> None:
+    """Before any work: the replicate's training split holds `samples_per_class` examples of every class (GraSP
+    takes them from the first batches of one epoch; more than there are would have to reuse examples)."""
+    y = data.pool.y[data.train_idx]
+    counts = torch.bincount(y, minlength=data.pool.num_classes).tolist()
+    short = {c: n for c, n in enumerate(counts) if n < settings["samples_per_class"]}
+    if short:
+        c, n = min(short.items(), key=lambda kv: kv[1])
+        raise ValueError(f"grasp: pruning.criterion.samples_per_class={settings['samples_per_class']}, but the "
+                         f"training split has only {n} examples of class {c} ({len(short)} classes have fewer); "
+                         f"accepted: at most {min(counts)}")
 
 
 def per_class(batches: Batches, num_classes: int, samples_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,12 +134,9 @@ def per_class(batches: Batches, num_classes: int, samples_per_class: int) -> tup
                      f"lower pruning.criterion.samples_per_class")
 
 
-@register_criterion("grasp", settings=GraspSettings, label="GraSP")
+@register_criterion("grasp", settings=GraspSettings, label="GraSP", check=grasp_check)
 def grasp(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator, **settings) -> Scores:
     s = GraspSettings(**settings)
-    if s.samples_per_class < 1 or not s.temperature > 0:
-        raise ValueError(f"grasp needs pruning.criterion.samples_per_class >= 1 and temperature > 0, got "
-                         f"{s.samples_per_class} and {s.temperature}")
     net = copy.deepcopy(model).train()  # the authors' copy is in training mode (their .eval() is commented out)
     weights = _weights(net, masks)
     first = next(batches)
