@@ -21,6 +21,7 @@ Following the papers' code:
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -131,20 +132,58 @@ def _chain(first, rest):
 
 # --- SynFlow ---------------------------------------------------------------------------------------------------------
 
+class SynflowRounds:
+    """SynFlow's scores round after round on one float64 copy of the model (the schedule's rounds: one copy, not one
+    per round). Entries are flat indices over the masked tensors (tensor order, then index, as `Survivors`): `scores`
+    takes the scores of the given entries, `remove` zeroes the weights of entries the schedule pruned.
+
+    The copy's masked weights are views of one buffer, each at a 64-byte aligned offset as a tensor of its own would
+    be (the same BLAS code paths, so the same float64 bits as scoring a fresh copy of the masked model)."""
+
+    def __init__(self, model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator = None):
+        x, _ = next(batches)  # only its shape: the score is data-free
+        self.net = copy.deepcopy(model).double().eval().requires_grad_(False)
+        with torch.no_grad():
+            for t in self.net.state_dict().values():
+                if t.is_floating_point():
+                    t.abs_()
+        self.weights = _weights(self.net, masks)
+        self.abs = torch.cat([w.detach().reshape(-1) for w in self.weights])  # |theta| as handed in, flat
+        sizes = [w.numel() for w in self.weights]
+        ends = list(itertools.accumulate(sizes))
+        starts = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]  # 8 float64 = 64 bytes
+        self.buffer = torch.zeros(starts[-1], dtype=torch.float64, device=self.abs.device)
+        for w, a in zip(self.weights, starts):
+            self.buffer[a:a + w.numel()] = w.detach().reshape(-1)
+            w.data = self.buffer[a:a + w.numel()].view_as(w)
+            w.requires_grad_(True)
+        self.ends = torch.tensor(ends, device=self.abs.device)
+        self.shift = torch.tensor([a - e + n for a, e, n in zip(starts, ends, sizes)], device=self.abs.device)
+        self.ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)
+
+    def remove(self, index: torch.Tensor) -> None:
+        """Zero the weights of the entries at flat `index`."""
+        self.buffer.index_fill_(0, index + self.shift[torch.searchsorted(self.ends, index, right=True)], 0)
+
+    def scores(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """|theta * dR/dtheta| of the entries at flat `index` (all of them by default), float64."""
+        flow = self.net(self.ones).sum()
+        if not torch.isfinite(flow):
+            raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
+                             "deep or wide for its initialization scale)")
+        n = len(self.abs) if index is None else len(index)
+        if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
+            return torch.zeros(n, dtype=torch.float64, device=self.abs.device)
+        grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(flow, self.weights)])
+        if index is None:
+            return (grads * self.abs).abs_()
+        return (grads.index_select(0, index) * self.abs.index_select(0, index)).abs_()
+
+
 @register_criterion("synflow", label="SynFlow")
 def synflow(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator) -> Scores:
-    x, _ = next(batches)  # only its shape: the score is data-free
-    net = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for t in net.state_dict().values():
-            if t.is_floating_point():
-                t.abs_()
-    weights = _weights(net, masks)
-    flow = net(torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)).sum()
-    if not torch.isfinite(flow):
-        raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
-                         "deep or wide for its initialization scale)")
-    if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
-        return {n: torch.zeros_like(m) for n, m in masks.items()}
-    grads = torch.autograd.grad(flow, weights)
-    return {n: (g * w).detach().abs() for n, g, w in zip(masks, grads, weights)}
+    flat = SynflowRounds(model, masks, batches=batches).scores()
+    return {n: v.view_as(m) for (n, m), v in zip(masks.items(), flat.split([m.numel() for m in masks.values()]))}
+
+
+synflow.rounds = SynflowRounds  # lottery.pruning.schedule.prune's rounds keep one scorer (see its docstring)
