@@ -133,37 +133,39 @@ def _chain(first, rest):
 # --- SynFlow ---------------------------------------------------------------------------------------------------------
 
 class SynflowRounds:
-    """SynFlow's scores round after round on one float64 copy of the model (the schedule's rounds: one copy, not one
-    per round). Entries are flat indices over the masked tensors (tensor order, then index, as `Survivors`): `scores`
-    takes the scores of the given entries, `remove` zeroes the weights of entries the schedule pruned.
+    """SynFlow's scores round after round on one float64 copy of the model, for the schedule's rounds (one copy and
+    conversion per pruning step, not one per round). Entries are flat indices over the masked tensors (tensor order,
+    then index, as `Survivors`): `scores(index)` scores them, `remove(index)` zeroes the weights of entries pruned.
 
-    The copy's masked weights are views of one buffer, each at a 64-byte aligned offset as a tensor of its own would
-    be (the same BLAS code paths, so the same float64 bits as scoring a fresh copy of the masked model)."""
+    The copy's masked weights are views of one buffer, each at a 64-byte aligned offset as a tensor of its own is (the
+    same BLAS code paths, so the same float64 bits as scoring a fresh copy of the masked model)."""
 
     def __init__(self, model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator = None):
         x, _ = next(batches)  # only its shape: the score is data-free
-        self.net = copy.deepcopy(model).double().eval().requires_grad_(False)
+        self.net = copy.deepcopy(model).double().eval().requires_grad_(False)  # gradients of the masked weights only
         with torch.no_grad():
             for t in self.net.state_dict().values():
                 if t.is_floating_point():
                     t.abs_()
         self.weights = _weights(self.net, masks)
+        self.sizes = sizes = [w.numel() for w in self.weights]
         self.abs = torch.cat([w.detach().reshape(-1) for w in self.weights])  # |theta| as handed in, flat
-        sizes = [w.numel() for w in self.weights]
-        ends = list(itertools.accumulate(sizes))
-        starts = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]  # 8 float64 = 64 bytes
-        self.buffer = torch.zeros(starts[-1], dtype=torch.float64, device=self.abs.device)
-        for w, a in zip(self.weights, starts):
+        self.products = torch.empty_like(self.abs)  # theta * dR/dtheta, flat, reused round after round
+        flat = [0, *itertools.accumulate(sizes)]  # where each tensor starts in the flat order, and the end
+        padded = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]  # ... in the buffer: 8 float64 = 64 bytes
+        self.buffer = torch.zeros(padded[-1], dtype=torch.float64, device=self.abs.device)
+        for w, a in zip(self.weights, padded):
             self.buffer[a:a + w.numel()] = w.detach().reshape(-1)
             w.data = self.buffer[a:a + w.numel()].view_as(w)
             w.requires_grad_(True)
-        self.ends = torch.tensor(ends, device=self.abs.device)
-        self.shift = torch.tensor([a - e + n for a, e, n in zip(starts, ends, sizes)], device=self.abs.device)
+        self.ends = torch.tensor(flat[1:], device=self.abs.device)
+        self.shift = torch.tensor([p - f for p, f in zip(padded, flat[:-1])], device=self.abs.device)
         self.ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)
 
     def remove(self, index: torch.Tensor) -> None:
         """Zero the weights of the entries at flat `index`."""
-        self.buffer.index_fill_(0, index + self.shift[torch.searchsorted(self.ends, index, right=True)], 0)
+        tensor = torch.searchsorted(self.ends, index, right=True)
+        self.buffer.index_fill_(0, index + self.shift[tensor], 0)
 
     def scores(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """|theta * dR/dtheta| of the entries at flat `index` (all of them by default), float64."""
@@ -171,13 +173,13 @@ class SynflowRounds:
         if not torch.isfinite(flow):
             raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
                              "deep or wide for its initialization scale)")
-        n = len(self.abs) if index is None else len(index)
         if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
-            return torch.zeros(n, dtype=torch.float64, device=self.abs.device)
-        grads = torch.cat([g.reshape(-1) for g in torch.autograd.grad(flow, self.weights)])
-        if index is None:
-            return (grads * self.abs).abs_()
-        return (grads.index_select(0, index) * self.abs.index_select(0, index)).abs_()
+            return torch.zeros(len(self.abs) if index is None else len(index), dtype=torch.float64,
+                               device=self.abs.device)
+        grads = torch.autograd.grad(flow, self.weights)
+        for g, w, out in zip(grads, self.abs.split(self.sizes), self.products.split(self.sizes)):
+            torch.mul(g.reshape(-1), w, out=out)
+        return self.products.abs() if index is None else self.products.index_select(0, index).abs_()
 
 
 @register_criterion("synflow", label="SynFlow")

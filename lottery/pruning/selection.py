@@ -28,8 +28,8 @@ def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.numel()
     if k <= 0 or k >= n:
         return torch.full((n,), k >= n and k > 0, dtype=torch.bool, device=scores.device)
-    if scores.device.type == "cpu" and scores.dtype != torch.bfloat16:  # numpy's introselect: ~5x torch.kthvalue's speed
-        v = np.partition(scores.numpy(), k - 1)[k - 1].item()
+    if scores.device.type == "cpu" and scores.dtype != torch.bfloat16:  # numpy's introselect: ~5x torch.kthvalue's
+        v = np.partition(scores.detach().numpy(), k - 1)[k - 1].item()
     else:
         v = torch.kthvalue(scores, k).values.item()
     if math.isnan(v):  # NaNs among the k lowest: rare enough for the sort
@@ -66,7 +66,11 @@ class Survivors:
         return flat.index_select(0, self.index)
 
     def _drop(self, drop: torch.Tensor) -> torch.Tensor:
-        removed, self.index = self.index[drop], self.index[~drop]
+        if self.index.device.type == "cpu":  # numpy's boolean indexing: ~3x torch's on one thread
+            index, drop = self.index.numpy(), drop.numpy()
+            removed, self.index = torch.from_numpy(index[drop]), torch.from_numpy(index[~drop])
+        else:
+            removed, self.index = self.index[drop], self.index[~drop]
         return removed
 
     def remove_layerwise(self, scores: torch.Tensor, remove: list[int]) -> torch.Tensor:
