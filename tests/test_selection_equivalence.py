@@ -159,6 +159,14 @@ def test_survivors_over_rounds_equal_selection_from_the_masks_each_round():
         assert left.counts() == [int(m.sum()) for m in masks.values()]
 
 
+def test_no_masked_tensor_selects_nothing():
+    assert pruning.select_layerwise({}, {}, {}) == {}
+    model = nn.Linear(3, 2)
+    cfg = _synflow_pcfg(3)
+    cfg.criterion, cfg.scope = {"name": "magnitude"}, "layerwise"
+    assert pruning.prune(model, {}, [], cfg, batches=iter(()), generator=None, keep_fraction=0.5) == {}
+
+
 # --- 100-round SynFlow -----------------------------------------------------------------------------------------------
 
 def _synflow_pcfg(rounds):

@@ -62,8 +62,8 @@ class Survivors:
 
     def gather(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """The survivors' scores, in flat order."""
-        flat = torch.cat([scores[n].detach().reshape(-1).to(self.index.device) for n in self.like])
-        return flat.index_select(0, self.index)
+        flat = [scores[n].detach().reshape(-1).to(self.index.device) for n in self.like]
+        return torch.cat(flat).index_select(0, self.index) if flat else torch.zeros(0, device=self.index.device)
 
     def _drop(self, drop: torch.Tensor) -> torch.Tensor:
         if self.index.device.type == "cpu":  # numpy's boolean indexing: ~3x torch's on one thread
@@ -76,7 +76,8 @@ class Survivors:
     def remove_layerwise(self, scores: torch.Tensor, remove: list[int]) -> torch.Tensor:
         """Each tensor loses its `remove[i]` lowest-scoring survivors (`scores`: the survivors', in flat order)."""
         cuts = torch.searchsorted(self.index, self.bounds).tolist()
-        return self._drop(torch.cat([lowest(scores[a:b], k) for a, b, k in zip(cuts, cuts[1:], remove)]))
+        drop = [lowest(scores[a:b], k) for a, b, k in zip(cuts, cuts[1:], remove)]
+        return self._drop(torch.cat(drop) if drop else torch.zeros(0, dtype=torch.bool, device=self.index.device))
 
     def remove_global(self, scores: torch.Tensor, remove: int, criterion: str = "magnitude") -> torch.Tensor:
         """The `remove` lowest-scoring survivors over all tensors; refuses to empty a whole tensor."""
