@@ -16,7 +16,8 @@ Following the papers' code:
 - SynFlow (Tanaka et al. 2020; github ganguli-lab/Synaptic-Flow, Pruners/pruners.py): data-free; every parameter
   and buffer made absolute, BatchNorm in eval mode, an all-ones input, R = sum of the outputs,
   score |theta * dR/dtheta|; computed in float64 (products over many layers under- or overflow in float32).
-  Its iterative schedule is `pruning.rounds` (100 in the paper's experiments; `method=synflow` sets it).
+  Its iterative schedule is `pruning.rounds` (100 in the paper's experiments; `method=synflow` sets it); the rounds
+  score one float64 copy whose pruned weights are zeroed in place (`SynflowRounds`), not a fresh copy per round.
 """
 from __future__ import annotations
 
