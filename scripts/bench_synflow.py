@@ -19,11 +19,11 @@ reference, side by side.
              with all-ones masks, `rescore` building a fresh model with the initial state and the masks applied.
 
 Both start from the same initial weights and prune the same tensors (every Linear and Conv weight, as Synaptic-Flow's
-`masked_parameters` does). The model is built and copied outside the timed window. Variants alternate, `--repeats`
-times each, one thread by default; the table shows median wall-clock seconds per 100 rounds, reference/project (>= 1:
-the project is not slower) in wall-clock time and in this thread's CPU time (less sensitive to other processes on a
-shared machine), how many kept weights the two share (float32 with `<=` at the threshold against float64 with exact
-counts: close, not equal), and the 1-minute load average before and after.
+`masked_parameters` does). The model is built and copied outside the timed window. Variants alternate (and which
+goes first), `--repeats` times each, one thread by default; the table shows median wall-clock seconds per 100 rounds,
+reference/project (>= 1: the project is not slower) in wall-clock time and in this thread's CPU time (less sensitive
+to other processes on a shared machine), how many kept weights the two share (float32 with `<=` at the threshold
+against float64 with exact counts: close, not equal), and the 1-minute load average before and after.
 """
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ def bench_model(name: str, density: float, rounds: int, repeats: int, log=print)
     pcfg = project_pcfg(rounds)
     wall, cpu, kept = {"reference": [], "project": []}, {"reference": [], "project": []}, {}
     for rep in range(repeats):
-        for variant in ("reference", "project"):  # alternating: load drifts hit both alike
+        # alternating, and which goes first too: load drifts and the allocator's state hit both alike
+        for variant in ("reference", "project")[::1 if rep % 2 == 0 else -1]:
             if variant == "reference":
                 net, pairs = masked_copy(model)
                 t0, c0 = time.perf_counter(), time.thread_time()
