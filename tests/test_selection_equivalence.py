@@ -11,8 +11,12 @@ from torch import nn
 from lottery import masks as M
 from lottery import pruning
 from lottery.config import Config
+from lottery.folder import RunFolder
+from lottery.imp import Run
 from lottery.models import build_model
 from lottery.pruning.selection import Survivors, lowest
+
+from conftest import tiny_cfg
 
 torch.set_default_dtype(torch.float32)
 
@@ -72,8 +76,9 @@ def old_round_target(now, final, r, rounds):
     return max(final, min(now, pruning.round_half_up(now * (final / now) ** (r / rounds))))
 
 
-def old_synflow_prune(model, masks, batches, keep_fraction, rounds, rescore, scope="global", invert=False):
-    """The previous `prune` with the synflow criterion (one-shot to `keep_fraction`)."""
+def old_synflow_prune(model, masks, batches, keep_fraction, rounds, rescore, scope="global", invert=False,
+                      keep=None):
+    """The previous `prune` with the synflow criterion (one-shot to `keep_fraction`, or to `keep` weights)."""
     total = {n: m.numel() for n, m in masks.items()}
     start = {n: int(m.count_nonzero()) for n, m in masks.items()}
     for r in range(1, rounds + 1):
@@ -84,12 +89,12 @@ def old_synflow_prune(model, masks, batches, keep_fraction, rounds, rescore, sco
             scores = {n: -s for n, s in scores.items()}
         alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
         if scope == "global":
-            now = old_round_target(sum(start.values()), pruning.round_half_up(keep_fraction * sum(total.values())),
-                                   r, rounds)
+            target = keep if keep is not None else pruning.round_half_up(keep_fraction * sum(total.values()))
+            now = old_round_target(sum(start.values()), target, r, rounds)
             masks = old_select_global(scores, masks, sum(alive.values()) - now, "synflow")
         else:
-            now = {n: old_round_target(start[n], pruning.round_half_up(keep_fraction * total[n]), r, rounds)
-                   for n in masks}
+            target = keep if keep is not None else {n: pruning.round_half_up(keep_fraction * total[n]) for n in masks}
+            now = {n: old_round_target(start[n], target[n], r, rounds) for n in masks}
             masks = old_select_layerwise(scores, masks, {n: alive[n] - now[n] for n in masks})
     return masks
 
@@ -261,3 +266,30 @@ def test_synflow_rounds_layerwise_and_inverted_keep_the_same_weights_as_before(n
     new = pruning.prune(copy.deepcopy(model), masks, prunable, pcfg, batches=batches, generator=None,
                         keep_fraction=density, invert=invert)
     assert all(torch.equal(new[n], old[n]) for n in old)
+
+
+@pytest.mark.parametrize("pruning_cfg", ["pruning=lth", "pruning=global"])
+def test_the_drivers_synflow_levels_keep_the_same_weights_as_before(tmp_path, pruning_cfg):
+    """`Run.prune_level` of method=synflow (100 rounds from the dense network to each level's count, layerwise or
+    global; the driver's `rescore` is no longer called): the masks the previous code path gives with that `rescore`,
+    at two levels."""
+    cfg = tiny_cfg(pruning_cfg, "method=synflow", "pruning.levels=3", "pruning.rate=0.6")
+    folder = RunFolder(tmp_path / "run")
+    r = Run(cfg, folder, folder.prepare(cfg))
+    r.set_rewind_state({k: v.clone() for k, v in r.new_model(init_seed=cfg.seed).state_dict().items()})
+
+    def scoring_model(current):
+        m = r.new_model()
+        m.load_state_dict(r.rewind_state)
+        M.apply(m, current)
+        return m
+
+    batches = itertools.repeat((torch.zeros(1, *r.data.input_shape), None))
+    for level in (1, 2):
+        masks = r.masks_before(level)
+        keep = pruning.level_survivors(masks, M.prunable_tensors(r.new_model(), cfg.pruning), cfg.pruning, level)
+        scope = "global" if isinstance(keep, int) else "layerwise"
+        old = old_synflow_prune(scoring_model(masks), masks, batches, None, 100, scoring_model, scope, keep=keep)
+        new = r.prune_level(level, masks)
+        assert list(new) == list(old) and all(torch.equal(new[n], old[n]) for n in old), level
+        assert sum(int(m.sum()) for m in new.values()) == (keep if scope == "global" else sum(keep.values()))
