@@ -4,6 +4,7 @@
     python scripts/bench.py --data-root ../shared/data --out bench.json     # real MNIST / CIFAR-10
     python scripts/bench.py                                                 # synthetic data of the same shapes
     python scripts/bench.py --quick                                         # a few steps; what the test runs
+    python scripts/bench.py --synflow                                       # SynFlow's 100 pruning rounds
 
 Workloads: LeNet-300-100 on MNIST (batch 60, Adam 1.2e-3) and Conv-2 on CIFAR-10 (batch 60, Adam 2e-4, flip + crop
 augmentation), every prunable weight masked to 20% density. Training variants, timed without any evaluation:
@@ -30,6 +31,10 @@ batched loop (`lottery.training.train` with R networks, what `lottery-train repl
 single-run loop run R times one after another (each network its own init seed, data order and 20% random masks; the
 single-run rate is measured on min(R, --single-models) of them, since R runs in sequence go at one run's rate).
 Interleaved, medians of --repeats; the 1-minute load average is recorded before and after.
+
+SynFlow (`--synflow`): 100 rounds of global SynFlow pruning of LeNet-300-100 and ResNet-20 to 1% density, the project's
+`lottery.pruning.prune` against a Synaptic-Flow-style reference (their algorithm, float32, kthvalue threshold), on the
+CPU, one thread unless --threads; alternating, medians of --repeats, ratio reference/project (scripts/bench_synflow.py).
 """
 from __future__ import annotations
 
@@ -672,6 +677,9 @@ def main(argv=None) -> dict:
                         "replica_batching=auto picks on the device)")
     p.add_argument("--single-models", type=int, default=8,
                    help="replicas mode: how many of the R single runs are timed (default 8)")
+    p.add_argument("--synflow", action="store_true",
+                   help="SynFlow mode: 100-round SynFlow pruning against a Synaptic-Flow-style reference on the CPU, "
+                        "one thread unless --threads (scripts/bench_synflow.py; the other benchmarks are skipped)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     configure(device, "fp32", deterministic=True)  # what a run does (bf16 variants add autocast on top)
@@ -714,6 +722,17 @@ def main(argv=None) -> dict:
                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                "quick": q, "repeats": args.repeats, "batch_size": BATCH, "density": DENSITY,
                "plain_workers": args.workers, "loadavg_start": _loadavg(), "workloads": {}}
+    if args.synflow:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_synflow import run_bench
+        results["synflow"] = run_bench(rounds=20 if q else 100, repeats=args.repeats, threads=args.threads or 1,
+                                       log=log)
+        results["threads"], results["table"] = results["synflow"]["threads"], results["synflow"]["table"]
+        print(results["table"])
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            log(f"wrote {args.out}")
+        return results
     if args.replicas is not None:
         try:
             args.replicas = [int(r) for r in str(args.replicas).split(",")]

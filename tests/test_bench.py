@@ -41,6 +41,22 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert "project/this" in proc.stdout and "startup" in proc.stdout
 
 
+def test_bench_synflow_quick_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--synflow", "--quick", "--out",
+                           str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    res = results["synflow"]
+    assert results["threads"] == res["threads"] == 1 and set(res["models"]) == {"lenet_300_100", "resnet20"}
+    for r in res["models"].values():
+        assert r["rounds"] == 20 and r["repeats"] == 1 and r["ratio"] > 0 and r["cpu_ratio"] > 0
+        assert r["kept"]["project"] == round(0.01 * r["kept"]["of"]) and r["kept"]["both"] > 0
+    assert [t["what"] for t in res["targets"]] == ["lenet_300_100 SynFlow reference/project",
+                                                   "resnet20 SynFlow reference/project"]
+    assert "ref/project" in proc.stdout and "resnet20" in proc.stdout
+
+
 def _have_cxx() -> bool:
     return any(shutil.which(c) for c in ("c++", "g++", "gcc", "clang++", "clang"))
 

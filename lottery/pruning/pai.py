@@ -17,11 +17,13 @@ Following the papers' code:
 - SynFlow (Tanaka et al. 2020; github ganguli-lab/Synaptic-Flow, Pruners/pruners.py): data-free; every parameter
   and buffer made absolute, BatchNorm in eval mode, an all-ones input, R = sum of the outputs,
   score |theta * dR/dtheta|; computed in float64 (products over many layers under- or overflow in float32).
-  Its iterative schedule is `pruning.rounds` (100 in the paper's experiments; `method=synflow` sets it).
+  Its iterative schedule is `pruning.rounds` (100 in the paper's experiments; `method=synflow` sets it); the rounds
+  score one float64 copy whose pruned weights are zeroed in place (`SynflowRounds`), not a fresh copy per round.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -172,20 +174,60 @@ def _chain(first, rest):
 
 # --- SynFlow ---------------------------------------------------------------------------------------------------------
 
+class SynflowRounds:
+    """SynFlow's scores round after round on one float64 copy of the model, for the schedule's rounds (one copy and
+    conversion per pruning step, not one per round). Entries are flat indices over the masked tensors (tensor order,
+    then index, as `Survivors`): `scores(index)` scores them, `remove(index)` zeroes the weights of entries pruned.
+
+    The copy's masked weights are views of one buffer, each at a 64-byte aligned offset as a tensor of its own is (the
+    same BLAS code paths, so the same float64 bits as scoring a fresh copy of the masked model)."""
+
+    def __init__(self, model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator = None):
+        x, _ = next(batches)  # only its shape: the score is data-free
+        self.net = copy.deepcopy(model).double().eval().requires_grad_(False)  # gradients of the masked weights only
+        with torch.no_grad():
+            for t in self.net.state_dict().values():
+                if t.is_floating_point():
+                    t.abs_()
+        self.weights = _weights(self.net, masks)
+        self.sizes = sizes = [w.numel() for w in self.weights]
+        self.abs = torch.cat([w.detach().reshape(-1) for w in self.weights])  # |theta| as handed in, flat
+        self.products = torch.empty_like(self.abs)  # theta * dR/dtheta, flat, reused round after round
+        flat = [0, *itertools.accumulate(sizes)]  # where each tensor starts in the flat order, and the end
+        padded = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]  # ... in the buffer: 8 float64 = 64 bytes
+        self.buffer = torch.zeros(padded[-1], dtype=torch.float64, device=self.abs.device)
+        for w, a in zip(self.weights, padded):
+            self.buffer[a:a + w.numel()] = w.detach().reshape(-1)
+            w.data = self.buffer[a:a + w.numel()].view_as(w)
+            w.requires_grad_(True)
+        self.ends = torch.tensor(flat[1:], device=self.abs.device)
+        self.shift = torch.tensor([p - f for p, f in zip(padded, flat[:-1])], device=self.abs.device)
+        self.ones = torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)
+
+    def remove(self, index: torch.Tensor) -> None:
+        """Zero the weights of the entries at flat `index`."""
+        tensor = torch.searchsorted(self.ends, index, right=True)
+        self.buffer.index_fill_(0, index + self.shift[tensor], 0)
+
+    def scores(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """|theta * dR/dtheta| of the entries at flat `index` (all of them by default), float64."""
+        flow = self.net(self.ones).sum()
+        if not torch.isfinite(flow):
+            raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
+                             "deep or wide for its initialization scale)")
+        if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
+            return torch.zeros(len(self.abs) if index is None else len(index), dtype=torch.float64,
+                               device=self.abs.device)
+        grads = torch.autograd.grad(flow, self.weights)
+        for g, w, out in zip(grads, self.abs.split(self.sizes), self.products.split(self.sizes)):
+            torch.mul(g.reshape(-1), w, out=out)
+        return self.products.abs() if index is None else self.products.index_select(0, index).abs_()
+
+
 @register_criterion("synflow", label="SynFlow")
 def synflow(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator) -> Scores:
-    x, _ = next(batches)  # only its shape: the score is data-free
-    net = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for t in net.state_dict().values():
-            if t.is_floating_point():
-                t.abs_()
-    weights = _weights(net, masks)
-    flow = net(torch.ones((1, *x.shape[1:]), dtype=torch.float64, device=x.device)).sum()
-    if not torch.isfinite(flow):
-        raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
-                         "deep or wide for its initialization scale)")
-    if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
-        return {n: torch.zeros_like(m) for n, m in masks.items()}
-    grads = torch.autograd.grad(flow, weights)
-    return {n: (g * w).detach().abs() for n, g, w in zip(masks, grads, weights)}
+    flat = SynflowRounds(model, masks, batches=batches).scores()
+    return {n: v.view_as(m) for (n, m), v in zip(masks.items(), flat.split([m.numel() for m in masks.values()]))}
+
+
+synflow.rounds = SynflowRounds  # lottery.pruning.schedule.prune's rounds keep one scorer (see its docstring)

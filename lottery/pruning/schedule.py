@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from lottery.masks import Masks, Prunable, apply
-from lottery.pruning.criteria import Batches, score
+from lottery.pruning.criteria import CRITERIA, Batches, criterion_settings, score
 from lottery.pruning.densities import DISTRIBUTIONS, allocate
-from lottery.pruning.selection import round_half_up, select_global, select_layerwise
+from lottery.pruning.selection import Survivors, round_half_up
 
 
 def layer_rates(prunable: list[Prunable], pcfg) -> dict[str, float]:
@@ -90,31 +90,49 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
           invert: bool = False) -> Masks:
     """One pruning step of the schedule: new masks scored on `model` (whose weights the caller chose).
 
-    With `pruning.rounds` > 1 the step is split into rounds: after each round the masks are applied to the model
-    (`rescore(masks)` returns the model to score next, defaulting to `model` with the masks applied) and scored anew.
+    With `pruning.rounds` > 1 the step is split into rounds, each scoring anew the model with the masks so far
+    applied. `rescore(masks)` returns that model: it must be `model` with `masks` applied, and may be a fresh one
+    (so that a criterion that changes the model it is handed cannot leak into the next round); without it the masks
+    are applied to `model` in place. A criterion whose function has a `rounds` attribute (SynFlow:
+    `lottery.pruning.pai.SynflowRounds`) keeps its own scoring copy instead: `rounds(model, masks, batches=...,
+    generator=..., **settings)` is built once from round 1's model, and each round asks its `scores(index)` of the
+    surviving entries (flat indices, as `Survivors`) and tells it `remove(index)` which ones were pruned; `rescore` is
+    then never called. Either way a round scores the same weights, so the masks are the same.
     `keep` replaces the schedule's counts: {name: survivors} per tensor (layerwise selection) or a total (global);
     `invert` keeps the lowest scores instead of the highest (the invert ablation)."""
     if keep is None:
         target, scope = survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
     else:
         target, scope = (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
-    start = dict((n, int(m.count_nonzero())) for n, m in masks.items())
+    left = Survivors(masks)
+    start = dict(zip(masks, left.counts()))
     name = pcfg.criterion["name"]
     rounds = int(pcfg.get("rounds", 1) or 1)
+    crit = CRITERIA.get(name)
+    incremental = getattr(crit.fn, "rounds", None) if crit is not None else None
+    if incremental is not None:
+        scorer = incremental(model, masks, batches=batches, generator=generator,
+                             **criterion_settings(pcfg.criterion))
+        pruned = torch.cat([m.detach().reshape(-1) == 0 for m in masks.values()]).nonzero().squeeze(1)
     for r in range(1, rounds + 1):
-        if r > 1:
-            model = rescore(masks) if rescore is not None else _masked(model, masks)
-        scores = score(model, masks, pcfg.criterion, batches=batches, generator=generator)
+        if incremental is not None:
+            scores = scorer.scores(left.index)
+        else:
+            if r > 1:
+                masks = left.masks()
+                model = rescore(masks) if rescore is not None else _masked(model, masks)
+            scores = left.gather(score(model, masks, pcfg.criterion, batches=batches, generator=generator))
         if invert:
-            scores = {n: -s for n, s in scores.items()}
-        alive = {n: int(m.count_nonzero()) for n, m in masks.items()}
+            scores = -scores
         if scope == "global":
             now = _round_target(sum(start.values()), target, r, rounds)
-            masks = select_global(scores, masks, sum(alive.values()) - now, name)
+            removed = left.remove_global(scores, len(left.index) - now, name)
         else:
-            now = {n: _round_target(start[n], target[n], r, rounds) for n in masks}
-            masks = select_layerwise(scores, masks, {n: alive[n] - now[n] for n in masks})
-    return masks
+            removed = left.remove_layerwise(scores, [a - _round_target(start[n], target[n], r, rounds)
+                                                     for n, a in zip(masks, left.counts())])
+        if incremental is not None:  # round 2 scores the model with all the masks applied, as `_masked` does
+            scorer.remove(torch.cat([pruned, removed]) if r == 1 else removed)
+    return left.masks()
 
 
 def _masked(model: nn.Module, masks: Masks) -> nn.Module:
