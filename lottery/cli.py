@@ -136,8 +136,10 @@ def _record_error(job: _Job, e: BaseException) -> None:
     except OSError as write_error:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)  # an empty error.txt would say less than none
-        print(f"warning: could not record the error in {path} ({write_error.strerror or write_error})",
-              file=sys.stderr)
+        from lottery.core.files import WriteFailed
+        if not isinstance(e, WriteFailed):  # that one already says the folder cannot be written
+            print(f"warning: could not record the error in {path} ({write_error.strerror or write_error})",
+                  file=sys.stderr)
 
 
 def _quiet_log_file_errors() -> None:

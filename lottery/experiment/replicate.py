@@ -33,6 +33,7 @@ class Replicate:
         self.capture_steps = capture_steps  # level-0 steps whose state a branch starts from (besides 0 and rewind)
         self.device, self.device_info = device, device_info
         self.seed = cfg.seed
+        self.name = ""  # "replicate <seed>: " in the log lines of a replicas run, where several seeds share a log
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         self.tracker: Optional[Tracker] = None  # set by the session once the folder is written
         self.resolved: dict = {}

@@ -221,6 +221,8 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
                 raise ValueError(f"the ticket rewinds to step {ticket.rewind_step}, past the end of training "
                                  f"({steps.total} steps)")
             rep = Replicate(rcfg, folder, data, steps, capture_steps(rcfg, steps), device, info)
+            if seeds is not None:
+                rep.name = f"replicate {rcfg.seed}: "
             rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
             if folder.check_config(rep.resolved):
                 resumed.append(folder.path)

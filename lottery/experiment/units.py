@@ -132,14 +132,20 @@ def finish_unit(job: Job, result: dict, resume: Optional[dict] = None) -> dict:
         rep.tracker.level(record)
         rep.folder.write_summary()
     if record["diverged"]:
-        log.error("level %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d (finite at step "
-                  "%s); stopped, recorded with diverged: true in %s", level, tag, 100 * record["weights_remaining"],
+        log.error("%slevel %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d (finite at step "
+                  "%s); stopped, recorded with diverged: true in %s", rep.name, level, tag,
+                  100 * record["weights_remaining"],
                   record["diverged_step"], record["last_finite_step"],
                   rep.folder.unit_dir(level, branch, unit) / "result.json")
         return record
-    log.info("level %d %-12s weights remaining %6.2f%%  test acc %.4f  early-stop step %s (test acc %s)",
-             level, tag, 100 * record["weights_remaining"], record["test_accuracy"],
-             record["early_stop_step"], record["early_stop_test_accuracy"])
+    early = ("" if record["early_stop_step"] is None else
+             f"  early-stop step {record['early_stop_step']} (test acc {record['early_stop_test_accuracy']:.4f})")
+    log.info("%slevel %d %-12s weights remaining %6.2f%%  test acc %.4f%s", rep.name, level, tag,
+             100 * record["weights_remaining"], record["test_accuracy"], early)
+    if record["at_chance"]:
+        log.warning("%slevel %d %s ends at chance (test accuracy %.4f with %d classes) though its losses stayed "
+                    "finite: it learned nothing; recorded with at_chance: true (a learning rate too high or too low "
+                    "is the usual cause)", rep.name, level, tag, record["test_accuracy"], rep.split.pool.num_classes)
     return record
 
 
@@ -183,7 +189,7 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
                  layout, first.start, f", resumed at step {resumed}" if resumed is not None else "",
                  ", ".join(sorted({j.tag for j, _ in group})))
     elif resumed is not None:
-        log.info("level %d %s: resuming from step %d", first.level, first.tag, resumed)
+        log.info("%slevel %d %s: resuming from step %d", first.rep.name, first.level, first.tag, resumed)
     networks = [Network(job.model, job.masks, job.rep.batches(job.data_seed),
                         _hooks(job, job.rep.folder.checkpoints(job.level, job.branch, job.unit), parent), state)
                 for job, state in group]

@@ -99,8 +99,10 @@ def main(argv=None) -> int:
         warn_stderr(f"aggregated table not written: {type(e).__name__}: {e}")
     written += make_figures(rows, out, warn=warn_stderr)
     n_diverged = sum(1 for r in rows if r.get("diverged"))
+    n_chance = sum(1 for r in rows if r.get("at_chance"))
     print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
           + (f", {n_unreadable} unreadable run folders (see the warnings)" if n_unreadable else "")
           + (f", {n_diverged} diverged units (see the diverged column; red x in the figures)" if n_diverged else "")
+          + (f", {n_chance} units at chance (see the at_chance column; ringed in the figures)" if n_chance else "")
           + ": wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -96,8 +96,11 @@ def _read_config(run_dir: Path, warn: Warn) -> Optional[dict]:
 
 
 def _overrides(run_dir: Path, warn: Warn) -> str:
-    """The command-line overrides of a Hydra job (what distinguishes sweep jobs to a reader)."""
+    """The command-line overrides of a Hydra job (what distinguishes sweep jobs to a reader): the run folder's own,
+    or, for a replicate of a replicas run (replicate_<seed>/ below the job's folder), its job's."""
     path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists() and run_dir.name.startswith("replicate_") and (run_dir.parent / "replicas.json").exists():
+        path = run_dir.parent / ".hydra" / "overrides.yaml"
     if not path.exists():
         return ""
     from omegaconf import OmegaConf

@@ -24,6 +24,7 @@ from lottery.report.style import (LINESTYLES, MARKERS, PALETTE, Style, percent_a
                                   section_legend)
 
 DIVERGED_LABEL = "diverged (no accuracy; at its sparsity)"
+AT_CHANCE_LABEL = "at chance: learned nothing (finite losses)"
 DENSE_LINE = {"color": "k", "linestyle": (0, (1, 1)), "linewidth": 1.2}
 
 
@@ -113,6 +114,22 @@ def _mark_diverged(ax, xs: list[float]) -> None:
                 transform=blended_transform_factory(ax.transData, ax.transAxes))
 
 
+def _at_chance(rows: list[dict], y_key: str) -> dict:
+    """{(model, dataset): [(percent remaining, 100 * y) of each unit that ended at chance]}."""
+    out = defaultdict(list)
+    for r in rows:
+        if r.get("at_chance") and r.get("level") is not None and r.get(y_key) is not None:
+            out[panel_of(r)].append((r["percent_remaining"], 100 * r[y_key]))
+    return out
+
+
+def _mark_at_chance(ax, points: list) -> None:
+    """Black rings around the points of units that learned nothing: measured, but not a result to compare."""
+    if points:
+        ax.plot([x for x, _ in points], [y for _, y in points], "o", mfc="none", mec="black", markersize=10, mew=1.2,
+                label=AT_CHANCE_LABEL, zorder=5)
+
+
 def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
     """A figure that cannot be drawn (values no run of this framework writes) is a warning, not the end."""
     try:
@@ -160,12 +177,15 @@ def _accuracy_figures(rows, out_dir: Path, style: Style, final: dict, n_max: int
     legend = style.legend()
     fig, axes = plt.subplots(len(panels), 1 + has_early, figsize=(6 + 6 * has_early, 4.3 * len(panels)),
                              squeeze=False, sharey="row")
+    chance = {"test_accuracy": _at_chance(rows, "test_accuracy"),
+              "early_stop_test_accuracy": _at_chance(rows, "early_stop_test_accuracy")}
     for i, panel in enumerate(panels):
-        for ax, curves, what in ((axes[i][0], final.get(panel, {}), "at the end of training"),
-                                 (axes[i][-1], early.get(panel, {}), "at early stop (min. validation loss)"))[
-                                     :1 + has_early]:
+        for ax, curves, what, key in ((axes[i][0], final.get(panel, {}), "at the end of training", "test_accuracy"),
+                                      (axes[i][-1], early.get(panel, {}), "at early stop (min. validation loss)",
+                                       "early_stop_test_accuracy"))[:1 + has_early]:
             _draw(ax, panel, curves, style, legend, scale=100)
             _mark_diverged(ax, diverged.get(panel, []))
+            _mark_at_chance(ax, chance[key].get(panel, []))
             legend.add_extra(ax)
             percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
             ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
