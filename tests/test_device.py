@@ -238,12 +238,12 @@ def test_chunked_evaluation_matches_one_forward(model, monkeypatch):
 # --- the device record -----------------------------------------------------------------------------------------------
 
 def test_device_recorded_and_logged(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger=dev.log.name):
+    with caplog.at_level(logging.INFO):
         records = run_experiment(tiny_cfg("device=cpu", "pruning.levels=2"), tmp_path / "run")
     info = json.loads((tmp_path / "run" / "device.json").read_text())
     assert info["type"] == "cpu" and info["torch"] == torch.__version__ and info["name"]
     assert all(r["device_info"] == info for r in records)
-    assert any(m.startswith("device: cpu (") for m in caplog.messages)
+    assert any(m.startswith(f"run folder {tmp_path / 'run'}; device: cpu (") for m in caplog.messages)
 
 
 def test_checkpoint_records_device(tmp_path):

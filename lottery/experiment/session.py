@@ -25,6 +25,7 @@ from lottery.branches import BRANCHES, branch_settings
 from lottery.core import device as D
 from lottery.core.files import save_json
 from lottery.core.steps import Steps
+from lottery.core.threads import set_threads
 from lottery.data import DATASETS, load_pool, split
 from lottery.experiment.check import checked
 from lottery.experiment.folder import RunFolder
@@ -35,17 +36,6 @@ from lottery.training import choose
 from lottery.training.layouts import check_supported
 
 log = logging.getLogger(__name__)
-
-
-def set_threads(cfg) -> None:
-    """CPU threads: `threads` when set, else the CPUs SLURM gave the job, else PyTorch's default (every core).
-
-    Small models on a busy CPU are much faster with fewer threads: PyTorch's parallel regions wait for every thread,
-    so one core taken by another process stalls each operation (measured here: a BatchNorm on 32x4x32x32 took 23 ms
-    with 2 threads next to a busy process, 0.27 ms with 1)."""
-    cpus = cfg.threads or os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and str(cpus).isdigit():
-        torch.set_num_threads(int(cpus))
 
 
 def replica_seeds(cfg) -> Optional[list[int]]:
