@@ -69,6 +69,11 @@ class PruningConfig:
     train_dense: bool = True  # false: no level 0 (pruning at init from rewind 0 needs no dense network)
     from_dense: bool = False  # every level pruned from the dense network to its count, not from level L-1's mask
     rewind: str = "0"
+    # How a pruned level trains: weight_rewind (its survivors rewound to `rewind`, the schedule from there: IMP as in
+    # the lottery-ticket papers) | lr_rewind (the trained weights kept, the schedule from `rewind`) | finetune (the
+    # trained weights kept, `retrain_steps` more steps at the final learning rate): Renda, Frankle & Carbin 2020
+    retrain: str = "weight_rewind"
+    retrain_steps: Optional[str] = None  # finetune: steps at the final learning rate (null: duration - rewind)
     rate: float = 0.2
     rates: Dict[str, float] = field(default_factory=dict)
     layer_rates: Dict[str, float] = field(default_factory=dict)
@@ -123,6 +128,8 @@ class Config:
     replica_batching: str = "auto"
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
     branch: Dict[str, Any] = field(default_factory=dict)
+    # Dynamic sparse training (lottery.training.dst): `name` (none | set | rigl) plus the rule's settings.
+    dst: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     # Modules imported before the config is checked, so their @register_* calls (models, initializers, criteria,
     # branches) take effect: a user's extensions without editing lottery/.
     imports: List[str] = field(default_factory=list)
@@ -165,7 +172,7 @@ def conf_dir() -> str:
 # Nodes whose keys are a registered thing's own settings: open, so `dataset.verify=false` or `optimizer.momentum=0.9`
 # needs no `+` whichever dataset or optimizer the composed config starts from (lottery-retrain starts from the
 # defaults and takes the ticket's), and checked against the registry instead (lottery.experiment.check).
-OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch")
+OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch", "dst")
 
 
 def register_configs() -> None:

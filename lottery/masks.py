@@ -70,14 +70,21 @@ class Masker:
 
     def __init__(self, model: nn.Module, masks: Masks):
         params = dict(model.named_parameters())
+        self.names = list(masks)
         self.params = [params[n] for n in masks]
+        self.masks = [masks[n] for n in masks]  # the caller's tensors: a mask update (lottery.training.dst) edits them
+        self.keep_bits = [self._bits(p, m) for p, m in zip(self.params, self.masks)]
+
+    @staticmethod
+    def _bits(param: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Overwriting as a bitwise AND of the weight's bits with all-ones (kept) or all-zeros (pruned): the same bits
         # as masked_fill_(pruned, 0), NaN-safe too, but vectorized (a random boolean mask makes masked_fill_ ~10x
         # slower on CPU, ~0.5 ms per LeNet-300-100 step on 2 cores).
-        self.keep_bits = []
-        for n, m in masks.items():
-            bits = _BITS[params[n].dtype]
-            self.keep_bits.append((m.to(device=params[n].device) != 0).to(bits).neg_())  # True -> -1: all bits set
+        return (mask.to(device=param.device) != 0).to(_BITS[param.dtype]).neg_()  # True -> -1: all bits set
+
+    def refresh(self, i: int) -> None:
+        """Mask `i` was changed in place (a mask update during training): use it from now on."""
+        self.keep_bits[i] = self._bits(self.params[i], self.masks[i])
 
     def __call__(self) -> None:
         with torch.no_grad():

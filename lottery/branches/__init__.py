@@ -2,11 +2,12 @@
 
 - `base`: `Unit`, the typed `LevelContext` a branch sees, the registry `BRANCHES`, `register_branch`;
 - `controls`: reinit, random_prune, shuffle, layer_shuffle, invert, retrain (registered here on import);
-- `lmc`: linear mode connectivity and instability (registered here on import).
+- `lmc`: linear mode connectivity and instability (registered here on import);
+- `retraining`: finetune and lr_rewind (Renda et al. 2020), registered here on import.
 
 Imports training (evaluation), pruning, masks and core; never the experiment that runs the branches.
 """
 from lottery.branches.base import BRANCHES, Branch, LevelContext, Unit, branch_settings, label, register_branch
-from lottery.branches import controls, lmc  # noqa: F401  (register the built-in branches)
+from lottery.branches import controls, lmc, retraining  # noqa: F401  (register the built-in branches)
 
 __all__ = ["BRANCHES", "Branch", "LevelContext", "Unit", "branch_settings", "label", "register_branch"]

@@ -36,6 +36,8 @@ class Unit:
     start: Optional[int] = None  # first step; None: the level's rewind step
     data_seed: Optional[int] = None  # data order and augmentation; None: the run's data seed
     keep_final: bool = False  # save the trained weights (final.pt in the unit's folder) for the branch's analysis
+    end: Optional[int] = None  # last step; None: the end of training (fine-tuning trains past it)
+    lr_at: Optional[int] = None  # train at the learning rate of this step throughout (fine-tuning: the final one)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class LevelContext:
     new_model: Callable[..., nn.Module]  # new_model(init_seed=None): a fresh model, initialized when given a seed
     state_at: Callable[[int], dict]  # the dense run's full state after k steps (0, the rewind step, a captured k)
     prune: Callable[..., M.Masks]  # prune(keep=counts, invert=False): the level's pruning, recomputed
+    trained_state: Callable[[], dict]  # the trained weights the level's masks were pruned from (level L-1's, or the
+    # dense network's with pruning.from_dense)
 
     @property
     def seed(self) -> int:
@@ -66,6 +70,13 @@ class LevelContext:
     def ticket_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
         """A model holding the rewind-point weights with `masks` (default: the ticket's) applied."""
         return self.model_at(self.rewind_step, masks)
+
+    def trained_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
+        """A model holding the trained weights the level was pruned from, with `masks` (default: the ticket's)."""
+        model = self.new_model()
+        model.load_state_dict(self.trained_state())
+        M.apply(model, self.masks if masks is None else masks)
+        return model
 
     def model_at(self, step: int, masks: Optional[M.Masks] = None) -> nn.Module:
         """A model holding the dense run's full state at `step` (a step the branch's `capture` asked for, the rewind
@@ -88,9 +99,9 @@ class Branch:
     # Steps of level 0's training whose full state the branch starts units from (`ctx.model_at(k)`): fn(settings,
     # steps: lottery.core.steps.Steps) -> list of steps. Level 0 saves them once as it passes them.
     capture: Optional[Callable[[dict, Any], list[int]]] = None
-    # check(settings, levels, dense): the branch's settings against the run's levels (levels: how many, level 0
-    # included; dense: whether level 0 trains), raising ValueError before any work
-    check: Optional[Callable[[dict, int, bool], None]] = None
+    # check(settings, levels, dense, steps): the branch's settings against the run (levels: how many, level 0
+    # included; dense: whether level 0 trains; steps: the durations), raising ValueError before any work
+    check: Optional[Callable[[dict, int, bool, Any], None]] = None
 
 
 BRANCHES = Registry("branch")

@@ -164,7 +164,7 @@ def _analyze(ctx: LevelContext, units: list[Unit], records: list[dict]) -> dict:
             "lmc_batchnorm": s["batchnorm"], "lmc_train_examples": len(sub[1]), "curves": curves}
 
 
-def _check(settings: dict, levels: int, dense: bool) -> None:
+def _check(settings: dict, levels: int, dense: bool, steps) -> None:
     """branch.lmc.levels must name levels the run has (and level 0 only where the dense network trains)."""
     have = list(range(0 if dense else 1, levels))
     missing = [lv for lv in settings["levels"] if lv not in have]

@@ -22,12 +22,14 @@ from lottery.init import INITIALIZERS
 from lottery.models import MODELS
 from lottery.pruning import DISTRIBUTIONS, criterion_settings, scores_at
 from lottery.training import BATCHING, optimizer_settings
+from lottery.training.dst import dst_settings
 
 SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SCOPES = ("layerwise", "global", "uniform", "er", "erk")
 WHEN = ("after_training", "at_init")
+RETRAIN = ("weight_rewind", "lr_rewind", "finetune")
 RATE_KINDS = ("linear", "conv", "output")
 BATCHNORM_INITS = ("ones", "uniform")
 # Seeds feed torch.Generator.manual_seed, which takes 64-bit integers.
@@ -87,8 +89,17 @@ def checked(cfg: DictConfig) -> DictConfig:
                              f"({SEED_RANGE[0]} to {SEED_RANGE[1]})")
     _choice(cfg.get("replica_batching") or "auto", BATCHING, "replica_batching")
 
+    rule, dst = dst_settings(cfg.get("dst"))
+    out.dst = {"name": rule.name, **dst} if rule is not None else {"name": "none"}
+
     p = cfg.pruning
     out.pruning.criterion = {"name": p.criterion["name"], **criterion_settings(p.criterion)}
+    _choice(p.retrain, RETRAIN, "pruning.retrain")
+    if p.retrain_steps is not None:
+        parse_steps(p.retrain_steps, 1, "pruning.retrain_steps")
+    if p.retrain != "weight_rewind" and not p.train_dense:
+        raise ValueError(f"pruning.retrain={p.retrain} keeps the trained weights a level is pruned from, but "
+                         "pruning.train_dense=false trains no dense network to keep; use pruning.retrain=weight_rewind")
     _choice(p.scope, SCOPES, "pruning.scope")
     _choice(p.when, WHEN, "pruning.when")
     if p.levels < 1:

@@ -54,7 +54,6 @@ _MISSING = object()
 def _defaults(new: dict) -> dict:
     """Flattened defaults of every key `new` may hold: the schema's, and those of the registered settings of its
     dataset, optimizer, criterion and branches."""
-    import dataclasses
 
     from lottery.branches import BRANCHES
     from lottery.config import Config

@@ -51,6 +51,7 @@ class Lineage:
             rep.set_rewind_state(self.init_state)
         self.trained: Optional[dict] = None  # level L-1's trained weights while this process has them
         self.ticket: dict = {}
+        self.tickets: dict[int, dict] = {}  # each level's ticket record (what training its masks cost)
         self.diverged: list[dict] = []
         self.stopped = False
 
@@ -74,30 +75,41 @@ class Lineage:
         return True
 
     def ticket_job(self, level: int) -> Optional[Job]:
-        """The job of the level's ticket, or None when it has a result (then read into `ticket`)."""
+        """The job of the level's ticket, or None when it has a result (then read into `ticket`). How a pruned level
+        trains is `pruning.retrain`: its survivors rewound to the rewind point (weight_rewind), or the trained weights
+        it was pruned from kept with the schedule from the rewind step (lr_rewind) or at the final learning rate for
+        `pruning.retrain_steps` more steps (finetune)."""
         rep, folder, model, masks = self.rep, self.rep.folder, self.model, self.masks
         if folder.done(level, "ticket"):
-            self.ticket = folder.load_result(level, "ticket")
+            self.ticket = self.tickets[level] = folder.load_result(level, "ticket")
             self.trained = None
             return None
+        steps, retrain = rep.steps, rep.cfg.pruning.retrain
+        start, end, lr_at, at_step = 0 if level == 0 else steps.rewind, None, None, {}
         if level == 0:
             model.load_state_dict(self.init_state)
             at_step = rep.capture_hooks(model)
-        else:
+        elif retrain == "weight_rewind":
             model.load_state_dict(rep.rewind_state)
-            at_step = {}
+        else:
+            kept = self.trained if self.trained is not None and not rep.cfg.pruning.from_dense else \
+                plan.trained_source(rep, level)
+            model.load_state_dict(kept)
+            if retrain == "finetune":
+                start, end, lr_at = steps.total, steps.total + finetune_steps(rep), steps.total - 1
         M.apply(model, masks)
+        kept_state = cpu_state(model) if level and retrain != "weight_rewind" else None  # what the ticket starts from
 
         def finish_ticket(record):
             if not record["diverged"]:  # NaN weights are nothing to prune from
                 save_torch(cpu_state(model), folder.final_path(level))
-            folder.save_ticket(make_ticket(rep, level, masks, model, record))
+            folder.save_ticket(make_ticket(rep, level, masks, model, record, kept_state))
 
-        return Job(rep, level, "ticket", model, masks, 0 if level == 0 else rep.steps.rewind, at_step=at_step,
-                   on_done=finish_ticket)
+        return Job(rep, level, "ticket", model, masks, start, at_step=at_step, on_done=finish_ticket, end=end,
+                   lr_at=lr_at, deps=plan.mask_cost(rep.cfg, level, self.tickets))
 
     def ticket_trained(self, level: int, record: dict) -> None:
-        self.ticket = record
+        self.ticket = self.tickets[level] = record
         self.trained = cpu_state(self.model)
         self.rep.tracker.artifact(self.rep.folder.ticket_path(level), f"ticket-level{level}")
 
@@ -111,12 +123,24 @@ class Lineage:
             if rep.folder.done(level, name):
                 self.check(rep.folder.load_result(level, name))
                 continue
-            plans.append(plan_branch(rep, context(rep, level, name, self.masks)))
+            plans.append(plan_branch(rep, context(rep, level, name, self.masks),
+                                     plan.mask_cost(rep.cfg, level, self.tickets)))
         return plans
 
 
-def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optional[dict]) -> Ticket:
-    state = {k: v.clone() for k, v in rep.rewind_state.items()}
+def finetune_steps(rep: Replicate) -> int:
+    """Fine-tuning's budget: pruning.retrain_steps, by default what weight rewinding retrains (duration - rewind)."""
+    from lottery.core.steps import parse_steps
+    budget = rep.cfg.pruning.retrain_steps
+    return rep.steps.total - rep.steps.rewind if budget is None else \
+        parse_steps(budget, rep.steps.per_epoch, "pruning.retrain_steps")
+
+
+def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optional[dict],
+                start_state: Optional[dict] = None) -> Ticket:
+    """The ticket file of `level`: its masks and the state its training starts from (the rewind point's, masked,
+    unless `start_state` says otherwise: the kept trained weights of lr_rewind and finetune)."""
+    state = {k: v.clone() for k, v in (start_state or rep.rewind_state).items()}
     for name, m in masks.items():
         state[name] = state[name] * m.to(state[name].device, state[name].dtype)
     remaining, total = M.count(masks)

@@ -53,7 +53,7 @@ def preflight(rep, model) -> int:
     for name in p.branches:
         check = BRANCHES[name].check
         if check is not None:
-            check(branch_settings(name, cfg), n_levels, bool(p.train_dense))
+            check(branch_settings(name, cfg), n_levels, bool(p.train_dense), rep.steps)
     return n_levels
 
 
@@ -66,6 +66,34 @@ def masks_before(rep, level: int) -> M.Masks:
     return M.from_bool(rep.folder.load_ticket(level - 1).masks, model)
 
 
+def source_level(cfg, level: int) -> int:
+    """The level whose trained weights level `level`'s masks are pruned from."""
+    return 0 if cfg.pruning.from_dense else level - 1
+
+
+def trained_source(rep, level: int) -> dict:
+    """The trained weights level `level` was pruned from (what lr_rewind and finetune keep)."""
+    return load_torch(rep.folder.final_path(source_level(rep.cfg, level)))
+
+
+def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
+    """Training the masks of `level` depended on, from the records of earlier levels' tickets ({level: record}):
+    IMP's every earlier level, one-shot pruning after training its dense level, pruning at initialization nothing.
+    The scoring itself (a batch for SNIP, SynFlow's rounds) is not counted."""
+    if level == 0 or pruning.scores_at(cfg.pruning) == "at_init":
+        needed = []
+    elif cfg.pruning.from_dense:
+        needed = [0]
+    else:
+        needed = range(level)
+    out = {"steps": 0, "flops": 0}
+    for lv in needed:
+        rec = tickets.get(lv) or {}
+        out["steps"] += rec.get("train_steps") or 0
+        out["flops"] += rec.get("train_flops") or 0
+    return out
+
+
 def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
                 keep: dict[str, int] | int | None = None, invert: bool = False) -> M.Masks:
     """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
@@ -74,7 +102,7 @@ def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
     the per-level rates. The scoring data and randomness depend only on (seed, level), so a branch calling this again
     gets the same scores; `keep` and `invert` are for such a branch (per-tensor counts, lowest scores kept)."""
     p = rep.cfg.pruning
-    source = 0 if p.from_dense else level - 1  # the level whose masks (and trained weights) are pruned
+    source = source_level(rep.cfg, level)  # the level whose masks (and trained weights) are pruned
     if p.from_dense:
         masks, trained = masks_before(rep, level), None
     if pruning.scores_at(p) == "after_training":

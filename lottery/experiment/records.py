@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 
 from lottery import masks as M
+from lottery.training import cost
 
-# Keys of a result file that stay there and out of summary.json: whole curves (training evaluations, an analysis's).
-DETAIL_KEYS = ("evals", "curves")
+# Keys of a result file that stay there and out of summary.json: whole curves (training evaluations, an analysis's,
+# the layer densities after each mask update of dynamic sparse training).
+DETAIL_KEYS = ("evals", "curves", "mask_changes")
 # Keys of a training result that describe the loop rather than the network (not copied into the record).
-_LOOP_KEYS = ("evals", "final_step")
+_LOOP_KEYS = ("evals", "final_step", "mask_changes", "gradient_steps")
 
 
 def at_chance(accuracy, num_classes: int, n: int) -> bool:
@@ -27,8 +29,24 @@ def at_chance(accuracy, num_classes: int, n: int) -> bool:
     return accuracy <= chance + 3 * math.sqrt(chance * (1 - chance) / n)
 
 
-def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dict, unit: str = "") -> dict:
-    """The record of one trained unit of replicate `rep` at `level`, from its training `result`."""
+def training_cost(rep, model, masks: M.Masks, result: dict) -> dict:
+    """What the unit's own training cost: optimizer steps, and FLOPs at the masks it trained with (each segment between
+    mask updates at its densities, RigL's update steps with their dense weight gradient), and dense."""
+    if getattr(rep, "cost_info", None) is None:
+        rep.cost_info = cost.model_info(model, rep.split.pool.input_shape)
+    counter = cost.TrainingCost(rep.cost_info, rep.cfg.train.batch_size)
+    changes = result.get("mask_changes") or [[result["start_step"], M.density(masks)]]
+    gradient_steps = result.get("gradient_steps") or []
+    ends = [s for s, _ in changes[1:]] + [result["final_step"]]
+    for (begin, densities), end in zip(changes, ends):
+        counter.add(end - begin, densities, dense_weight_grad_steps=sum(begin < g <= end for g in gradient_steps))
+    return {"train_steps": counter.steps, "train_flops": counter.flops_sparse, "train_flops_dense": counter.flops_dense}
+
+
+def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dict, unit: str = "",
+                deps: dict | None = None) -> dict:
+    """The record of one trained unit of replicate `rep` at `level`, from its training `result`; `deps`: the training
+    its masks depended on (earlier levels), which `cost_steps` and `cost_flops` add to the unit's own."""
     remaining, total = M.count(masks)
     cfg = rep.cfg
     record = {"level": level, "branch": branch, "replicate": cfg.seed,
@@ -38,6 +56,10 @@ def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dic
               **{k: v for k, v in result.items() if k not in _LOOP_KEYS and k != "last_finite_step"},
               "experiment": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
               "init": cfg.init.get("_target_") or cfg.init.name, "device_info": rep.device_info}
+    own = training_cost(rep, model, masks, result)
+    deps = deps or {}
+    record.update(own, cost_steps=own["train_steps"] + deps.get("steps", 0),
+                  cost_flops=own["train_flops"] + deps.get("flops", 0))
     pool = rep.split.pool
     # a run whose losses stay finite but that ends at chance (Adam at a huge rate, say) is a failed run too
     record["at_chance"] = at_chance(result.get("test_accuracy"), pool.num_classes, len(pool.test_y))

@@ -16,9 +16,11 @@ from lottery.core import device as D
 from lottery.core.files import load_torch, save_torch
 from lottery.core.signals import Preempted, hand_over, stop_requested
 from lottery.experiment import callbacks, plan
-from lottery.experiment.records import unit_record, without_details
+from lottery.experiment.records import DETAIL_KEYS, unit_record, without_details
 from lottery.experiment.replicate import Replicate, cpu_state
-from lottery.training import Hooks, Network, train
+from lottery.core.seeds import derive_seed
+from lottery.training import Hooks, Network, lr_schedule, train
+from lottery.training.dst import dst_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ class Job:
     data_seed: Optional[int] = None
     at_step: dict = field(default_factory=dict)
     on_done: Optional[Callable[[dict], None]] = None  # files the next unit needs, written before result.json
+    end: Optional[int] = None  # last step (None: the end of training)
+    lr_at: Optional[int] = None  # hold the learning rate of this step (fine-tuning)
+    deps: dict = field(default_factory=dict)  # training the unit's masks depended on: {"steps", "flops"}
 
     @property
     def tag(self) -> str:
@@ -61,11 +66,13 @@ def context(rep: Replicate, level: int, branch: str, masks: M.Masks) -> LevelCon
         settings=branch_settings(branch, rep.cfg) if BRANCHES[branch].selectable else {}, replicate=rep.seed,
         cfg=rep.cfg, steps=rep.steps, data=rep.split, new_model=rep.new_model, state_at=rep.state_at,
         prune=lambda keep=None, invert=False: plan.prune_level(rep, level, plan.masks_before(rep, level), keep=keep,
-                                                                invert=invert))
+                                                                invert=invert),
+        trained_state=lambda: plan.trained_source(rep, level))
 
 
-def plan_branch(rep: Replicate, ctx: LevelContext) -> BranchPlan:
-    """The branch's units; those with a result are read back, the others become jobs."""
+def plan_branch(rep: Replicate, ctx: LevelContext, deps: Optional[dict] = None) -> BranchPlan:
+    """The branch's units; those with a result are read back, the others become jobs (`deps`: the training its masks
+    depended on, for the records' cost)."""
     folder = rep.folder
     branch = BRANCHES[ctx.branch]
     units = branch.fn(ctx)
@@ -90,7 +97,7 @@ def plan_branch(rep: Replicate, ctx: LevelContext) -> BranchPlan:
             on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731
         start = ctx.rewind_step if u.start is None else u.start
         out.jobs.append((i, Job(rep, ctx.level, ctx.branch, u.model, u.masks, start, name, u.data_seed,
-                                on_done=on_done)))
+                                on_done=on_done, end=u.end, lr_at=u.lr_at, deps=dict(deps or {}))))
     return out
 
 
@@ -121,12 +128,12 @@ def finish_branch(plan_: BranchPlan) -> dict:
 def finish_unit(job: Job, result: dict, resume: Optional[dict] = None) -> dict:
     """A unit's files once it is trained: what the next unit needs, its result (which marks it done), the summary."""
     rep, level, branch, unit, tag = job.rep, job.level, job.branch, job.unit, job.tag
-    record = unit_record(rep, level, branch, job.model, job.masks, result, unit)
+    record = unit_record(rep, level, branch, job.model, job.masks, result, unit, job.deps)
     if resume is not None and D.differences(resume.get("device_info"), rep.device_info):
         record["previous_device_info"] = resume["device_info"]  # the unit started on other hardware
     if job.on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
         job.on_done(record)
-    rep.folder.save_result(level, branch, {**record, "evals": result["evals"]}, unit)
+    rep.folder.save_result(level, branch, {**record, **{k: result[k] for k in DETAIL_KEYS if k in result}}, unit)
     rep.folder.checkpoints(level, branch, unit).clear()
     if not unit:
         rep.tracker.level(record)
@@ -174,8 +181,9 @@ def execute(jobs: list[Job], how: str, on_record: Callable[[Job, dict], None], *
         return
     by_step = defaultdict(list)
     for job, state in zip(jobs, _resume_states(jobs)):
-        by_step[(job.start, None if state is None else state["step"])].append((job, state))
-    for key in sorted(by_step, key=lambda k: (k[0], k[1] if k[1] is not None else -1)):
+        key = (job.start, -1 if state is None else state["step"], job.end or -1, -1 if job.lr_at is None else job.lr_at)
+        by_step[key].append((job, state))
+    for key in sorted(by_step):
         group = [(job, state) for job, state in by_step[key] if not skip(job)]
         if group:
             _train(group, how, on_record, parent)
@@ -191,11 +199,19 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
     elif resumed is not None:
         log.info("%slevel %d %s: resuming from step %d", first.rep.name, first.level, first.tag, resumed)
     networks = [Network(job.model, job.masks, job.rep.batches(job.data_seed),
-                        _hooks(job, job.rep.folder.checkpoints(job.level, job.branch, job.unit), parent), state)
+                        _hooks(job, job.rep.folder.checkpoints(job.level, job.branch, job.unit), parent), state,
+                        seed=derive_seed(job.rep.seed, "dst", job.level, job.branch, job.unit))
                 for job, state in group]
     desc = f"level {first.level} {first.tag}" if len(group) == 1 else f"level {first.level} x{len(group)}"
+    cfg, steps = first.rep.cfg, first.rep.steps
+    rule, settings = dst_settings(cfg.dst)
+    lr = None
+    if first.lr_at is not None:  # fine-tuning: the learning rate of one step of the schedule, throughout
+        held = lr_schedule(cfg.train, steps)(first.lr_at)
+        lr = lambda step: held  # noqa: E731
     try:
-        results = train(networks, first.rep.cfg, start=first.start, steps=first.rep.steps, layout=layout, desc=desc)
+        results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
+                        dst=None if rule is None else (rule, settings))
     except Preempted:
         hand_over()
         raise

@@ -221,6 +221,13 @@ class Interleaved(nn.Module):
     def named_masks(self, masks: list[Masks]) -> Masks:
         return {f"nets.{u}.{k}": v for u, m in enumerate(masks) for k, v in m.items()}
 
+    def mask_slices(self, masker) -> list[tuple]:
+        """Per tensor of `masker`: (parameter, mask, [(network, None)]): each is one network's own."""
+        return [(p, m, [(int(n.split(".")[1]), None)]) for n, p, m in zip(masker.names, masker.params, masker.masks)]
+
+    def sync_masks(self, masker, masks: list[Masks]) -> None:
+        """The networks' own mask tensors are the ones the masker edits."""
+
     def compile_in_place(self) -> None:
         for net in self.nets:  # in place, so parameter names (masks, checkpoints) stay as they are
             net.compile()
@@ -353,6 +360,17 @@ class Stacked(nn.Module):
     def named_masks(self, masks: list[Masks]) -> Masks:
         """The networks' masks under this module's parameter names (for Masker): here stacked."""
         return {f"net.{k}": torch.stack([m[k] for m in masks]) for k in masks[0]}
+
+    def mask_slices(self, masker) -> list[tuple]:
+        """Per tensor of `masker`: (parameter, stacked mask, [(network u, index u) for every u])."""
+        return [(p, m, [(u, u) for u in range(self.n)]) for p, m in zip(masker.params, masker.masks)]
+
+    def sync_masks(self, masker, masks: list[Masks]) -> None:
+        """Copy the stacked masks (changed by mask updates) into each network's own mask tensors."""
+        for name, stacked in zip(masker.names, masker.masks):
+            k = name.split(".", 1)[1]
+            for u, m in enumerate(masks):
+                m[k].copy_(stacked[u].to(m[k].dtype))
 
     def compile_in_place(self) -> None:
         self.net.compile()

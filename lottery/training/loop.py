@@ -26,6 +26,7 @@ from lottery.core.divergence import finite_or_none, nonfinite
 from lottery.core.signals import Preempted
 from lottery.core.steps import Steps
 from lottery.data import Batches
+from lottery import masks as M
 from lottery.masks import Masker, Masks
 from lottery.training.evaluation import early_stop
 from lottery.training.layouts import LAYOUTS, keep_freed_memory
@@ -50,19 +51,26 @@ class Hooks:
 @dataclass
 class Network:
     """One network of a training call: its model (weights and masks applied), its batches (split and data seed),
-    its hooks, and the checkpoint it resumes from (the state a `hooks.checkpoint` call received), if any."""
+    its hooks, the checkpoint it resumes from (the state a `hooks.checkpoint` call received), if any, and the seed of
+    its mask updates (dynamic sparse training)."""
     model: nn.Module
     masks: Masks
     batches: Batches
     hooks: Hooks = field(default_factory=Hooks)
     resume: Optional[dict] = None
+    seed: int = 0
 
 
 def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
-          layout: str = "interleaved", desc: str = "train") -> list[dict]:
+          layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
+          dst: Optional[tuple] = None) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
-    after their checkpoint's step and end bit-identical to an uninterrupted run."""
+    after their checkpoint's step and end bit-identical to an uninterrupted run.
+
+    `lr`: the multiplier of the base learning rate at each step (default: the schedule of `train.*`; fine-tuning
+    holds the final one). `dst`: (rule, settings) of lottery.training.dst: the masks change during training (each
+    network's masks are edited in place, and its result lists the changes)."""
     tcfg = cfg.train
     end = steps.total if end is None else end
     n = len(networks)
@@ -76,14 +84,20 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     for nw in networks:
         if nw.resume is not None:
             nw.model.load_state_dict(nw.resume["model"])
+            for k, m in (nw.resume.get("masks") or {}).items():  # masks that changed during training
+                nw.masks[k].copy_(m.to(nw.masks[k].dtype))
     if n > 1:
         keep_freed_memory()
     net = LAYOUTS[layout]([nw.model for nw in networks], [nw.batches for nw in networks])
     device = net.device
-    multiplier = lr_schedule(tcfg, steps)
+    multiplier = lr or lr_schedule(tcfg, steps)
     optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optimizer, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
+    updater = None
+    if dst is not None:
+        from lottery.training.dst import Updater
+        updater = Updater(dst[0], dst[1], steps.total, net.mask_slices(mask_weights), [nw.seed for nw in networks])
     if tcfg.compile:
         net.compile_in_place()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
@@ -99,11 +113,16 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     evals: list[list[dict]] = [[] for _ in networks]
     step = start
     diverged_at: list[Optional[int]] = [None] * n
+    # with dst: every network's layer densities from `start` and after each mask update, and its RigL update steps
+    mask_changes: list[list] = [[[start, M.density(nw.masks)]] for nw in networks]
+    gradient_steps: list[list[int]] = [[] for _ in networks]
     if all(resumed):
         optimizer.load_state_dict(net.optimizer_state([nw.resume["optimizer"] for nw in networks]))
         step = networks[0].resume["step"]
         evals = [list(nw.resume["evals"]) for nw in networks]
         diverged_at = [e[-1]["step"] if e and e[-1].get("diverged") else None for e in evals]
+        mask_changes = [list(nw.resume.get("mask_changes") or [[start, M.density(nw.masks)]]) for nw in networks]
+        gradient_steps = [list(nw.resume.get("gradient_steps") or []) for nw in networks]
         loss_sum += torch.stack([nw.resume["loss_sum"].reshape(()) for nw in networks]).to(device)
         loss_count = [nw.resume["loss_count"] for nw in networks]
         log_sum += torch.stack([nw.resume["log_sum"].reshape(()) for nw in networks]).to(device)
@@ -142,9 +161,15 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     def checkpoint() -> None:
         states, opt_states = net.states(), net.optimizer_states(optimizer.state_dict())
         sums, logs = loss_sum.cpu(), log_sum.cpu()
+        if updater is not None:
+            net.sync_masks(mask_weights, [nw.masks for nw in networks])
         for u, h in enumerate(hooks):
-            h.checkpoint({"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
-                          "loss_sum": sums[u].clone(), "loss_count": loss_count[u], "log_sum": logs[u].clone()})
+            state = {"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
+                     "loss_sum": sums[u].clone(), "loss_count": loss_count[u], "log_sum": logs[u].clone()}
+            if updater is not None:
+                state.update(masks=M.to_bool(networks[u].masks), mask_changes=mask_changes[u],
+                             gradient_steps=gradient_steps[u])
+            h.checkpoint(state)
 
     net.train()
     if not all(resumed):
@@ -160,9 +185,25 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * m
             optimizer.zero_grad(set_to_none=True)
-            losses = net.backward(step, autocast, [d is None for d in diverged_at])
-            optimizer.step()
+            on = [d is None for d in diverged_at]
+            losses = net.backward(step, autocast, on)
+            update = updater is not None and updater.due(step + 1)
+            if update and updater.rule.gradient_step:  # RigL: this step's gradient grows connections, no weight update
+                changed = updater.update(step + 1, optimizer, on)
+                for u in range(n):
+                    if on[u]:
+                        gradient_steps[u].append(step + 1)
+            else:
+                optimizer.step()
+                changed = updater.update(step + 1, optimizer, on) if update else []
+            for i in changed:
+                mask_weights.refresh(i)
             mask_weights()
+            if update:
+                net.sync_masks(mask_weights, [nw.masks for nw in networks])
+                for u in range(n):
+                    if on[u]:
+                        mask_changes[u].append([step + 1, M.density(networks[u].masks)])
             loss_sum += losses
             for u in range(n):
                 loss_count[u] += 1
@@ -196,6 +237,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     finally:
         bar.close()
     net.sync()
+    if updater is not None:
+        net.sync_masks(mask_weights, [nw.masks for nw in networks])
     results = []
     for u in range(n):
         last = evals[u][-1]
@@ -205,5 +248,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
                   "diverged": diverged_at[u] is not None, "diverged_step": diverged_at[u]}
         if diverged_at[u] is not None:  # no final metrics: a diverged network's are chance, not a result
             result["last_finite_step"] = evals[u][-2]["step"] if len(evals[u]) > 1 else None
+        if updater is not None:
+            result.update(mask_changes=mask_changes[u], gradient_steps=gradient_steps[u])
         results.append(result)
     return results
