@@ -227,3 +227,33 @@ def test_retraining_needs_trained_weights():
         checked(tiny_cfg("method=snip", "pruning.retrain=finetune"))
     with pytest.raises(ValueError, match="unknown pruning.retrain 'rewind'; accepted: weight_rewind, lr_rewind"):
         checked(tiny_cfg("pruning.retrain=rewind"))
+
+
+def test_the_comparison_runs_and_reports_accuracy_against_cost(tmp_path):
+    """experiment=compare_lenet_mnist shrunk onto synthetic data: six methods as one multirun, each job two
+    replicates; lottery-report draws accuracy against weights remaining and against training cost, one line per
+    method, and the aggregated table carries the cost."""
+    from conftest import run_cli
+    sweep = tmp_path / "sweep"
+    r = run_cli("-m", "experiment=compare_lenet_mnist", "dataset=synthetic", "dataset.val_size=128",
+                "train.duration=40it",
+                "train.eval_every=20it", "train.batch_size=32", "train.progress=false", "pruning.levels=3",
+                "pruning.rate=0.5", "replicas=2", "dst.delta_t=10", "method=imp,lr_rewind,finetune,snip,random_erk,rigl",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rep = run_cli(str(sweep), "--out", str(tmp_path / "report"), entry="lottery.report:main", cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr
+    import csv
+    with open(tmp_path / "report" / "aggregate.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    methods = {row["method"] for row in rows}
+    assert {"IMP (magnitude), original init", "IMP (magnitude), LR rewound to 0", "IMP (magnitude), fine-tuned",
+            "SNIP at init", "random at init, ERK densities", "RigL, ERK densities"} <= methods, methods
+    assert all(row["cost_flops_mean"] for row in rows if row["branch"] == "ticket")
+    assert all(row["test_accuracy_n"] == "2" for row in rows if row["branch"] == "ticket")
+    # IMP's level 2 cost includes levels 0 and 1; pruning at init costs only its own training
+    by = {(row["method"], row["level"]): float(row["cost_flops_mean"]) for row in rows}
+    assert by[("IMP (magnitude), original init", "2")] > 2.5 * by[("SNIP at init", "2")]
+    assert (tmp_path / "report" / "cost.png").exists() and (tmp_path / "report" / "methods.png").exists()
+    svg = (tmp_path / "report" / "cost.svg").read_text()
+    assert "RigL, ERK densities" in svg and "training FLOPs" in svg

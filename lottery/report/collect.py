@@ -32,7 +32,7 @@ X_KEYS = ("pruning.target", "pruning.levels")
 # Keys that make up a pruning method (criterion, when it scores, schedule, rewind point): when they differ between
 # runs, each ticket line is labelled by its method (SNIP at init, IMP (magnitude), ...) instead of listing the keys.
 METHOD_KEYS = ("pruning.criterion", "pruning.when", "pruning.one_shot", "pruning.from_dense", "pruning.rounds",
-               "pruning.train_dense", "pruning.rewind")
+               "pruning.train_dense", "pruning.rewind", "pruning.retrain", "pruning.retrain_steps", "dst")
 # Layer kinds with a per-kind rate (pruning.rates.<kind>); other pruned tensors (biases, BatchNorm) use pruning.rate
 RATE_KINDS = ("linear", "conv", "output")
 
@@ -215,11 +215,8 @@ def _follows_group(key: str, swept: list[str], configs) -> bool:
     return all(seen.setdefault(repr(c.get(name)), repr(c.get(key))) == repr(c.get(key)) for c in configs)
 
 
-_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-
-
 @lru_cache(maxsize=64)
-def _model_layer_kinds(model_json: str, dataset: str, synthetic_shape: str) -> Optional[tuple]:
+def _model_layer_kinds(model_json: str, dataset_json: str) -> Optional[tuple]:
     """((parameter name, kind), ...) of a model as lottery.masks classifies them (linear, conv, output, bias,
     batchnorm), built on the meta device (no memory, no weights); None when it cannot be built here (a user's model
     whose module was not imported)."""
@@ -227,14 +224,18 @@ def _model_layer_kinds(model_json: str, dataset: str, synthetic_shape: str) -> O
         import torch
         from torch import nn
 
+        import dataclasses
+
+        from lottery.data import DATASETS
         from lottery.models import build_model
         node = json.loads(model_json)
         name = node.pop("name")
-        shape = _SHAPES.get(synthetic_shape if dataset == "synthetic" else dataset)
-        if shape is None:
-            return None
+        data = json.loads(dataset_json)  # the input shape and classes come from the dataset's registration
+        entry = DATASETS[data["name"]]
+        own = {f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings else {}
         with torch.device("meta"):
-            model = build_model(name, shape, 10, **{k: v for k, v in node.items() if not k.startswith("_")})
+            model = build_model(name, entry.shape(own), entry.num_classes,
+                                **{k: v for k, v in node.items() if not k.startswith("_")})
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         kinds = []
         for mod_name, mod in model.named_modules():
@@ -259,8 +260,8 @@ def pruned_kinds(raw_cfg: dict, layers: list[str]) -> Optional[set]:
     dataset = raw_cfg.get("dataset") if isinstance(raw_cfg, dict) else None
     if not isinstance(model, dict) or not model.get("name") or not isinstance(dataset, dict):
         return None
-    kinds = _model_layer_kinds(json.dumps(model, sort_keys=True, default=str), str(dataset.get("name")),
-                               str(dataset.get("synthetic_shape", "mnist")))
+    kinds = _model_layer_kinds(json.dumps(model, sort_keys=True, default=str),
+                               json.dumps(dataset, sort_keys=True, default=str))
     if kinds is None:
         return None
     by_name = dict(kinds)
@@ -314,14 +315,24 @@ def method_label(cfg: dict, settings: list[str] = ()) -> str:
     except (TypeError, ValueError):
         rounds = 1
     rewind = str(cfg.get("pruning.rewind") or "0")
+    scope = cfg.get("pruning.scope") or "layerwise"
+    densities = {"uniform": ", uniform densities", "er": ", ER densities", "erk": ", ERK densities"}.get(scope, "")
+    dst = cfg.get("dst.name") or "none"
+    if dst != "none":  # dynamic sparse training: its rule names the method (SET, RigL), from random masks
+        return {"set": "SET", "rigl": "RigL"}.get(dst, str(dst)) + densities
     if when == "at_init":
-        text = f"{text} at init" + (f" ({rounds} rounds)" if rounds > 1 else "")
+        text = f"{text} at init" + (f" ({rounds} rounds)" if rounds > 1 else "") + densities
         return text if rewind in ("0", "0it", "0ep") else f"{text} (scored at {rewind})"
     if cfg.get("pruning.one_shot") or cfg.get("pruning.from_dense"):
         text = f"one-shot {text} after training"
     else:
         text = f"IMP ({text})"
-    return text + (", original init" if rewind in ("0", "0it", "0ep") else f", rewound to {rewind}")
+    retrain = cfg.get("pruning.retrain") or "weight_rewind"
+    if retrain == "finetune":
+        return text + densities + ", fine-tuned"
+    if retrain == "lr_rewind":
+        return text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep") else f", LR rewound to {rewind}")
+    return text + densities + (", original init" if rewind in ("0", "0it", "0ep") else f", rewound to {rewind}")
 
 
 def branch_order() -> list[str]:

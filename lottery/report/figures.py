@@ -298,6 +298,45 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
     return save(fig, out_dir, "layer_density")
 
 
+def _cost_figure(rows: list[dict], panels: list, out_dir: Path, n_max: int, style: Style) -> list[Path]:
+    """`cost`: test accuracy against the training FLOPs a ticket cost (`cost_flops`: its own training at its masks
+    plus the earlier levels its masks needed, IMP's every one), one line per method through its densities, mean over
+    seeds and min-max band; the dense network as a point."""
+    legend = style.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        tickets = [r for r in rows if panel_of(r) == panel and r["branch"] == "ticket" and not r.get("diverged")
+                   and number(r.get("cost_flops")) and number(r.get("test_accuracy")) is not None]
+        by_line = defaultdict(lambda: defaultdict(list))
+        for r in tickets:
+            if r["level"]:
+                by_line[r["condition"]][round(r["percent_remaining"], 9)].append(r)
+        for cond in sorted(by_line, key=lambda c: (method_rank(style.rep[(panel, c)].get("method", "")), c)):
+            points = [by_line[cond][x] for x in sorted(by_line[cond], reverse=True)]
+            xs = [sum(r["cost_flops"] for r in p) / len(p) for p in points]
+            accs = [[100 * r["test_accuracy"] for r in p] for p in points]
+            n = max(len(a) for a in accs)
+            group, branch = style.of(panel, cond)
+            kw = style.line(group, branch)
+            ax.plot(xs, [sum(a) / len(a) for a in accs], markersize=4, linewidth=1.6, label=f"_{cond}", **kw)
+            legend.add(group, branch, n, group_label=style.group_text.get(group) or group)
+            if n > 1:
+                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=kw["color"], alpha=0.15,
+                                linewidth=0)
+        dense = {r["_replicate"]: r for r in tickets if r["level"] == 0}.values()
+        if dense:
+            ax.plot([sum(r["cost_flops"] for r in dense) / len(dense)],
+                    [100 * sum(r["test_accuracy"] for r in dense) / len(dense)], "k*", markersize=11,
+                    label=f"dense network (n={len(dense)})")
+        legend.add_extra(ax)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs of the ticket, with the levels its masks needed (log scale)")
+        ax.set_ylabel("Test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{panel[0]} on {panel[1]}: accuracy against training cost (points: densities)", fontsize=10)
+    return _finish(fig, legend, f"What each method's tickets cost to train ({_band_note(n_max)})", out_dir, "cost")
+
+
 def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -> list[Path]:
     """When runs differ in their pruning method: `methods` (test accuracy of every method's tickets against weights
     remaining, one line per method, the dense network dotted) and `ablations` (one panel per method: its tickets
@@ -341,6 +380,8 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
         ax.set_ylabel("Test accuracy (%)")
         ax.set_title(f"{panel[0]} on {panel[1]}: pruning methods, test accuracy at the end of training", fontsize=10)
     written += _finish(fig, legend, f"Pruning at initialization vs IMP ({_band_note(n_max)})", out_dir, "methods")
+    if any(number(r.get("cost_flops")) for r in rows):
+        written += _cost_figure(rows, panels, out_dir, n_max, style)
 
     with_branches = [m for m in methods if any(r["method"] == m and r["branch"] != "ticket" for r in rows)]
     if not with_branches:

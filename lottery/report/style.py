@@ -30,7 +30,7 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#b
            "#393b79", "#e7ba52", "#637939", "#7b4173", "#6b6ecf", "#843c39", "#b5cf6b", "#8c6d31"]
 # The methods of lottery-train's method= (conf/method/) by the start of their label, and their palette index
 METHOD_COLOURS = [("IMP", 0), ("one-shot", 1), ("random", 2), ("GraSP", 3), ("SNIP", 4), ("SynFlow", 5),
-                  ("magnitude at init", 6)]
+                  ("magnitude at init", 6), ("SET", 7), ("RigL", 8)]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
 LINESTYLES = ["-", (0, (5, 2)), (0, (1, 1.3)), (0, (7, 2, 1.5, 2)), (0, (3, 1.5, 1, 1.5, 1, 1.5)), (0, (11, 3)),
               (0, (2, 3.5)), (0, (8, 2, 2, 2, 2, 2))]
