@@ -154,6 +154,7 @@ def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
     lineages = [Lineage(rep) for rep in reps]
     of = {id(lin.rep): lin for lin in lineages}
     units: dict[int, tuple[BranchPlan, int]] = {}  # id(job) -> (its branch plan, its index there)
+    trained = []  # units trained by this process
 
     def skip(job: Job) -> bool:
         if of[id(job.rep)].stopped:
@@ -174,6 +175,7 @@ def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
                 tickets.append(job)
 
         def on_record(job: Job, record: dict, level=level) -> None:
+            trained.append(job)
             lin = of[id(job.rep)]
             if id(job) in units:
                 branch_plan, i = units[id(job)]
@@ -198,7 +200,30 @@ def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
                 lin.stopped = True  # a diverged ticket is never pruned to make the next level
         callbacks.level_done(level, [rep.folder.path for rep in reps], parent)
     summaries = [rec for rep in reps for rec in rep.folder.write_summary()]
+    closing_summary(reps, parent, finished_before=not trained)
     diverged = [r for lin in lineages for r in lin.diverged]
     if diverged:  # the units that did not depend on a diverged one are done; the run still failed
         raise Diverged(diverged, stopped=reps[0].cfg.train.on_divergence == "stop", replicas=parent is not None)
     return summaries
+
+
+def closing_summary(reps: list[Replicate], parent, finished_before: bool) -> None:
+    """The end of the log: one line per level (per replicate) with its weights remaining and the test accuracy of its
+    ticket and of each branch; or, when nothing was left to train, that the run was finished already."""
+    where = parent if parent is not None else reps[0].folder.path
+    if finished_before:
+        log.info("%s is finished: every unit has its result (summary.json); nothing was trained", where)
+    log.info("summary of %s (test accuracy at the end of training):", where)
+    for rep in reps:
+        by_level: dict[int, list[dict]] = {}
+        for rec in rep.folder.results():
+            by_level.setdefault(rec["level"], []).append(rec)
+        for level, recs in sorted(by_level.items()):
+            parts = []
+            for r in recs:
+                acc = "diverged" if r.get("diverged") else \
+                    "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
+                parts.append(f"{r['branch']} {acc}" + (f" (instability {r['instability_test']:.2f})"
+                                                         if r.get("instability_test") is not None else ""))
+            log.info("%slevel %d  weights remaining %6.2f%%  %s", rep.name, level, 100 * recs[0]["weights_remaining"],
+                     "  ".join(parts))

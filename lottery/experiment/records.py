@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from lottery import masks as M
+from lottery.core.provenance import provenance
 from lottery.training import cost
 
 # Keys of a result file that stay there and out of summary.json: whole curves (training evaluations, an analysis's,
@@ -44,9 +45,10 @@ def training_cost(rep, model, masks: M.Masks, result: dict) -> dict:
 
 
 def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dict, unit: str = "",
-                deps: dict | None = None) -> dict:
+                deps: dict | None = None, wall_time: float | None = None) -> dict:
     """The record of one trained unit of replicate `rep` at `level`, from its training `result`; `deps`: the training
-    its masks depended on (earlier levels), which `cost_steps` and `cost_flops` add to the unit's own."""
+    its masks depended on (earlier levels), which `cost_steps` and `cost_flops` add to the unit's own; `wall_time`:
+    seconds of the training call that trained it (shared by the units trained together), in this process."""
     remaining, total = M.count(masks)
     cfg = rep.cfg
     record = {"level": level, "branch": branch, "replicate": cfg.seed,
@@ -55,7 +57,8 @@ def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dic
               "weights_remaining_count": remaining, "weights_total": total, "layer_density": M.density(masks),
               **{k: v for k, v in result.items() if k not in _LOOP_KEYS and k != "last_finite_step"},
               "experiment": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
-              "init": cfg.init.get("_target_") or cfg.init.name, "device_info": rep.device_info}
+              "init": cfg.init.get("_target_") or cfg.init.name, "device_info": rep.device_info,
+              "provenance": provenance(), "wall_time_s": wall_time}
     own = training_cost(rep, model, masks, result)
     deps = deps or {}
     record.update(own, cost_steps=own["train_steps"] + deps.get("steps", 0),

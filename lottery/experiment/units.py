@@ -4,6 +4,7 @@ its units are (`finish_branch`, with the branch's analysis)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -118,6 +119,10 @@ def finish_branch(plan_: BranchPlan) -> dict:
         record["diverged_unit"] = failed.get("unit")
     elif branch.analyze is not None:
         record.update(branch.analyze(ctx, plan_.units, records))
+        if record.get("instability_test") is not None:
+            log.info("%slevel %d %s: instability (error barrier) %.2f points on test, %.2f on train, copies from step "
+                     "%s", rep.name, ctx.level, ctx.branch, record["instability_test"],
+                     record.get("instability_train") or 0.0, record.get("lmc_step"))
     rep.folder.save_result(ctx.level, ctx.branch, record)
     record = without_details(record)
     rep.tracker.level(record)
@@ -125,10 +130,10 @@ def finish_branch(plan_: BranchPlan) -> dict:
     return record
 
 
-def finish_unit(job: Job, result: dict, resume: Optional[dict] = None) -> dict:
+def finish_unit(job: Job, result: dict, resume: Optional[dict] = None, wall_time: Optional[float] = None) -> dict:
     """A unit's files once it is trained: what the next unit needs, its result (which marks it done), the summary."""
     rep, level, branch, unit, tag = job.rep, job.level, job.branch, job.unit, job.tag
-    record = unit_record(rep, level, branch, job.model, job.masks, result, unit, job.deps)
+    record = unit_record(rep, level, branch, job.model, job.masks, result, unit, job.deps, wall_time)
     if resume is not None and D.differences(resume.get("device_info"), rep.device_info):
         record["previous_device_info"] = resume["device_info"]  # the unit started on other hardware
     if job.on_done is not None:  # files the next unit needs go first: result.json marks the unit as done
@@ -139,10 +144,10 @@ def finish_unit(job: Job, result: dict, resume: Optional[dict] = None) -> dict:
         rep.tracker.level(record)
         rep.folder.write_summary()
     if record["diverged"]:
-        log.error("%slevel %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d (finite at step "
-                  "%s); stopped, recorded with diverged: true in %s", rep.name, level, tag,
-                  100 * record["weights_remaining"],
-                  record["diverged_step"], record["last_finite_step"],
+        last = record["last_finite_step"]
+        log.error("%slevel %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d%s; stopped, "
+                  "recorded with diverged: true in %s", rep.name, level, tag, 100 * record["weights_remaining"],
+                  record["diverged_step"], "" if last is None else f" (finite at step {last})",
                   rep.folder.unit_dir(level, branch, unit) / "result.json")
         return record
     early = ("" if record["early_stop_step"] is None else
@@ -193,8 +198,10 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
     first = group[0][0]
     resumed = group[0][1]["step"] if group[0][1] is not None else None
     if len(group) > 1:
-        log.info("level %d: training %d networks batched (%s) from step %d%s (%s)", first.level, len(group),
-                 layout, first.start, f", resumed at step {resumed}" if resumed is not None else "",
+        seeds = sorted({j.rep.seed for j, _ in group})
+        who = f"replicate{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: " if first.rep.name else ""
+        log.info("level %d: training %d networks batched (%s) from step %d%s (%s%s)", first.level, len(group),
+                 layout, first.start, f", resumed at step {resumed}" if resumed is not None else "", who,
                  ", ".join(sorted({j.tag for j, _ in group})))
     elif resumed is not None:
         log.info("%slevel %d %s: resuming from step %d", first.rep.name, first.level, first.tag, resumed)
@@ -209,14 +216,16 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
     if first.lr_at is not None:  # fine-tuning: the learning rate of one step of the schedule, throughout
         held = lr_schedule(cfg.train, steps)(first.lr_at)
         lr = lambda step: held  # noqa: E731
+    began = time.perf_counter()
     try:
         results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
                         dst=None if rule is None else (rule, settings))
     except Preempted:
         hand_over()
         raise
+    wall = round(time.perf_counter() - began, 3)
     for (job, state), result in zip(group, results):
-        on_record(job, finish_unit(job, result, state))
+        on_record(job, finish_unit(job, result, state, wall))
 
 
 def _checkpoint(job: Job) -> Optional[dict]:
