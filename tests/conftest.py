@@ -84,6 +84,17 @@ def fault(env: dict | None = None, **spec) -> tuple[list[str], dict]:
     return ["imports=[faults]"], plugins_env({**(env or {}), "LOTTERY_FAULT": text})
 
 
+# Keys of a record that say how long it took, not what it computed: left out when two runs' results are compared.
+VOLATILE = ("wall_time_s",)
+
+
+def stable(records):
+    """Records (a list, or {key: record}) without their VOLATILE keys, for comparing two runs' results."""
+    if isinstance(records, dict):
+        return {k: stable([v])[0] for k, v in records.items()}
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
 def needs_data(*parts: str):
     path = DATA.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path}")

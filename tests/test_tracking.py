@@ -11,7 +11,7 @@ import torch
 from lottery.experiment import run_experiment
 from lottery.experiment.tracking import wandb_mode
 
-from conftest import tiny_cfg
+from conftest import stable, tiny_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +156,7 @@ def _wandb_failures(caplog) -> list[str]:
 
 def _assert_run_complete(run_dir: Path, summary: list[dict]) -> None:
     assert [(r["level"], r["branch"]) for r in summary] == [(0, "ticket"), (1, "ticket")]
-    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert stable(json.loads((run_dir / "summary.json").read_text())) == stable(summary)
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {(e["level"], e["step"]) for e in evals if e["kind"] == "eval"} == \
         {(lv, s) for lv in (0, 1) for s in (0, 20, 40)}
