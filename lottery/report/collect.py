@@ -32,7 +32,8 @@ X_KEYS = ("pruning.target", "pruning.levels")
 # Keys that make up a pruning method (criterion, when it scores, schedule, rewind point): when they differ between
 # runs, each ticket line is labelled by its method (SNIP at init, IMP (magnitude), ...) instead of listing the keys.
 METHOD_KEYS = ("pruning.criterion", "pruning.when", "pruning.one_shot", "pruning.from_dense", "pruning.rounds",
-               "pruning.train_dense", "pruning.rewind", "pruning.retrain", "pruning.retrain_steps", "dst")
+               "pruning.train_dense", "pruning.rewind", "pruning.retrain", "pruning.retrain_steps", "pruning.scope",
+               "dst")
 # Layer kinds with a per-kind rate (pruning.rates.<kind>); other pruned tensors (biases, BatchNorm) use pruning.rate
 RATE_KINDS = ("linear", "conv", "output")
 
@@ -297,7 +298,7 @@ def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable
 
 # --- labels --------------------------------------------------------------------------------------------------------
 
-def method_label(cfg: dict, settings: list[str] = ()) -> str:
+def method_label(cfg: dict, settings: list[str] = (), scope: bool = False) -> str:
     """A run's pruning method in words, from its flattened config: 'SynFlow at init (100 rounds)', 'IMP (magnitude),
     rewound to 500it', 'one-shot magnitude after training'. `settings`: criterion keys to show (those that differ).
     A criterion this process does not know (a user's, not imported) is named by its name."""
@@ -315,8 +316,9 @@ def method_label(cfg: dict, settings: list[str] = ()) -> str:
     except (TypeError, ValueError):
         rounds = 1
     rewind = str(cfg.get("pruning.rewind") or "0")
-    scope = cfg.get("pruning.scope") or "layerwise"
-    densities = {"uniform": ", uniform densities", "er": ", ER densities", "erk": ", ERK densities"}.get(scope, "")
+    scope_name = cfg.get("pruning.scope") or "layerwise"
+    densities = {"uniform": ", uniform densities", "er": ", ER densities", "erk": ", ERK densities"}.get(
+        scope_name, f", {scope_name}" if scope else "")  # layerwise / global only where runs differ in it
     dst = cfg.get("dst.name") or "none"
     if dst != "none":  # dynamic sparse training: its rule names the method (SET, RigL), from random masks
         return {"set": "SET", "rigl": "RigL"}.get(dst, str(dst)) + densities
@@ -393,6 +395,9 @@ def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
     swept = [k for k in swept if not _follows_group(k, swept, configs.values())]
     method_keys = [k for k in swept if is_method_key(k)]
     criterion_settings = [k for k in method_keys if k.startswith("pruning.criterion.")]
+    # layerwise against global ranking is named in the labels only where runs differ in it (a distribution always is)
+    _scopes_differ = len({c.get("pruning.scope") or "layerwise" for c in configs.values()} - {"uniform", "er", "erk"}) \
+        > 1
     from lottery.config import REPLICATE_KEYS
     rows = []
     for d in runs:
@@ -420,7 +425,8 @@ def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
                 cache.append(pruned_kinds(raw_cfg, layers))
             return cache[0]
 
-        method = (DENSE_LABEL if dense_only else method_label(cfg, criterion_settings)) if method_keys else None
+        method = (DENSE_LABEL if dense_only else method_label(cfg, criterion_settings, "pruning.scope" in method_keys
+                                                              and _scopes_differ)) if method_keys else None
         for rec in records:
             row = {"run_dir": str(d), "overrides": overrides}
             row.update({k: v for k, v in rec.items() if k not in ("layer_density", "instability_by_step")})
