@@ -46,3 +46,11 @@ def hand_over() -> None:
     if callable(previous):
         log.warning("checkpoint written; handing %s to the launcher to requeue the job", signal.Signals(signum).name)
         previous(signum, None)
+
+
+def stop_if_asked(what: str) -> None:
+    """Between pieces of work that write no checkpoint (set-up, between units): a stop signal ends the job here,
+    handing the signal to the launcher first (submitit requeues the job), with nothing lost."""
+    if stop_requested():
+        hand_over()
+        raise Preempted(f"stopped {what}; nothing was lost")

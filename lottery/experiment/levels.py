@@ -22,6 +22,7 @@ from typing import Optional
 from lottery import masks as M
 from lottery.branches import BRANCHES
 from lottery.core.divergence import Diverged
+from lottery.core.signals import stop_if_asked
 from lottery.core.files import load_torch, save_torch
 from lottery.experiment import callbacks, plan
 from lottery.experiment.replicate import Replicate, cpu_state
@@ -151,7 +152,10 @@ def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optio
 
 def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
     """Run (or resume) every level of every replicate; returns the summary records of all of them."""
-    lineages = [Lineage(rep) for rep in reps]
+    lineages = []
+    for rep in reps:  # hundreds of replicates take a while to set up: a stop signal is honoured here too
+        stop_if_asked("while setting up the replicates")
+        lineages.append(Lineage(rep))
     of = {id(lin.rep): lin for lin in lineages}
     units: dict[int, tuple[BranchPlan, int]] = {}  # id(job) -> (its branch plan, its index there)
     trained = []  # units trained by this process

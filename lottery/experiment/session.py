@@ -25,6 +25,7 @@ from lottery.branches import BRANCHES, branch_settings
 from lottery.core import device as D
 from lottery.core.files import save_json
 from lottery.core.steps import Steps
+from lottery.core.signals import stop_if_asked
 from lottery.core.threads import set_threads
 from lottery.data import DATASETS, load_pool, split
 from lottery.experiment.check import checked
@@ -157,13 +158,6 @@ def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
             f"spread them over jobs")
 
 
-def _stop_if_asked(what: str) -> None:
-    from lottery.core.signals import Preempted, hand_over, stop_requested
-    if stop_requested():
-        hand_over()
-        raise Preempted(f"stopped {what}; nothing was lost")
-
-
 @contextlib.contextmanager
 def open_session(cfg: DictConfig, run_dir, *, ticket=None,
                  on_owned: Optional[Callable[[Path], None]] = None) -> Iterator[Session]:
@@ -187,7 +181,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
     folders = [RunFolder(parent / f"replicate_{s}") for s in seeds] if seeds is not None else [RunFolder(run_dir)]
     how = "sequential"
     with contextlib.ExitStack() as stack:
-        _stop_if_asked("before set-up")
+        stop_if_asked("before set-up")
         if parent is not None:
             stack.enter_context(RunFolder(parent).lock())
             listed = _check_parent(parent, cfg, seeds)
@@ -200,7 +194,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             stack.enter_context(folder.lock())
         pools, reps, resumed = {}, [], []
         for rcfg, folder in zip(configs, folders):
-            _stop_if_asked("during set-up")
+            stop_if_asked("during set-up")
             d = rcfg.dataset
             key = rcfg.seed if DATASETS[d.name].seeded else None  # seeded data: one pool per replicate
             if key not in pools:
@@ -230,7 +224,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             warning = _cost_warning(cfg, seeds, model, device)
             if warning:
                 warnings.append(warning)
-        _stop_if_asked("during set-up")
+        stop_if_asked("during set-up")
         # every check has passed: the folders are this process's, and from here on they are written
         if on_owned is not None:
             on_owned(run_dir)

@@ -15,7 +15,7 @@ from lottery import masks as M
 from lottery.branches import BRANCHES, LevelContext, Unit
 from lottery.core import device as D
 from lottery.core.files import load_torch, save_torch
-from lottery.core.signals import Preempted, hand_over, stop_requested
+from lottery.core.signals import Preempted, hand_over, stop_if_asked, stop_requested
 from lottery.experiment import callbacks, plan
 from lottery.experiment.records import DETAIL_KEYS, unit_record, without_details
 from lottery.experiment.replicate import Replicate, cpu_state
@@ -195,6 +195,7 @@ def execute(jobs: list[Job], how: str, on_record: Callable[[Job, dict], None], *
 
 
 def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, parent) -> None:
+    stop_if_asked("between units")
     first = group[0][0]
     resumed = group[0][1]["step"] if group[0][1] is not None else None
     if len(group) > 1:
