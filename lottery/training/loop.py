@@ -114,15 +114,16 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     step = start
     diverged_at: list[Optional[int]] = [None] * n
     # with dst: every network's layer densities from `start` and after each mask update, and its RigL update steps
-    mask_changes: list[list] = [[[start, M.density(nw.masks)]] for nw in networks]
+    mask_changes: list[list] = [[[start, M.density(nw.masks)]] if updater else [] for nw in networks]
     gradient_steps: list[list[int]] = [[] for _ in networks]
     if all(resumed):
         optimizer.load_state_dict(net.optimizer_state([nw.resume["optimizer"] for nw in networks]))
         step = networks[0].resume["step"]
         evals = [list(nw.resume["evals"]) for nw in networks]
         diverged_at = [e[-1]["step"] if e and e[-1].get("diverged") else None for e in evals]
-        mask_changes = [list(nw.resume.get("mask_changes") or [[start, M.density(nw.masks)]]) for nw in networks]
-        gradient_steps = [list(nw.resume.get("gradient_steps") or []) for nw in networks]
+        if updater is not None:
+            mask_changes = [list(nw.resume.get("mask_changes") or mask_changes[u]) for u, nw in enumerate(networks)]
+            gradient_steps = [list(nw.resume.get("gradient_steps") or []) for nw in networks]
         loss_sum += torch.stack([nw.resume["loss_sum"].reshape(()) for nw in networks]).to(device)
         loss_count = [nw.resume["loss_count"] for nw in networks]
         log_sum += torch.stack([nw.resume["log_sum"].reshape(()) for nw in networks]).to(device)
