@@ -260,3 +260,25 @@ def test_the_comparison_runs_and_reports_accuracy_against_cost(tmp_path):
     assert (tmp_path / "report" / "cost.png").exists() and (tmp_path / "report" / "methods.png").exists()
     svg = (tmp_path / "report" / "cost.svg").read_text()
     assert "RigL, ERK densities" in svg and "training FLOPs" in svg
+
+
+def test_a_killed_dynamic_sparse_run_resumes_bit_identical(tmp_path):
+    """The masks change during training: a checkpoint holds them, so a SIGKILL between two mask updates resumes to
+    exactly the uninterrupted run's results and masks."""
+    import signal
+    from conftest import TINY, fault, run_cli, stable
+    args = [*TINY, *DST_RUN[:-1], "train.duration=60it", "dst=rigl", "checkpoint.every=20it", "device=cpu"]
+    ref = tmp_path / "ref"
+    assert run_cli(*args, f"hydra.run.dir={ref}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    run = tmp_path / "run"
+    fault_args, env = fault({"OMP_NUM_THREADS": "1"}, kill_at=35, level=1)
+    r = run_cli(*args, *fault_args, f"hydra.run.dir={run}", cwd=tmp_path, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = run_cli(*args, *fault_args, f"hydra.run.dir={run}", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "level 1 ticket: resuming from step 20" in r.stdout + r.stderr
+    assert stable(json.loads((run / "summary.json").read_text())) == \
+        stable(json.loads((ref / "summary.json").read_text()))
+    from lottery.experiment.ticket import load_ticket
+    a, b = (load_ticket(d / "levels" / "level_1" / "ticket.pt").masks for d in (ref, run))
+    assert all(torch.equal(a[n], b[n]) for n in a)
