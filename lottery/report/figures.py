@@ -379,7 +379,7 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
         percent_axis(ax, [x for c in curves.values() for x in c[1]])
         ax.set_ylabel("Test accuracy (%)")
         ax.set_title(f"{panel[0]} on {panel[1]}: pruning methods, test accuracy at the end of training", fontsize=10)
-    written += _finish(fig, legend, f"Pruning at initialization vs IMP ({_band_note(n_max)})", out_dir, "methods")
+    written += _finish(fig, legend, f"Pruning methods at the same densities ({_band_note(n_max)})", out_dir, "methods")
     if any(number(r.get("cost_flops")) for r in rows):
         written += _cost_figure(rows, panels, out_dir, n_max, style)
 
