@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -85,11 +88,13 @@ def _guard(fn, job: _Job) -> None:
         print(f"error: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
+        _FAILED_JOBS.append(run_dir)
     except Diverged as e:
         # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
         _record_error(job, e)
         if multirun:
             log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+            _FAILED_JOBS.append(run_dir)
             return
         print(f"error: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
@@ -100,6 +105,7 @@ def _guard(fn, job: _Job) -> None:
         print(f"error: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(WRITE_FAILED_EXIT)
+        _FAILED_JOBS.append(run_dir)
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
@@ -115,6 +121,7 @@ def _guard(fn, job: _Job) -> None:
                 log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
             else:
                 log.exception("job failed (recorded in %s)", run_dir / "error.txt")
+            _FAILED_JOBS.append(run_dir)
             return
         if not _is_user_error(e):
             raise
@@ -153,6 +160,109 @@ def _quiet_log_file_errors() -> None:
             handler.handleError = handle_error
 
 
+# --- a multirun's failed jobs -----------------------------------------------------------------------------------
+# A failed job lets the other jobs go on (_guard), so the command itself must say at the end that jobs failed: exit
+# status 1 and one line naming their folders, for scripts and cluster pipelines.
+
+_FAILED_JOBS: list[Path] = []  # jobs of this process (the basic launcher), refused ones included
+_MULTIRUN: dict = {}  # the sweep folder and its error.txt files when the multirun started; `ended` once it has
+
+
+def _error_files(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
+    """error.txt of every job folder below the sweep folder, with its mtime and size (not a run's own sub-folders,
+    nor the launchers' hidden ones)."""
+    out = {}
+    for path in sweep_dir.rglob("error.txt") if sweep_dir.is_dir() else ():
+        inner = path.relative_to(sweep_dir).parts[:-1]
+        if not any(p.startswith(".") or p in ("levels", "wandb") for p in inner):
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                out[path.parent] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+class FailedJobs(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks). Jobs that ran in other processes (submitit_local, slurm)
+    tell only through their folders: an error.txt written during this multirun (a job that succeeds on a rerun
+    deletes its old one; the slurm launcher writes one for a job that ended without a result)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        _MULTIRUN.update(sweep_dir=sweep_dir, before=_error_files(sweep_dir), ended=False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        _MULTIRUN["ended"] = True
+
+
+def _failed_jobs() -> tuple[Path, list[Path]] | None:
+    """(sweep folder, failed job folders) of the multirun that just ended in this process, if any."""
+    if not _MULTIRUN.get("ended"):
+        return None
+    sweep_dir, before = _MULTIRUN["sweep_dir"], _MULTIRUN["before"]
+    written = [d for d, stamp in _error_files(sweep_dir).items() if before.get(d) != stamp]
+    failed = sorted({Path(d).absolute() for d in [*_FAILED_JOBS, *written]})
+    return sweep_dir, failed
+
+
+def _exit_if_jobs_failed() -> None:
+    outcome = _failed_jobs()
+    if outcome and outcome[1]:
+        sweep_dir, failed = outcome
+        names = [str(d.relative_to(sweep_dir)) if d.is_relative_to(sweep_dir) else str(d) for d in failed]
+        print(f"error: {len(failed)} job{'s' if len(failed) > 1 else ''} of the multirun in {sweep_dir} failed: "
+              f"{', '.join(names)} (each folder's error.txt and the error column of summary.csv say why)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+# --- a config group's option that conf/ does not have ------------------------------------------------------------
+
+def unknown_option(args: list[str]) -> str | None:
+    """`model=resnet99` (any config group: model, dataset, init, ..., launcher, sweep) as one line naming the group's
+    options, before Hydra starts (its own error is a dozen lines). Options come from where Hydra would look: conf/,
+    --config-dir and hydra.searchpath on the command line. A command line Hydra cannot parse is left to Hydra."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra.core.object_type import ObjectType
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its own complaint: Hydra will say it
+            parsed = get_args_parser().parse_args(args)
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except (Exception, SystemExit):  # noqa: BLE001
+        return None
+    search = create_config_search_path(CONF_DIR)
+    if parsed.config_dir:
+        search.prepend("command-line", f"file://{os.path.abspath(parsed.config_dir)}")
+    for o in overrides:
+        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
+            for entry in o.value():
+                search.append("command-line", str(entry))
+    repo = ConfigRepository(config_search_path=search)
+    for o in overrides:
+        group = o.key_or_group
+        if o.is_delete() or "." in group or group.startswith("hydra") or not repo.group_exists(group):
+            continue
+        value = o.value()
+        choices = value.list if isinstance(value, ChoiceSweep) else [value]  # -m model=conv2,conv4
+        options = sorted(repo.get_group_options(group, results_filter=ObjectType.CONFIG))
+        for choice in choices:
+            if isinstance(choice, str) and choice not in options:  # null (no option) is not a string
+                return f"unknown {group} '{choice}'; accepted: {', '.join(options)}"
+    return None
+
+
+def _main(app) -> None:
+    """An entry point: the command line checked, the Hydra app, then the exit status of a multirun."""
+    error = unknown_option(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    app()
+    _exit_if_jobs_failed()
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _train(cfg: DictConfig) -> None:
     from lottery.experiment import run_experiment
@@ -162,7 +272,7 @@ def _train(cfg: DictConfig) -> None:
 
 def train() -> None:
     """`lottery-train`: IMP (or dense training with pruning=none) in one run folder."""
-    _train()
+    _main(_train)
 
 
 def _ticket_config(cfg: DictConfig) -> DictConfig:
@@ -191,4 +301,4 @@ def _retrain(cfg: DictConfig) -> None:
 
 def retrain() -> None:
     """`lottery-retrain ticket=PATH [overrides]`: retrain a ticket in isolation."""
-    _retrain()
+    _main(_retrain)

@@ -134,7 +134,7 @@ def test_multirun_one_job_diverges_the_others_finish(tmp_path):
     sweep_dir = tmp_path / "sweep"
     r = run_cli("-m", "optimizer.lr=1e6,0.05", *SWEEP, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
                 env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr  # a failed job: the command says so at the end
     bad, good = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
                        key=lambda d: int(d.name.split("_")[0]))
     assert (bad / "error.txt").read_text().startswith("Diverged: training diverged: level 0 ticket")
