@@ -263,11 +263,44 @@ def _main(app) -> None:
     _exit_if_jobs_failed()
 
 
+def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
+    """logger=wandb: lottery-report's figures of each run folder of this job, as images in its W&B run (the
+    experiment package does not draw: the report sits above it). Never costs the run: a failure is one log line."""
+    import json
+    import tempfile
+
+    from lottery.experiment.tracking import log_figures, wandb_mode
+    if cfg.logger.name != "wandb" or wandb_mode() == "disabled":
+        return
+    parent = run_dir / "replicas.json"
+    folders = [run_dir / f for f in json.loads(parent.read_text())["folders"]] if parent.exists() else [run_dir]
+    from lottery.report import collect_runs, make_figures  # matplotlib only here
+    for folder in folders:
+        try:
+            rows = collect_runs([folder], warn=log.warning)
+            with tempfile.TemporaryDirectory() as tmp:
+                pngs = {p.stem: p for p in make_figures(rows, tmp, warn=log.warning) if p.suffix == ".png"}
+                log_figures(folder, cfg, pngs)
+        except Exception as e:  # noqa: BLE001
+            log.error("figures for W&B not drawn (%s: %s); `lottery-report %s` draws them", type(e).__name__, e,
+                      folder)
+
+
+def _run_experiment(cfg: DictConfig, job: _Job) -> None:
+    from lottery.core.divergence import Diverged
+    from lottery.experiment import run_experiment
+    try:
+        run_experiment(cfg, job.run_dir, on_owned=job.on_owned)
+    except Diverged:  # a result too: its figures mark the diverged units
+        _figures_to_wandb(cfg, job.run_dir)
+        raise
+    _figures_to_wandb(cfg, job.run_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from lottery.experiment import run_experiment
     job = _Job(cfg, Path(HydraConfig.get().runtime.output_dir))
-    _guard(lambda: run_experiment(cfg, job.run_dir, on_owned=job.on_owned), job)
+    _guard(lambda: _run_experiment(cfg, job), job)
 
 
 def train() -> None:

@@ -50,10 +50,12 @@ def test_real_diverging_run_stops_records_and_never_prunes(tmp_path, caplog):
     assert result["diverged"] and result["evals"][-1]["diverged"]
     assert any("DIVERGED: non-finite loss at step" in r.getMessage() for r in caplog.records)
 
-    from test_tracking import read_offline_run
-    [(_, _, rows)] = read_offline_run(run_dir)
-    levels = [row for _, row in rows if "level" in row]
-    assert levels[-1]["level/ticket/diverged_step"] == rec["diverged_step"]
+    from test_tracking import offline_runs
+    runs = offline_runs(run_dir)
+    job_id = (run_dir / "wandb_id.txt").read_text().strip()
+    unit = runs[f"{job_id}-L0-ticket"]
+    assert unit["summary"]["diverged_step"] == rec["diverged_step"] and "diverged" in unit["tags"]
+    assert runs[job_id]["summary"]["diverged"] is True and "diverged" in runs[job_id]["tags"]
 
     # rerunning the same command does not prune the diverged level either: same error, nothing trained
     with pytest.raises(Diverged):
