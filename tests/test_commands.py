@@ -140,3 +140,20 @@ def test_gpu_check_quick_on_the_cpu_in_under_two_minutes(tmp_path):
         "bad_device", "batches_cpu", "fp32_conv", "fused_optimizer", "eval_chunks", "lenet_repeat", "lenet_resume",
         "conv2_repeat", "conv2_resume"}, rows
     assert seconds < 120, f"gpu_check --device cpu --quick took {seconds:.0f} s"
+
+
+# --- the pruning-at-initialization ResNet-20 experiment trains as lmc_resnet20_cifar10 ---------------------------
+
+def test_pai_resnet20_trains_and_prunes_as_lmc_resnet20():
+    """README: pai_resnet20_cifar10 is ResNet-20 "as lmc_resnet20_cifar10" (open_lth's setup), so IMP's runs of the
+    two experiments are the same runs; only the levels, branches and name differ."""
+    from omegaconf import OmegaConf
+
+    from conftest import make_cfg
+    pai, lmc = (OmegaConf.to_container(make_cfg(f"experiment={e}"), resolve=True)
+                for e in ("pai_resnet20_cifar10", "lmc_resnet20_cifar10"))
+    for key in ("model", "dataset", "init", "optimizer", "train"):
+        assert pai[key] == lmc[key], key
+    differ = {k for k in pai["pruning"] if pai["pruning"][k] != lmc["pruning"][k]}
+    assert differ == {"levels", "branches"}, differ
+    assert (pai["init"]["batchnorm"], pai["dataset"]["val_size"], pai["pruning"]["exclude"]) == ("uniform", 0, [])
