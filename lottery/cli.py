@@ -89,6 +89,7 @@ def _guard(fn, job: _Job) -> None:
         if not multirun:
             sys.exit(2)
         _FAILED_JOBS.append(run_dir)
+        _note_refused(run_dir, e)
     except Diverged as e:
         # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
         _record_error(job, e)
@@ -165,30 +166,50 @@ def _quiet_log_file_errors() -> None:
 # status 1 and one line naming their folders, for scripts and cluster pipelines.
 
 _FAILED_JOBS: list[Path] = []  # jobs of this process (the basic launcher), refused ones included
-_MULTIRUN: dict = {}  # the sweep folder and its error.txt files when the multirun started; `ended` once it has
+_MULTIRUN: dict = {}  # the sweep folder and its failure files when the multirun started; `ended` once it has
+REFUSED = ".refused"  # <sweep dir>/.refused/<job folder>: a job refused its folder, and so wrote nothing there
 
 
-def _error_files(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
-    """error.txt of every job folder below the sweep folder, with its mtime and size (not a run's own sub-folders,
-    nor the launchers' hidden ones)."""
+def _note_refused(run_dir: Path, e: BaseException) -> None:
+    """A refused job of a multirun leaves its folder alone; for a launching process elsewhere (submitit, slurm) to
+    count it as failed, it says so in the sweep folder instead."""
+    try:
+        sweep_dir = Path(HydraConfig.get().sweep.dir).absolute()
+        name = run_dir.absolute().relative_to(sweep_dir).as_posix().replace("/", "_")
+        (sweep_dir / REFUSED).mkdir(parents=True, exist_ok=True)
+        (sweep_dir / REFUSED / name).write_text(f"{run_dir}\n{e}\n")
+    except (OSError, ValueError):  # not below the sweep folder, or not writable: this process still counts it
+        pass
+
+
+def _failure_files(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
+    """{job folder: (mtime, size) of its failure file}: the error.txt of every job folder below the sweep folder (not
+    in a run's own sub-folders nor the launchers' hidden ones), and the notes of refused jobs."""
     out = {}
-    for path in sweep_dir.rglob("error.txt") if sweep_dir.is_dir() else ():
-        inner = path.relative_to(sweep_dir).parts[:-1]
-        if not any(p.startswith(".") or p in ("levels", "wandb") for p in inner):
+    for root, dirs, files in os.walk(sweep_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("levels", "states", "wandb")]
+        if "error.txt" in files:
             with contextlib.suppress(OSError):
-                st = path.stat()
-                out[path.parent] = (st.st_mtime_ns, st.st_size)
+                st = os.stat(os.path.join(root, "error.txt"))
+                out[Path(root)] = (st.st_mtime_ns, st.st_size)
+    refused = sweep_dir / REFUSED
+    for note in refused.iterdir() if refused.is_dir() else ():
+        with contextlib.suppress(OSError, IndexError):
+            st = note.stat()
+            out[Path(note.read_text().splitlines()[0])] = (st.st_mtime_ns, st.st_size)
     return out
 
 
 class FailedJobs(Callback):
     """Registered in conf/config.yaml (hydra.callbacks). Jobs that ran in other processes (submitit_local, slurm)
-    tell only through their folders: an error.txt written during this multirun (a job that succeeds on a rerun
-    deletes its old one; the slurm launcher writes one for a job that ended without a result)."""
+    tell only through files: an error.txt (or a refused job's note) written during this multirun. A job that
+    succeeds on a rerun deletes its old error.txt; the slurm launcher writes one for a job that ended without a
+    result."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
-        _MULTIRUN.update(sweep_dir=sweep_dir, before=_error_files(sweep_dir), ended=False)
+        _FAILED_JOBS.clear()
+        _MULTIRUN.update(sweep_dir=sweep_dir, before=_failure_files(sweep_dir), ended=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         _MULTIRUN["ended"] = True
@@ -199,7 +220,7 @@ def _failed_jobs() -> tuple[Path, list[Path]] | None:
     if not _MULTIRUN.get("ended"):
         return None
     sweep_dir, before = _MULTIRUN["sweep_dir"], _MULTIRUN["before"]
-    written = [d for d, stamp in _error_files(sweep_dir).items() if before.get(d) != stamp]
+    written = [d for d, stamp in _failure_files(sweep_dir).items() if before.get(d) != stamp]
     failed = sorted({Path(d).absolute() for d in [*_FAILED_JOBS, *written]})
     return sweep_dir, failed
 
@@ -272,18 +293,17 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
     from lottery.experiment.tracking import log_figures, wandb_mode
     if cfg.logger.name != "wandb" or wandb_mode() == "disabled":
         return
-    parent = run_dir / "replicas.json"
-    folders = [run_dir / f for f in json.loads(parent.read_text())["folders"]] if parent.exists() else [run_dir]
-    from lottery.report import collect_runs, make_figures  # matplotlib only here
-    for folder in folders:
-        try:
+    try:
+        from lottery.report import collect_runs, make_figures  # matplotlib only here
+        parent = run_dir / "replicas.json"
+        folders = [run_dir / f for f in json.loads(parent.read_text())["folders"]] if parent.exists() else [run_dir]
+        for folder in folders:
             rows = collect_runs([folder], warn=log.warning)
             with tempfile.TemporaryDirectory() as tmp:
                 pngs = {p.stem: p for p in make_figures(rows, tmp, warn=log.warning) if p.suffix == ".png"}
                 log_figures(folder, cfg, pngs)
-        except Exception as e:  # noqa: BLE001
-            log.error("figures for W&B not drawn (%s: %s); `lottery-report %s` draws them", type(e).__name__, e,
-                      folder)
+    except Exception as e:  # noqa: BLE001
+        log.error("figures for W&B not drawn (%s: %s); `lottery-report %s` draws them", type(e).__name__, e, run_dir)
 
 
 def _run_experiment(cfg: DictConfig, job: _Job) -> None:

@@ -52,9 +52,11 @@ def test_multirun_with_a_failed_job_exits_1_after_finishing_the_others(tmp_path,
     assert not any("of the multirun" in line for line in error_lines(r.stderr))
 
 
-def test_multirun_job_refused_its_folder_counts_as_failed(tmp_path):
+@pytest.mark.parametrize("launcher", ["local", "submitit_local"])
+def test_multirun_job_refused_its_folder_counts_as_failed(tmp_path, launcher):
     """A job whose folder holds another experiment writes nothing there, but the command still exits 1."""
-    sweep = [*TINY, "pruning=none", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=job"]
+    sweep = [f"launcher={launcher}", *TINY, "pruning=none", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             "hydra.sweep.subdir=job"]
     assert run_cli("-m", "seed=0", *sweep, cwd=tmp_path, env=ENV).returncode == 0
     before = sorted(p.name for p in (tmp_path / "sweep" / "job").iterdir())
     r = run_cli("-m", "seed=1", *sweep, cwd=tmp_path, env=ENV)
