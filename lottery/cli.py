@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -85,11 +88,14 @@ def _guard(fn, job: _Job) -> None:
         print(f"error: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
+        _FAILED_JOBS.append(run_dir)
+        _note_refused(run_dir, e)
     except Diverged as e:
         # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
         _record_error(job, e)
         if multirun:
             log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
+            _FAILED_JOBS.append(run_dir)
             return
         print(f"error: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
@@ -100,6 +106,7 @@ def _guard(fn, job: _Job) -> None:
         print(f"error: {e}", file=sys.stderr)
         if not multirun:
             sys.exit(WRITE_FAILED_EXIT)
+        _FAILED_JOBS.append(run_dir)
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
@@ -115,6 +122,7 @@ def _guard(fn, job: _Job) -> None:
                 log.error("job failed: %s (recorded in %s)", e, run_dir / "error.txt")
             else:
                 log.exception("job failed (recorded in %s)", run_dir / "error.txt")
+            _FAILED_JOBS.append(run_dir)
             return
         if not _is_user_error(e):
             raise
@@ -153,16 +161,171 @@ def _quiet_log_file_errors() -> None:
             handler.handleError = handle_error
 
 
+# --- a multirun's failed jobs -----------------------------------------------------------------------------------
+# A failed job lets the other jobs go on (_guard), so the command itself must say at the end that jobs failed: exit
+# status 1 and one line naming their folders, for scripts and cluster pipelines.
+
+_FAILED_JOBS: list[Path] = []  # jobs of this process (the basic launcher), refused ones included
+_MULTIRUN: dict = {}  # the sweep folder and its failure files when the multirun started; `ended` once it has
+REFUSED = ".refused"  # <sweep dir>/.refused/<job folder>: a job refused its folder, and so wrote nothing there
+
+
+def _note_refused(run_dir: Path, e: BaseException) -> None:
+    """A refused job of a multirun leaves its folder alone; for a launching process elsewhere (submitit, slurm) to
+    count it as failed, it says so in the sweep folder instead."""
+    try:
+        sweep_dir = Path(HydraConfig.get().sweep.dir).absolute()
+        name = run_dir.absolute().relative_to(sweep_dir).as_posix().replace("/", "_")
+        (sweep_dir / REFUSED).mkdir(parents=True, exist_ok=True)
+        (sweep_dir / REFUSED / name).write_text(f"{run_dir}\n{e}\n")
+    except (OSError, ValueError):  # not below the sweep folder, or not writable: this process still counts it
+        pass
+
+
+def _failure_files(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
+    """{job folder: (mtime, size) of its failure file}: the error.txt of every job folder below the sweep folder (not
+    in a run's own sub-folders nor the launchers' hidden ones), and the notes of refused jobs."""
+    out = {}
+    for root, dirs, files in os.walk(sweep_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("levels", "states", "wandb")]
+        if "error.txt" in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(root, "error.txt"))
+                out[Path(root)] = (st.st_mtime_ns, st.st_size)
+    refused = sweep_dir / REFUSED
+    for note in refused.iterdir() if refused.is_dir() else ():
+        with contextlib.suppress(OSError, IndexError):
+            st = note.stat()
+            out[Path(note.read_text().splitlines()[0])] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+class FailedJobs(Callback):
+    """Registered in conf/config.yaml (hydra.callbacks). Jobs that ran in other processes (submitit_local, slurm)
+    tell only through files: an error.txt (or a refused job's note) written during this multirun. A job that
+    succeeds on a rerun deletes its old error.txt; the slurm launcher writes one for a job that ended without a
+    result."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        _FAILED_JOBS.clear()
+        _MULTIRUN.update(sweep_dir=sweep_dir, before=_failure_files(sweep_dir), ended=False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        _MULTIRUN["ended"] = True
+
+
+def _failed_jobs() -> tuple[Path, list[Path]] | None:
+    """(sweep folder, failed job folders) of the multirun that just ended in this process, if any."""
+    if not _MULTIRUN.get("ended"):
+        return None
+    sweep_dir, before = _MULTIRUN["sweep_dir"], _MULTIRUN["before"]
+    written = [d for d, stamp in _failure_files(sweep_dir).items() if before.get(d) != stamp]
+    failed = sorted({Path(d).absolute() for d in [*_FAILED_JOBS, *written]})
+    return sweep_dir, failed
+
+
+def _exit_if_jobs_failed() -> None:
+    outcome = _failed_jobs()
+    if outcome and outcome[1]:
+        sweep_dir, failed = outcome
+        names = [str(d.relative_to(sweep_dir)) if d.is_relative_to(sweep_dir) else str(d) for d in failed]
+        print(f"error: {len(failed)} job{'s' if len(failed) > 1 else ''} of the multirun in {sweep_dir} failed: "
+              f"{', '.join(names)} (each folder's error.txt and the error column of summary.csv say why)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+# --- a config group's option that conf/ does not have ------------------------------------------------------------
+
+def unknown_option(args: list[str]) -> str | None:
+    """`model=resnet99` (any config group: model, dataset, init, ..., launcher, sweep) as one line naming the group's
+    options, before Hydra starts (its own error is a dozen lines). Options come from where Hydra would look: conf/,
+    --config-dir and hydra.searchpath on the command line. A command line Hydra cannot parse is left to Hydra."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra.core.object_type import ObjectType
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its own complaint: Hydra will say it
+            parsed = get_args_parser().parse_args(args)
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except (Exception, SystemExit):  # noqa: BLE001
+        return None
+    search = create_config_search_path(CONF_DIR)
+    if parsed.config_dir:
+        search.prepend("command-line", f"file://{os.path.abspath(parsed.config_dir)}")
+    for o in overrides:
+        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
+            for entry in o.value():
+                search.append("command-line", str(entry))
+    repo = ConfigRepository(config_search_path=search)
+    for o in overrides:
+        group = o.key_or_group
+        if o.is_delete() or "." in group or group.startswith("hydra") or not repo.group_exists(group):
+            continue
+        value = o.value()
+        choices = value.list if isinstance(value, ChoiceSweep) else [value]  # -m model=conv2,conv4
+        options = sorted(repo.get_group_options(group, results_filter=ObjectType.CONFIG))
+        for choice in choices:
+            if isinstance(choice, str) and choice not in options:  # null (no option) is not a string
+                return f"unknown {group} '{choice}'; accepted: {', '.join(options)}"
+    return None
+
+
+def _main(app) -> None:
+    """An entry point: the command line checked, the Hydra app, then the exit status of a multirun."""
+    error = unknown_option(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    app()
+    _exit_if_jobs_failed()
+
+
+def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
+    """logger=wandb: lottery-report's figures of each run folder of this job, as images in its W&B run (the
+    experiment package does not draw: the report sits above it). Never costs the run: a failure is one log line."""
+    import json
+    import tempfile
+
+    from lottery.experiment.tracking import log_figures, wandb_mode
+    if cfg.logger.name != "wandb" or wandb_mode() == "disabled":
+        return
+    try:
+        from lottery.report import collect_runs, make_figures  # matplotlib only here
+        parent = run_dir / "replicas.json"
+        folders = [run_dir / f for f in json.loads(parent.read_text())["folders"]] if parent.exists() else [run_dir]
+        for folder in folders:
+            rows = collect_runs([folder], warn=log.warning)
+            with tempfile.TemporaryDirectory() as tmp:
+                pngs = {p.stem: p for p in make_figures(rows, tmp, warn=log.warning) if p.suffix == ".png"}
+                log_figures(folder, cfg, pngs)
+    except Exception as e:  # noqa: BLE001
+        log.error("figures for W&B not drawn (%s: %s); `lottery-report %s` draws them", type(e).__name__, e, run_dir)
+
+
+def _run_experiment(cfg: DictConfig, job: _Job) -> None:
+    from lottery.core.divergence import Diverged
+    from lottery.experiment import run_experiment
+    try:
+        run_experiment(cfg, job.run_dir, on_owned=job.on_owned)
+    except Diverged:  # a result too: its figures mark the diverged units
+        _figures_to_wandb(cfg, job.run_dir)
+        raise
+    _figures_to_wandb(cfg, job.run_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _train(cfg: DictConfig) -> None:
-    from lottery.experiment import run_experiment
     job = _Job(cfg, Path(HydraConfig.get().runtime.output_dir))
-    _guard(lambda: run_experiment(cfg, job.run_dir, on_owned=job.on_owned), job)
+    _guard(lambda: _run_experiment(cfg, job), job)
 
 
 def train() -> None:
     """`lottery-train`: IMP (or dense training with pruning=none) in one run folder."""
-    _train()
+    _main(_train)
 
 
 def _ticket_config(cfg: DictConfig) -> DictConfig:
@@ -191,4 +354,4 @@ def _retrain(cfg: DictConfig) -> None:
 
 def retrain() -> None:
     """`lottery-retrain ticket=PATH [overrides]`: retrain a ticket in isolation."""
-    _retrain()
+    _main(_retrain)

@@ -14,9 +14,9 @@ biases is positively homogeneous. Other models (CNNs) run in float64 with hooks 
 from __future__ import annotations
 
 import csv
-import inspect
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,15 +40,15 @@ def _is_mlp(name: str) -> bool:
 
 
 def build(cfg):
-    """The configured model with the study's input shape and output size (options a model does not take are dropped)."""
+    """The configured model (`cfg.model`: the model group's node, name and settings, as lottery-train's) with the
+    study's input shape and output size."""
+    from lottery.core.registry import plain
     from lottery.models import MODELS, build_model
-    if cfg.model not in MODELS:
-        raise ValueError(f"unknown model '{cfg.model}'; accepted: {', '.join(sorted(MODELS))}")
-    shape = (cfg.input_dim,) if _is_mlp(cfg.model) else tuple(cfg.image_shape)
-    params = inspect.signature(MODELS[cfg.model]).parameters
-    kwargs = {k: (list(v) if k == "hidden" else v) for k in ("depth", "width", "hidden")
-              if k in params and (v := cfg.get(k)) is not None}
-    return build_model(cfg.model, shape, cfg.outputs, **kwargs), shape
+    settings = plain(cfg.model)
+    name = settings.pop("name")
+    MODELS.lookup(name)  # an unknown name: one line naming the registered models
+    shape = (cfg.input_dim,) if _is_mlp(name) else tuple(cfg.image_shape)
+    return build_model(name, shape, cfg.outputs, **settings), shape
 
 
 def conditions(cfg) -> list[dict]:
@@ -183,14 +183,14 @@ def _run_study(cfg) -> list[dict]:
             initialize(model, init, seed)
             x = torch.randn((cfg.batch_size, *shape), generator=torch.Generator().manual_seed(10_000 + seed),
                             dtype=torch.float64)
-            mlp = _is_mlp(cfg.model)
+            mlp = _is_mlp(cfg.model.name)
             with torch.set_grad_enabled(not mlp):
                 f, b = measure_mlp(model, x) if mlp else measure_hooks(model, x)
             fwd_runs.append(f)
             bwd_runs.append(b)
         if not all(math.isfinite(v) for r in fwd_runs + bwd_runs for v in r):
             log.warning("%s: some layers left the float64 range (or died); they are gaps in the figure", label(init))
-        pred = predicted(model, init) if _is_mlp(cfg.model) else None
+        pred = predicted(model, init) if _is_mlp(cfg.model.name) else None
         for pass_, runs, k in (("forward", fwd_runs, 0), ("backward", bwd_runs, 1)):
             for layer in range(len(runs[0])):
                 ln = _log_mean([r[layer] for r in runs])
@@ -262,7 +262,8 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
     axes[0].set_ylabel("Variance (log scale)")
     axes[0].set_title("Forward pass: variance of pre-activations $f_k$")
     axes[1].set_title("Backward pass: variance of gradients $\\partial L / \\partial f_k$")
-    shape = f"{cfg.depth} hidden layers × {cfg.width} ReLU units" if cfg.model == "deep_mlp" else cfg.model
+    m = cfg.model
+    shape = f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden") else m.name
     fig.suptitle(f"Variance through the network at initialization: {shape}\nstandard-normal input, least-squares "
                  f"loss against 0, zero biases; mean over {cfg.seeds} seeds × {cfg.batch_size} inputs", fontsize=10.5)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -296,9 +297,53 @@ def study(cfg, out_dir) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="init_study")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
-    study(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        study(cfg, HydraConfig.get().runtime.output_dir)
+    except ValueError as e:  # a bad value (compare=[nope], a model's own setting): one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# Keys of the study's network before it became the model group (conf/model/), and where they are now.
+MOVED = {"depth": "model.depth", "width": "model.width", "hidden": "model.hidden"}
+
+
+def command_line_error(args: list[str]) -> str | None:
+    """What Hydra would refuse in many lines, as one: a `model=` that conf/model/ does not have, or a key that moved
+    into the model group."""
+    for arg in args:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if key in MOVED:
+            return (f"{key} is now {MOVED[key]} (the network is a model option, as in lottery-train: model=deep_mlp "
+                    f"model.depth=50 model.width=100, model=mlp model.hidden=[64,64], model=conv2 ...)")
+        if key == "model" and eq:
+            options = model_options()
+            unknown = [v for v in value.split(",") if v not in options]  # a -m sweep lists several
+            if "(" in value:  # Hydra's sweep functions (choice(...), glob(...)): Hydra checks those
+                continue
+            if options and unknown:
+                return f"unknown model '{unknown[0]}'; accepted: {', '.join(options)}"
+    return None
+
+
+def model_options() -> list[str]:
+    """The options of the model group (conf/model/*.yaml), wherever conf/ is (a checkout, or the installed package)."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.object_type import ObjectType
+    repo = ConfigRepository(config_search_path=create_config_search_path(CONF_DIR))
+    return sorted(repo.get_group_options("model", results_filter=ObjectType.CONFIG))
+
+
+def main() -> None:
+    """`lottery-init-study [overrides]`."""
+    error = command_line_error(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    _main()
 
 
 if __name__ == "__main__":

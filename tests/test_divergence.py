@@ -50,10 +50,12 @@ def test_real_diverging_run_stops_records_and_never_prunes(tmp_path, caplog):
     assert result["diverged"] and result["evals"][-1]["diverged"]
     assert any("DIVERGED: non-finite loss at step" in r.getMessage() for r in caplog.records)
 
-    from test_tracking import read_offline_run
-    [(_, _, rows)] = read_offline_run(run_dir)
-    levels = [row for _, row in rows if "level" in row]
-    assert levels[-1]["level/ticket/diverged_step"] == rec["diverged_step"]
+    from test_tracking import offline_runs
+    runs = offline_runs(run_dir)
+    job_id = (run_dir / "wandb_id.txt").read_text().strip()
+    unit = runs[f"{job_id}-L0-ticket"]
+    assert unit["summary"]["diverged_step"] == rec["diverged_step"] and "diverged" in unit["tags"]
+    assert runs[job_id]["summary"]["diverged"] is True and "diverged" in runs[job_id]["tags"]
 
     # rerunning the same command does not prune the diverged level either: same error, nothing trained
     with pytest.raises(Diverged):
@@ -134,7 +136,7 @@ def test_multirun_one_job_diverges_the_others_finish(tmp_path):
     sweep_dir = tmp_path / "sweep"
     r = run_cli("-m", "optimizer.lr=1e6,0.05", *SWEEP, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
                 env={"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 1, r.stdout + r.stderr  # a failed job: the command says so at the end
     bad, good = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
                        key=lambda d: int(d.name.split("_")[0]))
     assert (bad / "error.txt").read_text().startswith("Diverged: training diverged: level 0 ticket")

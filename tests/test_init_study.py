@@ -12,15 +12,15 @@ from omegaconf import OmegaConf
 from lottery import init_study as D
 from lottery.init import initialize
 
-from conftest import CONF, REPO
+from conftest import REPO, make_cfg
 
 
-def study_cfg(**overrides):
-    cfg = OmegaConf.load(CONF / "init_study.yaml")
-    cfg.pop("hydra")
+def study_cfg(model: str = "deep_mlp", **overrides):
+    """The study's config as lottery-init-study composes it; depth, width and hidden are the model's settings."""
+    cfg = make_cfg(f"model={model}", config_name="init_study")
     cfg.seeds, cfg.batch_size = 3, 400  # enough for a per-layer slope within 1%
     for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
+        OmegaConf.update(cfg, f"model.{k}" if k in D.MOVED else k, v)
     return cfg
 
 
@@ -110,3 +110,55 @@ def test_hydra_app_writes_table_and_figure(tmp_path):
         init = D.label({"name": "normal", "variance": v})
         assert D.verdict(D.slope(rows, init, "forward")) == trend
         assert D.verdict(-D.slope(rows, init, "backward")) == trend  # read right to left
+
+
+def run_study_app(*args: str, tmp_path):
+    return subprocess.run([sys.executable, "-c", "from lottery.init_study import main; main()", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def test_any_model_of_the_model_group_through_the_entry_point(tmp_path):
+    """`model=conv2` is the model group's option, as in lottery-train (it once failed: "Could not override 'model'")."""
+    out = tmp_path / "conv2"
+    proc = run_study_app("model=conv2", "image_shape=[3,16,16]", "seeds=1", "batch_size=4", "variances=[0.02]",
+                         "compare=[kaiming_normal]", f"hydra.run.dir={out}", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "init_study.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["init"] for r in rows} == {"kaiming_normal", D.label({"name": "normal", "variance": 0.02})}
+    assert {int(r["layer"]) for r in rows} == {1, 2, 3, 4}  # Conv-2: 2 convs + 2 hidden linears
+    assert (out / "init_study.png").stat().st_size > 1000
+
+    # a model's own setting is model.<key>: resnet20 at width 4 is another network than at 16
+    out = tmp_path / "resnet"
+    proc = run_study_app("model=resnet20", "model.width=4", "image_shape=[3,8,8]", "seeds=1", "batch_size=2",
+                         "variances=[0.02]", f"hydra.run.dir={out}", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model:\n  name: resnet20\n  width: 4" in (out / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("model=resnet99", "error: unknown model 'resnet99'; accepted: conv2, conv4, conv6, deep_mlp, lenet_300_100, mlp"),
+    ("model=conv2,nope", "error: unknown model 'nope'; accepted: conv2"),
+    ("depth=20", "error: depth is now model.depth"),
+    ("width=50", "error: width is now model.width"),
+    ("compare=[nope]", "error: unknown initializer 'nope' in compare; accepted: kaiming_normal"),
+])
+def test_bad_command_line_is_one_line(arg, message, tmp_path):
+    proc = run_study_app(arg, "seeds=1", "batch_size=4", f"hydra.run.dir={tmp_path / 'out'}", tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "out" / "init_study.csv").exists()
+
+
+def test_help_lists_the_study_options_not_lottery_train_groups(tmp_path):
+    proc = run_study_app("--help", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.startswith("lottery-init-study [overrides]")
+    for option in ("model=NAME", "variances=[...]", "compare=[...]", "input_dim=N", "image_shape=[C,H,W]", "seeds=N"):
+        assert option in text
+    models = sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
+    listed = text.split("model=NAME", 1)[1].split("variances=", 1)[0]
+    assert all(m in listed for m in models), listed  # every option of conf/model/ is named
+    assert "pruning:" not in text and "optimizer:" not in text and "launcher:" not in text  # lottery-train's groups

@@ -320,9 +320,10 @@ def test_one_wandb_run_per_replicate_in_one_group(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", spy)
     run_experiment(tiny_cfg("pruning=none", "logger=wandb", "replicas=2", "threads=1"), tmp_path / "run")
-    assert len(calls) == 2 and len({c["id"] for c in calls}) == 2
+    jobs = [c for c in calls if c["job_type"] != "unit"]  # and one run per unit (tests/test_tracking.py)
+    assert len(jobs) == 2 and len({c["id"] for c in calls}) == len(calls) == 4
     assert {c["group"] for c in calls} == {"default"}
-    assert {c["dir"] for c in calls} == {str(tmp_path / "run" / f"replicate_{s}") for s in (0, 1)}
+    assert {c["dir"] for c in jobs} == {str(tmp_path / "run" / f"replicate_{s}") for s in (0, 1)}
     for s in (0, 1):
         assert (tmp_path / "run" / f"replicate_{s}" / "wandb_id.txt").exists()
 

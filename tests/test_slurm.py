@@ -326,10 +326,11 @@ def test_plain_scancel_fails_that_job_and_the_sweep_ends(job_name, cli, tmp_path
     subprocess.run(["scancel", task], check=True, timeout=30)
     cancelled = time.time()
     log = _finish(proc)
-    assert proc.returncode == 0, log
+    assert proc.returncode == 1, log  # the sweep ends, and the command says a job failed
     assert _queue(job_name)[task] == "CANCELLED"
     assert "sacct did not answer" in log and "ended without a result" in log, log
     cancelled_dir, finished_dir = _job_dirs(sweep_dir)
+    assert f"of the multirun in {sweep_dir.absolute()} failed: {cancelled_dir.name} (" in log, log
     error = (cancelled_dir / "error.txt").read_text()
     assert f"job {task} ended without a result (SLURM state: CANCELLED)" in error, error
     assert (finished_dir / "summary.json").exists() and not (finished_dir / "error.txt").exists()

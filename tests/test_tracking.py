@@ -1,6 +1,7 @@
 """Tracking: local files always, W&B when asked. The W&B checks read the offline run back from its `.wandb` file, the
 same bytes `wandb sync` uploads later, so they test what would reach the server and need no network."""
 import json
+import re
 import struct
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from lottery.experiment import run_experiment
 from lottery.experiment.tracking import wandb_mode
 
-from conftest import stable, tiny_cfg
+from conftest import TINY, fault, run_cli, stable, tiny_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +78,36 @@ def read_offline_run(run_dir: Path):
     return pieces
 
 
+def offline_runs(run_dir: Path) -> dict[str, dict]:
+    """Every W&B run of a run folder, by id, from its offline files (a run started twice has two pieces): job_type,
+    group, tags, config values, history rows (W&B step, row), the last value of each summary key, and its folders."""
+    runs: dict[str, dict] = {}
+    for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        run = None
+        for r in finished_records(f, timeout=10):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run = runs.setdefault(r.run.run_id, {"config": {}, "rows": [], "summary": {}, "tags": set(),
+                                                      "dirs": []})
+                if f.parent not in run["dirs"]:
+                    run["dirs"].append(f.parent)
+                run.update(job_type=r.run.job_type, group=r.run.run_group)
+                run["tags"] |= set(r.run.tags)
+                for item in r.run.config.update:
+                    run["config"][item.key or item.nested_key[0]] = json.loads(item.value_json)
+            elif kind == "history":
+                row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+                run["rows"].append((r.history.step.num, row))
+            elif kind == "summary":
+                for i in r.summary.update:
+                    run["summary"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+    return runs
+
+
+def metric_keys(rows) -> set[str]:
+    return {k for _, row in rows for k in row if not k.startswith("_")}
+
+
 def test_wandb_mode_follows_env_then_credentials(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     netrc = tmp_path / "netrc"
@@ -93,7 +124,10 @@ def test_wandb_mode_follows_env_then_credentials(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
 
 
-def test_offline_run_holds_level_metrics_and_resumes_same_run(tmp_path, monkeypatch):
+def test_offline_runs_one_per_unit_with_shared_keys_and_the_records_table(tmp_path, monkeypatch):
+    """W&B's conventions: every unit its own run with the same metric keys against its training step, level, branch
+    and replicate in its config, its record as its summary; the job's run holds the records table. A second start
+    in the same folder (a requeued job) continues the same runs."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))  # nothing of W&B's lands in $HOME
@@ -103,39 +137,106 @@ def test_offline_run_holds_level_metrics_and_resumes_same_run(tmp_path, monkeypa
     summary = run_experiment(cfg, run_dir)
     assert (run_dir / "metrics.jsonl").stat().st_size > 0 and (run_dir / "summary.json").exists()
 
-    [(run_id, config, rows)] = read_offline_run(run_dir)
-    assert run_id == (run_dir / "wandb_id.txt").read_text().strip()
-    assert {"model", "pruning", "train", "seed"} <= config  # the resolved config went with the run
+    runs = offline_runs(run_dir)
+    job_id = (run_dir / "wandb_id.txt").read_text().strip()
+    job = runs.pop(job_id)
+    assert job["job_type"] == "results" and job["group"] == "track" and "t1" in job["tags"]
+    assert {"model", "pruning", "train", "seed"} <= set(job["config"])  # the resolved config went with the run
+    assert sorted(runs) == sorted(f"{job_id}-L{r['level']}-{r['branch']}" for r in summary)  # one run per unit
 
-    levels = {}
-    for _, row in rows:
-        if "level" in row:
-            levels.setdefault(row["level"], {}).update(row)
-    assert sorted(levels) == [0, 1, 2]
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for rec in summary:
-        got = levels[rec["level"]]
-        b = rec["branch"]
-        assert got[f"level/{b}/weights_remaining"] == pytest.approx(rec["weights_remaining"])
-        assert got[f"level/{b}/test_accuracy"] == pytest.approx(rec["test_accuracy"])
-        assert got[f"level/{b}/early_stop_step"] == rec["early_stop_step"]
-        if b == "ticket":
-            for layer, d in rec["layer_density"].items():
-                assert got[f"level/density/{layer}"] == pytest.approx(d)
-    assert levels[2]["level/ticket/weights_remaining"] < levels[1]["level/ticket/weights_remaining"] < 1
+        run = runs[f"{job_id}-L{rec['level']}-{rec['branch']}"]
+        assert run["job_type"] == "unit" and run["group"] == "track" and "t1" in run["tags"]
+        assert run["config"]["unit"] == {"level": rec["level"], "branch": rec["branch"], "name": "", "replicate": 0,
+                                         "folder": str(run_dir)}
+        assert run["config"]["model"] == job["config"]["model"]  # filter and group units by any setting
+        # the same keys in every unit, against the unit's own training step
+        assert metric_keys(run["rows"]) == {"train/loss", "train/lr", "eval/train_loss", "eval/val_loss",
+                                            "eval/val_accuracy", "eval/test_loss", "eval/test_accuracy", "eval/lr"}
+        unit_evals = [e for e in evals if e["kind"] == "eval" and (e["level"], e["branch"]) == (rec["level"],
+                                                                                               rec["branch"])]
+        logged = {step: row for step, row in run["rows"] if "eval/test_accuracy" in row}
+        assert sorted(logged) == [e["step"] for e in unit_evals] == [0, 20, 40, 60]
+        for e in unit_evals:
+            assert logged[e["step"]]["eval/val_loss"] == pytest.approx(e["val_loss"])
+        assert sorted(s for s, row in run["rows"] if "train/loss" in row) == [10, 20, 30, 40, 50, 60]
+        # its record as its summary
+        got = run["summary"]
+        assert got["test_accuracy"] == pytest.approx(rec["test_accuracy"])
+        assert got["weights_remaining"] == pytest.approx(rec["weights_remaining"])
+        assert got["early_stop_step"] == rec["early_stop_step"] and got["diverged"] is False
+        for layer, d in rec["layer_density"].items():
+            assert got[f"layer_density/{layer}"] == pytest.approx(d)
+    keys = set().union(*(metric_keys(r["rows"]) for r in [job, *runs.values()]))
+    assert not [k for k in keys if re.match(r"L\d+_", k)]  # no key per level and branch
 
-    keys = set().union(*(row for s, row in rows if s is not None))
-    assert {"L0_ticket/train_loss", "L0_ticket/lr", "L2_reinit/val_loss", "L2_reinit/test_accuracy"} <= keys
-    assert any(k.startswith("summary_table/") for k in keys)
-    tickets = sorted(row["artifact"][1] for _, row in rows if row.get("artifact", ("",))[0] == "ticket")
-    assert tickets == [f"{run_id}-ticket-level{i}" for i in range(3)]
-    first_steps = [s for s, _ in rows if s is not None]
+    # the records table: summary.json's rows, in the job's run
+    [path] = [row["records/path"] for _, row in job["rows"] if row.get("records/_type") == "table-file"]
+    table = json.loads((job["dirs"][0] / "files" / path).read_text())
+    rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+    assert [(r["level"], r["branch"]) for r in rows] == [(r["level"], r["branch"]) for r in summary]
+    assert [r["test_accuracy"] for r in rows] == pytest.approx([r["test_accuracy"] for r in summary])
+    assert json.loads(rows[-1]["layer_density"]) == pytest.approx(summary[-1]["layer_density"])
+    tickets = sorted(row["artifact"][1] for row in read_rows(run_dir) if row.get("artifact", ("",))[0] == "ticket")
+    assert tickets == [f"{job_id}-ticket-level{i}" for i in range(3)]
+    first_steps = [s for s, _ in job["rows"]]
     assert first_steps == sorted(first_steps)
 
     # A second start in the same folder (a requeued job) continues the same W&B run, past the steps already used.
     run_experiment(cfg, run_dir)
-    pieces = read_offline_run(run_dir)
-    assert len(pieces) == 2 and pieces[1][0] == run_id
-    assert min(s for s, _ in pieces[1][2] if s is not None) > max(first_steps)
+    again = offline_runs(run_dir)[job_id]
+    assert len(again["dirs"]) == 2
+    assert min(s for s, _ in again["rows"][len(job["rows"]):]) > max(first_steps)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    """Every history row and artifact of every offline piece of the run folder (artifacts as {"artifact": (type,
+    name)})."""
+    return [row for _, _, rows in read_offline_run(run_dir) for _, row in rows]
+
+
+def test_a_resumed_unit_continues_its_own_run(tmp_path):
+    """SIGUSR2 inside level 1's ticket: the job checkpoints and exits 75; the rerun resumes the unit and its W&B run
+    (the same id, a second piece), whose rows then reach the end of training."""
+    args, env = fault(signal_at=30, level=1, branch="ticket")
+    run_dir = tmp_path / "run"
+    cmd = [*TINY, "logger=wandb", "logger.log_every=10", "pruning.levels=2", "pruning.branches=[]", *args,
+           f"hydra.run.dir={run_dir}"]
+    assert run_cli(*cmd, cwd=tmp_path, env=env).returncode == 75
+    r = run_cli(*cmd, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job_id = (run_dir / "wandb_id.txt").read_text().strip()
+    runs = offline_runs(run_dir)
+    unit = runs[f"{job_id}-L1-ticket"]
+    assert len(unit["dirs"]) == 2  # two starts of one W&B run
+    assert {s for s, row in unit["rows"] if "eval/test_accuracy" in row} == {0, 20, 40, 60}
+    assert unit["summary"]["test_accuracy"] == json.loads((run_dir / "summary.json").read_text())[1]["test_accuracy"]
+    assert len(runs[f"{job_id}-L0-ticket"]["dirs"]) == 1  # a finished unit is not reopened
+    # the figures of the finished run, as images in the job's run (drawn by the entry point, lottery-report's)
+    images = {k.removesuffix("/_type"): row[k.replace("/_type", "/path")] for _, row in runs[job_id]["rows"]
+              for k, v in row.items() if k.endswith("/_type") and v == "image-file"}
+    assert {"figures/lottery_ticket", "figures/layer_density"} <= set(images), images
+    files = [d / "files" / images["figures/lottery_ticket"] for d in runs[job_id]["dirs"]]
+    assert any(f.exists() and f.stat().st_size > 1000 for f in files), files
+
+
+def test_replicas_open_their_runs_side_by_side(tmp_path):
+    """replicas=2: one job run per replicate folder and one run per unit, several open at once in one process."""
+    cfg = tiny_cfg("logger=wandb", "replicas=2", "pruning.levels=2", "pruning.branches=[reinit]",
+                   "train.duration=40it")
+    run_experiment(cfg, tmp_path / "run")
+    for seed in (0, 1):
+        folder = tmp_path / "run" / f"replicate_{seed}"
+        job_id = (folder / "wandb_id.txt").read_text().strip()
+        runs = offline_runs(folder)
+        assert sorted(runs) == sorted([job_id, f"{job_id}-L0-ticket", f"{job_id}-L1-ticket", f"{job_id}-L1-reinit"])
+        summary = json.loads((folder / "summary.json").read_text())
+        for rec in summary:
+            run = runs[f"{job_id}-L{rec['level']}-{rec['branch']}"]
+            assert run["config"]["unit"]["replicate"] == seed == run["config"]["seed"]
+            assert run["summary"]["test_accuracy"] == pytest.approx(rec["test_accuracy"])
+            assert "eval/test_accuracy" in metric_keys(run["rows"])
 
 
 @pytest.mark.parametrize("how", ["logger=none", "disabled"])
@@ -205,7 +306,7 @@ def test_wandb_failure_is_logged_once_and_training_goes_on(tmp_path, monkeypatch
     [message] = _wandb_failures(caplog)
     expected = {"init": "W&B failed to start (CommError: run rejected: 403",
                 "log": "W&B failed to log metrics (OSError: [Errno 28] No space left on device)",
-                "finish": "W&B failed to finish the run (CommError: upload rejected)"}[where]
+                "finish": "W&B failed to finish a unit's run (CommError: upload rejected)"}[where]
     assert message.startswith(expected), message
     assert "training goes on" in message and str(run_dir) in message
 
@@ -248,7 +349,8 @@ def test_full_disk_under_wandb_folder_is_reported(tmp_path, caplog):
 
 def test_offline_run_without_validation_split_logs_instability(tmp_path, monkeypatch):
     """dataset.val_size=0 (the LMC experiments): no validation metrics or early-stop step reach W&B (nothing logged
-    as null or 0), and the lmc branch's instability is a level metric."""
+    as null or 0); the lmc copies are runs of their own, and the branch's record (the instability) is the summary of
+    the run `<job>-L<level>-lmc`."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
@@ -256,14 +358,17 @@ def test_offline_run_without_validation_split_logs_instability(tmp_path, monkeyp
                    "branch.lmc.points=3", "branch.lmc.steps=[0,10]", "train.duration=30it")
     summary = run_experiment(cfg, tmp_path / "run")
     assert all(r["early_stop_step"] is None and r["val_loss"] is None for r in summary)
-    [(_, _, rows)] = read_offline_run(tmp_path / "run")
-    keys = set().union(*(row for s, row in rows if s is not None))
-    assert not any("val_" in k or "early_stop" in k for k in keys if not k.startswith("summary_table"))
-    levels = {}
-    for _, row in rows:
-        if "level" in row:
-            levels.setdefault(row["level"], {}).update(row)
+    runs = offline_runs(tmp_path / "run")
+    job_id = (tmp_path / "run" / "wandb_id.txt").read_text().strip()
+    keys = set().union(*(metric_keys(r["rows"]) for r in runs.values()))
+    assert not any("val_" in k or "early_stop" in k for k in keys if not k.startswith("records"))
     for rec in (r for r in summary if r["branch"] == "lmc"):
-        got = levels[rec["level"]]
-        assert got["level/lmc/instability_test"] == pytest.approx(rec["instability_test"])
-        assert got["level/lmc/instability_train_k10"] == pytest.approx(rec["instability_by_step"]["10"]["train"])
+        level = rec["level"]
+        got = runs[f"{job_id}-L{level}-lmc"]["summary"]
+        assert got["instability_test"] == pytest.approx(rec["instability_test"])
+        assert got["instability_by_step/10/train"] == pytest.approx(rec["instability_by_step"]["10"]["train"])
+        for copy in ("k0_a", "k0_b", "k10_a", "k10_b"):
+            run = runs[f"{job_id}-L{level}-lmc-{copy}"]
+            assert run["config"]["unit"] == {"level": level, "branch": "lmc", "name": copy, "replicate": 0,
+                                             "folder": str(tmp_path / "run")}
+            assert "eval/test_accuracy" in metric_keys(run["rows"])

@@ -241,7 +241,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             rep.folder.clean()
             rep.folder.write_config(rep.resolved)
             save_json(info, rep.folder.path / "device.json")
-            rep.tracker = Tracker(rep.folder.path, rep.cfg, rep.resolved, group=cfg.name, concurrent=parent is not None)
+            rep.tracker = Tracker(rep.folder.path, rep.cfg, rep.resolved, group=cfg.name)
         ok = False
         try:
             yield Session(reps, how, parent)

@@ -4,6 +4,14 @@
 run resumed from a checkpoint repeats the evaluations made after that checkpoint; readers keep the last record for
 each (level, branch, step). W&B is imported only when used, so plain runs start fast.
 
+W&B follows its own conventions, so its standard views work: one W&B run per unit (a level's ticket or control, an
+lmc copy), with the same keys for every unit (`train/loss`, `train/lr`, `eval/test_accuracy`, `eval/val_loss`, ...)
+against the unit's training step, its level, branch and replicate in its config (`unit.level`, `unit.branch`,
+`unit.name`, `unit.replicate`) and its record (a summary.json row) as its summary; and one run per run folder (the
+job's: the config, the records table, the figures, the ticket artifacts). All of them share the W&B group, so units
+overlay in one panel and the UI groups and filters them by config. Ids are the job's (`<run>/wandb_id.txt`) and,
+for a unit, `<job id>-L<level>-<tag>`, so a resumed job continues the same runs.
+
 W&B never costs a run: if it cannot start, cannot write (a full disk under `<run>/wandb`), or the service rejects the
 run, the log says once what failed, W&B is switched off for the rest of the job, and training goes on with the local
 files, which hold everything W&B would have had.
@@ -13,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -50,16 +59,42 @@ def _new_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def _unit_id(job_id: str, level: int, tag: str) -> str:
+    """A unit's W&B run id, the same in every process that trains it (W&B ids take letters, digits, - and _)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"{job_id}-L{level}-{tag}")
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    """A record as W&B summary values: nested dicts (layer_density, instability_by_step, device_info) as `a/b` keys,
+    no None (a diverged unit has no accuracy, not an accuracy of 0)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif v is not None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# Run folders whose W&B logging failed in this process: the figures logged after the run (log_figures) leave them be,
+# so a failure is said once.
+_FAILED: set[Path] = set()
+
+
 class Tracker:
-    def __init__(self, run_dir: Path, cfg, config_dict: dict, group: Optional[str] = None, concurrent: bool = False):
+    """One run folder's metrics: metrics.jsonl, and with logger=wandb the job's W&B run (opened here) and one W&B run
+    per unit (opened at the unit's first metric, finished with its record); several trackers (replicas) may be open
+    in one process."""
+
+    def __init__(self, run_dir: Path, cfg, config_dict: Optional[dict], group: Optional[str] = None):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.cfg = cfg
-        self.run = None
-        self._prefixes: set[str] = set()
+        self.config = config_dict or {}
+        self.run = None  # the job's W&B run; None once W&B is off
+        self.units: dict[tuple[int, str], object] = {}  # (level, tag) -> the W&B run of a unit being trained
         self._step = 0
-        # Replicas keep one W&B run per replicate open at once in one process.
-        self._reinit = "create_new" if concurrent else "finish_previous"
+        self._wandb_dirs: list[Path] = []
         if cfg.logger.name == "wandb":
             self._guarded("start", self._start_wandb, config_dict, group)
 
@@ -69,60 +104,84 @@ class Tracker:
         try:
             fn(*args)
         except Exception as e:  # noqa: BLE001 - whatever W&B raises, the local files carry the run
-            run, self.run = self.run, None
+            runs = [r for r in (self.run, *self.units.values()) if r is not None]
+            self.run, self.units = None, {}
+            _FAILED.add(self.run_dir)
             text = str(e).strip()
             log.error("W&B failed to %s (%s%s); W&B logging is off for the rest of this job, training goes on and "
                       "the local files in %s hold every result", what, type(e).__name__,
                       f": {text.splitlines()[0]}" if text else "", self.run_dir)
-            if run is not None:
+            for run in runs:
                 try:
                     run.finish(exit_code=1, quiet=True)
                 except Exception:  # noqa: BLE001 - a broken service may not even finish
                     pass
 
-    def _start_wandb(self, config_dict: dict, group: Optional[str]) -> None:
+    def _start_wandb(self, config_dict: Optional[dict], group: Optional[str]) -> None:
         import wandb
 
         lcfg = self.cfg.logger
         id_file = self.run_dir / "wandb_id.txt"
-        # The id is stored so a resumed job (SLURM requeue, rerun of the same command) continues the same W&B run.
+        # The id is stored so a resumed job (SLURM requeue, rerun of the same command) continues the same W&B runs.
         run_id = id_file.read_text().strip() if id_file.exists() else _new_id()
         id_file.write_text(run_id)
-        kwargs = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
-                      tags=list(lcfg.tags), job_type=lcfg.job_type, config=config_dict, id=run_id, resume="allow",
-                      dir=str(self.run_dir), name=self.run_dir.name, reinit=self._reinit)
-        mode = wandb_mode()
+        # Several runs are open at once in one process (the job's, its units', other replicates'): create_new.
+        self._common = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
+                            tags=list(lcfg.tags), dir=str(self.run_dir), resume="allow", reinit="create_new")
+        self._mode = wandb_mode()
+        kwargs = dict(id=run_id, name=self.run_dir.name, job_type=lcfg.job_type or "results", config=config_dict)
         try:
-            self.run = wandb.init(mode=mode, **kwargs)
+            self.run = wandb.init(mode=self._mode, **self._common, **kwargs)
         except Exception as e:  # noqa: BLE001 - W&B trouble (network, login) must not cost the experiment
-            if mode != "online":
+            if self._mode != "online":
                 raise
             log.error("W&B online start failed (%s); logging offline instead, upload later with `wandb sync`", e)
-            self.run = wandb.init(mode="offline", **kwargs)
+            self._mode = "offline"
+            self.run = wandb.init(mode=self._mode, **self._common, **kwargs)
         # An offline run resumed in a new process starts W&B's step at 0 again, and the server drops rows whose step
         # is not above the last one when the pieces are synced: keep counting from where the last start stopped.
+        # (A unit's rows are at its training steps, which a resumed unit continues by itself.)
         self._step_file = self.run_dir / "wandb_step.txt"
         try:
             saved = int(self._step_file.read_text())
         except (OSError, ValueError):
             saved = 0
         self._step = max(saved, self.run.step)
-        self._wandb_files = Path(self.run.dir).parent
-        self.run.define_metric("level")
-        self.run.define_metric("level/*", step_metric="level")
+        self._wandb_dirs.append(Path(self.run.dir).parent)
 
-    def _wandb_log(self, prefix: str, record: dict) -> None:
+    def _unit_run(self, level: int, tag: str):
+        """The W&B run of unit `tag` (branch, or branch/unit) at `level`, opened (or resumed) at its first use."""
+        key = (level, tag)
+        if key not in self.units:
+            import wandb
+            branch, _, unit = tag.partition("/")
+            about = {"level": level, "branch": branch, "name": unit, "replicate": self.cfg.seed,
+                     "folder": str(self.run_dir)}
+            # silent, and the console stays the job run's: dozens of units must not each print and capture the log
+            run = wandb.init(mode=self._mode, **self._common, id=_unit_id(self.run.id, level, tag),
+                             name=f"{self.run_dir.name} L{level} {tag}", job_type="unit",
+                             config={**self.config, "unit": about},
+                             settings=wandb.Settings(silent=True, console="off"))
+            self.units[key] = run
+            self._wandb_dirs.append(Path(run.dir).parent)
+        return self.units[key]
+
+    def _unit_log(self, level: int, tag: str, step: int, values: dict, diverged: bool = False) -> None:
         if self.run is not None:
-            self._guarded("log metrics", self._wandb_log_unguarded, prefix, record)
+            self._guarded("log metrics", self._unit_log_unguarded, level, tag, step, values, diverged)
 
-    def _wandb_log_unguarded(self, prefix: str, record: dict) -> None:
-        if prefix not in self._prefixes:
-            self.run.define_metric(f"{prefix}/step")
-            self.run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
-            self._prefixes.add(prefix)
-        self._log({f"{prefix}/{k}": v for k, v in record.items() if v is not None and k not in ("level", "branch")})
+    def _unit_log_unguarded(self, level: int, tag: str, step: int, values: dict, diverged: bool) -> None:
+        run = self._unit_run(level, tag)
+        values = {k: v for k, v in values.items() if v is not None}
+        # A unit resumed from a checkpoint repeats the evaluations after it: W&B already has those rows (online;
+        # offline, the server drops them when the pieces are synced).
+        if values and step >= run.step:
+            run.log(values, step=step)
+        if diverged:
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), "diverged"]))
 
     def _log(self, values: dict) -> None:
+        """A row of the job's run (records table, chart, figures)."""
         self.run.log(values, step=self._step)
         self._step += 1
         self._step_file.write_text(str(self._step))
@@ -133,35 +192,40 @@ class Tracker:
             f.write(json.dumps(record) + "\n")
 
     def train(self, level: int, branch: str, record: dict) -> None:
+        """The mean training loss over the last `logger.log_every` steps and the rate: `train/loss`, `train/lr`."""
         self._append({"level": level, "branch": branch, "kind": "train", **record})
-        self._wandb_log(f"L{level}_{branch}", record)
+        self._unit_log(level, branch, record["step"], {f"train/{k.removeprefix('train_')}": v
+                                                       for k, v in record.items() if k != "step"})
 
     def eval(self, level: int, branch: str, record: dict) -> None:
+        """An evaluation: `eval/<key>` for each of its keys (val_loss, test_accuracy, train_loss: the mean training
+        loss since the previous evaluation, lr, and every other metric of lottery.training.evaluation)."""
         self._append({"level": level, "branch": branch, "kind": "eval", **record})
-        self._wandb_log(f"L{level}_{branch}", record)
+        self._unit_log(level, branch, record["step"], {f"eval/{k}": v for k, v in record.items()
+                                                       if k not in ("step", "diverged")},
+                       diverged=bool(record.get("diverged")))
 
     def level(self, record: dict) -> None:
-        """One summary record (a level's ticket or control) with `level` as its x-axis in W&B."""
+        """A summary.json record (a level's ticket or control): the summary of the run `<job id>-L<level>-<branch>`
+        (the unit's own, or for a branch of several units a run of its own), and the end of the branch's unit runs."""
         if self.run is not None:
-            self._guarded("log the level summary", self._level, record)
+            self._guarded("log a record", self._record, record)
+        if self.run is not None:
+            self._guarded("finish a unit's run", self._finish_units, record)
 
-    def _level(self, record: dict) -> None:
-        branch = record["branch"]
-        values = {f"level/{branch}/{k}": record[k] for k in
-                  ("weights_remaining", "params_remaining", "test_accuracy", "early_stop_step",
-                   "early_stop_test_accuracy", "instability_test", "instability_train") if record.get(k) is not None}
-        for k, by_split in (record.get("instability_by_step") or {}).items():  # lmc with several steps k
-            values.update({f"level/{branch}/instability_{split}_k{k}": v for split, v in by_split.items()
-                           if v is not None})
-        if branch == "ticket":
-            values.update({f"level/density/{name}": d for name, d in record["layer_density"].items()})
+    def _record(self, record: dict) -> None:
+        run = self._unit_run(record["level"], record["branch"])
+        run.summary.update(_flat(record))
         if record.get("diverged"):
-            # the W&B run says so three ways: a per-level metric, the run summary, and a tag to filter a sweep by
-            values[f"level/{branch}/diverged_step"] = record["diverged_step"]
+            # the unit's run is tagged (and ends as failed); the job's run says so too, to filter a sweep by
+            run.tags = tuple(dict.fromkeys([*(run.tags or ()), "diverged"]))
             self.run.summary["diverged"] = True
-            self.run.summary[f"diverged/L{record['level']}_{branch}"] = record["diverged_step"]
             self.run.tags = tuple(dict.fromkeys([*(self.run.tags or ()), "diverged"]))
-        self._log({"level": record["level"], **values})
+
+    def _finish_units(self, record: dict) -> None:
+        level, branch = record["level"], record["branch"]
+        for key in [k for k in self.units if k[0] == level and (k[1] == branch or k[1].startswith(f"{branch}/"))]:
+            self.units.pop(key).finish(exit_code=1 if record.get("diverged") else 0)
 
     def artifact(self, path: Path, name: str) -> None:
         if self.run is not None and self.cfg.logger.log_artifacts:
@@ -180,12 +244,11 @@ class Tracker:
     def _finish(self, summary: list[dict], ok: bool) -> None:
         import wandb
         try:
+            units, self.units = list(self.units.values()), {}
+            for run in units:  # units without a record: the job stopped inside them
+                run.finish(exit_code=1)
             if summary:
-                columns = ["level", "branch", "weights_remaining", "params_remaining", "test_accuracy",
-                           "early_stop_step", "early_stop_test_accuracy", "diverged", "instability_test",
-                           "instability_train"]
-                table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in summary])
-                self._log({"summary_table": table})
+                self._log({"records": records_table(summary)})
                 summary = [r for r in summary if r.get("test_accuracy") is not None]  # a diverged unit has none
                 branches = sorted({r["branch"] for r in summary})
                 xs = [[100 * r["weights_remaining"] for r in summary if r["branch"] == b] for b in branches]
@@ -199,17 +262,50 @@ class Tracker:
             self.run = None
             self._report_write_errors()
 
+    def _figures(self, figures: dict[str, Path]) -> None:
+        import wandb
+        self._log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
+
+    def _close(self) -> None:
+        run, self.run = self.run, None
+        run.finish()
+        self._report_write_errors()
+
     def _report_write_errors(self) -> None:
         """W&B's service does not tell the caller when it cannot write its files (a full disk under `<run>/wandb`): it
         drops the records and notes it in its own log. Say so once, at the end."""
-        log_file = self._wandb_files / "logs" / "debug-internal.log"
-        try:
-            text = log_file.read_text(errors="replace")
-        except OSError:
-            return
-        for line in text.splitlines():
-            if '"level":"ERROR"' in line and ("no space left" in line.lower() or "failed to save" in line):
-                log.error("W&B could not write its files under %s, so its record of this run is incomplete (%s); "
-                          "the local files in %s are complete", self._wandb_files,
-                          line.split('"msg":"', 1)[-1].split('"', 1)[0][:300], self.run_dir)
-                return
+        for files in self._wandb_dirs:
+            try:
+                text = (files / "logs" / "debug-internal.log").read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if '"level":"ERROR"' in line and ("no space left" in line.lower() or "failed to save" in line):
+                    log.error("W&B could not write its files under %s, so its record of this run is incomplete (%s); "
+                              "the local files in %s are complete", files,
+                              line.split('"msg":"', 1)[-1].split('"', 1)[0][:300], self.run_dir)
+                    return
+
+
+def records_table(records: list[dict]):
+    """summary.json's rows as a wandb.Table: a column per key (in the order of first appearance), nested values
+    (layer_density, device_info, instability_by_step) as JSON text."""
+    import wandb
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    rows = [[json.dumps(v) if isinstance(v, (dict, list)) else v for v in (r.get(c) for c in columns)]
+            for r in records]
+    return wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
+
+
+def log_figures(run_dir: Path, cfg, figures: dict[str, Path]) -> None:
+    """After a run has ended: `figures` ({name: PNG}, lottery-report's figures of the run folder, which the entry
+    point draws: this package does not import the report) as `figures/<name>` images in the job's W&B run, reopened
+    by its id (wandb_id.txt). Like every W&B step, a failure is one log line and costs nothing else."""
+    run_dir = Path(run_dir)
+    if cfg.logger.name != "wandb" or not figures or run_dir in _FAILED or not (run_dir / "wandb_id.txt").exists():
+        return
+    tracker = Tracker(run_dir, cfg, None, group=cfg.name)
+    if tracker.run is not None:
+        tracker._guarded("log the figures", tracker._figures, figures)
+    if tracker.run is not None:
+        tracker._guarded("finish the run", tracker._close)
