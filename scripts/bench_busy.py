@@ -12,7 +12,10 @@ environment. Variants:
   pytorch   what `threads: null` meant before: every core, OpenMP's own wait policy (libgomp: threads spin about
             300,000 times, some milliseconds, before they sleep). The process imports torch before lottery.cli, so
             lottery's default (applied only before torch is loaded) stays off, and gets threads=<every core>.
-  default   `lottery-train` as it is, nothing set: lottery's default (lottery.core.threads).
+  passive   every core with lottery's wait policy (OMP_WAIT_POLICY=PASSIVE, set by lottery.cli): the wait policy
+            alone, without the thread count lottery picks for small models
+  default   `lottery-train` as it is, nothing set: lottery's default (lottery.core.threads: the wait policy, and one
+            thread for a model as small as LeNet-300-100)
   threads1  `threads=1`.
 
 Scenarios:
@@ -24,8 +27,8 @@ Scenarios:
 
 Measured per run: the unit's time (from the run's first log line, once set-up is done, to its result line in
 train.log: the model, both evaluations and the N steps) and the process's wall time. Rounds rotate the order of the
-variants; the table has medians and the ratios pytorch/default and threads1/default of the unit times (above 1: the
-default is faster).
+variants; the table has medians and the ratios <variant>/default of the unit times (above 1: the default is
+faster).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("pytorch", "default", "threads1")
+VARIANTS = ("pytorch", "passive", "default", "threads1")
 SCENARIOS = ("quiet", "competitor", "pair")
 # what a researcher's shell has: none of these (SLURM's count would replace "every core")
 CLEARED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
@@ -64,7 +67,8 @@ def run_command(variant: str, run_dir: Path, steps: int, data_root: str | None) 
     data = ([f"dataset.root={data_root}", "dataset.download=false"] if data_root else
             ["dataset=synthetic", "dataset.synthetic_train=3000", "dataset.synthetic_test=1000",
              "dataset.val_size=500"])
-    threads = {"pytorch": [f"threads={os.cpu_count()}"], "default": [], "threads1": ["threads=1"]}[variant]
+    threads = {"pytorch": [f"threads={os.cpu_count()}"], "passive": [f"threads={os.cpu_count()}"], "default": [],
+               "threads1": ["threads=1"]}[variant]
     return [sys.executable, "-c", code, *data, "pruning=none", f"train.duration={steps}it",
             f"train.eval_every={steps}it", f"checkpoint.every={steps}it", "train.progress=false", "device=cpu",
             f"hydra.run.dir={run_dir}", *threads]
@@ -157,25 +161,27 @@ def run_busy(args, log) -> dict:
             "unit_s": med, "wall_s": wall,
             "rounds": {v: [x["unit_s"] for x in results[s][v]] for v in VARIANTS},
             "loadavg": {v: [x["loadavg"] for x in results[s][v]] for v in VARIANTS},
-            "pytorch/default": med["pytorch"] / med["default"], "threads1/default": med["threads1"] / med["default"],
-            "wall pytorch/default": wall["pytorch"] / wall["default"],
-            "wall threads1/default": wall["threads1"] / wall["default"]}
+            **{f"{v}/default": med[v] / med["default"] for v in VARIANTS if v != "default"},
+            **{f"wall {v}/default": wall[v] / wall["default"] for v in VARIANTS if v != "default"}}
     out["table"] = format_busy(out)
     return out
 
 
 def format_busy(out: dict) -> str:
+    others = [v for v in VARIANTS if v != "default"]
+    names = {"pytorch": "pytorch (before)", "passive": "passive, all cores", "default": "default",
+             "threads1": "threads=1"}
     lines = [f"lottery-train, LeNet-300-100, {out['steps']} steps + 2 evaluations, {out['cores']} cores; unit seconds "
              f"(medians of {out['repeats']}; process wall in brackets); ratios above 1: the default is faster; load "
              f"averages {out['loadavg']}", "",
-             f"{'scenario':<11} {'pytorch (before)':>18} {'default':>16} {'threads=1':>16}"
-             f" {'pytorch/default':>16} {'threads1/default':>17}   rounds (pytorch | default | threads=1)"]
+             f"{'scenario':<11}" + "".join(f" {names[v]:>19}" for v in VARIANTS)
+             + "".join(f" {v + '/default':>17}" for v in others) + "   rounds (" + " | ".join(VARIANTS) + ")"]
     for s, r in out["scenarios"].items():
         u, w = r["unit_s"], r["wall_s"]
         cells = [f"{u[v]:.2f} ({w[v]:.1f})" for v in VARIANTS]
         rounds = " | ".join(", ".join(f"{x:.2f}" for x in r["rounds"][v]) for v in VARIANTS)
-        lines.append(f"{s:<11} {cells[0]:>18} {cells[1]:>16} {cells[2]:>16} {r['pytorch/default']:>15.2f}x"
-                     f" {r['threads1/default']:>16.2f}x   {rounds}")
+        lines.append(f"{s:<11}" + "".join(f" {c:>19}" for c in cells)
+                     + "".join(f" {r[v + '/default']:>16.2f}x" for v in others) + f"   {rounds}")
     return "\n".join(lines)
 
 

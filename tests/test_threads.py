@@ -86,6 +86,50 @@ def test_set_threads_takes_threads_then_slurm_then_every_core(monkeypatch):
         assert torch.get_num_threads() == 2
         set_threads(OmegaConf.create({"threads": 1}))
         assert torch.get_num_threads() == 1
-        assert describe().startswith("1 CPU threads, ")
+        assert describe().startswith("1 CPU thread, ")
+        torch.set_num_threads(2)
+        assert describe().startswith("2 CPU threads, ")
     finally:
         torch.set_num_threads(before)
+
+
+def test_small_training_steps_get_one_thread_only_when_threads_sleep(monkeypatch):
+    """threads: null -> one thread for a step below SMALL_STEP_FLOPS when waiting threads sleep (lottery's default);
+    never over `threads` or SLURM's count, and not with a spinning wait policy the user chose."""
+    from omegaconf import OmegaConf
+    from lottery.core.threads import SMALL_STEP_FLOPS, default_threads
+    null, two = OmegaConf.create({"threads": None}), OmegaConf.create({"threads": 2})
+    for var in WAIT_VARIABLES + ("SLURM_CPUS_PER_TASK",):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert default_threads(null, SMALL_STEP_FLOPS / 10) == 1
+    assert default_threads(null, SMALL_STEP_FLOPS * 10) is None  # every core
+    assert default_threads(null, None) is None
+    assert default_threads(two, SMALL_STEP_FLOPS / 10) == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert default_threads(null, SMALL_STEP_FLOPS / 10) == 4
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    for var, value, one in [("OMP_WAIT_POLICY", "ACTIVE", False), ("GOMP_SPINCOUNT", "0", True),
+                            ("GOMP_SPINCOUNT", "1000", False), ("KMP_BLOCKTIME", "0", True)]:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        monkeypatch.setenv(var, value)
+        assert default_threads(null, SMALL_STEP_FLOPS / 10) == (1 if one else None), (var, value)
+
+
+def test_a_run_records_its_threads_and_warns_when_a_resume_changes_them(tmp_path):
+    """lottery-train on LeNet-300-100 (a small step) with threads: null runs on one thread, says so in its log and
+    device.json; resuming that folder with threads=2 warns that the results are no longer bit-identical."""
+    from conftest import run_cli
+    import json
+    args = ["model=lenet_300_100", "dataset=synthetic", "pruning=none", "train.duration=4it", "train.eval_every=4it",
+            "device=cpu", "train.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "1 CPU thread, OMP_WAIT_POLICY=PASSIVE" in log, log
+    assert json.loads((tmp_path / "run" / "device.json").read_text())["threads"] == 1
+    r = run_cli(*args, "threads=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "cpu (torch" in log and "1 threads) and continues on cpu" in log and "differs in threads" in log, log
