@@ -1,6 +1,10 @@
 """Hydra entry points. No experiment logic lives here: each app composes its config and calls one function."""
 from __future__ import annotations
 
+from lottery.core.threads import default_wait_policy
+
+default_wait_policy()  # first: OpenMP reads how its threads wait once, when torch loads it (lottery/core/threads.py)
+
 import contextlib
 import io
 import logging

@@ -32,13 +32,31 @@ single-run loop run R times one after another (each network its own init seed, d
 single-run rate is measured on min(R, --single-models) of them, since R runs in sequence go at one run's rate).
 Interleaved, medians of --repeats; the 1-minute load average is recorded before and after.
 
+Busy machine (`--busy`, scripts/bench_busy.py): `lottery-train` on LeNet-300-100 alone, next to a competing CPU-bound
+process, and two runs started together, each under PyTorch's threading default (what `threads: null` gave before),
+lottery's default and threads=1, in fresh processes; the ratios of their times.
+
+Tiny units (`--units`, scripts/bench_units.py): 16 levels x 3 units x 60 steps in one `lottery-train` run, per-unit
+wall time and where it goes (start-up, data, training, evaluation, writes, fsync, summary, ...); `--units-base COMMIT`
+runs another commit the same way, alternating, for before/after.
+
+Quick mode (`--quick`) checks that everything runs, on a few steps of small data: its numbers are not speed
+measurements, and no target is judged.
+
+The threading default of a run (lottery.core.threads: how PyTorch's OpenMP threads wait) is applied here too, before
+torch is imported, so the numbers are those of a run.
+
 SynFlow (`--synflow`): 100 rounds of global SynFlow pruning of LeNet-300-100 and ResNet-20 to 1% density, the project's
 `lottery.pruning.prune` against a Synaptic-Flow-style reference (their algorithm, float32, kthvalue threshold), on the
 CPU, one thread unless --threads; alternating, medians of --repeats, ratio reference/project (scripts/bench_synflow.py).
 """
 from __future__ import annotations
 
-import argparse
+from lottery.core.threads import default_wait_policy
+
+WAIT_DEFAULT = default_wait_policy()  # as a run does, before torch is imported (lottery.core.threads)
+
+import argparse  # noqa: E402
 import copy
 import datetime
 import json
@@ -403,7 +421,7 @@ def bench_replicas(name, args, device, log) -> dict:
 def format_replicas(results: dict) -> str:
     lines = [f"# {results['date']}  {results['machine']}  torch {results['torch']}  device {results['device']}"
              f"  threads {results['threads']}  data {results['data']}  repeats {results['repeats']}"
-             f"  load at start {results['loadavg_start']}", "",
+             f"  load at start {results['loadavg_start']}", *([QUICK_NOTE] if results.get("quick") else []), "",
              f"{'workload':<15} {'layout':<12} {'R':>4} {'single x R /s':>14} {'batched /s':>12} {'batched/single':>15}"
              f" {'per-repeat ratios':>22}"]
     for wl, res in results["replicas"].items():
@@ -412,8 +430,7 @@ def format_replicas(results: dict) -> str:
                          f" {v['batched']['samples_per_s']:>12,.0f}"
                          f" {v['ratio']:>14.2f}x  {', '.join(f'{x:.2f}' for x in v['ratios'])}")
     for c in results["targets"]:
-        state = ("met" if c["met"] else "MISSED") if c.get("applies", True) else "n/a here"
-        lines.append(f"target {c['what']:<38} {c['value']:>7.2f} (target >= {c['target']}): {state}")
+        lines.append(f"target {c['what']:<38} {c['value']:>7.2f} (target >= {c['target']}): {_state(c)}")
     return "\n".join(lines)
 
 
@@ -499,6 +516,14 @@ def measure_startup(root: str | None, device: str, n_synthetic: int = 60000) -> 
 
 
 # --- driver ----------------------------------------------------------------------------------------------------------
+
+def _wait_policy() -> str:
+    """How this process's OpenMP threads wait: the variable lottery's default set, or the environment's."""
+    from lottery.core.threads import WAIT_VARIABLES
+    set_here = f" (lottery's default)" if WAIT_DEFAULT else ""
+    given = [f"{v}={os.environ[v]}" for v in WAIT_VARIABLES if v in os.environ]
+    return (", ".join(given) + set_here) if given else "OpenMP's own"
+
 
 def _loadavg():
     try:
@@ -606,15 +631,27 @@ def check_targets(results: dict, device) -> list[dict]:
         s = results["startup"]["total_s"]
         checks.append({"what": "startup import..first step (s)", "value": s, "target": STARTUP_TARGET_S,
                        "met": s < STARTUP_TARGET_S})
-    if device.type != "cpu" or results["data"] == "synthetic":
+    if results.get("quick"):
+        for c in checks:  # a few steps on small data: it runs, but it measures no speed
+            c["applies"], c["why_not"] = False, "quick mode: not a speed measurement"
+    elif device.type != "cpu" or results["data"] == "synthetic":
         for c in checks:  # the targets are stated for the 2-core CPU on the real data
-            c["applies"] = False
+            c["applies"], c["why_not"] = False, "n/a here"
     return checks
+
+
+QUICK_NOTE = ("quick mode: a few steps on small data, to check that everything runs; the numbers below are not speed "
+              "measurements and no target is judged")
+
+
+def _state(c: dict) -> str:
+    return ("met" if c["met"] else "MISSED") if c.get("applies", True) else c.get("why_not", "n/a here")
 
 
 def format_table(results: dict) -> str:
     lines = [f"# {results['date']}  {results['machine']}  torch {results['torch']}  device {results['device']}"
-             f"  threads {results['threads']}  data {results['data']}  repeats {results['repeats']}", "",
+             f"  threads {results['threads']} ({results.get('wait_policy')})  data {results['data']}"
+             f"  repeats {results['repeats']}", *([QUICK_NOTE] if results.get("quick") else []), "",
              f"{'workload':<15} {'kind':<6} {'variant':<22} {'samples/s':>12} {'min':>11} {'max':>11}"
              f" {'project/this':>13}"]
     for wl, res in results["workloads"].items():
@@ -642,9 +679,8 @@ def format_table(results: dict) -> str:
         lines += [f"warning: the machine was busy at the start (1-minute load average {load[0]} on {os.cpu_count()} "
                   "cores): other processes share the cores, and torch's intra-op threads slow down badly then", ""]
     for c in results["targets"]:
-        state = ("met" if c["met"] else "MISSED") if c.get("applies", True) else "n/a here"
         lines.append(f"target {c['what']:<38} {c['value']:>7.2f} (target {'<' if 'startup' in c['what'] else '>='}"
-                     f" {c['target']}): {state}")
+                     f" {c['target']}): {_state(c)}")
     return "\n".join(lines)
 
 
@@ -655,7 +691,8 @@ def main(argv=None) -> dict:
                                                      "synthetic data of the same shapes)")
     p.add_argument("--out", default="bench.json", help="JSON results file (default: bench.json)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per variant (default 5; quick 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved repeats per variant (default 5; --busy and --units 3; quick 1)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     p.add_argument("--lenet-steps", type=int, default=None,
                    help="timed steps for LeNet, project and floor (default 1000; the plain loop a quarter; quick 4)")
@@ -677,6 +714,19 @@ def main(argv=None) -> dict:
                         "replica_batching=auto picks on the device)")
     p.add_argument("--single-models", type=int, default=8,
                    help="replicas mode: how many of the R single runs are timed (default 8)")
+    p.add_argument("--busy", action="store_true",
+                   help="busy-machine mode: lottery-train next to a competing process and two runs together, under "
+                        "PyTorch's threading default, lottery's and threads=1 (scripts/bench_busy.py)")
+    p.add_argument("--busy-steps", type=int, default=None, help="busy mode: training steps per run (default 1000; "
+                                                                 "quick 5)")
+    p.add_argument("--busy-scenarios", default="quiet,competitor,pair",
+                   help="busy mode: comma-separated, of quiet, competitor, pair")
+    p.add_argument("--units", action="store_true",
+                   help="tiny-units mode: 16 levels x 3 units x 60 steps, time per unit and where it goes "
+                        "(scripts/bench_units.py)")
+    p.add_argument("--units-base", default=None, help="tiny-units mode: also run this commit, alternating")
+    p.add_argument("--units-threads", default="default",
+                   help="tiny-units mode: comma-separated thread settings, `default` (nothing set) or a count")
     p.add_argument("--synflow", action="store_true",
                    help="SynFlow mode: 100-round SynFlow pruning against a Synaptic-Flow-style reference on the CPU, "
                         "one thread unless --threads (scripts/bench_synflow.py; the other benchmarks are skipped)")
@@ -687,6 +737,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     cpu = device.type == "cpu"
     q = args.quick
+    asked_repeats = args.repeats
     args.repeats = args.repeats or (1 if q else 5)
     args.warmup = args.warmup if args.warmup is not None else (2 if q else 10)
     lenet = args.lenet_steps or (4 if q else 1000)
@@ -721,13 +772,37 @@ def main(argv=None) -> dict:
                "data": "synthetic" if args.data_root is None else os.path.abspath(args.data_root),
                "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                "quick": q, "repeats": args.repeats, "batch_size": BATCH, "density": DENSITY,
-               "plain_workers": args.workers, "loadavg_start": _loadavg(), "workloads": {}}
+               "plain_workers": args.workers, "loadavg_start": _loadavg(), "workloads": {},
+               "wait_policy": _wait_policy()}
+    if args.busy or args.units:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        args.repeats = asked_repeats or (1 if q else 3)
+        if args.busy:
+            from bench_busy import run_busy
+            log(f"busy machine: {args.busy_scenarios}")
+            results["busy"] = run_busy(args, log)
+        if args.units:
+            from bench_units import run_units
+            log("tiny units")
+            results["units"] = run_units(args, log)
+        results["loadavg_end"] = _loadavg()
+        results["table"] = "\n\n".join([*([QUICK_NOTE] if q else []),
+                                        *(results[k]["table"] for k in ("busy", "units") if k in results)])
+        print(results["table"])
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+            log(f"wrote {args.out}")
+        return results
     if args.synflow:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_synflow import run_bench
         results["synflow"] = run_bench(rounds=20 if q else 100, repeats=args.repeats, threads=args.threads or 1,
                                        log=log)
         results["threads"], results["table"] = results["synflow"]["threads"], results["synflow"]["table"]
+        if q:
+            results["table"] = QUICK_NOTE + "\n" + results["table"]
+            for c in results["synflow"]["targets"]:
+                c["applies"], c["why_not"] = False, "quick mode: not a speed measurement"
         print(results["table"])
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -746,7 +821,8 @@ def main(argv=None) -> dict:
         results["targets"] = [
             {"what": f"{wl} R=8 batched/single", "value": res["by_replicas"]["8"]["ratio"],
              "target": REPLICA_TARGETS[wl], "met": res["by_replicas"]["8"]["ratio"] >= REPLICA_TARGETS[wl],
-             "applies": device.type == "cpu" and results["data"] != "synthetic" and not q}
+             "applies": device.type == "cpu" and results["data"] != "synthetic" and not q,
+             "why_not": "quick mode: not a speed measurement" if q else "n/a here"}
             for wl, res in results["replicas"].items() if "8" in res["by_replicas"]]
         results["table"] = format_replicas(results)
         print(results["table"])

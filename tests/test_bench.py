@@ -137,3 +137,47 @@ def test_gpu_replicas_script_dry_run(tmp_path):
     assert set(by_r) == {"1", "2"} and all(v["batched"]["samples_per_s"] > 0 for v in by_r.values())
     e = results["experiment_replicas"]
     assert e["replicates"] == 5 and e["levels"] == 2 and len(e["final_level_test_accuracy"]["reinit"]) == 5
+
+
+def test_bench_quick_judges_no_target_even_on_real_data():
+    """Quick mode checks that things run; its numbers measure no speed, so no target is met or MISSED there."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+    results = {"quick": True, "data": "/real/data", "date": "d", "machine": "m", "torch": "t", "device": "cpu",
+               "threads": 1, "repeats": 1, "loadavg_start": [0.0, 0.0, 0.0],
+               "startup": {"import_s": 3.0, "data_s": 3.0, "first_step_s": 3.0, "total_s": 9.0, "process_wall_s": 9.5},
+               "workloads": {"lenet_mnist": {"train_ratios": {"project/plain": 0.5, "project/floor": 0.1},
+                                             "eval_ratios": {"project/plain": 0.1},
+                                             "train": {"project": {"samples_per_s": 1, "min": 1, "max": 1}},
+                                             "eval": {"project": {"samples_per_s": 1, "min": 1, "max": 1}}}}}
+    results["targets"] = bench.check_targets(results, torch.device("cpu"))
+    assert results["targets"] and not any(t.get("applies", True) for t in results["targets"])
+    table = bench.format_table(results)
+    assert "MISSED" not in table and "met" not in table.replace("measurements", "")
+    assert bench.QUICK_NOTE in table and "quick mode: not a speed measurement" in table
+    results["quick"] = False
+    results["targets"] = bench.check_targets(results, torch.device("cpu"))
+    assert "MISSED" in bench.format_table(results)  # a real run on the real data is judged
+
+
+def test_bench_busy_and_units_quick_run(tmp_path):
+    """--busy (lottery-train next to a competing process and two runs together, under PyTorch's default, the wait
+    policy alone, lottery's default and threads=1) and --units (many tiny units, split by where the time goes) run end to end, in quick mode."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--busy", "--busy-scenarios",
+                           "competitor,pair", "--units", "--out", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    busy = results["busy"]["scenarios"]
+    assert set(busy) == {"competitor", "pair"}
+    for s in busy.values():
+        assert set(s["unit_s"]) == {"pytorch", "passive", "default", "threads1"}
+        assert all(v > 0 for v in s["unit_s"].values())
+        assert s["pytorch/default"] > 0 and s["passive/default"] > 0 and s["threads1/default"] > 0
+    units = results["units"]["variants"]["head threads=default"]
+    assert units["units"] == 7 and units["per_unit_s"] > 0  # 3 levels: 1 + 2 x 3 units
+    split = units["split_per_unit_s"]
+    assert split["train: steps"] > 0 and split["train: evaluation"] > 0 and split["write result.json"] > 0
+    assert "pytorch/default" in proc.stdout and "per unit, by where the time goes" in proc.stdout
+    assert "quick mode" in proc.stdout and "MISSED" not in proc.stdout

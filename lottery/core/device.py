@@ -216,14 +216,18 @@ def differences(old: Optional[dict], new: dict) -> list[str]:
     """The fields of _SAME_RESULTS that differ (on the CPU the build's CUDA and cuDNN versions do not matter)."""
     if not old:
         return []
-    keys = _SAME_RESULTS if "cuda" in (old.get("type"), new.get("type")) else ("type", "name", "torch")
+    if "cuda" in (old.get("type"), new.get("type")):
+        keys = _SAME_RESULTS
+    else:  # CPU kernels split their sums by thread, so the count matters (folders from before it was recorded: not)
+        keys = ("type", "name", "torch") + (("threads",) if "threads" in old and "threads" in new else ())
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
 def _short(info: dict) -> str:
     if info.get("type") == "cuda":
         return f"{info.get('name')} (torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')})"
-    return f"{info.get('type')} (torch {info.get('torch')})"
+    threads = f", {info['threads']} threads" if "threads" in info else ""
+    return f"{info.get('type')} (torch {info.get('torch')}{threads})"
 
 
 def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str]:

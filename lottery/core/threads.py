@@ -1,17 +1,91 @@
-"""CPU threads: how many PyTorch uses, and how its threads wait for each other.
+"""CPU threads: how PyTorch's threads wait for each other, and how many there are.
 
-`set_threads(cfg)`: `threads` when set, else the CPUs SLURM gave the job, else PyTorch's default (every core).
-Small models on a busy CPU are much faster with fewer threads: PyTorch's parallel regions wait for every thread, so
-one core taken by another process stalls each operation (measured here: a BatchNorm on 32x4x32x32 took 23 ms with 2
-threads next to a busy process, 0.27 ms with 1).
+PyTorch runs an operation on the CPU as an OpenMP parallel region, whose threads wait for each other at its end. With
+OMP_WAIT_POLICY unset, the GNU OpenMP runtime that PyTorch's Linux wheels load lets a waiting thread spin 300,000
+times (milliseconds) before it sleeps. Alone on a machine that saves a wake-up per operation; next to any other busy
+process (another run, a test suite, a browser) the spinning threads hold the cores that the thread being waited for
+needs, and every operation stalls. Measured on the 2-core development machine (README, Speed): LeNet-300-100 with 2
+threads ran 10-60x slower next to one busy process than alone. Two defaults, each only where the user has not chosen:
+
+- How threads wait: `default_wait_policy()`, called by the entry points (lottery-train, lottery-retrain, and
+  scripts/bench.py) before torch is imported, since OpenMP reads its environment once, when torch loads it:
+  OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once) unless the environment already says how OpenMP threads
+  wait (OMP_WAIT_POLICY, or the GNU and Intel runtimes' own GOMP_SPINCOUNT and KMP_BLOCKTIME). The variable is
+  inherited by the processes a run starts (submitit's local jobs), which then keep it as it is. lottery-report does
+  no tensor arithmetic and lottery-init-study runs on one thread, so neither needs it.
+- How many threads: `set_threads(cfg, step_flops)`: `threads` when set, else the CPUs SLURM gave the job, else every
+  core, except for a model whose training step is small (below SMALL_STEP_FLOPS; `step_flops` from
+  lottery.training.cost), which gets one thread: a sleeping thread costs a wake-up per operation, more than a
+  second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.4-1.6x faster on one thread than
+  on two passive ones, alone on the machine, and at least as fast next to other work), while Conv-2 ran 1.6x faster on
+  two.
+
+`describe()` says what a process ended up with, for its log.
 """
 from __future__ import annotations
 
 import os
+import sys
+from typing import MutableMapping, Optional
+
+# What says how OpenMP threads wait: the standard variable, and the GNU (libgomp) and Intel (libiomp) runtimes' own.
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+DEFAULT_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
+# Dense FLOPs of one training step (lottery.training.cost.step_flops: 3 forward passes, batch included) below which
+# `threads: null` means one thread. LeNet-300-100 at batch 60: 9.6e7; Conv-2 on CIFAR-10 at batch 60: 1.6e10.
+SMALL_STEP_FLOPS = 1e9
 
 
-def set_threads(cfg) -> None:
+def default_wait_policy(environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+    """Set lottery's OpenMP wait policy in the environment (`os.environ`) unless one of WAIT_VARIABLES is set there
+    (the user's choice stands, even an empty value) or torch is already imported (too late: the OpenMP runtime read
+    the environment when torch loaded it; the variable would only reach child processes). Returns what it set
+    ("OMP_WAIT_POLICY=PASSIVE"), or None."""
+    env = os.environ if environ is None else environ
+    if "torch" in sys.modules or any(v in env for v in WAIT_VARIABLES):
+        return None
+    name, value = DEFAULT_WAIT
+    env[name] = value
+    return f"{name}={value}"
+
+
+def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
+    """The thread count `set_threads` sets: `threads`, else SLURM_CPUS_PER_TASK, else 1 for a small training step
+    (`step_flops` below SMALL_STEP_FLOPS) when OpenMP threads sleep while they wait, else None (PyTorch's default:
+    every core). With a spinning wait policy (set by the user) two threads do pay on small steps, on a quiet machine."""
+    if cfg.threads:
+        return int(cfg.threads)
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    if step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait():
+        return 1
+    return None
+
+
+def set_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
+    """Set PyTorch's thread count (`default_threads`); returns it, or None where PyTorch's default stays."""
     import torch
-    cpus = cfg.threads or os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and str(cpus).isdigit():
-        torch.set_num_threads(int(cpus))
+    n = default_threads(cfg, step_flops)
+    if n is not None:
+        torch.set_num_threads(n)
+    return n
+
+
+def passive_wait() -> bool:
+    """Whether this process's OpenMP threads sleep as soon as they wait (OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=0 or
+    KMP_BLOCKTIME=0)."""
+    env = os.environ
+    if "GOMP_SPINCOUNT" in env:
+        return env["GOMP_SPINCOUNT"].strip() == "0"
+    if "KMP_BLOCKTIME" in env and "OMP_WAIT_POLICY" not in env:
+        return env["KMP_BLOCKTIME"].strip() == "0"
+    return env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def describe() -> str:
+    """This process's CPU threads and how they wait, for a log line ("1 CPU thread, OMP_WAIT_POLICY=PASSIVE")."""
+    import torch
+    n = torch.get_num_threads()
+    given = [f"{v}={os.environ[v]}" for v in WAIT_VARIABLES if v in os.environ]
+    return f"{n} CPU thread{'s' if n > 1 else ''}, " + (", ".join(given) if given else "OpenMP's own wait policy")

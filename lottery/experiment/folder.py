@@ -2,7 +2,9 @@
 experiment on resume, its results and its tickets.
 
     config.yaml                 resolved config (the experiment this folder holds)
-    summary.json                one record per (level, branch); rewritten atomically after every unit
+    summary.json                one record per (level, branch); rewritten atomically after every unit (from the
+                                result.json files, each read once per process; fsynced when the process leaves the
+                                folder: every run of the command rebuilds it; see lottery.core.files)
     metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
     init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
     states/step_<k>.pt          full state of level 0 at other steps a branch starts from (lmc's steps; saved once)
@@ -20,13 +22,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lottery.config import non_experiment
-from lottery.core.files import Checkpoints, WriteFailed, load_json, remove_temp_files, save_json, write_text
+from lottery.core.files import (Checkpoints, WriteFailed, fsync_file, load_json, remove_temp_files, save_json,
+                                 write_text)
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
@@ -49,6 +54,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 _MISSING = object()
+
+
+def _signature(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _copy(value):
+    """A copy of a JSON value (dicts, lists, scalars), so callers may change what they get."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
 
 
 def _defaults(new: dict) -> dict:
@@ -106,6 +125,11 @@ class RunFolder:
         self.metrics = self.path / "metrics.jsonl"
         self.init = self.path / "init.pt"
         self.rewind = self.path / "rewind.pt"
+        # result.json files as read or written by this process: path -> ((inode, size, mtime), record). Only the
+        # process holding the lock writes them, so a file is parsed once per process instead of once per unit
+        # (summary.json is rebuilt from every record after every unit); a file changed since is read again.
+        self._records: dict[Path, tuple[tuple, object]] = {}
+        self._summary_unsynced = False
 
     # --- paths -------------------------------------------------------------------------------------------------
     def level_dir(self, level: int) -> Path:
@@ -132,12 +156,27 @@ class RunFolder:
         return (self.unit_dir(level, branch, unit) / "result.json").exists()
 
     def save_result(self, level: int, branch: str, record: dict, unit: str = "") -> None:
-        save_json(record, self.unit_dir(level, branch, unit) / "result.json")
+        path = self.unit_dir(level, branch, unit) / "result.json"
+        data = save_json(record, path)  # durable: it marks the unit as done
+        with contextlib.suppress(OSError, ValueError):
+            self._records[path] = (_signature(path), json.loads(data))  # exactly what reading the file gives
+
+    def _read(self, path: Path):
+        signature = _signature(path)
+        known = self._records.get(path)
+        if known is not None and known[0] == signature:
+            return known[1]
+        record = load_json(path)
+        self._records[path] = (signature, record)
+        return record
 
     def load_result(self, level: int, branch: str, unit: str = "") -> dict:
-        path = self.unit_dir(level, branch, unit) / "result.json"
+        return _copy(self._result(self.unit_dir(level, branch, unit) / "result.json"))
+
+    def _result(self, path: Path) -> dict:
+        """The record in `path` (shared with the cache: copy before handing it out)."""
         try:
-            record = load_json(path)
+            record = self._read(path)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}), "
                              f"so this unit cannot be counted as done; delete that file (and its folder's other "
@@ -152,13 +191,21 @@ class RunFolder:
         paths = sorted(self.path.glob("levels/level_*/*/result.json"),
                        key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
                                       p.parent.name))
-        return [without_details(self.load_result(int(p.parent.parent.name.split("_")[1]), p.parent.name))
-                for p in paths]
+        return [_copy(without_details(self._result(p))) for p in paths]
 
     def write_summary(self) -> list[dict]:
+        """Rewrite summary.json from the result files. Not fsynced here: the next run of the command rebuilds it from them, and
+        `sync` (when the process leaves the folder) makes the last one durable."""
         summary = self.results()
-        save_json(summary, self.summary)
+        save_json(summary, self.summary, durable=False)
+        self._summary_unsynced = True
         return summary
+
+    def sync(self) -> None:
+        """fsync what was written without it (summary.json)."""
+        if self._summary_unsynced:
+            fsync_file(self.summary)
+            self._summary_unsynced = False
 
     # --- tickets -----------------------------------------------------------------------------------------------
     def has_ticket(self, level: int) -> bool:
@@ -190,13 +237,29 @@ class RunFolder:
                                     f"wait for it to end or choose another folder with hydra.run.dir=...") from None
             try:
                 yield self
+            except BaseException:
+                with contextlib.suppress(OSError):  # the error that ended the run is the one to report
+                    self.sync()
+                raise
+            else:
+                self.sync()
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def clean(self) -> None:
-        """Remove the temporary files of writes that never finished (a killed or failed process). Only once this
-        process owns the folder: lock held, same experiment."""
+        """Remove what a killed or failed process left behind: the temporary files of writes that never finished,
+        and the checkpoints of units that have their result (a kill between a unit's result.json and the removal of
+        its checkpoints; a finished unit is never trained again, so they would stay forever). Only once this process
+        owns the folder: lock held, same experiment."""
         remove_temp_files(self.path)
+        stale = [p for result in self.path.glob("levels/**/result.json")
+                 for p in (result.parent / "checkpoint.pt", result.parent / "checkpoint.prev.pt") if p.exists()]
+        for p in stale:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        if stale:
+            log.info("removed %d checkpoint file(s) of finished units: %s", len(stale),
+                     ", ".join(str(p) for p in stale))
 
     def holds_replicas(self) -> bool:
         return (self.path / "replicas.json").exists()

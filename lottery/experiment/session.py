@@ -25,8 +25,8 @@ from lottery.branches import BRANCHES, branch_settings
 from lottery.core import device as D
 from lottery.core.files import save_json
 from lottery.core.steps import Steps
+from lottery.core import threads
 from lottery.core.signals import stop_if_asked
-from lottery.core.threads import set_threads
 from lottery.data import DATASETS, load_pool, split
 from lottery.experiment.check import checked
 from lottery.experiment.folder import RunFolder
@@ -34,6 +34,7 @@ from lottery.experiment.plan import preflight
 from lottery.experiment.replicate import Replicate
 from lottery.experiment.tracking import Tracker
 from lottery.training import choose
+from lottery.training.cost import model_info, step_flops
 from lottery.training.layouts import check_supported
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,6 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             raise ValueError(f"lottery-retrain trains one ticket and takes no replicas (got replicas={cfg.replicas}); "
                              f"retrain each replicate's ticket, or drop replicas")
         check_fits_config(ticket, cfg)  # another model's ticket: one clear error before the folder is touched
-    set_threads(cfg)
     device, info, warnings, described = D.setup(cfg)
     run_dir = Path(run_dir)
     parent = run_dir if seeds is not None else None
@@ -210,9 +210,6 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
             if folder.check_config(rep.resolved):
                 resumed.append(folder.path)
-            warning = D.check_folder(folder.path, info, rcfg.device)
-            if warning and warning not in warnings:
-                warnings.append(warning)
             reps.append(rep)
         model = reps[0].new_model()
         for rep in reps:
@@ -224,11 +221,21 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             warning = _cost_warning(cfg, seeds, model, device)
             if warning:
                 warnings.append(warning)
+        # the thread count depends on the size of a training step (lottery.core.threads); nothing before this point
+        # computes anything whose result depends on it
+        flops = step_flops(model_info(model, reps[0].split.pool.input_shape), None, cfg.train.batch_size)
+        threads.set_threads(cfg, flops * (len(reps) if how == "stacked" else 1))
+        if device.type == "cpu":
+            info["threads"] = torch.get_num_threads()  # CPU results depend on it: device.json records it
+        for rep in reps:
+            warning = D.check_folder(rep.folder.path, info, rep.cfg.device)
+            if warning and warning not in warnings:
+                warnings.append(warning)
         stop_if_asked("during set-up")
         # every check has passed: the folders are this process's, and from here on they are written
         if on_owned is not None:
             on_owned(run_dir)
-        log.info("run folder %s; %s", run_dir, described)
+        log.info("run folder %s; %s; %s", run_dir, described, threads.describe())
         for warning in warnings:
             log.warning(warning)
         if resumed:

@@ -1,0 +1,135 @@
+"""The threading default (lottery.core.threads): set before torch is imported by the entry points, seen by the OpenMP
+runtime, never over what the user set, and off once torch is loaded (too late to matter)."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+from lottery.core.threads import DEFAULT_WAIT, WAIT_VARIABLES, default_wait_policy
+
+NAME, VALUE = DEFAULT_WAIT
+
+
+def _python(code: str, **env) -> str:
+    """Run `code` in a fresh interpreter whose environment has none of the wait variables but `env`."""
+    base = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES and k != "OMP_DISPLAY_ENV"}
+    r = subprocess.run([sys.executable, "-c", code], env={**base, **env, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip() + "\n" + r.stderr
+
+
+def test_default_is_set_only_when_the_environment_says_nothing():
+    env = {}
+    assert default_wait_policy(env) is None, "torch is imported in this process: too late, nothing is set"
+    code = ("import os\nfrom lottery.core.threads import default_wait_policy\n"
+            "print(default_wait_policy(), os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    assert _python(code).split("\n")[0] == f"{NAME}={VALUE} " + " ".join(
+        [VALUE if NAME == "OMP_WAIT_POLICY" else "None", VALUE if NAME == "GOMP_SPINCOUNT" else "None"])
+    for var, value in [("OMP_WAIT_POLICY", "ACTIVE"), ("OMP_WAIT_POLICY", ""), ("GOMP_SPINCOUNT", "123"),
+                       ("KMP_BLOCKTIME", "0")]:
+        out = _python(code + "\nprint(os.environ.get(%r))" % var, **{var: value}).split("\n")
+        assert out[0].split()[0] == "None", (var, value, out)  # nothing set by lottery
+        assert out[1] == value, (var, value, out)  # the user's value stands
+
+
+def test_default_is_off_once_torch_is_imported():
+    out = _python("import os, torch\nfrom lottery.core.threads import default_wait_policy\n"
+                  "print(default_wait_policy(), os.environ.get('OMP_WAIT_POLICY'))")
+    assert out.split("\n")[0] == "None None"
+
+
+@pytest.mark.parametrize("module", ["lottery.cli", "lottery.__main__"])
+def test_the_entry_points_set_it_before_torch_and_openmp_sees_it(module):
+    """The console scripts import lottery.cli (lottery-train, lottery-retrain; `python -m lottery` too): by the time
+    torch is imported the variable is there, and libgomp reports it (OMP_DISPLAY_ENV prints what it read)."""
+    importing = "import lottery.cli" if module == "lottery.cli" else "import lottery.cli as c"
+    code = f"import os, sys\n{importing}\nassert 'torch' not in sys.modules\nimport torch\ntorch.ones(4).sum()\n" \
+           f"print(os.environ.get({NAME!r}))"
+    out = _python(code, OMP_DISPLAY_ENV="VERBOSE")
+    assert out.split("\n")[0] == VALUE
+    spin = {"OMP_WAIT_POLICY": "0", "GOMP_SPINCOUNT": VALUE}[NAME]  # PASSIVE: libgomp spins 0 times
+    assert f"GOMP_SPINCOUNT = '{spin}'" in out, out
+    user = _python(f"{importing}\nimport torch\ntorch.ones(4).sum()", OMP_DISPLAY_ENV="VERBOSE",
+                   OMP_WAIT_POLICY="ACTIVE")
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in user and "GOMP_SPINCOUNT = '30000000000'" in user, user
+
+
+def test_cli_applies_the_default_first():
+    """lottery/cli.py calls it before any other import (anything imported first might import torch)."""
+    tree = ast.parse((REPO / "lottery" / "cli.py").read_text())
+    body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    body = [n for n in body if not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    first, second = body[0], body[1]
+    assert isinstance(first, ast.ImportFrom) and first.module == "lottery.core.threads"
+    assert [a.name for a in first.names] == ["default_wait_policy"]
+    assert isinstance(second, ast.Expr) and isinstance(second.value, ast.Call)
+    assert getattr(second.value.func, "id", None) == "default_wait_policy"
+
+
+def test_set_threads_takes_threads_then_slurm_then_every_core(monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+    from lottery.core.threads import describe, set_threads
+    before = torch.get_num_threads()
+    try:
+        set_threads(OmegaConf.create({"threads": 3}))
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+        set_threads(OmegaConf.create({"threads": None}))
+        assert torch.get_num_threads() == 2
+        set_threads(OmegaConf.create({"threads": 1}))
+        assert torch.get_num_threads() == 1
+        assert describe().startswith("1 CPU thread, ")
+        torch.set_num_threads(2)
+        assert describe().startswith("2 CPU threads, ")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_small_training_steps_get_one_thread_only_when_threads_sleep(monkeypatch):
+    """threads: null -> one thread for a step below SMALL_STEP_FLOPS when waiting threads sleep (lottery's default);
+    never over `threads` or SLURM's count, and not with a spinning wait policy the user chose."""
+    from omegaconf import OmegaConf
+    from lottery.core.threads import SMALL_STEP_FLOPS, default_threads
+    null, two = OmegaConf.create({"threads": None}), OmegaConf.create({"threads": 2})
+    for var in WAIT_VARIABLES + ("SLURM_CPUS_PER_TASK",):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert default_threads(null, SMALL_STEP_FLOPS / 10) == 1
+    assert default_threads(null, SMALL_STEP_FLOPS * 10) is None  # every core
+    assert default_threads(null, None) is None
+    assert default_threads(two, SMALL_STEP_FLOPS / 10) == 2
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert default_threads(null, SMALL_STEP_FLOPS / 10) == 4
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    for var, value, one in [("OMP_WAIT_POLICY", "ACTIVE", False), ("GOMP_SPINCOUNT", "0", True),
+                            ("GOMP_SPINCOUNT", "1000", False), ("KMP_BLOCKTIME", "0", True)]:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        monkeypatch.setenv(var, value)
+        assert default_threads(null, SMALL_STEP_FLOPS / 10) == (1 if one else None), (var, value)
+
+
+def test_a_run_records_its_threads_and_warns_when_a_resume_changes_them(tmp_path):
+    """lottery-train on LeNet-300-100 (a small step) with threads: null runs on one thread, says so in its log and
+    device.json; resuming that folder with threads=2 warns that the results are no longer bit-identical."""
+    from conftest import run_cli
+    import json
+    args = ["model=lenet_300_100", "dataset=synthetic", "pruning=none", "train.duration=4it", "train.eval_every=4it",
+            "device=cpu", "train.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "1 CPU thread, OMP_WAIT_POLICY=PASSIVE" in log, log
+    assert json.loads((tmp_path / "run" / "device.json").read_text())["threads"] == 1
+    r = run_cli(*args, "threads=2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "cpu (torch" in log and "1 threads) and continues on cpu" in log and "differs in threads" in log, log
