@@ -117,11 +117,12 @@ def test_small_training_steps_get_one_thread_only_when_threads_sleep(monkeypatch
         assert default_threads(null, SMALL_STEP_FLOPS / 10) == (1 if one else None), (var, value)
 
 
-def test_a_run_records_its_threads_and_warns_when_a_resume_changes_them(tmp_path):
+def test_a_run_records_its_threads_and_warns_when_a_resume_changes_them(tmp_path, monkeypatch):
     """lottery-train on LeNet-300-100 (a small step) with threads: null runs on one thread, says so in its log and
     device.json; resuming that folder with threads=2 warns that the results are no longer bit-identical."""
     from conftest import run_cli
     import json
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # conftest's one thread would hide the default
     args = ["model=lenet_300_100", "dataset=synthetic", "pruning=none", "train.duration=4it", "train.eval_every=4it",
             "device=cpu", "train.progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
     r = run_cli(*args, cwd=tmp_path)
@@ -133,3 +134,31 @@ def test_a_run_records_its_threads_and_warns_when_a_resume_changes_them(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "cpu (torch" in log and "1 threads) and continues on cpu" in log and "differs in threads" in log, log
+
+
+def test_stacked_replicas_keep_every_core(tmp_path, monkeypatch):
+    """R small networks trained stacked are one large step: threads: null leaves PyTorch's count (every core)."""
+    from conftest import run_cli
+    import json
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # conftest's one thread would hide the default
+    every = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True,
+                           text=True)
+    assert int(every.stdout) > 1, "needs a machine with two cores or more"
+    r = run_cli("model=lenet_300_100", "dataset=synthetic", "pruning=none", "train.duration=4it", "train.eval_every=4it",
+                "device=cpu", "train.progress=false", "replicas=2", "replica_batching=stacked",
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for seed in (0, 1):
+        info = json.loads((tmp_path / "run" / f"replicate_{seed}" / "device.json").read_text())
+        assert info["threads"] == int(every.stdout), info
+
+
+def test_a_run_in_this_process_gives_the_thread_count_back(tmp_path):
+    """run_experiment sets the run's threads and restores the caller's on leaving (a notebook, a test suite)."""
+    import torch
+    from conftest import tiny_cfg
+    from lottery.experiment import run_experiment
+    before = torch.get_num_threads()
+    summary = run_experiment(tiny_cfg("pruning=none", "threads=2"), tmp_path / "run")
+    assert summary[0]["device_info"]["threads"] == 2
+    assert torch.get_num_threads() == before

@@ -16,9 +16,9 @@ threads ran 10-60x slower next to one busy process than alone. Two defaults, eac
 - How many threads: `set_threads(cfg, step_flops)`: `threads` when set, else the CPUs SLURM gave the job, else every
   core, except for a model whose training step is small (below SMALL_STEP_FLOPS; `step_flops` from
   lottery.training.cost), which gets one thread: a sleeping thread costs a wake-up per operation, more than a
-  second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.4-1.6x faster on one thread than
+  second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x faster on one thread than
   on two passive ones, alone on the machine, and at least as fast next to other work), while Conv-2 ran 1.6x faster on
-  two.
+  two. Replicas trained stacked (one large step for R networks) pass no step size and keep every core.
 
 `describe()` says what a process ended up with, for its log.
 """
