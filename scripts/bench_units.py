@@ -152,6 +152,7 @@ def child(argv: list[str]) -> None:
 
     def timed_levels(*a, **k):
         marks["levels_start"] = time.perf_counter()
+        marks["threads"] = _threads()  # what the run trains with (a run gives the caller's count back when it ends)
         marks["setup_totals"] = dict(timers.totals)
         timers.enter("the rest (level loop, masks, states, logging)")
         try:
@@ -198,7 +199,7 @@ def child(argv: list[str]) -> None:
         "levels_s": marks["levels_end"] - marks["levels_start"] - once, "once_s": once,
         "startup_s": marks["levels_start"] - marks["start"] + once, "teardown_s": marks["end"] - marks["levels_end"],
         "startup": startup, "per_unit_s": {k: v / max(n, 1) for k, v in in_levels.items()},
-        "counts": timers.counts, "threads": _threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "counts": timers.counts, "threads": marks.get("threads", _threads()), "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }, indent=1))
 
 

@@ -162,3 +162,27 @@ def test_a_run_in_this_process_gives_the_thread_count_back(tmp_path):
     summary = run_experiment(tiny_cfg("pruning=none", "threads=2"), tmp_path / "run")
     assert summary[0]["device_info"]["threads"] == 2
     assert torch.get_num_threads() == before
+
+
+def test_evaluation_gets_every_core_back_only_where_small_steps_got_one(monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+    from lottery.core import threads as T
+    before = torch.get_num_threads()
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        torch.set_num_threads(2)
+        T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS / 10)
+        assert torch.get_num_threads() == 1
+        with T.evaluation_threads():
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        for cfg, flops in [({"threads": 1}, T.SMALL_STEP_FLOPS / 10), ({"threads": None}, T.SMALL_STEP_FLOPS * 10)]:
+            torch.set_num_threads(2)
+            T.set_threads(OmegaConf.create(cfg), flops)
+            n = torch.get_num_threads()
+            with T.evaluation_threads():
+                assert torch.get_num_threads() == n, cfg  # the user's count, or every core already
+    finally:
+        torch.set_num_threads(before)

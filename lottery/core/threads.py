@@ -18,15 +18,19 @@ threads ran 10-60x slower next to one busy process than alone. Two defaults, eac
   lottery.training.cost), which gets one thread: a sleeping thread costs a wake-up per operation, more than a
   second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x faster on one thread than
   on two passive ones, alone on the machine, and at least as fast next to other work), while Conv-2 ran 1.6x faster on
-  two. Replicas trained stacked (one large step for R networks) pass no step size and keep every core.
+  two. Replicas trained stacked (one large step for R networks) pass no step size and keep every core. Evaluation
+  of a whole split is a few large operations: `evaluation_threads()` gives it every core back.
+  A spin count between the two policies did not help: with two threads and GOMP_SPINCOUNT=10,000, LeNet-300-100
+  was 1.2x faster than one thread alone but 2.8x (next to a busy process) to 3.4x (two runs) slower beside work.
 
 `describe()` says what a process ended up with, for its log.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import MutableMapping, Optional
+from typing import Iterator, MutableMapping, Optional
 
 # What says how OpenMP threads wait: the standard variable, and the GNU (libgomp) and Intel (libiomp) runtimes' own.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -49,27 +53,61 @@ def default_wait_policy(environ: Optional[MutableMapping[str, str]] = None) -> O
     return f"{name}={value}"
 
 
+def _slurm_cpus() -> Optional[int]:
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(slurm) if slurm.isdigit() and int(slurm) > 0 else None
+
+
+def _small_step(cfg, step_flops: Optional[float]) -> bool:
+    """Whether `threads: null` means one thread here: no count given (by `threads` or SLURM), a training step below
+    SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait."""
+    return (not cfg.threads and _slurm_cpus() is None and step_flops is not None and step_flops < SMALL_STEP_FLOPS
+            and passive_wait())
+
+
 def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
     """The thread count `set_threads` sets: `threads`, else SLURM_CPUS_PER_TASK, else 1 for a small training step
-    (`step_flops` below SMALL_STEP_FLOPS) when OpenMP threads sleep while they wait, else None (PyTorch's default:
-    every core). With a spinning wait policy (set by the user) two threads do pay on small steps, on a quiet machine."""
+    (`_small_step`), else None (PyTorch's default: every core). With a spinning wait policy (set by the user) two
+    threads do pay on small steps, on a quiet machine."""
     if cfg.threads:
         return int(cfg.threads)
-    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if slurm.isdigit() and int(slurm) > 0:
-        return int(slurm)
-    if step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait():
-        return 1
-    return None
+    if _slurm_cpus() is not None:
+        return _slurm_cpus()
+    return 1 if _small_step(cfg, step_flops) else None
+
+
+# The thread count evaluation uses where set_threads gave small training steps one thread (None: no change).
+_evaluation_threads: Optional[int] = None
 
 
 def set_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
-    """Set PyTorch's thread count (`default_threads`); returns it, or None where PyTorch's default stays."""
+    """Set PyTorch's thread count (`default_threads`); returns it, or None where PyTorch's default stays. Where small
+    training steps got one thread, `evaluation_threads()` gives evaluation the count there was before."""
+    global _evaluation_threads
     import torch
+    before = torch.get_num_threads()
+    _evaluation_threads = before if _small_step(cfg, step_flops) and before > 1 else None
     n = default_threads(cfg, step_flops)
     if n is not None:
         torch.set_num_threads(n)
     return n
+
+
+@contextlib.contextmanager
+def evaluation_threads() -> Iterator[None]:
+    """Every core while a split is evaluated, where set_threads gave small training steps one thread: evaluation is
+    a few large operations (LeNet-300-100 on 10,000 examples: 1.9x faster on two threads that sleep while they wait
+    than on one; logits and loss bit-identical on the development machine), so the wake-ups it pays are few."""
+    if _evaluation_threads is None:
+        yield
+        return
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(_evaluation_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def passive_wait() -> bool:

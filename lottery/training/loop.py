@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lottery.core.divergence import finite_or_none, nonfinite
 from lottery.core.signals import Preempted
 from lottery.core.steps import Steps
+from lottery.core.threads import evaluation_threads
 from lottery.data import Batches
 from lottery import masks as M
 from lottery.masks import Masker, Masks
@@ -134,8 +135,9 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     def run_eval(which: list[int]) -> None:
         """Evaluate the networks in `which` (an evaluation step: every active one; a loss log that saw a non-finite
         loss: those whose loss it was) and append their records."""
-        val = net.evaluate("val", tcfg.eval_batch_size, tcfg.precision, which)
-        test = net.evaluate("test", tcfg.eval_batch_size, tcfg.precision, which)
+        with evaluation_threads():
+            val = net.evaluate("val", tcfg.eval_batch_size, tcfg.precision, which)
+            test = net.evaluate("test", tcfg.eval_batch_size, tcfg.precision, which)
         counts = torch.tensor([max(c, 1) for c in loss_count], dtype=loss_sum.dtype, device=device)
         train_loss = (loss_sum / counts).tolist()
         lr = base_lrs[0] * multiplier(max(step - 1, 0))
