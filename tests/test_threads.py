@@ -162,6 +162,11 @@ def test_a_run_in_this_process_gives_the_thread_count_back(tmp_path):
     summary = run_experiment(tiny_cfg("pruning=none", "threads=2"), tmp_path / "run")
     assert summary[0]["device_info"]["threads"] == 2
     assert torch.get_num_threads() == before
+    from lottery.core import threads as T
+    T._evaluation_threads = 2  # as a small-step run leaves it
+    T.restore(before)
+    with T.evaluation_threads():
+        assert torch.get_num_threads() == before  # forgotten once the run gave the count back
 
 
 def test_evaluation_gets_every_core_back_only_where_small_steps_got_one(monkeypatch):

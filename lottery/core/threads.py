@@ -93,6 +93,14 @@ def set_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
     return n
 
 
+def restore(n: int) -> None:
+    """Set `n` threads and forget what set_threads decided (a run that ends gives its caller the count it had)."""
+    global _evaluation_threads
+    import torch
+    _evaluation_threads = None
+    torch.set_num_threads(n)
+
+
 @contextlib.contextmanager
 def evaluation_threads() -> Iterator[None]:
     """Every core while a split is evaluated, where set_threads gave small training steps one thread: evaluation is
