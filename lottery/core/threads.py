@@ -7,8 +7,8 @@ process (another run, a test suite, a browser) the spinning threads hold the cor
 needs, and every operation stalls. Measured on the 2-core development machine (README, Speed): LeNet-300-100 with 2
 threads ran 10-60x slower next to one busy process than alone. Two defaults, each only where the user has not chosen:
 
-- How threads wait: `default_wait_policy()`, called by the entry points (lottery-train, lottery-retrain, and
-  scripts/bench.py) before torch is imported, since OpenMP reads its environment once, when torch loads it:
+- How threads wait: `default_wait_policy()`, called by the entry points (lottery-train, lottery-retrain; lottery.cli
+  calls it first) before torch is imported, since OpenMP reads its environment once, when torch loads it:
   OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once) unless the environment already says how OpenMP threads
   wait (OMP_WAIT_POLICY, or the GNU and Intel runtimes' own GOMP_SPINCOUNT and KMP_BLOCKTIME). The variable is
   inherited by the processes a run starts (submitit's local jobs), which then keep it as it is. lottery-report does
