@@ -9,6 +9,8 @@ Imports core only.
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -152,14 +154,25 @@ def non_experiment(key: str, extra: tuple = ()) -> bool:
     return any(key == k or key.startswith(k + ".") for k in (*NON_EXPERIMENT_KEYS, *extra))
 
 
+# A folder name is at most 255 bytes on common file systems; the job number and "_" come before this part.
+DIRNAME_BYTES = 200
+
+
 def job_dirname(overrides) -> str:
-    """A sweep job's folder name: its overrides, sorted, without the keys that do not define an experiment."""
+    """A sweep job's folder name: its overrides, sorted, without the keys that do not define an experiment. Names
+    longer than DIRNAME_BYTES keep their first part and end in a digest of the whole ("~" and 12 hex digits): the
+    same overrides give the same folder (resume), different ones different folders."""
     items = []
     for line in overrides:
         key = str(line).split("=", 1)[0].lstrip("+~")
         if not non_experiment(key):
             items.append(str(line).replace("/", "_"))
-    return ",".join(sorted(items))
+    name = ",".join(sorted(items))
+    if len(name.encode()) <= DIRNAME_BYTES:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+    head = name.encode()[:DIRNAME_BYTES - 13].decode(errors="ignore")
+    return f"{head}~{digest}"
 
 
 def conf_dir() -> str:

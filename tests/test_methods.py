@@ -282,3 +282,29 @@ def test_a_killed_dynamic_sparse_run_resumes_bit_identical(tmp_path):
     from lottery.experiment.ticket import load_ticket
     a, b = (load_ticket(d / "levels" / "level_1" / "ticket.pt").masks for d in (ref, run))
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_cifar10_comparison_composes_and_runs_shrunk(tmp_path):
+    """experiment=compare_conv2_cifar10 (Conv-2, step schedule, global pruning, replicas=3) shrunk onto synthetic
+    CIFAR-shaped data: IMP with learning-rate rewinding and RigL, each job two replicates, finish and record their cost."""
+    from conftest import run_cli
+    sweep = tmp_path / "sweep"
+    r = run_cli("-m", "experiment=compare_conv2_cifar10", "dataset=synthetic", "dataset.synthetic_shape=cifar10",
+                "dataset.synthetic_train=256", "dataset.val_size=64", "train.duration=8it", "train.eval_every=8it",
+                "train.milestones=[4it,6it]", "train.batch_size=16", "train.progress=false", "pruning.levels=2",
+                "replicas=2", "dst.delta_t=2", "method=lr_rewind,rigl", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summaries = sorted(sweep.glob("*/replicate_*/summary.json"))
+    assert len(summaries) == 4, summaries
+    for path in summaries:
+        records = json.loads(path.read_text())
+        levels = [rec["level"] for rec in records]
+        # IMP trains the dense level 0 first; RigL is sparse from the start (its level 1 only)
+        assert levels == ([0, 1] if "method=lr_rewind" in str(path) else [1]), (path, levels)
+        assert all(rec["cost_flops"] > 0 for rec in records)
+    # this many overrides make a job folder name past 255 bytes: it is cut and ends in a digest of the whole
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2 and all(len(j.encode()) < 255 and "~" in j for j in jobs), jobs
+    config = (next(sweep.glob("0_*")) / "replicate_0" / "config.yaml").read_text()
+    assert "name: conv2" in config and "schedule: step" in config

@@ -112,3 +112,16 @@ def test_submitit_local_requeues_preempted_job_which_resumes(tmp_path):
     rows = table(sweep_dir)
     assert sorted({Path(x["run_dir"]).name for x in rows}) == sorted(d.name for d in (preempted, plain))
     assert not any(x.get("error") for x in rows)
+
+
+def test_job_folder_names_stay_within_the_file_system_limit():
+    """Overrides past DIRNAME_BYTES: the name keeps its start and ends in a digest of the whole, so it is the same for
+    the same overrides (a sweep resumes into it) and differs for others; short names are the overrides themselves."""
+    from lottery.config import DIRNAME_BYTES, job_dirname
+    short = ["optimizer.lr=0.1", "seed=1"]
+    assert job_dirname(short) == "optimizer.lr=0.1,seed=1"
+    long = [f"train.milestones=[{','.join(f'{i}it' for i in range(60))}]", "seed=1"]
+    name = job_dirname(long)
+    assert len(name.encode()) <= DIRNAME_BYTES and name.startswith("seed=1,train.milestones=[0it,1it")
+    assert name == job_dirname(list(reversed(long))) and name != job_dirname([*long[:1], "seed=2"])
+    assert len(job_dirname(["x=" + "é" * 300]).encode()) <= DIRNAME_BYTES  # cut on a character, not inside one
