@@ -71,8 +71,9 @@ def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
     threads do pay on small steps, on a quiet machine."""
     if cfg.threads:
         return int(cfg.threads)
-    if _slurm_cpus() is not None:
-        return _slurm_cpus()
+    slurm = _slurm_cpus()
+    if slurm is not None:
+        return slurm
     return 1 if _small_step(cfg, step_flops) else None
 
 
