@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, stable
+from conftest import REPO, fault, run_cli, stable
 
 TINY = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_size=32", "train.duration=80it",
         "train.eval_every=40it", "checkpoint.every=20it", "pruning.levels=2", "pruning.branches=[]",
@@ -155,9 +155,9 @@ ONE_CPU = ["launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.c
 WAIT_S = 900  # a time-limit run needs ~2 min alone, but several on a machine busy with other work
 
 
-def _cli_popen(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
+def _cli_popen(*args: str, cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
     code = "import sys; sys.argv[0] = 'lottery-train'; from lottery.cli import train; train()"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -194,9 +194,9 @@ def cli(tmp_path):
     """Start lottery-train in the background; whatever of it still runs at the end is killed."""
     procs = []
 
-    def start(*args):
+    def start(*args, env=None):
         log = tmp_path / f"cli{len(procs)}.log"
-        procs.append(_cli_popen(*args, cwd=tmp_path, log=log))
+        procs.append(_cli_popen(*args, cwd=tmp_path, log=log, env=env))
         procs[-1].log = log
         return procs[-1]
 
@@ -293,14 +293,17 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(reference, job_name,
     """A real time limit of one minute with USR2 10 s before it: submitit counts it as a time-out (max_num_timeout),
     the run checkpoints, the requeued job resumes, and the result equals an uninterrupted run's.
     SLURM checks time limits every 30 s and sends the warning up to 30 s early: 20 to 50 s after the start, so the run
-    (~60 s) surely gets one. A larger signal_delay_s would not do: a requeued job starts ~14 s after the check
-    that signalled it, and with a window that opens before the next check it would be signalled again after a few
-    seconds of work, every 30 s."""
+    must train longer than that. Its speed is not enough (a level took 28 s on one CI machine, 19 s on the next, and
+    that run ended before any signal): the test plugin paces it to at least 64 s (1.6 ms a step; sleeping changes no
+    result). A larger signal_delay_s would not do: a requeued job starts ~14 s after the check that signalled it,
+    and with a window that opens before the next check it would be signalled again after a few seconds of work,
+    every 30 s."""
     sweep_dir = tmp_path / "sweep"
     started = time.time()
+    args, env = fault(pace_ms=1.6)
     proc = cli("-m", *ONE_CPU, f"hydra.launcher.name={job_name}", "hydra.launcher.timeout_min=1",
-               "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=30", *LONG,
-               f"hydra.sweep.dir={sweep_dir}")
+               "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=30", *LONG, *args,
+               f"hydra.sweep.dir={sweep_dir}", env=env)
     log = _finish(proc)
     assert proc.returncode == 0, log
     (run_dir,) = _job_dirs(sweep_dir)

@@ -8,10 +8,14 @@ environment variable LOTTERY_FAULT, comma-separated `key=value` pairs:
     where=GLOB                only in run folders whose path matches GLOB (e.g. */0_* for job 0 of a sweep)
     marker=PATH               the file that says the fault has fired (default: .fault_fired in the run folder, or in
                               the replicas parent folder), so a rerun of the same command does not fire it again
+    pace_ms=T                 every unit's training takes at least T ms a step (checked every 100 steps), so that a
+                              test waiting for an outside event (a SLURM time limit) does not depend on this CPU's speed;
+                              sleeping changes nothing that is computed
 """
 import fnmatch
 import os
 import signal
+import time
 from pathlib import Path
 
 from lottery.experiment import Callback, register_callback
@@ -58,4 +62,24 @@ class Faults(Callback):
             self._fire(marker, signal.SIGKILL)
 
 
+class Pace(Callback):
+    EVERY = 100
+    LAST = 10 ** 6
+
+    def __init__(self):
+        self.seconds = float(_spec().get("pace_ms", 0)) / 1000
+
+    def unit_steps(self, unit):
+        if not self.seconds:
+            return {}
+        first = {}  # (step, time) of the first call in this process: a resumed unit is paced from where it resumed
+
+        def wait(step):
+            s0, t0 = first.setdefault("at", (step, time.monotonic()))
+            time.sleep(max(0.0, t0 + (step - s0) * self.seconds - time.monotonic()))
+
+        return {k: (lambda k=k: wait(k)) for k in range(0, self.LAST + 1, self.EVERY)}
+
+
 register_callback(Faults())
+register_callback(Pace())
