@@ -108,6 +108,15 @@ def _wandb_offline(tmp_path_factory, monkeypatch):
         monkeypatch.setenv(var, str(wandb_home))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _wandb_teardown():
+    """Stop wandb's service once the tests that ran it in this process are done: left to the interpreter's exit, its
+    threads print a 'Logging error' traceback after pytest's summary."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+
+
 # --- a real one-node SLURM cluster (scripts/slurm/local-cluster.sh) -----------------------------------------------
 
 LOCAL_CLUSTER = REPO / "scripts" / "slurm" / "local-cluster.sh"

@@ -6,7 +6,7 @@ Conventions, those of RigL (Evci et al. 2020, "Rigging the Lottery", Appendix H)
 - Only the weights of Linear and Conv layers are counted. One multiply-accumulate (MAC) is 2 FLOPs (a multiply and an
   add): a Linear layer costs in_features * out_features MACs per example (per position, for inputs with extra
   dimensions), a convolution (its weight's entries) * (output positions) MACs: C_out * C_in/groups * k_h * k_w * H_out *
-  W_out; the output size is measured with forward hooks on one example, on the meta device (no real computation).
+  W_out; the output size is measured with forward hooks on one zero example, on a copy of the model on the CPU.
   micronet counts mults + adds of a dot product of length n as n + (n - 1) plus one add for the bias, i.e. the same
   2n per output with a bias and 2n - 1 without; it also counts one operation per ReLU output. Biases, BatchNorm,
   activations, pooling and the loss are left out here: they are linear in the activations, not in the weights, and
@@ -26,8 +26,8 @@ Conventions, those of RigL (Evci et al. 2020, "Rigging the Lottery", Appendix H)
 
   The dense counterpart is the same with every layer dense (f_D). Evaluation passes are not training and not counted.
 
-Usage: `info = model_info(model, input_shape)` once (a deep copy of the model on the meta device; the model itself is
-not touched), then `step_flops(info, masks, batch_size)` per mask (cheap: one count_nonzero per masked tensor), e.g.
+Usage: `info = model_info(model, input_shape)` once (a deep copy of the model on the CPU; the model itself is not
+touched), then `step_flops(info, masks, batch_size)` per mask (cheap: one count_nonzero per masked tensor), e.g.
 at every mask update of a dynamic sparse run; `TrainingCost` adds steps under changing masks up.
 """
 from __future__ import annotations
@@ -69,15 +69,12 @@ class ModelInfo:
 def model_info(model: nn.Module, input_shape: Sequence[int]) -> ModelInfo:
     """Per-layer costs of `model` on inputs of shape `input_shape` (one example, without the batch dimension, e.g.
     (1, 28, 28)): every Linear and Conv layer's weight name, entries and output positions, measured by forward hooks
-    on a deep copy on the meta device (the model, its mode and its statistics are not touched). A module called twice
+    on a deep copy on the CPU (the model, its mode and its statistics are not touched). A module called twice
     in one forward pass counts twice."""
-    try:
-        net = copy.deepcopy(model).to("meta")
-        x = torch.empty((1, *input_shape), device="meta")
-        return _measure(net, x)
-    except (NotImplementedError, RuntimeError):  # an operation without a meta kernel: a zero input on the CPU
-        net = copy.deepcopy(model).cpu()
-        return _measure(net, torch.zeros((1, *input_shape)))
+    # One real example on the CPU, not the meta device: meta kernels of Linear and Conv are Python decompositions whose
+    # first use imports sympy and torch._decomp, 1.7 s of every run's start, far more than this forward pass costs.
+    net = copy.deepcopy(model).cpu()
+    return _measure(net, torch.zeros((1, *input_shape)))
 
 
 def _measure(net: nn.Module, x: torch.Tensor) -> ModelInfo:
