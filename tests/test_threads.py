@@ -94,8 +94,9 @@ def test_set_threads_takes_threads_then_slurm_then_every_core(monkeypatch):
 
 
 def test_small_training_steps_get_one_thread_only_when_threads_sleep(monkeypatch):
-    """threads: null -> one thread for a step below SMALL_STEP_FLOPS when waiting threads sleep (lottery's default);
-    never over `threads` or SLURM's count, and not with a spinning wait policy the user chose."""
+    """threads: null -> one thread for a step below SMALL_STEP_FLOPS when waiting threads sleep (lottery's default),
+    in a SLURM job too (its sleeping threads pay the same wake-ups; larger steps get SLURM's count); never over
+    `threads`, and not with a spinning wait policy the user chose."""
     from omegaconf import OmegaConf
     from lottery.core.threads import SMALL_STEP_FLOPS, default_threads
     null, two = OmegaConf.create({"threads": None}), OmegaConf.create({"threads": 2})
@@ -107,7 +108,10 @@ def test_small_training_steps_get_one_thread_only_when_threads_sleep(monkeypatch
     assert default_threads(null, None) is None
     assert default_threads(two, SMALL_STEP_FLOPS / 10) == 2
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
-    assert default_threads(null, SMALL_STEP_FLOPS / 10) == 4
+    assert default_threads(null, SMALL_STEP_FLOPS / 10) == 1
+    assert default_threads(null, SMALL_STEP_FLOPS * 10) == 4
+    assert default_threads(null, None) == 4
+    assert default_threads(two, SMALL_STEP_FLOPS / 10) == 2
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     for var, value, one in [("OMP_WAIT_POLICY", "ACTIVE", False), ("GOMP_SPINCOUNT", "0", True),
                             ("GOMP_SPINCOUNT", "1000", False), ("KMP_BLOCKTIME", "0", True)]:
@@ -189,5 +193,16 @@ def test_evaluation_gets_every_core_back_only_where_small_steps_got_one(monkeypa
             n = torch.get_num_threads()
             with T.evaluation_threads():
                 assert torch.get_num_threads() == n, cfg  # the user's count, or every core already
+        # a SLURM job of 3 CPUs: small steps train on one, evaluation gets the job's 3 (not the 2 torch had)
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+        torch.set_num_threads(2)
+        T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS / 10)
+        assert torch.get_num_threads() == 1
+        with T.evaluation_threads():
+            assert torch.get_num_threads() == 3
+        T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS * 10)
+        assert torch.get_num_threads() == 3
+        with T.evaluation_threads():
+            assert torch.get_num_threads() == 3
     finally:
-        torch.set_num_threads(before)
+        T.restore(before)

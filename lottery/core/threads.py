@@ -15,11 +15,12 @@ threads ran 10-60x slower next to one busy process than alone. Two defaults, eac
   no tensor arithmetic and lottery-init-study runs on one thread, so neither needs it.
 - How many threads: `set_threads(cfg, step_flops)`: `threads` when set, else the CPUs SLURM gave the job, else every
   core, except for a model whose training step is small (below SMALL_STEP_FLOPS; `step_flops` from
-  lottery.training.cost), which gets one thread: a sleeping thread costs a wake-up per operation, more than a
-  second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x faster on one thread than
-  on two passive ones, alone on the machine, and at least as fast next to other work), while Conv-2 ran 1.6x faster on
-  two. Replicas trained stacked (one large step for R networks) pass no step size and keep every core. Evaluation
-  of a whole split is a few large operations: `evaluation_threads()` gives it every core back.
+  lottery.training.cost), which gets one thread for training, in a SLURM job too: a sleeping thread costs a wake-up
+  per operation, more than a second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x
+  faster on one thread than on two passive ones, alone on the machine, and at least as fast next to other work),
+  while Conv-2 ran 1.6x faster on two. Replicas trained stacked (one large step for R networks) pass no step size
+  and keep every core. Evaluation of a whole split is a few large operations: `evaluation_threads()` gives it every
+  core (a SLURM job's CPUs) back.
   A spin count between the two policies did not help: with two threads and GOMP_SPINCOUNT=10,000, LeNet-300-100
   was 1.2x faster than one thread alone but 2.8x (next to a busy process) to 3.4x (two runs) slower beside work.
 
@@ -59,22 +60,22 @@ def _slurm_cpus() -> Optional[int]:
 
 
 def _small_step(cfg, step_flops: Optional[float]) -> bool:
-    """Whether `threads: null` means one thread here: no count given (by `threads` or SLURM), a training step below
-    SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait."""
-    return (not cfg.threads and _slurm_cpus() is None and step_flops is not None and step_flops < SMALL_STEP_FLOPS
-            and passive_wait())
+    """Whether `threads: null` means one thread for training here: no `threads` given, a training step below
+    SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait. A SLURM job counts too: its CPUs are its own,
+    but the wait policy its submitting command set is inherited, and sleeping threads cost the same wake-ups there
+    (LeNet-300-100 as a job of 2 CPUs: 2.85 s a 500-step unit on both, 2.19 s on one, README Speed)."""
+    return not cfg.threads and step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait()
 
 
 def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
-    """The thread count `set_threads` sets: `threads`, else SLURM_CPUS_PER_TASK, else 1 for a small training step
-    (`_small_step`), else None (PyTorch's default: every core). With a spinning wait policy (set by the user) two
-    threads do pay on small steps, on a quiet machine."""
+    """The thread count `set_threads` sets for training: `threads`, else 1 for a small training step (`_small_step`),
+    else SLURM_CPUS_PER_TASK, else None (PyTorch's default: every core). With a spinning wait policy (set by the user)
+    two threads do pay on small steps, on a quiet machine."""
     if cfg.threads:
         return int(cfg.threads)
-    slurm = _slurm_cpus()
-    if slurm is not None:
-        return slurm
-    return 1 if _small_step(cfg, step_flops) else None
+    if _small_step(cfg, step_flops):
+        return 1
+    return _slurm_cpus()
 
 
 # The thread count evaluation uses where set_threads gave small training steps one thread (None: no change).
@@ -83,11 +84,12 @@ _evaluation_threads: Optional[int] = None
 
 def set_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
     """Set PyTorch's thread count (`default_threads`); returns it, or None where PyTorch's default stays. Where small
-    training steps got one thread, `evaluation_threads()` gives evaluation the count there was before."""
+    training steps got one thread, `evaluation_threads()` gives evaluation SLURM's count or the count there was
+    before."""
     global _evaluation_threads
     import torch
-    before = torch.get_num_threads()
-    _evaluation_threads = before if _small_step(cfg, step_flops) and before > 1 else None
+    cores = _slurm_cpus() or torch.get_num_threads()
+    _evaluation_threads = cores if _small_step(cfg, step_flops) and cores > 1 else None
     n = default_threads(cfg, step_flops)
     if n is not None:
         torch.set_num_threads(n)
