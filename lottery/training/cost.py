@@ -71,8 +71,8 @@ def model_info(model: nn.Module, input_shape: Sequence[int]) -> ModelInfo:
     (1, 28, 28)): every Linear and Conv layer's weight name, entries and output positions, measured by forward hooks
     on a deep copy on the CPU (the model, its mode and its statistics are not touched). A module called twice
     in one forward pass counts twice."""
-    # One real example on the CPU, not the meta device: meta kernels of Linear and Conv are Python decompositions whose
-    # first use imports sympy and torch._decomp, 1.7 s of every run's start, far more than this forward pass costs.
+    # One zero example on the CPU: every layer has a CPU kernel (on the meta device some have none, which needed a
+    # second path), and one example costs milliseconds even for VGG-16.
     net = copy.deepcopy(model).cpu()
     return _measure(net, torch.zeros((1, *input_shape)))
 
