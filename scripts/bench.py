@@ -38,7 +38,8 @@ lottery's default and threads=1, in fresh processes; the ratios of their times.
 
 Tiny units (`--units`, scripts/bench_units.py): 16 levels x 3 units x 60 steps in one `lottery-train` run, per-unit
 wall time and where it goes (start-up, data, training, evaluation, writes, fsync, summary, ...); `--units-base COMMIT`
-runs another commit the same way, alternating, for before/after.
+runs another commit the same way, alternating, for before/after; `--units-busy` runs each next to the busy mode's
+competing process.
 
 Quick mode (`--quick`) checks that everything runs, on a few steps of small data: its numbers are not speed
 measurements, and no target is judged.
@@ -727,6 +728,8 @@ def main(argv=None) -> dict:
     p.add_argument("--units-base", default=None, help="tiny-units mode: also run this commit, alternating")
     p.add_argument("--units-threads", default="default",
                    help="tiny-units mode: comma-separated thread settings, `default` (nothing set) or a count")
+    p.add_argument("--units-busy", action="store_true",
+                   help="tiny-units mode: each run next to a competing CPU-bound process (as --busy's competitor)")
     p.add_argument("--synflow", action="store_true",
                    help="SynFlow mode: 100-round SynFlow pruning against a Synaptic-Flow-style reference on the CPU, "
                         "one thread unless --threads (scripts/bench_synflow.py; the other benchmarks are skipped)")

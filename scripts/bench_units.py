@@ -4,6 +4,7 @@ and split by where the time goes; optionally against another commit, side by sid
     python scripts/bench.py --units --data-root ../shared/data                     # this checkout
     python scripts/bench.py --units --units-base 4461865 --data-root ../shared/data  # against a commit, alternating
     python scripts/bench.py --units --units-threads default,1 ...                  # also with threads=1
+    python scripts/bench.py --units --units-busy ...        # each run next to a competing CPU-bound process
 
 Each run is `lottery-train` in a fresh process (`child` below: the CLI itself, run from the checkout under test with
 its package first on PYTHONPATH), with timers wrapped around the functions a unit passes through. Time is counted
@@ -230,6 +231,7 @@ def _run(tree: Path, args: list[str], out: Path, timeout: float) -> dict:
 
 def run_units(args, log) -> dict:
     """Alternating rounds of (version x threads setting); per unit wall time and its split."""
+    from bench_busy import competitor  # scripts/ is on the path: bench.py runs this
     quick = args.quick
     levels, steps = (QUICK_LEVELS, QUICK_STEPS) if quick else (LEVELS, STEPS)
     threads = [t.strip() for t in args.units_threads.split(",") if t.strip()]
@@ -251,8 +253,15 @@ def run_units(args, log) -> dict:
             for version, th in order:
                 key = f"{version} threads={th}"
                 run_dir = tmp / f"run_{version}_{th}_{r}"
-                res = _run(trees[version], command_args(data_root, run_dir, th, levels, steps),
-                           tmp / f"{version}_{th}_{r}.json", timeout=3600)
+                # the busy scenario's competitor (scripts/bench_busy.py): a one-thread CPU-bound process beside the run
+                comp = competitor() if args.units_busy else None
+                try:
+                    res = _run(trees[version], command_args(data_root, run_dir, th, levels, steps),
+                               tmp / f"{version}_{th}_{r}.json", timeout=3600)
+                finally:
+                    if comp is not None:
+                        comp.kill()
+                        comp.wait()
                 shutil.rmtree(run_dir, ignore_errors=True)
                 res["loadavg"] = _loadavg()
                 runs.setdefault(key, []).append(res)
@@ -266,7 +275,7 @@ def run_units(args, log) -> dict:
                            capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"levels": levels, "steps": steps, "branches": BRANCHES, "base": args.units_base, "threads": threads,
-           "loadavg": loads, "variants": {}}
+           "busy": bool(args.units_busy), "loadavg": loads, "variants": {}}
     for key, rs in runs.items():
         med = statistics.median
         cats = sorted({c for x in rs for c in x["per_unit_s"]})
@@ -290,7 +299,8 @@ def format_units(out: dict) -> str:
     v = out["variants"]
     keys = list(v)
     lines = [f"tiny units: {out['levels']} levels x (ticket + {out['branches']}) x {out['steps']} steps, "
-             f"{v[keys[0]]['units']} units; medians of {v[keys[0]]['rounds']} alternating rounds; load "
+             f"{v[keys[0]]['units']} units{', each run next to a CPU-bound process' if out.get('busy') else ''}; "
+             f"medians of {v[keys[0]]['rounds']} alternating rounds; load "
              f"{out['loadavg']}", "",
              f"{'':46s}" + "".join(f"{k:>22s}" for k in keys)]
 

@@ -162,11 +162,12 @@ def test_bench_quick_judges_no_target_even_on_real_data():
 
 def test_bench_busy_and_units_quick_run(tmp_path):
     """--busy (lottery-train next to a competing process and two runs together, under PyTorch's default, the wait
-    policy alone, lottery's default and threads=1) and --units (many tiny units, split by where the time goes) run end to end, in quick mode."""
+    policy alone, lottery's default and threads=1) and --units (many tiny units, split by where the time goes; here next
+    to the competing process) run end to end, in quick mode."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--busy", "--busy-scenarios",
-                           "competitor,pair", "--units", "--out", str(out)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=900)
+                           "competitor,pair", "--units", "--units-busy", "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     busy = results["busy"]["scenarios"]
@@ -175,6 +176,7 @@ def test_bench_busy_and_units_quick_run(tmp_path):
         assert set(s["unit_s"]) == {"pytorch", "passive", "default", "threads1"}
         assert all(v > 0 for v in s["unit_s"].values())
         assert s["pytorch/default"] > 0 and s["passive/default"] > 0 and s["threads1/default"] > 0
+    assert results["units"]["busy"] is True and "next to a CPU-bound process" in proc.stdout
     units = results["units"]["variants"]["head threads=default"]
     assert units["units"] == 7 and units["per_unit_s"] > 0  # 3 levels: 1 + 2 x 3 units
     split = units["split_per_unit_s"]
