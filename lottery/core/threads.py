@@ -63,7 +63,7 @@ def _small_step(cfg, step_flops: Optional[float]) -> bool:
     """Whether `threads: null` means one thread for training here: no `threads` given, a training step below
     SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait. A SLURM job counts too: its CPUs are its own,
     but the wait policy its submitting command set is inherited, and sleeping threads cost the same wake-ups there
-    (LeNet-300-100 as a job of 2 CPUs: 2.85 s a 500-step unit on both, 2.19 s on one, README Speed)."""
+    (LeNet-300-100 as a job of 2 CPUs: 3.00 s a 500-step unit on both, 2.10 s this way, README Speed)."""
     return not cfg.threads and step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait()
 
 
