@@ -114,7 +114,10 @@ def _wandb_teardown():
     threads print a 'Logging error' traceback after pytest's summary."""
     yield
     if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
+        try:
+            sys.modules["wandb"].teardown()
+        except Exception as e:  # noqa: BLE001 - tidying up after the tests must not fail them
+            print(f"wandb.teardown() failed: {e!r}", file=sys.stderr)
 
 
 # --- a real one-node SLURM cluster (scripts/slurm/local-cluster.sh) -----------------------------------------------
