@@ -32,6 +32,7 @@ faster).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("pytorch", "passive", "default", "threads1")
@@ -102,25 +104,30 @@ def finish(proc, t0, run_dir: Path, timeout: float) -> dict:
     return {"unit_s": unit_seconds(run_dir / "train.log"), "wall_s": wall}
 
 
-def competitor() -> subprocess.Popen:
+@contextlib.contextmanager
+def competing(on: bool = True, settle_s: float = 0.0) -> Iterator[None]:
+    """With `on`, a one-thread CPU-bound process (COMPETITOR) runs beside the block, started `settle_s` before it."""
+    if not on:
+        yield
+        return
     env = clean_env(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env, stdout=subprocess.DEVNULL,
+    comp = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(settle_s)
+        yield
+    finally:
+        comp.kill()
+        comp.wait()
 
 
 def measure(scenario: str, variant: str, tmp: Path, steps: int, data_root, timeout: float, tag: str) -> dict:
-    comp = competitor() if scenario == "competitor" else None
-    try:
-        if comp is not None:
-            time.sleep(1.0)  # running at full speed before the run starts
+    # the competitor runs at full speed before the run starts
+    with competing(scenario == "competitor", settle_s=1.0):
         n = 2 if scenario == "pair" else 1
         dirs = [tmp / f"{tag}_{i}" for i in range(n)]
         procs = [start(variant, d, steps, data_root) for d in dirs]
         runs = [finish(p, t0, d, timeout) for (p, t0), d in zip(procs, dirs)]
-    finally:
-        if comp is not None:
-            comp.kill()
-            comp.wait()
     return {"unit_s": statistics.mean(r["unit_s"] for r in runs), "wall_s": statistics.mean(r["wall_s"] for r in runs),
             "runs": runs}
 

@@ -231,7 +231,7 @@ def _run(tree: Path, args: list[str], out: Path, timeout: float) -> dict:
 
 def run_units(args, log) -> dict:
     """Alternating rounds of (version x threads setting); per unit wall time and its split."""
-    from bench_busy import competitor  # scripts/ is on the path: bench.py runs this
+    from bench_busy import competing  # scripts/ is on the path: bench.py runs this
     quick = args.quick
     levels, steps = (QUICK_LEVELS, QUICK_STEPS) if quick else (LEVELS, STEPS)
     threads = [t.strip() for t in args.units_threads.split(",") if t.strip()]
@@ -253,15 +253,9 @@ def run_units(args, log) -> dict:
             for version, th in order:
                 key = f"{version} threads={th}"
                 run_dir = tmp / f"run_{version}_{th}_{r}"
-                # the busy scenario's competitor (scripts/bench_busy.py): a one-thread CPU-bound process beside the run
-                comp = competitor() if args.units_busy else None
-                try:
+                with competing(args.units_busy):  # the busy mode's competing process beside the run
                     res = _run(trees[version], command_args(data_root, run_dir, th, levels, steps),
                                tmp / f"{version}_{th}_{r}.json", timeout=3600)
-                finally:
-                    if comp is not None:
-                        comp.kill()
-                        comp.wait()
                 shutil.rmtree(run_dir, ignore_errors=True)
                 res["loadavg"] = _loadavg()
                 runs.setdefault(key, []).append(res)
