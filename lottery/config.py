@@ -168,11 +168,11 @@ def job_dirname(overrides) -> str:
         if not non_experiment(key):
             items.append(str(line).replace("/", "_"))
     name = ",".join(sorted(items))
-    if len(name.encode()) <= DIRNAME_BYTES:
+    raw = name.encode()
+    if len(raw) <= DIRNAME_BYTES:
         return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-    head = name.encode()[:DIRNAME_BYTES - 13].decode(errors="ignore")
-    return f"{head}~{digest}"
+    tail = "~" + hashlib.sha1(raw).hexdigest()[:12]
+    return raw[:DIRNAME_BYTES - len(tail)].decode(errors="ignore") + tail
 
 
 def conf_dir() -> str:
