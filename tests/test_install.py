@@ -1,5 +1,6 @@
 """A plain (non-editable) install works: the wheel carries conf/ as the package lottery.conf, and the entry points
 compose their configs from it in an empty folder outside the repository."""
+import site
 import subprocess
 import sys
 import zipfile
@@ -33,8 +34,13 @@ def test_wheel_contains_every_config(wheel):
 
 def test_plain_install_runs_from_an_empty_folder(wheel, tmp_path):
     venv = tmp_path / "venv"
-    # the machine's packages (torch, hydra, ...) are reused; lottery itself comes only from the wheel
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # The packages of the interpreter running the tests (torch, hydra, ...) are reused through a .pth file, whether
+    # it is a virtual environment (as README sets up) or the system's: `--system-site-packages` would see the base
+    # interpreter's packages, not a venv's. Directories named in a .pth file are not scanned for .pth files
+    # themselves, so an editable install of lottery there stays invisible: lottery comes only from the wheel.
+    (site_dir,) = (venv / "lib").glob("python*/site-packages")
+    (site_dir / "_outer_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                           str(wheel)], capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]

