@@ -1,12 +1,11 @@
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DATA
 from lottery.data import DATASETS, Batches, Pool, Split, load_pool, split
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_ROOT = DATA  # $LOTTERY_DATA, else ../shared/data (tests/conftest.py)
 needs_mnist = pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").is_dir(),
                                  reason=f"real MNIST not found at {DATA_ROOT / 'MNIST' / 'raw'}")
 needs_cifar = pytest.mark.skipif(not (DATA_ROOT / "cifar-10-batches-py").is_dir(),

@@ -1,4 +1,4 @@
-"""Real MNIST and CIFAR-10 from ../shared/data: the paper's settings give the paper's kind of results on this CPU."""
+"""Real MNIST and CIFAR-10 from $LOTTERY_DATA (default ../shared/data): the paper's settings give the paper's kind of results on this CPU."""
 import json
 
 import pytest
