@@ -144,23 +144,62 @@ def test_the_docs_document_commands():
     assert len(COMMANDS) > 40 and "README.md" in files and "docs/getting-started.md" in files
 
 
-@pytest.mark.parametrize("where, program, args", COMMANDS, ids=[f"{f}:{' '.join(a)[:60]}" for f, _, a in COMMANDS])
+PLAIN = [c for c in COMMANDS if not any(a.startswith("imports=") for a in c[2])]
+EXTENDING = [c for c in COMMANDS if any(a.startswith("imports=") for a in c[2])]
+
+
+def expand(args: list[str], home: Path, pwd: Path) -> list[str]:
+    args = [a.replace("{HOME}", str(home)).replace("$PWD", str(pwd)) for a in args]
+    assert not any("$" in a for a in args), args  # every variable of the docs is one the shell (or the block) sets
+    return args
+
+
+CHECK = """
+import json, sys
+from hydra import compose, initialize_config_dir
+from lottery.config import register_configs
+from lottery.experiment.check import checked
+register_configs()
+for overrides in json.loads(sys.argv[2]):
+    with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+        checked(compose(config_name="config", overrides=overrides))
+print("checked", len(json.loads(sys.argv[2])))
+"""
+
+
+@pytest.mark.parametrize("where, program, args", PLAIN, ids=[f"{f}:{' '.join(a)[:60]}" for f, _, a in PLAIN])
 def test_documented_command_composes_and_passes_the_checks(where, program, args, tmp_path):
     """Each documented command, as the user types it, composes a config that passes every check made before any
-    work (names, settings, durations, paths): a renamed key or option breaks the docs here. Extensions of your own
-    (imports=[my_ext]) are the examples' modules, tested in tests/test_extensions.py."""
-    if any(a.startswith("imports=") for a in args):
-        pytest.skip("a user's own module (tests/test_extensions.py covers registering one)")
+    work (names, settings, durations, paths): a renamed key or option breaks the docs here."""
     (tmp_path / "data").mkdir()
-    args = [a.replace("{HOME}", str(tmp_path)) for a in args]
-    assert not any("$" in a for a in args), args  # every variable of the docs is one the shell (or the block) sets
-    overrides = compose_args(args)
+    overrides = compose_args(expand(args, tmp_path, tmp_path))
     if "launcher=submitit_local" in overrides:  # its jobs pick their GPU from hydra.job.num, set only in a job
         overrides.append("device=auto")
     cfg = make_cfg(*overrides, config_name=ENTRY[program])
     if program == "lottery-train":
         from lottery.experiment.check import checked
         checked(cfg)
+
+
+def test_extending_examples_register_and_their_commands_pass_the_checks(tmp_path):
+    """docs/extending.md's Python blocks are one module, my_ext.py, and its YAML blocks the files they name; every
+    documented command with imports=[my_ext] then composes and passes the checks, in a process of its own (the
+    registries are global: the examples must not leak into the other tests)."""
+    page = (DOCS / "extending.md").read_text()
+    (tmp_path / "my_ext.py").write_text("\n\n".join(re.findall(r"```python\n(.*?)```", page, flags=re.S)))
+    for block in re.findall(r"```yaml\n(.*?)```", page, flags=re.S):
+        name = block.splitlines()[0].lstrip("# ").strip()
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(block)
+    (tmp_path / "data").mkdir()
+    jobs = [compose_args(expand(args, tmp_path, tmp_path)) for _, program, args in EXTENDING
+            if program == "lottery-train"]
+    assert len(jobs) >= 6 and all(where == "docs/extending.md" for where, _, _ in EXTENDING)
+    import json
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    r = subprocess.run([sys.executable, "-c", CHECK, str(CONF), json.dumps(jobs)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"checked {len(jobs)}" in r.stdout, r.stdout + r.stderr
 
 
 def test_examples_point_at_a_data_folder_the_shell_expands():
@@ -193,7 +232,7 @@ def test_every_page_is_in_the_nav_or_waits_for_a_merge():
     nav = (REPO / "mkdocs.yml").read_text()
     enabled = set(re.findall(r"^\s*- [^#\n]*?:\s*([\w-]+\.md)\s*$", nav, flags=re.M))
     pages = {p.name for p in DOCS.glob("*.md")}
-    assert pages <= enabled, f"pages not in mkdocs.yml's nav: {sorted(pages - enabled)}"
+    assert pages <= enabled, f"pages not in mkdocs.yml's nav (enable or add their entries): {sorted(pages - enabled)}"
     assert enabled <= pages, f"nav entries without a page: {sorted(enabled - pages)}"
 
 
