@@ -129,8 +129,8 @@ def test_train_help_and_python_m(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_quick_on_the_cpu_in_under_two_minutes(tmp_path):
     """docs/gpus.md: `--device cpu` is the dry run and `--quick` a short one. Run as a user would (no
-    OMP_NUM_THREADS), with every check, Conv-2's included (it once ran past its 600 s time-out): the script imports, its CPU-runnable checks
-    pass and the GPU rows say SKIP. Measured: 40-80 s on the busy 2-core CPU."""
+    OMP_NUM_THREADS), with every check, Conv-2's included (it once ran past its 600 s time-out): the script imports,
+    its CPU-runnable checks pass and the GPU rows say SKIP. Measured: 40-80 s on the busy 2-core CPU."""
     out = tmp_path / "gpu_check.json"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     t0 = time.perf_counter()
