@@ -200,8 +200,17 @@ def render() -> str:
         out += [f"## `{g}=` {{#{g}}}", ""]
         for p in options(g):
             out += file_section(p, f"`{g}={p.stem}`")
-    for name, cmd in (("retrain.yaml", "lottery-retrain"), ("init_study.yaml", "lottery-init-study")):
-        out += file_section(CONF / name, f"{cmd}: `conf/{name}`", "##")
+    # groups that config.yaml's defaults list does not name (selected with +group=option, or by another entry point)
+    others = sorted({p.parent.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
+                    - {".", HELP, *groups})
+    for g in others:
+        out += [f"## `{g}=`", ""]
+        for p in options(g):
+            out += file_section(p, f"`{g}={p.stem}`")
+    programs = {"retrain.yaml": "lottery-retrain", "init_study.yaml": "lottery-init-study"}
+    for p in sorted(CONF.glob("*.yaml")):
+        if p.name != "config.yaml":
+            out += file_section(p, f"{programs[p.name] + ': ' if p.name in programs else ''}`conf/{p.name}`", "##")
     help_files = options(HELP)
     if help_files:
         out += ["## `--help` texts", ""]

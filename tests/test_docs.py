@@ -79,9 +79,12 @@ def test_a_new_key_reaches_the_reference_with_its_comment_and_the_check_fails_un
     shutil.copytree(CONF, conf)
     with open(conf / "pruning" / "lth.yaml", "a") as f:
         f.write("brand_new: 3           # a key another branch added | with a pipe\n")
+    (conf / "granularity").mkdir()  # a group config.yaml does not name yet, selected as +granularity=nm
+    (conf / "granularity" / "nm.yaml").write_text("# N:M sparsity\nn: 2    # kept of every m\nm: 4\n")
     gen.CONF, gen.REPO = conf, tmp_path
     text = gen.render()
     assert "| `pruning.brand_new` | `3` | a key another branch added \\| with a pipe |" in text
+    assert "### `granularity=nm`" in text and "| `granularity.n` | `2` | kept of every m |" in text
     assert f"`pruning.brand_new`" not in (DOCS / "reference.md").read_text()
     assert gen.main(["--check", "--out", str(DOCS / "reference.md")]) == 1  # the stale page is caught
     assert "pruning.brand_new" in conf_keys(conf)  # and the independent walk above names the key
