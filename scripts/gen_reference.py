@@ -197,7 +197,7 @@ def render() -> str:
         out.append(f"| [`{g}=`](#{g}) | {_code(choice)} | {names} | {_md(comment)} |")
     out += ["", "### Keys", ""] + table(keys)
     for g in groups:
-        out += [f"## `{g}=` {{#{g}}}", ""]
+        out += [f"## `{g}=`", ""]
         for p in options(g):
             out += file_section(p, f"`{g}={p.stem}`")
     # groups that config.yaml's defaults list does not name (selected with +group=option, or by another entry point)
