@@ -24,6 +24,9 @@ WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def register_initializer(name: str):
+    """`@register_initializer("name")` on fn(weight, generator=..., [variance, mode, nonlinearity, gain]) filling
+    `weight` in place from the seeded `generator`; it gets only the init config's fields its signature names (all of
+    them with **kwargs). `init.name=<name>` selects it, for lottery-train and `lottery-init-study compare=[...]`."""
     def decorator(fn):
         INITIALIZERS.add(name, fn)
         return fn

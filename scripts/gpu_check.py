@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One-off GPU acceptance check (issue 15): does a GPU run keep README's promises? Prints a PASS/FAIL table.
+"""One-off GPU acceptance check (issue 15): does a GPU run keep the promises of docs/gpus.md? Prints a PASS/FAIL table.
 
     python scripts/gpu_check.py --data-root ../shared/data          # on a machine with a GPU: about 2-5 minutes
     python scripts/gpu_check.py                                     # synthetic data of MNIST / CIFAR-10 shapes
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
     conv_common, kill_conv2 = schedule(12 if args.quick else 300)
     if device.type == "cpu":
         # Tiny models on a CPU: extra threads only wait for each other, and next to a busy process every parallel
-        # region waits for the slowest core (README, Speed: 10-60x slower), which is how the quick mode's Conv-2
+        # region waits for the slowest core (docs/benchmarks.md: 10-60x slower), which is how the quick mode's Conv-2
         # runs once hit their 600 s time-out. One thread, in this process and in every run it starts.
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"

@@ -10,7 +10,7 @@
    (`lottery-train experiment=lth_lenet_mnist replicas=5 pruning.branches=[reinit]`), and, with --separate, of one
    replicate run alone (the five separate jobs take about five times that on one GPU).
 
-Writes `gpu_replicas.json` (and prints a table to paste into README's speed section). --dry uses synthetic data,
+Writes `gpu_replicas.json` (and prints a table to paste into docs/benchmarks.md). --dry uses synthetic data,
 R = 1, 2 and a two-level experiment of 20 steps per level, on the CPU; its figures mean nothing.
 """
 from __future__ import annotations

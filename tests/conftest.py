@@ -21,7 +21,14 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-DATA = REPO.parent / "shared" / "data"
+
+
+def data_root(environ) -> Path:
+    """The real data (MNIST/raw, cifar-10-batches-py): $LOTTERY_DATA, or the development layout's ../shared/data."""
+    return Path(environ.get("LOTTERY_DATA") or REPO.parent / "shared" / "data").expanduser()
+
+
+DATA = data_root(os.environ)
 
 # Small enough to train in well under a second per unit on two cores.
 TINY = ["dataset=synthetic", "train.duration=60it", "train.eval_every=20it", "train.batch_size=32",

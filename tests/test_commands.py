@@ -1,5 +1,5 @@
-"""Commands as README documents them: a multirun's exit status, one-line errors for a config group's unknown option,
-each entry point's own --help, and scripts/gpu_check.py's quick mode."""
+"""Commands as the documentation (README.md, docs/) documents them: a multirun's exit status, one-line errors for a
+config group's unknown option, each entry point's own --help, and scripts/gpu_check.py's quick mode."""
 import json
 import os
 import subprocess
@@ -128,9 +128,9 @@ def test_train_help_and_python_m(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_quick_on_the_cpu_in_under_two_minutes(tmp_path):
-    """README: `--device cpu` is the dry run and `--quick` a short one. Run as a user would (no OMP_NUM_THREADS), with
-    every check, Conv-2's included (it once ran past its 600 s time-out): the script imports, its CPU-runnable checks
-    pass and the GPU rows say SKIP. Measured: 40-80 s on the busy 2-core CPU."""
+    """docs/gpus.md: `--device cpu` is the dry run and `--quick` a short one. Run as a user would (no
+    OMP_NUM_THREADS), with every check, Conv-2's included (it once ran past its 600 s time-out): the script imports,
+    its CPU-runnable checks pass and the GPU rows say SKIP. Measured: 40-80 s on the busy 2-core CPU."""
     out = tmp_path / "gpu_check.json"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     t0 = time.perf_counter()
@@ -151,8 +151,8 @@ def test_gpu_check_quick_on_the_cpu_in_under_two_minutes(tmp_path):
 # --- the pruning-at-initialization ResNet-20 experiment trains as lmc_resnet20_cifar10 ---------------------------
 
 def test_pai_resnet20_trains_and_prunes_as_lmc_resnet20():
-    """README: pai_resnet20_cifar10 is ResNet-20 "as lmc_resnet20_cifar10" (open_lth's setup), so IMP's runs of the
-    two experiments are the same runs; only the levels, branches and name differ."""
+    """docs/pruning-at-init.md: pai_resnet20_cifar10 is ResNet-20 "as lmc_resnet20_cifar10" (open_lth's setup), so
+    IMP's runs of the two experiments are the same runs; only the levels, branches and name differ."""
     from omegaconf import OmegaConf
 
     from conftest import make_cfg

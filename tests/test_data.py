@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DATA
 from lottery.data import DATASETS, Batches, Pool, Split, load_pool, split
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA_ROOT = DATA  # $LOTTERY_DATA, else ../shared/data (tests/conftest.py)
 needs_mnist = pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").is_dir(),
                                  reason=f"real MNIST not found at {DATA_ROOT / 'MNIST' / 'raw'}")
 needs_cifar = pytest.mark.skipif(not (DATA_ROOT / "cifar-10-batches-py").is_dir(),
@@ -343,3 +344,12 @@ def test_mnist_fast_reader_matches_torchvision():
     tv_train, tv_test = MNIST(str(DATA_ROOT), train=True), MNIST(str(DATA_ROOT), train=False)
     assert torch.equal(train_x[:, 0], tv_train.data) and torch.equal(train_y, tv_train.targets)
     assert torch.equal(test_x[:, 0], tv_test.data) and torch.equal(test_y, tv_test.targets)
+
+
+
+def test_the_real_data_folder_comes_from_lottery_data(tmp_path):
+    """The real-data tests read $LOTTERY_DATA (a user's data folder), else the development layout's ../shared/data."""
+    from conftest import REPO, data_root
+    assert data_root({"LOTTERY_DATA": str(tmp_path)}) == tmp_path
+    assert data_root({"LOTTERY_DATA": "~/data"}) == Path.home() / "data"
+    assert data_root({}) == REPO.parent / "shared" / "data"

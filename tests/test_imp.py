@@ -131,7 +131,7 @@ def test_rewind_to_initialization_is_exact(imp_run):
 
 
 def test_load_into_gives_the_tickets_masked_rewind_weights(imp_run):
-    """`lottery.experiment.ticket.load_into`, the README's way to use a ticket in your own code."""
+    """`lottery.experiment.ticket.load_into`, the documented way (docs/concepts.md) to use a ticket in your own code."""
     from lottery.experiment.ticket import load_into
     run_dir, _ = imp_run
     ticket = load_ticket(run_dir / "levels" / "level_2" / "ticket.pt")

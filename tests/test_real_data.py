@@ -1,4 +1,4 @@
-"""Real MNIST and CIFAR-10 from ../shared/data: the paper's settings give the paper's kind of results on this CPU."""
+"""Real MNIST and CIFAR-10 from $LOTTERY_DATA (default ../shared/data): the paper's settings give the paper's kind of results on this CPU."""
 import json
 
 import pytest
@@ -10,7 +10,7 @@ from conftest import DATA, make_cfg, needs_data, run_cli
 
 @needs_data("MNIST", "raw")
 def test_lenet_dense_three_epochs_reaches_97_percent(tmp_path):
-    """The README's plain-training command: LeNet-300-100, Adam 1.2e-3, batch 60, 3 epochs, pruning off."""
+    """The plain-training command of docs/getting-started.md: LeNet-300-100, Adam 1.2e-3, batch 60, 3 epochs, pruning off."""
     run = tmp_path / "dense"
     out = run_cli("model=lenet_300_100", "dataset=mnist", f"dataset.root={DATA}", "pruning=none", "optimizer=adam",
                   "optimizer.lr=1.2e-3", "train.batch_size=60", "train.duration=3ep", f"hydra.run.dir={run}",

@@ -110,6 +110,12 @@ BRANCHES = Registry("branch")
 def register_branch(name: str, label: Optional[str] = None, *, settings: Optional[type] = None, dense: bool = False,
                     analyze: Optional[Callable] = None, selectable: bool = True, capture: Optional[Callable] = None,
                     check: Optional[Callable] = None):
+    """`@register_branch("name", "legend label")` on fn(ctx: LevelContext) -> list[Unit]: the units the branch trains
+    on a level's ticket (none: the level is skipped). `settings`: a dataclass of its keys under `branch.<name>`;
+    `dense`: run on level 0 too; `analyze(ctx, units, records) -> dict`: keys added to the branch's record;
+    `capture(settings, steps) -> [k, ...]`: steps whose full state level 0 saves for `ctx.model_at(k)`;
+    `check(settings, levels, dense, steps)`: raise ValueError before any work; `selectable=False`: not listable in
+    pruning.branches. The field comments of `Branch` say more."""
     def decorator(fn):
         if name == "ticket":
             raise ValueError("branch 'ticket' is already registered (it is the level's ticket itself)")

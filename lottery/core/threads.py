@@ -4,7 +4,7 @@ PyTorch runs an operation on the CPU as an OpenMP parallel region, whose threads
 OMP_WAIT_POLICY unset, the GNU OpenMP runtime that PyTorch's Linux wheels load lets a waiting thread spin 300,000
 times (milliseconds) before it sleeps. Alone on a machine that saves a wake-up per operation; next to any other busy
 process (another run, a test suite, a browser) the spinning threads hold the cores that the thread being waited for
-needs, and every operation stalls. Measured on the 2-core development machine (README, Speed): LeNet-300-100 with 2
+needs, and every operation stalls. Measured on a 2-core machine (docs/benchmarks.md): LeNet-300-100 with 2
 threads ran 10-60x slower next to one busy process than alone. Two defaults, each only where the user has not chosen:
 
 - How threads wait: `default_wait_policy()`, called by the entry points (lottery-train, lottery-retrain; lottery.cli
@@ -63,7 +63,7 @@ def _small_step(cfg, step_flops: Optional[float]) -> bool:
     """Whether `threads: null` means one thread for training here: no `threads` given, a training step below
     SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait. A SLURM job counts too: its CPUs are its own,
     but the wait policy its submitting command set is inherited, and sleeping threads cost the same wake-ups there
-    (LeNet-300-100 as a job of 2 CPUs: 3.00 s a 500-step unit on both, 2.10 s this way, README Speed)."""
+    (LeNet-300-100 as a job of 2 CPUs: 3.00 s a 500-step unit on both, 2.10 s this way, docs/benchmarks.md)."""
     return not cfg.threads and step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait()
 
 

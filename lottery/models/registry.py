@@ -13,6 +13,9 @@ MODELS = Registry("model")
 
 
 def register_model(name: str):
+    """`@register_model("name")` on fn(input_shape, num_classes, **fields) -> nn.Module: `input_shape` (C, H, W) and
+    `num_classes` come from the dataset's registration, `fields` are the model config's non-null fields (`hidden`,
+    `depth`, `width`) that fn names. `model=<name>` (with a conf/model/ option) or `model.name=<name>` selects it."""
     def decorator(fn: Callable[..., nn.Module]):
         MODELS.add(name, fn)
         return fn

@@ -9,7 +9,7 @@
 # /etc/slurm/slurm.conf. It refuses to touch a slurm.conf it did not write, so it never reconfigures a real cluster
 # node. No systemd needed: the daemons run in the background, their state and logs are in $LOCAL_SLURM_DIR
 # (default /var/lib/lottery-slurm). Requeued jobs start again after ~14 s (AuthInfo=cred_expire=10, scheduler every
-# second) instead of SLURM's default ~2 min. No accounting database: `sacct` does not work here, see README.
+# second) instead of SLURM's default ~2 min. No accounting database: `sacct` does not work here, see docs/clusters.md.
 set -euo pipefail
 
 STATE=${LOCAL_SLURM_DIR:-/var/lib/lottery-slurm}
