@@ -1,7 +1,8 @@
 """Results do not change under refactoring: short fixed runs on real MNIST must give exactly the `summary.json`
 records that were recorded before (tests/data/regression_*.json): two single runs (recorded before the
 extension-points redesign), a replicas run in each batched layout, an lmc run and a pruning-at-init run (recorded
-before the one-engine change, issue 19).
+before the one-engine change, issue 19), and SET and RigL runs (recorded before they became mask updaters, issue 27).
+Where each file was made: `PINNED_ON` (the records' device_info says it too).
 
 Regenerate the files (only when a change of results is intended, and say so in the commit) with
 `LOTTERY_REGENERATE=1 python -m pytest tests/test_regression.py`. CPU kernels differ between processor models, so a
@@ -19,6 +20,8 @@ from conftest import DATA, REPO, make_cfg, needs_data
 COMMON = ["model=lenet_300_100", "dataset=mnist", f"dataset.root={DATA}", "train.duration=300it",
           "train.eval_every=100it", "device=cpu", "threads=1", "train.progress=false", "seed=0"]
 SHORT = [*COMMON, "train.duration=200it"]
+DST = ["experiment=pai_lenet_mnist", "method=random", "pruning.scope=erk", "pruning.levels=2", "pruning.rate=0.6",
+       "pruning.branches=[]", "train.duration=200it", "train.eval_every=100it", "dst.delta_t=50"]
 REPLICAS = ["pruning=lth", "pruning.levels=3", "pruning.branches=[reinit,random_prune]", "replicas=2"]
 RUNS = {
     "layerwise": [*COMMON, "pruning=lth", "pruning.levels=3", "pruning.branches=[reinit,random_prune,shuffle]"],
@@ -30,9 +33,21 @@ RUNS = {
             "branch.lmc.points=5", "branch.lmc.train_examples=2000"],
     "pai_snip": [*SHORT, "experiment=pai_lenet_mnist", "method=snip", "pruning.levels=3", "pruning.rate=0.6",
                  "train.duration=200it", "train.eval_every=100it", "pruning.branches=[invert,layer_shuffle]"],
+    # dynamic sparse training (recorded before SET and RigL became mask updaters, issue 27): a single run and, for
+    # RigL, replicas in each batched layout; mask updates every 50 steps so a 200-step unit sees three of them
+    "set": [*SHORT, *DST, "dst=set"],
+    "rigl": [*SHORT, *DST, "dst=rigl"],
+    "rigl_replicas_stacked": [*SHORT, *DST, "dst=rigl", "replicas=2", "replica_batching=stacked"],
+    "set_replicas_interleaved": [*SHORT, *DST, "dst=set", "replicas=2", "replica_batching=interleaved"],
 }
-# Keys that name where a run happened, not what it computed.
-_VOLATILE = ("run_dir",)
+# The machine and CPU kernels each reference was made with: the others on an Intel Xeon (default kernels), the
+# dynamic sparse ones on the 2-core AMD EPYC under ATEN_CPU_CAPABILITY=avx2 (which reproduces the Xeon's digits for
+# the older references there), torch 2.14.1 CPU.
+PINNED_ON = {name: "Intel Xeon" for name in RUNS}
+PINNED_ON.update(dict.fromkeys(("set", "rigl", "rigl_replicas_stacked", "set_replicas_interleaved"),
+                               "AMD EPYC, ATEN_CPU_CAPABILITY=avx2"))
+# Keys that name where or when a run happened, not what it computed.
+_VOLATILE = ("run_dir", "wall_time_s", "provenance")  # the last two: in records made after the first references
 
 
 def _clean(records):
