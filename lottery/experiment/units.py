@@ -220,7 +220,7 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
     began = time.perf_counter()
     try:
         results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
-                        dst=None if rule is None else (rule, settings))
+                        updater=None if rule is None else (rule, settings))
     except Preempted:
         hand_over()
         raise
