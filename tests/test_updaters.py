@@ -130,3 +130,93 @@ def test_a_users_updater_settings_are_checked_before_any_work(monkeypatch):
         checked(tiny_cfg(*USER, "+dst.size=3"))
     with pytest.raises(ValueError, match="dst.every must be >= 1"):
         checked(tiny_cfg(*USER, "dst.every=0"))
+
+
+# --- gradual magnitude pruning ---------------------------------------------------------------------------------------
+
+GMP = ["method=gmp", "pruning=global", "pruning.levels=3", "pruning.rate=0.6", "pruning.exclude=[]",
+       "pruning.branches=[]", "train.duration=60it", "dst.delta_t=10", "dst.end=0.9"]
+
+
+def test_gmp_prunes_the_smallest_survivors_to_the_cubic_schedule_exactly():
+    """One layer by hand: dense at the start, then at each pruning step exactly round_half_up(d_t * weights) kept,
+    d_t the closed form, the kept ones the largest magnitudes among the survivors, the last step exactly the target."""
+    from torch import nn
+    from lottery.pruning.selection import round_half_up
+    from lottery.training.gmp import GradualMagnitude, cubic_density
+    from lottery.training.updaters import Context, make_layers
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 10, bias=False)
+    mask = (torch.rand(10, 20) < 0.1).float()  # 20 of 200 weights: the unit's target
+    target = int(mask.sum())
+    settings = {"delta_t": 5, "begin": 0.1, "end": 0.6, "distribution": "uniform"}
+    up = GradualMagnitude(settings, Context(100, 0, 100, [0], make_layers([(layer.weight, mask, [(0, None, "w")])], 1)))
+    assert up.begin(0) == [0] and int(mask.sum()) == 200
+    assert up.updates() == [15, 20, 25, 30, 35, 40, 45, 50, 55, 60]  # t_0 = 10, n = 10
+    opt = torch.optim.SGD([layer.weight], lr=0.1)
+    before = mask.clone()
+    for step in range(1, 101):
+        with torch.no_grad():
+            layer.weight.add_(torch.randn(10, 20) * 0.1)  # training moves the weights between pruning steps
+        changed = up.after_step(step, opt, [True])
+        if step not in up.updates():
+            assert changed == [] and torch.equal(mask, before)
+            continue
+        d = cubic_density(step, 10, 10, 5, target / 200)
+        assert d == pytest.approx(target / 200 + (1 - target / 200) * (1 - (step - 10) / 50) ** 3)
+        assert int(mask.sum()) == (target if step == 60 else round_half_up(d * 200))
+        assert ((mask == 1) <= (before == 1)).all()  # survivors only
+        kept, gone = layer.weight.abs()[mask == 1], layer.weight.abs()[(before == 1) & (mask == 0)]
+        assert gone.numel() == 0 or kept.min() >= gone.max()
+        before = mask.clone()
+    assert [s for s, _ in up.result(0)["mask_changes"]] == [0, *up.updates()]
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk", "global"])
+def test_gmp_runs_each_level_from_dense_to_its_count(tmp_path, distribution):
+    from lottery.pruning.densities import allocate
+    from lottery.pruning.selection import round_half_up
+    from lottery.training.gmp import cubic_density
+    records = run_experiment(tiny_cfg(*GMP, f"dst.distribution={distribution}"), tmp_path / "r")
+    static = run_experiment(tiny_cfg(*GMP, "method=random", "dst=none"), tmp_path / "static")
+    for rec, ref in zip(records, static):
+        assert rec["weights_remaining_count"] == ref["weights_remaining_count"]  # exactly the level's count
+        # dense at first, then sparser: between the dense cost and the static cost at the final density
+        assert ref["train_flops"] < rec["train_flops"] < rec["train_flops_dense"]
+    res = _result(tmp_path / "r", level=2)
+    init = load_torch(tmp_path / "r" / "init.pt")
+    shapes = {n: tuple(init[n].shape) for n in res["layer_density"]}
+    size = sum(torch.Size(s).numel() for s in shapes.values())
+    final = records[1]["weights_remaining_count"]
+    counts = [{n: round(d * torch.Size(shapes[n]).numel()) for n, d in dens.items()} for _, dens in res["mask_changes"]]
+    assert [s for s, _ in res["mask_changes"]] == [0, 10, 20, 30, 40, 50] and sum(counts[0].values()) == size
+    for (step, _), now, prev in zip(res["mask_changes"][1:], counts[1:], counts):
+        want = final if step == 50 else round_half_up(cubic_density(step, 0, 5, 10, final / size) * size)
+        assert sum(now.values()) == want
+        if distribution != "global":
+            assert now == allocate(distribution, shapes, want, upper=prev)
+    masks = load_ticket(tmp_path / "r" / "levels" / "level_2" / "ticket.pt").masks
+    trained = load_torch(tmp_path / "r" / "levels" / "level_2" / "final.pt")
+    assert all((trained[n][~m] == 0).all() for n, m in masks.items())
+
+
+def test_gmp_replicas_interleaved_equal_single_runs(tmp_path):
+    args = [*GMP, "pruning.levels=2"]
+    run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=interleaved"), tmp_path / "many")
+    for seed in (0, 1):
+        one = run_experiment(tiny_cfg(*args, f"seed={seed}"), tmp_path / f"one_{seed}")
+        assert _same(json.loads((tmp_path / "many" / f"replicate_{seed}" / "summary.json").read_text()), one)
+    run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=stacked"), tmp_path / "stacked")
+    for seed in (0, 1):
+        a = json.loads((tmp_path / "stacked" / f"replicate_{seed}" / "summary.json").read_text())
+        b = json.loads((tmp_path / f"one_{seed}" / "summary.json").read_text())
+        assert [r["weights_remaining_count"] for r in a] == [r["weights_remaining_count"] for r in b]
+
+
+def test_a_killed_gmp_run_resumes_bit_identical(tmp_path):
+    args = [*TINY, *GMP, "pruning.levels=2", "device=cpu", "checkpoint.every=20it"]
+    (ref, got), (a, b) = _kill_and_resume(tmp_path, args)
+    assert got == ref
+    assert _result(a)["mask_changes"] == _result(b)["mask_changes"]
+    ma, mb = (load_ticket(d / "levels" / "level_1" / "ticket.pt").masks for d in (a, b))
+    assert all(torch.equal(ma[n], mb[n]) for n in ma)

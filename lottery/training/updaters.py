@@ -84,6 +84,9 @@ class MaskUpdater:
     """The base class of every mask updater: the hooks do nothing, the state is the masks and the history of
     densities. Subclasses override the hooks they need and call `record(u, step)` after each mask update."""
     Settings: type = NoSettings
+    # True: the masks a unit is handed are where this updater ends (their counts are its target); the network starts
+    # with every weight (the experiment does not zero the pruned ones first) and `begin` sets the masks it starts from
+    dense_start = False
 
     def __init__(self, settings: dict, ctx: Context):
         self.settings, self.ctx = settings, ctx
@@ -157,6 +160,12 @@ def updater_settings(node) -> tuple[Optional[type], dict]:
         return None, {}
     cls = UPDATERS.lookup(name, extra=", none")
     return cls, check_settings(raw, cls.Settings, "dst", of=f"mask updater '{name}'")
+
+
+def starts_dense(node) -> bool:
+    """Whether the updater of a `dst` config node trains its units from their dense weights (`dense_start`)."""
+    cls, _ = updater_settings(node)
+    return cls is not None and cls.dense_start
 
 
 def make_layers(mask_slices: list[tuple], n: int) -> list[list[Layer]]:
