@@ -64,23 +64,23 @@ def test_a_users_updater_runs_alone_and_as_replicas_in_both_layouts(tmp_path, mo
         assert stacked[0]["test_loss"] == pytest.approx(single[0]["test_loss"], rel=1e-3)
 
 
-def _kill_and_resume(tmp_path, args, edit=None):
-    """(reference summary, resumed summary, their folders): a run killed at step 35 of level 1 (checkpoint at 20),
+def _kill_and_resume(tmp_path, args, edit=None, level=1):
+    """(reference summary, resumed summary, their folders): a run killed at step 35 of `level` (checkpoint at 20),
     its checkpoint optionally rewritten by `edit`, then resumed."""
     ref, run = tmp_path / "ref", tmp_path / "run"
     out = run_cli(*args, f"hydra.run.dir={ref}", cwd=tmp_path, env=ENV)  # before `args` loses its imports
     assert out.returncode == 0, out.stderr[-3000:]
-    _, env = fault(ENV, kill_at=35, level=1)
+    _, env = fault(ENV, kill_at=35, level=level)
     user = [a[len("imports=["):-1] for a in args if a.startswith("imports=")]
     args = [a for a in args if not a.startswith("imports=")]
     fault_args = [f"imports=[{','.join(['faults', *user])}]"]
     assert run_cli(*args, *fault_args, f"hydra.run.dir={run}", cwd=tmp_path, env=env).returncode == -signal.SIGKILL
-    ckpt = run / "levels" / "level_1" / "ticket" / "checkpoint.pt"
+    ckpt = run / "levels" / f"level_{level}" / "ticket" / "checkpoint.pt"
     if edit is not None:
         save_torch(edit(load_torch(ckpt)), ckpt)
     out = run_cli(*args, *fault_args, f"hydra.run.dir={run}", cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "level 1 ticket: resuming from step 20" in out.stdout + out.stderr
+    assert f"level {level} ticket: resuming from step 20" in out.stdout + out.stderr
     return (stable(json.loads((d / "summary.json").read_text())) for d in (ref, run)), (ref, run)
 
 
@@ -220,3 +220,92 @@ def test_a_killed_gmp_run_resumes_bit_identical(tmp_path):
     assert _result(a)["mask_changes"] == _result(b)["mask_changes"]
     ma, mb = (load_ticket(d / "levels" / "level_1" / "ticket.pt").masks for d in (a, b))
     assert all(torch.equal(ma[n], mb[n]) for n in ma)
+
+
+def test_the_report_names_gradual_magnitude_pruning_by_its_distribution():
+    from lottery.report.collect import method_label
+    assert method_label({"dst.name": "gmp", "dst.distribution": "erk"}) == "gradual magnitude pruning, ERK densities"
+    assert method_label({"dst.name": "gmp"}) == "gradual magnitude pruning, uniform densities"
+    assert method_label({"dst.name": "rigl", "pruning.scope": "erk"}) == "RigL, ERK densities"
+
+
+# --- early-bird tickets ----------------------------------------------------------------------------------------------
+
+EARLY = ["method=early_bird", "pruning=global", "pruning.target=0.2", "pruning.exclude=[]", "pruning.branches=[]",
+         "train.duration=200it", "train.eval_every=10it", "dst.eps=0.2"]
+
+
+def test_the_early_bird_distance_is_the_fraction_of_kept_weights_that_changed():
+    from lottery.training.early_bird import mask_distance, settled
+    a = {"w": torch.tensor([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)}
+    b = {"w": torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)}
+    # one of the two kept weights moved: 0.5 (an all-weights Hamming distance would say 0.2)
+    assert mask_distance(a, b) == 0.5 and mask_distance(a, a) == 0.0
+    assert mask_distance(a, {"w": ~a["w"]}) == 1.0
+    assert not settled([0.0] * 4, 5, 0.1)  # the window is not full yet: never stop
+    assert settled([0.5, 0.09, 0.0, 0.05, 0.01, 0.09], 5, 0.1)
+    assert not settled([0.09, 0.0, 0.05, 0.01, 0.1], 5, 0.1)  # the largest must be below eps
+
+
+def test_the_early_bird_stop_rule_on_a_scripted_sequence_of_masks():
+    """Checks at every evaluation (steps 10, 20, ...); scripted masks of two kept weights give the distances 1, 0.5,
+    then 0: the window of five fills at the 6th check (holding 1), still holds 0.5 at the 7th, and the ticket is drawn
+    at the 8th (step 80), the first whose last five distances are all below eps."""
+    from torch import nn
+    from lottery.training.early_bird import EarlyBird
+    from lottery.training.updaters import Context, make_layers
+    masks = [[0, 1], [2, 3], [2, 4], [2, 4], [2, 4], [2, 4], [2, 4], [2, 4], [2, 4]]
+    script = [torch.zeros(40, dtype=torch.bool) for _ in masks]
+    for m, idx in zip(script, masks):
+        m[idx] = True
+
+    class Scripted(EarlyBird):
+        def check_mask(self, u):
+            return {"w": self.script.pop(0)}
+
+    layer = nn.Linear(8, 5, bias=False)
+    mask = torch.ones(5, 8)
+    up = Scripted({"target": 0.05, "every": 0, "window": 5, "eps": 0.1, "distribution": "global"},
+                  Context(100, 0, 100, [0], make_layers([(layer.weight, mask, [(0, None, "w")])], 1)))
+    up.script = list(script)
+    for k in range(1, 10):
+        up.at_eval(10 * k, {0: {}})
+        if up.finished(0):
+            break
+    distances = [d for _, d in up.distances[0]]
+    assert distances[:3] == [1.0, 0.5, 0.0]
+    assert up.drawn_at[0] == 80 and max(distances[-5:]) < 0.1 and len(distances) == 7
+    assert up.result(0)["early_bird_steps_saved"] == 20
+
+
+def test_an_early_bird_run_draws_its_ticket_and_trains_it_rewound(tmp_path):
+    from lottery.training.early_bird import EarlyBird
+    from lottery.training.updaters import Context, make_layers
+    records = run_experiment(tiny_cfg(*EARLY), tmp_path / "r")
+    dense, ticket = records
+    drawn = dense["early_bird_step"]
+    assert drawn is not None and drawn % 10 == 0 and drawn < 200
+    assert dense["train_steps"] == drawn and dense["early_bird_steps_saved"] == 200 - drawn
+    assert ticket["early_bird_step"] == drawn and ticket["cost_steps"] == drawn + 200  # the saved training shows
+    res = _result(tmp_path / "r", level=0)
+    assert res["evals"][-1]["step"] == drawn and len(res["mask_distances"]) >= 5
+    assert max(d for _, d in res["mask_distances"][-5:]) < 0.2
+    # the ticket is the mask the last check drew: level 0's weights at the draw, pruned to pruning.target
+    final = load_torch(tmp_path / "r" / "levels" / "level_0" / "final.pt")
+    masks = load_ticket(tmp_path / "r" / "levels" / "level_1" / "ticket.pt").masks
+    params = {n: torch.nn.Parameter(final[n].clone()) for n in masks}
+    ones = {n: torch.ones_like(p) for n, p in params.items()}
+    layers = make_layers([(params[n], ones[n], [(0, None, n)]) for n in masks], 1)
+    up = EarlyBird({"target": 0.2, "every": 0, "window": 5, "eps": 0.2, "distribution": "global"},
+                   Context(200, 0, 200, [0], layers))
+    assert all(torch.equal(up.check_mask(0)[n], masks[n]) for n in masks)
+    rewind = load_ticket(tmp_path / "r" / "levels" / "level_1" / "ticket.pt").rewind_state
+    init = load_torch(tmp_path / "r" / "init.pt")
+    assert all(torch.equal(rewind[n], init[n] * masks[n]) for n in masks)  # rewound as IMP's (to step 0)
+
+
+def test_a_killed_early_bird_run_resumes_bit_identical(tmp_path):
+    args = [*TINY, *EARLY, "device=cpu", "checkpoint.every=20it"]
+    (ref, got), (a, b) = _kill_and_resume(tmp_path, args, level=0)
+    assert got == ref and ref[0]["early_bird_step"] is not None
+    assert _result(a, level=0)["mask_distances"] == _result(b, level=0)["mask_distances"]

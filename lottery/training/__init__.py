@@ -7,7 +7,8 @@
 - `schedule`: the learning rate as a function of the step;
 - `evaluation`: `evaluate` on a whole split, the early-stop step;
 - `updaters`: the mask-updater protocol (`MaskUpdater`, `register_updater`, the registry `UPDATERS`): what changes
-  masks during training; built-ins in `dst` (set, rigl) and `gmp` (gradual magnitude pruning), registered here.
+  masks during training; built-ins in `dst` (set, rigl), `gmp` (gradual magnitude pruning) and `early_bird`,
+  registered here.
 
 Imports data, masks and core.
 """
@@ -17,7 +18,7 @@ from lottery.training.loop import Hooks, Network, train
 from lottery.training.optimizers import OPTIMIZERS, make_optimizer, optimizer_settings, register_optimizer
 from lottery.training.schedule import lr_schedule
 from lottery.training.updaters import UPDATERS, Layer, MaskUpdater, register_updater
-from lottery.training import dst, gmp  # noqa: F401  (register the built-in updaters)
+from lottery.training import dst, early_bird, gmp  # noqa: F401  (register the built-in updaters)
 
 __all__ = ["EVAL_CHUNK", "batch_sums", "metric_names", "early_stop", "eval_chunk", "evaluate", "BATCHING", "LAYOUTS", "choose", "Hooks", "Network",
            "train", "OPTIMIZERS", "make_optimizer", "optimizer_settings", "register_optimizer", "lr_schedule",
