@@ -309,3 +309,36 @@ def test_a_killed_early_bird_run_resumes_bit_identical(tmp_path):
     (ref, got), (a, b) = _kill_and_resume(tmp_path, args, level=0)
     assert got == ref and ref[0]["early_bird_step"] is not None
     assert _result(a, level=0)["mask_distances"] == _result(b, level=0)["mask_distances"]
+
+
+# --- mask similarity -------------------------------------------------------------------------------------------------
+
+def test_mask_overlap_by_hand():
+    from lottery import masks as M
+    a = {"x": torch.tensor([1, 1, 0, 0]), "y": torch.tensor([1, 0, 0, 0, 0, 0])}
+    b = {"x": torch.tensor([1, 0, 1, 0]), "y": torch.tensor([1, 0, 0, 0, 0, 0])}
+    assert M.overlap(a, b) == {"x": 0.5, "y": 1.0, "all": 2 * 2 / 6}
+
+
+def test_the_report_compares_tickets_between_seeds_and_between_methods(tmp_path):
+    """Random masks of two seeds overlap about as much as chance (their density); magnitude-at-init masks of one
+    seed against the random ones too; every pair at one level and density is in mask_similarity.csv, and the figure
+    is drawn."""
+    import csv
+    from lottery.report import main
+    args = ["pruning=global", "pruning.levels=3", "pruning.rate=0.5", "pruning.branches=[]", "pruning.exclude=[]",
+            "replicas=2", "train.duration=20it"]
+    run_experiment(tiny_cfg(*args, "method=random"), tmp_path / "runs" / "random")
+    run_experiment(tiny_cfg(*args, "method=magnitude_init"), tmp_path / "runs" / "magnitude")
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    with open(tmp_path / "report" / "mask_similarity.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    reps = [r for r in rows if r["kind"] == "replicates" and r["layer"] == "all"]
+    assert sorted((r["level"], r["a"]) for r in reps) == sorted(
+        (str(lv), a) for lv in (1, 2) for a in {r["a"] for r in reps}) and len({r["a"] for r in reps}) == 2
+    for r in reps:
+        if "random" in r["a"]:  # independent random draws: the overlap is near the density
+            assert abs(float(r["overlap"]) - float(r["chance"])) < 0.05
+    methods = [r for r in rows if r["kind"] == "methods" and r["layer"] == "all"]
+    assert {(r["level"], r["replicate_a"]) for r in methods} == {(lv, s) for lv in ("1", "2") for s in ("0", "1")}
+    assert (tmp_path / "report" / "mask_similarity.png").exists()
