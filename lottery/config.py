@@ -130,7 +130,7 @@ class Config:
     replica_batching: str = "auto"
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
     branch: Dict[str, Any] = field(default_factory=dict)
-    # Dynamic sparse training (lottery.training.dst): `name` (none | set | rigl) plus the rule's settings.
+    # The mask updater (lottery.training.updaters): `name` (none | set | rigl | gmp | a registered one) plus its settings.
     dst: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     # Modules imported before the config is checked, so their @register_* calls (models, initializers, criteria,
     # branches) take effect: a user's extensions without editing lottery/.

@@ -98,6 +98,19 @@ def count(masks: Masks) -> tuple[int, int]:
     return remaining, sum(m.numel() for m in masks.values())
 
 
+def overlap(a: Masks, b: Masks) -> dict[str, float]:
+    """Per tensor, the fraction of kept weights two masks share, |a and b| / ((|a| + |b|) / 2), and the same over all
+    tensors under `"all"` (1: the same weights; two independent random masks at density d share d in expectation)."""
+    out, shared, kept = {}, 0, 0
+    for n in a:
+        x, y = a[n] != 0, b[n].to(a[n].device) != 0
+        s, k = int((x & y).sum()), int(x.sum()) + int(y.sum())
+        out[n] = 2 * s / k if k else 1.0
+        shared, kept = shared + s, kept + k
+    out["all"] = 2 * shared / kept if kept else 1.0
+    return out
+
+
 def density(masks: Masks) -> dict[str, float]:
     return {n: int(m.count_nonzero()) / m.numel() for n, m in masks.items()}
 

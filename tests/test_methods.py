@@ -14,7 +14,8 @@ from lottery import masks as M
 from lottery.core.steps import Steps
 from lottery.experiment import run_experiment
 from lottery.training import lr_schedule
-from lottery.training.dst import DST, Updater, drop_fraction, dst_settings
+from lottery.training.dst import DST, drop_fraction, dst_settings
+from lottery.training.updaters import Context, make_layers
 
 from conftest import tiny_cfg
 
@@ -30,7 +31,7 @@ def _one_layer(weights, mask, grad=None):
 
 
 def _updater(rule, layer, mask, settings=SETTINGS, total=100):
-    return Updater(DST[rule], settings, total, [(layer.weight, mask, [(0, None)])], [0])
+    return DST[rule](settings, Context(total, 0, total, [0], make_layers([(layer.weight, mask, [(0, None, "w")])], 1)))
 
 
 def test_rigl_drops_the_smallest_active_and_grows_the_largest_gradient_inactive():
@@ -95,7 +96,7 @@ def test_set_grows_only_among_inactive_entries_and_counts_stay():
 
 def test_drop_fraction_follows_the_cosine_and_nothing_changes_after_end():
     s = {"delta_t": 5, "end": 0.5, "alpha": 0.3, "decay": "cosine"}
-    up = Updater(DST["set"], s, 100, [], [0])
+    up = DST["set"](s, Context(100, 0, 100, [0], [[]]))
     assert up.end_step == 50
     assert [step for step in range(1, 101) if up.due(step)] == list(range(5, 51, 5))
     for step in (5, 25, 50):
@@ -152,7 +153,7 @@ def test_stacked_dynamic_replicas_keep_counts(tmp_path):
 
 def test_dst_settings_are_checked():
     assert dst_settings({"name": "none"}) == (None, {})
-    with pytest.raises(ValueError, match="unknown dst rule 'sparse'; accepted: rigl, set"):
+    with pytest.raises(ValueError, match="unknown mask updater \\(dst\\) 'sparse'; accepted: .*rigl, set.*, none"):
         dst_settings({"name": "sparse"})
     with pytest.raises(ValueError, match="dst.end is a fraction of the training length"):
         dst_settings({"name": "rigl", "end": 2.0})

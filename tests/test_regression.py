@@ -31,6 +31,8 @@ EVAL_EVERY = 100
 COMMON = ["model=lenet_300_100", "dataset=mnist", f"dataset.root={DATA}", "train.duration=300it",
           f"train.eval_every={EVAL_EVERY}it", "device=cpu", "threads=1", "train.progress=false", "seed=0"]
 SHORT = [*COMMON, "train.duration=200it"]
+DST = ["experiment=pai_lenet_mnist", "method=random", "pruning.scope=erk", "pruning.levels=2", "pruning.rate=0.6",
+       "pruning.branches=[]", "train.duration=200it", "train.eval_every=100it", "dst.delta_t=50"]
 REPLICAS = ["pruning=lth", "pruning.levels=3", "pruning.branches=[reinit,random_prune]", "replicas=2"]
 RUNS = {
     "layerwise": [*COMMON, "pruning=lth", "pruning.levels=3", "pruning.branches=[reinit,random_prune,shuffle]"],
@@ -42,6 +44,12 @@ RUNS = {
             "branch.lmc.points=5", "branch.lmc.train_examples=2000"],
     "pai_snip": [*SHORT, "experiment=pai_lenet_mnist", "method=snip", "pruning.levels=3", "pruning.rate=0.6",
                  "train.duration=200it", "train.eval_every=100it", "pruning.branches=[invert,layer_shuffle]"],
+    # dynamic sparse training (recorded before SET and RigL became mask updaters, issue 27): a single run and, for
+    # RigL, replicas in each batched layout; mask updates every 50 steps so a 200-step unit sees three of them
+    "set": [*SHORT, *DST, "dst=set"],
+    "rigl": [*SHORT, *DST, "dst=rigl"],
+    "rigl_replicas_stacked": [*SHORT, *DST, "dst=rigl", "replicas=2", "replica_batching=stacked"],
+    "set_replicas_interleaved": [*SHORT, *DST, "dst=set", "replicas=2", "replica_batching=interleaved"],
 }
 # Fields that say where and when a run happened, not what it computed.
 MACHINE_FIELDS = ("run_dir", "device_info", "provenance", "wall_time_s")

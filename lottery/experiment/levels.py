@@ -28,6 +28,7 @@ from lottery.experiment import callbacks, plan
 from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.experiment.ticket import Ticket
 from lottery.experiment.units import BranchPlan, Job, context, execute, finish_branch, plan_branch
+from lottery.training.updaters import starts_dense
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class Lineage:
             model.load_state_dict(kept)
             if retrain == "finetune":
                 start, end, lr_at = steps.total, steps.total + finetune_steps(rep), steps.total - 1
-        M.apply(model, masks)
+        if not starts_dense(rep.cfg.dst):  # gradual pruning: dense at the start, the masks are its target
+            M.apply(model, masks)
         kept_state = cpu_state(model) if level and retrain != "weight_rewind" else None  # what the ticket starts from
 
         def finish_ticket(record):

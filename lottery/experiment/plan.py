@@ -76,6 +76,11 @@ def trained_source(rep, level: int) -> dict:
     return load_torch(rep.folder.final_path(source_level(rep.cfg, level)))
 
 
+# Keys of the record of the training a level's masks came from that its tickets repeat: an early-bird draw's step and
+# the training it saved (lottery.training.early_bird).
+CARRIED = ("early_bird_step", "early_bird_steps_saved")
+
+
 def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
     """Training the masks of `level` depended on, from the records of earlier levels' tickets ({level: record}):
     IMP's every earlier level, one-shot pruning after training its dense level, pruning at initialization nothing.
@@ -86,11 +91,12 @@ def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
         needed = [0]
     else:
         needed = range(level)
-    out = {"steps": 0, "flops": 0}
+    out = {"steps": 0, "flops": 0, "carry": {}}
     for lv in needed:
         rec = tickets.get(lv) or {}
         out["steps"] += rec.get("train_steps") or 0
         out["flops"] += rec.get("train_flops") or 0
+        out["carry"].update({k: rec[k] for k in CARRIED if rec.get(k) is not None})
     return out
 
 

@@ -16,7 +16,7 @@ from lottery.training import cost
 
 # Keys of a result file that stay there and out of summary.json: whole curves (training evaluations, an analysis's,
 # the layer densities after each mask update of dynamic sparse training).
-DETAIL_KEYS = ("evals", "curves", "mask_changes")
+DETAIL_KEYS = ("evals", "curves", "mask_changes", "mask_distances")
 # Keys of a training result that describe the loop rather than the network (not copied into the record).
 _LOOP_KEYS = ("evals", "final_step", "mask_changes", "gradient_steps")
 
@@ -61,6 +61,7 @@ def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dic
               "provenance": provenance(), "wall_time_s": wall_time}
     own = training_cost(rep, model, masks, result)
     deps = deps or {}
+    record.update(deps.get("carry") or {})  # what the training its masks came from says of itself (early-bird draw)
     record.update(own, cost_steps=own["train_steps"] + deps.get("steps", 0),
                   cost_flops=own["train_flops"] + deps.get("flops", 0))
     pool = rep.split.pool

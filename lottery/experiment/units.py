@@ -22,6 +22,7 @@ from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.core.seeds import derive_seed
 from lottery.training import Hooks, Network, lr_schedule, train
 from lottery.training.dst import dst_settings
+from lottery.training.updaters import starts_dense
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def plan_branch(rep: Replicate, ctx: LevelContext, deps: Optional[dict] = None) 
             if rec.get("diverged"):
                 break  # the branch's other units and its analysis would build on a failed one
             continue
-        M.apply(u.model, u.masks)
+        if not starts_dense(rep.cfg.dst):  # gradual pruning: dense at the start, the masks are its target
+            M.apply(u.model, u.masks)
         on_done = None
         if u.keep_final:
             final = folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
@@ -220,7 +222,7 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
     began = time.perf_counter()
     try:
         results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
-                        dst=None if rule is None else (rule, settings))
+                        updater=None if rule is None else (rule, settings))
     except Preempted:
         hand_over()
         raise

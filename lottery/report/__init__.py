@@ -5,7 +5,9 @@ finished runs.
   damaged or foreign folder (one warning line per file it cannot read);
 - `aggregate`: mean, sample std and count over replicates per condition and level (aggregate.csv, .md, .tex);
 - `style`: one colour per method or condition across every figure, line styles per branch, sectioned legends;
-- `figures`, `lmc`: the figures (PNG and SVG).
+- `figures`, `lmc`: the figures (PNG and SVG);
+- `similarity`: the overlap of kept weights between replicates' and between methods' tickets (mask_similarity.csv,
+  its figure).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from lottery.report.collect import (DENSE_LABEL, FIRST_COLUMNS, LMC, METHOD_KEYS
                                     collect_runs, method_label, warn_stderr, write_table)
 from lottery.report.figures import DIVERGED_LABEL, _curves, make_figures
 from lottery.report.lmc import make_lmc_figures
+from lottery.report.similarity import write_similarity
 
 __all__ = ["main", "collect_runs", "write_table", "make_figures", "make_lmc_figures", "aggregate", "write_aggregate",
            "method_label", "DENSE_LABEL", "DIVERGED_LABEL", "FIRST_COLUMNS", "LMC", "METHOD_KEYS", "TICKET_LABEL",
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the figures are still worth drawing
         warn_stderr(f"aggregated table not written: {type(e).__name__}: {e}")
     written += make_figures(rows, out, warn=warn_stderr)
+    try:
+        written += write_similarity([r for r in rows if "level" in r], out, warn_stderr)
+    except Exception as e:  # noqa: BLE001 - an analysis that fails is a warning; the tables and figures stand
+        warn_stderr(f"mask similarity not written: {type(e).__name__}: {e}")
     n_diverged = sum(1 for r in rows if r.get("diverged"))
     n_chance = sum(1 for r in rows if r.get("at_chance"))
     print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")

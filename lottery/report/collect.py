@@ -320,6 +320,10 @@ def method_label(cfg: dict, settings: list[str] = (), scope: bool = False) -> st
     densities = {"uniform": ", uniform densities", "er": ", ER densities", "erk": ", ERK densities"}.get(
         scope_name, f", {scope_name}" if scope else "")  # layerwise / global only where runs differ in it
     dst = cfg.get("dst.name") or "none"
+    if dst == "gmp":  # gradual magnitude pruning: its own distribution of each step's count over the layers
+        dist = cfg.get("dst.distribution") or "uniform"
+        return "gradual magnitude pruning" + ({"uniform": ", uniform densities", "er": ", ER densities",
+                                               "erk": ", ERK densities"}.get(dist, f", {dist}"))
     if dst != "none":  # dynamic sparse training: its rule names the method (SET, RigL), from random masks
         return {"set": "SET", "rigl": "RigL"}.get(dst, str(dst)) + densities
     if when == "at_init":

@@ -5,7 +5,10 @@
 - `layouts`: how N networks compute (`interleaved`, the single run when N = 1; `stacked`), `choose` (replicas' auto);
 - `optimizers`: the registry `OPTIMIZERS` (sgd, adam, adamw), `register_optimizer`, `make_optimizer`;
 - `schedule`: the learning rate as a function of the step;
-- `evaluation`: `evaluate` on a whole split, the early-stop step.
+- `evaluation`: `evaluate` on a whole split, the early-stop step;
+- `updaters`: the mask-updater protocol (`MaskUpdater`, `register_updater`, the registry `UPDATERS`): what changes
+  masks during training; built-ins in `dst` (set, rigl), `gmp` (gradual magnitude pruning) and `early_bird`,
+  registered here.
 
 Imports data, masks and core.
 """
@@ -14,6 +17,9 @@ from lottery.training.layouts import BATCHING, LAYOUTS, choose
 from lottery.training.loop import Hooks, Network, train
 from lottery.training.optimizers import OPTIMIZERS, make_optimizer, optimizer_settings, register_optimizer
 from lottery.training.schedule import lr_schedule
+from lottery.training.updaters import UPDATERS, Layer, MaskUpdater, register_updater
+from lottery.training import dst, early_bird, gmp  # noqa: F401  (register the built-in updaters)
 
 __all__ = ["EVAL_CHUNK", "batch_sums", "metric_names", "early_stop", "eval_chunk", "evaluate", "BATCHING", "LAYOUTS", "choose", "Hooks", "Network",
-           "train", "OPTIMIZERS", "make_optimizer", "optimizer_settings", "register_optimizer", "lr_schedule"]
+           "train", "OPTIMIZERS", "make_optimizer", "optimizer_settings", "register_optimizer", "lr_schedule",
+           "UPDATERS", "Layer", "MaskUpdater", "register_updater"]

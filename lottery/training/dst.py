@@ -5,7 +5,9 @@ Every `delta_t` steps until `end` (a fraction of the training length) each layer
 weights: at random (`set`, Mocanu et al. 2018) or those with the largest magnitude of the dense gradient of the
 current batch's loss (`rigl`, Evci et al. 2020). Grown weights start at zero with their optimizer state (momentum,
 Adam's moments) reset to zero; a weight dropped and grown back in the same update keeps its value and state (it never
-left). Registered rules live in `DST`; a user's own grow rule is one `@register_dst` function.
+left). Both are mask updaters (lottery.training.updaters): `DropGrow` drops and grows, SET and RigL only say how they
+score the weights to grow (and RigL takes the update step's gradient instead of an optimizer step); a user's own
+grow rule is one `@register_dst` function, a method of another shape a `MaskUpdater`.
 
 Following the authors' code (github google-research/rigl, rigl/sparse_optimizers_base.py):
 - drop fraction: `alpha / 2 * (1 + cos(pi * t / T_end))` for `decay=cosine` (their `drop_fraction_anneal='cosine'`,
@@ -29,8 +31,9 @@ from typing import Callable, Optional
 
 import torch
 
-from lottery.core.registry import Registry, check_settings, plain
+from lottery.core.registry import check_settings, plain
 from lottery.core.seeds import derive_seed
+from lottery.training.updaters import UPDATERS, MaskUpdater, register_updater, updater_settings
 
 DECAYS = ("cosine", "constant")
 
@@ -53,47 +56,6 @@ class DstSettings:
             raise ValueError(f"unknown dst.decay '{self.decay}'; accepted: {', '.join(DECAYS)}")
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    grow: Callable  # grow(weight, grad, generator) -> scores; the highest inactive ones are grown
-    gradient_step: bool  # True: an update step computes the gradient and updates masks instead of weights (RigL)
-    settings: type = DstSettings
-
-
-DST = Registry("dst rule")
-
-
-def register_dst(name: str, *, gradient_step: bool = False, settings: type = DstSettings):
-    """`@register_dst("mine")` on grow(weight, grad, generator) -> scores (same shape): the inactive weights with the
-    highest scores grow. `gradient_step=True` takes RigL's order (the update step's gradient, no weight update)."""
-    def decorator(fn):
-        DST.add(name, Rule(name, fn, gradient_step, settings))
-        return fn
-    return decorator
-
-
-@register_dst("set")
-def grow_random(weight: torch.Tensor, grad: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(weight.shape, generator=generator).to(weight.device)
-
-
-@register_dst("rigl", gradient_step=True)
-def grow_gradient(weight: torch.Tensor, grad: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-    return torch.zeros_like(weight) if grad is None else grad.abs()
-
-
-def dst_settings(node) -> tuple[Optional[Rule], dict]:
-    """(the rule, its settings) of a `dst` config node; (None, {}) for `name: none`."""
-    raw = plain(node)
-    name = raw.pop("name", "none")
-    if name in (None, "none"):
-        check_settings(raw, DstSettings, "dst")  # checked as for any rule, then not used (a sweep over dst= keeps them)
-        return None, {}
-    rule = DST.lookup(name, extra=", none")
-    return rule, check_settings(raw, rule.settings, "dst", of=f"dst rule '{name}'")
-
-
 def drop_fraction(settings: dict, step: int, end_step: int) -> float:
     if settings["decay"] == "constant":
         return settings["alpha"]
@@ -105,36 +67,57 @@ def lowest_first(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, stable=True).indices
 
 
-class Updater:
-    """The mask updates of one training call. `entries`: per masked tensor of the layout, its parameter, its mask
-    (edited in place), and the networks it holds as (network, index into the tensor's first dimension or None)."""
+class DropGrow(MaskUpdater):
+    """Every `delta_t` steps until `end`, drop the active weights of smallest magnitude and grow as many of the
+    highest `grow` scores. `gradient_step`: the update step's gradient grows connections and no optimizer step is
+    taken (RigL); otherwise the masks change after the optimizer step (SET)."""
+    Settings = DstSettings
+    gradient_step = False
 
-    def __init__(self, rule: Rule, settings: dict, total_steps: int, entries: list, seeds: list[int]):
-        self.rule, self.settings = rule, settings
-        self.end_step = max(1, int(settings["end"] * total_steps))
-        self.entries, self.seeds = entries, seeds
+    def grow(self, weight: torch.Tensor, grad: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """Scores (the weight's shape): the inactive weights with the highest grow."""
+        raise NotImplementedError
+
+    def __init__(self, settings: dict, ctx):
+        super().__init__(settings, ctx)
+        self.end_step = max(1, int(settings["end"] * ctx.total_steps))
 
     def due(self, step: int) -> bool:
         """Whether the step numbered `step` (1-based: after `step` optimizer steps) updates the masks."""
         return step % self.settings["delta_t"] == 0 and step <= self.end_step
+
+    def after_backward(self, step, optimizer, active):
+        if not (self.gradient_step and self.due(step)):
+            return [], False
+        changed = self.update(step, optimizer, active)
+        for u in range(self.n):
+            if active[u]:
+                self.gradient_steps[u].append(step)
+        return changed, True
+
+    def after_step(self, step, optimizer, active):
+        if not self.due(step):
+            return []
+        changed = [] if self.gradient_step else self.update(step, optimizer, active)
+        for u in range(self.n):
+            if active[u]:
+                self.record(u, step)
+        return changed
 
     @torch.no_grad()
     def update(self, step: int, optimizer: torch.optim.Optimizer, active: list[bool]) -> list[int]:
         """Drop and grow in every layer of every active network; returns the indices of the masks changed."""
         fraction = drop_fraction(self.settings, step, self.end_step)
         changed = []
-        for i, (param, mask, slices) in enumerate(self.entries):
-            state = optimizer.state.get(param, {})
-            for u, idx in slices:
-                if not active[u]:
-                    continue
-                view = (lambda t: t) if idx is None else (lambda t, idx=idx: t[idx])
-                w, m = view(param.data), view(mask)
-                g = None if param.grad is None else view(param.grad)
-                gen = torch.Generator().manual_seed(derive_seed(self.seeds[u], "dst", step, i))
-                if self._update_one(w, m, g, gen, fraction,
-                                    [view(v) for v in state.values() if torch.is_tensor(v) and v.shape == param.shape]):
-                    changed.append(i)
+        for u, layers in enumerate(self.ctx.layers):
+            if not active[u]:
+                continue
+            for layer in layers:
+                # seeded by the layout's tensor index, as before updaters (the pinned SET references depend on it)
+                gen = torch.Generator().manual_seed(derive_seed(self.ctx.seeds[u], "dst", step, layer.entry))
+                if self._update_one(layer.weight, layer.mask, layer.grad, gen, fraction,
+                                    layer.optimizer_slots(optimizer)):
+                    changed.append(layer.entry)
         return sorted(set(changed))
 
     def _update_one(self, w, m, g, gen, fraction: float, states: list) -> bool:
@@ -149,7 +132,7 @@ class Updater:
         after_drop = keep.clone()
         after_drop[drop] = False
         candidates = (~after_drop).nonzero().squeeze(1)
-        scores = self.rule.grow(w, g, gen).reshape(-1)[candidates].float()
+        scores = self.grow(w, g, gen).reshape(-1)[candidates].float()
         grow = candidates[lowest_first(-scores)[:n]]
         new = after_drop.clone()
         new[grow] = True
@@ -159,3 +142,45 @@ class Updater:
             s.reshape(-1)[fresh] = 0
         flat_m.copy_(new.to(flat_m.dtype))
         return True
+
+
+def register_dst(name: str, *, gradient_step: bool = False, settings: type = DstSettings):
+    """`@register_dst("mine")` on grow(weight, grad, generator) -> scores (same shape): a drop-and-grow updater
+    whose inactive weights with the highest scores grow. `gradient_step=True` takes RigL's order (the update step's
+    gradient, no weight update)."""
+    def decorator(fn):
+        cls = type(f"DropGrow_{name}", (DropGrow,), {"Settings": settings, "gradient_step": gradient_step,
+                                                    "grow": lambda self, w, g, gen: fn(w, g, gen)})
+        register_updater(name)(cls)
+        return fn
+    return decorator
+
+
+@register_updater("set")
+class SET(DropGrow):
+    """Grows at random among the inactive weights (Mocanu et al. 2018)."""
+
+    def grow(self, weight, grad, generator):
+        return torch.rand(weight.shape, generator=generator).to(weight.device)
+
+
+@register_updater("rigl")
+class RigL(DropGrow):
+    """Grows where the dense gradient of the update step's batch is largest, and takes no optimizer step there
+    (Evci et al. 2020)."""
+    gradient_step = True
+
+    def grow(self, weight, grad, generator):
+        return torch.zeros_like(weight) if grad is None else grad.abs()
+
+
+DST = UPDATERS  # the registry's name before mask updaters
+
+
+def dst_settings(node) -> tuple[Optional[type], dict]:
+    """(the updater class, its settings) of a `dst` config node; (None, {}) for `name: none`, whose keys are
+    checked as drop-and-grow settings all the same (a sweep over dst=none,set,rigl keeps them)."""
+    raw = plain(node)
+    if raw.get("name", "none") in (None, "none"):
+        check_settings({k: v for k, v in raw.items() if k != "name"}, DstSettings, "dst")
+    return updater_settings(raw)

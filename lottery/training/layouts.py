@@ -222,8 +222,9 @@ class Interleaved(nn.Module):
         return {f"nets.{u}.{k}": v for u, m in enumerate(masks) for k, v in m.items()}
 
     def mask_slices(self, masker) -> list[tuple]:
-        """Per tensor of `masker`: (parameter, mask, [(network, None)]): each is one network's own."""
-        return [(p, m, [(int(n.split(".")[1]), None)]) for n, p, m in zip(masker.names, masker.params, masker.masks)]
+        """Per tensor of `masker`: (parameter, mask, [(network, None, its name there)]): each is one network's own."""
+        return [(p, m, [(int(n.split(".")[1]), None, n.split(".", 2)[2])])
+                for n, p, m in zip(masker.names, masker.params, masker.masks)]
 
     def sync_masks(self, masker, masks: list[Masks]) -> None:
         """The networks' own mask tensors are the ones the masker edits."""
@@ -362,8 +363,9 @@ class Stacked(nn.Module):
         return {f"net.{k}": torch.stack([m[k] for m in masks]) for k in masks[0]}
 
     def mask_slices(self, masker) -> list[tuple]:
-        """Per tensor of `masker`: (parameter, stacked mask, [(network u, index u) for every u])."""
-        return [(p, m, [(u, u) for u in range(self.n)]) for p, m in zip(masker.params, masker.masks)]
+        """Per tensor of `masker`: (parameter, stacked mask, [(network u, index u, its name) for every u])."""
+        return [(p, m, [(u, u, n.split(".", 1)[1]) for u in range(self.n)])
+                for n, p, m in zip(masker.names, masker.params, masker.masks)]
 
     def sync_masks(self, masker, masks: list[Masks]) -> None:
         """Copy the stacked masks (changed by mask updates) into each network's own mask tensors."""

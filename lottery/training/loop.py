@@ -8,6 +8,11 @@ accumulate in device tensors and are read only at evaluations and loss logs; the
 the step, so the schedule needs no state and restarts exactly at a rewind step; pruned weights are overwritten with
 zero after every optimizer step (lottery.masks.Masker, the one place masks touch weights during training).
 
+Masks that change during training are a mask updater's (lottery.training.updaters): the loop calls it at fixed points
+(before the first step, after the backward pass, after the optimizer step, after each evaluation), re-applies the
+masks it says it changed, stops a network it says is finished, and stores its state in the checkpoint; what it does
+is its own. Without one (static sparsity) none of this runs.
+
 A network whose loss turns NaN or infinite is done at that evaluation (or training-loss log): its record says
 `diverged` (lottery.core.divergence); the others train on, unaffected (nothing couples the networks).
 """
@@ -27,12 +32,12 @@ from lottery.core.signals import Preempted
 from lottery.core.steps import Steps
 from lottery.core.threads import evaluation_threads
 from lottery.data import Batches
-from lottery import masks as M
 from lottery.masks import Masker, Masks
 from lottery.training.evaluation import early_stop
 from lottery.training.layouts import LAYOUTS, keep_freed_memory
 from lottery.training.optimizers import make_optimizer
 from lottery.training.schedule import lr_schedule
+from lottery.training.updaters import Context, checkpoint_state, make_layers
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class Hooks:
 class Network:
     """One network of a training call: its model (weights and masks applied), its batches (split and data seed),
     its hooks, the checkpoint it resumes from (the state a `hooks.checkpoint` call received), if any, and the seed of
-    its mask updates (dynamic sparse training)."""
+    its mask updates (a mask updater's random choices)."""
     model: nn.Module
     masks: Masks
     batches: Batches
@@ -64,14 +69,14 @@ class Network:
 
 def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
           layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
-          dst: Optional[tuple] = None) -> list[dict]:
+          updater: Optional[tuple] = None) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
     after their checkpoint's step and end bit-identical to an uninterrupted run.
 
     `lr`: the multiplier of the base learning rate at each step (default: the schedule of `train.*`; fine-tuning
-    holds the final one). `dst`: (rule, settings) of lottery.training.dst: the masks change during training (each
-    network's masks are edited in place, and its result lists the changes)."""
+    holds the final one). `updater`: (a MaskUpdater class, its settings) of lottery.training.updaters: the masks
+    change during training (each network's masks are edited in place, and its result adds the updater's keys)."""
     tcfg = cfg.train
     end = steps.total if end is None else end
     n = len(networks)
@@ -85,8 +90,6 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     for nw in networks:
         if nw.resume is not None:
             nw.model.load_state_dict(nw.resume["model"])
-            for k, m in (nw.resume.get("masks") or {}).items():  # masks that changed during training
-                nw.masks[k].copy_(m.to(nw.masks[k].dtype))
     if n > 1:
         keep_freed_memory()
     net = LAYOUTS[layout]([nw.model for nw in networks], [nw.batches for nw in networks])
@@ -95,10 +98,11 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optimizer, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
-    updater = None
-    if dst is not None:
-        from lottery.training.dst import Updater
-        updater = Updater(dst[0], dst[1], steps.total, net.mask_slices(mask_weights), [nw.seed for nw in networks])
+    stopped_at: list[Optional[int]] = [None] * n  # the step the updater ended a network's training at
+    if updater is not None:
+        kind, settings = updater
+        layers = make_layers(net.mask_slices(mask_weights), n)
+        updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers))
     if tcfg.compile:
         net.compile_in_place()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
@@ -114,23 +118,40 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     evals: list[list[dict]] = [[] for _ in networks]
     step = start
     diverged_at: list[Optional[int]] = [None] * n
-    # with dst: every network's layer densities from `start` and after each mask update, and its RigL update steps
-    mask_changes: list[list] = [[[start, M.density(nw.masks)]] if updater else [] for nw in networks]
-    gradient_steps: list[list[int]] = [[] for _ in networks]
     if all(resumed):
         optimizer.load_state_dict(net.optimizer_state([nw.resume["optimizer"] for nw in networks]))
         step = networks[0].resume["step"]
         evals = [list(nw.resume["evals"]) for nw in networks]
         diverged_at = [e[-1]["step"] if e and e[-1].get("diverged") else None for e in evals]
         if updater is not None:
-            mask_changes = [list(nw.resume.get("mask_changes") or mask_changes[u]) for u, nw in enumerate(networks)]
-            gradient_steps = [list(nw.resume.get("gradient_steps") or []) for nw in networks]
+            for u, nw in enumerate(networks):
+                for i in updater.load_state_dict(u, checkpoint_state(updater.name, nw.resume)):
+                    mask_weights.refresh(i)
+            net.sync_masks(mask_weights, [nw.masks for nw in networks])
+            stopped_at = [step if updater.finished(u) else None for u in range(n)]
         loss_sum += torch.stack([nw.resume["loss_sum"].reshape(()) for nw in networks]).to(device)
         loss_count = [nw.resume["loss_count"] for nw in networks]
         log_sum += torch.stack([nw.resume["log_sum"].reshape(()) for nw in networks]).to(device)
 
     def active() -> list[int]:
-        return [u for u in range(n) if diverged_at[u] is None]
+        return [u for u in range(n) if diverged_at[u] is None and stopped_at[u] is None]
+
+    def apply(changed: list[int]) -> None:
+        """The updater changed these mask tensors: apply them from now on, and to each network's own masks."""
+        for i in changed:
+            mask_weights.refresh(i)
+        mask_weights()
+        if changed:
+            net.sync_masks(mask_weights, [nw.masks for nw in networks])
+
+    def stop_finished() -> None:
+        """Networks the updater says are done end here; their last record is at this step."""
+        done = [u for u in active() if updater.finished(u)]
+        for u in done:
+            stopped_at[u] = step
+        late = [u for u in done if evals[u][-1]["step"] != step]
+        if late:
+            run_eval(late)
 
     def run_eval(which: list[int]) -> None:
         """Evaluate the networks in `which` (an evaluation step: every active one; a loss log that saw a non-finite
@@ -164,18 +185,17 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     def checkpoint() -> None:
         states, opt_states = net.states(), net.optimizer_states(optimizer.state_dict())
         sums, logs = loss_sum.cpu(), log_sum.cpu()
-        if updater is not None:
-            net.sync_masks(mask_weights, [nw.masks for nw in networks])
         for u, h in enumerate(hooks):
             state = {"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
                      "loss_sum": sums[u].clone(), "loss_count": loss_count[u], "log_sum": logs[u].clone()}
             if updater is not None:
-                state.update(masks=M.to_bool(networks[u].masks), mask_changes=mask_changes[u],
-                             gradient_steps=gradient_steps[u])
+                state["updater"] = updater.state_dict(u)
             h.checkpoint(state)
 
     net.train()
     if not all(resumed):
+        if updater is not None:
+            apply(updater.begin(start))
         mask_weights()
         if start in at_steps:
             call_at_step(start)
@@ -183,30 +203,21 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     bar = tqdm(total=end - start, initial=step - start, desc=desc, leave=False, dynamic_ncols=True,
                disable=not (tcfg.progress and sys.stderr.isatty()))
     try:
-        while step < end and any(d is None for d in diverged_at):
+        while step < end and active():
             m = multiplier(step)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * m
             optimizer.zero_grad(set_to_none=True)
-            on = [d is None for d in diverged_at]
+            on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
             losses = net.backward(step, autocast, on)
-            update = updater is not None and updater.due(step + 1)
-            if update and updater.rule.gradient_step:  # RigL: this step's gradient grows connections, no weight update
-                changed = updater.update(step + 1, optimizer, on)
-                for u in range(n):
-                    if on[u]:
-                        gradient_steps[u].append(step + 1)
-            else:
+            if updater is None:
                 optimizer.step()
-                changed = updater.update(step + 1, optimizer, on) if update else []
-            for i in changed:
-                mask_weights.refresh(i)
-            mask_weights()
-            if update:
-                net.sync_masks(mask_weights, [nw.masks for nw in networks])
-                for u in range(n):
-                    if on[u]:
-                        mask_changes[u].append([step + 1, M.density(networks[u].masks)])
+                mask_weights()
+            else:
+                changed, skip = updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
+                if not skip:
+                    optimizer.step()
+                apply(changed + updater.after_step(step + 1, optimizer, on))
             loss_sum += losses
             for u in range(n):
                 loss_count[u] += 1
@@ -231,7 +242,11 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
                 last = next((evals[u][-1] for u in active()), None)
                 if n == 1 and last is not None and last["test_accuracy"] is not None:
                     bar.set_postfix(test_acc=f"{last['test_accuracy']:.4f}", refresh=False)
-            if can_checkpoint and step < end and any(d is None for d in diverged_at):
+                if updater is not None:
+                    apply(updater.at_eval(step, {u: evals[u][-1] for u in active()}))
+            if updater is not None:
+                stop_finished()
+            if can_checkpoint and step < end and active():
                 if hooks[0].should_stop():
                     checkpoint()
                     raise Preempted(f"stopped at step {step}; checkpoint written")
@@ -240,18 +255,16 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     finally:
         bar.close()
     net.sync()
-    if updater is not None:
-        net.sync_masks(mask_weights, [nw.masks for nw in networks])
     results = []
     for u in range(n):
         last = evals[u][-1]
-        final = step if diverged_at[u] is None else diverged_at[u]
+        final = diverged_at[u] if diverged_at[u] is not None else stopped_at[u] if stopped_at[u] is not None else step
         result = {"steps": end, "start_step": start, "final_step": final, "evals": evals[u],
                   **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))}, **early_stop(evals[u]),
                   "diverged": diverged_at[u] is not None, "diverged_step": diverged_at[u]}
         if diverged_at[u] is not None:  # no final metrics: a diverged network's are chance, not a result
             result["last_finite_step"] = evals[u][-2]["step"] if len(evals[u]) > 1 else None
         if updater is not None:
-            result.update(mask_changes=mask_changes[u], gradient_steps=gradient_steps[u])
+            result.update(updater.result(u))
         results.append(result)
     return results

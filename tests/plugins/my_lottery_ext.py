@@ -93,3 +93,55 @@ class SignSGD(torch.optim.Optimizer):
 @register_optimizer("signsgd", settings=SignSgdSettings)
 def signsgd(params, *, lr, weight_decay, device, momentum):
     return SignSGD(params, lr, momentum, weight_decay)
+
+
+# A user's own sparse-training method: a mask updater (lottery.training.updaters), selected as dst=magnitude_drop with
+# the YAML file tests/plugins/conf/dst/magnitude_drop.yaml.
+from lottery.training import MaskUpdater, register_updater  # noqa: E402
+
+
+@dataclass
+class MagnitudeDropSettings:
+    every: int = 20  # steps between drops
+    count: int = 3  # active weights of smallest magnitude each layer loses per drop
+
+    def __post_init__(self):
+        if self.every < 1 or self.count < 0:
+            raise ValueError(f"dst.every must be >= 1 and dst.count >= 0, got {self.every} and {self.count}")
+
+
+@register_updater("magnitude_drop")
+class MagnitudeDrop(MaskUpdater):
+    """Every `every` steps, each layer of each network loses its `count` active weights of smallest magnitude."""
+    Settings = MagnitudeDropSettings
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        self.drops = [0] * self.n  # state a resumed run must get back
+
+    def after_step(self, step, optimizer, active):
+        if step % self.settings["every"]:
+            return []
+        changed = []
+        for u, layers in enumerate(self.ctx.layers):
+            if not active[u]:
+                continue
+            for layer in layers:
+                flat = layer.mask.reshape(-1)
+                kept = flat.nonzero().squeeze(1)
+                order = torch.sort(layer.weight.reshape(-1)[kept].abs(), stable=True).indices
+                flat[kept[order[:self.settings["count"]]]] = 0
+                changed.append(layer.entry)
+            self.drops[u] += 1
+            self.record(u, step)
+        return changed
+
+    def state_dict(self, u):
+        return {**super().state_dict(u), "drops": self.drops[u]}
+
+    def load_state_dict(self, u, state):
+        self.drops[u] = state["drops"]
+        return super().load_state_dict(u, state)
+
+    def result(self, u):
+        return {**super().result(u), "drops": self.drops[u]}
