@@ -8,13 +8,23 @@ from lottery import masks as M
 from lottery import pruning
 from lottery.core.files import load_torch
 from lottery.core.seeds import derive_seed
+from lottery.pruning import granularity as G
+
+
+def counted(masks: M.Masks, pcfg) -> M.Masks:
+    """The masks in the units the schedule counts: channels (one entry per output channel) with
+    pruning.granularity=channel, else the weights themselves."""
+    return G.channel_masks(masks) if G.kind(pcfg) == "channel" else masks
 
 
 def level_count(cfg, masks: M.Masks, prunable) -> int:
-    """Levels of the run, level 0 (dense) included: pruning.levels, or as many as pruning.target needs."""
+    """Levels of the run, level 0 (dense) included: pruning.levels, or as many as pruning.target needs (in channels
+    with pruning.granularity=channel)."""
     p = cfg.pruning
+    if G.kind(p) == "nm":  # one shot to n/m (checked: pruning.one_shot=true)
+        return 2
     if p.target is not None:
-        return 2 if p.one_shot else len(pruning.plan_counts(masks, prunable, p))
+        return 2 if p.one_shot else len(pruning.plan_counts(counted(masks, p), prunable, p))
     return p.levels
 
 
@@ -29,23 +39,28 @@ def preflight(rep, model) -> int:
     n_levels = level_count(cfg, masks, prunable)
     if n_levels > 1 and not prunable:
         raise ValueError("nothing to prune: pruning.exclude removed every prunable tensor")
-    if n_levels > 1:
+    if n_levels > 1 and G.kind(p) == "nm":  # every block keeps n >= 1: no layer can collapse
+        G.check_nm({n: tuple(m.shape) for n, m in masks.items()}, *G.nm_of(p))
+    unit = "channel" if G.kind(p) == "channel" else "weight"
+    masks = counted(masks, p)
+    if n_levels > 1 and G.kind(p) != "nm":
         for level in range(1, n_levels):
             counts = (pruning.survivors_after(masks, prunable, p, keep_fraction=p.target) if p.one_shot
                       else pruning.level_survivors(masks, prunable, p, level))
             if not isinstance(counts, dict):  # global: one total, split by the scores
                 if counts < 1:
-                    raise ValueError(f"pruning to level {level} keeps no weight at all; keep more weights "
+                    raise ValueError(f"pruning to level {level} keeps no {unit} at all; keep more {unit}s "
                                      f"(pruning.target, pruning.levels, pruning.rate)")
                 continue
             empty = [n for n, c in counts.items() if c < 1 and masks[n].numel() > 0]
             if empty:
                 total = sum(counts.values()) / sum(m.numel() for m in masks.values())
-                raise ValueError(f"{p.scope} pruning to {100 * total:.3g}% of the weights (level {level}) would remove "
-                                 f"every weight of '{empty[0]}' ({masks[empty[0]].numel()} weights; layer collapse"
+                raise ValueError(f"{p.scope} pruning to {100 * total:.3g}% of the {unit}s (level {level}) would remove "
+                                 f"every {unit} of '{empty[0]}' ({masks[empty[0]].numel()} {unit}s; layer collapse"
                                  f"{f', and {len(empty) - 1} more tensors' if len(empty) > 1 else ''}); keep more "
-                                 f"weights (pruning.target, pruning.levels), give the layer a smaller rate "
+                                 f"{unit}s (pruning.target, pruning.levels), give the layer a smaller rate "
                                  f"(pruning.layer_rates) or exclude it (pruning.exclude=[{empty[0]}])")
+    if n_levels > 1:
         crit = pruning.CRITERIA[p.criterion["name"]]
         if crit.check is not None:
             crit.check(pruning.criterion_settings(p.criterion), rep.split)
@@ -119,7 +134,8 @@ def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
     model = scoring_model(masks)
     prunable = rep.prunable(model)
     if keep is None and p.from_dense and not p.one_shot:
-        keep = pruning.level_survivors(masks, prunable, p, level)
+        keep = pruning.level_survivors(counted(G.weights_only(masks, [q.name for q in prunable]), p), prunable, p,
+                                       level)
     # built on first use: a criterion that reads no data draws no batch
     batches = iter(rep.batches(derive_seed(rep.seed, "score", level)))
     return pruning.prune(model, masks, prunable, p, keep_fraction=p.target if p.one_shot else None,
