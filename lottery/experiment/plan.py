@@ -64,12 +64,33 @@ def preflight(rep, model) -> int:
         crit = pruning.CRITERIA[p.criterion["name"]]
         if crit.check is not None:
             crit.check(pruning.criterion_settings(p.criterion), rep.split)
+        _collapse_at_init(rep, n_levels)
     from lottery.branches import BRANCHES, branch_settings
     for name in p.branches:
         check = BRANCHES[name].check
         if check is not None:
             check(branch_settings(name, cfg), n_levels, bool(p.train_dense), rep.steps)
     return n_levels
+
+
+def _collapse_at_init(rep, n_levels: int) -> None:
+    """Global pruning at initialization (scores of the initial weights, rewind 0): whether a level's selection would
+    empty a layer depends on the seed alone, so every level is pruned here, in memory, on the initial weights the
+    run will save (its init.pt when resuming), and a layer collapse refuses the run before anything is written. The
+    same seeds and weights as the run's own pruning give the same masks. (Layerwise counts and the distributions are
+    checked from counts alone above; scores of trained weights exist only once training has run.)"""
+    p = rep.cfg.pruning
+    if p.scope != "global" or G.kind(p) == "nm" or pruning.scores_at(p) != "at_init" or rep.steps.rewind != 0:
+        return
+    if rep.folder.init.exists():
+        state = load_torch(rep.folder.init)
+    else:
+        from lottery.experiment.replicate import cpu_state
+        state = cpu_state(rep.new_model(init_seed=rep.seed))
+    model = rep.new_model()
+    masks = M.ones(model, rep.prunable(model))
+    for level in range(1, n_levels):
+        masks = prune_level(rep, level, masks, state=state)
 
 
 def masks_before(rep, level: int) -> M.Masks:
@@ -110,19 +131,21 @@ def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
 
 
 def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
-                keep: dict[str, int] | int | None = None, invert: bool = False) -> M.Masks:
+                keep: dict[str, int] | int | None = None, invert: bool = False,
+                state: dict | None = None) -> M.Masks:
     """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
     unless given), or on the rewind-point weights (`pruning.when`, or the criterion's own). With `pruning.from_dense`
     every level prunes the dense network (level 0's weights, all-ones masks) to the count the level would have under
     the per-level rates. The scoring data and randomness depend only on (seed, level), so a branch calling this again
-    gets the same scores; `keep` and `invert` are for such a branch (per-tensor counts, lowest scores kept)."""
+    gets the same scores; `keep` and `invert` are for such a branch (per-tensor counts, lowest scores kept). `state`:
+    the rewind-point weights when they are not on disk yet (the collapse check before the first write)."""
     p = rep.cfg.pruning
     source = source_level(rep.cfg, level)  # the level whose masks (and trained weights) are pruned
     if p.from_dense:
         masks, trained = masks_before(rep, level), None
     if pruning.scores_at(p) == "after_training":
         state = trained if trained is not None else load_torch(rep.folder.final_path(source))
-    else:
+    elif state is None:
         state = rep.rewind_state
 
     def scoring_model(current: M.Masks):
