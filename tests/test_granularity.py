@@ -354,3 +354,13 @@ def test_channel_collapse_at_init_refused_before_any_write(tmp_path):
     assert not (run / "init.pt").exists() and not (run / "config.yaml").exists()
     records = run_experiment(tiny_cfg(*common, "pruning.scope=layerwise"), run)
     assert records[-1]["channels_remaining"] == {"c1.weight": 2, "c2.weight": 2, "fc.weight": 3}
+
+
+def test_channel_pruning_at_init_from_dense_has_imps_channel_counts(tmp_path):
+    """method=random (from_dense: every level prunes the dense network to IMP's count at that level) counts channels:
+    level L keeps IMP's layerwise channel counts after L levels at pruning.rates.linear / conv."""
+    records = run_experiment(tiny_cfg(*CONVBN, "method=random", "pruning.granularity=channel", "pruning.levels=3",
+                                      "pruning.rates.conv=0.5", "pruning.rates.linear=0.5", "pruning.branches=[]"),
+                             tmp_path / "r")
+    assert [r["channels_remaining"] for r in records] == [{"c1.weight": 4, "c2.weight": 4, "fc.weight": 8},
+                                                          {"c1.weight": 2, "c2.weight": 2, "fc.weight": 4}]
