@@ -276,8 +276,11 @@ def test_granularity_x_criterion_x_controls(granularity, criterion, tmp_path, mo
     assert all(r["weights_remaining"] == 0.5 for r in level1)
 
 
-def test_channel_replicas_interleaved_equal_single_runs(tmp_path):
-    args = [*CONVBN, "pruning.granularity=channel", "pruning.levels=2", "pruning.branches=[random_prune]"]
+@pytest.mark.parametrize("granularity", ["channel", "nm"])
+def test_replicas_interleaved_equal_single_runs(granularity, tmp_path):
+    args = [*CONVBN, "pruning.branches=[random_prune]", *(
+        ["pruning.granularity=channel", "pruning.levels=2"] if granularity == "channel" else
+        ["pruning.granularity=nm", "pruning.one_shot=true", "pruning.exclude=[c1.weight]"])]
     run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=interleaved"), tmp_path / "many")
     skip = ("device_info", "wall_time_s")
     for s in (0, 1):
