@@ -83,6 +83,12 @@ class PruningConfig:
     prune_biases: bool = False
     prune_batchnorm: bool = False
     branches: List[str] = field(default_factory=list)
+    # What one selected entry is (lottery.pruning.granularity): unstructured (a weight) | channel (an output channel
+    # with its bias and BatchNorm entries) | nm (n kept of every m consecutive weights along the input dimension)
+    granularity: str = "unstructured"
+    n: int = 2  # nm: weights kept per block
+    m: int = 4  # nm: block length along the input dimension
+    group_score: str = "sum"  # channel: a channel's score from its weights' scores: sum | l1 | l2
 
 
 @dataclass

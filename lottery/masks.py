@@ -28,7 +28,11 @@ def prunable_tensors(model: nn.Module, pcfg) -> list[Prunable]:
     Default policy: weights of Linear and Conv layers. Biases and BatchNorm parameters only when asked
     (`pruning.prune_biases`, `pruning.prune_batchnorm`). `pruning.exclude` holds glob patterns over parameter names.
     The output layer (the last Linear) gets its own kind so it can be pruned at its own rate, as in the paper.
+    With `pruning.granularity=channel` only the hidden layers' weights are prunable: the output layer keeps every
+    output neuron (removing one would delete a class), and biases and BatchNorm parameters are not scored on their
+    own but follow their channel (`channel_companions`).
     """
+    channel = getattr(pcfg, "granularity", "unstructured") == "channel"
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     output = linears[-1] if linears else None
     kinds: dict[str, str] = {}
@@ -36,15 +40,49 @@ def prunable_tensors(model: nn.Module, pcfg) -> list[Prunable]:
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             kind = "output" if mod is output else ("linear" if isinstance(mod, nn.Linear) else "conv")
-            kinds[prefix + "weight"] = kind
-            if mod.bias is not None and pcfg.prune_biases:
+            if not (channel and kind == "output"):
+                kinds[prefix + "weight"] = kind
+            if mod.bias is not None and pcfg.prune_biases and not channel:
                 kinds[prefix + "bias"] = "bias"
-        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and pcfg.prune_batchnorm and mod.affine:
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and pcfg.prune_batchnorm and mod.affine and not channel:
             kinds[prefix + "weight"] = "batchnorm"
             kinds[prefix + "bias"] = "batchnorm"
     excluded = list(pcfg.exclude)
     return [Prunable(name, kinds[name]) for name, _ in model.named_parameters()
             if name in kinds and not any(fnmatch.fnmatchcase(name, pat) for pat in excluded)]
+
+
+def channel_companions(model: nn.Module) -> dict[str, list[str]]:
+    """{weight name: the 1-d parameters that belong to its output channels}: the layer's bias and the affine scale and
+    shift of the BatchNorm that normalizes its output. A removed channel must take them along: with its filter zero
+    but its bias or BatchNorm shift kept, the channel would still output a constant (and BatchNorm of a zero channel
+    is -mean/std * scale + shift). The BatchNorm of a layer is the next one in `named_modules` order, before any
+    other Linear or Conv, with as many features as the layer has output channels (the models register each
+    BatchNorm right after its convolution; lottery/models/registry.py)."""
+    out: dict[str, list[str]] = {}
+    last: str | None = None  # the weight of the last Linear/Conv seen that has no BatchNorm yet
+    channels = 0
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            last = prefix + "weight"
+            channels = mod.weight.shape[0]
+            out[last] = [prefix + "bias"] if mod.bias is not None else []
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if last is not None and mod.affine and mod.num_features == channels:
+                out[last] += [prefix + "weight", prefix + "bias"]
+            last = None
+    return out
+
+
+def counted(masks: Masks, model: nn.Module, pcfg) -> Masks:
+    """The masks whose entries count as weights (remaining counts, densities): with pruning.granularity=channel the
+    companions' masks (biases, BatchNorm entries of removed channels) are left out, so counts stay those of the
+    weights the schedule selected; otherwise `masks` itself."""
+    if getattr(pcfg, "granularity", "unstructured") != "channel":
+        return masks
+    names = {p.name for p in prunable_tensors(model, pcfg)}
+    return {n: m for n, m in masks.items() if n in names}
 
 
 def ones(model: nn.Module, prunable: list[Prunable]) -> Masks:

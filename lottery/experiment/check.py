@@ -21,6 +21,7 @@ from lottery.data import dataset_settings
 from lottery.init import INITIALIZERS
 from lottery.models import MODELS
 from lottery.pruning import DISTRIBUTIONS, criterion_settings, scores_at
+from lottery.pruning.granularity import GRANULARITIES, GROUP_SCORES
 from lottery.training import BATCHING, optimizer_settings
 from lottery.training.dst import dst_settings
 
@@ -39,6 +40,34 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 def _choice(value, accepted, what: str) -> None:
     if value not in accepted:
         raise ValueError(f"unknown {what} '{value}'; accepted: {', '.join(map(str, accepted))}")
+
+
+def _check_granularity(cfg: DictConfig, dst_rule) -> None:
+    p = cfg.pruning
+    g = p.get("granularity", "unstructured")
+    _choice(g, GRANULARITIES, "pruning.granularity")
+    _choice(p.get("group_score", "sum"), GROUP_SCORES, "pruning.group_score")
+    if g != "unstructured" and dst_rule is not None:
+        raise ValueError(f"dst={dst_rule.name} grows and drops single weights; pruning.granularity={g} is not "
+                         "supported with dynamic sparse training (use pruning.granularity=unstructured)")
+    if g == "channel":
+        if p.scope in ("er", "erk"):
+            raise ValueError(f"pruning.scope={p.scope} is a density per weight tensor; with pruning.granularity="
+                             "channel use layerwise, global or uniform")
+        if str(cfg.model.name).startswith("resnet"):
+            raise ValueError(f"pruning.granularity=channel: the shortcuts of model={cfg.model.name} add the block's "
+                             "input to its output, tying channels across layers, which channel pruning does not "
+                             "handle; use a model without shortcuts (conv2/4/6, vgg*, mlp, lenet_300_100)")
+    if g == "nm":
+        n, m = p.n, p.m
+        if not 1 <= n < m:
+            raise ValueError(f"pruning.n:pruning.m must satisfy 1 <= n < m, got {n}:{m} (e.g. 2:4)")
+        if not p.one_shot:
+            raise ValueError(f"pruning.granularity=nm prunes in one shot to density n/m = {n}/{m}, not by IMP "
+                             "levels; set pruning.one_shot=true")
+        if p.target is not None and abs(p.target - n / m) > 1e-9:
+            raise ValueError(f"pruning.target={p.target} but pruning.granularity=nm keeps exactly {n} of every {m} "
+                             f"(density {n / m:g}); set pruning.target=null or {n / m:g}")
 
 
 def checked(cfg: DictConfig) -> DictConfig:
@@ -106,7 +135,8 @@ def checked(cfg: DictConfig) -> DictConfig:
         raise ValueError(f"pruning.levels counts level 0 (dense) too and must be >= 1, got {p.levels}")
     if p.target is not None and not 0 < p.target < 1:
         raise ValueError(f"pruning.target is the fraction of weights to keep, in (0, 1); got {p.target}")
-    if p.one_shot and p.target is None:
+    _check_granularity(cfg, rule)
+    if p.one_shot and p.target is None and p.get("granularity") != "nm":
         raise ValueError("pruning.one_shot=true prunes straight to pruning.target, which is not set; set "
                          "pruning.target=<fraction to keep> or pruning.one_shot=false")
     if p.rounds < 1:

@@ -146,7 +146,7 @@ def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optio
     state = {k: v.clone() for k, v in (start_state or rep.rewind_state).items()}
     for name, m in masks.items():
         state[name] = state[name] * m.to(state[name].device, state[name].dtype)
-    remaining, total = M.count(masks)
+    remaining, total = M.count(M.counted(masks, model, rep.cfg.pruning))
     return Ticket(level=level, masks=M.to_bool(masks), rewind_step=rep.steps.rewind, rewind_state=state,
                   config=rep.resolved, weights_remaining=remaining / total if total else 1.0,
                   params_remaining=M.params_remaining(model, masks), metrics=record)

@@ -8,13 +8,23 @@ from lottery import masks as M
 from lottery import pruning
 from lottery.core.files import load_torch
 from lottery.core.seeds import derive_seed
+from lottery.pruning import granularity as G
+
+
+def counted(masks: M.Masks, pcfg) -> M.Masks:
+    """The masks in the units the schedule counts: channels (one entry per output channel) with
+    pruning.granularity=channel, else the weights themselves."""
+    return G.channel_masks(masks) if G.kind(pcfg) == "channel" else masks
 
 
 def level_count(cfg, masks: M.Masks, prunable) -> int:
-    """Levels of the run, level 0 (dense) included: pruning.levels, or as many as pruning.target needs."""
+    """Levels of the run, level 0 (dense) included: pruning.levels, or as many as pruning.target needs (in channels
+    with pruning.granularity=channel)."""
     p = cfg.pruning
+    if G.kind(p) == "nm":  # one shot to n/m (checked: pruning.one_shot=true)
+        return 2
     if p.target is not None:
-        return 2 if p.one_shot else len(pruning.plan_counts(masks, prunable, p))
+        return 2 if p.one_shot else len(pruning.plan_counts(counted(masks, p), prunable, p))
     return p.levels
 
 
@@ -29,32 +39,58 @@ def preflight(rep, model) -> int:
     n_levels = level_count(cfg, masks, prunable)
     if n_levels > 1 and not prunable:
         raise ValueError("nothing to prune: pruning.exclude removed every prunable tensor")
-    if n_levels > 1:
+    if n_levels > 1 and G.kind(p) == "nm":  # every block keeps n >= 1: no layer can collapse
+        G.check_nm({n: tuple(m.shape) for n, m in masks.items()}, *G.nm_of(p))
+    unit = "channel" if G.kind(p) == "channel" else "weight"
+    masks = counted(masks, p)
+    if n_levels > 1 and G.kind(p) != "nm":
         for level in range(1, n_levels):
             counts = (pruning.survivors_after(masks, prunable, p, keep_fraction=p.target) if p.one_shot
                       else pruning.level_survivors(masks, prunable, p, level))
             if not isinstance(counts, dict):  # global: one total, split by the scores
                 if counts < 1:
-                    raise ValueError(f"pruning to level {level} keeps no weight at all; keep more weights "
+                    raise ValueError(f"pruning to level {level} keeps no {unit} at all; keep more {unit}s "
                                      f"(pruning.target, pruning.levels, pruning.rate)")
                 continue
             empty = [n for n, c in counts.items() if c < 1 and masks[n].numel() > 0]
             if empty:
                 total = sum(counts.values()) / sum(m.numel() for m in masks.values())
-                raise ValueError(f"{p.scope} pruning to {100 * total:.3g}% of the weights (level {level}) would remove "
-                                 f"every weight of '{empty[0]}' ({masks[empty[0]].numel()} weights; layer collapse"
+                raise ValueError(f"{p.scope} pruning to {100 * total:.3g}% of the {unit}s (level {level}) would remove "
+                                 f"every {unit} of '{empty[0]}' ({masks[empty[0]].numel()} {unit}s; layer collapse"
                                  f"{f', and {len(empty) - 1} more tensors' if len(empty) > 1 else ''}); keep more "
-                                 f"weights (pruning.target, pruning.levels), give the layer a smaller rate "
+                                 f"{unit}s (pruning.target, pruning.levels), give the layer a smaller rate "
                                  f"(pruning.layer_rates) or exclude it (pruning.exclude=[{empty[0]}])")
+    if n_levels > 1:
         crit = pruning.CRITERIA[p.criterion["name"]]
         if crit.check is not None:
             crit.check(pruning.criterion_settings(p.criterion), rep.split)
+        _collapse_at_init(rep, n_levels)
     from lottery.branches import BRANCHES, branch_settings
     for name in p.branches:
         check = BRANCHES[name].check
         if check is not None:
             check(branch_settings(name, cfg), n_levels, bool(p.train_dense), rep.steps)
     return n_levels
+
+
+def _collapse_at_init(rep, n_levels: int) -> None:
+    """Global pruning at initialization (scores of the initial weights, rewind 0): whether a level's selection would
+    empty a layer depends on the seed alone, so every level is pruned here, in memory, on the initial weights the
+    run will save (its init.pt when resuming), and a layer collapse refuses the run before anything is written. The
+    same seeds and weights as the run's own pruning give the same masks. (Layerwise counts and the distributions are
+    checked from counts alone above; scores of trained weights exist only once training has run.)"""
+    p = rep.cfg.pruning
+    if p.scope != "global" or G.kind(p) == "nm" or pruning.scores_at(p) != "at_init" or rep.steps.rewind != 0:
+        return
+    if rep.folder.init.exists():
+        state = load_torch(rep.folder.init)
+    else:
+        from lottery.experiment.replicate import cpu_state
+        state = cpu_state(rep.new_model(init_seed=rep.seed))
+    model = rep.new_model()
+    masks = M.ones(model, rep.prunable(model))
+    for level in range(1, n_levels):
+        masks = prune_level(rep, level, masks, state=state)
 
 
 def masks_before(rep, level: int) -> M.Masks:
@@ -101,19 +137,21 @@ def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
 
 
 def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
-                keep: dict[str, int] | int | None = None, invert: bool = False) -> M.Masks:
+                keep: dict[str, int] | int | None = None, invert: bool = False,
+                state: dict | None = None) -> M.Masks:
     """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
     unless given), or on the rewind-point weights (`pruning.when`, or the criterion's own). With `pruning.from_dense`
     every level prunes the dense network (level 0's weights, all-ones masks) to the count the level would have under
     the per-level rates. The scoring data and randomness depend only on (seed, level), so a branch calling this again
-    gets the same scores; `keep` and `invert` are for such a branch (per-tensor counts, lowest scores kept)."""
+    gets the same scores; `keep` and `invert` are for such a branch (per-tensor counts, lowest scores kept). `state`:
+    the rewind-point weights when they are not on disk yet (the collapse check before the first write)."""
     p = rep.cfg.pruning
     source = source_level(rep.cfg, level)  # the level whose masks (and trained weights) are pruned
     if p.from_dense:
         masks, trained = masks_before(rep, level), None
     if pruning.scores_at(p) == "after_training":
         state = trained if trained is not None else load_torch(rep.folder.final_path(source))
-    else:
+    elif state is None:
         state = rep.rewind_state
 
     def scoring_model(current: M.Masks):
@@ -125,7 +163,8 @@ def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
     model = scoring_model(masks)
     prunable = rep.prunable(model)
     if keep is None and p.from_dense and not p.one_shot:
-        keep = pruning.level_survivors(masks, prunable, p, level)
+        keep = pruning.level_survivors(counted(G.weights_only(masks, [q.name for q in prunable]), p), prunable, p,
+                                       level)
     # built on first use: a criterion that reads no data draws no batch
     batches = iter(rep.batches(derive_seed(rep.seed, "score", level)))
     return pruning.prune(model, masks, prunable, p, keep_fraction=p.target if p.one_shot else None,

@@ -35,8 +35,11 @@ def training_cost(rep, model, masks: M.Masks, result: dict) -> dict:
     mask updates at its densities, RigL's update steps with their dense weight gradient), and dense."""
     if getattr(rep, "cost_info", None) is None:
         rep.cost_info = cost.model_info(model, rep.split.pool.input_shape)
-    counter = cost.TrainingCost(rep.cost_info, rep.cfg.train.batch_size)
-    changes = result.get("mask_changes") or [[result["start_step"], M.density(masks)]]
+    structured = rep.cfg.pruning.get("granularity") == "channel"
+    counter = cost.TrainingCost(rep.cost_info, rep.cfg.train.batch_size, structured=structured)
+    # channel tickets: the masks themselves (no mask changes during training), whose removed channels also remove
+    # the next layer's inputs in the structured count
+    changes = result.get("mask_changes") or [[result["start_step"], masks if structured else M.density(masks)]]
     gradient_steps = result.get("gradient_steps") or []
     ends = [s for s, _ in changes[1:]] + [result["final_step"]]
     for (begin, densities), end in zip(changes, ends):
@@ -49,16 +52,20 @@ def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dic
     """The record of one trained unit of replicate `rep` at `level`, from its training `result`; `deps`: the training
     its masks depended on (earlier levels), which `cost_steps` and `cost_flops` add to the unit's own; `wall_time`:
     seconds of the training call that trained it (shared by the units trained together), in this process."""
-    remaining, total = M.count(masks)
     cfg = rep.cfg
+    weights = M.counted(masks, model, cfg.pruning)
+    remaining, total = M.count(weights)
     record = {"level": level, "branch": branch, "replicate": cfg.seed,
               "weights_remaining": remaining / total if total else 1.0,
               "params_remaining": M.params_remaining(model, masks),
-              "weights_remaining_count": remaining, "weights_total": total, "layer_density": M.density(masks),
+              "weights_remaining_count": remaining, "weights_total": total, "layer_density": M.density(weights),
               **{k: v for k, v in result.items() if k not in _LOOP_KEYS and k != "last_finite_step"},
               "experiment": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
               "init": cfg.init.get("_target_") or cfg.init.name, "device_info": rep.device_info,
               "provenance": provenance(), "wall_time_s": wall_time}
+    if cfg.pruning.get("granularity") == "channel":
+        record["channels_remaining"] = {n: int((m.reshape(m.shape[0], -1) != 0).any(dim=1).sum())
+                                        for n, m in weights.items()}
     own = training_cost(rep, model, masks, result)
     deps = deps or {}
     record.update(deps.get("carry") or {})  # what the training its masks came from says of itself (early-bird draw)

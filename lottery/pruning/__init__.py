@@ -5,7 +5,9 @@
 - `selection`: exact counts, survivors only, stable ties, layerwise or global, never an emptied tensor;
 - `schedule`: the per-level rates, one-shot targets and rounds (`prune`), counts per level (`plan_counts`);
 - `densities`: per-tensor densities and exact counts from one global density (uniform, er, erk as in RigL);
-- `transforms`: random and shuffled masks for the controls.
+- `transforms`: random and shuffled masks for the controls;
+- `granularity`: channel and N:M views (`pruning.granularity`): scores per group, whole groups selected, per-weight
+  masks (with the bias and BatchNorm entries of removed channels) back.
 
 Imports masks and core only.
 """

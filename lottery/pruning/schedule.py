@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lottery.masks import Masks, Prunable, apply
+from lottery.masks import Masks, Prunable, apply, channel_companions
+from lottery.pruning import granularity as G
 from lottery.pruning.criteria import CRITERIA, Batches, criterion_settings, score
 from lottery.pruning.densities import DISTRIBUTIONS, allocate
 from lottery.pruning.selection import Survivors, round_half_up
@@ -99,7 +100,16 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
     surviving entries (flat indices, as `Survivors`) and tells it `remove(index)` which ones were pruned; `rescore` is
     then never called. Either way a round scores the same weights, so the masks are the same.
     `keep` replaces the schedule's counts: {name: survivors} per tensor (layerwise selection) or a total (global);
-    `invert` keeps the lowest scores instead of the highest (the invert ablation)."""
+    `invert` keeps the lowest scores instead of the highest (the invert ablation).
+
+    `pruning.granularity` (lottery.pruning.granularity): `channel` selects whole output channels (counts and `keep`
+    in channels) and returns their companions' masks too; `nm` keeps n of every m along the input dimension."""
+    if G.kind(pcfg) == "channel":
+        return _prune_channels(model, masks, prunable, pcfg, batches=batches, generator=generator,
+                               keep_fraction=keep_fraction, rescore=rescore, keep=keep, invert=invert)
+    if G.kind(pcfg) == "nm":
+        return _prune_nm(model, masks, prunable, pcfg, batches=batches, generator=generator, rescore=rescore,
+                         invert=invert)
     if keep is None:
         target, scope = survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
     else:
@@ -133,6 +143,59 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
         if incremental is not None:  # round 2 scores the model with all the masks applied, as `_masked` does
             scorer.remove(torch.cat([pruned, removed]) if r == 1 else removed)
     return left.masks()
+
+
+def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fraction, rescore, keep,
+                    invert) -> Masks:
+    """`prune` with whole output channels as the selected entries: the same selection (`Survivors`) on one score per
+    channel, the rounds, scopes and counts of the schedule in channels."""
+    names = [p.name for p in prunable]
+    weights = G.weights_only(masks, names)
+    companions = channel_companions(model)
+    groups = G.channel_masks(weights)
+    if keep is None:
+        target, scope = survivors_after(groups, prunable, pcfg, keep_fraction), pcfg.scope
+    else:
+        target, scope = (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
+    left = Survivors(groups)
+    start = dict(zip(groups, left.counts()))
+    name = pcfg.criterion["name"]
+    rounds = int(pcfg.get("rounds", 1) or 1)
+    how = pcfg.get("group_score", "sum") or "sum"
+    current = weights
+    for r in range(1, rounds + 1):
+        if r > 1:
+            full = G.expand(left.masks(), weights, companions)
+            model = rescore(full) if rescore is not None else _masked(model, full)
+            current = G.weights_only(full, names)
+        raw = score(model, current, pcfg.criterion, batches=batches, generator=generator)
+        scores = left.gather(G.channel_scores(raw, names, how))
+        if invert:
+            scores = -scores
+        if scope == "global":
+            now = _round_target(sum(start.values()), target, r, rounds)
+            left.remove_global(scores, len(left.index) - now, name, unit="channel")
+        else:
+            left.remove_layerwise(scores, [a - _round_target(start[n], target[n], r, rounds)
+                                           for n, a in zip(groups, left.counts())])
+    return G.expand(left.masks(), weights, companions)
+
+
+def _prune_nm(model, masks, prunable, pcfg, *, batches, generator, rescore, invert) -> Masks:
+    """`prune` to n of every m along the input dimension; with `pruning.rounds` the kept count per block goes from m
+    to n in exponentially spaced rounds, scored anew each round (SynFlow)."""
+    n, m = G.nm_of(pcfg)
+    names = [p.name for p in prunable]
+    current = G.weights_only(masks, names)
+    G.check_nm({k: tuple(v.shape) for k, v in current.items()}, n, m)
+    rounds = int(pcfg.get("rounds", 1) or 1)
+    for r in range(1, rounds + 1):
+        if r > 1:
+            model = rescore(current) if rescore is not None else _masked(model, current)
+        raw = score(model, current, pcfg.criterion, batches=batches, generator=generator)
+        per_block = _round_target(m, n, r, rounds)
+        current = {k: G.nm_select(-raw[k] if invert else raw[k], v, per_block, m) for k, v in current.items()}
+    return current
 
 
 def _masked(model: nn.Module, masks: Masks) -> nn.Module:

@@ -81,14 +81,16 @@ class Survivors:
         drop = [lowest(scores[a:b], k) for a, b, k in zip(cuts, cuts[1:], remove)]
         return self._drop(torch.cat(drop) if drop else torch.zeros(0, dtype=torch.bool, device=self.index.device))
 
-    def remove_global(self, scores: torch.Tensor, remove: int, criterion: str = "magnitude") -> torch.Tensor:
-        """The `remove` lowest-scoring survivors over all tensors; refuses to empty a whole tensor."""
+    def remove_global(self, scores: torch.Tensor, remove: int, criterion: str = "magnitude",
+                      unit: str = "weight") -> torch.Tensor:
+        """The `remove` lowest-scoring survivors over all tensors; refuses to empty a whole tensor. `unit` names the
+        entries in the message (channel pruning selects channels)."""
         keep = (len(self.index) - remove) / int(self.bounds[-1])
         removed = self._drop(lowest(scores, remove))
         empty = [n for n, c in zip(self.like, self.counts()) if c == 0]
         if empty:
-            raise ValueError(f"global {criterion} pruning to {100 * keep:.3g}% of the weights would remove every "
-                             f"weight of '{empty[0]}' (layer collapse); keep more weights, exclude the layer "
+            raise ValueError(f"global {criterion} pruning to {100 * keep:.3g}% of the {unit}s would remove every "
+                             f"{unit} of '{empty[0]}' (layer collapse); keep more {unit}s, exclude the layer "
                              f"(pruning.exclude=[{empty[0]}]) or use pruning.scope=layerwise")
         return removed
 

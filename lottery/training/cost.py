@@ -26,6 +26,13 @@ Conventions, those of RigL (Evci et al. 2020, "Rigging the Lottery", Appendix H)
 
   The dense counterpart is the same with every layer dense (f_D). Evaluation passes are not training and not counted.
 
+- Structured (`structured=True`, channel tickets: lottery.pruning.granularity): a removed output channel (its weights'
+  mask row all zero; its bias and BatchNorm entries are masked with it, so it outputs exactly zero) also removes the
+  inputs it feeds in the next layer: a weight entry counts only when it is kept AND its input channel is alive. The
+  layer feeding another is the one called just before it whose output channels match its input channels (a
+  convolution feeding a Linear through a flatten feeds in_features / channels consecutive inputs per channel);
+  models with shortcuts are not channel-pruned (lottery.experiment.check), so this chain is the network's.
+
 Usage: `info = model_info(model, input_shape)` once (a deep copy of the model on the CPU; the model itself is not
 touched), then `step_flops(info, masks, batch_size)` per mask (cheap: one count_nonzero per masked tensor), e.g.
 at every mask update of a dynamic sparse run; `TrainingCost` adds steps under changing masks up.
@@ -60,6 +67,8 @@ class LayerCost:
 @dataclass(frozen=True)
 class ModelInfo:
     layers: tuple[LayerCost, ...]
+    # per layer: (index of the layer whose output channels are its inputs, inputs per such channel) or None
+    feeds: tuple = ()
 
     @property
     def dense_macs(self) -> int:
@@ -81,6 +90,8 @@ def _measure(net: nn.Module, x: torch.Tensor) -> ModelInfo:
     positions: dict[str, int] = {}
     order: list[str] = []
     numel: dict[str, int] = {}
+    channels_of: dict[str, tuple[int, int, bool]] = {}  # (output channels, inputs along dim 1, is a Linear)
+    called: list[str] = []  # every counted call, in order (the layer before a layer is its feeder)
     handles = []
     for mod_name, mod in net.named_modules():
         if not isinstance(mod, _COUNTED):
@@ -88,8 +99,10 @@ def _measure(net: nn.Module, x: torch.Tensor) -> ModelInfo:
         name = f"{mod_name}.weight" if mod_name else "weight"
         numel[name] = mod.weight.numel()
         channels = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+        channels_of[name] = (channels, mod.weight.shape[1], isinstance(mod, nn.Linear))
 
         def hook(module, inputs, output, name=name, channels=channels):
+            called.append(name)
             if name not in positions:
                 order.append(name)
             # each weight entry is used once per output position (per example: the batch is 1)
@@ -102,7 +115,17 @@ def _measure(net: nn.Module, x: torch.Tensor) -> ModelInfo:
     finally:
         for h in handles:
             h.remove()
-    return ModelInfo(tuple(LayerCost(n, positions[n], numel[n]) for n in order))
+    index = {n: i for i, n in enumerate(order)}
+    feeds: dict[str, tuple[int, int] | None] = {}
+    for before, name in zip([None, *called], called):
+        if name in feeds:
+            continue
+        feeds[name] = None
+        if before is not None:
+            (c_out, _, from_linear), (_, c_in, to_linear) = channels_of[before], channels_of[name]
+            if c_in == c_out or (not from_linear and to_linear and c_in % c_out == 0):  # same, or conv->flatten
+                feeds[name] = (index[before], c_in // c_out)
+    return ModelInfo(tuple(LayerCost(n, positions[n], numel[n]) for n in order), tuple(feeds[n] for n in order))
 
 
 def _kept(layer: LayerCost, masks: MasksOrDensities) -> Union[int, float]:
@@ -114,22 +137,50 @@ def _kept(layer: LayerCost, masks: MasksOrDensities) -> Union[int, float]:
     return float(m) * layer.numel
 
 
-def macs(info: ModelInfo, masks: MasksOrDensities = None) -> Union[int, float]:
+def _alive_outputs(layer: LayerCost, masks) -> Optional[torch.Tensor]:
+    """Which output channels of `layer` are not removed (None: all, the layer is not masked)."""
+    if masks is None or layer.name not in masks:
+        return None
+    m = masks[layer.name]
+    return (m.reshape(m.shape[0], -1) != 0).any(dim=1)
+
+
+def _kept_structured(info: ModelInfo, i: int, masks) -> int:
+    """Kept entries of layer i whose input channel is alive (its feeding layer's channel not removed)."""
+    layer = info.layers[i]
+    m = masks.get(layer.name) if masks is not None else None
+    feed = info.feeds[i] if i < len(info.feeds) else None
+    alive = _alive_outputs(info.layers[feed[0]], masks) if feed is not None else None
+    if alive is None:
+        return _kept(layer, masks)
+    alive_in = alive.repeat_interleave(feed[1])  # flatten: each channel feeds feed[1] consecutive inputs
+    if m is None:
+        return int(alive_in.sum()) * (layer.numel // alive_in.numel())
+    shape = [1, alive_in.numel()] + [1] * (m.dim() - 2)
+    return int(((m != 0) & alive_in.to(m.device).view(shape)).sum())
+
+
+def macs(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = False) -> Union[int, float]:
     """Forward multiply-accumulates per example: sum of (output positions) * (kept weights) over the layers; dense
-    without masks. Masks give an exact integer, densities a float."""
+    without masks. Masks give an exact integer, densities a float. `structured` (masks only): a removed output
+    channel also removes the next layer's inputs it feeds."""
+    if structured and masks is not None:
+        if any(not isinstance(m, torch.Tensor) for m in masks.values()):
+            raise ValueError("a structured count needs the masks, not densities")
+        return sum(layer.positions * _kept_structured(info, i, masks) for i, layer in enumerate(info.layers))
     return sum(layer.positions * _kept(layer, masks) for layer in info.layers)
 
 
-def forward_flops(info: ModelInfo, masks: MasksOrDensities = None) -> Union[int, float]:
+def forward_flops(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = False) -> Union[int, float]:
     """f: FLOPs of one forward pass of one example, 2 per multiply-accumulate."""
-    return 2 * macs(info, masks)
+    return 2 * macs(info, masks, structured=structured)
 
 
 def step_flops(info: ModelInfo, masks: MasksOrDensities = None, batch_size: int = 1, *,
-               dense_weight_grad: bool = False) -> Union[int, float]:
+               dense_weight_grad: bool = False, structured: bool = False) -> Union[int, float]:
     """FLOPs of one training step of `batch_size` examples at `masks`: 3 f_S per example (forward, gradient of the
     activations, gradient of the weights), or 2 f_S + f_D when the weight gradient is dense (RigL's update steps)."""
-    sparse = forward_flops(info, masks)
+    sparse = forward_flops(info, masks, structured=structured)
     weight_grad = forward_flops(info) if dense_weight_grad else sparse
     return (2 * sparse + weight_grad) * batch_size
 
@@ -145,6 +196,7 @@ class TrainingCost:
     `flops_dense` is what the same steps cost without masks, `flops_sparse` what they cost at the masks they ran at."""
     info: ModelInfo
     batch_size: int
+    structured: bool = False  # channel tickets: removed channels also remove the next layer's inputs
     steps: int = 0
     flops_dense: Union[int, float] = 0
     flops_sparse: Union[int, float] = 0
@@ -157,8 +209,9 @@ class TrainingCost:
         """`steps` steps at `masks`, of which `dense_weight_grad_steps` computed a dense weight gradient."""
         if not 0 <= dense_weight_grad_steps <= steps:
             raise ValueError(f"dense_weight_grad_steps must be in [0, steps={steps}], got {dense_weight_grad_steps}")
-        sparse = step_flops(self.info, masks, self.batch_size)
-        update = step_flops(self.info, masks, self.batch_size, dense_weight_grad=True) if dense_weight_grad_steps else 0
+        sparse = step_flops(self.info, masks, self.batch_size, structured=self.structured)
+        update = (step_flops(self.info, masks, self.batch_size, dense_weight_grad=True, structured=self.structured)
+                  if dense_weight_grad_steps else 0)
         self.steps += steps
         self.flops_dense += steps * self._dense_step
         self.flops_sparse += (steps - dense_weight_grad_steps) * sparse + dense_weight_grad_steps * update
