@@ -197,14 +197,8 @@ def _export(args) -> int:
         chosen, layers = S.choose(masked, shape, args.batch, threads=args.threads)
         details["csr"] = {"batch": args.batch, "layers": layers}
         if any(r["chosen"] == "csr" for r in layers):
-            path = out / "csr.pt2"
-            try:
-                C.save_exported(chosen, shape, path)
-                loaded, fmt = torch.export.load(str(path)).module(), "torch.export"
-            except Exception as e:  # noqa: BLE001 - sparse tensors may not go through torch.export
-                path = out / "csr.pt"
-                torch.save(chosen, path)
-                loaded, fmt = chosen, f"torch.save of the module (needs lottery to load; torch.export: {e})"
+            path, fmt = S.save(chosen, shape, out)
+            loaded = S.load(path)
             details["csr"]["format"] = fmt
             rows.append(T.row(f"csr (batch {args.batch})", C.count(masked, shape)["nonzero"], path.stat().st_size,
                               loaded, shape, args.threads, acc(loaded), diff(loaded), file=path.name,

@@ -183,3 +183,23 @@ def save_exported(model: nn.Module, input_shape, path) -> None:
     example = torch.zeros(2, *input_shape)
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
+
+
+def lowest_norm_masks(model: nn.Module, keep: float, biases: bool = True) -> dict[str, torch.Tensor]:
+    """Channel masks of `model` by hand, for benchmarks and tests: in every layer but the classifier, the output rows
+    (neurons, filters) with the lowest L2 norm pruned so that round(keep x rows) stay; with `biases`, their bias and
+    BatchNorm entries too (as a channel-granularity ticket prunes them). {parameter name: float mask}; the caller
+    applies them (lottery.masks.apply)."""
+    masks = {}
+    params = dict(model.named_parameters())
+    for layer in chain(model)[:-1]:
+        w = params[f"{layer.path}.weight"].detach()
+        n_keep = max(1, round(keep * w.shape[0]))
+        rows = torch.zeros(w.shape[0], dtype=torch.bool)
+        rows[w.flatten(1).norm(dim=1).argsort(descending=True)[:n_keep]] = True
+        masks[f"{layer.path}.weight"] = rows.view(-1, *[1] * (w.dim() - 1)).expand_as(w).float().contiguous()
+        if biases:
+            for name in (f"{layer.path}.bias", *((f"{layer.bn}.weight", f"{layer.bn}.bias") if layer.bn else ())):
+                if name in params:
+                    masks[name] = rows.float()
+    return masks

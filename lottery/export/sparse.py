@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -95,3 +96,21 @@ def crossover(shape: tuple[int, int], batch: int, densities=(0.5, 0.3, 0.2, 0.1,
     faster = [r["density"] for r in rows if r["csr_s"] < r["dense_s"]]
     return {"shape": list(shape), "batch": batch, "threads": threads, "rows": rows,
             "crossover": max(faster) if faster else None}
+
+
+def save(model: nn.Module, input_shape, out) -> tuple[Path, str]:
+    """(file, format): the network with CSR layers as TorchScript (`csr.ts`). torch.export refuses the CSR product
+    (aten.mm on a sparse operand is not an exportable operator in torch 2.14), while a TorchScript trace keeps the
+    sparse weights and their product, and `torch.jit.load` runs it without lottery."""
+    path = Path(out) / "csr.ts"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        traced = torch.jit.trace(model.eval(), torch.zeros(2, *input_shape), check_trace=False)
+    traced.save(str(path))
+    return path, "TorchScript (torch.jit.trace)"
+
+
+def load(path) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.load(str(path))
