@@ -8,11 +8,11 @@ it is larger than the dense network. The packed form holds
 | `format` | `"lottery-packed-ticket"`; `version`: 1 |
 | `level`, `rewind_step`, `seed`, `config`, `weights_remaining`, `params_remaining`, `metrics` | as in a ticket |
 | `dtype` | `"float32"` (bitwise the ticket's weights) or `"float16"` (within half precision) |
-| `layout` | one entry per tensor of the state_dict, in order: [name, shape, kind] with kind `masked` (only its kept values are stored), `dense` (every value stored: biases, BatchNorm) or `other` (a non-float buffer, kept as is in `others`) |
+| `layout` | one entry per tensor of the state_dict, in order: [name, shape, kind] with kind `masked` (only its kept values are stored), `dense` (every value stored: biases, BatchNorm) or `other` (a non-float buffer, stored in `others`; a fourth item names its dtype) |
 | `bits` | every mask, flattened and concatenated in `layout` order, packed 8 per byte (numpy.packbits, big-endian bit order) |
 | `rewind` | the kept values of the masked tensors and all values of the dense ones, one flat tensor in `layout` order |
 | `trained` | the same for the level's trained weights (final.pt), or None |
-| `others` | {name: tensor} of the non-float buffers (BatchNorm's num_batches_tracked) of the rewind state |
+| `others` | the non-float buffers (BatchNorm's num_batches_tracked) of the rewind state, one flat int64 tensor in `layout` order (each one's dtype is the layout entry's fourth item) |
 | `trained_others` | the same of the trained state, or None |
 
 One flat tensor per state rather than one per layer keeps the file's per-tensor overhead (torch.save's zip entries)
@@ -40,7 +40,8 @@ def pack(ticket, trained_state: Optional[dict] = None, dtype: str = "float32") -
     layout, bits = [], []
     for name, t in state.items():
         if not torch.is_floating_point(t):
-            kind = "other"
+            layout.append([name, list(t.shape), "other", str(t.dtype).removeprefix("torch.")])
+            continue
         elif name in ticket.masks:
             kind = "masked"
             bits.append(ticket.masks[name].detach().to("cpu", torch.bool).flatten())
@@ -53,20 +54,25 @@ def pack(ticket, trained_state: Optional[dict] = None, dtype: str = "float32") -
            "weights_remaining": ticket.weights_remaining, "params_remaining": ticket.params_remaining,
            "metrics": ticket.metrics, "dtype": dtype, "layout": layout, "bits": torch.from_numpy(packed_bits),
            "rewind": _values(state, ticket.masks, layout, DTYPES[dtype]),
-           "others": {n: state[n].detach().cpu().clone() for n, _, k in layout if k == "other"},
+           "others": _others(state, layout),
            "trained": None, "trained_others": None}
     if trained_state is not None:
         missing = sorted(set(state) ^ set(trained_state))
         if missing:
             raise ValueError(f"the trained weights do not match the ticket's tensors (differ in {missing[:3]})")
         out["trained"] = _values(trained_state, ticket.masks, layout, DTYPES[dtype])
-        out["trained_others"] = {n: trained_state[n].detach().cpu().clone() for n, _, k in layout if k == "other"}
+        out["trained_others"] = _others(trained_state, layout)
     return out
+
+
+def _others(state: dict, layout: list) -> torch.Tensor:
+    parts = [state[e[0]].detach().cpu().flatten().to(torch.int64) for e in layout if e[2] == "other"]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 def _values(state: dict, masks: dict, layout: list, dtype: torch.dtype) -> torch.Tensor:
     parts = []
-    for name, _, kind in layout:
+    for name, _, kind, *_ in layout:
         t = state[name].detach().to("cpu")
         if kind == "masked":
             parts.append(t.flatten()[masks[name].detach().to("cpu", torch.bool).flatten()])
@@ -85,11 +91,11 @@ def unpack(data: dict, source: str = "the packed ticket") -> tuple[dict, dict, O
         raise ValueError(f"{source} has packed ticket format version {data.get('version')}; this lottery reads up to "
                          f"{VERSION}")
     try:
-        layout = [(str(n), tuple(int(s) for s in shape), str(k)) for n, shape, k in data["layout"]]
-        n_bits = sum(_numel(shape) for _, shape, k in layout if k == "masked")
+        layout = [(str(e[0]), tuple(int(s) for s in e[1]), str(e[2]), *e[3:]) for e in data["layout"]]
+        n_bits = sum(_numel(e[1]) for e in layout if e[2] == "masked")
         flat = torch.from_numpy(np.unpackbits(data["bits"].numpy(), count=n_bits).astype(bool))
         masks, at = {}, 0
-        for name, shape, kind in layout:
+        for name, shape, kind, *_ in layout:
             if kind == "masked":
                 masks[name] = flat[at:at + _numel(shape)].reshape(shape)
                 at += _numel(shape)
@@ -108,12 +114,17 @@ def _numel(shape) -> int:
     return n
 
 
-def _state(values: torch.Tensor, others: dict, layout: list, masks: dict) -> dict:
+def _state(values: torch.Tensor, others: torch.Tensor, layout: list, masks: dict) -> dict:
     values = values.to(torch.float32)
-    state, at = {}, 0
-    for name, shape, kind in layout:
+    state, at, at_other = {}, 0, 0
+    for name, shape, kind, *dtype in layout:
         if kind == "other":
-            state[name] = others[name]
+            n = _numel(shape)
+            to = getattr(torch, str(dtype[0]), None)
+            if not isinstance(to, torch.dtype):
+                raise ValueError(f"unknown dtype {dtype[0]!r} of {name}")
+            state[name] = others[at_other:at_other + n].reshape(shape).to(to).clone()
+            at_other += n
         elif kind == "masked":
             keep = masks[name]
             n = int(keep.sum())
@@ -135,7 +146,6 @@ def size_bound(data: dict, header: int = 16384) -> int:
     buffers, and `header` bytes for the zip entries, the layout and the config."""
     width = torch.finfo(DTYPES[data["dtype"]]).bits // 8
     n_values = data["rewind"].numel() + (data["trained"].numel() if data.get("trained") is not None else 0)
-    n_bits = sum(_numel(shape) for _, shape, k in data["layout"] if k == "masked")
-    others = sum(t.numel() * t.element_size() for d in (data["others"], data.get("trained_others") or {})
-                 for t in d.values())
+    n_bits = sum(_numel(e[1]) for e in data["layout"] if e[2] == "masked")
+    others = sum(t.numel() * t.element_size() for t in (data["others"], data.get("trained_others")) if t is not None)
     return (n_bits + 7) // 8 + width * n_values + others + header
