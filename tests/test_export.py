@@ -173,6 +173,27 @@ def test_an_earlier_export_is_never_overwritten(tiny_run, tmp_path, capsys):
     assert (out / "ticket.packed.pt").read_bytes() == before
 
 
+def test_a_ticket_file_a_packed_ticket_and_a_replicate_are_sources_too(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from lottery.export.source import resolve
+    ticket_file = tiny_run / "levels" / "level_1" / "ticket.pt"
+    src = resolve(ticket_file)  # its final.pt beside it: the trained weights
+    assert src.trained_state is not None and src.ticket.level == 1
+    out = tmp_path / "a"
+    assert main([str(ticket_file), "--variants", "packed", "--out", str(out), "--no-eval"]) == 0
+    again = resolve(out / "ticket.packed.pt")  # a packed ticket holds its trained weights itself
+    assert all(torch.equal(again.trained_state[k], v) for k, v in src.trained_state.items())
+    assert main([str(ticket_file), "--level", "1", "--out", str(tmp_path / "b")]) == 2
+    assert "--level/--replicate select a level of a run folder" in capsys.readouterr().err
+    parent = tmp_path / "replicas"
+    shutil.copytree(tiny_run, parent / "replicate_3")
+    (parent / "replicas.json").write_text(json.dumps({"replicas": [3], "folders": ["replicate_3"]}))
+    assert resolve(parent, level=1, replicate=3).ticket.level == 1
+    with pytest.raises(ValueError, match="is a replicas run: name one replicate .none given.; accepted: --replicate 3"):
+        resolve(parent, level=1)
+
+
 def test_unstructured_ticket_end_to_end_writes_the_table_and_says_what_does_not_apply(tiny_run, tmp_path, capsys):
     out = tmp_path / "exp"
     assert main([str(tiny_run), "--level", "1", "--out", str(out), "--min-run-time", "0.01"]) == 0
@@ -260,6 +281,34 @@ def test_conv_channels_with_a_constant_activation_stay_before_a_conv_and_fold_be
     assert kept["convs.0"][0] == 32 + alive
     assert kept["convs.1"][0] == 32 and kept["fcs.0"][0] == 128  # before a Linear: folded into its bias
     _same_function(model, small, tx, ty)
+
+
+def test_export_of_a_neuron_ticket_writes_the_compact_network_and_its_row(tiny_run, tmp_path):
+    """A channel ticket by hand (lowest-norm rows of the trained LeNet pruned in the run's level 1 ticket)."""
+    from lottery.core.files import load_torch
+    level = tiny_run / "levels" / "level_1"
+    ticket, trained = load_ticket(level / "ticket.pt"), load_torch(level / "final.pt")
+    model = build_model("lenet_300_100", MNIST, 10)
+    model.load_state_dict(trained)
+    masks = C.lowest_norm_masks(model, 0.25)
+    ticket.masks = {n: (ticket.masks[n] & masks[n].bool()) if n in masks else m for n, m in ticket.masks.items()}
+    ticket.masks.update({n: m.bool() for n, m in masks.items() if n not in ticket.masks})
+    for state in (ticket.rewind_state, trained):
+        for n, m in ticket.masks.items():
+            state[n] = state[n] * m
+    folder = tmp_path / "levels" / "level_1"
+    folder.mkdir(parents=True)
+    save_ticket(folder / "ticket.pt", ticket)
+    save_torch(trained, folder / "final.pt")
+    variants = "packed,compact,onnx" if to_onnx.available() is None else "packed,compact"
+    assert main([str(folder / "ticket.pt"), "--variants", variants, "--out", str(tmp_path / "exp"),
+                 "--min-run-time", "0.01"]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "exp" / "export.json").read_text())["table"]}
+    assert rows["compact"]["max_rel_diff"] < 1e-5 and rows["compact"]["accuracy"] == rows["masked"]["accuracy"]
+    assert rows["compact"]["weights"] == 784 * 75 + 75 * 25 + 25 * 10
+    assert rows["compact"]["bytes"] < rows["dense"]["bytes"] / 3 and (tmp_path / "exp" / "compact.pt2").exists()
+    if "onnx" in variants:
+        assert rows["onnx (compact)"]["max_rel_diff"] < 1e-5
 
 
 def test_resnet20_is_refused_in_one_line():

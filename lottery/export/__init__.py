@@ -149,6 +149,7 @@ def _export(args) -> int:
         return T.max_rel_diff(T.outputs(m, test_x), ref) if ref is not None else None
 
     counts_dense = C.count(dense, shape)
+    compact_net = None
     rows.append(T.row("dense", counts_dense["weights"], T.state_bytes(dense), dense if networks else None, shape,
                       args.threads, None, min_run_time=mt))
     if masked is not None:
@@ -180,6 +181,7 @@ def _export(args) -> int:
                 raise NotCompactable("no whole output rows or channels are pruned: the compact network would be the "
                                      "masked one (an unstructured ticket: see the csr variant)")
             small, kept = C.compact(masked, src.ticket.masks)
+            compact_net = small
             path = out / "compact.pt2"
             C.save_exported(small, shape, path)
             loaded = torch.export.load(str(path)).module()
@@ -224,8 +226,8 @@ def _export(args) -> int:
 
     if "onnx" in wanted:
         path = out / "model.onnx"
-        small_or_masked = "compact" if (out / "compact.pt2").exists() else "masked"
-        net = torch.export.load(str(out / "compact.pt2")).module() if small_or_masked == "compact" else masked
+        small_or_masked = "compact" if compact_net is not None else "masked"
+        net = compact_net if compact_net is not None else masked
         to_onnx.export(net, shape, path)
         x = test_x if test_x is not None else torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
         got = torch.cat([to_onnx.run(path, x[i:i + 500]) for i in range(0, len(x), 500)])

@@ -18,7 +18,8 @@ def available() -> str | None:
 
 
 def export(model: nn.Module, input_shape, path) -> None:
-    torch.onnx.export(model.eval(), (torch.zeros(2, *input_shape),), str(path), dynamo=False, input_names=["x"],
+    """`model` in eval mode (an eager module: the ONNX exporter traces it)."""
+    torch.onnx.export(model, (torch.zeros(2, *input_shape),), str(path), dynamo=False, input_names=["x"],
                       output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
 
 
