@@ -121,6 +121,24 @@ def _export(args) -> int:
             raise ValueError(to_onnx.available())
         notes.append(f"note: {to_onnx.available()}")
         wanted.remove("onnx")
+    if "compact" in wanted:  # decided from the masks alone, so a refusal comes before anything is written
+        try:
+            removed = C.removed_units(src.build(), src.ticket.masks)
+            if not any(removed.values()):
+                raise NotCompactable("no whole output rows or channels are pruned: the compact network would be the "
+                                     "masked one (an unstructured ticket: see the csr variant)")
+        except NotCompactable as e:
+            if not every:
+                raise
+            notes.append(f"note: compact network not written: {e}")
+            wanted.remove("compact")
+    if "nm" in wanted and not torch.cuda.is_available():
+        message = "2:4 semi-structured sparsity does not apply on cpu: PyTorch's 2:4 kernels are CUDA-only (run the " \
+                  "export on a GPU machine)"
+        if not every:
+            raise nm.NotApplicable(message)
+        notes.append(f"note: {message}")
+        wanted.remove("nm")
     torch.set_num_threads(args.threads)
     shape = src.input_shape()
     test_x = test_y = None
@@ -175,25 +193,16 @@ def _export(args) -> int:
                           file=path.name))
 
     if "compact" in wanted:
-        try:
-            removed = C.removed_units(masked, src.ticket.masks)
-            if not any(removed.values()):
-                raise NotCompactable("no whole output rows or channels are pruned: the compact network would be the "
-                                     "masked one (an unstructured ticket: see the csr variant)")
-            small, kept = C.compact(masked, src.ticket.masks)
-            compact_net = small
-            path = out / "compact.pt2"
-            C.save_exported(small, shape, path)
-            loaded = torch.export.load(str(path)).module()
-            counts = C.count(small, shape)
-            details["compact"] = {"kept_units": kept, **{f"compact_{k}": v for k, v in counts.items()},
-                                  **{f"dense_{k}": v for k, v in counts_dense.items()}, "format": "torch.export"}
-            rows.append(T.row("compact", counts["weights"], path.stat().st_size, loaded, shape, args.threads,
-                              acc(loaded), diff(loaded), file=path.name, min_run_time=mt))
-        except NotCompactable as e:
-            if not every:
-                raise
-            notes.append(f"note: compact network not written: {e}")
+        small, kept = C.compact(masked, src.ticket.masks)
+        compact_net = small
+        path = out / "compact.pt2"
+        C.save_exported(small, shape, path)
+        loaded = torch.export.load(str(path)).module()  # the file as a user loads it
+        counts = C.count(small, shape)
+        details["compact"] = {"kept_units": kept, **{f"compact_{k}": v for k, v in counts.items()},
+                              **{f"dense_{k}": v for k, v in counts_dense.items()}, "format": "torch.export"}
+        rows.append(T.row("compact", counts["weights"], path.stat().st_size, loaded, shape, args.threads,
+                          acc(loaded), diff(loaded), file=path.name, min_run_time=mt))
 
     if "csr" in wanted:
         chosen, layers = S.choose(masked, shape, args.batch, threads=args.threads)
@@ -209,20 +218,15 @@ def _export(args) -> int:
             notes.append(f"note: no linear layer was faster as CSR at batch {args.batch} (measured per layer, see "
                          f"export.json): no csr network written")
 
-    if "nm" in wanted:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            half, layers = nm.semi_structured(masked, device)
-            details["nm"] = {"layers": layers, "device": device}
-            if test_x is not None:
-                with torch.no_grad():
-                    got = torch.cat([half(test_x[i:i + 500].half().to(device)).float().cpu()
-                                     for i in range(0, len(test_x), 500)])
-                details["nm"]["max_rel_diff_fp16"] = T.max_rel_diff(got, ref)
-        except nm.NotApplicable as e:
-            if not every:
-                raise
-            notes.append(f"note: {e}")
+    if "nm" in wanted:  # on a CUDA device only (refused or noted above otherwise)
+        half, layers = nm.semi_structured(masked, "cuda")
+        details["nm"] = {"layers": layers, "device": torch.cuda.get_device_name()}
+        if test_x is not None:
+            with torch.no_grad():
+                got = torch.cat([half(test_x[i:i + 500].half().cuda()).float().cpu()
+                                 for i in range(0, len(test_x), 500)])
+            details["nm"]["max_rel_diff_fp16"] = T.max_rel_diff(got, ref)
+            details["nm"]["accuracy"] = T.accuracy_of(got, test_y)
 
     if "onnx" in wanted:
         path = out / "model.onnx"
