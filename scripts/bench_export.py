@@ -98,22 +98,36 @@ def packed_bytes(model, masks, tmp: Path) -> int:
     return path.stat().st_size
 
 
-def measure(label, variant, model, shape, tx, ty, ref, args, nbytes, weights, dense_row=None, lat_model_b1=None):
-    """One row; `lat_model_b1`: a different network for batch 1 (CSR chosen at batch 1)."""
-    mt = args.min_run_time
-    b1 = T.latency_ms(model if lat_model_b1 is None else lat_model_b1, shape, 1, args.threads, mt)
-    b256 = T.latency_ms(model, shape, args.big_batch, args.threads, mt)
+def paired_latency(model, dense, shape, batch: int, args) -> tuple[float, float]:
+    """(model ms, dense ms) at `batch`: each the median of torch.utils.benchmark's repeats, measured in --rounds
+    alternating rounds (model, dense, model, dense, ...), the lowest round kept. On a shared machine other processes
+    only ever add time, so the lowest round is the least disturbed, and the dense baseline is measured beside each
+    variant rather than once."""
+    a, b = [], []
+    for _ in range(args.rounds):
+        a.append(T.latency_ms(model, shape, batch, args.threads, args.min_run_time))
+        if dense is not model:
+            b.append(T.latency_ms(dense, shape, batch, args.threads, args.min_run_time))
+    return min(a), min(b or a)
+
+
+def measure(label, variant, model, shape, tx, ty, ref, args, nbytes, weights, dense=None, lat_model_b1=None):
+    """One row; `dense`: the dense network to time beside it (ratios), `lat_model_b1`: a different network for
+    batch 1 (CSR chosen at batch 1)."""
+    dense = dense if dense is not None else model
+    b1, d1 = paired_latency(model if lat_model_b1 is None else lat_model_b1, dense, shape, 1, args)
+    b256, d256 = paired_latency(model, dense, shape, args.big_batch, args)
     out = T.outputs(model, tx)
     row = {"ticket": label, "variant": variant, "weights": weights, "bytes": nbytes, "latency_b1_ms": b1,
-           "latency_b256_ms": b256, "threads": args.threads, "accuracy": T.accuracy_of(out, ty),
-           "max_rel_diff": T.max_rel_diff(out, ref) if ref is not None else 0.0}
+           "latency_b256_ms": b256, "dense_b1_ms": d1, "dense_b256_ms": d256, "threads": args.threads,
+           "accuracy": T.accuracy_of(out, ty), "max_rel_diff": T.max_rel_diff(out, ref) if ref is not None else 0.0}
     if lat_model_b1 is not None:
         row["accuracy_b1_net"] = T.accuracy(lat_model_b1, tx, ty)
         row["max_rel_diff"] = max(row["max_rel_diff"], T.max_rel_diff(T.outputs(lat_model_b1, tx), ref))
-    if dense_row is not None:
-        row["speedup_b1"] = dense_row["latency_b1_ms"] / b1
-        row["speedup_b256"] = dense_row["latency_b256_ms"] / b256
-        row["bytes_ratio"] = nbytes / dense_row["bytes"]
+    if variant != "dense":
+        row["speedup_b1"] = d1 / b1
+        row["speedup_b256"] = d256 / b256
+        row["bytes_ratio"] = nbytes / args._dense_row["bytes"]
     return row
 
 
@@ -125,7 +139,7 @@ def ticket_rows(label, dense, masks, kind, shape, x, y, tx, ty, args, tmp, lr):
     ref = T.outputs(model, tx)
     dense_row = args._dense_row
     rows = [measure(label, "masked", model, shape, tx, ty, None, args, file_bytes(model.state_dict()),
-                    C.count(model, shape)["nonzero"], dense_row)]
+                    C.count(model, shape)["nonzero"], dense)]
     kept = M.count(masks)[0]
     rows.append({"ticket": label, "variant": "packed", "weights": kept, "bytes": packed_bytes(model, masks, tmp),
                  "threads": args.threads, "latency_b1_ms": None, "latency_b256_ms": None,
@@ -136,7 +150,7 @@ def ticket_rows(label, dense, masks, kind, shape, x, y, tx, ty, args, tmp, lr):
         C.save_exported(small, shape, path)
         loaded = torch.export.load(str(path)).module()
         row = measure(label, "compact", loaded, shape, tx, ty, ref, args, path.stat().st_size,
-                      C.count(small, shape)["weights"], dense_row)
+                      C.count(small, shape)["weights"], dense)
         row["flops"] = C.count(small, shape)["flops"]
         row["units"] = units
         rows.append(row)
@@ -148,7 +162,7 @@ def ticket_rows(label, dense, masks, kind, shape, x, y, tx, ty, args, tmp, lr):
         net256, layers256 = chosen[args.big_batch]
         path, _ = S.save(net256, shape, tmp)
         row = measure(label, "csr", net256, shape, tx, ty, ref, args, path.stat().st_size,
-                      C.count(model, shape)["nonzero"], dense_row, lat_model_b1=chosen[1][0])
+                      C.count(model, shape)["nonzero"], dense, lat_model_b1=chosen[1][0])
         row["csr_layers_b1"] = [r["layer"] for r in chosen[1][1] if r["chosen"] == "csr"]
         row["csr_layers_b256"] = [r["layer"] for r in layers256 if r["chosen"] == "csr"]
         rows.append(row)
@@ -194,14 +208,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="dense training steps")
     p.add_argument("--finetune", type=int, default=None, help="fine-tuning steps of each ticket")
     p.add_argument("--test-images", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="alternating latency rounds, lowest kept (3; quick 1)")
     p.add_argument("--big-batch", type=int, default=None, help="the large batch size (256; quick mode: 16)")
     args = p.parse_args(argv)
     q = args.quick
-    args.min_run_time = args.min_run_time or (0.01 if q else 1.0)
+    args.min_run_time = args.min_run_time or (0.01 if q else 0.3)
     args.steps = args.steps or (5 if q else 2000)
     args.finetune = args.finetune or (3 if q else 1000)
     args.test_images = args.test_images or (64 if q else 2000)
     args.big_batch = args.big_batch or (16 if q else 256)
+    args.rounds = args.rounds or (1 if q else 3)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,13 +228,14 @@ def main(argv=None) -> int:
         *[(f"lenet neurons {k:g}%", lambda m, k=k: C.lowest_norm_masks(m, k / 100), "compact") for k in (50, 25, 12.5)],
         *[(f"lenet unstructured {d:g}%", lambda m, d=d: magnitude_masks(m, d / 100), "csr") for d in (20, 5, 2, 1)],
     ], args, tmp, 1.2e-3)
-    args.steps = args.steps if q else max(args.steps // 4, 1)  # Conv-2 is ~30x LeNet's work per step
-    args.finetune = args.finetune if q else max(args.finetune // 4, 1)
+    args.steps = args.steps if q else max(args.steps // 10, 1)  # Conv-2 is ~100x LeNet's work per step
+    args.finetune = args.finetune if q else max(args.finetune // 10, 1)
     rows += family("conv2", "cifar10", [
         (f"conv2 channels {k}%", lambda m, k=k: C.lowest_norm_masks(m, k / 100), "compact") for k in (50, 25)
     ], args, tmp, 2e-4)
-    crossover = [S.crossover(shape, batch, threads=args.threads,
-                             timer=(lambda m, x: S.median_time(m, x, args.threads, args.min_run_time / 2)))
+    crossover = [S.crossover(shape, batch, threads=args.threads,  # lowest of --rounds medians, as above
+                             timer=(lambda m, x: min(S.median_time(m, x, args.threads, args.min_run_time)
+                                                     for _ in range(args.rounds))))
                  for shape in ((300, 784), (100, 300)) for batch in (1, args.big_batch)]
     result = {"rows": rows, "crossover": crossover, "threads": args.threads, "quick": q, "big_batch": args.big_batch,
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": str(torch.__version__),

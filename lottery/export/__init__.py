@@ -9,7 +9,7 @@ smaller, and networks that may be faster, with a table of their size, speed and 
 - `to_onnx`: the ONNX file, checked with ONNX Runtime (optional extra `lottery[export]`);
 - `table`: latency (torch.utils.benchmark, median), bytes, accuracy; table.csv and table.md.
 
-Imports experiment, training, data, models, masks and core; only the entry point list (pyproject) points to it.
+Imports experiment, data, models, masks and core; nothing imports it (pyproject lists its entry point).
 """
 from __future__ import annotations
 
