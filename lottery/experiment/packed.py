@@ -6,14 +6,18 @@ it is larger than the dense network. The packed form holds
 | key | contents |
 |---|---|
 | `format` | `"lottery-packed-ticket"`; `version`: 1 |
-| `level`, `rewind_step`, `seed`, `config`, `weights_remaining`, `params_remaining`, `metrics` | as in a ticket |
+| `level`, `rewind_step`, `seed`, `config`, `metrics` | as in a ticket (`seed`: the run's) |
+| `weights_remaining`, `params_remaining` | as in a ticket |
 | `dtype` | `"float32"` (bitwise the ticket's weights) or `"float16"` (within half precision) |
-| `layout` | one entry per tensor of the state_dict, in order: [name, shape, kind] with kind `masked` (only its kept values are stored), `dense` (every value stored: biases, BatchNorm) or `other` (a non-float buffer, stored in `others`; a fourth item names its dtype) |
-| `bits` | every mask, flattened and concatenated in `layout` order, packed 8 per byte (numpy.packbits, big-endian bit order) |
-| `rewind` | the kept values of the masked tensors and all values of the dense ones, one flat tensor in `layout` order |
+| `layout` | per state_dict tensor, in order: [name, shape, kind(, dtype)] (see below) |
+| `bits` | every mask flattened, concatenated in `layout` order, packed 8 per byte (numpy.packbits, big-endian) |
+| `rewind` | kept values of the `masked` tensors, all values of the `dense` ones: one flat tensor in `layout` order |
 | `trained` | the same for the level's trained weights (final.pt), or None |
-| `others` | the non-float buffers (BatchNorm's num_batches_tracked) of the rewind state, one flat int64 tensor in `layout` order (each one's dtype is the layout entry's fourth item) |
+| `others` | the `other` tensors of the rewind state as one flat int64 tensor in `layout` order |
 | `trained_others` | the same of the trained state, or None |
+
+Kinds: `masked` (a tensor with a mask: only its kept values stored), `dense` (every value stored: biases, BatchNorm),
+`other` (a non-float buffer, BatchNorm's num_batches_tracked: its dtype is the layout entry's fourth item).
 
 One flat tensor per state rather than one per layer keeps the file's per-tensor overhead (torch.save's zip entries)
 to a constant: the header is a few KB whatever the depth. Pruned weights are exactly +0.0 in a ticket (masks.apply

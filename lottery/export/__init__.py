@@ -186,7 +186,8 @@ def _export(args) -> int:
         if not same:
             raise RuntimeError(f"the packed ticket {path} does not load back to the ticket's weights")
         details["packed"] = {"bytes": path.stat().st_size, "bound": packed.size_bound(data), "dtype": args.dtype,
-                             "dense_state_dict_bytes": T.state_bytes(dense), "with_trained": data["trained"] is not None}
+                             "dense_state_dict_bytes": T.state_bytes(dense),
+                             "with_trained": data["trained"] is not None}
         kept = sum(int(m.sum()) for m in src.ticket.masks.values())
         what = "rewind" if data["trained"] is None else "rewind+trained"
         rows.append(T.row(f"packed ({args.dtype}, {what})", kept, path.stat().st_size, None, shape, args.threads, None,
