@@ -443,7 +443,9 @@ def test_bench_export_quick(tmp_path):
     assert {"lenet neurons 50%", "lenet neurons 25%", "lenet neurons 12.5%", "conv2 channels 50%",
             "conv2 channels 25%", "lenet unstructured 20%", "lenet unstructured 1%"} <= tickets
     for r in rows:
-        assert r["bytes"] > 0 and r["latency_b1_ms"] > 0 and r["latency_b256_ms"] > 0
+        assert r["bytes"] > 0
+        if r["variant"] != "packed":  # a file, not a network
+            assert r["latency_b1_ms"] > 0 and r["latency_b256_ms"] > 0
         if r["variant"] in ("compact", "csr"):
             assert r["max_rel_diff"] < 1e-5
     assert (tmp_path / "bench_export.md").read_text().count("\n") > len(tickets)
