@@ -26,6 +26,9 @@ Checks (each row of the table; exit status 1 if any FAILs):
                     and two checkpoints (their own copies to the host excepted): scripts/bench.py check_no_syncs
   bf16              (CUDA) a short bf16 Conv-2 run ends with exit 0; pre-Ampere GPUs get a warning at start
   compile           (CUDA) a short train.compile=true Conv-2 run trains with fp32 set through the new API
+  semi_structured   (CUDA) lottery-export's 2:4 variant: Conv-2 with 2:4 masks on its Linear layers, converted with
+                    torch.sparse.to_sparse_semi_structured (fp16) where the shape is accepted; outputs within 1e-2
+                    (relative) of the fp16 masked network, and both timed at batch 256 (median, torch.utils.benchmark)
 models: LeNet-300-100 on MNIST, Conv-2 on CIFAR-10 with augmentation (real data with --data-root, else synthetic).
 Writes --out (default gpu_check.json) with every measured value.
 """
@@ -332,6 +335,39 @@ def check_compile(tmp: Path, device):
         f"{time.perf_counter() - t0:.0f}s, test accuracy {acc}" + ("" if ok else f": {r.stderr[-800:]}"))
 
 
+@check("semi_structured")
+def check_semi_structured(device):
+    from torch.utils import benchmark
+
+    from lottery import masks as M
+    from lottery.export import nm
+    from lottery.models import build_model
+    torch.manual_seed(0)
+    model = build_model("conv2", (3, 32, 32), 10).eval()
+    masks = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2:  # 2:4 along the input dim: the 2 largest of every 4 kept
+            groups = p.detach().abs().reshape(p.shape[0], -1, 4)
+            keep = torch.zeros_like(groups).scatter_(-1, groups.topk(2, dim=-1).indices, 1.0)
+            masks[name] = keep.reshape(p.shape)
+    M.apply(model, masks)
+    sparse, layers = nm.semi_structured(model, device)
+    dense = model.half().to(device).eval()
+    x = torch.randn(256, 3, 32, 32, device=device).half()
+    with torch.no_grad():
+        a, b = dense(x).float(), sparse(x).float()
+        err = float((a - b).abs().max() / a.abs().max())
+        times = {k: benchmark.Timer("m(x)", globals={"m": m, "x": x}).blocked_autorange(min_run_time=1).median
+                 for k, m in (("dense_fp16", dense), ("semi_structured", sparse))}
+    converted = [r["layer"] for r in layers if r["chosen"] == "2:4"]
+    ok = err < 1e-2 and bool(converted)
+    row("semi_structured", "PASS" if ok else "FAIL",
+        f"2:4 layers {converted}, others {[(r['layer'], r['chosen']) for r in layers if r['chosen'] != '2:4']}; "
+        f"max rel diff {err:.1e}; batch 256: dense fp16 {times['dense_fp16'] * 1e3:.3f} ms, 2:4 "
+        f"{times['semi_structured'] * 1e3:.3f} ms ({times['dense_fp16'] / times['semi_structured']:.2f}x)",
+        layers=layers, max_rel_diff=err, seconds_per_batch=times)
+
+
 # --- driver ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -342,7 +378,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_check.json", help="JSON with every row (default gpu_check.json)")
     p.add_argument("--quick", action="store_true", help="shorter runs (the CPU dry run: under 2 minutes on a CPU)")
     p.add_argument("--only", default=None, help="comma-separated checks to run (device, bad_device, batches_cpu, "
-                                                "fp32_conv, fused_optimizer, eval_chunks, lenet, conv2, bf16, compile)")
+                                                "fp32_conv, fused_optimizer, eval_chunks, lenet, conv2, bf16, compile, "
+                                                "semi_structured)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     t_start = time.perf_counter()
@@ -407,6 +444,9 @@ def main(argv=None) -> int:
             check_bf16(tmp, device) if cuda else row("bf16", "SKIP", "needs a CUDA device")
         if wanted("compile"):
             check_compile(tmp, device) if cuda else row("compile", "SKIP", "needs a CUDA device")
+        if wanted("semi_structured"):
+            check_semi_structured(device) if cuda else row("semi_structured", "SKIP",
+                                                           "needs a CUDA device (PyTorch's 2:4 kernels are CUDA-only)")
 
     total = time.perf_counter() - t_start
     failed = [r["check"] for r in ROWS if r["status"] == "FAIL"]

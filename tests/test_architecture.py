@@ -17,7 +17,7 @@ LAYERS = [
     ("training and pruning", ["lottery.training", "lottery.pruning"]),
     ("branches", ["lottery.branches"]),
     ("experiment", ["lottery.experiment"]),
-    ("report and init study", ["lottery.report", "lottery.init_study"]),
+    ("report, export and init study", ["lottery.report", "lottery.export", "lottery.init_study"]),
     ("launchers", ["lottery.launch"]),
     ("entry points", ["lottery.cli", "lottery.__main__"]),
 ]

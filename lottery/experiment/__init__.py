@@ -8,7 +8,8 @@
 - `levels`: the one level loop, for one replicate or R;
 - `units`: a level's trainings as jobs, trained one at a time or batched, and what each leaves behind;
 - `records`: the record of a trained unit (the one place a record's fields are made);
-- `folder`, `ticket`, `tracking`: the run folder's layout, the ticket file format, metrics to files and W&B;
+- `folder`, `ticket`, `packed`, `tracking`: the run folder's layout, the ticket file format and its packed form, metrics
+  to files and W&B;
 - `callbacks`: code of the user's (or a test's) called at fixed points.
 
 Imports branches, training, pruning, data, models, init, masks, config and core; nothing imports it but the entry

@@ -18,6 +18,10 @@ with `torch.load(weights_only=True)` (so do checkpoints, `init.pt`, `rewind.pt`,
 sent you cannot run code. A truncated or corrupt file, or one holding other Python objects, is refused with a
 `ValueError` naming the file; so is a ticket whose weights do not fit the model it is loaded into (another model,
 width or dataset), naming both models and the first layer shapes that differ.
+
+`load_ticket` also reads a packed ticket (lottery.experiment.packed, written by `lottery-export`): masks bit-packed
+and only the kept values stored; it loads back to the same Ticket (bitwise in fp32), with the level's trained weights
+as `ticket.trained_state` where the packed file holds them.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch import nn
 
 from lottery import masks as M
 from lottery.core.files import load_torch, save_torch
+from lottery.experiment import packed
 
 FORMAT = "lottery-ticket"
 VERSION = 1
@@ -73,6 +78,8 @@ def load_ticket(path) -> Ticket:
     except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way (IndexError, EOFError, ...)
         raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
                          f"{_first_line(e)}); copy it again from its run folder") from None
+    if packed.is_packed(data):
+        return _from_packed(data, path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lottery ticket file (no format: {FORMAT!r} key); tickets are the "
                          f"levels/level_<L>/ticket.pt files of a run")
@@ -83,6 +90,21 @@ def load_ticket(path) -> Ticket:
         raise ValueError(f"ticket file {path} lacks {', '.join(missing)}; it is damaged or not a lottery ticket")
     ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
     ticket.source = str(path)  # for messages; not a field, so never saved
+    return ticket
+
+
+def _from_packed(data: dict, path: Path) -> Ticket:
+    """A packed ticket (lottery.experiment.packed) as a Ticket, its trained weights (if it holds them) as the
+    attribute `trained_state`."""
+    masks, rewind, trained = packed.unpack(data, str(path))
+    missing = [k for k in ("level", "rewind_step", "config", "weights_remaining", "params_remaining") if k not in data]
+    if missing:
+        raise ValueError(f"packed ticket file {path} lacks {', '.join(missing)}; it is damaged")
+    ticket = Ticket(level=data["level"], masks=masks, rewind_step=data["rewind_step"], rewind_state=rewind,
+                    config=data["config"], weights_remaining=data["weights_remaining"],
+                    params_remaining=data["params_remaining"], metrics=data.get("metrics"))
+    ticket.source = str(path)
+    ticket.trained_state = trained  # not a field: a ticket file does not hold it
     return ticket
 
 
