@@ -11,7 +11,7 @@ the paper (figure or table, and page) or with a spread the comparison cannot rea
       none_published: why there is no number to compare with (instead of numbers)
       numbers:
         - claim: one line saying what the number is
-          place: Figure 3          # a figure, table or section of the paper
+          place: Figure 3          # a figure, table, section or appendix of the paper (or its abstract)
           page: 4                  # or 'not verified: <why>' where the source read had no page numbers
           metric: test_accuracy    # METRICS
           branch: ticket           # the run's branch the number is about (ticket, reinit, random_prune, lmc, ...)
@@ -51,7 +51,7 @@ BOUNDS = ("above", "below")
 BLOCK_KEYS = ("source", "changes", "numbers", "none_published")
 NUMBER_KEYS = ("claim", "place", "page", "metric", "branch", "density", "relative", "value", "spread", "bound", "runs",
                "iterations", "lmc_step", "source", "note")
-PLACE = re.compile(r"\b(figure|fig\.|table|section|appendix)\s*[A-Za-z]?\d", re.IGNORECASE)
+PLACE = re.compile(r"\b(figure|fig\.|table|section|appendix)\s*[A-Za-z]?\d|\babstract\b", re.IGNORECASE)
 UNVERIFIED = "not verified"
 
 
