@@ -9,8 +9,9 @@ our mean ± sample std over replicates (and n) at the published density, and one
   replicates where the paper's bars are min/max (like with like), else mean ± std. Overlapping intervals are those
   whose centres differ by at most the sum of their half-widths: the published spread combined with ours.
 - does not agree: they do not overlap;
-- cannot be compared at this scale: the run trained fewer iterations per level than the number's, reached no level
-  at the number's density, or lacks the branch (or the lmc step) the number is about.
+- cannot be compared at this scale: the run trained fewer iterations per level than the number's (ours is still
+  shown beside it, marked as not compared), reached no level at the number's density, or lacks the branch (or the
+  lmc step) the number is about.
 
 A relative number (difference, ratio, speedup against the dense network) is computed per replicate against that
 replicate's own dense level, then averaged. Writes paper.md, paper.csv and paper.png/.svg (the paper's points with
@@ -88,9 +89,6 @@ def compare(n: dict, records: list[dict]) -> dict:
     if not trained:
         out["reason"] = f"this run has no {branch} records (add {branch} to pruning.branches)"
         return out
-    if need is not None and max(trained) < need:
-        out["reason"] = f"this run trained {int(max(trained))} iterations per level, the paper {need}"
-        return out
     values, densities, missing = [], [], []
     for rep in by_rep.values():
         rec = _at_density(rep, branch, float(n["density"]))
@@ -128,6 +126,9 @@ def compare(n: dict, records: list[dict]) -> dict:
     else:
         olo, ohi = ours["mean"] - ours["std"], ours["mean"] + ours["std"]
     out["our_interval"] = (olo, ohi)
+    if need is not None and max(trained) < need:  # ours is shown, but a shorter training is no comparison
+        out["reason"] = f"this run trained {int(max(trained))} iterations per level, the paper {need}"
+        return out
     out["verdict"] = AGREES if olo <= hi and ohi >= lo else DISAGREES
     return out
 
@@ -264,7 +265,9 @@ def sentence(n: dict, res: dict) -> str:
     head = {AGREES: "Agrees", DISAGREES: "Does not agree", NOT_COMPARABLE: "Cannot be compared at this scale"}[
         res["verdict"]]
     if res["verdict"] == NOT_COMPARABLE:
-        return f"{head}: {n['claim']} ({res['reason']})."
+        shown = (f"; ours (not compared) {ours_text(res, n)} at {res['our_density']:.3g}% of the weights"
+                 if res.get("ours") else "")
+        return f"{head}: {n['claim']} ({res['reason']}{shown})."
     return (f"{head}: {n['claim']}: the paper {published_text(n)}; ours {ours_text(res, n)} at "
             f"{res['our_density']:.3g}% of the weights.")
 
@@ -296,7 +299,7 @@ def _figure(table: list[dict], out_dir: Path) -> list[Path]:
     ours with ours (a colour per condition), at the densities they stand at."""
     import matplotlib.pyplot as plt
 
-    from lottery.report.style import PALETTE, percent_axis, save
+    from lottery.report.style import NEUTRAL, PALETTE, percent_axis, save
     panels = list(dict.fromkeys(row["metric"] for row in table))
     conds = list(dict.fromkeys(row["_group"] for row in table))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
@@ -317,8 +320,9 @@ def _figure(table: list[dict], out_dir: Path) -> list[Path]:
             if o:
                 olo, ohi = res["our_interval"]
                 colour = PALETTE[conds.index(row["_group"]) % len(PALETTE)]
+                hollow = res["verdict"] == NOT_COMPARABLE  # a shorter run's number: shown, not compared
                 ax.errorbar([res["our_density"]], [o["mean"]], yerr=[[o["mean"] - olo], [ohi - o["mean"]]], fmt="o",
-                            color=colour, capsize=4)
+                            color=colour, capsize=4, markerfacecolor="white" if hollow else colour)
                 xs.append(res["our_density"])
         percent_axis(ax, xs)
         ax.set_title(panel, fontsize=9)
@@ -327,6 +331,12 @@ def _figure(table: list[dict], out_dir: Path) -> list[Path]:
                       label="published (bars as printed)")]
     handles += [Line2D([], [], marker="o", color=PALETTE[i % len(PALETTE)], linestyle="none", label=f"ours: {c}")
                 for i, c in enumerate(conds)]
+    if any(row["_n"].get("bound") for row in table):
+        handles.append(Line2D([], [], marker="^", color="black", linestyle="none",
+                              label="published bound (▲ more than, ▼ less than)"))
+    if any(row["_res"]["verdict"] == NOT_COMPARABLE and row["_res"].get("ours") for row in table):
+        handles.append(Line2D([], [], marker="o", color=NEUTRAL, markerfacecolor="white", linestyle="none",
+                              label="ours, not compared (a shorter run)"))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8)
     fig.suptitle("Published numbers and this run", fontsize=10)
     fig.tight_layout()
