@@ -135,8 +135,10 @@ def compare(n: dict, records: list[dict]) -> dict:
 
 # --- text ----------------------------------------------------------------------------------------------------------
 
-def _fmt(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
+def _fmt(v: float, like: Optional[float] = None) -> str:
+    """`v` to the decimals its scale (or that of `like`, the value a spread belongs to) calls for: 1500, 98.31, 0.623."""
+    scale = abs(v if like is None else like)
+    return f"{v:.0f}" if scale >= 100 else f"{v:.2f}" if scale >= 1 else f"{v:.3f}"
 
 
 def published_text(n: dict) -> str:
@@ -144,16 +146,16 @@ def published_text(n: dict) -> str:
     bound = {"above": "more than ", "below": "less than "}.get(n.get("bound") or "", "")
     kind = s["kind"]
     if kind == "min_max":
-        spread = (f" (min–max {_fmt(s['low'])}–{_fmt(s['high'])})" if "low" in s
-                  else f" ± {_fmt(s['plus_minus'])} (min/max)")
+        spread = (f" (min–max {_fmt(s['low'], v)}–{_fmt(s['high'], v)})" if "low" in s
+                  else f" ± {_fmt(s['plus_minus'], v)} (min/max)")
     elif kind == "std":
-        spread = f" ± {_fmt(s['plus_minus'])} (std)"
+        spread = f" ± {_fmt(s['plus_minus'], v)} (std)"
     elif kind == "unstated":
-        spread = f" ± {_fmt(s['plus_minus'])} (kind not stated)"
+        spread = f" ± {_fmt(s['plus_minus'], v)} (kind not stated)"
     elif kind == "read_off":
-        spread = f" (read off a figure, ± {_fmt(s['precision'])})"
+        spread = f" (read off a figure, ± {_fmt(s['precision'], v)})"
     else:
-        spread = "" if n.get("bound") else f" (no spread published; tolerance ± {_fmt(s['tolerance'])})"
+        spread = "" if n.get("bound") else f" (no spread published; tolerance ± {_fmt(s['tolerance'], v)})"
     runs = n.get("runs")
     return f"{bound}{_fmt(v)}{spread}, runs: {runs}"
 
@@ -162,8 +164,10 @@ def ours_text(result: dict, n: dict) -> str:
     o = result.get("ours")
     if not o:
         return "—"
-    extra = f", min–max {_fmt(o['min'])}–{_fmt(o['max'])}" if n["spread"]["kind"] == "min_max" and o["n"] > 1 else ""
-    return f"{_fmt(o['mean'])} ± {_fmt(o['std'])} (n={o['n']}{extra})"
+    m = o["mean"]
+    extra = f", min–max {_fmt(o['min'], m)}–{_fmt(o['max'], m)}" if n["spread"]["kind"] == "min_max" and o["n"] > 1 \
+        else ""
+    return f"{_fmt(m)} ± {_fmt(o['std'], m)} (n={o['n']}{extra})"
 
 
 def what(n: dict) -> str:
