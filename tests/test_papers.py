@@ -250,7 +250,7 @@ def test_paper_report_on_a_sweep_and_on_a_run_without_a_block(tmp_path, capsys):
 # --- Synaptic-Flow's counting ---------------------------------------------------------------------------------------
 
 def test_synflow_count_and_threshold_by_hand():
-    """Their rule: k = int((1 - d) N) over all N entries (pruned ones score 0), prune every score <= the k-th smallest."""
+    """Their rule: k = int((1 - d) N) over all N entries (pruned ones score 0), prune each score <= the k-th lowest."""
     scores = torch.tensor([0.5, 0.1, 0.1, 0.3, 0.7, 0.1, 0.9, 0.2], dtype=torch.float64)  # 8 survivors of N = 10
     k = synflow_k(10, 8, None, 1, 1, 0.6)  # from density 0.8 to 0.6: k = int(0.4 * 10) = 4
     assert k == 4

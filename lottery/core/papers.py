@@ -16,7 +16,7 @@ the paper (figure or table, and page) or with a spread the comparison cannot rea
           metric: test_accuracy    # METRICS
           branch: ticket           # the run's branch the number is about (ticket, reinit, random_prune, lmc, ...)
           density: 21.1            # percent of the weights remaining, as published
-          relative: none           # none | difference (ours - ours dense) | ratio (ours / ours dense) | speedup (dense / ours)
+          relative: none           # none | difference (ours - dense) | ratio (ours / dense) | speedup (dense / ours)
           value: 98.3
           spread: {kind: min_max, plus_minus: 0.1}   # SPREADS
           bound: null              # above | below: the paper says "more than" / "less than" value

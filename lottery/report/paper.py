@@ -100,7 +100,7 @@ def compare(n: dict, records: list[dict]) -> dict:
             continue
         if relative != "none":
             dense = _at_density(rep, "ticket", 100.0)
-            base = _metric(dense, {**n, "metric": n["metric"]}) if dense is not None else None
+            base = _metric(dense, n) if dense is not None else None
             value = None if base is None else _relative(value, base, relative)
             if value is None:
                 continue
@@ -136,7 +136,7 @@ def compare(n: dict, records: list[dict]) -> dict:
 # --- text ----------------------------------------------------------------------------------------------------------
 
 def _fmt(v: float, like: Optional[float] = None) -> str:
-    """`v` to the decimals its scale (or that of `like`, the value a spread belongs to) calls for: 1500, 98.31, 0.623."""
+    """`v` to the decimals its scale (or that of `like`, the value its spread belongs to) calls for: 98.31, 0.623."""
     scale = abs(v if like is None else like)
     return f"{v:.0f}" if scale >= 100 else f"{v:.2f}" if scale >= 1 else f"{v:.3f}"
 
