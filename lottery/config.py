@@ -68,6 +68,9 @@ class PruningConfig:
     target: Optional[float] = None
     one_shot: bool = False
     rounds: int = 1
+    # How each round's count and ties are decided: exact (rounded counts, stable ties) | synflow (Synaptic-Flow's
+    # int((1 - d) N) with `<=` at the threshold; lottery.pruning.schedule)
+    counting: str = "exact"
     train_dense: bool = True  # false: no level 0 (pruning at init from rewind 0 needs no dense network)
     from_dense: bool = False  # every level pruned from the dense network to its count, not from level L-1's mask
     rewind: str = "0"
@@ -142,6 +145,9 @@ class Config:
     # branches) take effect: a user's extensions without editing lottery/.
     imports: List[str] = field(default_factory=list)
     ticket: Optional[str] = None  # lottery-retrain: path of the ticket file to retrain
+    # The published numbers a preset reproduces (lottery.core.papers): documentation, not part of the experiment
+    # (NON_EXPERIMENT_KEYS), read by `lottery-report --paper`; open, checked by lottery.core.papers.check_block.
+    paper: Dict[str, Any] = field(default_factory=dict)
 
 
 # Keys that do not define an experiment: where data lives, how a run is logged, shown, checkpointed and launched,
@@ -151,7 +157,7 @@ NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.veri
                        "threads", "logger",
                        "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "imports",
                        "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra", "replicas",
-                       "replica_batching")
+                       "replica_batching", "paper")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 
@@ -191,7 +197,7 @@ def conf_dir() -> str:
 # Nodes whose keys are a registered thing's own settings: open, so `dataset.verify=false` or `optimizer.momentum=0.9`
 # needs no `+` whichever dataset or optimizer the composed config starts from (lottery-retrain starts from the
 # defaults and takes the ticket's), and checked against the registry instead (lottery.experiment.check).
-OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch", "dst")
+OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch", "dst", "paper")
 
 
 def register_configs() -> None:

@@ -16,12 +16,14 @@ from lottery.branches import BRANCHES, branch_settings
 from lottery.config import import_extensions
 from lottery.core.device import check_device
 from lottery.core.divergence import POLICIES
+from lottery.core.papers import check_block
 from lottery.core.steps import parse_steps
 from lottery.data import dataset_settings
 from lottery.init import INITIALIZERS
 from lottery.models import MODELS
 from lottery.pruning import DISTRIBUTIONS, criterion_settings, scores_at
 from lottery.pruning.granularity import GRANULARITIES, GROUP_SCORES
+from lottery.pruning.schedule import COUNTINGS
 from lottery.training import BATCHING, optimizer_settings
 from lottery.training.dst import dst_settings
 
@@ -74,6 +76,7 @@ def checked(cfg: DictConfig) -> DictConfig:
     """`cfg` validated, as a new config with the dataset, optimizer and criterion nodes expanded. No side effects
     besides importing the modules in `imports`."""
     import_extensions(cfg)
+    check_block(OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") is not None else None)
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
 
@@ -141,6 +144,7 @@ def checked(cfg: DictConfig) -> DictConfig:
                          "pruning.target=<fraction to keep> or pruning.one_shot=false")
     if p.rounds < 1:
         raise ValueError(f"pruning.rounds must be >= 1, got {p.rounds}")
+    _choice(p.counting, COUNTINGS, "pruning.counting")
     if not p.get("train_dense", True):
         if scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0:
             raise ValueError(f"pruning.train_dense=false skips the dense network, which pruning.when="

@@ -6,7 +6,15 @@ in.
 `pruning.scope`: `layerwise` (each tensor at its own rate), `global` (one total, split by the scores), or a density
 distribution `uniform | er | erk` (lottery.pruning.densities): the total is global pruning's (pruning.rate of all
 surviving weights per level, or pruning.target in one shot) and the split between tensors is the distribution's, so
-the counts are per tensor and selection is layerwise."""
+the counts are per tensor and selection is layerwise.
+
+`pruning.counting`: how a round's count and ties are decided. `exact` (ours): each round keeps exactly its rounded
+count (round half up), ties broken stably (the lower index is pruned first). `synflow`: Synaptic-Flow's code
+(github ganguli-lab/Synaptic-Flow, Pruners/pruners.py `_global_mask` / `_local_mask`, prune.py `prune_loop`): round r
+of R aims at density d_r = d^(r/R) of the whole tensor set (or of each tensor), k = int((1 - d_r) N) over all N
+entries, the pruned ones scoring 0 (their weights are zero), and every entry scoring at or below the k-th smallest
+score is pruned, ties included, so a round may prune more than k. Their masks can also revive an entry whose 0 score
+lies above a negative threshold (GraSP); ours never revive: a pruned entry stays pruned."""
 from __future__ import annotations
 
 import fnmatch
@@ -20,6 +28,8 @@ from lottery.pruning import granularity as G
 from lottery.pruning.criteria import CRITERIA, Batches, criterion_settings, score
 from lottery.pruning.densities import DISTRIBUTIONS, allocate
 from lottery.pruning.selection import Survivors, round_half_up
+
+COUNTINGS = ("exact", "synflow")
 
 
 def layer_rates(prunable: list[Prunable], pcfg) -> dict[str, float]:
@@ -118,6 +128,7 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
     start = dict(zip(masks, left.counts()))
     name = pcfg.criterion["name"]
     rounds = int(pcfg.get("rounds", 1) or 1)
+    counting = pcfg.get("counting", "exact") or "exact"
     crit = CRITERIA.get(name)
     incremental = getattr(crit.fn, "rounds", None) if crit is not None else None
     if incremental is not None:
@@ -134,7 +145,10 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
             scores = left.gather(score(model, masks, pcfg.criterion, batches=batches, generator=generator))
         if invert:
             scores = -scores
-        if scope == "global":
+        if counting == "synflow":
+            fraction = keep_fraction if keep is None and scope in ("global", "layerwise") else None
+            removed = left.remove_where(_synflow_drop(left, scores, start, target, r, rounds, scope, fraction), name)
+        elif scope == "global":
             now = _round_target(sum(start.values()), target, r, rounds)
             removed = left.remove_global(scores, len(left.index) - now, name)
         else:
@@ -196,6 +210,41 @@ def _prune_nm(model, masks, prunable, pcfg, *, batches, generator, rescore, inve
         per_block = _round_target(m, n, r, rounds)
         current = {k: G.nm_select(-raw[k] if invert else raw[k], v, per_block, m) for k, v in current.items()}
     return current
+
+
+def synflow_k(total: int, start: int, target: int, r: int, rounds: int, fraction: Optional[float]) -> int:
+    """Synaptic-Flow's count for round r of `rounds` over `total` entries: int((1 - d_r) total) with d_r =
+    d^(r/rounds) (`sparse = sparsity**((epoch + 1) / epochs)` in their prune_loop), d the target density (`fraction`
+    where the run gives one, as theirs; else target / total). From an already pruned start (density d0 < 1) the
+    rounds go from d0 to d: d_r = d0 (d / d0)^(r/rounds). A count target's last round removes exactly total - target."""
+    if fraction is None and r == rounds:
+        return total - target
+    d0 = start / total
+    d = fraction if fraction is not None else target / total
+    d_r = d ** (r / rounds) if start == total else d0 * (d / d0) ** (r / rounds)
+    return int((1.0 - d_r) * total)
+
+
+def synflow_drop(scores: torch.Tensor, total: int, k: int) -> torch.Tensor:
+    """Which survivors (`scores`, over `total` entries of which the others are pruned and score 0) Synaptic-Flow's
+    rule prunes: those scoring at or below the k-th smallest of all `total` scores (`torch.kthvalue`, `score <=
+    threshold`); none when k < 1."""
+    if k < 1 or scores.numel() == 0:
+        return torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    pruned = torch.zeros(total - scores.numel(), dtype=scores.dtype, device=scores.device)
+    threshold = torch.kthvalue(torch.cat([scores, pruned]), min(k, total)).values
+    return scores <= threshold
+
+
+def _synflow_drop(left: Survivors, scores: torch.Tensor, start: dict, target, r: int, rounds: int, scope: str,
+                  fraction: Optional[float]) -> torch.Tensor:
+    if scope == "global":
+        total = int(left.bounds[-1])
+        return synflow_drop(scores, total, synflow_k(total, sum(start.values()), target, r, rounds, fraction))
+    cuts = torch.searchsorted(left.index, left.bounds).tolist()
+    drop = [synflow_drop(scores[a:b], size, synflow_k(size, start[n], target[n], r, rounds, fraction))
+            for (n, size), a, b in zip(zip(start, left.sizes), cuts, cuts[1:])]
+    return torch.cat(drop) if drop else torch.zeros(0, dtype=torch.bool)
 
 
 def _masked(model: nn.Module, masks: Masks) -> nn.Module:

@@ -85,8 +85,12 @@ class Survivors:
                       unit: str = "weight") -> torch.Tensor:
         """The `remove` lowest-scoring survivors over all tensors; refuses to empty a whole tensor. `unit` names the
         entries in the message (channel pruning selects channels)."""
-        keep = (len(self.index) - remove) / int(self.bounds[-1])
-        removed = self._drop(lowest(scores, remove))
+        return self.remove_where(lowest(scores, remove), criterion, unit)
+
+    def remove_where(self, drop: torch.Tensor, criterion: str = "magnitude", unit: str = "weight") -> torch.Tensor:
+        """The survivors where `drop` (boolean, survivors in flat order) is true; refuses to empty a whole tensor."""
+        keep = (len(self.index) - int(drop.sum())) / int(self.bounds[-1])
+        removed = self._drop(drop)
         empty = [n for n, c in zip(self.like, self.counts()) if c == 0]
         if empty:
             raise ValueError(f"global {criterion} pruning to {100 * keep:.3g}% of the {unit}s would remove every "

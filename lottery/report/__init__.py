@@ -8,6 +8,7 @@ finished runs.
 - `figures`, `lmc`: the figures (PNG and SVG);
 - `similarity`: the overlap of kept weights between replicates' and between methods' tickets (mask_similarity.csv,
   its figure).
+- `paper` (`--paper`): the run beside the published numbers of its preset's `paper:` block (paper.md, .csv, .png).
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
     parser.add_argument("--imports", action="append", default=[], metavar="MODULE[,MODULE]",
                         help="modules to import first (as lottery-train's imports=[...]), so the branches and "
                              "criteria they register are labelled as registered; repeatable or comma-separated")
+    parser.add_argument("--paper", action="store_true",
+                        help="also put the runs beside the published numbers of their preset's paper: block (mean "
+                             "± std over replicates, agrees / does not agree / cannot be compared at this scale): "
+                             "paper.md, paper.csv, paper.png/.svg")
     args = parser.parse_args(argv)
     modules = [m.strip() for entry in args.imports for m in entry.split(",") if m.strip()]
     try:
@@ -105,6 +110,11 @@ def main(argv=None) -> int:
         written += write_similarity([r for r in rows if "level" in r], out, warn_stderr)
     except Exception as e:  # noqa: BLE001 - an analysis that fails is a warning; the tables and figures stand
         warn_stderr(f"mask similarity not written: {type(e).__name__}: {e}")
+    paper_lines = []
+    if args.paper:
+        from lottery.report.paper import paper_report
+        paper_files, paper_lines = paper_report(rows, out, warn=warn_stderr)
+        written += paper_files
     n_diverged = sum(1 for r in rows if r.get("diverged"))
     n_chance = sum(1 for r in rows if r.get("at_chance"))
     print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
@@ -112,4 +122,6 @@ def main(argv=None) -> int:
           + (f", {n_diverged} diverged units (see the diverged column; red x in the figures)" if n_diverged else "")
           + (f", {n_chance} units at chance (see the at_chance column; ringed in the figures)" if n_chance else "")
           + ": wrote " + ", ".join(str(p) for p in written))
+    for line in paper_lines:
+        print(line)
     return 0
