@@ -128,3 +128,33 @@ def test_packages_say_what_they_own_and_may_import():
         assert doc, f"{init.relative_to(REPO)} has no docstring"
         if init.parent != PACKAGE:
             assert "Imports" in doc or "imports" in doc, f"{init.relative_to(REPO)}: say what the package may import"
+
+
+# Packages below the session receive plain values (dicts, numbers, the registries' settings), never the config library:
+# they must stay usable, and testable, without Hydra or OmegaConf (issue 28).
+CONFIG_FREE = ("lottery.training", "lottery.pruning", "lottery.branches", "lottery.models")
+CONFIG_LIBRARIES = ("omegaconf", "hydra")
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, anywhere in its body (lazy imports too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_training_pruning_branches_and_models_never_import_the_config_library():
+    bad = [f"{name} imports {lib}" for name, path in sorted(modules().items())
+           if any(name == p or name.startswith(p + ".") for p in CONFIG_FREE)
+           for lib in sorted(third_party_imports(path) & set(CONFIG_LIBRARIES))]
+    assert not bad, "config library below the session:\n" + "\n".join(bad)
+
+
+def test_the_config_library_check_sees_lazy_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from omegaconf import OmegaConf\n    import hydra.utils\n")
+    assert third_party_imports(path) == {"omegaconf", "hydra"}
