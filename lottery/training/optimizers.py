@@ -13,7 +13,7 @@ CPU rounds differently, so CPU results would change).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
