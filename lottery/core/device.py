@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -265,10 +264,6 @@ def check_folder(run_dir: Path, info: dict, requested: str) -> Optional[str]:
     """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: raise to refuse, or
     return a warning (`check_resume`). Writes and logs nothing: the caller records `info` once every check passed."""
     path = Path(run_dir) / "device.json"
-    old = None
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = None
+    from lottery.core.files import load_json
+    old = load_json(path, expect=dict) if path.exists() or path.is_symlink() else None  # damaged: one line (Damaged)
     return check_resume(old, info, requested)

@@ -229,6 +229,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
                 rep.name = f"replicate {rcfg.seed}: "
             rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
             if folder.check_config(rep.resolved):
+                folder.check_files()
                 resumed.append(folder.path)
             reps.append(rep)
         model = reps[0].new_model()

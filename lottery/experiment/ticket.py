@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery.core.files import load_torch, save_torch
+from lottery.core.files import Damaged, load_torch, save_torch
 
 FORMAT = "lottery-ticket"
 VERSION = 1
@@ -60,6 +60,8 @@ def load_ticket(path) -> Ticket:
         raise FileNotFoundError(f"no ticket file at {path.resolve()}; tickets live in <run>/levels/level_<L>/ticket.pt")
     try:
         data = load_torch(path)
+    except Damaged:
+        raise
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
