@@ -210,6 +210,31 @@ def appending(path: Path):
         raise WriteFailed(path, e) from e
 
 
+def repair_torn_line(path: Path) -> int:
+    """Cut an append-only file (metrics.jsonl) back to its last whole line: a process killed mid-append leaves a torn
+    one, which the next append would glue to its own. Returns the bytes removed."""
+    path = Path(path)
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read()
+            if tail.endswith(b"\n"):
+                return 0
+            cut = tail.rfind(b"\n")
+            keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else size)
+            f.truncate(keep)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise WriteFailed(path, e) from e
+    if size - keep:
+        log.warning("%s ended in a torn line (%d bytes of a write a kill interrupted): removed", path, size - keep)
+    return size - keep
+
+
 def save_torch(obj: Any, path: Path) -> None:
     """`obj` must be plain data (tensors, dicts, lists, tuples, str, int, float, bool, None; not a str subclass such
     as torch.__version__) so that `load_torch` reads it back with weights_only=True."""

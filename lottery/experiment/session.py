@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES, branch_settings
 from lottery.core import device as D
-from lottery.core.files import save_json
+from lottery.core.files import repair_torn_line, save_json
 from lottery.core.steps import Steps, parse_steps
 from lottery.core import threads
 from lottery.core.signals import stop_if_asked
@@ -268,6 +268,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             save_json({"replicas": listed, "folders": [f"replicate_{s}" for s in listed],
                        "config": _parent_config(cfg)}, parent / "replicas.json")
         for rep in reps:
+            repair_torn_line(rep.folder.metrics)
             rep.folder.clean()
             rep.folder.write_config(rep.resolved)
             save_json(info, rep.folder.path / "device.json")

@@ -1,0 +1,166 @@
+"""Checksummed run folders (issue 28): every file a run writes whole and reads again carries a checksum recorded when
+it was written; a resume verifies the folder before it writes anything and names a damaged file in one line with the
+remedy. In process: one small run is trained once, and each case damages a copy of it."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from lottery.core.files import CHECKSUM_SUFFIX, Damaged, checksum_path, load_json, repair_torn_line, save_json, verify
+from lottery.experiment import run_experiment
+from lottery.experiment.folder import FolderRefused
+
+from conftest import tiny_cfg
+
+ARGS = ("pruning.levels=3", "train.duration=20it", "pruning.rewind=2it", "train.eval_every=10it")
+
+
+def cfg():
+    return tiny_cfg(*ARGS)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run whose last level is still to train (as after a kill between levels)."""
+    run = tmp_path_factory.mktemp("orig") / "run"
+    run_experiment(cfg(), run)
+    shutil.rmtree(run / "levels" / "level_2")
+    return run
+
+
+@pytest.fixture
+def run(interrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(interrupted, out)
+    return out
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def flip(rel):
+    def damage(run):
+        p = run / rel
+        data = bytearray(p.read_bytes())
+        data[len(data) // 2] ^= 1
+        p.write_bytes(bytes(data))
+    return damage
+
+
+def truncate(rel):
+    return lambda run: os.truncate(run / rel, (run / rel).stat().st_size // 2)
+
+
+LEVEL_1 = "delete the level's folder {run}/levels/level_1 and rerun the same command to train that level again"
+ELSEWHERE = "restore it from a copy, or rerun the command with a new folder (hydra.run.dir=...)"
+CASES = {
+    "a changed byte in a kept weight of final.pt": (flip("levels/level_1/final.pt"), Damaged,
+                                                    "levels/level_1/final.pt is damaged (its bytes differ", LEVEL_1),
+    "truncated final.pt": (truncate("levels/level_1/final.pt"), Damaged, "levels/level_1/final.pt is damaged", LEVEL_1),
+    "truncated rewind.pt": (truncate("rewind.pt"), Damaged, "/rewind.pt is damaged", ELSEWHERE),
+    "truncated init.pt": (truncate("init.pt"), Damaged, "/init.pt is damaged", ELSEWHERE),
+    "a changed ticket.pt": (flip("levels/level_1/ticket.pt"), Damaged, "levels/level_1/ticket.pt is damaged",
+                            LEVEL_1),
+    "deleted ticket.pt": (lambda run: (run / "levels/level_1/ticket.pt").unlink(), Damaged,
+                          "levels/level_1/ticket.pt is damaged (missing, although level_1 is recorded as done)",
+                          LEVEL_1),
+    "a changed result.json": (flip("levels/level_1/ticket/result.json"), Damaged,
+                              "levels/level_1/ticket/result.json is damaged", LEVEL_1),
+    "device.json replaced by a list": (lambda run: (run / "device.json").write_text("[1, 2]"), Damaged,
+                                       "device.json is damaged", "delete it to resume without comparing"),
+    "levels replaced by a file": (lambda run: (shutil.rmtree(run / "levels"), (run / "levels").write_text("x")),
+                                  Damaged, "/levels is damaged (a file where the run keeps a folder)", ELSEWHERE),
+    "an empty config.yaml": (lambda run: (run / "config.yaml").write_text(""), FolderRefused,
+                             "config.yaml is damaged", ELSEWHERE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_damaged_file_is_named_with_its_remedy_before_anything_is_written(run, case):
+    damage, kind, names, remedy = CASES[case]
+    damage(run)
+    before = snapshot(run)
+    with pytest.raises(kind) as e:
+        run_experiment(cfg(), run)
+    message = str(e.value)
+    assert "\n" not in message
+    assert names in message and remedy.format(run=run) in message, message
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_the_remedy_works(run):
+    flip("levels/level_1/final.pt")(run)
+    with pytest.raises(Damaged):
+        run_experiment(cfg(), run)
+    shutil.rmtree(run / "levels" / "level_1")
+    run_experiment(cfg(), run)
+    assert (run / "levels/level_2/ticket/result.json").is_file()
+
+
+def test_every_checksummed_file_of_a_run_is_verified_on_resume(interrupted, tmp_path):
+    """Whatever file carries a checksum (checkpoints aside, which fall back to the previous one), a changed byte in it
+    is named: a file added to the run later is covered without a new case."""
+    files = sorted(str(s.relative_to(interrupted).with_name(s.name[1:-len(CHECKSUM_SUFFIX)]))
+                   for s in interrupted.rglob(f".*{CHECKSUM_SUFFIX}") if "checkpoint" not in s.name)
+    assert {"config.yaml", "device.json", "init.pt", "rewind.pt", "levels/level_0/final.pt",
+            "levels/level_1/ticket.pt", "levels/level_1/ticket/result.json"} <= set(files)
+    for i, rel in enumerate(files):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(interrupted, run)
+        flip(rel)(run)
+        with pytest.raises(ValueError, match="is damaged") as e:
+            run_experiment(cfg(), run)
+        assert rel in str(e.value)
+
+
+def test_a_folder_written_before_checksums_resumes_unverified_said_once(run, caplog):
+    for sidecar in run.rglob(f".*{CHECKSUM_SUFFIX}"):
+        sidecar.unlink()
+    import lottery.core.files as files
+    files._UNVERIFIED_SAID.clear()
+    with caplog.at_level(logging.WARNING):
+        run_experiment(cfg(), run)
+    said = [r for r in caplog.records if "has no checksum" in r.getMessage()]
+    assert len(said) == 1
+    assert (run / "levels/level_2/ticket/result.json").is_file()
+    assert verify(run / "levels/level_2/final.pt")  # what this start wrote carries its checksum
+
+
+def test_a_torn_last_line_of_metrics_is_repaired_on_resume(run):
+    metrics = run / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole + b'{"level": 2, "step": 1')
+    run_experiment(cfg(), run)
+    import json
+    lines = metrics.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)
+    assert metrics.read_bytes().startswith(whole)
+
+
+def test_repair_torn_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"a\nb\nc")
+    assert repair_torn_line(path) == 1 and path.read_bytes() == b"a\nb\n"
+    assert repair_torn_line(path) == 0
+    path.write_bytes(b"torn")
+    assert repair_torn_line(path) == 4 and path.read_bytes() == b""
+
+
+def test_a_kill_between_the_checksum_and_the_file_leaves_a_file_that_verifies(tmp_path):
+    """The sidecar is written before the file moves into place and vouches for the old file too."""
+    path = tmp_path / "x.json"
+    save_json({"a": 1}, path)
+    old = path.read_bytes()
+    save_json({"a": 2}, path)
+    path.write_bytes(old)  # as if the move of the new file never happened
+    assert verify(path)
+    path.write_bytes(b'{"a": 3}')
+    with pytest.raises(Damaged):
+        load_json(path)
+    assert checksum_path(path).name == ".x.json.sha256"
