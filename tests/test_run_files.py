@@ -164,3 +164,38 @@ def test_a_kill_between_the_checksum_and_the_file_leaves_a_file_that_verifies(tm
     with pytest.raises(Damaged):
         load_json(path)
     assert checksum_path(path).name == ".x.json.sha256"
+
+
+# --- lottery-retrain: a ticket is checked whole before anything is written --------------------------------------
+
+def _edited_ticket(interrupted, tmp_path, edit):
+    import torch
+    data = torch.load(interrupted / "levels/level_1/ticket.pt", weights_only=True)
+    edit(data)
+    path = tmp_path / "ticket.pt"
+    torch.save(data, path)
+    return path
+
+
+RETRAIN_CASES = {
+    "a negative rewind step": (lambda d: d.update(rewind_step=-5), (),
+                               "has rewind_step=-5; accepted: an integer >= 0"),
+    "masks for 1 of 3 layers": (lambda d: d.update(masks={k: v for k, v in list(d["masks"].items())[:1]}), (),
+                                "has masks for 1 of the 3 pruned tensors of lenet_300_100 (none for hidden.1.weight, "
+                                "out.weight)"),
+    "a synthetic ticket retrained on mnist": (lambda d: None, ("dataset=mnist",),
+                                              "was made on dataset synthetic, not mnist; a ticket is retrained on "
+                                              "its own dataset"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RETRAIN_CASES))
+def test_a_bad_ticket_is_refused_before_anything_is_written(interrupted, tmp_path, case):
+    from lottery.experiment import retrain_ticket
+    edit, overrides, message = RETRAIN_CASES[case]
+    ticket = _edited_ticket(interrupted, tmp_path, edit)
+    out = tmp_path / "retrain"
+    with pytest.raises(ValueError) as e:
+        retrain_ticket(tiny_cfg(*ARGS, *overrides, "dataset.root=../shared/data"), ticket, out)
+    assert "\n" not in str(e.value) and message in str(e.value), str(e.value)
+    assert not out.exists()
