@@ -199,3 +199,20 @@ def test_a_bad_ticket_is_refused_before_anything_is_written(interrupted, tmp_pat
         retrain_ticket(tiny_cfg(*ARGS, *overrides, "dataset.root=../shared/data"), ticket, out)
     assert "\n" not in str(e.value) and message in str(e.value), str(e.value)
     assert not out.exists()
+
+
+def test_resuming_replicas_batched_another_way_warns(tmp_path, caplog):
+    """Replicas stacked, interleaved or sequential round off differently: as a change of the thread count, a resume
+    another way is said (device.json records the way)."""
+    args = ("pruning=none", "train.duration=4it", "train.eval_every=4it", "replicas=2")
+    run = tmp_path / "run"
+    run_experiment(tiny_cfg(*args, "replica_batching=sequential"), run)
+    assert load_json(run / "replicate_0" / "device.json")["batching"] == "sequential"
+    with caplog.at_level(logging.WARNING):
+        run_experiment(tiny_cfg(*args, "replica_batching=interleaved"), run)
+    said = [r.getMessage() for r in caplog.records if "differs in batching" in r.getMessage()]
+    assert said and "replicas sequential" in said[0] and "replicas interleaved" in said[0], said
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_experiment(tiny_cfg(*args, "replica_batching=interleaved"), run)
+    assert not [r for r in caplog.records if "differs in" in r.getMessage()]

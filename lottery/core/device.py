@@ -219,6 +219,8 @@ def differences(old: Optional[dict], new: dict) -> list[str]:
         keys = _SAME_RESULTS
     else:  # CPU kernels split their sums by thread, so the count matters (folders from before it was recorded: not)
         keys = ("type", "name", "torch") + (("threads",) if "threads" in old and "threads" in new else ())
+    # replicas trained another way (stacked, interleaved, sequential) sum in another order: round-off differs
+    keys += ("batching",) if "batching" in old and "batching" in new else ()
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
@@ -226,7 +228,8 @@ def _short(info: dict) -> str:
     if info.get("type") == "cuda":
         return f"{info.get('name')} (torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')})"
     threads = f", {info['threads']} threads" if "threads" in info else ""
-    return f"{info.get('type')} (torch {info.get('torch')}{threads})"
+    batching = f", replicas {info['batching']}" if "batching" in info else ""
+    return f"{info.get('type')} (torch {info.get('torch')}{threads}{batching})"
 
 
 def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str]:

@@ -250,6 +250,8 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
         threads.set_threads(cfg, None if how == "stacked" else flops)
         if device.type == "cpu":
             info["threads"] = torch.get_num_threads()  # CPU results depend on it: device.json records it
+        if seeds is not None:
+            info["batching"] = how  # so do replicas' results, at round-off: a resume another way is warned about
         for rep in reps:
             warning = D.check_folder(rep.folder.path, info, rep.cfg.device)
             if warning and warning not in warnings:
