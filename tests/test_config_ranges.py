@@ -132,8 +132,8 @@ def test_the_walk_sees_nested_list_and_dict_fields():
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.schedule=step", "train.milestones=[10it]", "train.gamma=-1"], "train.gamma must be > 0, got -1"),
-    (["optimizer.lr=inf"], "optimizer.lr must be in (0, 100], got inf"),
-    (["optimizer.lr=1e308"], "optimizer.lr must be in (0, 100], got 1e+308"),
+    (["optimizer.lr=inf"], "optimizer.lr must be in (0, 1000000], got inf"),
+    (["optimizer.lr=1e308"], "optimizer.lr must be in (0, 1000000], got 1e+308"),
     (["optimizer.weight_decay=nan"], "optimizer.weight_decay must be >= 0, got nan"),
     (["optimizer=sgd", "optimizer.momentum=1.5"], "optimizer.momentum must be in [0, 1), got 1.5"),
     (["optimizer.betas=[0.9,1.0]"], "optimizer.betas entries must be in [0, 1), got 1.0"),

@@ -228,7 +228,7 @@ def test_recompute_option_runs_through_the_branch(tmp_path):
     ("branch.lmc.points=1", "branch.lmc.points must be >= 2"),
     ("branch.lmc.batchnorm=fresh", "unknown branch.lmc.batchnorm 'fresh'; accepted: interpolate, recompute"),
     ("branch.lmc.steps=[500x]", "bad branch.lmc.steps entry '500x'"),
-    ("branch.lmc.levels=[-1]", "branch.lmc.levels entries are IMP levels"),
+    ("branch.lmc.levels=[-1]", "branch.lmc.levels entries must be >= 0, got -1"),
     ("branch.lmc.train_examples=0", "branch.lmc.train_examples must be >= 1"),
     ("+branch.lmc.pointz=3", "unknown key branch.lmc.pointz for branch 'lmc'; accepted: points, steps, levels"),
     ("init.batchnorm=zeros", "unknown init.batchnorm 'zeros'; accepted: ones, uniform"),

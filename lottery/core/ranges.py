@@ -60,7 +60,9 @@ FINITE = Rule()
 
 
 def _num(x: float) -> str:
-    return str(x) if isinstance(x, int) else f"{x:g}"
+    if isinstance(x, int) or (float(x).is_integer() and abs(x) < 1e15):
+        return str(int(x))
+    return f"{x:g}"
 
 
 def _is_number(value: Any) -> bool:
