@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lottery.config import conf_dir, register_configs
-from lottery.launch.slurm import register_launcher
+from lottery.launch.slurm import STOPPED, register_launcher
 
 log = logging.getLogger("lottery")
 register_configs()
@@ -59,6 +59,7 @@ class _Job:
         (hydra.output_subdir is null, so it writes none), and no error of an earlier start left behind."""
         self.owned = True
         (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
+        (run_dir / STOPPED).unlink(missing_ok=True)
         self.write_hydra_files(run_dir)
 
     def write_hydra_files(self, run_dir: Path) -> None:
@@ -115,6 +116,8 @@ def _guard(fn, job: _Job) -> None:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
         if job.owned:
+            with contextlib.suppress(OSError):  # how a launcher tells a stopped job from a killed one
+                (run_dir / STOPPED).write_text(f"{e}\n")
             log.warning("%s; rerun the same command to resume", e)
         else:
             print(f"warning: {e}; rerun the same command to resume", file=sys.stderr)
