@@ -64,12 +64,17 @@ class _Job:
 
     def write_hydra_files(self, run_dir: Path) -> None:
         from omegaconf import OmegaConf
+        from lottery.core.files import WriteFailed, write_text
         hydra_cfg = HydraConfig.get()
         out = run_dir / ".hydra"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
-        (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
-        (out / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra_cfg}))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # no room, no inode: one line and exit 74 as every failed write (_guard)
+            raise WriteFailed(out, e) from e
+        # atomic, like every file of the run: a full disk leaves no empty .hydra/config.yaml behind
+        write_text(out / "config.yaml", OmegaConf.to_yaml(self.cfg))
+        write_text(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+        write_text(out / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
 
     def may_record(self) -> bool:
         """error.txt goes into a folder this process owns, or one that holds no run of anybody's."""

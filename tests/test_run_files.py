@@ -216,3 +216,42 @@ def test_resuming_replicas_batched_another_way_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         run_experiment(tiny_cfg(*args, "replica_batching=interleaved"), run)
     assert not [r for r in caplog.records if "differs in" in r.getMessage()]
+
+
+# --- a disk full (or out of inodes) when the run records Hydra's files: one line, exit 74 -------------------------
+
+INJECT_HYDRA = """
+import builtins, errno, os, pathlib, sys
+WHAT = os.environ["FULL_AT"]
+_open, _mkdir = builtins.open, pathlib.Path.mkdir
+
+def full_open(file, mode="r", *args, **kwargs):
+    if WHAT == "write" and "/.hydra/" in str(file) and any(c in mode for c in "wax"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _open(file, mode, *args, **kwargs)
+
+def full_mkdir(self, *args, **kwargs):
+    if WHAT == "mkdir" and self.name == ".hydra":  # no inode left for a new folder
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return _mkdir(self, *args, **kwargs)
+
+def main():
+    builtins.open, pathlib.Path.mkdir = full_open, full_mkdir
+    from lottery.cli import train
+    train()
+"""
+
+
+@pytest.mark.parametrize("where", ["mkdir", "write"])
+def test_a_full_disk_before_hydra_files_are_written_is_one_line_and_exit_74(tmp_path, where):
+    from conftest import TINY, run_cli
+    (tmp_path / "inject_hydra.py").write_text(INJECT_HYDRA)
+    env = {"FULL_AT": where, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = tmp_path / "run"
+    r = run_cli(*TINY, "pruning=none", "train.duration=4it", f"hydra.run.dir={run}", cwd=tmp_path, env=env,
+                entry="inject_hydra:main")
+    assert r.returncode == 74, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/.hydra" in errors[0] and "No space left on device" in errors[0], r.stderr
+    assert not (run / ".hydra" / "config.yaml").exists()  # no empty file left behind
