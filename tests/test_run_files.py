@@ -255,3 +255,34 @@ def test_a_full_disk_before_hydra_files_are_written_is_one_line_and_exit_74(tmp_
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "/.hydra" in errors[0] and "No space left on device" in errors[0], r.stderr
     assert not (run / ".hydra" / "config.yaml").exists()  # no empty file left behind
+
+
+# --- lottery-report where it cannot write: one line suggesting --out ----------------------------------------------
+
+def test_report_on_a_folder_it_cannot_write_is_one_line_suggesting_out(interrupted, tmp_path, monkeypatch, capsys):
+    import errno
+    import subprocess
+
+    import lottery.report as report
+    real = report.write_table
+
+    def read_only(rows, path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(report, "write_table", read_only)
+    assert report.main([str(interrupted)]) == 74
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write the report to {interrupted}/report/runs.csv: "
+                                                   f"Permission denied; choose a folder you can write with --out DIR")
+    monkeypatch.setattr(report, "write_table", real)
+    # the same for real where the machine lets root make a folder immutable
+    locked = tmp_path / "locked"
+    shutil.copytree(interrupted, locked)
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        return
+    try:
+        assert report.main([str(locked)]) == 74
+        assert "choose a folder you can write with --out DIR" in capsys.readouterr().err
+        assert report.main([str(locked), "--out", str(tmp_path / "elsewhere")]) == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
