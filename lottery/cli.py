@@ -220,11 +220,37 @@ class FailedJobs(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        _hold_sweep_folder(sweep_dir)
         _FAILED_JOBS.clear()
         _MULTIRUN.update(sweep_dir=sweep_dir, before=_failure_files(sweep_dir), ended=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         _MULTIRUN["ended"] = True
+
+
+SWEEP_LOCK = ".sweep.lock"
+_SWEEP_LOCKS: list = []  # open lock files of the sweep folders this process launches into, held until it exits
+
+
+def _hold_sweep_folder(sweep_dir: Path) -> None:
+    """One launching process per sweep folder: a second identical sweep started while the first runs would count
+    the first's jobs (refused by their folders' locks, or still running) as its own failures, and the first would
+    count the second's refusals. Refused with one line; rerun it once the first has ended to resume what is left."""
+    import fcntl
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        f = open(sweep_dir / SWEEP_LOCK, "a")
+    except OSError:
+        return  # a folder that cannot be written fails where Hydra or the jobs write it, with its own message
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        print(f"error: another sweep is running in {sweep_dir} (it holds {sweep_dir / SWEEP_LOCK}); wait for it to "
+              f"end and rerun to resume the jobs it did not finish, or choose another folder with "
+              f"hydra.sweep.dir=...", file=sys.stderr)
+        sys.exit(2)
+    _SWEEP_LOCKS.append(f)
 
 
 def _failed_jobs() -> tuple[Path, list[Path]] | None:

@@ -46,3 +46,33 @@ def test_a_killed_submitit_local_job_is_counted_and_the_summary_written(tmp_path
         again = multirun(sweep_dir, *args, "seed=0,1", env=env)
         assert again.returncode == 0, again.log
         assert not any(x.get("error") for x in table(sweep_dir))
+
+
+def test_a_second_identical_sweep_is_refused_while_the_first_holds_the_folder(tmp_path):
+    """Two identical sweeps into one folder a few seconds apart each named as failed the jobs the other completed;
+    now the second is refused in one line, the first ends clean, and the second run afterwards resumes (nothing to
+    do: every job is done)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    sweep_dir = tmp_path / "sweep"
+    args, env = fault(pace_ms=100)  # each job's 40 steps take at least 4 s: the first sweep is still running
+    args = ["-m", *TINY, *args, "seed=0,1", f"hydra.sweep.dir={sweep_dir}"]
+    code = "import sys; sys.argv[0] = 'train'; from lottery.cli import train; train()"
+    first = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env={**os.environ, **ENV, **env},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep_dir.glob("0_*/.lock")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = run_cli(*args, cwd=tmp_path, env={**ENV, **env})
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert second.stderr.startswith(f"error: another sweep is running in {sweep_dir}")
+        assert second.stderr.count("\n") == 1, second.stderr
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert not any(x.get("error") for x in table(sweep_dir))
+    again = run_cli(*args, cwd=tmp_path, env={**ENV, **env})
+    assert again.returncode == 0, again.stderr
