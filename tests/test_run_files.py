@@ -286,3 +286,32 @@ def test_report_on_a_folder_it_cannot_write_is_one_line_suggesting_out(interrupt
         assert report.main([str(locked), "--out", str(tmp_path / "elsewhere")]) == 0
     finally:
         subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+
+
+# --- runs started in the same second without a folder name ----------------------------------------------------------
+
+def test_runs_started_together_without_a_folder_name_never_share_one(tmp_path):
+    """Three `lottery-train seed=$s &` name their folder by the second they start (hydra.run.dir's default): those
+    that land in the same second meet at its lock, one runs and the others are refused in one line, writing nothing;
+    none ever trains into another's folder."""
+    import subprocess
+    import sys
+
+    from conftest import TINY
+    code = "import sys; sys.argv[0] = 'train'; from lottery.cli import train; train()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, *TINY, "pruning=none", "train.duration=20it", f"seed={s}"],
+                              cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for s in (1, 2, 3)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    ran = [code for code, _ in results if code == 0]
+    refused = [err for code, err in results if code == 2]
+    assert len(ran) + len(refused) == 3, results
+    for err in refused:
+        # the same second: the lock (or, had the first already ended, its different seed) refuses it
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "another process is running in" in err or "already holds a different experiment" in err, err
+    folders = sorted((tmp_path / "runs" / "default").iterdir())
+    assert len(folders) == len(ran)  # a refused process made no folder of its own and wrote none into the others
+    import yaml
+    seeds = [yaml.safe_load((f / "config.yaml").read_text())["seed"] for f in folders]
+    assert len(set(seeds)) == len(seeds)
