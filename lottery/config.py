@@ -59,7 +59,8 @@ class TrainConfig:
     precision: str = setting("fp32", one_of("fp32", "tf32", "bf16"))
     compile: bool = False
     progress: bool = True
-    on_divergence: str = setting("stop", one_of(*POLICIES))  # a non-finite loss: stop the run | continue with the units that do not depend on it
+    # a non-finite loss: stop the run | continue with the units that do not depend on it
+    on_divergence: str = setting("stop", one_of(*POLICIES))
 
 
 @dataclass

@@ -58,7 +58,8 @@ BAD_THEN_FIXED = {
                                       ["pruning.target=0.05", "pruning.one_shot=true"],
                                       "layerwise pruning to 0.0101% of the weights (level 1) would remove every weight "
                                       "of 'out.weight'"),
-    "a seed out of range": (["seed=99999999999999999999"], ["seed=9"], "seed must be in [-9223372036854775808, 9223372036854775807], got 99999999999999999999"),
+    "a seed out of range": (["seed=99999999999999999999"], ["seed=9"],
+                            "seed must be in [-9223372036854775808, 9223372036854775807], got 99999999999999999999"),
     "GraSP asked for more examples per class than there are": (
         ["method=grasp", "pruning.target=0.1", "pruning.one_shot=true", "pruning.criterion.samples_per_class=500"],
         ["method=grasp", "pruning.target=0.1", "pruning.one_shot=true", "pruning.criterion.samples_per_class=5"],

@@ -38,7 +38,8 @@ class LmcSettings:
     points: int = setting(30, at_least(2))  # evaluation points on the path between the two copies, both ends included
     steps: List[str] = field(default_factory=list)  # steps k the copies start from; empty: the run's rewind step
     levels: List[int] = setting(list, at_least(0))  # levels to analyse (0 = dense); empty: every level
-    train_examples: int = setting(10000, at_least(1))  # size of the fixed, seeded subset of the training set for the train error
+    # size of the fixed, seeded subset of the training set for the train error
+    train_examples: int = setting(10000, at_least(1))
     batchnorm: str = "interpolate"  # interpolate (all state, running statistics too) | recompute (on the subset)
 
     def __post_init__(self):

@@ -30,8 +30,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lottery.config import non_experiment
-from lottery.core.files import (CHECKSUM_SUFFIX, Checkpoints, Damaged, WriteFailed, fsync_file, load_json,
-                                 remove_temp_files, save_json, verify, write_text)
+from lottery.core.files import (CHECKSUM_SUFFIX, Checkpoints, Damaged, WriteFailed, checksum_path, fsync_file,
+                                 load_json, remove_temp_files, save_json, verify, write_text)
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
@@ -259,6 +259,7 @@ class RunFolder:
         for p in stale:
             with contextlib.suppress(OSError):
                 p.unlink()
+                checksum_path(p).unlink(missing_ok=True)
         if stale:
             log.info("removed %d checkpoint file(s) of finished units: %s", len(stale),
                      ", ".join(str(p) for p in stale))

@@ -87,7 +87,8 @@ def resolve_steps(cfg, n_train: int) -> Steps:
                          f"(scaled so the last falls at three quarters of the run, as in the presets)")
     if steps.warmup >= steps.total:
         raise ValueError(f"train.warmup={t.warmup} ({steps.warmup} steps) is not shorter than the training "
-                         f"(train.duration={t.duration}, {steps.total} steps); accepted: fewer than {steps.total} steps")
+                         f"(train.duration={t.duration}, {steps.total} steps); accepted: fewer than {steps.total} "
+                         f"steps")
     rule, dst = dst_settings(cfg.get("dst"))
     if rule is not None:
         end_step = max(1, int(dst["end"] * steps.total))  # as lottery.training.dst.Updater

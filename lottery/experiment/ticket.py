@@ -85,8 +85,8 @@ def load_ticket(path) -> Ticket:
         raise ValueError(f"ticket file {path} lacks {', '.join(missing)}; it is damaged or not a lottery ticket")
     step = data["rewind_step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"ticket file {path} has rewind_step={step!r}; accepted: an integer >= 0 (the step its weights "
-                         f"come from); it is damaged or not written by lottery")
+        raise ValueError(f"ticket file {path} has rewind_step={step!r}; accepted: an integer >= 0 (the step its "
+                         f"weights come from); it is damaged or not written by lottery")
     if not isinstance(data["masks"], dict) or not data["masks"]:
         raise ValueError(f"ticket file {path} holds no masks; it is damaged or not a lottery ticket")
     ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
