@@ -19,10 +19,11 @@ space resumes. Temporary files a killed process left behind (`.<name>.tmp<pid>`)
 
 Every file written whole (weights, masks, rewind and initial states, results, tickets, the recorded config and
 device) carries a checksum recorded when it is written: a hidden sidecar `.<name>.sha256` beside it, written
-(atomically) before the file is moved into place and listing the new file's SHA-256 and the previous one's, so a kill between the
-two moves leaves a file the sidecar still vouches for. `load_torch`, `load_json` and `verify` check it and raise
-`Damaged`, naming the file and the remedy; a file without a sidecar (a folder written before checksums) is read
-unverified, said once per process. The append-only `metrics.jsonl` has none (`repair_torn_line` mends its end).
+(atomically) before the file is moved into place and listing the new file's SHA-256 and the previous one's, so a
+kill between the two moves leaves a file the sidecar still vouches for. `load_torch`, `load_json` and `verify` check
+it and raise `Damaged`, naming the file and the remedy; a file without a sidecar (a folder written before checksums)
+is read unverified, said once per process. The append-only `metrics.jsonl` has none (`repair_torn_line` mends its
+end). Hashing costs one read of the file, from the page cache, per write.
 
 Every `.pt` file is loaded with `torch.load(weights_only=True)`: tensors, dicts, lists, tuples, strings and numbers
 only, so loading a ticket or checkpoint someone sent you cannot run code from it.
