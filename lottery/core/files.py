@@ -23,7 +23,7 @@ device) carries a checksum recorded when it is written: a hidden sidecar `.<name
 kill between the two moves leaves a file the sidecar still vouches for. `load_torch`, `load_json` and `verify` check
 it and raise `Damaged`, naming the file and the remedy; a file without a sidecar (a folder written before checksums)
 is read unverified, said once per process. The append-only `metrics.jsonl` has none (`repair_torn_line` mends its
-end). Hashing costs one read of the file, from the page cache, per write.
+end).
 
 Every `.pt` file is loaded with `torch.load(weights_only=True)`: tensors, dicts, lists, tuples, strings and numbers
 only, so loading a ticket or checkpoint someone sent you cannot run code from it.
@@ -121,7 +121,8 @@ def recorded_digests(path: Path) -> list[str] | None:
         return None
     except OSError as e:
         raise Damaged(path, f"its checksum file {checksum_path(path).name} is unreadable: {e.strerror or e}") from None
-    return [line.split()[0] for line in text.splitlines() if line.strip()]
+    digests = [line.split()[0] for line in text.splitlines() if line.strip()]
+    return digests or None  # empty: a sidecar a power loss cut (it is not fsynced), so nothing is known
 
 
 _UNVERIFIED_SAID: set = set()
@@ -186,7 +187,9 @@ def atomic_write_bytes(path: Path, write, durable: bool = True, checksum: bool =
             except Damaged:
                 previous = []
             lines = "".join(f"{d}  {path.name}\n" for d in dict.fromkeys([file_digest(tmp), *previous]))
-            atomic_write_bytes(checksum_path(path), lambda f: f.write(lines.encode()), durable, checksum=False)
+            # not fsynced: a second fsync per file doubled the cost of a save (scripts/bench_checksums.py); a power
+            # loss that empties the sidecar leaves the file unverified, never falsely damaged (recorded_digests)
+            atomic_write_bytes(checksum_path(path), lambda f: f.write(lines.encode()), False, checksum=False)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
