@@ -306,6 +306,8 @@ class RunFolder:
                 continue  # a checkpoint falls back; a file removed on purpose is recomputed where it can be
             verify(path)
         for done in sorted(self.path.glob("levels/level_*/ticket/result.json")):
+            if self._result(done).get("diverged"):
+                continue  # a diverged level keeps no weights to prune from
             level_dir = done.parent.parent
             for name in ("ticket.pt", "final.pt"):
                 if not (level_dir / name).is_file():
