@@ -150,7 +150,8 @@ def test_truncated_result_file_on_resume_names_the_file_and_the_remedy(finished)
     result.write_text(result.read_text()[:40])
     r = cli(finished, "pruning.levels=2", "pruning.branches=[reinit]")
     assert r.returncode == 2 and len(r.errors) == 1, r.log
-    assert str(result) in r.errors[0] and "delete that file" in r.errors[0]
+    assert str(result) in r.errors[0] and "is damaged" in r.errors[0] and f"delete the unit's folder {result.parent} " \
+        in r.errors[0]
     shutil.rmtree(result.parent)  # what the message says to do
     r = cli(finished, "pruning.levels=2", "pruning.branches=[reinit]")
     assert r.returncode == 0, r.log

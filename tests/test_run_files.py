@@ -70,7 +70,8 @@ CASES = {
                           "levels/level_1/ticket.pt is damaged (missing, although level_1 is recorded as done)",
                           LEVEL_1),
     "a changed result.json": (flip("levels/level_1/ticket/result.json"), Damaged,
-                              "levels/level_1/ticket/result.json is damaged", LEVEL_1),
+                              "levels/level_1/ticket/result.json is damaged",
+                              "delete the unit's folder {run}/levels/level_1/ticket and rerun the same command"),
     "device.json replaced by a list": (lambda run: (run / "device.json").write_text("[1, 2]"), Damaged,
                                        "device.json is damaged", "delete it to resume without comparing"),
     "levels replaced by a file": (lambda run: (shutil.rmtree(run / "levels"), (run / "levels").write_text("x")),
@@ -94,13 +95,16 @@ def test_a_damaged_file_is_named_with_its_remedy_before_anything_is_written(run,
         {k: v for k, v in before.items() if k != ".lock"}
 
 
-def test_the_remedy_works(run):
-    flip("levels/level_1/final.pt")(run)
+@pytest.mark.parametrize("damaged,remove", [("levels/level_1/final.pt", "levels/level_1"),
+                                            ("levels/level_1/ticket/result.json", "levels/level_1/ticket")])
+def test_the_remedy_works(run, damaged, remove):
+    flip(damaged)(run)
     with pytest.raises(Damaged):
         run_experiment(cfg(), run)
-    shutil.rmtree(run / "levels" / "level_1")
+    shutil.rmtree(run / remove)
     run_experiment(cfg(), run)
     assert (run / "levels/level_2/ticket/result.json").is_file()
+    assert verify(run / damaged)
 
 
 def test_every_checksummed_file_of_a_run_is_verified_on_resume(interrupted, tmp_path):

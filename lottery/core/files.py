@@ -91,6 +91,9 @@ def remedy(path: Path) -> str:
         return "delete it to resume without comparing this machine with the one the run started on"
     for i, part in enumerate(parts):
         if part.startswith("level_") and i > 0 and parts[i - 1] == "levels":
+            if len(parts) > i + 2:  # a unit's file (levels/level_L/<branch>/...): that unit trains again
+                return (f"delete the unit's folder {Path(*parts[:i + 2])} and rerun the same command to train that "
+                        f"unit again")
             return (f"delete the level's folder {Path(*parts[:i + 1])} and rerun the same command to train that "
                     f"level again")
     return ("restore it from a copy, or rerun the command with a new folder (hydra.run.dir=...) to start the "
