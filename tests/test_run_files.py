@@ -76,6 +76,9 @@ CASES = {
                                        "device.json is damaged", "delete it to resume without comparing"),
     "levels replaced by a file": (lambda run: (shutil.rmtree(run / "levels"), (run / "levels").write_text("x")),
                                   Damaged, "/levels is damaged (a file where the run keeps a folder)", ELSEWHERE),
+    "train.log a directory": (lambda run: (run / "train.log").mkdir(), Damaged,
+                              "/train.log is damaged (a folder where the run keeps a file)", "remove it: the run "
+                              "writes its log there again"),
     "an empty config.yaml": (lambda run: (run / "config.yaml").write_text(""), FolderRefused,
                              "config.yaml is damaged", ELSEWHERE),
 }

@@ -87,8 +87,11 @@ class Damaged(ValueError):
 def remedy(path: Path) -> str:
     """What to do about a damaged file of a run folder: a level's file is recomputed by retraining the level."""
     parts = Path(path).parts
-    if Path(path).name == "device.json":
-        return "delete it to resume without comparing this machine with the one the run started on"
+    rebuilt = {"device.json": "delete it to resume without comparing this machine with the one the run started on",
+               "summary.json": "delete it: the run rebuilds it from the result files",
+               "train.log": "remove it: the run writes its log there again (the earlier lines are lost)"}
+    if Path(path).name in rebuilt:
+        return rebuilt[Path(path).name]
     for i, part in enumerate(parts):
         if part.startswith("level_") and i > 0 and parts[i - 1] == "levels":
             if len(parts) > i + 2:  # a unit's file (levels/level_L/<branch>/...): that unit trains again

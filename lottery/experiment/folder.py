@@ -298,6 +298,9 @@ class RunFolder:
         for name in ("levels", "states"):
             if (self.path / name).exists() and not (self.path / name).is_dir():
                 raise Damaged(self.path / name, "a file where the run keeps a folder")
+        for name in ("train.log", "metrics.jsonl", "summary.json", "device.json", "replicas.json"):
+            if (self.path / name).is_dir():  # the log would be dropped line by line, the others fail when written
+                raise Damaged(self.path / name, "a folder where the run keeps a file")
         for sidecar in sorted(self.path.rglob(f".*{CHECKSUM_SUFFIX}")):
             if "wandb" in sidecar.relative_to(self.path).parts:
                 continue
