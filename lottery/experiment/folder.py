@@ -302,8 +302,8 @@ class RunFolder:
             if (self.path / name).is_dir():  # the log would be dropped line by line, the others fail when written
                 raise Damaged(self.path / name, "a folder where the run keeps a file")
         for sidecar in sorted(self.path.rglob(f".*{CHECKSUM_SUFFIX}")):
-            if "wandb" in sidecar.relative_to(self.path).parts:
-                continue
+            if {"wandb", ".hydra"} & set(sidecar.relative_to(self.path).parts):
+                continue  # not read back by the run (.hydra/ is rewritten by every start)
             path = sidecar.with_name(sidecar.name[1:-len(CHECKSUM_SUFFIX)])
             if path.name.startswith("checkpoint") or not path.exists():
                 continue  # a checkpoint falls back; a file removed on purpose is recomputed where it can be
