@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lottery.config import conf_dir, register_configs
-from lottery.launch.slurm import register_launcher
+from lottery.launch.slurm import STOPPED, register_launcher
 
 log = logging.getLogger("lottery")
 register_configs()
@@ -59,16 +59,22 @@ class _Job:
         (hydra.output_subdir is null, so it writes none), and no error of an earlier start left behind."""
         self.owned = True
         (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed job that succeeds must not keep its old error
+        (run_dir / STOPPED).unlink(missing_ok=True)
         self.write_hydra_files(run_dir)
 
     def write_hydra_files(self, run_dir: Path) -> None:
         from omegaconf import OmegaConf
+        from lottery.core.files import WriteFailed, write_text
         hydra_cfg = HydraConfig.get()
         out = run_dir / ".hydra"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
-        (out / "overrides.yaml").write_text(OmegaConf.to_yaml(hydra_cfg.overrides.task))
-        (out / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra_cfg}))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # no room, no inode: one line and exit 74 as every failed write (_guard)
+            raise WriteFailed(out, e) from e
+        # atomic, like every file of the run: a full disk leaves no empty .hydra/config.yaml behind
+        write_text(out / "config.yaml", OmegaConf.to_yaml(self.cfg))
+        write_text(out / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
+        write_text(out / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
 
     def may_record(self) -> bool:
         """error.txt goes into a folder this process owns, or one that holds no run of anybody's."""
@@ -115,6 +121,8 @@ def _guard(fn, job: _Job) -> None:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
         if job.owned:
+            with contextlib.suppress(OSError):  # how a launcher tells a stopped job from a killed one
+                (run_dir / STOPPED).write_text(f"{e}\n")
             log.warning("%s; rerun the same command to resume", e)
         else:
             print(f"warning: {e}; rerun the same command to resume", file=sys.stderr)
@@ -212,11 +220,37 @@ class FailedJobs(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
+        _hold_sweep_folder(sweep_dir)
         _FAILED_JOBS.clear()
         _MULTIRUN.update(sweep_dir=sweep_dir, before=_failure_files(sweep_dir), ended=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         _MULTIRUN["ended"] = True
+
+
+SWEEP_LOCK = ".sweep.lock"
+_SWEEP_LOCKS: list = []  # open lock files of the sweep folders this process launches into, held until it exits
+
+
+def _hold_sweep_folder(sweep_dir: Path) -> None:
+    """One launching process per sweep folder: a second identical sweep started while the first runs would count
+    the first's jobs (refused by their folders' locks, or still running) as its own failures, and the first would
+    count the second's refusals. Refused with one line; rerun it once the first has ended to resume what is left."""
+    import fcntl
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        f = open(sweep_dir / SWEEP_LOCK, "a")
+    except OSError:
+        return  # a folder that cannot be written fails where Hydra or the jobs write it, with its own message
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        print(f"error: another sweep is running in {sweep_dir} (it holds {sweep_dir / SWEEP_LOCK}); wait for it to "
+              f"end and rerun to resume the jobs it did not finish, or choose another folder with "
+              f"hydra.sweep.dir=...", file=sys.stderr)
+        sys.exit(2)
+    _SWEEP_LOCKS.append(f)
 
 
 def _failed_jobs() -> tuple[Path, list[Path]] | None:

@@ -3,7 +3,8 @@
 The dataclasses are registered with Hydra's ConfigStore as the schema of `conf/config.yaml`, so a misspelled key or a
 wrong type fails when the config is composed. The nodes of registered things with settings of their own (dataset,
 optimizer, pruning.criterion, branch.<name>) are open here and checked against their registry before any work
-(lottery.experiment.check), which also checks every value and everything derived from them.
+(lottery.experiment.check), which also checks everything derived from them. Each key's range or allowed values is
+metadata on its field (`setting(default, rule)`, lottery.core.ranges), checked by `check_ranges` before any work.
 
 Imports core only.
 """
@@ -18,41 +19,48 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from lottery.core.divergence import POLICIES
+from lottery.core.ranges import at_least, between, fraction, one_of, positive, setting
+
+# Seeds feed torch.Generator.manual_seed, which takes 64-bit integers.
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    hidden: Optional[List[int]] = None  # mlp / deep_mlp hidden widths
-    depth: Optional[int] = None  # deep_mlp: number of hidden layers
-    width: Optional[int] = None  # deep_mlp units per layer; resnet20 base channels
+    hidden: Optional[List[int]] = setting(None, at_least(1))  # mlp / deep_mlp hidden widths
+    depth: Optional[int] = setting(None, at_least(1))  # deep_mlp: number of hidden layers
+    width: Optional[int] = setting(None, at_least(1))  # deep_mlp units per layer; resnet20 base channels
 
 
 @dataclass
 class InitConfig:
     name: str = MISSING
-    variance: Optional[float] = None
+    variance: Optional[float] = setting(None, positive())
     mode: str = "fan_in"
     nonlinearity: str = "relu"
-    gain: Optional[float] = None
-    bias: str = "zero"
-    batchnorm: str = "ones"
+    gain: Optional[float] = setting(None, positive())
+    bias: str = setting("zero", one_of("zero", "default"))
+    batchnorm: str = setting("ones", one_of("ones", "uniform"))
     _target_: Optional[str] = None
 
 
 @dataclass
 class TrainConfig:
     duration: str = "3ep"
-    batch_size: int = 60
+    batch_size: int = setting(60, at_least(1))
     eval_every: str = "100it"
-    eval_batch_size: int = 10000
-    schedule: str = "constant"
+    eval_batch_size: int = setting(10000, at_least(1))
+    schedule: str = setting("constant", one_of("constant", "step", "cosine"))
     milestones: List[str] = field(default_factory=list)
-    gamma: float = 0.1
+    gamma: float = setting(0.1, positive())  # > 0: a negative factor turns the learning rate negative
     warmup: str = "0it"
-    precision: str = "fp32"
+    precision: str = setting("fp32", one_of("fp32", "tf32", "bf16"))
     compile: bool = False
     progress: bool = True
-    on_divergence: str = "stop"  # a non-finite loss: stop the run | continue with the units that do not depend on it
+    # a non-finite loss: stop the run | continue with the units that do not depend on it
+    on_divergence: str = setting("stop", one_of(*POLICIES))
 
 
 @dataclass
@@ -62,26 +70,26 @@ class PruningConfig:
     criterion: Dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     # layerwise (per-tensor rates) | global (one threshold over all tensors) | uniform | er | erk: global pruning's
     # count per level, split between tensors by that density distribution (lottery.pruning.densities, RigL's ER/ERK)
-    scope: str = "layerwise"
-    when: str = "after_training"
-    levels: int = 1
-    target: Optional[float] = None
+    scope: str = setting("layerwise", one_of("layerwise", "global", "uniform", "er", "erk"))
+    when: str = setting("after_training", one_of("after_training", "at_init"))
+    levels: int = setting(1, at_least(1))  # level 0 (dense) counts too
+    target: Optional[float] = setting(None, between(0, 1, lo_open=True, hi_open=True))  # fraction kept
     one_shot: bool = False
-    rounds: int = 1
+    rounds: int = setting(1, at_least(1))
     # How each round's count and ties are decided: exact (rounded counts, stable ties) | synflow (Synaptic-Flow's
     # int((1 - d) N) with `<=` at the threshold; lottery.pruning.schedule)
-    counting: str = "exact"
+    counting: str = setting("exact", one_of("exact", "synflow"))
     train_dense: bool = True  # false: no level 0 (pruning at init from rewind 0 needs no dense network)
     from_dense: bool = False  # every level pruned from the dense network to its count, not from level L-1's mask
     rewind: str = "0"
     # How a pruned level trains: weight_rewind (its survivors rewound to `rewind`, the schedule from there: IMP as in
     # the lottery-ticket papers) | lr_rewind (the trained weights kept, the schedule from `rewind`) | finetune (the
     # trained weights kept, `retrain_steps` more steps at the final learning rate): Renda, Frankle & Carbin 2020
-    retrain: str = "weight_rewind"
+    retrain: str = setting("weight_rewind", one_of("weight_rewind", "lr_rewind", "finetune"))
     retrain_steps: Optional[str] = None  # finetune: steps at the final learning rate (null: duration - rewind)
-    rate: float = 0.2
-    rates: Dict[str, float] = field(default_factory=dict)
-    layer_rates: Dict[str, float] = field(default_factory=dict)
+    rate: float = setting(0.2, fraction())
+    rates: Dict[str, float] = setting(dict, fraction())
+    layer_rates: Dict[str, float] = setting(dict, fraction())
     exclude: List[str] = field(default_factory=list)
     prune_biases: bool = False
     prune_batchnorm: bool = False
@@ -96,13 +104,13 @@ class PruningConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: str = setting("none", one_of("none", "wandb"))
     project: str = "lottery"
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     job_type: Optional[str] = None
-    log_every: int = 100
+    log_every: int = setting(100, at_least(1))
     log_artifacts: bool = False
 
 
@@ -125,11 +133,11 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = "default"
-    seed: int = 0
-    data_seed: Optional[int] = None
+    seed: int = setting(0, between(*SEED_RANGE, integer=True))
+    data_seed: Optional[int] = setting(None, between(*SEED_RANGE, integer=True))
     device: str = "auto"
     deterministic: bool = True  # CUDA: deterministic algorithms (lottery/device.py); false trades that for speed
-    threads: Optional[int] = None
+    threads: Optional[int] = setting(None, at_least(1))  # null: PyTorch's default
     # Replicates trained batched in one process (lottery.experiment.levels): a count R (seeds seed..seed+R-1) or a list of
     # seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
     replicas: Optional[Any] = None
@@ -229,6 +237,24 @@ def _register_device_resolvers() -> None:
     OmegaConf.register_new_resolver("lottery_local_device", local_device, replace=True)
 
 
+def check_ranges(cfg) -> None:
+    """Every key of the schema against the rule its field declares (lottery.core.ranges): one ValueError naming the
+    first bad key, its value and the accepted range. The open nodes are checked by their registries against the
+    registered settings classes' rules (lottery.core.registry.check_settings), in the same words."""
+    import copy
+
+    from omegaconf import OmegaConf
+    from lottery.core.ranges import check_fields
+    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
+    for key in OPEN_NODES:
+        *parents, last = key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part) or {}
+        node.pop(last, None)
+    check_fields(Config, values)
+
+
 def import_extensions(cfg) -> None:
     """Import the modules in `imports` (a user's registered models, initializers, criteria, branches)."""
     import importlib
@@ -237,3 +263,6 @@ def import_extensions(cfg) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise ValueError(f"imports entry '{name}' cannot be imported ({e}); put its folder on PYTHONPATH") from e
+        except Exception as e:  # noqa: BLE001 - the user's module failed while importing: its error, in one line
+            raise ValueError(f"imports entry '{name}' raised {type(e).__name__} while being imported: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}; fix that module") from e

@@ -125,8 +125,9 @@ def _accepted(fn, kwargs: dict) -> dict:
 def _resolve(cfg) -> Callable:
     target = _get(cfg, "_target_")
     if target:
-        from hydra.utils import get_method  # imported lazily: hydra is heavy and only needed here
-        return get_method(target)
+        import importlib  # checked before the run (lottery.experiment.check.check_target): it imports and is callable
+        module, _, attr = str(target).rpartition(".")
+        return getattr(importlib.import_module(module), attr)
     name = _get(cfg, "name")
     if name not in INITIALIZERS:
         raise ValueError(f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a callable")

@@ -18,7 +18,9 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List
 
 import hydra
 import torch
@@ -27,6 +29,7 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 from lottery.config import conf_dir  # noqa: E402
+from lottery.core.ranges import at_least, positive, setting  # noqa: E402
 
 CONF_DIR = conf_dir()  # source checkout or installed package: see lottery.config.conf_dir
 LN10 = math.log(10)
@@ -281,8 +284,35 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
     return paths
 
 
+@dataclass
+class StudySettings:
+    """The study's keys (conf/init_study.yaml) with their ranges (lottery.core.ranges), checked before it measures."""
+    input_dim: int = setting(100, at_least(1))
+    image_shape: List[int] = setting(lambda: [3, 32, 32], at_least(1))
+    outputs: int = setting(1, at_least(1))
+    variances: List[float] = setting(list, positive())
+    batch_size: int = setting(1000, at_least(1))
+    seeds: int = setting(10, at_least(1))
+
+
+def check_study(cfg) -> None:
+    """Every value of the study in range, the model's settings as lottery-train checks them, and at least one curve:
+    one ValueError naming the first bad key (before any file of the study is written)."""
+    from omegaconf import OmegaConf
+
+    from lottery.config import ModelConfig
+    from lottery.core.ranges import check_fields
+    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    check_fields(StudySettings, values)
+    check_fields(ModelConfig, values.get("model") or {}, "model")
+    if not values.get("variances") and not values.get("compare"):
+        raise ValueError("variances=[] and compare=[] leave no curve to measure; accepted: at least one variance "
+                         "(e.g. variances=[0.02]) or one initializer in compare")
+
+
 def study(cfg, out_dir) -> list[Path]:
     """Measure, then write init_study.csv and the two-panel figure into out_dir."""
+    check_study(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -176,3 +176,33 @@ def test_the_method_name_check_catches_what_it_claims():
     assert method_names_in("from m import RigL\nSET = 1\n", names) == {"rigl", "set"}
     assert method_names_in("early_bird_done = True\n", names) == {"early_bird"}
     assert method_names_in("bar.set_postfix(x=1)\nsettings = {}\n", names) == set()
+
+
+# Packages below the session receive plain values (dicts, numbers, the registries' settings), never the config library:
+# they must stay usable, and testable, without Hydra or OmegaConf (issue 28).
+CONFIG_FREE = ("lottery.training", "lottery.pruning", "lottery.branches", "lottery.models")
+CONFIG_LIBRARIES = ("omegaconf", "hydra")
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, anywhere in its body (lazy imports too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_training_pruning_branches_and_models_never_import_the_config_library():
+    bad = [f"{name} imports {lib}" for name, path in sorted(modules().items())
+           if any(name == p or name.startswith(p + ".") for p in CONFIG_FREE)
+           for lib in sorted(third_party_imports(path) & set(CONFIG_LIBRARIES))]
+    assert not bad, "config library below the session:\n" + "\n".join(bad)
+
+
+def test_the_config_library_check_sees_lazy_imports(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from omegaconf import OmegaConf\n    import hydra.utils\n")
+    assert third_party_imports(path) == {"omegaconf", "hydra"}

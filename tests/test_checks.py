@@ -58,7 +58,8 @@ BAD_THEN_FIXED = {
                                       ["pruning.target=0.05", "pruning.one_shot=true"],
                                       "layerwise pruning to 0.0101% of the weights (level 1) would remove every weight "
                                       "of 'out.weight'"),
-    "a seed out of range": (["seed=99999999999999999999"], ["seed=9"], "seed=99999999999999999999 is outside"),
+    "a seed out of range": (["seed=99999999999999999999"], ["seed=9"],
+                            "seed must be in [-9223372036854775808, 9223372036854775807], got 99999999999999999999"),
     "GraSP asked for more examples per class than there are": (
         ["method=grasp", "pruning.target=0.1", "pruning.one_shot=true", "pruning.criterion.samples_per_class=500"],
         ["method=grasp", "pruning.target=0.1", "pruning.one_shot=true", "pruning.criterion.samples_per_class=5"],
@@ -149,7 +150,8 @@ def test_truncated_result_file_on_resume_names_the_file_and_the_remedy(finished)
     result.write_text(result.read_text()[:40])
     r = cli(finished, "pruning.levels=2", "pruning.branches=[reinit]")
     assert r.returncode == 2 and len(r.errors) == 1, r.log
-    assert str(result) in r.errors[0] and "delete that file" in r.errors[0]
+    assert str(result) in r.errors[0] and "is damaged" in r.errors[0] and f"delete the unit's folder {result.parent} " \
+        in r.errors[0]
     shutil.rmtree(result.parent)  # what the message says to do
     r = cli(finished, "pruning.levels=2", "pruning.branches=[reinit]")
     assert r.returncode == 0, r.log

@@ -51,7 +51,7 @@ def test_misspelled_key_fails_at_compose_time():
 @pytest.mark.parametrize("override, message", [
     ("model=resnet99", "unknown model 'resnet99'; accepted: conv2, conv4, conv6, deep_mlp, lenet_300_100"),
     ("model.name=resnet99", "unknown model 'resnet99'; accepted: conv2, conv4, conv6, deep_mlp, lenet_300_100"),
-    ("optimizer.lr=-0.1", "optimizer.lr must be > 0, got -0.1"),
+    ("optimizer.lr=-0.1", "optimizer.lr must be in (0, 1000000], got -0.1"),
     ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
     ("dataset.root=/no/such/folder", "dataset.root '/no/such/folder' does not exist"),
     ("init.name=he", "unknown init 'he'; accepted:"),

@@ -171,7 +171,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
 
     with pytest.raises(WriteFailed, match=rf"cannot write {path}: No space left on device; free space"):
         atomic_write_bytes(path, full)
-    assert torch.load(path, weights_only=True) == {"a": 1} and os.listdir(tmp_path) == ["f.pt"]
+    assert torch.load(path, weights_only=True) == {"a": 1} and sorted(os.listdir(tmp_path)) == [".f.pt.sha256", "f.pt"]
 
     # torch.save reports a failed write as a RuntimeError whose context is the OSError: still a WriteFailed
     def torch_full(f):
@@ -182,7 +182,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
 
     with pytest.raises(WriteFailed, match="Disk quota exceeded"):
         atomic_write_bytes(path, torch_full)
-    assert os.listdir(tmp_path) == ["f.pt"]
+    assert sorted(os.listdir(tmp_path)) == [".f.pt.sha256", "f.pt"]
 
     # an append that fails (metrics.jsonl) is cut back: no half line for readers or the next append
     from lottery.core.files import appending
@@ -200,7 +200,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     (tmp_path / ".config.yaml.tmp").write_text("x")
     (tmp_path / "keep.tmp5").write_text("x")  # not hidden: not ours
     assert len(remove_temp_files(tmp_path)) == 2
-    assert sorted(os.listdir(tmp_path)) == ["f.pt", "keep.tmp5"]
+    assert sorted(os.listdir(tmp_path)) == [".f.pt.sha256", "f.pt", "keep.tmp5"]
 
 
 # --- full disk: a real 4 MB filesystem -------------------------------------------------------------------------------

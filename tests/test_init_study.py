@@ -162,3 +162,23 @@ def test_help_lists_the_study_options_not_lottery_train_groups(tmp_path):
     listed = text.split("model=NAME", 1)[1].split("variances=", 1)[0]
     assert all(m in listed for m in models), listed  # every option of conf/model/ is named
     assert "pruning:" not in text and "optimizer:" not in text and "launcher:" not in text  # lottery-train's groups
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seeds": 0}, "seeds must be >= 1, got 0"),
+    ({"variances": []}, "variances=[] and compare=[] leave no curve to measure"),
+    ({"variances": [float("nan")]}, "variances entries must be > 0, got nan"),
+    ({"variances": [float("inf")]}, "variances entries must be > 0, got inf"),
+    ({"variances": [0.02, -1.0]}, "variances entries must be > 0, got -1.0 (entry 1 of [0.02, -1.0])"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"depth": 0}, "model.depth must be >= 1, got 0"),
+    ({"width": -3}, "model.width must be >= 1, got -3"),
+    ({"input_dim": 0}, "input_dim must be >= 1, got 0"),
+])
+def test_bad_study_values_are_one_line_before_anything_is_written(tmp_path, overrides, message):
+    """Issue 28: these were tracebacks, or exit 0 with NaN curves labelled "vanishing"."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as e:
+        D.study(study_cfg(**overrides), out)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    assert not out.exists()

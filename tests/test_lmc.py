@@ -131,7 +131,7 @@ def test_copies_start_from_the_dense_state_at_k_with_the_level_masks(run):
     # level 0 saved the state at k=30 (not 0, not the rewind step) once, while it trained: it equals an independent
     # training of the dense network for 30 steps
     saved = load_torch(path / "states" / "step_30.pt")
-    assert sorted(p.name for p in (path / "states").iterdir()) == ["step_30.pt"]
+    assert sorted(p.name for p in (path / "states").iterdir() if not p.name.startswith(".")) == ["step_30.pt"]
     data = synthetic_split("mnist", cfg.dataset.synthetic_train, cfg.dataset.synthetic_test, cfg.dataset.val_size)
     model = build_model("mlp", data.pool.input_shape, 10, hidden=[64, 32])
     model.load_state_dict(load_torch(path / "init.pt"))
@@ -228,7 +228,7 @@ def test_recompute_option_runs_through_the_branch(tmp_path):
     ("branch.lmc.points=1", "branch.lmc.points must be >= 2"),
     ("branch.lmc.batchnorm=fresh", "unknown branch.lmc.batchnorm 'fresh'; accepted: interpolate, recompute"),
     ("branch.lmc.steps=[500x]", "bad branch.lmc.steps entry '500x'"),
-    ("branch.lmc.levels=[-1]", "branch.lmc.levels entries are IMP levels"),
+    ("branch.lmc.levels=[-1]", "branch.lmc.levels entries must be >= 0, got -1"),
     ("branch.lmc.train_examples=0", "branch.lmc.train_examples must be >= 1"),
     ("+branch.lmc.pointz=3", "unknown key branch.lmc.pointz for branch 'lmc'; accepted: points, steps, levels"),
     ("init.batchnorm=zeros", "unknown init.batchnorm 'zeros'; accepted: ones, uniform"),

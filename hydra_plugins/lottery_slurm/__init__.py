@@ -1,4 +1,5 @@
-"""`launcher=slurm`: hydra-submitit-launcher's SLURM launcher with the safeguards of lottery/launch/slurm.py.
+"""`launcher=slurm` and `launcher=submitit_local`: hydra-submitit-launcher's launchers with the safeguards of
+lottery/launch/slurm.py (a job that ends without a result is counted, not a traceback).
 
 Hydra takes launcher classes only from the `hydra_plugins` package; the logic lives in lottery/launch/slurm.py.
 """
@@ -12,16 +13,23 @@ from typing import Any, List, Sequence
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger("lottery")
 
 
-class LotterySlurmLauncher(SlurmLauncher):
+class _EachJobWaited:
     """The parent's launch (hydra-submitit-launcher 1.2), except that it waits for each job on its own: a job that
-    ended without a result is recorded as failed in its folder, where the parent stops the sweep at the first one,
-    and job states come from squeue when sacct does not answer."""
+    ended without a result (killed, cancelled, out of memory) is recorded as failed in its folder and the sweep goes
+    on to write its summary and say how many jobs failed, where the parent stops at the first one with a traceback.
+    A job that stopped after its checkpoint (exit 75: SIGTERM, or SIGUSR2 where nobody requeues it) is recorded as
+    stopped, resumable by rerunning the sweep."""
+
+    _EXECUTOR: str
+
+    def _prepare(self) -> dict:
+        return {}
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
@@ -29,12 +37,10 @@ class LotterySlurmLauncher(SlurmLauncher):
         from lottery.launch import slurm
 
         assert self.config is not None and len(job_overrides) > 0
-        slurm.warn_if_unsatisfiable(self.params)
-        slurm.use_queue_watcher()
+        init_params = self._prepare()
 
         init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"],
-                                         slurm_max_num_timeout=self.params["max_num_timeout"])
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"], **init_params)
         baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in baseparams else f"{self._EXECUTOR}_{k}": v
                                       for k, v in self.params.items() if k not in init_keys})
@@ -57,9 +63,10 @@ class LotterySlurmLauncher(SlurmLauncher):
                 returns.append(job.results()[0])
             except Exception as e:  # noqa: BLE001 - cancelled, killed, out of memory: this job fails, not the sweep
                 run_dir = self._job_dir(overrides, idx, job.job_id)
-                slurm.record_failure(run_dir, job, e)
-                log.error("job %s (#%d) ended without a result: recorded as failed in %s", job.job_id, idx,
-                          run_dir / "error.txt")
+                stopped = slurm.record_failure(run_dir, job, e)
+                log.error("job %s (#%d) %s: recorded in %s", job.job_id, idx,
+                          "stopped after its checkpoint (rerun the sweep to resume it)" if stopped
+                          else "ended without a result", run_dir / "error.txt")
                 returns.append(JobReturn(overrides=list(overrides), working_dir=str(run_dir),
                                          status=JobStatus.COMPLETED, _return_value=None))
         return returns
@@ -70,3 +77,18 @@ class LotterySlurmLauncher(SlurmLauncher):
             job.num = idx
             job.id = job_id
         return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+
+
+class LotterySlurmLauncher(_EachJobWaited, SlurmLauncher):
+    """`launcher=slurm`: every job waited on its own (above); job states come from squeue when sacct does not
+    answer; requests no node of the partition can meet are warned about."""
+
+    def _prepare(self) -> dict:
+        from lottery.launch import slurm
+        slurm.warn_if_unsatisfiable(self.params)
+        slurm.use_queue_watcher()
+        return {"slurm_max_num_timeout": self.params["max_num_timeout"]}
+
+
+class LotteryLocalLauncher(_EachJobWaited, LocalLauncher):
+    """`launcher=submitit_local`: every job waited on its own (above)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from lottery import masks as M
 from lottery.branches.base import LevelContext, Unit, register_branch
+from lottery.core.ranges import at_least, setting
 from lottery.core.seeds import derive_seed
 from lottery.data import Split
 from lottery.core.steps import parse_steps
@@ -34,10 +35,11 @@ BATCHNORM = ("interpolate", "recompute")
 
 @dataclass
 class LmcSettings:
-    points: int = 30  # evaluation points on the path between the two copies, both ends included
+    points: int = setting(30, at_least(2))  # evaluation points on the path between the two copies, both ends included
     steps: List[str] = field(default_factory=list)  # steps k the copies start from; empty: the run's rewind step
-    levels: List[int] = field(default_factory=list)  # levels to analyse (0 = dense); empty: every level
-    train_examples: int = 10000  # size of the fixed, seeded subset of the training set for the train error
+    levels: List[int] = setting(list, at_least(0))  # levels to analyse (0 = dense); empty: every level
+    # size of the fixed, seeded subset of the training set for the train error
+    train_examples: int = setting(10000, at_least(1))
     batchnorm: str = "interpolate"  # interpolate (all state, running statistics too) | recompute (on the subset)
 
     def __post_init__(self):

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -220,6 +219,8 @@ def differences(old: Optional[dict], new: dict) -> list[str]:
         keys = _SAME_RESULTS
     else:  # CPU kernels split their sums by thread, so the count matters (folders from before it was recorded: not)
         keys = ("type", "name", "torch") + (("threads",) if "threads" in old and "threads" in new else ())
+    # replicas trained another way (stacked, interleaved, sequential) sum in another order: round-off differs
+    keys += ("batching",) if "batching" in old and "batching" in new else ()
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
@@ -227,7 +228,8 @@ def _short(info: dict) -> str:
     if info.get("type") == "cuda":
         return f"{info.get('name')} (torch {info.get('torch')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')})"
     threads = f", {info['threads']} threads" if "threads" in info else ""
-    return f"{info.get('type')} (torch {info.get('torch')}{threads})"
+    batching = f", replicas {info['batching']}" if "batching" in info else ""
+    return f"{info.get('type')} (torch {info.get('torch')}{threads}{batching})"
 
 
 def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str]:
@@ -265,10 +267,6 @@ def check_folder(run_dir: Path, info: dict, requested: str) -> Optional[str]:
     """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: raise to refuse, or
     return a warning (`check_resume`). Writes and logs nothing: the caller records `info` once every check passed."""
     path = Path(run_dir) / "device.json"
-    old = None
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = None
+    from lottery.core.files import load_json
+    old = load_json(path, expect=dict) if path.exists() or path.is_symlink() else None  # damaged: one line (Damaged)
     return check_resume(old, info, requested)

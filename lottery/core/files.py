@@ -17,6 +17,14 @@ names the file and the remedy; the files already in place are untouched, so reru
 space resumes. Temporary files a killed process left behind (`.<name>.tmp<pid>`) are removed by
 `remove_temp_files` when a run folder is opened.
 
+Every file written whole (weights, masks, rewind and initial states, results, tickets, the recorded config and
+device) carries a checksum recorded when it is written: a hidden sidecar `.<name>.sha256` beside it, written
+(atomically) before the file is moved into place and listing the new file's SHA-256 and the previous one's, so a
+kill between the two moves leaves a file the sidecar still vouches for. `load_torch`, `load_json` and `verify` check
+it and raise `Damaged`, naming the file and the remedy; a file without a sidecar (a folder written before checksums)
+is read unverified, said once per process. The append-only `metrics.jsonl` has none (`repair_torn_line` mends its
+end).
+
 Every `.pt` file is loaded with `torch.load(weights_only=True)`: tensors, dicts, lists, tuples, strings and numbers
 only, so loading a ticket or checkpoint someone sent you cannot run code from it.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -66,6 +75,83 @@ def os_error(e: BaseException) -> OSError | None:
     return None
 
 
+class Damaged(ValueError):
+    """A file of a run that is not what was written: its bytes differ from its recorded checksum, or it cannot be
+    read at all (truncated, garbled, the wrong kind of thing). One line naming the file and what to do."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path} is damaged ({reason}); {remedy(self.path)}")
+
+
+def remedy(path: Path) -> str:
+    """What to do about a damaged file of a run folder: a level's file is recomputed by retraining the level."""
+    parts = Path(path).parts
+    rebuilt = {"device.json": "delete it to resume without comparing this machine with the one the run started on",
+               "summary.json": "delete it: the run rebuilds it from the result files",
+               "train.log": "remove it: the run writes its log there again (the earlier lines are lost)"}
+    if Path(path).name in rebuilt:
+        return rebuilt[Path(path).name]
+    for i, part in enumerate(parts):
+        if part.startswith("level_") and i > 0 and parts[i - 1] == "levels":
+            if len(parts) > i + 2:  # a unit's file (levels/level_L/<branch>/...): that unit trains again
+                return (f"delete the unit's folder {Path(*parts[:i + 2])} and rerun the same command to train that "
+                        f"unit again")
+            return (f"delete the level's folder {Path(*parts[:i + 1])} and rerun the same command to train that "
+                    f"level again")
+    return ("restore it from a copy, or rerun the command with a new folder (hydra.run.dir=...) to start the "
+            "experiment again")
+
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def checksum_path(path: Path) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}{CHECKSUM_SUFFIX}")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def recorded_digests(path: Path) -> list[str] | None:
+    """The digests the sidecar of `path` vouches for (newest first), or None without a sidecar."""
+    try:
+        text = checksum_path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise Damaged(path, f"its checksum file {checksum_path(path).name} is unreadable: {e.strerror or e}") from None
+    digests = [line.split()[0] for line in text.splitlines() if line.strip()]
+    return digests or None  # empty: a sidecar a power loss cut (it is not fsynced), so nothing is known
+
+
+_UNVERIFIED_SAID: set = set()
+
+
+def verify(path: Path) -> bool:
+    """Raise `Damaged` when `path`'s bytes are not those recorded when it was written; False (and one warning per
+    process) when no checksum was recorded (a folder written before checksums), True when it matches."""
+    path = Path(path)
+    digests = recorded_digests(path)
+    if digests is None:
+        if not _UNVERIFIED_SAID:
+            log.warning("%s has no checksum (written before lottery recorded them): files like it are read "
+                        "unverified", path)
+        _UNVERIFIED_SAID.add(path.parent)
+        return False
+    if not path.is_file():
+        raise Damaged(path, "it is missing or not a file, but a checksum was recorded for it")
+    if file_digest(path) not in digests:
+        raise Damaged(path, "its bytes differ from the checksum recorded when it was written")
+    return True
+
+
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
@@ -89,8 +175,9 @@ def remove_temp_files(folder: Path) -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: Path, write, durable: bool = True) -> None:
-    """`write(f)` into a temporary file, then move it to `path`. `durable`: fsync the data before the move."""
+def atomic_write_bytes(path: Path, write, durable: bool = True, checksum: bool = True) -> None:
+    """`write(f)` into a temporary file, then move it to `path`. `durable`: fsync the data before the move.
+    `checksum`: record the file's SHA-256 in its sidecar first (see the module's docstring)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -100,6 +187,15 @@ def atomic_write_bytes(path: Path, write, durable: bool = True) -> None:
             f.flush()
             if durable:
                 os.fsync(f.fileno())
+        if checksum:
+            try:
+                previous = (recorded_digests(path) or [])[:1]
+            except Damaged:
+                previous = []
+            lines = "".join(f"{d}  {path.name}\n" for d in dict.fromkeys([file_digest(tmp), *previous]))
+            # not fsynced: a second fsync per file doubled the cost of a save (scripts/bench_checksums.py); a power
+            # loss that empties the sidecar leaves the file unverified, never falsely damaged (recorded_digests)
+            atomic_write_bytes(checksum_path(path), lambda f: f.write(lines.encode()), False, checksum=False)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -124,6 +220,31 @@ def appending(path: Path):
         raise WriteFailed(path, e) from e
 
 
+def repair_torn_line(path: Path) -> int:
+    """Cut an append-only file (metrics.jsonl) back to its last whole line: a process killed mid-append leaves a torn
+    one, which the next append would glue to its own. Returns the bytes removed."""
+    path = Path(path)
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return 0
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read()
+            if tail.endswith(b"\n"):
+                return 0
+            cut = tail.rfind(b"\n")
+            keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else size)
+            f.truncate(keep)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise WriteFailed(path, e) from e
+    if size - keep:
+        log.warning("%s ended in a torn line (%d bytes of a write a kill interrupted): removed", path, size - keep)
+    return size - keep
+
+
 def save_torch(obj: Any, path: Path) -> None:
     """`obj` must be plain data (tensors, dicts, lists, tuples, str, int, float, bool, None; not a str subclass such
     as torch.__version__) so that `load_torch` reads it back with weights_only=True."""
@@ -134,9 +255,27 @@ def load_torch(path: Path) -> Any:
     """Tensors and plain containers only (`weights_only=True`): a file cannot run code when it is loaded.
 
     torch's TorchVersion (a str) is allowed too: files written before device_info stored it as a plain str hold it."""
+    import pickle
+
     from torch.torch_version import TorchVersion
-    with torch.serialization.safe_globals([TorchVersion]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    verify(path)
+    try:
+        with torch.serialization.safe_globals([TorchVersion]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, pickle.UnpicklingError):  # missing: the caller says what it is; objects: see ticket
+        raise
+    except IsADirectoryError:
+        raise Damaged(path, "it is a directory, not a file") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or garbled archive fails in many ways
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise Damaged(path, f"unreadable, {_size(path)}: {type(e).__name__}{': ' + first if first else ''}") from None
+
+
+def _size(path: Path) -> str:
+    try:
+        return f"{Path(path).stat().st_size} bytes"
+    except OSError:
+        return "size unknown"
 
 
 def write_text(path: Path, text: str) -> None:
@@ -172,8 +311,20 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def load_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def load_json(path: Path, expect: type | None = None) -> Any:
+    """The JSON in `path`, its checksum verified; `expect` (dict, list): refuse anything else as damaged."""
+    verify(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise Damaged(path, "it is a directory, not a file") from None
+    except (OSError, ValueError) as e:
+        raise Damaged(path, f"unreadable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if expect is not None and not isinstance(data, expect):
+        raise Damaged(path, f"it holds a {type(data).__name__}, not a {expect.__name__}")
+    return data
 
 
 def _json_default(o):
@@ -195,6 +346,10 @@ class Checkpoints:
     def save(self, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.current.exists():
+            if checksum_path(self.current).exists():  # the sidecar first: a kill between leaves both vouched for
+                os.replace(checksum_path(self.current), checksum_path(self.previous))
+            else:
+                checksum_path(self.previous).unlink(missing_ok=True)
             os.replace(self.current, self.previous)
         save_torch(state, self.current)
 
@@ -223,3 +378,4 @@ class Checkpoints:
     def clear(self) -> None:
         for path in (self.current, self.previous):
             path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)

@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from lottery.core.ranges import check_fields, check_value
+
 
 class Registry(dict):
     """{name: entry} for one kind of thing; a name can be registered once."""
@@ -64,8 +66,11 @@ def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: st
         except OmegaConfBaseException as e:
             first = str(getattr(e, "msg", e)).strip().splitlines()[0]  # OmegaConf adds full_key and type lines
             raise ValueError(f"bad setting{of_text or ' ' + where}: {first}") from None
+        check_fields(settings, values, where)  # each field's declared range (lottery.core.ranges), NaN and inf
         settings(**values)  # a settings class checks its values in __post_init__ (raising ValueError)
         return values if defaults else {k: values[k] for k in raw}
+    for key, value in raw.items():  # no declared ranges: still never NaN or inf
+        check_value(f"{where}.{key}", value, None)
     if fn is None:
         if raw:
             raise ValueError(f"{of or where} takes no settings, got {where}.{sorted(raw)[0]}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lottery.core.ranges import at_least, setting
 from lottery.data.registry import register_dataset
 
 _FOLDERS = {"mnist": "MNIST/raw", "cifar10": "cifar-10-batches-py"}
@@ -161,8 +162,8 @@ def _make_synthetic(shape: tuple[int, int, int], n_train: int, n_test: int, seed
 @dataclass
 class SyntheticSettings:
     synthetic_shape: str = "mnist"  # mnist (1x28x28) | cifar10 (3x32x32)
-    synthetic_train: int = 1024  # training examples (the validation split is taken out of these)
-    synthetic_test: int = 256  # test examples
+    synthetic_train: int = setting(1024, at_least(1))  # training examples (the validation split is taken out of these)
+    synthetic_test: int = setting(256, at_least(1))  # test examples
 
     def __post_init__(self):
         if self.synthetic_shape not in SYNTHETIC_SHAPES:

@@ -13,9 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES, branch_settings
-from lottery.config import import_extensions
+from lottery.config import check_ranges, import_extensions
 from lottery.core.device import check_device
-from lottery.core.divergence import POLICIES
 from lottery.core.papers import check_block
 from lottery.core.steps import parse_steps
 from lottery.data import dataset_settings
@@ -23,20 +22,13 @@ from lottery.init import INITIALIZERS
 from lottery.models import MODELS
 from lottery.pruning import DISTRIBUTIONS, criterion_settings, scores_at
 from lottery.pruning.granularity import GRANULARITIES, GROUP_SCORES
-from lottery.pruning.schedule import COUNTINGS
 from lottery.training import BATCHING, optimizer_settings
 from lottery.training.dst import dst_settings
 
-SCHEDULES = ("constant", "step", "cosine")
-PRECISIONS = ("fp32", "tf32", "bf16")
+# Each key's type, range and allowed values are declared on its field in lottery.config (check_ranges); what is
+# checked here needs a registry, another key or the file system.
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SCOPES = ("layerwise", "global", "uniform", "er", "erk")
-WHEN = ("after_training", "at_init")
-RETRAIN = ("weight_rewind", "lr_rewind", "finetune")
 RATE_KINDS = ("linear", "conv", "output")
-BATCHNORM_INITS = ("ones", "uniform")
-# Seeds feed torch.Generator.manual_seed, which takes 64-bit integers.
-SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 def _choice(value, accepted, what: str) -> None:
@@ -77,28 +69,25 @@ def checked(cfg: DictConfig) -> DictConfig:
     besides importing the modules in `imports`."""
     import_extensions(cfg)
     check_block(OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") is not None else None)
+    check_ranges(cfg)
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
 
     _choice(cfg.model.name, sorted(MODELS), "model")
     entry, common, own = dataset_settings(cfg.dataset)
     out.dataset = {"name": entry.name, **common, **own}
-    if not cfg.init.get("_target_"):
+    if cfg.init.get("_target_"):
+        check_target(cfg.init._target_)
+    else:
         if cfg.init.name not in INITIALIZERS:
             raise ValueError(f"unknown init '{cfg.init.name}'; accepted: {', '.join(sorted(INITIALIZERS))}, "
                              "or set init._target_ to a callable")
-        if cfg.init.name == "normal" and (cfg.init.variance is None or cfg.init.variance <= 0):
+        if cfg.init.name == "normal" and cfg.init.variance is None:
             raise ValueError(f"init.variance must be a positive float for init=normal, got {cfg.init.variance}")
-    _choice(cfg.init.bias, ("zero", "default"), "init.bias")
-    _choice(cfg.init.batchnorm, BATCHNORM_INITS, "init.batchnorm")
     opt, settings = optimizer_settings(cfg.optimizer)
     out.optimizer = {"name": opt.name, **settings}
 
     t = cfg.train
-    if t.batch_size < 1:
-        raise ValueError(f"train.batch_size must be >= 1, got {t.batch_size}")
-    if t.eval_batch_size < 1:
-        raise ValueError(f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}")
     for what in ("duration", "eval_every", "warmup"):
         parse_steps(t[what], 1, f"train.{what}")
     if parse_steps(t.duration, 1, "train.duration") < 1:
@@ -107,18 +96,8 @@ def checked(cfg: DictConfig) -> DictConfig:
         raise ValueError(f"train.eval_every must be at least one step, got '{t.eval_every}'")
     for m in t.milestones:
         parse_steps(m, 1, "train.milestones entry")
-    _choice(t.schedule, SCHEDULES, "train.schedule")
-    _choice(t.precision, PRECISIONS, "train.precision")
-    _choice(t.on_divergence, POLICIES, "train.on_divergence")
     _choice(str(cfg.device).split(":")[0], DEVICES, "device")
     check_device(cfg.device)  # cuda:7 on a two-GPU machine fails here, naming the GPUs there are
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"threads must be >= 1 (or null for PyTorch's default), got {cfg.threads}")
-    for key in ("seed", "data_seed"):
-        value = cfg.get(key)
-        if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-            raise ValueError(f"{key}={value} is outside the 64-bit integers a seed can be "
-                             f"({SEED_RANGE[0]} to {SEED_RANGE[1]})")
     _choice(cfg.get("replica_batching") or "auto", BATCHING, "replica_batching")
 
     rule, dst = dst_settings(cfg.get("dst"))
@@ -126,25 +105,15 @@ def checked(cfg: DictConfig) -> DictConfig:
 
     p = cfg.pruning
     out.pruning.criterion = {"name": p.criterion["name"], **criterion_settings(p.criterion)}
-    _choice(p.retrain, RETRAIN, "pruning.retrain")
     if p.retrain_steps is not None:
         parse_steps(p.retrain_steps, 1, "pruning.retrain_steps")
     if p.retrain != "weight_rewind" and not p.train_dense:
         raise ValueError(f"pruning.retrain={p.retrain} keeps the trained weights a level is pruned from, but "
                          "pruning.train_dense=false trains no dense network to keep; use pruning.retrain=weight_rewind")
-    _choice(p.scope, SCOPES, "pruning.scope")
-    _choice(p.when, WHEN, "pruning.when")
-    if p.levels < 1:
-        raise ValueError(f"pruning.levels counts level 0 (dense) too and must be >= 1, got {p.levels}")
-    if p.target is not None and not 0 < p.target < 1:
-        raise ValueError(f"pruning.target is the fraction of weights to keep, in (0, 1); got {p.target}")
     _check_granularity(cfg, rule)
     if p.one_shot and p.target is None and p.get("granularity") != "nm":
         raise ValueError("pruning.one_shot=true prunes straight to pruning.target, which is not set; set "
                          "pruning.target=<fraction to keep> or pruning.one_shot=false")
-    if p.rounds < 1:
-        raise ValueError(f"pruning.rounds must be >= 1, got {p.rounds}")
-    _choice(p.counting, COUNTINGS, "pruning.counting")
     if not p.get("train_dense", True):
         if scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0:
             raise ValueError(f"pruning.train_dense=false skips the dense network, which pruning.when="
@@ -159,10 +128,6 @@ def checked(cfg: DictConfig) -> DictConfig:
                          "does not use (it splits each level's global count, pruning.rate of all surviving weights, "
                          f"by the {p.scope} densities); use pruning=global pruning.scope={p.scope} (pruning=lth "
                          "sets per-kind rates)")
-    for name, rate in [("rate", p.rate), *[(f"rates.{k}", v) for k, v in p.rates.items()],
-                       *[(f"layer_rates.{k}", v) for k, v in p.layer_rates.items()]]:
-        if not 0 <= rate < 1:
-            raise ValueError(f"pruning.{name} must be in [0, 1), got {rate}")
     for kind in p.rates:
         _choice(kind, RATE_KINDS, "pruning.rates key")
     for b in p.branches:
@@ -172,7 +137,6 @@ def checked(cfg: DictConfig) -> DictConfig:
         branch_settings(b, cfg)
     parse_steps(p.rewind, 1, "pruning.rewind")
     parse_steps(cfg.checkpoint.every, 1, "checkpoint.every")
-    _choice(cfg.logger.name, ("none", "wandb"), "logger")
     if entry.reads_files:
         root = Path(common["root"]).expanduser()
         # With download on, a missing root is created by torchvision, but only inside a folder that exists: a root
@@ -184,3 +148,24 @@ def checked(cfg: DictConfig) -> DictConfig:
                 + ("" if common["download"] else ", or allow a download with dataset.download=true"))
     OmegaConf.set_struct(out, True)
     return out
+
+
+def check_target(target: str) -> None:
+    """`init._target_` names a callable that imports: one line otherwise (before any file is written)."""
+    import importlib
+    module, _, attr = str(target).rpartition(".")
+    where = f"init._target_={target}"
+    if not module:
+        raise ValueError(f"{where} is not a dotted path; accepted: module.function, e.g. mypackage.inits.my_init")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise ValueError(f"{where}: module '{module}' cannot be imported ({e}); put its folder on PYTHONPATH") from None
+    except AttributeError:
+        raise ValueError(f"{where}: module '{module}' has no '{attr}'") from None
+    except Exception as e:  # noqa: BLE001 - the module raised while importing
+        raise ValueError(f"{where}: importing '{module}' raised {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not callable(fn) or isinstance(fn, type(importlib)):
+        raise ValueError(f"{where} is a {type(fn).__name__}, not a callable; accepted: a function taking "
+                         "(weight, generator=...)")

@@ -30,8 +30,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lottery.config import non_experiment
-from lottery.core.files import (Checkpoints, WriteFailed, fsync_file, load_json, remove_temp_files, save_json,
-                                 write_text)
+from lottery.core.files import (CHECKSUM_SUFFIX, Checkpoints, Damaged, WriteFailed, checksum_path, fsync_file,
+                                 load_json, remove_temp_files, save_json, verify, write_text)
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
@@ -177,6 +177,8 @@ class RunFolder:
         """The record in `path` (shared with the cache: copy before handing it out)."""
         try:
             record = self._read(path)
+        except Damaged:
+            raise
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}), "
                              f"so this unit cannot be counted as done; delete that file (and its folder's other "
@@ -257,6 +259,7 @@ class RunFolder:
         for p in stale:
             with contextlib.suppress(OSError):
                 p.unlink()
+                checksum_path(p).unlink(missing_ok=True)
         if stale:
             log.info("removed %d checkpoint file(s) of finished units: %s", len(stale),
                      ", ".join(str(p) for p in stale))
@@ -270,16 +273,48 @@ class RunFolder:
         if not self.config.exists():
             return False
         try:
+            verify(self.config)
+        except ValueError as e:
+            raise FolderRefused(str(e)) from None
+        try:
             old = OmegaConf.to_container(OmegaConf.load(self.config), resolve=True)
+            if not isinstance(old, dict) or not old:
+                raise ValueError("empty, or not a config")
         except Exception as e:  # noqa: BLE001 - a truncated or garbled file: the folder's experiment is unknown
-            raise FolderRefused(f"{self.config} is unreadable ({type(e).__name__}), so what this folder holds is "
-                                f"unknown; choose another folder with hydra.run.dir=..., or restore the file") from None
-        diff = differences(old if isinstance(old, dict) else {}, resolved)
+            raise FolderRefused(f"{self.config} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}), so "
+                                f"what this folder holds is unknown; choose another folder with hydra.run.dir=..., "
+                                f"or restore the file") from None
+        diff = differences(old, resolved)
         if diff:
             raise FolderRefused(f"run folder {self.path} already holds a different experiment (differs in: "
                                 f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
                                 f"hydra.run.dir=... or rerun with the same settings to resume it")
         return True
+
+    def check_files(self) -> None:
+        """A folder being resumed: every file with a recorded checksum still has its bytes (checkpoints aside: an
+        unreadable one falls back to the previous), the folders are folders, and every level counted as done has
+        its ticket and trained weights. Raises Damaged naming the first bad file and the remedy. Reads only."""
+        for name in ("levels", "states"):
+            if (self.path / name).exists() and not (self.path / name).is_dir():
+                raise Damaged(self.path / name, "a file where the run keeps a folder")
+        for name in ("train.log", "metrics.jsonl", "summary.json", "device.json", "replicas.json"):
+            if (self.path / name).is_dir():  # the log would be dropped line by line, the others fail when written
+                raise Damaged(self.path / name, "a folder where the run keeps a file")
+        for sidecar in sorted(self.path.rglob(f".*{CHECKSUM_SUFFIX}")):
+            if {"wandb", ".hydra"} & set(sidecar.relative_to(self.path).parts):
+                continue  # not read back by the run (.hydra/ is rewritten by every start)
+            path = sidecar.with_name(sidecar.name[1:-len(CHECKSUM_SUFFIX)])
+            if path.name.startswith("checkpoint") or not path.exists():
+                continue  # a checkpoint falls back; a file removed on purpose is recomputed where it can be
+            verify(path)
+        for done in sorted(self.path.glob("levels/level_*/ticket/result.json")):
+            if self._result(done).get("diverged"):
+                continue  # a diverged level keeps no weights to prune from
+            level_dir = done.parent.parent
+            for name in ("ticket.pt", "final.pt"):
+                if not (level_dir / name).is_file():
+                    raise Damaged(level_dir / name, f"missing, although {level_dir.name} is recorded as done")
 
     def write_config(self, resolved: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ def preflight(rep, model) -> int:
     scores; global pruning refuses at prune time, when the scores decide), the criterion's needs of the data and the
     branches' settings against the levels the run has. Returns the number of levels."""
     cfg, p = rep.cfg, rep.cfg.pruning
+    check_layer_names(model, p, cfg.model.name)
     prunable = rep.prunable(model)
     masks = M.ones(model, prunable)
     n_levels = level_count(cfg, masks, prunable)
@@ -44,9 +45,17 @@ def preflight(rep, model) -> int:
     unit = "channel" if G.kind(p) == "channel" else "weight"
     masks = counted(masks, p)
     if n_levels > 1 and G.kind(p) != "nm":
+        before = sum(m.numel() for m in masks.values())
         for level in range(1, n_levels):
             counts = (pruning.survivors_after(masks, prunable, p, keep_fraction=p.target) if p.one_shot
                       else pruning.level_survivors(masks, prunable, p, level))
+            total = counts if not isinstance(counts, dict) else sum(counts.values())
+            if p.target is None and not p.one_shot and level > 1 and total >= before:
+                raise ValueError(f"pruning.levels={p.levels}: level {level} would keep the same {total} {unit}s as "
+                                 f"level {level - 1} (each tensor's count has stopped falling), so the levels after "
+                                 f"{level - 1} would train the same network again; accepted: pruning.levels <= "
+                                 f"{level} (level {level - 1} is the last that prunes)")
+            before = total
             if not isinstance(counts, dict):  # global: one total, split by the scores
                 if counts < 1:
                     raise ValueError(f"pruning to level {level} keeps no {unit} at all; keep more {unit}s "
@@ -91,6 +100,23 @@ def _collapse_at_init(rep, n_levels: int) -> None:
     masks = M.ones(model, rep.prunable(model))
     for level in range(1, n_levels):
         masks = prune_level(rep, level, masks, state=state)
+
+
+def check_layer_names(model, p, model_name: str) -> None:
+    """Every pattern of pruning.exclude names a parameter of the model, every key of pruning.layer_rates a prunable
+    tensor (with or without '.weight', as lottery.pruning.layer_rates matches them): a misspelt name would otherwise be
+    ignored, and the run prune what it was told to leave."""
+    import fnmatch
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in p.exclude:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"pruning.exclude entry '{pattern}' names no parameter of model '{model_name}'; "
+                             f"accepted: names or glob patterns of its parameters: {', '.join(names)}")
+    prunable = [x.name for x in M.prunable_tensors(model, p)]
+    for pattern in p.layer_rates:
+        if not any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"{pattern}.weight") for n in prunable):
+            raise ValueError(f"pruning.layer_rates key '{pattern}' names no pruned tensor; accepted: names or glob "
+                             f"patterns (with or without '.weight') of: {', '.join(prunable)}")
 
 
 def masks_before(rep, level: int) -> M.Masks:

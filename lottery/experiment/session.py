@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES, branch_settings
 from lottery.core import device as D
-from lottery.core.files import save_json
-from lottery.core.steps import Steps
+from lottery.core.files import repair_torn_line, save_json
+from lottery.core.steps import Steps, parse_steps
 from lottery.core import threads
 from lottery.core.signals import stop_if_asked
 from lottery.data import DATASETS, load_pool, split
@@ -35,6 +35,7 @@ from lottery.experiment.replicate import Replicate
 from lottery.experiment.tracking import Tracker
 from lottery.training import choose
 from lottery.training.cost import model_info, step_flops
+from lottery.training.dst import dst_settings
 from lottery.training.layouts import check_supported
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,26 @@ def resolve_steps(cfg, n_train: int) -> Steps:
     if steps.rewind >= steps.total and (p.levels > 1 or p.target is not None or p.branches):
         raise ValueError(f"pruning.rewind={p.rewind} ({steps.rewind} steps) must come before the end of training "
                          f"(train.duration={cfg.train.duration}, {steps.total} steps)")
+    t = cfg.train
+    late = [m for m, k in zip(t.milestones, [parse_steps(m, steps.per_epoch, "train.milestones entry")
+                                               for m in t.milestones]) if k >= steps.total]
+    if late:
+        fix = ",".join(f"{max(1, round(k * 0.75 * steps.total / steps.milestones[-1]))}it" for k in steps.milestones)
+        raise ValueError(f"train.milestones={list(t.milestones)}: {', '.join(map(str, late))} is not inside the "
+                         f"training (train.duration={t.duration}, {steps.total} steps), so that decay would never "
+                         f"happen; accepted: milestones below {steps.total} steps, e.g. train.milestones=[{fix}] "
+                         f"(scaled so the last falls at three quarters of the run, as in the presets)")
+    if steps.warmup >= steps.total:
+        raise ValueError(f"train.warmup={t.warmup} ({steps.warmup} steps) is not shorter than the training "
+                         f"(train.duration={t.duration}, {steps.total} steps); accepted: fewer than {steps.total} "
+                         f"steps")
+    rule, dst = dst_settings(cfg.get("dst"))
+    if rule is not None:
+        end_step = max(1, int(dst["end"] * steps.total))  # as lottery.training.dst.Updater
+        if dst["delta_t"] > end_step:
+            raise ValueError(f"dst.delta_t={dst['delta_t']} is longer than the part of training with mask updates "
+                             f"(dst.end={dst['end']} x {steps.total} steps = {end_step} steps), so no mask would "
+                             f"ever change; accepted: dst.delta_t <= {end_step} (or a longer train.duration)")
     return steps
 
 
@@ -209,6 +230,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
                 rep.name = f"replicate {rcfg.seed}: "
             rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
             if folder.check_config(rep.resolved):
+                folder.check_files()
                 resumed.append(folder.path)
             reps.append(rep)
         model = reps[0].new_model()
@@ -229,6 +251,8 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
         threads.set_threads(cfg, None if how == "stacked" else flops)
         if device.type == "cpu":
             info["threads"] = torch.get_num_threads()  # CPU results depend on it: device.json records it
+        if seeds is not None:
+            info["batching"] = how  # so do replicas' results, at round-off: a resume another way is warned about
         for rep in reps:
             warning = D.check_folder(rep.folder.path, info, rep.cfg.device)
             if warning and warning not in warnings:
@@ -247,6 +271,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             save_json({"replicas": listed, "folders": [f"replicate_{s}" for s in listed],
                        "config": _parent_config(cfg)}, parent / "replicas.json")
         for rep in reps:
+            repair_torn_line(rep.folder.metrics)
             rep.folder.clean()
             rep.folder.write_config(rep.resolved)
             save_json(info, rep.folder.path / "device.json")

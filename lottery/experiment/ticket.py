@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery.core.files import load_torch, save_torch
+from lottery.core.files import Damaged, load_torch, save_torch
 from lottery.experiment import packed
 
 FORMAT = "lottery-ticket"
@@ -65,6 +65,8 @@ def load_ticket(path) -> Ticket:
         raise FileNotFoundError(f"no ticket file at {path.resolve()}; tickets live in <run>/levels/level_<L>/ticket.pt")
     try:
         data = load_torch(path)
+    except Damaged:
+        raise
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
@@ -88,6 +90,12 @@ def load_ticket(path) -> Ticket:
     missing = [f.name for f in fields(Ticket) if f.default is not None and f.name not in data]
     if missing:
         raise ValueError(f"ticket file {path} lacks {', '.join(missing)}; it is damaged or not a lottery ticket")
+    step = data["rewind_step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"ticket file {path} has rewind_step={step!r}; accepted: an integer >= 0 (the step its "
+                         f"weights come from); it is damaged or not written by lottery")
+    if not isinstance(data["masks"], dict) or not data["masks"]:
+        raise ValueError(f"ticket file {path} holds no masks; it is damaged or not a lottery ticket")
     ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
     ticket.source = str(path)  # for messages; not a field, so never saved
     return ticket
@@ -174,9 +182,21 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
     entry, _, own = dataset_settings(cfg.dataset)
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     name = kwargs.pop("name")
+    source = getattr(ticket, "source", None) or "the ticket"
+    made_on = ((ticket.config or {}).get("dataset") or {}).get("name")
+    if made_on and made_on != entry.name:
+        raise ValueError(f"ticket {source} was made on dataset {made_on}, not {entry.name}; a ticket is retrained on "
+                         f"its own dataset: drop the dataset override (dataset={entry.name})")
     with torch.device("meta"):
-        state = build_model(name, entry.shape(own), entry.num_classes, **kwargs).state_dict()
+        model = build_model(name, entry.shape(own), entry.num_classes, **kwargs)
+    state = model.state_dict()
     check_fits(ticket, state, name, _data_desc(OmegaConf.to_container(cfg.dataset, resolve=True)))
+    expected = [p.name for p in M.prunable_tensors(model, cfg.pruning)]
+    missing = [n for n in expected if n not in ticket.masks]
+    if missing:
+        raise ValueError(f"ticket {source} has masks for {len(expected) - len(missing)} of the {len(expected)} pruned "
+                         f"tensors of {name} (none for {', '.join(missing)}); it is damaged or was cut: copy it "
+                         f"again from its run folder")
 
 
 def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None) -> M.Masks:

@@ -89,15 +89,16 @@ def use_queue_watcher() -> None:
 
 
 def register_launcher() -> None:
-    """Make `launcher=slurm`'s class known to Hydra. Hydra finds launchers by listing the hydra_plugins namespace,
+    """Make the classes of `launcher=slurm` and `launcher=submitit_local` known to Hydra. Hydra finds launchers by listing the hydra_plugins namespace,
     which misses hydra_plugins/lottery_slurm in an editable install (setuptools' import hook imports it but lists
     nothing), so it is registered by hand too; without the slurm extra there is nothing to register."""
     try:
-        from hydra_plugins.lottery_slurm import LotterySlurmLauncher
+        from hydra_plugins.lottery_slurm import LotteryLocalLauncher, LotterySlurmLauncher
     except ImportError:
         return
     from hydra.core.plugins import Plugins
     Plugins.instance().register(LotterySlurmLauncher)
+    Plugins.instance().register(LotteryLocalLauncher)
 
 
 # --- resources ---------------------------------------------------------------------------------------------------
@@ -177,11 +178,27 @@ def warn_if_unsatisfiable(params: dict) -> list[str]:
 
 # --- jobs that ended without a result ----------------------------------------------------------------------------
 
-def record_failure(run_dir: Path, job, error: BaseException) -> None:
+# Left in its folder by a job stopped after its checkpoint (exit 75; lottery.cli), removed when it starts again: a
+# launcher that sees only a process end without a result counts such a job as stopped and resumable, not failed.
+STOPPED = ".stopped"
+
+def record_failure(run_dir: Path, job, error: BaseException) -> bool:
     """error.txt for a job that left no result (the run itself writes it when it raises): its row in the sweep
-    table says why."""
-    state = job.watcher.get_state(job.job_id, mode="cache")
-    text = (f"SlurmJobEnded: job {job.job_id} ended without a result (SLURM state: {state}); "
-            f"its logs: {job.paths.stdout.parent}\n\n{error}\n")
+    table says why. Returns whether the job stopped after its checkpoint (exit status 75: resumable) rather than
+    failing."""
+    stopped = (Path(run_dir) / STOPPED).is_file()
+    if stopped:
+        text = (f"JobStopped: job {job.job_id} stopped after its checkpoint (exit status 75): rerun the same sweep to "
+                f"resume it; its logs: {job.paths.stdout.parent}\n\n{error}\n")
+    elif job.__class__.__name__ == "LocalJob":
+        text = (f"JobEnded: local job {job.job_id} ended without a result (its process was killed, or died); its "
+                f"logs: {job.paths.stdout.parent}\n\n{error}\n")
+    else:
+        state = job.watcher.get_state(job.job_id, mode="cache")
+        text = (f"SlurmJobEnded: job {job.job_id} ended without a result (SLURM state: {state}); "
+                f"its logs: {job.paths.stdout.parent}\n\n{error}\n")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.txt").write_text(text)
+    return stopped
+
+

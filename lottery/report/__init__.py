@@ -93,16 +93,32 @@ def main(argv=None) -> int:
     note = _unregistered(rows)
     if note:
         print(note, file=sys.stderr)
+    try:
+        return _write(rows, out, args.paths)
+    except OSError as e:  # a read-only run folder (its report/ beside it), a full disk: one line, not a traceback
+        where = getattr(e, "filename", None) or out
+        print(f"error: cannot write the report to {where}: {e.strerror or e}; choose a folder you can write with "
+              f"--out DIR", file=sys.stderr)
+        return WRITE_FAILED_EXIT
+
+
+# As lottery-train's failed writes (lottery.cli): EX_IOERR.
+WRITE_FAILED_EXIT = 74
+
+
+def _write(rows: list[dict], out: Path, paths: list[str]) -> int:
     written = [write_table(rows, out / "runs.csv")]
     n_runs = len({r["run_dir"] for r in rows if "level" in r})
     n_unreadable = sum(1 for r in rows if r.get("_unreadable"))
     n_failed = sum(1 for r in rows if "level" not in r) - n_unreadable
     if not n_runs:
-        print(f"error: no run below {' '.join(args.paths)} could be read ({n_failed} failed jobs, {n_unreadable} "
+        print(f"error: no run below {' '.join(paths)} could be read ({n_failed} failed jobs, {n_unreadable} "
               f"unreadable run folders: see {written[0]})", file=sys.stderr)
         return 2
     try:
         written += write_aggregate(rows, out)
+    except OSError:
+        raise
     except Exception as e:  # noqa: BLE001 - the figures are still worth drawing
         warn_stderr(f"aggregated table not written: {type(e).__name__}: {e}")
     written += make_figures(rows, out, warn=warn_stderr)

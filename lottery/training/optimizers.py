@@ -13,14 +13,26 @@ CPU rounds differently, so CPU results would change).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
 
+from lottery.core.ranges import check_fields, fraction, non_negative, positive, setting
 from lottery.core.registry import Registry, check_settings, plain
 
 COMMON = ("name", "lr", "weight_decay")
+# A learning rate above this is a typo (1e308): every preset and paper uses < 1, and a step of 1e308 x a gradient
+# overflows float32 at once. Up to it a run may diverge, which is a result (lottery.core.divergence: exit 3), not an
+# error of the command (tests/test_divergence.py diverges on purpose with lr=1e6).
+LR_MAX = 1e6
+
+
+@dataclass
+class CommonSettings:
+    """The keys every optimizer node has besides `name`, with their ranges."""
+    lr: float = setting(1e-3, positive(LR_MAX))
+    weight_decay: float = setting(0.0, non_negative())
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,7 @@ def optimizer_settings(node) -> tuple[Optimizer, dict]:
     for key, value in (("lr", lr), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"optimizer.lr must be > 0, got {lr}")
-    if weight_decay < 0:
-        raise ValueError(f"optimizer.weight_decay must be >= 0, got {weight_decay}")
+    check_fields(CommonSettings, {"lr": lr, "weight_decay": weight_decay}, "optimizer")
     own = check_settings(raw, entry.settings, "optimizer", of=f"optimizer '{entry.name}'", fn=entry.fn,
                          skip=("params", "lr", "weight_decay", "device"))
     return entry, {"lr": float(lr), "weight_decay": float(weight_decay), **own}
@@ -71,7 +80,7 @@ def _kind(device: torch.device) -> dict:
 
 @dataclass
 class SgdSettings:
-    momentum: float = 0.0  # heavy-ball momentum
+    momentum: float = setting(0.0, fraction())  # heavy-ball momentum, in [0, 1)
     nesterov: bool = False  # Nesterov momentum
 
     def __post_init__(self):
@@ -83,7 +92,7 @@ class SgdSettings:
 
 @dataclass
 class AdamSettings:
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # moment decay rates
+    betas: List[float] = setting(lambda: [0.9, 0.999], fraction())  # moment decay rates, each in [0, 1)
 
     def __post_init__(self):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
