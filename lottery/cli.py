@@ -37,8 +37,11 @@ def _is_user_error(e: BaseException) -> bool:
     return isinstance(e, USER_ERRORS) or (isinstance(e, RuntimeError) and "dataset.verify" in str(e))
 
 
-# Exit status of a job stopped by SIGUSR2/SIGTERM after its checkpoint: EX_TEMPFAIL, "try again" (scripts requeue on it).
+# Exit status of a job stopped by SIGUSR2/SIGTERM/SIGINT after its checkpoint: EX_TEMPFAIL, "try again" (scripts
+# requeue on it).
 PREEMPTED_EXIT = 75
+# Exit status of a run stopped by a second Ctrl-C, before its checkpoint: 128 + SIGINT, as the shell reports it.
+INTERRUPTED_EXIT = 130
 # Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
 # same command resumes once there is room.
 WRITE_FAILED_EXIT = 74
@@ -79,7 +82,7 @@ def _guard(fn, job: _Job) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
     from lottery.core.divergence import Diverged
     from lottery.core.files import WriteFailed
-    from lottery.core.signals import Preempted, install_stop_handlers
+    from lottery.core.signals import Interrupted, Preempted, install_stop_handlers
     from lottery.experiment.folder import FolderRefused
     install_stop_handlers()
     _quiet_log_file_errors()
@@ -114,11 +117,17 @@ def _guard(fn, job: _Job) -> None:
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
+        where = f" (it continues in {run_dir})" if not multirun else ""
         if job.owned:
-            log.warning("%s; rerun the same command to resume", e)
+            log.warning("%s; rerun the same command to resume%s", e, where)
         else:
-            print(f"warning: {e}; rerun the same command to resume", file=sys.stderr)
+            print(f"warning: {e}; rerun the same command to resume{where}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
+    except (Interrupted, KeyboardInterrupt):
+        # The second Ctrl-C: the last checkpoint (every checkpoint.every steps) is where a rerun continues.
+        print(f"error: interrupted twice: stopped at once without a new checkpoint; rerun the same command to resume "
+              f"from the last one{f' (in {run_dir})' if job.owned else ''}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
     except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
         _record_error(job, e)
         if multirun:

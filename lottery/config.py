@@ -150,6 +150,12 @@ NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.veri
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 
 
+# Keys that only add work to a run: a finished IMP run extends with more levels (or a later target) in the same folder
+# (lottery.experiment.folder checks that its earlier levels stay what they were), so the default run folder's name
+# leaves them out too.
+EXTENDING_KEYS = ("pruning.levels", "pruning.target")
+
+
 def non_experiment(key: str, extra: tuple = ()) -> bool:
     return any(key == k or key.startswith(k + ".") for k in (*NON_EXPERIMENT_KEYS, *extra))
 
@@ -175,6 +181,42 @@ def job_dirname(overrides) -> str:
     return raw[:DIRNAME_BYTES - len(tail)].decode(errors="ignore") + tail
 
 
+RUN_ID_HEX = 10
+
+
+def run_id(root) -> str:
+    """The default run folder's name below runs/<name>/ (hydra.run.dir): a digest of the settings that define the
+    experiment, so rerunning the same command finds its folder and resumes. Left out: the keys that define no
+    experiment (NON_EXPERIMENT_KEYS, which also leaves out where data lives and how the run is shown) and those that only
+    add work (EXTENDING_KEYS: more levels find the run they extend). A replicas run and a single run of the same
+    settings get different folders (one cannot hold the other)."""
+    import json
+
+    from omegaconf import OmegaConf
+    flat: dict = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        elif not non_experiment(prefix[:-1]) and not any(prefix[:-1] == k or prefix.startswith(k + ".")
+                                                         for k in EXTENDING_KEYS):
+            flat[prefix[:-1]] = value
+
+    for key in root:
+        if key == "hydra":
+            continue
+        try:
+            value = OmegaConf.to_container(root[key], resolve=True) if OmegaConf.is_config(root[key]) else root[key]
+        except Exception:  # noqa: BLE001 - an interpolation only a later step resolves: its text defines it as well
+            value = OmegaConf.to_container(root[key], resolve=False) if OmegaConf.is_config(root[key]) else \
+                str(root._get_node(key))
+        walk(value, f"{key}.")
+    flat["replicas"] = root.get("replicas") is not None
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:RUN_ID_HEX]
+
+
 def conf_dir() -> str:
     """The configs: conf/ beside the package in a source checkout (editable install, PYTHONPATH), else the package
     lottery.conf that pyproject.toml builds from conf/ (a plain `pip install .` or a wheel), from any folder."""
@@ -197,6 +239,8 @@ def register_configs() -> None:
     cs.store(name="lottery_schema", node=schema)
     if not OmegaConf.has_resolver("lottery_dirname"):
         OmegaConf.register_new_resolver("lottery_dirname", lambda overrides: job_dirname(overrides or []))
+    if not OmegaConf.has_resolver("lottery_run_id"):
+        OmegaConf.register_new_resolver("lottery_run_id", lambda *, _root_: run_id(_root_))
     _register_device_resolvers()
 
 

@@ -26,10 +26,11 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
-from lottery.config import non_experiment
+from lottery.config import EXTENDING_KEYS, non_experiment
 from lottery.core.files import (Checkpoints, WriteFailed, fsync_file, load_json, remove_temp_files, save_json,
                                  write_text)
 from lottery.experiment.records import without_details
@@ -264,9 +265,11 @@ class RunFolder:
     def holds_replicas(self) -> bool:
         return (self.path / "replicas.json").exists()
 
-    def check_config(self, resolved: dict) -> bool:
+    def check_config(self, resolved: dict, extends: Optional[Callable[[dict], Optional[str]]] = None) -> bool:
         """Refuse (ValueError naming the differing keys) if the folder holds another experiment; True if it holds
-        this one (a resume). Reads only."""
+        this one (a resume). A config that differs only in keys that add work (config.EXTENDING_KEYS: more levels, a
+        later target) is this experiment extended when `extends(old config)` finds no reason (returned as a string)
+        against it. Reads only."""
         if not self.config.exists():
             return False
         try:
@@ -274,10 +277,17 @@ class RunFolder:
         except Exception as e:  # noqa: BLE001 - a truncated or garbled file: the folder's experiment is unknown
             raise FolderRefused(f"{self.config} is unreadable ({type(e).__name__}), so what this folder holds is "
                                 f"unknown; choose another folder with hydra.run.dir=..., or restore the file") from None
-        diff = differences(old if isinstance(old, dict) else {}, resolved)
+        old = old if isinstance(old, dict) else {}
+        diff = differences(old, resolved)
+        why = ""
+        if diff and extends is not None and set(diff) <= set(EXTENDING_KEYS):
+            reason = extends(old)
+            if reason is None:
+                return True
+            why = f": {reason}"
         if diff:
             raise FolderRefused(f"run folder {self.path} already holds a different experiment (differs in: "
-                                f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
+                                f"{', '.join(diff)}{why}); refusing to overwrite it. Choose another folder with "
                                 f"hydra.run.dir=... or rerun with the same settings to resume it")
         return True
 
