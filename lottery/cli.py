@@ -80,14 +80,33 @@ class _Job:
 
 def _guard(fn, job: _Job) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
-    from lottery.core.divergence import Diverged
-    from lottery.core.files import WriteFailed
-    from lottery.core.signals import Interrupted, Preempted, install_stop_handlers
-    from lottery.experiment.folder import FolderRefused
+    from lottery.core.signals import install_stop_handlers
     install_stop_handlers()
     _quiet_log_file_errors()
     run_dir = job.run_dir
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        _guarded(fn, job, multirun)
+    finally:
+        if not multirun and not job.owned:
+            _remove_created_folders()
+
+
+def _remove_created_folders() -> None:
+    """A single run that never owned its folder: the folders made for it (lottery.launch.checks) go again when they
+    are empty, so a refused or failed start leaves nothing behind."""
+    from lottery.launch.checks import CREATED
+    for d in reversed(CREATED):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty folder
+
+
+def _guarded(fn, job: _Job, multirun: bool) -> None:
+    from lottery.core.divergence import Diverged
+    from lottery.core.files import WriteFailed
+    from lottery.core.signals import Interrupted, Preempted
+    from lottery.experiment.folder import FolderRefused
+    run_dir = job.run_dir
     try:
         fn()
     except FolderRefused as e:
@@ -144,9 +163,10 @@ def _guard(fn, job: _Job) -> None:
 
 
 def _record_error(job: _Job, e: BaseException) -> None:
-    """error.txt (and, in a folder nobody owns, Hydra's overrides, so a sweep's table names the failed job). Best
-    effort: on a full disk this write fails too, and must not hide the error it records."""
-    if not job.may_record():
+    """error.txt (and, in a sweep's folder nobody owns, Hydra's overrides, so a sweep's table names the failed job).
+    A single run that does not own its folder writes nothing: its error is the line on stderr. Best effort: on a full
+    disk this write fails too, and must not hide the error it records."""
+    if not job.may_record() or (not job.owned and HydraConfig.get().mode != RunMode.MULTIRUN):
         return
     path = job.run_dir / "error.txt"
     try:

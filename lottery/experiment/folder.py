@@ -224,7 +224,9 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self):
         """One process per run folder: a resubmitted job must not train into a folder its twin is still using. The
-        lock file is opened without writing to it, so a refused process leaves the folder as it was."""
+        lock file is opened without writing to it, so a refused process leaves the folder as it was; one that fails
+        before writing anything takes its lock file (and the folder, if it made it) away again."""
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             f = open(self.path / ".lock", "a")
@@ -241,6 +243,10 @@ class RunFolder:
             except BaseException:
                 with contextlib.suppress(OSError):  # the error that ended the run is the one to report
                     self.sync()
+                    if os.listdir(self.path) == [".lock"]:  # nothing written: leave nothing behind
+                        (self.path / ".lock").unlink()
+                        if created:
+                            self.path.rmdir()
                 raise
             else:
                 self.sync()

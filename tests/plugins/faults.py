@@ -3,6 +3,7 @@ is in the user's config. Loaded with `imports=[faults]` (this folder on PYTHONPA
 environment variable LOTTERY_FAULT, comma-separated `key=value` pairs:
 
     signal_at=K / kill_at=K   SIGUSR2 / SIGKILL this process after step K of the unit given by
+    interrupt_at=K            SIGINT (Ctrl-C) likewise; with twice=1 a second SIGINT right after the first
     level=L, branch=B         (default: level 0, the ticket; B may name a branch's unit as branch/unit)
     kill_after_level=L        SIGKILL once level L's units all have their results
     where=GLOB                only in run folders whose path matches GLOB (e.g. */0_* for job 0 of a sweep)
@@ -36,6 +37,8 @@ class Faults(Callback):
     def _fire(self, marker: Path, sig) -> None:
         marker.write_text(str(sig))
         os.kill(os.getpid(), sig)
+        if sig == signal.SIGINT and self.spec.get("twice") == "1":
+            os.kill(os.getpid(), sig)
 
     def _here(self, folder: Path) -> bool:
         where = self.spec.get("where")
@@ -49,7 +52,8 @@ class Faults(Callback):
         if not self._here(unit.folder) or marker.exists():
             return {}
         out = {}
-        for key, sig in (("signal_at", getattr(signal, "SIGUSR2", signal.SIGTERM)), ("kill_at", signal.SIGKILL)):
+        for key, sig in (("signal_at", getattr(signal, "SIGUSR2", signal.SIGTERM)), ("kill_at", signal.SIGKILL),
+                         ("interrupt_at", signal.SIGINT)):
             if s.get(key) not in (None, "", "null"):
                 out[int(s[key])] = lambda sig=sig: self._fire(marker, sig)
         return out
