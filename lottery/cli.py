@@ -47,6 +47,8 @@ INTERRUPTED_EXIT = 130
 WRITE_FAILED_EXIT = 74
 # Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not done.
 DIVERGED_EXIT = 3
+# Exit status of an IMP run stopped because its next level would be built from a ticket at chance (AtChance).
+AT_CHANCE_EXIT = 4
 
 
 class _Job:
@@ -102,7 +104,7 @@ def _remove_created_folders() -> None:
 
 
 def _guarded(fn, job: _Job, multirun: bool) -> None:
-    from lottery.core.divergence import Diverged
+    from lottery.core.divergence import AtChance, Diverged
     from lottery.core.files import WriteFailed
     from lottery.core.signals import Interrupted, Preempted
     from lottery.experiment.folder import FolderRefused
@@ -116,7 +118,7 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
             sys.exit(2)
         _FAILED_JOBS.append(run_dir)
         _note_refused(run_dir, e)
-    except Diverged as e:
+    except (Diverged, AtChance) as e:
         # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
         _record_error(job, e)
         if multirun:
@@ -124,7 +126,7 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
             _FAILED_JOBS.append(run_dir)
             return
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT)
+        sys.exit(DIVERGED_EXIT if isinstance(e, Diverged) else AT_CHANCE_EXIT)
     except WriteFailed as e:
         # A full disk or a read-only folder is neither a bug nor a bad command: one line, the files in place are
         # intact, the rerun resumes.
@@ -340,11 +342,11 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _run_experiment(cfg: DictConfig, job: _Job) -> None:
-    from lottery.core.divergence import Diverged
+    from lottery.core.divergence import AtChance, Diverged
     from lottery.experiment import run_experiment
     try:
         run_experiment(cfg, job.run_dir, on_owned=job.on_owned)
-    except Diverged:  # a result too: its figures mark the diverged units
+    except (Diverged, AtChance):  # a result too: its figures mark the diverged and at-chance units
         _figures_to_wandb(cfg, job.run_dir)
         raise
     _figures_to_wandb(cfg, job.run_dir)

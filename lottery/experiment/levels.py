@@ -21,7 +21,7 @@ from typing import Optional
 
 from lottery import masks as M
 from lottery.branches import BRANCHES
-from lottery.core.divergence import Diverged
+from lottery.core.divergence import AtChance, Diverged
 from lottery.core.signals import stop_if_asked
 from lottery.core.files import load_torch, save_torch
 from lottery.experiment import callbacks, plan
@@ -54,6 +54,7 @@ class Lineage:
         self.ticket: dict = {}
         self.tickets: dict[int, dict] = {}  # each level's ticket record (what training its masks cost)
         self.diverged: list[dict] = []
+        self.at_chance: Optional[dict] = None  # the at-chance ticket a next level would have been built from
         self.stopped = False
 
     def check(self, record: dict) -> None:
@@ -202,13 +203,27 @@ def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
         for lin in active:
             if lin.ticket.get("diverged"):
                 lin.stopped = True  # a diverged ticket is never pruned to make the next level
+            elif lin.ticket.get("at_chance") and level + 1 < lin.n_levels and builds_on_previous(lin.rep.cfg):
+                lin.at_chance, lin.stopped = lin.ticket, True  # nor is one that learned nothing
         callbacks.level_done(level, [rep.folder.path for rep in reps], parent)
     summaries = [rec for rep in reps for rec in rep.folder.write_summary()]
     closing_summary(reps, parent, finished_before=not trained)
     diverged = [r for lin in lineages for r in lin.diverged]
     if diverged:  # the units that did not depend on a diverged one are done; the run still failed
         raise Diverged(diverged, stopped=reps[0].cfg.train.on_divergence == "stop", replicas=parent is not None)
+    collapsed = [lin.at_chance for lin in lineages if lin.at_chance is not None]
+    if collapsed:
+        raise AtChance(collapsed, replicas=parent is not None)
     return summaries
+
+
+def builds_on_previous(cfg) -> bool:
+    """Whether level L+1 is built from level L's training: its masks scored on L's trained weights, or those weights
+    kept (lr_rewind, finetune). Not with pruning.from_dense (every level from the dense network), nor for pruning at
+    initialization with weight rewinding (scores on the rewind point's weights)."""
+    from lottery.pruning import scores_at
+    p = cfg.pruning
+    return not p.from_dense and (scores_at(p) == "after_training" or p.retrain != "weight_rewind")
 
 
 def closing_summary(reps: list[Replicate], parent, finished_before: bool) -> None:

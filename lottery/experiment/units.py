@@ -155,9 +155,11 @@ def finish_unit(job: Job, result: dict, resume: Optional[dict] = None, wall_time
     log.info("%slevel %d %-12s weights remaining %6.2f%%  test acc %.4f%s", rep.name, level, tag,
              100 * record["weights_remaining"], record["test_accuracy"], early)
     if record["at_chance"]:
-        log.warning("%slevel %d %s ends at chance (test accuracy %.4f with %d classes) though its losses stayed "
-                    "finite: it learned nothing; recorded with at_chance: true (a learning rate too high or too low "
-                    "is the usual cause)", rep.name, level, tag, record["test_accuracy"], rep.split.pool.num_classes)
+        pool = rep.split.pool
+        log.warning("%slevel %d %s ends at chance (test accuracy %.4f with %d classes, the most frequent of them %.4f "
+                    "of the test set) though its losses stayed finite: it learned nothing; recorded with at_chance: "
+                    "true (a learning rate too high or too low is the usual cause)", rep.name, level, tag,
+                    record["test_accuracy"], pool.num_classes, pool.majority)
     return record
 
 
