@@ -52,6 +52,8 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     progress: bool = True
+    progress_every: float = 60.0  # seconds between the whole run's progress lines inside a unit (and one per unit)
+    estimate: bool = True  # before starting: the run's cost, with a time from a few timed steps of a copy of the model
     on_divergence: str = "stop"  # a non-finite loss: stop the run | continue with the units that do not depend on it
 
 
@@ -136,6 +138,8 @@ class Config:
     # branches) take effect: a user's extensions without editing lottery/.
     imports: List[str] = field(default_factory=list)
     ticket: Optional[str] = None  # lottery-retrain: path of the ticket file to retrain
+    # The end summary's answer: a ticket matches the dense network when its test accuracy is at most this far below.
+    match_tolerance: float = 0.005
 
 
 # Keys that do not define an experiment: where data lives, how a run is logged, shown, checkpointed and launched,
@@ -143,7 +147,8 @@ class Config:
 # a condition) and by sweep folder names (never part of a job's name). A key covers the keys below it.
 NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "deterministic",
                        "threads", "logger",
-                       "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "imports",
+                       "checkpoint", "train.progress", "train.progress_every", "train.estimate", "match_tolerance",
+                       "train.compile", "train.eval_batch_size", "imports",
                        "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra", "replicas",
                        "replica_batching")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.

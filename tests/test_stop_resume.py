@@ -43,7 +43,9 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_same_command_resumes(tmp_
     assert "stopped at step 30; checkpoint written; rerun the same command to resume" in log
     assert f"(it continues in {run_dir})" in log
     assert load_torch(run_dir / "levels" / "level_1" / "ticket" / "checkpoint.pt")["step"] == 30
-    assert "stopped at step 30" in (run_dir / "train.log").read_text()  # the log file says it too
+    log_file = (run_dir / "train.log").read_text()
+    assert "stopped at step 30" in log_file  # the log file says it too, and how far the run was
+    assert "progress: 1/3 units done (33%); elapsed " in log_file
 
     r = run_cli(*ARGS, *args, cwd=cwd, env={**ENV, **env})  # the very same command
     assert r.returncode == 0, r.stdout + r.stderr
@@ -128,3 +130,40 @@ def test_a_refused_single_run_leaves_nothing_behind(tmp_path, bad):
     named = tmp_path / "named"
     r = run_cli(*TINY, *bad, f"hydra.run.dir={named}", cwd=tmp_path, env=ENV)
     assert r.returncode == 2 and not named.exists()  # no .hydra/, no error.txt
+
+
+# --- progress, cost, the answer -------------------------------------------------------------------------------------
+
+def test_cost_progress_and_answer_in_the_log_and_the_measurement_changes_nothing(tmp_path, caplog):
+    caplog.set_level("INFO", logger="lottery")
+    args = ["pruning.levels=3", "pruning.branches=[reinit]", "train.progress_every=0"]
+    measured = run_experiment(tiny_cfg(*args, "train.estimate=true"), tmp_path / "measured")
+    text = caplog.text
+    assert "this run: 5 units (3 levels, ticket + reinit), 300 training steps; about " in text
+    assert "ms a step" in text and "s an evaluation" in text
+    for done in range(1, 6):
+        assert f"progress: {done}/5 units done ({100 * done // 5}%); elapsed " in text
+    assert "about 0s left" in text.splitlines()[-1] or "answer:" in text
+    plain = run_experiment(tiny_cfg(*args), tmp_path / "plain")
+    assert stable(measured) == stable(plain)  # the measurement changed no result and no random stream
+
+
+def test_the_answer_names_the_sparsest_matching_ticket_and_the_controls_there(tmp_path):
+    from types import SimpleNamespace
+
+    from lottery.experiment.progress import answer
+
+    def rec(level, branch, acc, remaining):
+        return {"level": level, "branch": branch, "test_accuracy": acc, "weights_remaining": remaining}
+
+    records = [rec(0, "ticket", 0.980, 1.0), rec(1, "ticket", 0.979, 0.8), rec(1, "reinit", 0.975, 0.8),
+               rec(2, "ticket", 0.9770, 0.64), rec(2, "reinit", 0.960, 0.64), rec(3, "ticket", 0.97, 0.512),
+               rec(3, "reinit", 0.95, 0.512)]
+    rep = SimpleNamespace(folder=SimpleNamespace(results=lambda: records))
+    line = answer([rep], 0.005)
+    assert line.startswith("answer: the sparsest ticket that matches the dense network (test accuracy 0.9800, "
+                           "within 0.5 points: match_tolerance=0.005) is level 2, 64.00% of the weights remaining, "
+                           "test accuracy 0.9770; there: reinit 0.9600 (-1.70 points)"), line
+    assert "is level 1," in answer([rep], 0.0015)
+    assert answer([rep], 0.0001).startswith("answer: no pruned ticket matches")
+    assert answer([SimpleNamespace(folder=SimpleNamespace(results=lambda: records[:1]))], 0.005) is None

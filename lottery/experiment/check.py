@@ -78,6 +78,12 @@ def checked(cfg: DictConfig) -> DictConfig:
     _choice(t.schedule, SCHEDULES, "train.schedule")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.on_divergence, POLICIES, "train.on_divergence")
+    if t.get("progress_every", 0) < 0:
+        raise ValueError(f"train.progress_every is in seconds and must be >= 0 (0: a line after each unit only), got "
+                         f"{t.progress_every}")
+    if not 0 <= cfg.get("match_tolerance", 0) < 1:
+        raise ValueError(f"match_tolerance is a test accuracy difference and must be in [0, 1), got "
+                         f"{cfg.match_tolerance}")
     _choice(str(cfg.device).split(":")[0], DEVICES, "device")
     check_device(cfg.device)  # cuda:7 on a two-GPU machine fails here, naming the GPUs there are
     if cfg.threads is not None and cfg.threads < 1:

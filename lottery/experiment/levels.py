@@ -24,7 +24,7 @@ from lottery.branches import BRANCHES
 from lottery.core.divergence import AtChance, Diverged
 from lottery.core.signals import stop_if_asked
 from lottery.core.files import load_torch, save_torch
-from lottery.experiment import callbacks, plan
+from lottery.experiment import callbacks, plan, progress
 from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.experiment.ticket import Ticket
 from lottery.experiment.units import BranchPlan, Job, context, execute, finish_branch, plan_branch
@@ -152,11 +152,24 @@ def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optio
 
 
 def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
-    """Run (or resume) every level of every replicate; returns the summary records of all of them."""
+    """Run (or resume) every level of every replicate; returns the summary records of all of them. The log says what
+    the run will cost before it starts and how far it is while it runs (lottery.experiment.progress)."""
     lineages = []
     for rep in reps:  # hundreds of replicates take a while to set up: a stop signal is honoured here too
         stop_if_asked("while setting up the replicates")
         lineages.append(Lineage(rep))
+    cfg = reps[0].cfg
+    tracking = progress.Progress(lineages, every=float(cfg.train.progress_every))
+    tracking.announce(lineages[0], measure=bool(cfg.train.estimate))
+    progress.CURRENT = tracking
+    try:
+        return _run_levels(lineages, how, parent)
+    finally:
+        progress.CURRENT = None
+
+
+def _run_levels(lineages: list[Lineage], how: str, parent) -> list[dict]:
+    reps = [lin.rep for lin in lineages]
     of = {id(lin.rep): lin for lin in lineages}
     units: dict[int, tuple[BranchPlan, int]] = {}  # id(job) -> (its branch plan, its index there)
     trained = []  # units trained by this process
@@ -246,3 +259,6 @@ def closing_summary(reps: list[Replicate], parent, finished_before: bool) -> Non
                                                          if r.get("instability_test") is not None else ""))
             log.info("%slevel %d  weights remaining %6.2f%%  %s", rep.name, level, 100 * recs[0]["weights_remaining"],
                      "  ".join(parts))
+    answer = progress.answer(reps, float(reps[0].cfg.match_tolerance))
+    if answer:
+        log.info("%s", answer)
