@@ -309,9 +309,20 @@ def unknown_option(args: list[str]) -> str | None:
     return None
 
 
-def _main(app) -> None:
-    """An entry point: the command line checked, the Hydra app, then the exit status of a multirun."""
-    error = unknown_option(sys.argv[1:])
+def _main(app, config_name: str = "config") -> None:
+    """An entry point: `--version`, the installation and the command line checked, the Hydra app, then the exit
+    status of a multirun."""
+    from lottery.config import schema
+    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, unknown_key, version_line
+    args = sys.argv[1:]
+    if "--version" in args:
+        print(version_line())
+        sys.exit(0)
+    broken = install_error()
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+        sys.exit(BROKEN_INSTALL_EXIT)
+    error = unknown_option(args) or unknown_key(args, CONF_DIR, config_name, schema(struct=True))
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -389,4 +400,4 @@ def _retrain(cfg: DictConfig) -> None:
 
 def retrain() -> None:
     """`lottery-retrain ticket=PATH [overrides]`: retrain a ticket in isolation."""
-    _main(_retrain)
+    _main(_retrain, "retrain")

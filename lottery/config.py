@@ -235,13 +235,22 @@ def conf_dir() -> str:
 OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch", "dst")
 
 
+def schema(struct: bool = False):
+    """The typed schema of conf/config.yaml: every key a config can have, the OPEN_NODES open (`struct`: the rest
+    closed, as in a composed config; Hydra closes it only once composed)."""
+    from omegaconf import OmegaConf
+    node = OmegaConf.structured(Config)
+    if struct:
+        OmegaConf.set_struct(node, True)
+    for key in OPEN_NODES:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    return node
+
+
 def register_configs() -> None:
     from omegaconf import OmegaConf
     cs = ConfigStore.instance()
-    schema = OmegaConf.structured(Config)
-    for key in OPEN_NODES:
-        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
-    cs.store(name="lottery_schema", node=schema)
+    cs.store(name="lottery_schema", node=schema())
     if not OmegaConf.has_resolver("lottery_dirname"):
         OmegaConf.register_new_resolver("lottery_dirname", lambda overrides: job_dirname(overrides or []))
     if not OmegaConf.has_resolver("lottery_run_id"):

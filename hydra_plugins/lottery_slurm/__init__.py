@@ -29,6 +29,20 @@ class LotterySlurmLauncher(SlurmLauncher):
         from lottery.launch import slurm
 
         assert self.config is not None and len(job_overrides) > 0
+        error = slurm.cluster_error()
+        if error:  # one line, not submitit's traceback; the sweep folder made for it goes again
+            import sys
+
+            from lottery.launch.checks import CREATED
+            print(f"error: {error}", file=sys.stderr)
+            if CREATED:  # a sweep folder made for this command holds only Hydra's multirun.yaml
+                (Path(str(self.config.hydra.sweep.dir)) / "multirun.yaml").unlink(missing_ok=True)
+            for d in reversed(CREATED):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            sys.exit(slurm.NO_CLUSTER_EXIT)
         slurm.warn_if_unsatisfiable(self.params)
         slurm.use_queue_watcher()
 
