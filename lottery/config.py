@@ -169,21 +169,55 @@ def non_experiment(key: str, extra: tuple = ()) -> bool:
 DIRNAME_BYTES = 200
 
 
-def job_dirname(overrides) -> str:
-    """A sweep job's folder name: its overrides, sorted, without the keys that do not define an experiment. Names
-    longer than DIRNAME_BYTES keep their first part and end in a digest of the whole ("~" and 12 hex digits): the
-    same overrides give the same folder (resume), different ones different folders."""
-    items = []
-    for line in overrides:
-        key = str(line).split("=", 1)[0].lstrip("+~")
-        if not non_experiment(key):
-            items.append(str(line).replace("/", "_"))
-    name = ",".join(sorted(items))
+# Characters a job folder's name keeps as they are; `=` becomes `-`, a list's `,` becomes `+`, brackets, quotes and
+# spaces go, anything else becomes `_`: no shell globbing or quoting hazard (`[`, `]`, `,`, `=`, `*`, ...).
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-~")
+_MAPPED = {"=": "-", ",": "+", "/": "_"}
+_DROPPED = set("[](){}'\" ")
+
+
+def _safe(text: str) -> str:
+    return "".join(_MAPPED.get(c, c if c in _SAFE or ord(c) > 127 else "_") for c in text if c not in _DROPPED)
+
+
+def _experiment_items(overrides) -> list[str]:
+    return sorted(str(line) for line in overrides if not non_experiment(str(line).split("=", 1)[0].lstrip("+~")))
+
+
+def _shorten(name: str) -> str:
+    """Names longer than DIRNAME_BYTES keep their first part and end in "~" and 12 hex digits of the whole."""
     raw = name.encode()
     if len(raw) <= DIRNAME_BYTES:
         return name
     tail = "~" + hashlib.sha1(raw).hexdigest()[:12]
     return raw[:DIRNAME_BYTES - len(tail)].decode(errors="ignore") + tail
+
+
+def job_dirname(overrides) -> str:
+    """A sweep job's folder name: its overrides, sorted, without the keys that do not define an experiment, written
+    with shell-safe characters only: `optimizer.lr=0.1 seed=1` is `optimizer.lr-0.1__seed-1`, a list
+    `train.milestones=[10it,20it]` is `train.milestones-10it+20it`. Long names end in a digest of the whole (the same
+    overrides give the same folder: resume; different ones different folders)."""
+    return _shorten("__".join(_safe(item) for item in _experiment_items(overrides)))
+
+
+def job_dirname_v1(overrides) -> str:
+    """The name sweeps had before job_dirname (`optimizer.lr=0.1,seed=1`): such a folder still resumes."""
+    return _shorten(",".join(item.replace("/", "_") for item in _experiment_items(overrides)))
+
+
+def _job_dirname_here(overrides, root) -> str:
+    """job_dirname, or the old name where the sweep folder holds this job under it (and not under the new one)."""
+    name = job_dirname(overrides or [])
+    try:
+        sweep = Path(str(root.hydra.sweep.dir))
+        num = root.hydra.job.num
+        old = job_dirname_v1(overrides or [])
+        if old != name and (sweep / f"{num}_{old}").is_dir() and not (sweep / f"{num}_{name}").exists():
+            return old
+    except Exception:  # noqa: BLE001 - no sweep folder known: the new name
+        pass
+    return name
 
 
 RUN_ID_HEX = 10
@@ -252,7 +286,8 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="lottery_schema", node=schema())
     if not OmegaConf.has_resolver("lottery_dirname"):
-        OmegaConf.register_new_resolver("lottery_dirname", lambda overrides: job_dirname(overrides or []))
+        OmegaConf.register_new_resolver("lottery_dirname", lambda overrides, *, _root_: _job_dirname_here(overrides,
+                                                                                                         _root_))
     if not OmegaConf.has_resolver("lottery_run_id"):
         OmegaConf.register_new_resolver("lottery_run_id", lambda *, _root_: run_id(_root_))
     _register_device_resolvers()
