@@ -12,7 +12,6 @@ from typing import Optional
 
 # Exit status of an entry point whose PyTorch or torchvision cannot be imported: EX_CONFIG (the installation is wrong).
 BROKEN_INSTALL_EXIT = 78
-CPU_INSTALL = "pip install -e '.[cpu]' --extra-index-url https://download.pytorch.org/whl/cpu"
 
 
 def version_line() -> str:
