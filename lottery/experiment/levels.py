@@ -98,7 +98,7 @@ class Lineage:
                 plan.trained_source(rep, level)
             model.load_state_dict(kept)
             if retrain == "finetune":
-                start, end, lr_at = steps.total, steps.total + finetune_steps(rep), steps.total - 1
+                start, end, lr_at = steps.total, steps.total + plan.finetune_steps(rep), steps.total - 1
         M.apply(model, masks)
         kept_state = cpu_state(model) if level and retrain != "weight_rewind" else None  # what the ticket starts from
 
@@ -128,14 +128,6 @@ class Lineage:
             plans.append(plan_branch(rep, context(rep, level, name, self.masks),
                                      plan.mask_cost(rep.cfg, level, self.tickets)))
         return plans
-
-
-def finetune_steps(rep: Replicate) -> int:
-    """Fine-tuning's budget: pruning.retrain_steps, by default what weight rewinding retrains (duration - rewind)."""
-    from lottery.core.steps import parse_steps
-    budget = rep.cfg.pruning.retrain_steps
-    return rep.steps.total - rep.steps.rewind if budget is None else \
-        parse_steps(budget, rep.steps.per_epoch, "pruning.retrain_steps")
 
 
 def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optional[dict],

@@ -36,7 +36,7 @@ def duration(seconds: float) -> str:
 def planned_units(lin) -> list[tuple[int, str, int]]:
     """(level, branch, training steps) of every record the lineage's run makes."""
     rep, cfg = lin.rep, lin.rep.cfg
-    from lottery.experiment.levels import finetune_steps
+    from lottery.experiment.plan import finetune_steps
     steps = rep.steps
     out = []
     for level in range(lin.n_levels):
