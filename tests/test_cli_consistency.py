@@ -40,13 +40,15 @@ def test_version_names_lottery_and_torch(tmp_path):
     (["model=conv2", "model.widht=3"], "unknown key 'model.widht'; did you mean model.width?"),
     (["experiment=lth_lenet_mnist", "pruning.levle=3"], "unknown key 'pruning.levle'; did you mean pruning.levels?"),
     (["xyzzy=3"], "unknown key 'xyzzy'; `--cfg job` prints every key"),
+    (["model.nme=resnet20"], "unknown key 'model.nme'; did you mean model.name?"),
 ])
 def test_a_mistyped_key_names_the_nearest_one(args, message):
     assert unknown_key(args, conf_dir(), "config", schema(struct=True)) == message
 
 
 @pytest.mark.parametrize("args", [["threads=1"], ["dataset.anything=1"], ["optimizer.momentum=0.9"],
-                                  ["pruning.rates.linear=0.2"], ["branch.lmc.points=3"], ["+new=1"], ["ticket=x"]])
+                                  ["pruning.rates.linear=0.2"], ["branch.lmc.points=3"], ["+new=1"], ["ticket=x"],
+                                  ["model.name=resnet99"]])  # a value (???) in the schema: checked later
 def test_keys_that_exist_or_are_checked_later_pass(args):
     assert unknown_key(args, conf_dir(), "config", schema(struct=True)) is None
 

@@ -111,7 +111,7 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
             if not isinstance(node, DictConfig) or node._get_flag("struct") is False or \
                     (schema is not None and node._metadata.object_type in (None, dict)):
                 break  # an open node (dataset, optimizer, ...: its registry checks its keys later), or a mapping
-            if part not in node:
+            if part not in list(node.keys()):  # (`in` is False for a key whose value is ??? too)
                 every = every or [k for k in _keys(cfg) if not k.startswith("hydra")]
                 near = difflib.get_close_matches(key, every, n=1, cutoff=0.6)
                 hint = f"; did you mean {near[0]}?" if near else "; `--cfg job` prints every key"

@@ -86,7 +86,9 @@ class Progress:
         cost += f", {self.total_steps:,} training steps"
         if self.done:
             cost += f"; {self.done} units ({self.total_steps - self.left_steps:,} steps) done already"
-        if measure and self.left_steps > 0:
+        if measure and self.left_steps > 0 and lin.rep.cfg.train.compile:
+            cost += "; no time estimate with train.compile (compiling would be most of what a measurement times)"
+        elif measure and self.left_steps > 0:
             step_s, eval_s = measure_step(lin)
             self.per_step = step_s
             evals = sum(u[3] // max(u[0].steps.eval_every, 1) + 1 for u in self.units
