@@ -26,9 +26,10 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-from lottery.config import conf_dir  # noqa: E402
+from lottery.config import conf_dir, register_configs  # noqa: E402
 
 CONF_DIR = conf_dir()  # source checkout or installed package: see lottery.config.conf_dir
+register_configs()  # the resolvers conf/init_study.yaml uses (lottery_dirname: shell-safe sweep job folders)
 LN10 = math.log(10)
 
 
