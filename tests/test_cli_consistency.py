@@ -27,7 +27,7 @@ def errors(r) -> list[str]:
 def test_version_names_lottery_and_torch(tmp_path):
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'^version = "(.+)"$', pyproject, re.M).group(1) == __version__
-    for entry in ("lottery.cli:train", "lottery.init_study:main"):
+    for entry in ("lottery.cli:train", "lottery.cli:retrain", "lottery.init_study:main", "lottery.report:main"):
         r = run_cli("--version", cwd=tmp_path, entry=entry)
         assert r.returncode == 0 and re.fullmatch(rf"lottery {re.escape(__version__)} \(torch \S+, torchvision \S+, "
                                                   rf"Python \S+\)\n", r.stdout), r.stdout + r.stderr
