@@ -37,13 +37,18 @@ def _is_user_error(e: BaseException) -> bool:
     return isinstance(e, USER_ERRORS) or (isinstance(e, RuntimeError) and "dataset.verify" in str(e))
 
 
-# Exit status of a job stopped by SIGUSR2/SIGTERM after its checkpoint: EX_TEMPFAIL, "try again" (scripts requeue on it).
+# Exit status of a job stopped by SIGUSR2/SIGTERM/SIGINT after its checkpoint: EX_TEMPFAIL, "try again" (scripts
+# requeue on it).
 PREEMPTED_EXIT = 75
+# Exit status of a run stopped by a second Ctrl-C, before its checkpoint: 128 + SIGINT, as the shell reports it.
+INTERRUPTED_EXIT = 130
 # Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
 # same command resumes once there is room.
 WRITE_FAILED_EXIT = 74
 # Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not done.
 DIVERGED_EXIT = 3
+# Exit status of an IMP run stopped because its next level would be built from a ticket at chance (AtChance).
+AT_CHANCE_EXIT = 4
 
 
 class _Job:
@@ -83,14 +88,33 @@ class _Job:
 
 def _guard(fn, job: _Job) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
-    from lottery.core.divergence import Diverged
-    from lottery.core.files import WriteFailed
-    from lottery.core.signals import Preempted, install_stop_handlers
-    from lottery.experiment.folder import FolderRefused
+    from lottery.core.signals import install_stop_handlers
     install_stop_handlers()
     _quiet_log_file_errors()
     run_dir = job.run_dir
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        _guarded(fn, job, multirun)
+    finally:
+        if not multirun and not job.owned:
+            _remove_created_folders()
+
+
+def _remove_created_folders() -> None:
+    """A single run that never owned its folder: the folders made for it (lottery.launch.checks) go again when they
+    are empty, so a refused or failed start leaves nothing behind."""
+    from lottery.launch.checks import CREATED
+    for d in reversed(CREATED):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty folder
+
+
+def _guarded(fn, job: _Job, multirun: bool) -> None:
+    from lottery.core.divergence import AtChance, Diverged
+    from lottery.core.files import WriteFailed
+    from lottery.core.signals import Interrupted, Preempted
+    from lottery.experiment.folder import FolderRefused
+    run_dir = job.run_dir
     try:
         fn()
     except FolderRefused as e:
@@ -100,7 +124,7 @@ def _guard(fn, job: _Job) -> None:
             sys.exit(2)
         _FAILED_JOBS.append(run_dir)
         _note_refused(run_dir, e)
-    except Diverged as e:
+    except (Diverged, AtChance) as e:
         # A result, not a bug: one line; in a multirun the job counts as failed (error.txt) and the others go on.
         _record_error(job, e)
         if multirun:
@@ -108,7 +132,7 @@ def _guard(fn, job: _Job) -> None:
             _FAILED_JOBS.append(run_dir)
             return
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT)
+        sys.exit(DIVERGED_EXIT if isinstance(e, Diverged) else AT_CHANCE_EXIT)
     except WriteFailed as e:
         # A full disk or a read-only folder is neither a bug nor a bad command: one line, the files in place are
         # intact, the rerun resumes.
@@ -120,13 +144,19 @@ def _guard(fn, job: _Job) -> None:
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in
         # hand_over, which exits; here nobody requeued), so a requeue or a rerun of the command resumes the job.
+        where = f" (it continues in {run_dir})" if not multirun else ""
         if job.owned:
             with contextlib.suppress(OSError):  # how a launcher tells a stopped job from a killed one
                 (run_dir / STOPPED).write_text(f"{e}\n")
-            log.warning("%s; rerun the same command to resume", e)
+            log.warning("%s; rerun the same command to resume%s", e, where)
         else:
-            print(f"warning: {e}; rerun the same command to resume", file=sys.stderr)
+            print(f"warning: {e}; rerun the same command to resume{where}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
+    except (Interrupted, KeyboardInterrupt):
+        # The second Ctrl-C: the last checkpoint (every checkpoint.every steps) is where a rerun continues.
+        print(f"error: interrupted twice: stopped at once without a new checkpoint; rerun the same command to resume "
+              f"from the last one{f' (in {run_dir})' if job.owned else ''}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
     except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
         _record_error(job, e)
         if multirun:
@@ -143,9 +173,10 @@ def _guard(fn, job: _Job) -> None:
 
 
 def _record_error(job: _Job, e: BaseException) -> None:
-    """error.txt (and, in a folder nobody owns, Hydra's overrides, so a sweep's table names the failed job). Best
-    effort: on a full disk this write fails too, and must not hide the error it records."""
-    if not job.may_record():
+    """error.txt (and, in a sweep's folder nobody owns, Hydra's overrides, so a sweep's table names the failed job).
+    A single run that does not own its folder writes nothing: its error is the line on stderr. Best effort: on a full
+    disk this write fails too, and must not hide the error it records."""
+    if not job.may_record() or (not job.owned and HydraConfig.get().mode != RunMode.MULTIRUN):
         return
     path = job.run_dir / "error.txt"
     try:
@@ -312,9 +343,20 @@ def unknown_option(args: list[str]) -> str | None:
     return None
 
 
-def _main(app) -> None:
-    """An entry point: the command line checked, the Hydra app, then the exit status of a multirun."""
-    error = unknown_option(sys.argv[1:])
+def _main(app, config_name: str = "config") -> None:
+    """An entry point: `--version`, the installation and the command line checked, the Hydra app, then the exit
+    status of a multirun."""
+    from lottery.config import schema
+    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, unknown_key, version_line
+    args = sys.argv[1:]
+    if "--version" in args:
+        print(version_line())
+        sys.exit(0)
+    broken = install_error()
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+        sys.exit(BROKEN_INSTALL_EXIT)
+    error = unknown_option(args) or unknown_key(args, CONF_DIR, config_name, schema(struct=True))
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -345,11 +387,11 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _run_experiment(cfg: DictConfig, job: _Job) -> None:
-    from lottery.core.divergence import Diverged
+    from lottery.core.divergence import AtChance, Diverged
     from lottery.experiment import run_experiment
     try:
         run_experiment(cfg, job.run_dir, on_owned=job.on_owned)
-    except Diverged:  # a result too: its figures mark the diverged units
+    except (Diverged, AtChance):  # a result too: its figures mark the diverged and at-chance units
         _figures_to_wandb(cfg, job.run_dir)
         raise
     _figures_to_wandb(cfg, job.run_dir)
@@ -392,4 +434,4 @@ def _retrain(cfg: DictConfig) -> None:
 
 def retrain() -> None:
     """`lottery-retrain ticket=PATH [overrides]`: retrain a ticket in isolation."""
-    _main(_retrain)
+    _main(_retrain, "retrain")

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from lottery.core.divergence import POLICIES
-from lottery.core.ranges import at_least, between, fraction, one_of, positive, setting
+from lottery.core.ranges import at_least, between, fraction, non_negative, one_of, positive, setting
 
 # Seeds feed torch.Generator.manual_seed, which takes 64-bit integers.
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -59,6 +59,9 @@ class TrainConfig:
     precision: str = setting("fp32", one_of("fp32", "tf32", "bf16"))
     compile: bool = False
     progress: bool = True
+    # seconds between the whole run's progress lines inside a unit (and one per unit)
+    progress_every: float = setting(60.0, non_negative())
+    estimate: bool = True  # before starting: the run's cost, with a time from a few timed steps of a copy of the model
     # a non-finite loss: stop the run | continue with the units that do not depend on it
     on_divergence: str = setting("stop", one_of(*POLICIES))
 
@@ -156,6 +159,8 @@ class Config:
     # The published numbers a preset reproduces (lottery.core.papers): documentation, not part of the experiment
     # (NON_EXPERIMENT_KEYS), read by `lottery-report --paper`; open, checked by lottery.core.papers.check_block.
     paper: Dict[str, Any] = field(default_factory=dict)
+    # The end summary's answer: a ticket matches the dense network when its test accuracy is at most this far below.
+    match_tolerance: float = setting(0.005, between(0, 1, hi_open=True))
 
 
 # Keys that do not define an experiment: where data lives, how a run is logged, shown, checkpointed and launched,
@@ -163,11 +168,18 @@ class Config:
 # a condition) and by sweep folder names (never part of a job's name). A key covers the keys below it.
 NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "deterministic",
                        "threads", "logger",
-                       "checkpoint", "train.progress", "train.compile", "train.eval_batch_size", "imports",
+                       "checkpoint", "train.progress", "train.progress_every", "train.estimate", "match_tolerance",
+                       "train.compile", "train.eval_batch_size", "imports",
                        "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra", "replicas",
                        "replica_batching", "paper")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
+
+
+# Keys that only add work to a run: a finished IMP run extends with more levels (or a later target) in the same folder
+# (lottery.experiment.folder checks that its earlier levels stay what they were), so the default run folder's name
+# leaves them out too.
+EXTENDING_KEYS = ("pruning.levels", "pruning.target")
 
 
 def non_experiment(key: str, extra: tuple = ()) -> bool:
@@ -178,21 +190,91 @@ def non_experiment(key: str, extra: tuple = ()) -> bool:
 DIRNAME_BYTES = 200
 
 
-def job_dirname(overrides) -> str:
-    """A sweep job's folder name: its overrides, sorted, without the keys that do not define an experiment. Names
-    longer than DIRNAME_BYTES keep their first part and end in a digest of the whole ("~" and 12 hex digits): the
-    same overrides give the same folder (resume), different ones different folders."""
-    items = []
-    for line in overrides:
-        key = str(line).split("=", 1)[0].lstrip("+~")
-        if not non_experiment(key):
-            items.append(str(line).replace("/", "_"))
-    name = ",".join(sorted(items))
+# Characters a job folder's name keeps as they are; `=` becomes `-`, a list's `,` becomes `+`, brackets, quotes and
+# spaces go, anything else becomes `_`: no shell globbing or quoting hazard (`[`, `]`, `,`, `=`, `*`, ...).
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+-~")
+_MAPPED = {"=": "-", ",": "+", "/": "_"}
+_DROPPED = set("[](){}'\" ")
+
+
+def _safe(text: str) -> str:
+    return "".join(_MAPPED.get(c, c if c in _SAFE or ord(c) > 127 else "_") for c in text if c not in _DROPPED)
+
+
+def _experiment_items(overrides) -> list[str]:
+    return sorted(str(line) for line in overrides if not non_experiment(str(line).split("=", 1)[0].lstrip("+~")))
+
+
+def _shorten(name: str) -> str:
+    """Names longer than DIRNAME_BYTES keep their first part and end in "~" and 12 hex digits of the whole."""
     raw = name.encode()
     if len(raw) <= DIRNAME_BYTES:
         return name
     tail = "~" + hashlib.sha1(raw).hexdigest()[:12]
     return raw[:DIRNAME_BYTES - len(tail)].decode(errors="ignore") + tail
+
+
+def job_dirname(overrides) -> str:
+    """A sweep job's folder name: its overrides, sorted, without the keys that do not define an experiment, written
+    with shell-safe characters only: `optimizer.lr=0.1 seed=1` is `optimizer.lr-0.1__seed-1`, a list
+    `train.milestones=[10it,20it]` is `train.milestones-10it+20it`. Long names end in a digest of the whole (the same
+    overrides give the same folder: resume; different ones different folders)."""
+    return _shorten("__".join(_safe(item) for item in _experiment_items(overrides)))
+
+
+def job_dirname_v1(overrides) -> str:
+    """The name sweeps had before job_dirname (`optimizer.lr=0.1,seed=1`): such a folder still resumes."""
+    return _shorten(",".join(item.replace("/", "_") for item in _experiment_items(overrides)))
+
+
+def _job_dirname_here(overrides, root) -> str:
+    """job_dirname, or the old name where the sweep folder holds this job under it (and not under the new one)."""
+    name = job_dirname(overrides or [])
+    try:
+        sweep = Path(str(root.hydra.sweep.dir))
+        num = root.hydra.job.num
+        old = job_dirname_v1(overrides or [])
+        if old != name and (sweep / f"{num}_{old}").is_dir() and not (sweep / f"{num}_{name}").exists():
+            return old
+    except Exception:  # noqa: BLE001 - no sweep folder known: the new name
+        pass
+    return name
+
+
+RUN_ID_HEX = 10
+
+
+def run_id(root) -> str:
+    """The default run folder's name below runs/<name>/ (hydra.run.dir): a digest of the settings that define the
+    experiment, so rerunning the same command finds its folder and resumes. Left out: the keys that define no
+    experiment (NON_EXPERIMENT_KEYS, which also leaves out where data lives and how the run is shown) and those that only
+    add work (EXTENDING_KEYS: more levels find the run they extend). A replicas run and a single run of the same
+    settings get different folders (one cannot hold the other)."""
+    import json
+
+    from omegaconf import OmegaConf
+    flat: dict = {}
+
+    def walk(value, prefix: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{prefix}{k}.")
+        elif not non_experiment(prefix[:-1]) and not any(prefix[:-1] == k or prefix.startswith(k + ".")
+                                                         for k in EXTENDING_KEYS):
+            flat[prefix[:-1]] = value
+
+    for key in root:
+        if key == "hydra":
+            continue
+        try:
+            value = OmegaConf.to_container(root[key], resolve=True) if OmegaConf.is_config(root[key]) else root[key]
+        except Exception:  # noqa: BLE001 - an interpolation only a later step resolves: its text defines it as well
+            value = OmegaConf.to_container(root[key], resolve=False) if OmegaConf.is_config(root[key]) else \
+                str(root._get_node(key))
+        walk(value, f"{key}.")
+    flat["replicas"] = root.get("replicas") is not None
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:RUN_ID_HEX]
 
 
 def conf_dir() -> str:
@@ -208,15 +290,27 @@ def conf_dir() -> str:
 OPEN_NODES = ("dataset", "optimizer", "pruning.criterion", "branch", "dst", "paper")
 
 
+def schema(struct: bool = False):
+    """The typed schema of conf/config.yaml: every key a config can have, the OPEN_NODES open (`struct`: the rest
+    closed, as in a composed config; Hydra closes it only once composed)."""
+    from omegaconf import OmegaConf
+    node = OmegaConf.structured(Config)
+    if struct:
+        OmegaConf.set_struct(node, True)
+    for key in OPEN_NODES:
+        OmegaConf.set_struct(OmegaConf.select(node, key), False)
+    return node
+
+
 def register_configs() -> None:
     from omegaconf import OmegaConf
     cs = ConfigStore.instance()
-    schema = OmegaConf.structured(Config)
-    for key in OPEN_NODES:
-        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
-    cs.store(name="lottery_schema", node=schema)
+    cs.store(name="lottery_schema", node=schema())
     if not OmegaConf.has_resolver("lottery_dirname"):
-        OmegaConf.register_new_resolver("lottery_dirname", lambda overrides: job_dirname(overrides or []))
+        OmegaConf.register_new_resolver("lottery_dirname", lambda overrides, *, _root_: _job_dirname_here(overrides,
+                                                                                                         _root_))
+    if not OmegaConf.has_resolver("lottery_run_id"):
+        OmegaConf.register_new_resolver("lottery_run_id", lambda *, _root_: run_id(_root_))
     _register_device_resolvers()
 
 

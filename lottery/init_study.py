@@ -28,10 +28,11 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-from lottery.config import conf_dir  # noqa: E402
+from lottery.config import conf_dir, register_configs  # noqa: E402
 from lottery.core.ranges import at_least, positive, setting  # noqa: E402
 
 CONF_DIR = conf_dir()  # source checkout or installed package: see lottery.config.conf_dir
+register_configs()  # the resolvers conf/init_study.yaml uses (lottery_dirname: shell-safe sweep job folders)
 LN10 = math.log(10)
 
 
@@ -167,9 +168,11 @@ def predicted(model, init: dict) -> tuple[list[float], list[float]] | None:
 
 def run_study(cfg) -> list[dict]:
     """Rows of (init, layer, pass) with the measured and predicted log10 variance, averaged over seeds."""
+    if cfg.get("threads") is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1 (or null: 1), got {cfg.threads}")
     threads = torch.get_num_threads()
-    # 100x100 matrices: extra threads only add synchronisation, which costs 20x on a busy machine
-    torch.set_num_threads(1)
+    # 100x100 matrices: extra threads only add synchronisation, which costs 20x on a busy machine (threads=null: 1)
+    torch.set_num_threads(int(cfg.get("threads") or 1))
     try:
         return _run_study(cfg)
     finally:
@@ -369,7 +372,15 @@ def model_options() -> list[str]:
 
 def main() -> None:
     """`lottery-init-study [overrides]`."""
-    error = command_line_error(sys.argv[1:])
+    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, unknown_key, version_line
+    if "--version" in sys.argv[1:]:
+        print(version_line())
+        sys.exit(0)
+    broken = install_error()
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+        sys.exit(BROKEN_INSTALL_EXIT)
+    error = command_line_error(sys.argv[1:]) or unknown_key(sys.argv[1:], CONF_DIR, "init_study")
     if error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -32,7 +32,7 @@ DATA = data_root(os.environ)
 
 # Small enough to train in well under a second per unit on two cores.
 TINY = ["dataset=synthetic", "train.duration=60it", "train.eval_every=20it", "train.batch_size=32",
-        "train.progress=false", "checkpoint.every=20it"]
+        "train.progress=false", "checkpoint.every=20it", "train.estimate=false"]
 
 
 def synthetic_split(shape: str = "mnist", n_train: int = 512, n_test: int = 128, val_size: int = 64,

@@ -119,9 +119,36 @@ def test_job_folder_names_stay_within_the_file_system_limit():
     the same overrides (a sweep resumes into it) and differs for others; short names are the overrides themselves."""
     from lottery.config import DIRNAME_BYTES, job_dirname
     short = ["optimizer.lr=0.1", "seed=1"]
-    assert job_dirname(short) == "optimizer.lr=0.1,seed=1"
+    assert job_dirname(short) == "optimizer.lr-0.1__seed-1"
     long = [f"train.milestones=[{','.join(f'{i}it' for i in range(60))}]", "seed=1"]
     name = job_dirname(long)
-    assert len(name.encode()) <= DIRNAME_BYTES and name.startswith("seed=1,train.milestones=[0it,1it")
+    assert len(name.encode()) <= DIRNAME_BYTES and name.startswith("seed-1__train.milestones-0it+1it")
     assert name == job_dirname(list(reversed(long))) and name != job_dirname([*long[:1], "seed=2"])
     assert len(job_dirname(["x=" + "é" * 300]).encode()) <= DIRNAME_BYTES  # cut on a character, not inside one
+
+
+def test_job_folder_names_are_shell_safe_and_readable():
+    from lottery.config import job_dirname
+    name = job_dirname(["train.milestones=[10it,20it]", "optimizer.lr=-0.1", "init=custom/mine", "model.hidden=[64, 32]",
+                        "pruning.branches=[reinit]", "name=x"])  # the last two define no experiment
+    assert name == "init-custom_mine__model.hidden-64+32__optimizer.lr--0.1__train.milestones-10it+20it"
+    assert not set(name) & set("[],=*?'\" ;&|$`()<>{}!#/")
+
+
+def test_a_sweep_folder_named_the_old_way_resumes(tmp_path):
+    """A job folder of an earlier version (`0_seed=1`) is found by the same sweep again, not trained anew."""
+    from lottery.config import job_dirname, job_dirname_v1
+    sweep_dir = tmp_path / "sweep"
+    args = [*TINY, "seed=1"]
+    r = multirun(sweep_dir, "-m", *args)
+    assert r.returncode == 0, r.log
+    [new] = jobs(sweep_dir)
+    assert new.name == f"0_{job_dirname(args)}" and "__seed-1__" in new.name
+    old = sweep_dir / f"0_{job_dirname_v1(args)}"
+    assert ",seed=1," in old.name
+    new.rename(old)
+    before = (old / "summary.json").read_bytes()
+    r = multirun(sweep_dir, "-m", *args)
+    assert r.returncode == 0, r.log
+    assert jobs(sweep_dir) == [old] and "nothing was trained" in r.log
+    assert (old / "summary.json").read_bytes() == before

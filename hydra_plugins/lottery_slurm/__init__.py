@@ -85,6 +85,20 @@ class LotterySlurmLauncher(_EachJobWaited, SlurmLauncher):
 
     def _prepare(self) -> dict:
         from lottery.launch import slurm
+        error = slurm.cluster_error()
+        if error:  # one line, not submitit's traceback; the sweep folder made for it goes again
+            import sys
+
+            from lottery.launch.checks import CREATED
+            print(f"error: {error}", file=sys.stderr)
+            if CREATED:  # a sweep folder made for this command holds only Hydra's multirun.yaml
+                (Path(str(self.config.hydra.sweep.dir)) / "multirun.yaml").unlink(missing_ok=True)
+            for d in reversed(CREATED):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            sys.exit(slurm.NO_CLUSTER_EXIT)
         slurm.warn_if_unsatisfiable(self.params)
         slurm.use_queue_watcher()
         return {"slurm_max_num_timeout": self.params["max_num_timeout"]}

@@ -59,3 +59,20 @@ class Diverged(Exception):
             f"training diverged: {'; '.join(describe(r, replicas) for r in self.records)}; recorded as diverged: true in "
             f"summary.json, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
             f"train.warmup) and run again in a new folder")
+
+
+class AtChance(Exception):
+    """Raised when IMP would build a next level from a ticket that ended at chance (it learned nothing: pruning its
+    weights ranks noise), after that level's records are written. A method that trains every level from the dense
+    network (pruning.from_dense, or pruning at initialization) is not stopped: its collapsed level is a result."""
+
+    def __init__(self, records: Iterable[dict], replicas: bool = False):
+        self.records = list(records)
+        who = (lambda r: f"replicate {r.get('replicate')}: ") if replicas else (lambda r: "")
+        which = "; ".join(f"{who(r)}level {r['level']} ticket, test accuracy {r['test_accuracy']:.4f}"
+                          for r in self.records)
+        super().__init__(
+            f"a ticket ended at chance ({which}; no better than predicting the most frequent class), and the next "
+            f"level would be pruned from it: the run stopped there, its records written with at_chance: true"
+            f"{' (the other replicates finished)' if replicas else ''}. A learning rate too high or too low is the "
+            f"usual cause: change optimizer.lr and run again in a new folder")

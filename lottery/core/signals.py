@@ -1,5 +1,6 @@
-"""Stop requests: SIGUSR2 (SLURM's warning before a time limit) and SIGTERM (preemption) ask the training loop to
-checkpoint and stop; `Preempted` is what the loop raises once the checkpoint is on disk."""
+"""Stop requests: SIGUSR2 (SLURM's warning before a time limit), SIGTERM (preemption) and SIGINT (Ctrl-C) ask the
+training loop to checkpoint and stop; `Preempted` is what the loop raises once the checkpoint is on disk. A second
+Ctrl-C stops at once (`Interrupted`), without waiting for the checkpoint."""
 from __future__ import annotations
 
 import logging
@@ -12,25 +13,36 @@ class Preempted(Exception):
     """Raised after a checkpoint was written because the job was asked to stop (SIGUSR2/SIGTERM)."""
 
 
+class Interrupted(Exception):
+    """A second Ctrl-C while the first one's checkpoint was pending: the process stops at once."""
+
+
 _stop: dict = {"signal": None, "previous": {}}
 
 
 def _handler(signum, frame):
+    if signum == signal.SIGINT and _stop["signal"] == signal.SIGINT:
+        _stop["signal"] = None
+        raise Interrupted("interrupted twice: stopped at once, without a new checkpoint")
     _stop["signal"] = signum
-    log.warning("received %s: will checkpoint and stop at the next step", signal.Signals(signum).name)
+    if signum == signal.SIGINT:
+        log.warning("Ctrl-C: will checkpoint and stop at the next step (Ctrl-C again stops at once)")
+    else:
+        log.warning("received %s: will checkpoint and stop at the next step", signal.Signals(signum).name)
 
 
 def install_stop_handlers() -> None:
-    """SIGUSR2 (SLURM's warning before a time limit, as submitit configures it) and SIGTERM (preemption) ask the
-    training loop to checkpoint and stop. The handlers they replace (submitit's, which requeue the job) are kept and
-    called by `hand_over` once the checkpoint is on disk, so the requeued job finds it."""
+    """SIGUSR2 (SLURM's warning before a time limit, as submitit configures it), SIGTERM (preemption) and SIGINT
+    (Ctrl-C, treated like SIGTERM) ask the training loop to checkpoint and stop. The handlers they replace
+    (submitit's, which requeue the job) are kept and called by `hand_over` once the checkpoint is on disk, so the
+    requeued job finds it."""
     import threading
     if threading.current_thread() is not threading.main_thread():
         return
-    for sig in (getattr(signal, "SIGUSR2", None), signal.SIGTERM):
+    for sig in (getattr(signal, "SIGUSR2", None), signal.SIGTERM, signal.SIGINT):
         if sig is not None:
             previous = signal.signal(sig, _handler)
-            if previous is not _handler:
+            if previous is not _handler and sig != signal.SIGINT:  # Python's SIGINT handler raises KeyboardInterrupt
                 _stop["previous"][sig] = previous
 
 

@@ -26,10 +26,11 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
-from lottery.config import non_experiment
+from lottery.config import EXTENDING_KEYS, non_experiment
 from lottery.core.files import (CHECKSUM_SUFFIX, Checkpoints, Damaged, WriteFailed, checksum_path, fsync_file,
                                  load_json, remove_temp_files, save_json, verify, write_text)
 from lottery.experiment.records import without_details
@@ -225,7 +226,9 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self):
         """One process per run folder: a resubmitted job must not train into a folder its twin is still using. The
-        lock file is opened without writing to it, so a refused process leaves the folder as it was."""
+        lock file is opened without writing to it, so a refused process leaves the folder as it was; one that fails
+        before writing anything takes its lock file (and the folder, if it made it) away again."""
+        created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             f = open(self.path / ".lock", "a")
@@ -242,6 +245,10 @@ class RunFolder:
             except BaseException:
                 with contextlib.suppress(OSError):  # the error that ended the run is the one to report
                     self.sync()
+                    if os.listdir(self.path) == [".lock"]:  # nothing written: leave nothing behind
+                        (self.path / ".lock").unlink()
+                        if created:
+                            self.path.rmdir()
                 raise
             else:
                 self.sync()
@@ -267,9 +274,11 @@ class RunFolder:
     def holds_replicas(self) -> bool:
         return (self.path / "replicas.json").exists()
 
-    def check_config(self, resolved: dict) -> bool:
+    def check_config(self, resolved: dict, extends: Optional[Callable[[dict], Optional[str]]] = None) -> bool:
         """Refuse (ValueError naming the differing keys) if the folder holds another experiment; True if it holds
-        this one (a resume). Reads only."""
+        this one (a resume). A config that differs only in keys that add work (config.EXTENDING_KEYS: more levels, a
+        later target) is this experiment extended when `extends(old config)` finds no reason (returned as a string)
+        against it. Reads only."""
         if not self.config.exists():
             return False
         try:
@@ -285,9 +294,15 @@ class RunFolder:
                                 f"what this folder holds is unknown; choose another folder with hydra.run.dir=..., "
                                 f"or restore the file") from None
         diff = differences(old, resolved)
+        why = ""
+        if diff and extends is not None and set(diff) <= set(EXTENDING_KEYS):
+            reason = extends(old)
+            if reason is None:
+                return True
+            why = f": {reason}"
         if diff:
             raise FolderRefused(f"run folder {self.path} already holds a different experiment (differs in: "
-                                f"{', '.join(diff)}); refusing to overwrite it. Choose another folder with "
+                                f"{', '.join(diff)}{why}); refusing to overwrite it. Choose another folder with "
                                 f"hydra.run.dir=... or rerun with the same settings to resume it")
         return True
 

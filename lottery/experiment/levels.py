@@ -21,10 +21,10 @@ from typing import Optional
 
 from lottery import masks as M
 from lottery.branches import BRANCHES
-from lottery.core.divergence import Diverged
+from lottery.core.divergence import AtChance, Diverged
 from lottery.core.signals import stop_if_asked
 from lottery.core.files import load_torch, save_torch
-from lottery.experiment import callbacks, plan
+from lottery.experiment import callbacks, plan, progress
 from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.experiment.ticket import Ticket
 from lottery.experiment.units import BranchPlan, Job, context, execute, finish_branch, plan_branch
@@ -55,6 +55,7 @@ class Lineage:
         self.ticket: dict = {}
         self.tickets: dict[int, dict] = {}  # each level's ticket record (what training its masks cost)
         self.diverged: list[dict] = []
+        self.at_chance: Optional[dict] = None  # the at-chance ticket a next level would have been built from
         self.stopped = False
 
     def check(self, record: dict) -> None:
@@ -98,7 +99,7 @@ class Lineage:
                 plan.trained_source(rep, level)
             model.load_state_dict(kept)
             if retrain == "finetune":
-                start, end, lr_at = steps.total, steps.total + finetune_steps(rep), steps.total - 1
+                start, end, lr_at = steps.total, steps.total + plan.finetune_steps(rep), steps.total - 1
         if not starts_dense(rep.cfg.dst):  # gradual pruning: dense at the start, the masks are its target
             M.apply(model, masks)
         kept_state = cpu_state(model) if level and retrain != "weight_rewind" else None  # what the ticket starts from
@@ -131,14 +132,6 @@ class Lineage:
         return plans
 
 
-def finetune_steps(rep: Replicate) -> int:
-    """Fine-tuning's budget: pruning.retrain_steps, by default what weight rewinding retrains (duration - rewind)."""
-    from lottery.core.steps import parse_steps
-    budget = rep.cfg.pruning.retrain_steps
-    return rep.steps.total - rep.steps.rewind if budget is None else \
-        parse_steps(budget, rep.steps.per_epoch, "pruning.retrain_steps")
-
-
 def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optional[dict],
                 start_state: Optional[dict] = None) -> Ticket:
     """The ticket file of `level`: its masks and the state its training starts from (the rewind point's, masked,
@@ -153,11 +146,24 @@ def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optio
 
 
 def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
-    """Run (or resume) every level of every replicate; returns the summary records of all of them."""
+    """Run (or resume) every level of every replicate; returns the summary records of all of them. The log says what
+    the run will cost before it starts and how far it is while it runs (lottery.experiment.progress)."""
     lineages = []
     for rep in reps:  # hundreds of replicates take a while to set up: a stop signal is honoured here too
         stop_if_asked("while setting up the replicates")
         lineages.append(Lineage(rep))
+    cfg = reps[0].cfg
+    tracking = progress.Progress(lineages, every=float(cfg.train.progress_every))
+    tracking.announce(lineages[0], measure=bool(cfg.train.estimate))
+    progress.CURRENT = tracking
+    try:
+        return _run_levels(lineages, how, parent)
+    finally:
+        progress.CURRENT = None
+
+
+def _run_levels(lineages: list[Lineage], how: str, parent) -> list[dict]:
+    reps = [lin.rep for lin in lineages]
     of = {id(lin.rep): lin for lin in lineages}
     units: dict[int, tuple[BranchPlan, int]] = {}  # id(job) -> (its branch plan, its index there)
     trained = []  # units trained by this process
@@ -204,13 +210,27 @@ def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
         for lin in active:
             if lin.ticket.get("diverged"):
                 lin.stopped = True  # a diverged ticket is never pruned to make the next level
+            elif lin.ticket.get("at_chance") and level + 1 < lin.n_levels and builds_on_previous(lin.rep.cfg):
+                lin.at_chance, lin.stopped = lin.ticket, True  # nor is one that learned nothing
         callbacks.level_done(level, [rep.folder.path for rep in reps], parent)
     summaries = [rec for rep in reps for rec in rep.folder.write_summary()]
     closing_summary(reps, parent, finished_before=not trained)
     diverged = [r for lin in lineages for r in lin.diverged]
     if diverged:  # the units that did not depend on a diverged one are done; the run still failed
         raise Diverged(diverged, stopped=reps[0].cfg.train.on_divergence == "stop", replicas=parent is not None)
+    collapsed = [lin.at_chance for lin in lineages if lin.at_chance is not None]
+    if collapsed:
+        raise AtChance(collapsed, replicas=parent is not None)
     return summaries
+
+
+def builds_on_previous(cfg) -> bool:
+    """Whether level L+1 is built from level L's training: its masks scored on L's trained weights, or those weights
+    kept (lr_rewind, finetune). Not with pruning.from_dense (every level from the dense network), nor for pruning at
+    initialization with weight rewinding (scores on the rewind point's weights)."""
+    from lottery.pruning import scores_at
+    p = cfg.pruning
+    return not p.from_dense and (scores_at(p) == "after_training" or p.retrain != "weight_rewind")
 
 
 def closing_summary(reps: list[Replicate], parent, finished_before: bool) -> None:
@@ -233,3 +253,6 @@ def closing_summary(reps: list[Replicate], parent, finished_before: bool) -> Non
                                                          if r.get("instability_test") is not None else ""))
             log.info("%slevel %d  weights remaining %6.2f%%  %s", rep.name, level, 100 * recs[0]["weights_remaining"],
                      "  ".join(parts))
+    answer = progress.answer(reps, float(reps[0].cfg.match_tolerance))
+    if answer:
+        log.info("%s", answer)

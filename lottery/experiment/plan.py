@@ -28,6 +28,14 @@ def level_count(cfg, masks: M.Masks, prunable) -> int:
     return p.levels
 
 
+def finetune_steps(rep) -> int:
+    """Fine-tuning's budget: pruning.retrain_steps, by default what weight rewinding retrains (duration - rewind)."""
+    from lottery.core.steps import parse_steps
+    budget = rep.cfg.pruning.retrain_steps
+    return rep.steps.total - rep.steps.rewind if budget is None else \
+        parse_steps(budget, rep.steps.per_epoch, "pruning.retrain_steps")
+
+
 def preflight(rep, model) -> int:
     """Everything about the pruning plan that can be wrong, found before any work: the number of levels, a layer that
     the planned counts would empty (layerwise pruning and density distributions: the counts are known without

@@ -37,6 +37,7 @@ class Replicate:
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         self.tracker: Optional[Tracker] = None  # set by the session once the folder is written
         self.resolved: dict = {}
+        self.extends: Optional[tuple[int, int]] = None  # (levels the folder had, levels now): a run extended
         self._rewind_state: Optional[dict] = None
 
     def batches(self, data_seed: Optional[int] = None) -> Batches:

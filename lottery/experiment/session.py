@@ -142,8 +142,9 @@ def _check_parent(parent: Path, cfg, seeds: list[int]) -> list[int]:
         raise FolderRefused(f"{path} is unreadable ({type(e).__name__}); what this replicas folder holds is unknown: "
                             f"choose another folder with hydra.run.dir=..., or restore the file") from None
     if "config" in old:
+        from lottery.config import EXTENDING_KEYS
         diff = differences(old["config"], _parent_config(cfg))
-        if diff:
+        if diff and not set(diff) <= set(EXTENDING_KEYS):  # more levels: each replicate's folder decides
             raise FolderRefused(f"replicas folder {parent} already holds replicates of a different experiment "
                                 f"(differs in: {', '.join(diff)}); choose another folder with hydra.run.dir=... or "
                                 f"rerun with the same settings to resume or add replicates")
@@ -178,6 +179,25 @@ def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
             f"activations and checkpoints, and about {len(seeds)} times a single run's training time: batched "
             f"replicas save per-step overhead, not arithmetic. Fewer replicates per job (a sweep over seed lists) "
             f"spread them over jobs")
+
+
+def _extension(rep: Replicate, old: dict) -> Optional[str]:
+    """None when `rep`'s config extends the run `old` (its config.yaml) with more levels, which leaves every level it
+    has as it is: IMP's level L keeps the same count whatever the number of levels (pruning.rate per level; a target
+    only says when to stop). Otherwise why not. Sets `rep.extends` to (old levels, new levels)."""
+    from lottery import masks as M
+    from lottery.experiment.plan import level_count
+    if (old.get("pruning") or {}).get("one_shot") or rep.cfg.pruning.one_shot:
+        return "one-shot pruning goes straight to pruning.target, so another target is another pruned level"
+    model = rep.new_model()
+    prunable = rep.prunable(model)
+    before = level_count(OmegaConf.create(old), M.ones(model, prunable), prunable)
+    after = level_count(rep.cfg, M.ones(model, prunable), prunable)
+    if after < before:
+        return (f"the folder holds {before} levels and this command asks for {after}; fewer levels would leave "
+                f"its later ones out of its config (lottery-report reads any level of the folder as it is)")
+    rep.extends = (before, after)
+    return None
 
 
 @contextlib.contextmanager
@@ -229,7 +249,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             if seeds is not None:
                 rep.name = f"replicate {rcfg.seed}: "
             rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
-            if folder.check_config(rep.resolved):
+            if folder.check_config(rep.resolved, extends=lambda old, rep=rep: _extension(rep, old)):
                 folder.check_files()
                 resumed.append(folder.path)
             reps.append(rep)
@@ -267,6 +287,10 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
         if resumed:
             log.info("resuming %s", resumed[0] if len(resumed) == 1 else
                      f"{len(resumed)} of {len(folders)} replicate folders in {parent}")
+        extended = [rep.extends for rep in reps if rep.extends]
+        if extended and extended[0][1] > extended[0][0]:
+            log.info("extending the run from %d to %d levels (level 0 included); the levels it has stay as they are",
+                     *extended[0])
         if parent is not None:
             save_json({"replicas": listed, "folders": [f"replicate_{s}" for s in listed],
                        "config": _parent_config(cfg)}, parent / "replicas.json")

@@ -16,7 +16,7 @@ from lottery.branches import BRANCHES, LevelContext, Unit
 from lottery.core import device as D
 from lottery.core.files import load_torch, save_torch
 from lottery.core.signals import Preempted, hand_over, stop_if_asked, stop_requested
-from lottery.experiment import callbacks, plan
+from lottery.experiment import callbacks, plan, progress
 from lottery.experiment.records import DETAIL_KEYS, unit_record, without_details
 from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.core.seeds import derive_seed
@@ -126,6 +126,8 @@ def finish_branch(plan_: BranchPlan) -> dict:
                      "%s", rep.name, ctx.level, ctx.branch, record["instability_test"],
                      record.get("instability_train") or 0.0, record.get("lmc_step"))
     rep.folder.save_result(ctx.level, ctx.branch, record)
+    if progress.CURRENT is not None:
+        progress.CURRENT.unit_done(0)  # the branch's record: its units' steps are counted
     record = without_details(record)
     rep.tracker.level(record)
     rep.folder.write_summary()
@@ -157,9 +159,11 @@ def finish_unit(job: Job, result: dict, resume: Optional[dict] = None, wall_time
     log.info("%slevel %d %-12s weights remaining %6.2f%%  test acc %.4f%s", rep.name, level, tag,
              100 * record["weights_remaining"], record["test_accuracy"], early)
     if record["at_chance"]:
-        log.warning("%slevel %d %s ends at chance (test accuracy %.4f with %d classes) though its losses stayed "
-                    "finite: it learned nothing; recorded with at_chance: true (a learning rate too high or too low "
-                    "is the usual cause)", rep.name, level, tag, record["test_accuracy"], rep.split.pool.num_classes)
+        pool = rep.split.pool
+        log.warning("%slevel %d %s ends at chance (test accuracy %.4f with %d classes, the most frequent of them %.4f "
+                    "of the test set) though its losses stayed finite: it learned nothing; recorded with at_chance: "
+                    "true (a learning rate too high or too low is the usual cause)", rep.name, level, tag,
+                    record["test_accuracy"], pool.num_classes, pool.majority)
     return record
 
 
@@ -220,15 +224,23 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
         held = lr_schedule(cfg.train, steps)(first.lr_at)
         lr = lambda step: held  # noqa: E731
     began = time.perf_counter()
+    tracking = progress.CURRENT
+    if tracking is not None:
+        tracking.unit_started(f"{first.rep.name}level {first.level} of {tracking.levels - 1} "
+                              f"{first.tag if len(group) == 1 else f'({len(group)} networks)'}")
     try:
         results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
-                        updater=None if rule is None else (rule, settings))
+                        updater=None if rule is None else (rule, settings),
+                        on_step=None if tracking is None else tracking.step)
     except Preempted:
         hand_over()
         raise
     wall = round(time.perf_counter() - began, 3)
     for (job, state), result in zip(group, results):
-        on_record(job, finish_unit(job, result, state, wall))
+        record = finish_unit(job, result, state, wall)
+        if tracking is not None:
+            tracking.unit_done(result["steps"] - result["start_step"], counted=not job.unit)
+        on_record(job, record)
 
 
 def _checkpoint(job: Job) -> Optional[dict]:

@@ -14,11 +14,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 WRITE_FAILED_EXIT = 74
+# The folders this process created for its run folder (the run folder and the parents it lacked), deepest last: a
+# single run refused before it owned its folder removes those that stayed empty (lottery.cli), leaving nothing behind.
+CREATED: list[Path] = []
 
 
 def _require_folder(path: str) -> None:
+    CREATED.clear()
+    missing = [p for p in [Path(path), *Path(path).parents] if not p.exists()]
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
+        CREATED.extend(reversed(missing))
     except OSError as e:
         print(f"error: cannot create the run folder {path}: {e.strerror or e}; choose a folder you can write with "
               f"hydra.run.dir=... (hydra.sweep.dir=... for a multirun), or make this one writable", file=sys.stderr)

@@ -19,9 +19,32 @@ from pathlib import Path
 
 log = logging.getLogger("lottery")
 
+# Exit status of `launcher=slurm` where no SLURM controller answers: EX_UNAVAILABLE.
+NO_CLUSTER_EXIT = 69
+SQUEUE_TIMEOUT_S = 30
 SACCT_TIMEOUT_S = 60   # an accounting database slower than this is skipped for one poll: squeue answers instead
 POLL_DELAY_S = 60      # job states are polled at 2, 4, 8, ... s after a submission, then at least this often
 GONE = "NOT_IN_QUEUE"  # our state for a job the controller no longer knows (ended more than MinJobAge ago)
+
+
+def cluster_error() -> str | None:
+    """Why no job can be submitted from here (no SLURM commands, or a controller that does not answer), else None."""
+    import shutil
+    missing = [c for c in ("sbatch", "srun", "squeue") if shutil.which(c) is None]
+    if missing:
+        return (f"launcher=slurm needs a SLURM cluster, but {', '.join(missing)} is not on PATH here (not a SLURM login "
+                f"node?); run there, or use launcher=local or launcher=submitit_local on this machine")
+    try:
+        r = subprocess.run(["squeue", "--noheader", "--user", "nobody"], capture_output=True, text=True,
+                           timeout=SQUEUE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return (f"launcher=slurm: the SLURM controller did not answer squeue in {SQUEUE_TIMEOUT_S} s; check that "
+                f"slurmctld is up (scontrol ping), or use launcher=local")
+    if r.returncode != 0:
+        detail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        return f"launcher=slurm: the SLURM controller cannot be reached (squeue: {detail}); check scontrol ping, or " \
+               f"use launcher=local"
+    return None
 
 
 def _queue_watcher_class():

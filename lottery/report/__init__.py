@@ -65,6 +65,8 @@ def main(argv=None) -> int:
                     "runs.csv and an aggregated table (aggregate.csv, aggregate.md, aggregate.tex: mean, std and "
                     "count over replicates per condition and level) and draw the lottery-ticket figures (PNG and "
                     "SVG). A file that cannot be read is one warning line; the other runs are still reported.")
+    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, version_line
+    parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("paths", nargs="+", help="run folders, sweep folders, or any folder above them")
     parser.add_argument("--out", help="output folder (default: <path>/report for one path, ./report otherwise)")
     parser.add_argument("--imports", action="append", default=[], metavar="MODULE[,MODULE]",
@@ -75,6 +77,10 @@ def main(argv=None) -> int:
                              "± std over replicates, agrees / does not agree / cannot be compared at this scale): "
                              "paper.md, paper.csv, paper.png/.svg")
     args = parser.parse_args(argv)
+    broken = install_error()
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+        return BROKEN_INSTALL_EXIT
     modules = [m.strip() for entry in args.imports for m in entry.split(",") if m.strip()]
     try:
         _import(modules)

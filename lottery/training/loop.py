@@ -69,14 +69,15 @@ class Network:
 
 def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
           layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
-          updater: Optional[tuple] = None) -> list[dict]:
+          updater: Optional[tuple] = None, on_step: Optional[Callable[[int, int, int], None]] = None) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
     after their checkpoint's step and end bit-identical to an uninterrupted run.
 
     `lr`: the multiplier of the base learning rate at each step (default: the schedule of `train.*`; fine-tuning
     holds the final one). `updater`: (a MaskUpdater class, its settings) of lottery.training.updaters: the masks
-    change during training (each network's masks are edited in place, and its result adds the updater's keys)."""
+    change during training (each network's masks are edited in place, and its result adds the updater's keys).
+    `on_step(networks, step, end)`: called after every step (the whole run's progress)."""
     tcfg = cfg.train
     end = steps.total if end is None else end
     n = len(networks)
@@ -223,6 +224,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
                 loss_count[u] += 1
             step += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(n, step, end)
             if log_every:
                 log_sum += losses
                 if step % log_every == 0:

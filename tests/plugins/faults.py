@@ -4,6 +4,7 @@ environment variable LOTTERY_FAULT, comma-separated `key=value` pairs:
 
     signal_at=K / kill_at=K   SIGUSR2 / SIGKILL this process after step K of the unit given by
     term_at=K                 SIGTERM this process after step K (a job stopped by its scheduler)
+    interrupt_at=K            SIGINT (Ctrl-C) likewise; with twice=1 a second SIGINT right after the first
     level=L, branch=B         (default: level 0, the ticket; B may name a branch's unit as branch/unit)
     kill_after_level=L        SIGKILL once level L's units all have their results
     where=GLOB                only in run folders whose path matches GLOB (e.g. */0_* for job 0 of a sweep)
@@ -37,6 +38,8 @@ class Faults(Callback):
     def _fire(self, marker: Path, sig) -> None:
         marker.write_text(str(sig))
         os.kill(os.getpid(), sig)
+        if sig == signal.SIGINT and self.spec.get("twice") == "1":
+            os.kill(os.getpid(), sig)
 
     def _here(self, folder: Path) -> bool:
         where = self.spec.get("where")
@@ -51,7 +54,7 @@ class Faults(Callback):
             return {}
         out = {}
         for key, sig in (("signal_at", getattr(signal, "SIGUSR2", signal.SIGTERM)), ("kill_at", signal.SIGKILL),
-                         ("term_at", signal.SIGTERM)):
+                         ("term_at", signal.SIGTERM), ("interrupt_at", signal.SIGINT)):
             if s.get(key) not in (None, "", "null"):
                 out[int(s[key])] = lambda sig=sig: self._fire(marker, sig)
         return out

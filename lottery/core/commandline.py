@@ -1,0 +1,131 @@
+"""What every entry point checks of its command line and its installation before Hydra starts, each answered in one
+line: `--version`, a PyTorch or torchvision that cannot be imported (a broken or mismatched pair), and a key that the
+composed config does not have (with the nearest one that it has)."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import os
+import platform
+from typing import Optional
+
+# Exit status of an entry point whose PyTorch or torchvision cannot be imported: EX_CONFIG (the installation is wrong).
+BROKEN_INSTALL_EXIT = 78
+
+
+def version_line() -> str:
+    """`lottery 0.1.0 (torch 2.4.1, torchvision 0.19.1, Python 3.11.7)`."""
+    from importlib import metadata
+
+    from lottery import __version__
+
+    def of(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"lottery {__version__} (torch {of('torch')}, torchvision {of('torchvision')}, "
+            f"Python {platform.python_version()})")
+
+
+def install_error() -> Optional[str]:
+    """One line when torch or torchvision cannot be imported (a broken install, or a torchvision built for another
+    torch: `operator torchvision::nms does not exist`), else None."""
+    for name in ("torch", "torchvision"):
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # torchvision's own warnings say the same at length
+                __import__(name)
+        except Exception as e:  # noqa: BLE001 - ImportError, OSError (a missing library), RuntimeError (ops)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            from importlib import metadata
+            versions = []
+            for pkg in ("torch", "torchvision"):
+                with contextlib.suppress(metadata.PackageNotFoundError):
+                    versions.append(f"{pkg} {metadata.version(pkg)}")
+            return (f"{name} cannot be imported ({type(e).__name__}: {first}); installed: "
+                    f"{', '.join(versions) or 'neither torch nor torchvision'}. torch and torchvision must be a "
+                    f"matching pair from one index: reinstall both, e.g. for the CPU: "
+                    f"pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu")
+    return None
+
+
+def _keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+    out = []
+    for k in node.keys() if isinstance(node, DictConfig) else ():
+        key = f"{prefix}{k}"
+        out.append(key)
+        child = node._get_node(k)
+        if isinstance(child, DictConfig):
+            out.extend(_keys(child, key + "."))
+    return out
+
+
+def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -> Optional[str]:
+    """`train.duraton=300it` as one line naming the nearest key the config has, before Hydra starts (its own error
+    is several lines). The config is composed with the command line's config-group choices; keys below an open node
+    (dataset, optimizer, ...: checked against their registries later), `+key` additions and Hydra's own keys are left
+    to the later checks. A command line this cannot parse or compose is left to Hydra. `schema`: the config's typed
+    schema (every key it can have), which answers without composing."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path, get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, OverrideType
+    from omegaconf import DictConfig, OmegaConf
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parsed = get_args_parser().parse_args(args)
+        if parsed.config_dir or parsed.config_name or parsed.config_path:
+            return None  # another config than ours: Hydra knows it
+        overrides = OverridesParser.create().parse_overrides(parsed.overrides)
+    except (Exception, SystemExit):  # noqa: BLE001
+        return None
+    repo = ConfigRepository(config_search_path=create_config_search_path(conf_dir))
+    choices, keys = [], []
+    for o in overrides:
+        name = o.key_or_group
+        if name.startswith("hydra") or o.is_delete():
+            continue
+        if repo.group_exists(name.split("@")[0]):
+            value = o.value()
+            if isinstance(value, ChoiceSweep):
+                value = value.list[0] if value.list else None
+            if isinstance(value, str):
+                choices.append(f"{name}={value}")
+        elif o.type == OverrideType.CHANGE:
+            keys.append(name)
+    if not keys:
+        return None
+    if schema is not None:
+        cfg = schema
+    else:
+        cfg = _compose(conf_dir, config_name, choices)
+        if cfg is None:
+            return None
+    every = None
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, DictConfig) or node._get_flag("struct") is False or \
+                    (schema is not None and node._metadata.object_type in (None, dict)):
+                break  # an open node (dataset, optimizer, ...: its registry checks its keys later), or a mapping
+            if part not in list(node.keys()):  # (`in` is False for a key whose value is ??? too)
+                every = every or [k for k in _keys(cfg) if not k.startswith("hydra")]
+                near = difflib.get_close_matches(key, every, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]}?" if near else "; `--cfg job` prints every key"
+                return f"unknown key '{key}'{hint}"
+            node = node._get_node(part)
+    return None
+
+
+def _compose(conf_dir: str, config_name: str, choices: list[str]):
+    from hydra import compose, initialize_config_dir, initialize_config_module
+    try:
+        init = initialize_config_module(conf_dir[len("pkg://"):], version_base="1.3") \
+            if conf_dir.startswith("pkg://") else initialize_config_dir(os.path.abspath(conf_dir), version_base="1.3")
+        with init, contextlib.redirect_stderr(io.StringIO()):
+            return compose(config_name=config_name, overrides=choices)
+    except Exception:  # noqa: BLE001 - e.g. a `???` value: Hydra says it
+        return None
