@@ -82,7 +82,7 @@ def source(lines: list[str], node: yaml.Node) -> str:
     start, end = node.start_mark, node.end_mark
     if start.line == end.line:
         return lines[start.line][start.column:end.column].strip()
-    return " ".join(lines[i].strip() for i in range(start.line, end.line + 1))
+    return " ".join(lines[i].strip() for i in range(start.line, min(end.line + 1, len(lines))))
 
 
 def keys_of(path: Path, prefix: str) -> tuple[list[Key], list[tuple[str, str, str]]]:
@@ -108,7 +108,10 @@ def keys_of(path: Path, prefix: str) -> tuple[list[Key], list[tuple[str, str, st
                     else:
                         defaults.append(("", item.value, comment_at(lines, item.start_mark.line)))
                 continue
-            if isinstance(v, yaml.MappingNode) and v.flow_style is not True and v.value:
+            if full == "paper" and isinstance(v, yaml.MappingNode) and v.value:
+                # a preset's published numbers: documentation, listed on the reproductions page, not settings
+                keys.append(Key(full, "(published numbers)", "the paper block: see the Reproductions page"))
+            elif isinstance(v, yaml.MappingNode) and v.flow_style is not True and v.value:
                 keys.append(Key(full, "", comment_at(lines, k.start_mark.line)))
                 walk(v, full)
             else:

@@ -51,7 +51,7 @@ def conf_keys(conf: Path) -> set[str]:
                     continue
                 full = f"{at}.{k}" if at else str(k)
                 keys.add(full)
-                if isinstance(v, dict) and v:
+                if isinstance(v, dict) and v and full != "paper":  # a preset's paper block: documentation
                     walk(v, full)
         walk(yaml.safe_load(text) or {}, prefix)
     return keys
