@@ -28,7 +28,7 @@ from lottery.experiment import run_experiment
 from lottery.models import build_model
 from lottery.training import EVAL_CHUNK, evaluate, make_optimizer
 
-from conftest import CONF, fault, run_cli, tiny_cfg
+from conftest import CONF, fault, run_cli, stable, tiny_cfg
 
 
 def indexed(device="cpu", augment=True, n=100):
@@ -288,8 +288,14 @@ def test_resume_of_a_gpu_run_on_a_cpu_node(tmp_path, caplog):
 
 
 def test_deterministic_key_does_not_block_resume(tmp_path):
-    run_experiment(tiny_cfg("device=cpu", "pruning=none"), tmp_path / "run")
-    run_experiment(tiny_cfg("device=cpu", "pruning=none", "deterministic=false"), tmp_path / "run")
+    """`deterministic` says how CUDA computes, not what the experiment is: a changed value resumes the folder (here it
+    finds the run done and trains nothing again)."""
+    first = run_experiment(tiny_cfg("device=cpu", "pruning=none"), tmp_path / "run")
+    result = tmp_path / "run" / "levels" / "level_0" / "ticket" / "result.json"
+    before = (result.read_bytes(), result.stat().st_mtime_ns)
+    again = run_experiment(tiny_cfg("device=cpu", "pruning=none", "deterministic=false"), tmp_path / "run")
+    assert stable(again) == stable(first) and len(again) == 1
+    assert (result.read_bytes(), result.stat().st_mtime_ns) == before  # resumed and found done: nothing retrained
 
 
 # --- submitit_local --------------------------------------------------------------------------------------------------

@@ -257,8 +257,17 @@ def test_log_file_on_a_full_disk_prints_no_traceback(tmp_path, capsys):
     try:
         handler.stream.close()
         handler.stream = Full()
+        logging.getLogger("lottery").error("a line the full disk cannot take")
+        before = capsys.readouterr().err  # logging's own handling: a traceback per line
         _quiet_log_file_errors()
         logging.getLogger("lottery").error("a line the full disk cannot take")
+        after = capsys.readouterr().err
+        handler.stream = None  # a failure that is not the disk's still shows
+        handler.format = lambda record: 1 / 0
+        logging.getLogger("lottery").error("a line with a broken formatter")
+        other = capsys.readouterr().err
     finally:
         root.removeHandler(handler)
-    assert "Traceback" not in capsys.readouterr().err
+    assert "Traceback" in before and "No space left" in before  # the test reaches the full-disk path
+    assert after == ""  # the dropped line leaves nothing on stderr
+    assert "ZeroDivisionError" in other
