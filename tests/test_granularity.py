@@ -367,3 +367,15 @@ def test_channel_pruning_at_init_from_dense_has_imps_channel_counts(tmp_path):
                              tmp_path / "r")
     assert [r["channels_remaining"] for r in records] == [{"c1.weight": 4, "c2.weight": 4, "fc.weight": 8},
                                                           {"c1.weight": 2, "c2.weight": 2, "fc.weight": 4}]
+
+
+def test_channel_stacked_replicas_keep_counts_and_zero_biases(tmp_path):
+    """Stacked replicas (one batched network): the companions' masks stack with the weights' and stay applied."""
+    run_experiment(tiny_cfg("pruning.granularity=channel", "pruning.levels=2", "pruning.branches=[]", "replicas=2",
+                            "replica_batching=stacked", "train.duration=20it", "train.eval_every=20it"), tmp_path / "r")
+    for s in (0, 1):
+        rec = json.loads((tmp_path / "r" / f"replicate_{s}" / "summary.json").read_text())[-1]
+        assert rec["channels_remaining"] == {"hidden.0.weight": 240, "hidden.1.weight": 80}
+        final = torch.load(tmp_path / "r" / f"replicate_{s}" / "levels" / "level_1" / "final.pt")
+        dead = (final["hidden.0.weight"] == 0).all(dim=1)
+        assert int(dead.sum()) == 60 and (final["hidden.0.bias"][dead] == 0).all()
