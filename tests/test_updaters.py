@@ -342,3 +342,66 @@ def test_the_report_compares_tickets_between_seeds_and_between_methods(tmp_path)
     methods = [r for r in rows if r["kind"] == "methods" and r["layer"] == "all"]
     assert {(r["level"], r["replicate_a"]) for r in methods} == {(lv, s) for lv in ("1", "2") for s in ("0", "1")}
     assert (tmp_path / "report" / "mask_similarity.png").exists()
+
+
+def test_early_bird_replicas_stop_on_their_own_and_equal_single_runs(tmp_path):
+    """Each replicate is drawn on its own: interleaved, exactly as its single run; stacked, at the same step and with
+    its single run's weights at the draw, within round-off (a network stopped while the others train on:
+    test_a_network_the_updater_stops_keeps_the_weights_of_its_stop_in_both_layouts)."""
+    args = [*EARLY, "dst.eps=0.3"]
+    singles = [run_experiment(tiny_cfg(*args, f"seed={s}"), tmp_path / f"one_{s}") for s in (0, 1)]
+    run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=interleaved"), tmp_path / "many")
+    for s in (0, 1):
+        assert _same(json.loads((tmp_path / "many" / f"replicate_{s}" / "summary.json").read_text()), singles[s])
+    run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=stacked"), tmp_path / "stacked")
+    for s in (0, 1):
+        got = json.loads((tmp_path / "stacked" / f"replicate_{s}" / "summary.json").read_text())
+        assert got[0]["early_bird_step"] == singles[s][0]["early_bird_step"] < 200
+        a = load_torch(tmp_path / "stacked" / f"replicate_{s}" / "levels" / "level_0" / "final.pt")
+        b = load_torch(tmp_path / f"one_{s}" / "levels" / "level_0" / "final.pt")
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in b)
+
+
+def test_a_network_the_updater_stops_keeps_the_weights_of_its_stop_in_both_layouts():
+    """The loop ends a network when its updater says so: it trains no further (its final_step and weights are those
+    of the stop) while the others go on, also in the stacked layout, which computes every network on."""
+    from lottery.core.steps import Steps
+    from lottery.data import Batches
+    from lottery.models import build_model
+    from lottery.training import Hooks, MaskUpdater, Network, train
+    from conftest import synthetic_split
+
+    class StopFirstAt20(MaskUpdater):
+        name = "stop_first_at_20"  # not registered: handed to train() directly
+
+        def __init__(self, settings, ctx):
+            super().__init__(settings, ctx)
+            self.step = 0
+
+        def after_step(self, step, optimizer, active):
+            self.step = step
+            return []
+
+        def finished(self, u):
+            return u == 0 and self.step >= 20
+
+    cfg = tiny_cfg("optimizer=sgd", "optimizer.lr=0.05")
+    split = synthetic_split()
+
+    def run(seeds, layout):
+        nets = []
+        for s in seeds:
+            torch.manual_seed(s)
+            model = build_model("mlp", split.pool.input_shape, split.pool.num_classes, hidden=[16])
+            masks = {n: torch.ones_like(p) for n, p in model.named_parameters() if p.dim() > 1}
+            nets.append(Network(model, masks, Batches(split, 32, s), Hooks()))
+        steps = Steps.resolve(cfg, nets[0].batches.steps_per_epoch)
+        return nets, train(nets, cfg, start=0, steps=steps, layout=layout, updater=(StopFirstAt20, {}))
+
+    single, (res,) = run([0], "interleaved")
+    assert res["final_step"] == 20 and res["evals"][-1]["step"] == 20
+    for layout in ("interleaved", "stacked"):
+        nets, results = run([0, 1], layout)
+        assert [r["final_step"] for r in results] == [20, 60]
+        a, b = nets[0].model.state_dict(), single[0].model.state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b), layout

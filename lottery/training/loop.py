@@ -100,6 +100,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
     stopped_at: list[Optional[int]] = [None] * n  # the step the updater ended a network's training at
+    frozen: dict[int, dict] = {}  # a stopped network's state there (a stacked layout computes every network on)
     if updater is not None:
         kind, settings = updater
         layers = make_layers(net.mask_slices(mask_weights), n)
@@ -129,7 +130,9 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
                 for i in updater.load_state_dict(u, checkpoint_state(updater.name, nw.resume)):
                     mask_weights.refresh(i)
             net.sync_masks(mask_weights, [nw.masks for nw in networks])
-            stopped_at = [step if updater.finished(u) else None for u in range(n)]
+            for u, nw in enumerate(networks):
+                if updater.finished(u):  # stopped before the checkpoint: at its last evaluation
+                    stopped_at[u], frozen[u] = evals[u][-1]["step"], nw.resume["model"]
         loss_sum += torch.stack([nw.resume["loss_sum"].reshape(()) for nw in networks]).to(device)
         loss_count = [nw.resume["loss_count"] for nw in networks]
         log_sum += torch.stack([nw.resume["log_sum"].reshape(()) for nw in networks]).to(device)
@@ -150,6 +153,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
         done = [u for u in active() if updater.finished(u)]
         for u in done:
             stopped_at[u] = step
+            net.sync(u)
+            frozen[u] = {k: v.detach().clone() for k, v in networks[u].model.state_dict().items()}
         late = [u for u in done if evals[u][-1]["step"] != step]
         if late:
             run_eval(late)
@@ -185,6 +190,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
 
     def checkpoint() -> None:
         states, opt_states = net.states(), net.optimizer_states(optimizer.state_dict())
+        for u, state in frozen.items():
+            states[u] = state
         sums, logs = loss_sum.cpu(), log_sum.cpu()
         for u, h in enumerate(hooks):
             state = {"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
@@ -258,6 +265,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     finally:
         bar.close()
     net.sync()
+    for u, state in frozen.items():
+        networks[u].model.load_state_dict(state)
     results = []
     for u in range(n):
         last = evals[u][-1]
