@@ -129,9 +129,11 @@ def test_a_dynamic_sparse_run_keeps_every_layers_count_and_its_masks_change(tmp_
     assert records[0]["train_flops"] > 0 and records[0]["train_flops"] < records[0]["train_flops_dense"]
 
 
-def test_dynamic_replicas_equal_single_runs(tmp_path):
-    """Each replicate's masks change on their own: replicas=2 (interleaved) ends exactly as two single runs."""
-    args = [*DST_RUN, "dst=rigl"]
+@pytest.mark.parametrize("rule", ["rigl", "set"])
+def test_dynamic_replicas_equal_single_runs(tmp_path, rule):
+    """Each replicate's masks change on their own: replicas=2 (interleaved) ends exactly as two single runs (SET's
+    random draws too: seeded by the tensor's place in its network, not in the layout)."""
+    args = [*DST_RUN, f"dst={rule}"]
     run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=interleaved"), tmp_path / "many")
     for s in (0, 1):
         one = run_experiment(tiny_cfg(*args, f"seed={s}"), tmp_path / f"one_{s}")

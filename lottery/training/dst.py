@@ -113,8 +113,9 @@ class DropGrow(MaskUpdater):
             if not active[u]:
                 continue
             for layer in layers:
-                # seeded by the layout's tensor index, as before updaters (the pinned SET references depend on it)
-                gen = torch.Generator().manual_seed(derive_seed(self.ctx.seeds[u], "dst", step, layer.entry))
+                # seeded by the tensor's position in its network, not in the layout: a replicate draws what its
+                # single run draws (single runs and stacked layouts: the same number)
+                gen = torch.Generator().manual_seed(derive_seed(self.ctx.seeds[u], "dst", step, layer.index))
                 if self._update_one(layer.weight, layer.mask, layer.grad, gen, fraction,
                                     layer.optimizer_slots(optimizer)):
                     changed.append(layer.entry)
