@@ -400,6 +400,15 @@ def test_csr_is_chosen_per_layer_from_the_measurement(tmp_path):
     _fresh_process(tmp_path, "net = torch.jit.load('csr.ts')")
 
 
+def test_latency_clocks():
+    lin, x = torch.nn.Linear(64, 32), torch.randn(8, 64)
+    assert 0 < S.median_time(lin, x, 1, 0.01, clock="thread") < 1 and 0 < S.median_time(lin, x, 1, 0.01) < 1
+    with pytest.raises(ValueError, match="unknown clock 'cpu'; accepted: wall, thread"):
+        S.median_time(lin, x, clock="cpu")
+    with pytest.raises(ValueError, match="clock 'thread' measures one thread"):
+        S.median_time(lin, x, threads=2, clock="thread")
+
+
 def test_crossover_reports_the_highest_density_where_csr_was_faster():
     def timer(m, x):  # CSR wins below 10% density in this made-up machine
         d = int(m.weight.values().numel() if isinstance(m, S.CSRLinear) else m.weight.count_nonzero()) / (50 * 40)

@@ -41,20 +41,33 @@ class CSRLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={nnz}"
 
 
-def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_time: float = 0.2) -> float:
-    """Median seconds per module(x) over torch.utils.benchmark's repeats, with `threads` threads."""
+CLOCKS = ("wall", "thread")
+
+
+def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_time: float = 0.2,
+                clock: str = "wall") -> float:
+    """Median seconds per module(x) over torch.utils.benchmark's repeats, with `threads` threads. `clock="thread"`:
+    the CPU time of the calling thread (time.thread_time) instead of wall time, which with one thread counts the
+    kernels' work and not the time the scheduler gave to other processes (a shared machine)."""
+    import time
+
     from torch.utils import benchmark
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; accepted: {', '.join(CLOCKS)}")
+    if clock == "thread" and threads != 1:
+        raise ValueError(f"clock 'thread' measures one thread; got threads={threads}")
+    kwargs = {"timer": time.thread_time} if clock == "thread" else {}
     with torch.no_grad():
-        t = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=threads)
+        t = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=threads, **kwargs)
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def choose(model: nn.Module, input_shape, batch: int, timer: Optional[Timer] = None, threads: int = 1
-           ) -> tuple[nn.Module, list[dict]]:
+def choose(model: nn.Module, input_shape, batch: int, timer: Optional[Timer] = None, threads: int = 1,
+           clock: str = "wall") -> tuple[nn.Module, list[dict]]:
     """(copy of `model` with every Linear whose CSR form timed faster replaced by it, one row per Linear: name,
     density, dense_s, csr_s, chosen). Each layer is timed on its own input at batch `batch`, as captured from one
     forward pass of random data."""
-    timer = timer or (lambda m, x: median_time(m, x, threads))
+    timer = timer or (lambda m, x: median_time(m, x, threads, clock=clock))
     inputs: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     handles = [m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0].detach()))

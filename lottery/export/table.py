@@ -22,9 +22,10 @@ def state_bytes(model: nn.Module) -> int:
     return buf.tell()
 
 
-def latency_ms(model: nn.Module, input_shape, batch: int, threads: int, min_run_time: float = 0.5) -> float:
+def latency_ms(model: nn.Module, input_shape, batch: int, threads: int, min_run_time: float = 0.5,
+               clock: str = "wall") -> float:
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
-    return 1000 * median_time(model, x, threads, min_run_time)  # no .eval(): an exported module refuses it
+    return 1000 * median_time(model, x, threads, min_run_time, clock)  # no .eval(): an exported module refuses it
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
@@ -48,9 +49,10 @@ def outputs(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor
 
 
 def row(variant: str, weights: int, nbytes: Optional[int], model: Optional[nn.Module], input_shape, threads: int,
-        acc: Optional[float], diff: Optional[float] = None, file: str = "", min_run_time: float = 0.5) -> dict:
+        acc: Optional[float], diff: Optional[float] = None, file: str = "", min_run_time: float = 0.5,
+        clock: str = "wall") -> dict:
     """One line of the table; latencies are measured here (none for a variant that is a file, not a network)."""
-    lat = {b: (latency_ms(model, input_shape, b, threads, min_run_time) if model is not None else None)
+    lat = {b: (latency_ms(model, input_shape, b, threads, min_run_time, clock) if model is not None else None)
            for b in (1, 256)}
     return {"variant": variant, "weights": weights, "bytes": nbytes, "latency_b1_ms": lat[1],
             "latency_b256_ms": lat[256], "threads": threads, "accuracy": acc, "max_rel_diff": diff, "file": file}
