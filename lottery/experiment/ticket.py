@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery.core.files import Damaged, load_torch, save_torch
+from lottery.core.files import Damaged, load_torch, save_torch, verify
 from lottery.experiment import packed
 
 FORMAT = "lottery-ticket"
@@ -63,10 +63,13 @@ def load_ticket(path) -> Ticket:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ticket file at {path.resolve()}; tickets live in <run>/levels/level_<L>/ticket.pt")
+    verify(path)  # bytes that differ from those recorded when it was written: Damaged, naming the remedy
     try:
         data = load_torch(path)
-    except Damaged:
-        raise
+    except Damaged as damaged:  # unreadable: say it as a ticket someone sent, with what torch said
+        e = damaged.__cause__ or damaged
+        raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
+                         f"{_first_line(e)}); copy it again from its run folder") from None
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:

@@ -209,11 +209,14 @@ def record_failure(run_dir: Path, job, error: BaseException) -> bool:
     """error.txt for a job that left no result (the run itself writes it when it raises): its row in the sweep
     table says why. Returns whether the job stopped after its checkpoint (exit status 75: resumable) rather than
     failing."""
-    stopped = (Path(run_dir) / STOPPED).is_file()
+    # Local jobs only: under SLURM a SIGTERM is a cancellation (scancel), which the cluster does not requeue, and the
+    # sweep's record of it stays "ended without a result" (its error.txt says SLURM's state).
+    local = job.__class__.__name__ == "LocalJob"
+    stopped = local and (Path(run_dir) / STOPPED).is_file()
     if stopped:
         text = (f"JobStopped: job {job.job_id} stopped after its checkpoint (exit status 75): rerun the same sweep to "
                 f"resume it; its logs: {job.paths.stdout.parent}\n\n{error}\n")
-    elif job.__class__.__name__ == "LocalJob":
+    elif local:
         text = (f"JobEnded: local job {job.job_id} ended without a result (its process was killed, or died); its "
                 f"logs: {job.paths.stdout.parent}\n\n{error}\n")
     else:
