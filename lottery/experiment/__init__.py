@@ -8,6 +8,7 @@
 - `levels`: the one level loop, for one replicate or R;
 - `units`: a level's trainings as jobs, trained one at a time or batched, and what each leaves behind;
 - `records`: the record of a trained unit (the one place a record's fields are made);
+- `progress`: the run's cost before it starts, its progress in the log, and the answer at the end;
 - `folder`, `ticket`, `packed`, `tracking`: the run folder's layout, the ticket file format and its packed form, metrics
   to files and W&B;
 - `callbacks`: code of the user's (or a test's) called at fixed points.
