@@ -113,14 +113,37 @@ def _export(*args, cwd):
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_retrain_accepts_a_packed_ticket_and_trains_it_exactly_as_the_ticket_file(tiny_run, tmp_path):
+@pytest.fixture(scope="module")
+def channel_run(tmp_path_factory):
+    """A LeNet-300-100 run with pruning.granularity=channel on synthetic data: level 1 keeps half of the hidden
+    neurons, with masks for their biases (companions)."""
+    cwd = tmp_path_factory.mktemp("channel_run")
+    r = run_cli(*TINY, "model=lenet_300_100", "pruning.levels=2", "pruning.branches=[]", "pruning.granularity=channel",
+                "pruning.rates.linear=0.5", "hydra.run.dir=run", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return cwd / "run"
+
+
+@pytest.fixture(scope="module")
+def nm_run(tmp_path_factory):
+    """A LeNet-300-100 2:4 run (pruning.granularity=nm, one shot) on synthetic data: level 1 is the 2:4 ticket."""
+    cwd = tmp_path_factory.mktemp("nm_run")
+    r = run_cli(*TINY, "model=lenet_300_100", "pruning.branches=[]", "pruning.granularity=nm", "pruning.n=2",
+                "pruning.m=4", "pruning.one_shot=true", "hydra.run.dir=run", cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("run", ["tiny_run", "channel_run", "nm_run"])
+def test_retrain_accepts_a_packed_ticket_and_trains_it_exactly_as_the_ticket_file(run, tmp_path, request):
+    tiny_run = request.getfixturevalue(run)
     out = tmp_path / "exp"
     r = _export(str(tiny_run), "--level", "1", "--out", str(out), "--variants", "packed", "--rewind-only",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "packed (float32, rewind)" in r.stdout and (out / "table.md").exists()
     details = json.loads((out / "export.json").read_text())
-    assert details["packed"]["bytes"] < details["packed"]["dense_state_dict_bytes"]  # 80% kept, one state
+    assert details["packed"]["bytes"] < details["packed"]["dense_state_dict_bytes"]  # 50-80% kept, one state
     results = []
     for name, ticket in (("file", tiny_run / "levels" / "level_1" / "ticket.pt"), ("packed", out / "ticket.packed.pt")):
         r = run_cli(f"ticket={ticket}", "train.progress=false", f"hydra.run.dir={name}", cwd=tmp_path,
@@ -128,6 +151,63 @@ def test_retrain_accepts_a_packed_ticket_and_trains_it_exactly_as_the_ticket_fil
         assert r.returncode == 0, r.stderr[-2000:]
         results.append(stable(json.loads((tmp_path / name / "summary.json").read_text())))
     assert results[0] == results[1]
+
+
+def _assert_packed_round_trip(level, packed_file):
+    """The packed file loads back to the level's ticket (every mask, companions included) and its trained weights,
+    bitwise."""
+    from lottery.core.files import load_torch
+    ticket, back = load_ticket(level / "ticket.pt"), load_ticket(packed_file)
+    assert set(back.masks) == set(ticket.masks) and all(torch.equal(back.masks[k], v) for k, v in ticket.masks.items())
+    for state, original in ((back.rewind_state, ticket.rewind_state), (back.trained_state, load_torch(level / "final.pt"))):
+        assert list(state) == list(original)
+        for k, v in original.items():
+            bits = (lambda t: t.view(torch.int32)) if v.dtype == torch.float32 else (lambda t: t)
+            assert state[k].dtype == v.dtype and torch.equal(bits(state[k]), bits(v)), k
+    return ticket
+
+
+def _structured(ticket, shape) -> tuple[int, int]:
+    """(weights, multiply-adds per example) of a channel ticket as lottery.training.cost counts them structured: a
+    removed channel also removes the next layer's inputs it feeds."""
+    from lottery.training import cost
+    model = build_model(ticket.config["model"]["name"], shape, 10)
+    info, masks = cost.model_info(model, shape), {k: v.float() for k, v in ticket.masks.items()}
+    return (sum(cost._kept_structured(info, i, masks) for i in range(len(info.layers))),
+            cost.macs(info, masks, structured=True))
+
+
+def test_channel_run_exports_its_packed_ticket_bitwise_and_a_compact_network_of_its_structured_size(channel_run,
+                                                                                                    tmp_path):
+    out = tmp_path / "exp"
+    assert main([str(channel_run), "--level", "1", "--variants", "packed,compact", "--out", str(out),
+                 "--min-run-time", "0.01"]) == 0
+    level = channel_run / "levels" / "level_1"
+    ticket = _assert_packed_round_trip(level, out / "ticket.packed.pt")
+    assert {"hidden.0.bias", "hidden.1.bias"} <= set(ticket.masks)  # the companions went through the file
+    details = json.loads((out / "export.json").read_text())
+    assert details["compact"]["kept_units"] == {"hidden.0": [150, 300], "hidden.1": [50, 100], "out": [10, 10]}
+    weights, flops = _structured(ticket, MNIST)
+    assert (details["compact"]["compact_weights"], details["compact"]["compact_flops"]) == (weights, flops) == \
+        (784 * 150 + 150 * 50 + 50 * 10,) * 2
+    rows = {r["variant"].split(" ")[0]: r for r in details["table"]}
+    assert rows["compact"]["max_rel_diff"] < 1e-5 and rows["compact"]["accuracy"] == rows["masked"]["accuracy"]
+    assert rows["packed"]["weights"] == rows["masked"]["weights"]  # weights, not the bias masks
+
+
+def test_nm_run_packs_bitwise_and_2_4_says_in_one_line_it_does_not_apply_on_cpu(nm_run, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("2:4 applies on this machine")
+    out = tmp_path / "exp"
+    assert main([str(nm_run), "--level", "1", "--out", str(out), "--min-run-time", "0.01"]) == 0
+    ticket = _assert_packed_round_trip(nm_run / "levels" / "level_1", out / "ticket.packed.pt")
+    assert all(nm.is_2to4(m) for m in ticket.masks.values()) and len(ticket.masks) == 3
+    notes = [line for line in capsys.readouterr().err.splitlines() if "2:4" in line]
+    assert notes == ["note: 2:4 semi-structured sparsity does not apply on cpu: PyTorch's 2:4 kernels are CUDA-only "
+                     "(run the export on a GPU machine)"]
+    assert main([str(nm_run), "--level", "1", "--variants", "nm", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "does not apply on cpu" in err and not (tmp_path / "never").exists()
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
@@ -309,6 +389,52 @@ def test_export_of_a_neuron_ticket_writes_the_compact_network_and_its_row(tiny_r
     assert rows["compact"]["bytes"] < rows["dense"]["bytes"] / 3 and (tmp_path / "exp" / "compact.pt2").exists()
     if "onnx" in variants:
         assert rows["onnx (compact)"]["max_rel_diff"] < 1e-5
+
+
+@needs_data("MNIST")
+def test_lenet_channel_run_on_mnist_exports_a_compact_network_equal_on_real_test_images(tmp_path):
+    """A real neuron ticket: 100 steps of LeNet-300-100 on MNIST with pruning.granularity=channel, exported from the
+    run folder as a user does; the compact network gives the masked network's outputs on 300 MNIST test images."""
+    r = run_cli("model=lenet_300_100", "dataset=mnist", f"dataset.root={DATA}", "dataset.download=false",
+                "dataset.val_size=0", "train.duration=100it", "train.eval_every=1000it", "train.batch_size=60",
+                "train.progress=false", "checkpoint.every=1000it", "train.estimate=false", "pruning.levels=2",
+                "pruning.branches=[]", "pruning.granularity=channel", "pruning.rates.linear=0.5", "hydra.run.dir=run",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "exp"
+    e = _export(str(tmp_path / "run"), "--level", "1", "--variants", "packed,compact", "--test-images", "300",
+                "--min-run-time", "0.01", "--out", str(out), cwd=tmp_path)
+    assert e.returncode == 0, e.stderr[-2000:]
+    ticket = _assert_packed_round_trip(tmp_path / "run" / "levels" / "level_1", out / "ticket.packed.pt")
+    details = json.loads((out / "export.json").read_text())
+    rows = {r["variant"].split(" ")[0]: r for r in details["table"]}
+    assert rows["compact"]["max_rel_diff"] < 1e-5 and rows["compact"]["accuracy"] == rows["masked"]["accuracy"] > 0.5
+    assert (details["compact"]["compact_weights"], details["compact"]["compact_flops"]) == _structured(ticket, MNIST)
+
+
+@needs_data("cifar-10-batches-py")
+@pytest.mark.parametrize("name", ["conv2", "vgg11"])
+def test_channel_run_compact_network_equals_the_masked_one_on_cifar10_images(name, tmp_path):
+    """A channel ticket of a pruning.granularity=channel run (10 steps on synthetic 3x32x32 data, level 1: 10% of the
+    filters and 20% of the neurons pruned, their biases and BatchNorm entries with them) on 200 real CIFAR-10 test
+    images: the compact network equals the trained masked network, at the structured weight count and FLOPs."""
+    from lottery.export.source import resolve
+    r = run_cli("model=" + name, "dataset=synthetic", "dataset.synthetic_shape=cifar10", "dataset.synthetic_train=256",
+                "dataset.synthetic_test=64", "dataset.val_size=0", "train.duration=10it", "train.eval_every=1000it",
+                "train.batch_size=8", "train.progress=false", "checkpoint.every=1000it", "train.estimate=false",
+                "pruning.levels=2", "pruning.branches=[]", "pruning.granularity=channel", "hydra.run.dir=run",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    src = resolve(tmp_path / "run", level=1)
+    if name == "vgg11":
+        assert {"features.0.bn.weight", "features.0.bn.bias"} <= set(src.ticket.masks)
+    masked = src.masked()
+    small, kept = C.compact(masked, src.ticket.masks)
+    assert all(k < n for path, (k, n) in kept.items() if path != "out")  # every channel-pruned layer lost units
+    _, _, tx, ty = _real("cifar10", 200)
+    _same_function(masked, small, tx, ty)
+    counts = C.count(small, CIFAR)
+    assert (counts["weights"], counts["flops"]) == _structured(src.ticket, CIFAR)
 
 
 def test_resnet20_is_refused_in_one_line():

@@ -137,8 +137,8 @@ def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optio
     """The ticket file of `level`: its masks and the state its training starts from (the rewind point's, masked,
     unless `start_state` says otherwise: the kept trained weights of lr_rewind and finetune)."""
     state = {k: v.clone() for k, v in (start_state or rep.rewind_state).items()}
-    for name, m in masks.items():
-        state[name] = state[name] * m.to(state[name].device, state[name].dtype)
+    for name, m in masks.items():  # overwritten, not multiplied (as masks.apply): pruned entries +0.0, never -0.0
+        state[name] = state[name].masked_fill(m.to(state[name].device) == 0, 0)
     remaining, total = M.count(M.counted(masks, model, rep.cfg.pruning))
     return Ticket(level=level, masks=M.to_bool(masks), rewind_step=rep.steps.rewind, rewind_state=state,
                   config=rep.resolved, weights_remaining=remaining / total if total else 1.0,

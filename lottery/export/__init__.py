@@ -194,7 +194,10 @@ def _export(args) -> int:
         details["packed"] = {"bytes": path.stat().st_size, "bound": packed.size_bound(data), "dtype": args.dtype,
                              "dense_state_dict_bytes": T.state_bytes(dense),
                              "with_trained": data["trained"] is not None}
-        kept = sum(int(m.sum()) for m in src.ticket.masks.values())
+        # the weights of the Linear and Conv layers, as the masked row counts them: a channel ticket's bias and
+        # BatchNorm masks are not weights, and an unmasked layer (the classifier of a channel ticket) keeps them all
+        kept = sum(int(src.ticket.masks[k].sum()) if k in src.ticket.masks else v.numel()
+                   for k, v in src.ticket.rewind_state.items() if k.endswith("weight") and v.dim() > 1)
         what = "rewind" if data["trained"] is None else "rewind+trained"
         rows.append(T.row(f"packed ({args.dtype}, {what})", kept, path.stat().st_size, None, shape, args.threads, None,
                           file=path.name))
