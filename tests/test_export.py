@@ -415,13 +415,13 @@ def test_lenet_channel_run_on_mnist_exports_a_compact_network_equal_on_real_test
 @needs_data("cifar-10-batches-py")
 @pytest.mark.parametrize("name", ["conv2", "vgg11"])
 def test_channel_run_compact_network_equals_the_masked_one_on_cifar10_images(name, tmp_path):
-    """A channel ticket of a pruning.granularity=channel run (10 steps on synthetic 3x32x32 data, level 1: 10% of the
+    """A channel ticket of a pruning.granularity=channel run (20 steps on synthetic 3x32x32 data, level 1: 10% of the
     filters and 20% of the neurons pruned, their biases and BatchNorm entries with them) on 200 real CIFAR-10 test
     images: the compact network equals the trained masked network, at the structured weight count and FLOPs."""
     from lottery.export.source import resolve
     r = run_cli("model=" + name, "dataset=synthetic", "dataset.synthetic_shape=cifar10", "dataset.synthetic_train=256",
-                "dataset.synthetic_test=64", "dataset.val_size=0", "train.duration=10it", "train.eval_every=1000it",
-                "train.batch_size=8", "train.progress=false", "checkpoint.every=1000it", "train.estimate=false",
+                "dataset.synthetic_test=64", "dataset.val_size=0", "train.duration=20it", "train.eval_every=1000it",
+                "train.batch_size=16", "train.progress=false", "checkpoint.every=1000it", "train.estimate=false",
                 "pruning.levels=2", "pruning.branches=[]", "pruning.granularity=channel", "hydra.run.dir=run",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
