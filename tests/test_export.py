@@ -150,7 +150,7 @@ def test_retrain_accepts_a_packed_ticket_and_trains_it_exactly_as_the_ticket_fil
                     entry="lottery.cli:retrain")
         assert r.returncode == 0, r.stderr[-2000:]
         results.append(stable(json.loads((tmp_path / name / "summary.json").read_text())))
-    assert results[0] == results[1]
+    assert results[0] == results[1], [(k, a[k], b.get(k)) for a, b in zip(*results) for k in a if a[k] != b.get(k)]
 
 
 def _assert_packed_round_trip(level, packed_file):
