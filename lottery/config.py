@@ -64,6 +64,8 @@ class TrainConfig:
     estimate: bool = True  # before starting: the run's cost, with a time from a few timed steps of a copy of the model
     # a non-finite loss: stop the run | continue with the units that do not depend on it
     on_divergence: str = setting("stop", one_of(*POLICIES))
+    # a ticket at chance that the next IMP level would be pruned from: stop the run (exit 4) | continue (prune it anyway)
+    on_chance: str = setting("stop", one_of("stop", "continue"))
 
 
 @dataclass
@@ -100,8 +102,8 @@ class PruningConfig:
     # What one selected entry is (lottery.pruning.granularity): unstructured (a weight) | channel (an output channel
     # with its bias and BatchNorm entries) | nm (n kept of every m consecutive weights along the input dimension)
     granularity: str = "unstructured"
-    n: int = 2  # nm: weights kept per block
-    m: int = 4  # nm: block length along the input dimension
+    n: int = setting(2, at_least(1))  # nm: weights kept per block
+    m: int = setting(4, at_least(2))  # nm: block length along the input dimension
     group_score: str = "sum"  # channel: a channel's score from its weights' scores: sum | l1 | l2
 
 
@@ -170,7 +172,7 @@ NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.veri
                        "threads", "logger",
                        "checkpoint", "train.progress", "train.progress_every", "train.estimate", "match_tolerance",
                        "train.compile", "train.eval_batch_size", "imports",
-                       "pruning.branches", "train.on_divergence", "launcher", "sweep", "hydra", "replicas",
+                       "pruning.branches", "train.on_divergence", "train.on_chance", "launcher", "sweep", "hydra", "replicas",
                        "replica_batching", "paper")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")

@@ -17,7 +17,7 @@ from conftest import PLUGINS, TINY, plugins_env, run_cli, tiny_cfg
 sys.path.insert(0, str(PLUGINS))
 import constant_model  # noqa: E402,F401 - registers model `constant_prediction`
 
-CONSTANT = ["model.name=constant_prediction", "imports=[constant_model]"]
+CONSTANT = ["model.name=constant_prediction", "imports=[constant_model]", "train.on_chance=stop"]
 
 
 def test_chance_is_the_most_frequent_class_share():
@@ -51,3 +51,9 @@ def test_the_stop_is_one_line_with_its_exit_status(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == AT_CHANCE_EXIT, r.stdout + r.stderr
     assert len(errors) == 1 and "ended at chance" in errors[0] and "Traceback" not in r.stderr
+
+
+def test_on_chance_continue_prunes_from_it_anyway(tmp_path):
+    """`train.on_chance=continue`: the researcher asked to see what pruning a ticket at chance gives."""
+    records = run_experiment(tiny_cfg(*CONSTANT, "pruning.levels=3", "train.on_chance=continue"), tmp_path / "run")
+    assert [(r["level"], r["at_chance"]) for r in records if r["branch"] == "ticket"] == [(0, True), (1, True), (2, True)]

@@ -33,13 +33,13 @@ def registered_settings() -> list[tuple[str, type]]:
     from lottery.data import DATASETS
     from lottery.pruning import CRITERIA
     from lottery.training import OPTIMIZERS
-    from lottery.training.dst import DST
+    from lottery.training.updaters import UPDATERS
     from lottery.training.optimizers import CommonSettings
     out = [("optimizer", CommonSettings)]
     out += [("optimizer", e.settings) for e in OPTIMIZERS.values()]
     out += [("dataset", e.settings) for e in DATASETS.values()]
     out += [("pruning.criterion", e.settings) for e in CRITERIA.values()]
-    out += [("dst", e.settings) for e in DST.values()]
+    out += [("dst", e.Settings) for e in UPDATERS.values()]
     out += [(f"branch.{n}", e.settings) for n, e in BRANCHES.items()]
     seen, unique = set(), []
     for where, cls in out:

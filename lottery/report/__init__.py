@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     if note:
         print(note, file=sys.stderr)
     try:
-        return _write(rows, out, args.paths)
+        return _write(rows, out, args.paths, paper=args.paper)
     except OSError as e:  # a read-only run folder (its report/ beside it), a full disk: one line, not a traceback
         where = getattr(e, "filename", None) or out
         print(f"error: cannot write the report to {where}: {e.strerror or e}; choose a folder you can write with "
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 WRITE_FAILED_EXIT = 74
 
 
-def _write(rows: list[dict], out: Path, paths: list[str]) -> int:
+def _write(rows: list[dict], out: Path, paths: list[str], paper: bool = False) -> int:
     written = [write_table(rows, out / "runs.csv")]
     n_runs = len({r["run_dir"] for r in rows if "level" in r})
     n_unreadable = sum(1 for r in rows if r.get("_unreadable"))
@@ -133,7 +133,7 @@ def _write(rows: list[dict], out: Path, paths: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - an analysis that fails is a warning; the tables and figures stand
         warn_stderr(f"mask similarity not written: {type(e).__name__}: {e}")
     paper_lines = []
-    if args.paper:
+    if paper:
         from lottery.report.paper import paper_report
         paper_files, paper_lines = paper_report(rows, out, warn=warn_stderr)
         written += paper_files

@@ -27,6 +27,7 @@ import torch
 
 from lottery.pruning.densities import survivor_counts
 from lottery.pruning.selection import Survivors, round_half_up
+from lottery.core.ranges import at_least, between, setting
 from lottery.training.updaters import MaskUpdater, register_updater
 
 DISTRIBUTIONS = ("global", "uniform", "er", "erk")
@@ -34,10 +35,10 @@ DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
 @dataclass
 class EarlyBirdSettings:
-    target: Optional[float] = None  # density of the drawn ticket (conf: pruning.target)
-    every: int = 0  # steps between checks; 0: at every evaluation
-    window: int = 5  # distances the stop rule looks at (You et al.: 5)
-    eps: float = 0.1  # the ticket is drawn when the largest of them is below this (You et al.: 0.1)
+    target: Optional[float] = setting(None, between(0, 1, lo_open=True, hi_open=True))  # the ticket's density
+    every: int = setting(0, between(0, integer=True))  # steps between checks; 0: at every evaluation
+    window: int = setting(5, at_least(1))  # distances the stop rule looks at (You et al.: 5)
+    eps: float = setting(0.1, between(0, 1, lo_open=True))  # drawn when the largest of them is below (You et al.: 0.1)
     distribution: str = "global"  # the check's mask: one ranking (global) or per tensor: uniform | er | erk
 
     def __post_init__(self):

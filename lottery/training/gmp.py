@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lottery.core.ranges import at_least, between, setting
 from lottery.pruning.densities import allocate
 from lottery.pruning.selection import Survivors, round_half_up
 from lottery.training.updaters import MaskUpdater, register_updater
@@ -31,9 +32,10 @@ DISTRIBUTIONS = ("uniform", "er", "erk", "global")
 
 @dataclass
 class GmpSettings:
-    delta_t: int = 100  # steps between pruning steps
-    begin: float = 0.0  # first pruning step's origin t_0, a fraction of the training length
-    end: float = 0.75  # no pruning step after this fraction of the training length (the last one is at t_0 + n * delta_t)
+    delta_t: int = setting(100, at_least(1))  # steps between pruning steps
+    begin: float = setting(0.0, between(0, 1, hi_open=True))  # t_0, the first pruning step, a fraction of training
+    # no pruning step after this fraction of the training length (the last one is at t_0 + n * delta_t)
+    end: float = setting(0.75, between(0, 1, lo_open=True))
     distribution: str = "uniform"  # how each step's count is split: uniform | er | erk (per layer) | global (one ranking)
 
     def __post_init__(self):
