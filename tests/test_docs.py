@@ -148,7 +148,9 @@ def test_the_docs_document_commands():
 
 
 PLAIN = [c for c in COMMANDS if not any(a.startswith("imports=") for a in c[2])]
-EXTENDING = [c for c in COMMANDS if any(a.startswith("imports=") for a in c[2])]
+# Commands with a user's module: extending.md's are checked with that page's module below; another page's example of a
+# user module (sparse-training.md's updater, the test plugin tests/plugins/my_lottery_ext.py) runs in its own tests.
+EXTENDING = [c for c in COMMANDS if any(a.startswith("imports=") for a in c[2]) and c[0] == "docs/extending.md"]
 
 
 def expand(args: list[str], home: Path, pwd: Path) -> list[str]:

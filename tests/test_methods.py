@@ -242,7 +242,7 @@ def test_the_comparison_runs_and_reports_accuracy_against_cost(tmp_path):
     from conftest import run_cli
     sweep = tmp_path / "sweep"
     r = run_cli("-m", "experiment=compare_lenet_mnist", "dataset=synthetic", "dataset.val_size=128",
-                "train.duration=40it",
+                "train.duration=40it", "train.milestones=[20it,30it]", "train.on_chance=continue",
                 "train.eval_every=20it", "train.batch_size=32", "train.progress=false", "pruning.levels=3",
                 "pruning.rate=0.5", "replicas=2", "dst.delta_t=10", "method=imp,lr_rewind,finetune,snip,random_erk,rigl",
                 f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
@@ -295,6 +295,7 @@ def test_the_cifar10_comparison_composes_and_runs_shrunk(tmp_path):
     r = run_cli("-m", "experiment=compare_conv2_cifar10", "dataset=synthetic", "dataset.synthetic_shape=cifar10",
                 "dataset.synthetic_train=256", "dataset.val_size=64", "train.duration=8it", "train.eval_every=8it",
                 "train.milestones=[4it,6it]", "train.batch_size=16", "train.progress=false", "pruning.levels=2",
+                "train.on_chance=continue",
                 "replicas=2", "dst.delta_t=2", "method=lr_rewind,rigl", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
                 env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

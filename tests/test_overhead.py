@@ -176,10 +176,13 @@ def test_a_result_changed_on_disk_is_read_again(tmp_path):
     folder.save_result(0, "ticket", {"level": 0, "branch": "ticket", "test_accuracy": 0.5})
     assert folder.results()[0]["test_accuracy"] == 0.5
     path = folder.unit_dir(0, "ticket") / "result.json"
-    path.write_text(json.dumps({"level": 0, "branch": "ticket", "test_accuracy": 0.75, "extra": 1}))
+    # rewritten by the run (a resumed unit): the cache sees the new file
+    folder.save_result(0, "ticket", {"level": 0, "branch": "ticket", "test_accuracy": 0.75, "extra": 1})
     assert folder.results()[0]["test_accuracy"] == 0.75
-    path.write_text("{trunc")
-    with pytest.raises(ValueError, match="is unreadable"):
+    # changed by anything else: its checksum no longer matches, and the file is named, not read from the cache
+    path.write_text(json.dumps({"level": 0, "branch": "ticket", "test_accuracy": 0.9}))
+    with pytest.raises(ValueError, match="result.json is damaged"):
         folder.results()
-    with pytest.raises(ValueError, match="is unreadable"):
+    path.write_text("{trunc")
+    with pytest.raises(ValueError, match="result.json is damaged"):
         folder.load_result(0, "ticket")

@@ -82,7 +82,8 @@ def _fake_programs(bin_dir: Path, programs: dict[str, str]) -> None:
 def fake_slurm(tmp_path):
     bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
     state.mkdir()
-    _fake_programs(bin_dir, {"sbatch": FAKE_SBATCH, "srun": FAKE_SRUN, "sacct": FAKE_SACCT})
+    # squeue: the launcher asks it whether a controller answers before it submits (sacct gives the jobs' states)
+    _fake_programs(bin_dir, {"sbatch": FAKE_SBATCH, "srun": FAKE_SRUN, "sacct": FAKE_SACCT, "squeue": ""})
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM": str(state), "OMP_NUM_THREADS": "1"}
     yield env, state
     # Nothing of ours outlives a failed test: the fake scheduler's task runners, each in its own process group.

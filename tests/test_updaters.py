@@ -405,3 +405,16 @@ def test_a_network_the_updater_stops_keeps_the_weights_of_its_stop_in_both_layou
         assert [r["final_step"] for r in results] == [20, 60]
         a, b = nets[0].model.state_dict(), single[0].model.state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b), layout
+
+
+def test_each_updater_refuses_settings_that_cannot_take_effect_in_the_training():
+    """The checks run before any work: no mask update at all within the training is refused in one line."""
+    from lottery.training.dst import RigL, SET
+    from lottery.training.gmp import GradualMagnitude
+    for cls in (SET, RigL):
+        cls.check({"delta_t": 100, "end": 0.75}, 200)  # 150 steps of updates: one at step 100
+        with pytest.raises(ValueError, match=r"dst.delta_t=100 is longer .* 75 steps"):
+            cls.check({"delta_t": 100, "end": 0.75}, 100)
+    GradualMagnitude.check({"delta_t": 10, "begin": 0.25, "end": 0.75}, 40)  # a span of 20 steps
+    with pytest.raises(ValueError, match=r"dst.delta_t=30 is longer than the pruning span .* 20 steps"):
+        GradualMagnitude.check({"delta_t": 30, "begin": 0.25, "end": 0.75}, 40)

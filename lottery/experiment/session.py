@@ -90,12 +90,8 @@ def resolve_steps(cfg, n_train: int) -> Steps:
                          f"(train.duration={t.duration}, {steps.total} steps); accepted: fewer than {steps.total} "
                          f"steps")
     rule, dst = dst_settings(cfg.get("dst"))
-    if rule is not None:
-        end_step = max(1, int(dst["end"] * steps.total))  # as lottery.training.dst.Updater
-        if dst["delta_t"] > end_step:
-            raise ValueError(f"dst.delta_t={dst['delta_t']} is longer than the part of training with mask updates "
-                             f"(dst.end={dst['end']} x {steps.total} steps = {end_step} steps), so no mask would "
-                             f"ever change; accepted: dst.delta_t <= {end_step} (or a longer train.duration)")
+    if rule is not None:  # each mask updater knows what its settings need of the training's length
+        rule.check(dst, steps.total)
     return steps
 
 

@@ -78,6 +78,14 @@ class DropGrow(MaskUpdater):
         """Scores (the weight's shape): the inactive weights with the highest grow."""
         raise NotImplementedError
 
+    @classmethod
+    def check(cls, settings: dict, total_steps: int) -> None:
+        end_step = max(1, int(settings["end"] * total_steps))
+        if settings["delta_t"] > end_step:
+            raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the part of training with mask updates "
+                             f"(dst.end={settings['end']} x {total_steps} steps = {end_step} steps), so no mask would "
+                             f"ever change; accepted: dst.delta_t <= {end_step} (or a longer train.duration)")
+
     def __init__(self, settings: dict, ctx):
         super().__init__(settings, ctx)
         self.end_step = max(1, int(settings["end"] * ctx.total_steps))

@@ -59,6 +59,15 @@ class GradualMagnitude(MaskUpdater):
     Settings = GmpSettings
     dense_start = True
 
+    @classmethod
+    def check(cls, settings: dict, total_steps: int) -> None:
+        span = round_half_up(settings["end"] * total_steps) - round_half_up(settings["begin"] * total_steps)
+        if settings["delta_t"] > span:
+            raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the pruning span (dst.begin="
+                             f"{settings['begin']} to dst.end={settings['end']} of {total_steps} steps = {span} steps), "
+                             f"so no pruning step would happen; accepted: dst.delta_t <= {span} (or a longer "
+                             f"train.duration)")
+
     def __init__(self, settings: dict, ctx):
         super().__init__(settings, ctx)
         self.t0 = round_half_up(settings["begin"] * ctx.total_steps)

@@ -88,6 +88,11 @@ class MaskUpdater:
     # with every weight (the experiment does not zero the pruned ones first) and `begin` sets the masks it starts from
     dense_start = False
 
+    @classmethod
+    def check(cls, settings: dict, total_steps: int) -> None:
+        """Refuse (ValueError, one line) settings that cannot take effect in a training of `total_steps` steps: called
+        before any work, so a run never trains without the mask updates it asked for."""
+
     def __init__(self, settings: dict, ctx: Context):
         self.settings, self.ctx = settings, ctx
         self.n = len(ctx.layers)
