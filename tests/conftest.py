@@ -94,7 +94,7 @@ def fault(env: dict | None = None, **spec) -> tuple[list[str], dict]:
 
 
 # Keys of a record that say how long it took, not what it computed: left out when two runs' results are compared.
-VOLATILE = ("wall_time_s",)
+VOLATILE = ("wall_time_s", "device_info", "provenance")
 
 
 def stable(records):

@@ -41,7 +41,7 @@ def test_plain_install_runs_from_an_empty_folder(wheel, tmp_path):
     # themselves, so an editable install of lottery there stays invisible: lottery comes only from the wheel.
     (site_dir,) = (venv / "lib").glob("python*/site-packages")
     (site_dir / "_outer_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall",
                           str(wheel)], capture_output=True, text=True, timeout=600)
     assert pip.returncode == 0, pip.stderr[-3000:]
     empty = tmp_path / "empty"

@@ -325,8 +325,8 @@ def test_resnet20_experiment_short_cpu_run_with_lmc_to_the_end(tmp_path):
                 "dataset.synthetic_train=256", "dataset.synthetic_test=64", "model.width=4", "train.duration=8it",
                 "train.eval_every=4it", "train.milestones=[4it,6it]", "train.batch_size=32", "pruning.rewind=2it",
                 "pruning.levels=2", "pruning.branches=[lmc]", "branch.lmc.points=3", "branch.lmc.train_examples=64",
-                "train.progress=false", "device=cpu", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                env={"OMP_NUM_THREADS": "1"})
+                "train.progress=false", "train.on_chance=continue", "device=cpu", f"hydra.run.dir={run_dir}",
+                cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     s = {(x["level"], x["branch"]): x for x in json.loads((run_dir / "summary.json").read_text())}
     assert sorted(s) == [(0, "lmc"), (0, "ticket"), (1, "lmc"), (1, "ticket")]

@@ -305,7 +305,7 @@ def test_the_cifar10_comparison_composes_and_runs_shrunk(tmp_path):
         records = json.loads(path.read_text())
         levels = [rec["level"] for rec in records]
         # IMP trains the dense level 0 first; RigL is sparse from the start (its level 1 only)
-        assert levels == ([0, 1] if "method=lr_rewind" in str(path) else [1]), (path, levels)
+        assert levels == ([0, 1] if "method-lr_rewind" in str(path) else [1]), (path, levels)
         assert all(rec["cost_flops"] > 0 for rec in records)
     # this many overrides make a job folder name past 255 bytes: it is cut and ends in a digest of the whole
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -93,7 +93,7 @@ def test_the_block_is_not_part_of_the_experiment():
     assert differences(old, new) == []
     new["train"]["duration"] = "10it"
     assert differences(old, new) == ["train.duration"]
-    assert job_dirname(["paper.changes=x", "seed=1"]) == "seed=1"
+    assert job_dirname(["paper.changes=x", "seed=1"]) == "seed-1"
 
 
 # --- the comparison on made-up records -----------------------------------------------------------------------------

@@ -57,8 +57,10 @@ def test_a_second_identical_sweep_is_refused_while_the_first_holds_the_folder(tm
     import sys
     import time
     sweep_dir = tmp_path / "sweep"
-    args, env = fault(pace_ms=100)  # each job's 40 steps take at least 4 s: the first sweep is still running
-    args = ["-m", *TINY, *args, "seed=0,1", f"hydra.sweep.dir={sweep_dir}"]
+    # each job's 300 steps take at least 15 s (the pace is checked every 100 steps): the first sweep is still running
+    args, env = fault(pace_ms=50)
+    args = ["-m", *TINY, "train.duration=300it", "train.eval_every=100it", *args, "seed=0,1",
+            f"hydra.sweep.dir={sweep_dir}"]
     code = "import sys; sys.argv[0] = 'train'; from lottery.cli import train; train()"
     first = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env={**os.environ, **ENV, **env},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

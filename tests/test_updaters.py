@@ -412,9 +412,9 @@ def test_each_updater_refuses_settings_that_cannot_take_effect_in_the_training()
     from lottery.training.dst import RigL, SET
     from lottery.training.gmp import GradualMagnitude
     for cls in (SET, RigL):
-        cls.check({"delta_t": 100, "end": 0.75}, 200)  # 150 steps of updates: one at step 100
+        cls.check_fit({"delta_t": 100, "end": 0.75}, 200)  # 150 steps of updates: one at step 100
         with pytest.raises(ValueError, match=r"dst.delta_t=100 is longer .* 75 steps"):
-            cls.check({"delta_t": 100, "end": 0.75}, 100)
-    GradualMagnitude.check({"delta_t": 10, "begin": 0.25, "end": 0.75}, 40)  # a span of 20 steps
+            cls.check_fit({"delta_t": 100, "end": 0.75}, 100)
+    GradualMagnitude.check_fit({"delta_t": 10, "begin": 0.25, "end": 0.75}, 40)  # a span of 20 steps
     with pytest.raises(ValueError, match=r"dst.delta_t=30 is longer than the pruning span .* 20 steps"):
-        GradualMagnitude.check({"delta_t": 30, "begin": 0.25, "end": 0.75}, 40)
+        GradualMagnitude.check_fit({"delta_t": 30, "begin": 0.25, "end": 0.75}, 40)

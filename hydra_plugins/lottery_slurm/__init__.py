@@ -91,8 +91,10 @@ class LotterySlurmLauncher(_EachJobWaited, SlurmLauncher):
 
             from lottery.launch.checks import CREATED
             print(f"error: {error}", file=sys.stderr)
-            if CREATED:  # a sweep folder made for this command holds only Hydra's multirun.yaml
-                (Path(str(self.config.hydra.sweep.dir)) / "multirun.yaml").unlink(missing_ok=True)
+            if CREATED:  # a sweep folder made for this command holds only Hydra's multirun.yaml and the sweep lock
+                from lottery.cli import SWEEP_LOCK
+                for name in ("multirun.yaml", SWEEP_LOCK):
+                    (Path(str(self.config.hydra.sweep.dir)) / name).unlink(missing_ok=True)
             for d in reversed(CREATED):
                 try:
                     d.rmdir()

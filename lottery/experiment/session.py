@@ -91,7 +91,7 @@ def resolve_steps(cfg, n_train: int) -> Steps:
                          f"steps")
     rule, dst = dst_settings(cfg.get("dst"))
     if rule is not None:  # each mask updater knows what its settings need of the training's length
-        rule.check(dst, steps.total)
+        rule.check_fit(dst, steps.total)
     return steps
 
 

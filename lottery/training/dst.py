@@ -79,7 +79,7 @@ class DropGrow(MaskUpdater):
         raise NotImplementedError
 
     @classmethod
-    def check(cls, settings: dict, total_steps: int) -> None:
+    def check_fit(cls, settings: dict, total_steps: int) -> None:
         end_step = max(1, int(settings["end"] * total_steps))
         if settings["delta_t"] > end_step:
             raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the part of training with mask updates "

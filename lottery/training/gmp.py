@@ -60,7 +60,7 @@ class GradualMagnitude(MaskUpdater):
     dense_start = True
 
     @classmethod
-    def check(cls, settings: dict, total_steps: int) -> None:
+    def check_fit(cls, settings: dict, total_steps: int) -> None:
         span = round_half_up(settings["end"] * total_steps) - round_half_up(settings["begin"] * total_steps)
         if settings["delta_t"] > span:
             raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the pruning span (dst.begin="

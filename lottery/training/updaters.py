@@ -89,7 +89,7 @@ class MaskUpdater:
     dense_start = False
 
     @classmethod
-    def check(cls, settings: dict, total_steps: int) -> None:
+    def check_fit(cls, settings: dict, total_steps: int) -> None:
         """Refuse (ValueError, one line) settings that cannot take effect in a training of `total_steps` steps: called
         before any work, so a run never trains without the mask updates it asked for."""
 
