@@ -105,8 +105,31 @@ def stable(records):
 
 
 def needs_data(*parts: str):
-    path = DATA.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path}")
+    """Mark a test that reads the real data at DATA/<parts>: skipped where it is missing, failed under CI=true."""
+    return pytest.mark.real_data(*parts)
+
+
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("real_data")
+    if marker is not None:
+        path = DATA.joinpath(*marker.args)
+        if not path.exists():
+            if CI:  # CI must run the real-data tests: missing data is a broken set-up, not a reason to skip
+                pytest.fail(f"CI=true and the real data this test needs is missing: {path}")
+            pytest.skip(f"real data not found at {path}")
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist (--dist loadgroup) every test of the one-node SLURM cluster runs in one worker, one after
+    # another: they share its single node and its queue, and a second worker's jobs would wait behind the first's.
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +179,6 @@ def slurm_cluster():
     """A one-node SLURM cluster for the `slurm` tests: the running one (`.ci/run` starts it), or one started here and
     stopped at the end of the session. Where it cannot be had the tests are skipped, except under CI=true, where
     they fail: CI must run them."""
-    ci = os.environ.get("CI", "").lower() == "true"
     if _cluster_up():
         yield
         return
@@ -169,7 +191,7 @@ def slurm_cluster():
             yield
             subprocess.run(["bash", str(LOCAL_CLUSTER), "stop"], capture_output=True, timeout=300)
             return
-    if ci:
+    if CI:
         pytest.fail(f"CI must run the slurm tests, but: {reason}")
     pytest.skip(reason)
 

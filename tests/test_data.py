@@ -4,14 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA
+from conftest import DATA, needs_data
 from lottery.data import DATASETS, Batches, Pool, Split, load_pool, split
 
 DATA_ROOT = DATA  # $LOTTERY_DATA, else ../shared/data (tests/conftest.py)
-needs_mnist = pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").is_dir(),
-                                 reason=f"real MNIST not found at {DATA_ROOT / 'MNIST' / 'raw'}")
-needs_cifar = pytest.mark.skipif(not (DATA_ROOT / "cifar-10-batches-py").is_dir(),
-                                 reason=f"real CIFAR-10 not found at {DATA_ROOT / 'cifar-10-batches-py'}")
+needs_mnist = needs_data("MNIST", "raw")
+needs_cifar = needs_data("cifar-10-batches-py")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -334,7 +332,7 @@ def test_bad_batch_size():
             Batches(d, bs, seed=0)
 
 
-@pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").exists(), reason="real MNIST not found")
+@needs_mnist
 def test_mnist_fast_reader_matches_torchvision():
     """MNIST on disk is read without importing torchvision (1.3 s of startup); it must equal torchvision's reading."""
     from torchvision.datasets import MNIST
