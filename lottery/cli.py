@@ -347,15 +347,9 @@ def _main(app, config_name: str = "config") -> None:
     """An entry point: `--version`, the installation and the command line checked, the Hydra app, then the exit
     status of a multirun."""
     from lottery.config import schema
-    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, unknown_key, version_line
+    from lottery.core.commandline import exit_early, unknown_key
     args = sys.argv[1:]
-    if "--version" in args:
-        print(version_line())
-        sys.exit(0)
-    broken = install_error()
-    if broken:
-        print(f"error: {broken}", file=sys.stderr)
-        sys.exit(BROKEN_INSTALL_EXIT)
+    exit_early(args)
     error = unknown_option(args) or unknown_key(args, CONF_DIR, config_name, schema(struct=True))
     if error:
         print(f"error: {error}", file=sys.stderr)

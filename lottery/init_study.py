@@ -372,14 +372,8 @@ def model_options() -> list[str]:
 
 def main() -> None:
     """`lottery-init-study [overrides]`."""
-    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, unknown_key, version_line
-    if "--version" in sys.argv[1:]:
-        print(version_line())
-        sys.exit(0)
-    broken = install_error()
-    if broken:
-        print(f"error: {broken}", file=sys.stderr)
-        sys.exit(BROKEN_INSTALL_EXIT)
+    from lottery.core.commandline import exit_early, unknown_key
+    exit_early(sys.argv[1:])
     error = command_line_error(sys.argv[1:]) or unknown_key(sys.argv[1:], CONF_DIR, "init_study")
     if error:
         print(f"error: {error}", file=sys.stderr)

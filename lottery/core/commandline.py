@@ -51,6 +51,19 @@ def install_error() -> Optional[str]:
     return None
 
 
+
+def exit_early(args: list[str]) -> None:
+    """What every Hydra entry point does before composing: `--version` prints the versions and exits 0; a broken
+    torch/torchvision is one line and exit BROKEN_INSTALL_EXIT."""
+    import sys
+    if "--version" in args:
+        print(version_line())
+        sys.exit(0)
+    broken = install_error()
+    if broken:
+        print(f"error: {broken}", file=sys.stderr)
+        sys.exit(BROKEN_INSTALL_EXIT)
+
 def _keys(node, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig
     out = []
