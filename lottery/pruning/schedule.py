@@ -120,10 +120,7 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
     if G.kind(pcfg) == "nm":
         return _prune_nm(model, masks, prunable, pcfg, batches=batches, generator=generator, rescore=rescore,
                          invert=invert)
-    if keep is None:
-        target, scope = survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
-    else:
-        target, scope = (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
+    target, scope = _target(masks, prunable, pcfg, keep_fraction, keep)
     left = Survivors(masks)
     start = dict(zip(masks, left.counts()))
     name = pcfg.criterion["name"]
@@ -167,10 +164,7 @@ def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fr
     weights = G.weights_only(masks, names)
     companions = channel_companions(model)
     groups = G.channel_masks(weights)
-    if keep is None:
-        target, scope = survivors_after(groups, prunable, pcfg, keep_fraction), pcfg.scope
-    else:
-        target, scope = (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
+    target, scope = _target(groups, prunable, pcfg, keep_fraction, keep)
     left = Survivors(groups)
     start = dict(zip(groups, left.counts()))
     name = pcfg.criterion["name"]
@@ -246,6 +240,14 @@ def _synflow_drop(left: Survivors, scores: torch.Tensor, start: dict, target, r:
             for (n, size), a, b in zip(zip(start, left.sizes), cuts, cuts[1:])]
     return torch.cat(drop) if drop else torch.zeros(0, dtype=torch.bool)
 
+
+
+def _target(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction, keep):
+    """(survivors, scope) of one pruning step: the schedule's counts, or `keep` (per tensor: layerwise; a total:
+    global). `masks` are weights or, for channel pruning, channels."""
+    if keep is None:
+        return survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
+    return (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
 
 def _masked(model: nn.Module, masks: Masks) -> nn.Module:
     apply(model, masks)
