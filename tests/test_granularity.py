@@ -219,6 +219,9 @@ def test_nm_prune_keeps_output_layer_structure_and_refuses_bad_shapes():
     (["pruning.granularity=channel", "dst=set"], "dst=set grows and drops single weights"),
     (["pruning.granularity=channel", "pruning=global", "pruning.scope=erk"], "pruning.scope=erk is a density"),
     (["pruning.group_score=max"], "unknown pruning.group_score 'max'"),
+    (["pruning.granularity=nm", "pruning.one_shot=true", "method=early_bird", "pruning=global", "pruning.target=0.5"],
+     "early-bird tickets are drawn per weight or per channel, not with pruning.granularity=nm"),
+    (["pruning.granularity=channel", "method=gmp", "pruning=global"], "dst=gmp prunes single weights gradually"),
 ])
 def test_bad_granularity_settings_refused_in_one_line(over, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -379,3 +382,97 @@ def test_channel_stacked_replicas_keep_counts_and_zero_biases(tmp_path):
         final = torch.load(tmp_path / "r" / f"replicate_{s}" / "levels" / "level_1" / "final.pt")
         dead = (final["hidden.0.weight"] == 0).all(dim=1)
         assert int(dead.sum()) == 60 and (final["hidden.0.bias"][dead] == 0).all()
+
+
+# --- early-bird channel tickets from BatchNorm scales (You et al. 2020) ----------------------------------------------
+
+EARLY_CHANNEL = [*CONVBN, "method=early_bird", "pruning=global", "pruning.granularity=channel",
+                 "pruning.group_score=bn", "pruning.target=0.5", "pruning.exclude=[fc.weight]", "pruning.branches=[]",
+                 "train.duration=120it", "train.eval_every=10it", "dst.eps=0.2", "optimizer=adam",
+                 "optimizer.lr=0.01"]  # Adam moves the BatchNorm scales enough in 120 steps for masks that change
+
+
+def test_early_bird_draws_channels_by_batchnorm_scale_and_trains_the_last_checks_mask(tmp_path):
+    """The paper's early bird: channel masks by |BatchNorm scale| (network slimming), the distance between
+    consecutive checks over kept channels, and the ticket is the last check's mask: the half of all conv channels
+    whose BatchNorm scales at the draw are largest, with their bias and BatchNorm entries."""
+    from lottery.core.files import load_torch
+    from lottery.experiment.ticket import load_ticket
+    dense, ticket = run_experiment(tiny_cfg(*EARLY_CHANNEL), tmp_path / "r")
+    drawn = dense["early_bird_step"]
+    assert drawn is not None and dense["train_steps"] == drawn < 120 and ticket["early_bird_step"] == drawn
+    result = json.loads((tmp_path / "r" / "levels" / "level_0" / "ticket" / "result.json").read_text())
+    distances = [d for _, d in result["mask_distances"]]
+    assert len(distances) >= 5 and max(distances[-5:]) < 0.2 and max(distances) > 0  # the masks did move
+    final = load_torch(tmp_path / "r" / "levels" / "level_0" / "final.pt")  # the weights at the draw
+    masks = load_ticket(tmp_path / "r" / "levels" / "level_1" / "ticket.pt").masks
+    gammas = torch.cat([final["b1.weight"].abs(), final["b2.weight"].abs()])
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[torch.sort(gammas, stable=True, descending=True).indices[:8]] = True  # 8 of 16 channels (no ties here)
+    assert len(set(gammas.tolist())) == 16
+    assert torch.equal(_rows(masks["c1.weight"])[:, 0].bool(), keep[:8])
+    assert torch.equal(_rows(masks["c2.weight"])[:, 0].bool(), keep[8:])
+    for w, comps in {"c1.weight": ["c1.bias", "b1.weight", "b1.bias"],
+                     "c2.weight": ["c2.bias", "b2.weight", "b2.bias"]}.items():
+        assert all(torch.equal(masks[c].bool(), _rows(masks[w])[:, 0].bool()) for c in comps)
+    assert "fc.weight" not in masks  # excluded: it has no BatchNorm
+
+
+def test_the_early_bird_channel_check_is_the_prunings_channel_selection():
+    """EarlyBird.check_channels against lottery.pruning's channel selection on the same weights, for each group
+    score (global: one ranking over all channels)."""
+    from lottery.training.early_bird import EarlyBird
+    from lottery.training.updaters import Context, make_layers
+    torch.manual_seed(3)
+    model = TinyConvBN()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2):
+            bn.weight.uniform_(0.1, 2.0)
+    for how in G.GROUP_SCORES:
+        pcfg = _pcfg(scope="global", one_shot=True, target=0.4, group_score=how, levels=2,
+                     exclude=["fc.weight"] if how == "bn" else [])
+        expected = _prune(model, pcfg, keep_fraction=0.4)  # as the experiment prunes a one-shot target
+        names = list(expected)
+        params = dict(model.named_parameters())
+        layers = make_layers([(params[n], torch.ones_like(params[n]), [(0, None, n)]) for n in names], 1)
+        up = EarlyBird({"target": 0.4, "every": 0, "window": 5, "eps": 0.1, "distribution": "global",
+                        "granularity": "channel", "group_score": how},
+                       Context(100, 0, 100, [0], layers, [model], lambda u: dict(model.named_parameters())))
+        drawn = up.check_mask(0)
+        for w in ("c1.weight", "c2.weight", "fc.weight"):
+            if how == "bn" and w == "fc.weight":  # no BatchNorm: excluded
+                assert w not in drawn
+                continue
+            assert torch.equal(drawn[w].bool(), _rows(expected[w])[:, 0].bool()), (how, w)
+
+
+def test_batchnorm_group_score_refused_for_a_layer_without_batchnorm(tmp_path):
+    run = tmp_path / "r"
+    with pytest.raises(ValueError, match="'hidden.0.weight' of model 'lenet_300_100' has no BatchNorm; exclude it") \
+            as e:
+        run_experiment(tiny_cfg("pruning.granularity=channel", "pruning.group_score=bn", "pruning.levels=2",
+                                "train.duration=10it", "train.eval_every=10it"), run)
+    assert "\n" not in str(e.value) and not (run / "config.yaml").exists() and not (run / "init.pt").exists()
+
+
+def test_early_bird_channel_replicas_draw_as_their_single_runs(tmp_path):
+    """Interleaved replicas draw exactly the tickets of their single runs; stacked ones (the BatchNorm scales read
+    through views into the stacked tensors) draw whole channels in exact counts."""
+    from lottery.experiment.ticket import load_ticket
+    args = EARLY_CHANNEL
+    run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=interleaved"), tmp_path / "many")
+    for s in (0, 1):
+        one = run_experiment(tiny_cfg(*args, f"seed={s}"), tmp_path / f"one_{s}")
+        many = json.loads((tmp_path / "many" / f"replicate_{s}" / "summary.json").read_text())
+        assert [r["early_bird_step"] for r in one] == [r["early_bird_step"] for r in many]
+        assert [r["test_accuracy"] for r in one] == [r["test_accuracy"] for r in many]
+        a = load_ticket(tmp_path / f"one_{s}" / "levels" / "level_1" / "ticket.pt").masks
+        b = load_ticket(tmp_path / "many" / f"replicate_{s}" / "levels" / "level_1" / "ticket.pt").masks
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=stacked"), tmp_path / "stacked")
+    for s in (0, 1):
+        masks = load_ticket(tmp_path / "stacked" / f"replicate_{s}" / "levels" / "level_1" / "ticket.pt").masks
+        kept = sum(int(_rows(masks[w])[:, 0].sum()) for w in ("c1.weight", "c2.weight"))
+        got = json.loads((tmp_path / "stacked" / f"replicate_{s}" / "summary.json").read_text())
+        single = json.loads((tmp_path / f"one_{s}" / "summary.json").read_text())
+        assert kept == 8 and got[0]["early_bird_step"] == single[0]["early_bird_step"]

@@ -200,6 +200,18 @@ def test_gmp_runs_each_level_from_dense_to_its_count(tmp_path, distribution):
     assert all((trained[n][~m] == 0).all() for n, m in masks.items())
 
 
+def test_gmp_early_stop_is_chosen_among_evaluations_at_the_final_count(tmp_path):
+    """An evaluation during gradual pruning is of a denser network than the ticket: the early stop is the best
+    evaluation from the last pruning step (50) on. Here the denser network at step 10 had the lowest validation loss
+    of all, so counting it would credit the 10% ticket with a denser network's accuracy."""
+    records = run_experiment(tiny_cfg(*GMP, "pruning.rate=0.9", "train.eval_every=10it"), tmp_path / "r")
+    evals = _result(tmp_path / "r", level=2)["evals"]
+    assert min(evals, key=lambda e: e["val_loss"])["step"] < 50  # what an unfiltered early stop would pick
+    best = min([e for e in evals if e["step"] >= 50], key=lambda e: e["val_loss"])
+    assert records[1]["early_stop_step"] == best["step"] >= 50
+    assert records[1]["early_stop_test_accuracy"] == best["test_accuracy"]
+
+
 def test_gmp_replicas_interleaved_equal_single_runs(tmp_path):
     args = [*GMP, "pruning.levels=2"]
     run_experiment(tiny_cfg(*args, "replicas=[0,1]", "replica_batching=interleaved"), tmp_path / "many")
@@ -296,7 +308,8 @@ def test_an_early_bird_run_draws_its_ticket_and_trains_it_rewound(tmp_path):
     params = {n: torch.nn.Parameter(final[n].clone()) for n in masks}
     ones = {n: torch.ones_like(p) for n, p in params.items()}
     layers = make_layers([(params[n], ones[n], [(0, None, n)]) for n in masks], 1)
-    up = EarlyBird({"target": 0.2, "every": 0, "window": 5, "eps": 0.2, "distribution": "global"},
+    up = EarlyBird({"target": 0.2, "every": 0, "window": 5, "eps": 0.2, "distribution": "global",
+                    "granularity": "unstructured", "group_score": "sum"},
                    Context(200, 0, 200, [0], layers))
     assert all(torch.equal(up.check_mask(0)[n], masks[n]) for n in masks)
     rewind = load_ticket(tmp_path / "r" / "levels" / "level_1" / "ticket.pt").rewind_state

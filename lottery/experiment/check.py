@@ -41,9 +41,9 @@ def _check_granularity(cfg: DictConfig, dst_rule) -> None:
     g = p.get("granularity", "unstructured")
     _choice(g, GRANULARITIES, "pruning.granularity")
     _choice(p.get("group_score", "sum"), GROUP_SCORES, "pruning.group_score")
-    if g != "unstructured" and dst_rule is not None:
-        raise ValueError(f"dst={dst_rule.name} grows and drops single weights; pruning.granularity={g} is not "
-                         "supported with dynamic sparse training (use pruning.granularity=unstructured)")
+    if dst_rule is not None and g not in dst_rule.granularities:
+        raise ValueError(f"dst={dst_rule.name} {dst_rule.granularity_note}; pruning.granularity={g} is not "
+                         f"supported with it (accepted: {', '.join(dst_rule.granularities)})")
     if g == "channel":
         if p.scope in ("er", "erk"):
             raise ValueError(f"pruning.scope={p.scope} is a density per weight tensor; with pruning.granularity="

@@ -43,9 +43,14 @@ def training_cost(rep, model, masks: M.Masks, result: dict) -> dict:
         rep.cost_info = cost.model_info(model, rep.split.pool.input_shape)
     structured = rep.cfg.pruning.get("granularity") == "channel"
     counter = cost.TrainingCost(rep.cost_info, rep.cfg.train.batch_size, structured=structured)
-    # channel tickets: the masks themselves (no mask changes during training), whose removed channels also remove
-    # the next layer's inputs in the structured count
-    changes = result.get("mask_changes") or [[result["start_step"], masks if structured else M.density(masks)]]
+    # channel tickets: the masks themselves, whose removed channels also remove the next layer's inputs in the
+    # structured count; they never change during training (the one updater that accepts channel masks, early-bird,
+    # only watches them)
+    changes = result.get("mask_changes")
+    if structured:
+        assert not changes or len(changes) == 1, "channel masks changed during training"
+        changes = [[result["start_step"], masks]]
+    changes = changes or [[result["start_step"], M.density(masks)]]
     gradient_steps = result.get("gradient_steps") or []
     ends = [s for s, _ in changes[1:]] + [result["final_step"]]
     for (begin, densities), end in zip(changes, ends):

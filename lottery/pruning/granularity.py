@@ -5,7 +5,9 @@ cost count see ordinary masks.
 
 - `unstructured`: every weight its own group (the selection code as it always was; nothing here runs).
 - `channel`: a group is an output channel (a convolution's filter, a linear layer's output neuron: dimension 0 of the
-  weight). Its score is the sum of its weights' scores (`pruning.group_score=sum`), or their L1 or L2 norm. Counts are
+  weight). Its score is the sum of its weights' scores (`pruning.group_score=sum`), or their L1 or L2 norm, or the
+  magnitude of the scale of the BatchNorm that normalizes it (`bn`: network slimming, Liu et al. 2017, the channel
+  score of You et al.'s early-bird tickets; every channel-pruned layer needs a BatchNorm). Counts are
   channels: layerwise pruning keeps round(rate x channels) of each layer, `pruning.target` is the fraction of
   channels kept. The bias and BatchNorm scale and shift of a removed channel get masks too (lottery.masks
   `channel_companions`): they are entries of the same masks dict, so the one masking place (lottery.masks.Masker)
@@ -24,11 +26,12 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
+from torch import nn
 
-from lottery.masks import Masks
+from lottery.masks import Masks, channel_companions
 
 GRANULARITIES = ("unstructured", "channel", "nm")
-GROUP_SCORES = ("sum", "l1", "l2")
+GROUP_SCORES = ("sum", "l1", "l2", "bn")
 
 
 def kind(pcfg) -> str:
@@ -52,10 +55,34 @@ def channel_masks(masks: Masks) -> Masks:
     return {n: (m.detach().reshape(m.shape[0], -1) != 0).any(dim=1).to(m.dtype) for n, m in masks.items()}
 
 
-def channel_scores(scores: Mapping[str, torch.Tensor], names, how: str = "sum") -> dict[str, torch.Tensor]:
-    """Per output channel: the sum of its weights' scores, or their L1 / L2 norm."""
+def batchnorm_scales(model: nn.Module) -> dict[str, str]:
+    """{weight name: the name of the scale (weight) of the BatchNorm that normalizes its output channels} for the
+    layers that have one (lottery.masks.channel_companions finds it by structure)."""
+    scales = {f"{name}.weight" for name, mod in model.named_modules()
+              if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine}
+    return {w: c for w, comps in channel_companions(model).items() for c in comps if c in scales}
+
+
+def check_batchnorm(model: nn.Module, names, model_name: str) -> None:
+    """pruning.group_score=bn scores a channel by its BatchNorm scale: one line naming the first channel-pruned
+    tensor without a BatchNorm."""
+    have = batchnorm_scales(model)
+    for n in names:
+        if n not in have:
+            raise ValueError(f"pruning.group_score=bn scores a channel by the scale of the BatchNorm after it, but "
+                             f"'{n}' of model '{model_name}' has no BatchNorm; exclude it (pruning.exclude=[{n}]) or "
+                             f"use another pruning.group_score ({', '.join(s for s in GROUP_SCORES if s != 'bn')})")
+
+
+def channel_scores(scores: Mapping[str, torch.Tensor], names, how: str = "sum",
+                   bn: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Per output channel: the sum of its weights' scores, or their L1 / L2 norm; for `bn`, the magnitude of the
+    BatchNorm scale of the channel (`bn`: {weight name: that scale tensor})."""
     if how not in GROUP_SCORES:
         raise ValueError(f"unknown pruning.group_score '{how}'; accepted: {', '.join(GROUP_SCORES)}")
+    if how == "bn":
+        assert bn is not None, "group_score=bn needs the BatchNorm scales"
+        return {n: bn[n].detach().abs() for n in names}
     out = {}
     for n in names:
         s = scores[n].detach().reshape(scores[n].shape[0], -1)

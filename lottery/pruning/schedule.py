@@ -176,8 +176,13 @@ def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fr
             full = G.expand(left.masks(), weights, companions)
             model = rescore(full) if rescore is not None else _masked(model, full)
             current = G.weights_only(full, names)
-        raw = score(model, current, pcfg.criterion, batches=batches, generator=generator)
-        scores = left.gather(G.channel_scores(raw, names, how))
+        if how == "bn":  # the channels' BatchNorm scales in the weights being scored, not a criterion's scores
+            params = dict(model.named_parameters())
+            scales = {n: params[s] for n, s in G.batchnorm_scales(model).items()}
+            scores = left.gather(G.channel_scores({}, names, how, bn=scales))
+        else:
+            raw = score(model, current, pcfg.criterion, batches=batches, generator=generator)
+            scores = left.gather(G.channel_scores(raw, names, how))
         if invert:
             scores = -scores
         if scope == "global":

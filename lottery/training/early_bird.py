@@ -13,9 +13,13 @@ then prunes the weights of that step (level 0's final weights) and trains the ti
 - the ticket is drawn at the first check where the last `window` distances (5) all exist and their largest is below
   `eps` (0.1): the checks before the window fills never stop training.
 
-Where this differs from the paper: it draws channel masks from BatchNorm scaling factors (network slimming) and
-checks every epoch; here the masks are per weight by magnitude (the criterion IMP uses), checked at evaluations.
-Channel masks are `pruning.granularity`'s (issue 27): `check_mask` is the one place a channel criterion plugs in.
+With `pruning.granularity=channel` the masks are channel masks, as the paper's: a channel's score is
+`pruning.group_score` of its weights' magnitudes, or with `pruning.group_score=bn` the magnitude of its BatchNorm
+scale (the paper's network-slimming score), `target` the fraction of channels kept (the output layer is never a
+channel: lottery.pruning.granularity), and the distance the fraction of kept channels that changed. The ticket the
+experiment then prunes at level 1 with the same granularity and group score is the last check's mask (tested).
+Where this still differs from the paper: checks at evaluations (or every `every` steps), not once per epoch; and
+without `pruning.granularity=channel` the masks are per weight by magnitude, the criterion IMP uses.
 A unit that does not start dense (a ticket trained after the draw) trains on unwatched.
 """
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Optional
 
 import torch
 
+from lottery import masks as M
+from lottery.pruning import granularity as G
 from lottery.pruning.densities import survivor_counts
 from lottery.pruning.selection import Survivors, round_half_up
 from lottery.core.ranges import at_least, between, setting
@@ -40,6 +46,8 @@ class EarlyBirdSettings:
     window: int = setting(5, at_least(1))  # distances the stop rule looks at (You et al.: 5)
     eps: float = setting(0.1, between(0, 1, lo_open=True))  # drawn when the largest of them is below (You et al.: 0.1)
     distribution: str = "global"  # the check's mask: one ranking (global) or per tensor: uniform | er | erk
+    granularity: str = "unstructured"  # pruning.granularity: unstructured (weights) | channel (whole channels)
+    group_score: str = "sum"  # channel: a channel's score (pruning.group_score): sum | l1 | l2 | bn (BatchNorm scale)
 
     def __post_init__(self):
         if self.target is None or not 0 < self.target < 1:
@@ -50,6 +58,14 @@ class EarlyBirdSettings:
                              f"{self.window} and {self.eps}")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown dst.distribution '{self.distribution}'; accepted: {', '.join(DISTRIBUTIONS)}")
+        if self.granularity not in ("unstructured", "channel"):
+            raise ValueError(f"early-bird tickets are drawn per weight or per channel, not with pruning.granularity="
+                             f"{self.granularity}; accepted: unstructured, channel")
+        if self.granularity == "channel" and self.distribution not in ("global", "uniform"):
+            raise ValueError(f"dst.distribution={self.distribution} is a density per weight tensor; with "
+                             "pruning.granularity=channel use global or uniform")
+        if self.group_score not in G.GROUP_SCORES:
+            raise ValueError(f"unknown pruning.group_score '{self.group_score}'; accepted: {', '.join(G.GROUP_SCORES)}")
 
 
 def mask_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -67,6 +83,8 @@ def settled(distances: list[float], window: int, eps: float) -> bool:
 @register_updater("early_bird")
 class EarlyBird(MaskUpdater):
     Settings = EarlyBirdSettings
+    granularities = ("unstructured", "channel")
+    granularity_note = "draws per-weight or channel masks"
 
     def __init__(self, settings: dict, ctx):
         super().__init__(settings, ctx)
@@ -77,7 +95,9 @@ class EarlyBird(MaskUpdater):
         self.drawn_at: list[Optional[int]] = [None] * self.n
 
     def check_mask(self, u: int) -> dict[str, torch.Tensor]:
-        """The mask magnitude pruning would draw now at `target` (the hook for a channel criterion)."""
+        """The mask magnitude pruning would draw now at `target`: per weight, or per channel."""
+        if self.settings["granularity"] == "channel":
+            return self.check_channels(u)
         layers = self.ctx.layers[u]
         scores = {layer.name: layer.weight.detach().abs() for layer in layers}
         ones = {layer.name: torch.ones_like(layer.mask, dtype=torch.bool) for layer in layers}
@@ -91,6 +111,27 @@ class EarlyBird(MaskUpdater):
                                      keep / size)
             left.remove_layerwise(left.gather(scores), [m.numel() - counts[n] for n, m in ones.items()])
         return {n: m.cpu() for n, m in left.masks().items()}
+
+    def check_channels(self, u: int) -> dict[str, torch.Tensor]:
+        """One entry per output channel of each channel-pruned layer: the `target` fraction of all channels (global)
+        or of each layer's (uniform) with the highest scores, as lottery.pruning's channel selection keeps them."""
+        model, params = self.ctx.models[u], self.ctx.parameters(u)
+        masked = {layer.name for layer in self.ctx.layers[u]}
+        # the pruned weights: masked tensors with output channels (while dense, no companion has a mask yet)
+        names = [n for n in M.channel_companions(model) if n in masked]
+        how = self.settings["group_score"]
+        bn = {n: params[s].detach() for n, s in G.batchnorm_scales(model).items()}
+        scores = G.channel_scores({n: params[n].detach().abs() for n in names}, names, how, bn=bn)
+        groups = {n: torch.ones(params[n].shape[0], dtype=torch.bool) for n in names}
+        left = Survivors(groups)
+        ranked = left.gather({n: s.cpu() for n, s in scores.items()})
+        target = self.settings["target"]
+        if self.settings["distribution"] == "global":
+            size = sum(g.numel() for g in groups.values())
+            left.remove_global(ranked, size - round_half_up(target * size), "early-bird channel", unit="channel")
+        else:
+            left.remove_layerwise(ranked, [g.numel() - round_half_up(target * g.numel()) for g in groups.values()])
+        return left.masks()
 
     def check(self, u: int, step: int) -> None:
         mask = self.check_mask(u)

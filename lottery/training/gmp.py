@@ -58,6 +58,7 @@ def cubic_density(step: int, t0: int, n: int, delta_t: int, final: float, initia
 class GradualMagnitude(MaskUpdater):
     Settings = GmpSettings
     dense_start = True
+    granularity_note = "prunes single weights gradually"
 
     @classmethod
     def check_fit(cls, settings: dict, total_steps: int) -> None:

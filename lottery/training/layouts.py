@@ -218,6 +218,10 @@ class Interleaved(nn.Module):
     def sync(self, u: Optional[int] = None) -> None:
         """The networks' own models hold their weights already."""
 
+    def network_parameters(self, u: int) -> dict[str, torch.Tensor]:
+        """Network `u`'s parameters as the single model names them (they are its own)."""
+        return dict(self.nets[u].named_parameters())
+
     def named_masks(self, masks: list[Masks]) -> Masks:
         return {f"nets.{u}.{k}": v for u, m in enumerate(masks) for k, v in m.items()}
 
@@ -351,6 +355,10 @@ class Stacked(nn.Module):
         """Every network's state_dict (copies), as the single model names it."""
         state = self.net.state_dict()
         return [{k: v[u].clone() for k, v in state.items()} for u in range(self.n)]
+
+    def network_parameters(self, u: int) -> dict[str, torch.Tensor]:
+        """Network `u`'s parameters as the single model names them: views into the stacked tensors."""
+        return {k: p[u] for k, p in self.net.named_parameters()}
 
     def sync(self, u: Optional[int] = None) -> None:
         """Copy the stacked weights into the networks' own models (network `u`, or all)."""

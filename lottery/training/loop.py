@@ -104,7 +104,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     if updater is not None:
         kind, settings = updater
         layers = make_layers(net.mask_slices(mask_weights), n)
-        updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers))
+        updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers,
+                                           [nw.model for nw in networks], net.network_parameters))
     if tcfg.compile:
         net.compile_in_place()
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
@@ -270,9 +271,11 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     results = []
     for u in range(n):
         last = evals[u][-1]
+        since = updater.counts_final_from(u) if updater is not None else None
         final = diverged_at[u] if diverged_at[u] is not None else stopped_at[u] if stopped_at[u] is not None else step
         result = {"steps": end, "start_step": start, "final_step": final, "evals": evals[u],
-                  **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))}, **early_stop(evals[u]),
+                  **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
+                  **early_stop([e for e in evals[u] if since is None or e["step"] >= since]),
                   "diverged": diverged_at[u] is not None, "diverged_step": diverged_at[u]}
         if diverged_at[u] is not None:  # no final metrics: a diverged network's are chance, not a result
             result["last_finite_step"] = evals[u][-2]["step"] if len(evals[u]) > 1 else None

@@ -25,10 +25,11 @@ in `Settings`) and one YAML file in conf/dst/. Built-ins: lottery.training.dst (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from lottery.core.registry import Registry, check_settings, plain
 
@@ -78,6 +79,11 @@ class Context:
     end: int
     seeds: list[int]
     layers: list[list[Layer]]  # per network, in the order of its masks
+    # per network, its module: for its structure only (which BatchNorm follows which layer, ...); a stacked layout
+    # trains copies of its tensors, so values come from `layers` or `parameters`
+    models: list[nn.Module] = field(default_factory=list)
+    # network u -> its current parameters as the single model names them (views into what trains; read-only use)
+    parameters: Optional[Callable[[int], dict[str, torch.Tensor]]] = None
 
 
 class MaskUpdater:
@@ -87,6 +93,9 @@ class MaskUpdater:
     # True: the masks a unit is handed are where this updater ends (their counts are its target); the network starts
     # with every weight (the experiment does not zero the pruned ones first) and `begin` sets the masks it starts from
     dense_start = False
+    # the pruning.granularity values whose masks the updater keeps (checked before any work)
+    granularities: tuple[str, ...] = ("unstructured",)
+    granularity_note = "grows and drops single weights"  # why the others are refused
 
     @classmethod
     def check_fit(cls, settings: dict, total_steps: int) -> None:
@@ -114,6 +123,17 @@ class MaskUpdater:
 
     def finished(self, u: int) -> bool:
         return False
+
+    def counts_final_from(self, u: int) -> int:
+        """The step from which network `u` has its final weight counts: the last mask update that changed a layer's
+        count (drop-and-grow keeps them; gradual pruning does not). The early stop is chosen among the evaluations
+        from there, since an evaluation of a denser network is not one of the ticket's."""
+        changes = self.mask_changes[u]
+        step = changes[0][0]
+        for (_, before), (at, after) in zip(changes, changes[1:]):
+            if after != before:
+                step = at
+        return step
 
     # --- state -----------------------------------------------------------------------------------------------------
     def state_dict(self, u: int) -> dict:
