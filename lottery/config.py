@@ -104,7 +104,7 @@ class PruningConfig:
     granularity: str = "unstructured"
     n: int = setting(2, at_least(1))  # nm: weights kept per block
     m: int = setting(4, at_least(2))  # nm: block length along the input dimension
-    group_score: str = "sum"  # channel: a channel's score from its weights' scores: sum | l1 | l2
+    group_score: str = "sum"  # channel: a channel's score: sum | l1 | l2 of its weights' scores, bn (BatchNorm scale)
 
 
 @dataclass
