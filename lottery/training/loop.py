@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from lottery.core.divergence import finite_or_none, nonfinite
 from lottery.core.signals import Preempted
+from lottery.core.spans import EVAL, STEP, span
 from lottery.core.steps import Steps
 from lottery.core.threads import evaluation_threads as threads_for_evaluation
 from lottery.data import Batches
@@ -164,7 +165,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     def run_eval(which: list[int]) -> None:
         """Evaluate the networks in `which` (an evaluation step: every active one; a loss log that saw a non-finite
         loss: those whose loss it was) and append their records."""
-        with threads_for_evaluation(evaluation_threads):
+        with threads_for_evaluation(evaluation_threads), span(EVAL):
             val = net.evaluate("val", tcfg.eval_batch_size, tcfg.precision, which)
             test = net.evaluate("test", tcfg.eval_batch_size, tcfg.precision, which)
         counts = torch.tensor([max(c, 1) for c in loss_count], dtype=loss_sum.dtype, device=device)
@@ -217,17 +218,18 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
             m = multiplier(step)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * m
-            optimizer.zero_grad(set_to_none=True)
-            on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
-            losses = net.backward(step, autocast, on)
-            if updater is None:
-                optimizer.step()
-                mask_weights()
-            else:
-                changed, skip = updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
-                if not skip:
+            with span(STEP):  # for torch.profiler (lottery.core.spans)
+                optimizer.zero_grad(set_to_none=True)
+                on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
+                losses = net.backward(step, autocast, on)
+                if updater is None:
                     optimizer.step()
-                apply(changed + updater.after_step(step + 1, optimizer, on))
+                    mask_weights()
+                else:
+                    changed, skip = updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
+                    if not skip:
+                        optimizer.step()
+                    apply(changed + updater.after_step(step + 1, optimizer, on))
             loss_sum += losses
             for u in range(n):
                 loss_count[u] += 1
