@@ -15,15 +15,14 @@ Spans change no arithmetic: results are bit-identical with and without a profile
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
 
 import torch
 
 STEP, DATA, MASK, EVAL = "lottery.step", "lottery.data", "lottery.mask", "lottery.eval"
 
 
-def span(name: str) -> ContextManager:
+def span(name: str) -> contextlib.AbstractContextManager:
     """`torch.profiler.record_function(name)` while a profiler runs in this process; else nothing."""
-    if torch.autograd._profiler_enabled():
+    if torch.autograd._profiler_enabled():  # the flag record_function itself reads (torch has no public one)
         return torch.profiler.record_function(name)
     return contextlib.nullcontext()
