@@ -94,7 +94,7 @@ def split_per_unit(spans_s: dict, units: int, profiled_s: float, unit_s: float) 
                                                - parts["steps: masking"], 0.0)
     scale = unit_s * units / profiled_s if profiled_s else 0.0
     out = {k: v / units * scale for k, v in parts.items()}
-    out["everything else (records, writes, pruning, models)"] = max(unit_s - sum(out.values()), 0.0)
+    out["everything else (records, writes, pruning)"] = max(unit_s - sum(out.values()), 0.0)
     return out
 
 
@@ -225,9 +225,11 @@ def format_units(out: dict) -> str:
     lines.append("per unit, by where the time goes (ms; shares from a profiled run of this checkout, lottery's spans):")
     cats = sorted({c for k in keys for c in v[k]["split_per_unit_s"]},
                   key=lambda c: -max(v[k]["split_per_unit_s"].get(c, 0.0) for k in keys))
-    for c in cats:
-        row(f"  {c}"[:46], [1000 * v[k]["split_per_unit_s"].get(c, 0.0) for k in keys], "{:>22.2f}")
-    row("threads, wait policy (the log's first line)", [v[k]["threads_used"][:21] for k in keys], "{:>22s}")
+    for c in cats:  # "-": a version without spans (a base commit)
+        row(f"  {c}"[:46], [f"{1000 * v[k]['split_per_unit_s'][c]:.2f}" if c in v[k]["split_per_unit_s"] else "-"
+                            for k in keys], "{:>22s}")
+    row("threads, wait policy (the log's first line)",
+        [v[k]["threads_used"].replace("OMP_WAIT_POLICY=", "")[:21] for k in keys], "{:>22s}")
     if len(keys) > 1 and out["base"]:
         for th in out["threads"]:
             b, h = v.get(f"base threads={th}"), v.get(f"head threads={th}")
