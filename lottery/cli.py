@@ -1,10 +1,6 @@
 """Hydra entry points. No experiment logic lives here: each app composes its config and calls one function."""
 from __future__ import annotations
 
-from lottery.core.threads import default_wait_policy
-
-default_wait_policy()  # first: OpenMP reads how its threads wait once, when torch loads it (lottery/core/threads.py)
-
 import contextlib
 import io
 import logging
@@ -20,6 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lottery.config import conf_dir, register_configs
+from lottery.core.threads import default_wait_policy
 from lottery.launch.slurm import STOPPED, register_launcher
 
 log = logging.getLogger("lottery")
@@ -344,8 +341,11 @@ def unknown_option(args: list[str]) -> str | None:
 
 
 def _main(app, config_name: str = "config") -> None:
-    """An entry point: `--version`, the installation and the command line checked, the Hydra app, then the exit
-    status of a multirun."""
+    """An entry point: lottery's OpenMP wait policy, `--version`, the installation and the command line checked, the
+    Hydra app, then the exit status of a multirun."""
+    # first: OpenMP reads how its threads wait once, when torch loads it (lottery/core/threads.py); importing this
+    # module does not load torch (tests/test_threads.py), and a library import leaves the environment alone
+    default_wait_policy()
     from lottery.config import schema
     from lottery.core.commandline import exit_early, unknown_key
     args = sys.argv[1:]

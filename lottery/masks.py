@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lottery.core.spans import MASK, span
+
 Masks = dict[str, torch.Tensor]
 
 
@@ -125,7 +127,7 @@ class Masker:
         self.keep_bits[i] = self._bits(self.params[i], self.masks[i])
 
     def __call__(self) -> None:
-        with torch.no_grad():
+        with torch.no_grad(), span(MASK):
             for p, keep in zip(self.params, self.keep_bits):
                 p.view(keep.dtype).bitwise_and_(keep)
 

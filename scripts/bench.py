@@ -21,10 +21,14 @@ Evaluation: the project's `lottery.training.evaluate` on the validation and test
 DataLoader evaluation (batch 1000, no_grad, `.item()` per batch) of the same 15,000 samples.
 Startup: a fresh interpreter, from `import lottery` through loading MNIST from disk to the first completed step.
 
-Variants run interleaved in one process, `--repeats` times; the table shows medians and the ratios project/plain and
-project/floor. On a CUDA device the project also runs with bf16 autocast and torch.compile, on and off, with the
-precision and determinism settings a run uses (lottery.core.device.configure: fp32 is IEEE fp32, deterministic), and
-`check_no_syncs` counts the host-device syncs of the training loop over epoch boundaries and a checkpoint.
+Measurements are torch.utils.benchmark's (scripts/bench_measure.py): the plain and floor steps and both evaluations
+through its Timer, the project's steps as the window between two of the loop's public `at_step` hooks, each made a
+Measurement; variants run interleaved in one process, `--repeats` rounds, and merge into one Measurement each. The
+table shows their medians and the ratios project/plain and project/floor, measured in the same run; Compare's table
+(time per step, per evaluation) follows it. On a CUDA device the project also runs with bf16 autocast and
+torch.compile, on and off, with the precision and determinism settings a run uses (lottery.core.device.configure:
+fp32 is IEEE fp32, deterministic), and `check_no_syncs` counts the host-device syncs of the training loop over epoch
+boundaries and a checkpoint.
 
 Replicas (`--replicas 8`, or a list `--replicas 1,8,32,128`): aggregate training samples/s of R networks trained in one
 batched loop (`lottery.training.train` with R networks, what `lottery-train replicas=R` runs) against the project's
@@ -37,9 +41,9 @@ process, and two runs started together, each under PyTorch's threading default (
 lottery's default and threads=1, in fresh processes; the ratios of their times.
 
 Tiny units (`--units`, scripts/bench_units.py): 16 levels x 3 units x 60 steps in one `lottery-train` run, per-unit
-wall time and where it goes (start-up, data, training, evaluation, writes, fsync, summary, ...); `--units-base COMMIT`
-runs another commit the same way, alternating, for before/after; `--units-busy` runs each next to the busy mode's
-competing process.
+wall time (from its log) and where it goes (from lottery's torch.profiler spans: the steps' data, forward and backward,
+optimizer step and masking, evaluation, everything else); `--units-base COMMIT` runs another commit the same way,
+alternating, for before/after; `--units-busy` runs each next to the busy mode's competing process.
 
 Quick mode (`--quick`) checks that everything runs, on a few steps of small data: its numbers are not speed
 measurements, and no target is judged.
@@ -64,7 +68,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -77,8 +80,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
+from torch.utils.benchmark import Compare, Measurement, Timer
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
+
+from bench_measure import loadavg as _loadavg, measurement, merged, rate
 
 from lottery import masks as M
 from lottery.config import Config
@@ -209,7 +215,9 @@ def _sync(device):
 
 
 # --- training variants ---------------------------------------------------------------------------------------------
-# Each returns the seconds taken by `steps` training steps after `warmup` untimed ones.
+# Each returns a torch.utils.benchmark Measurement of `steps` training steps (times per step) after `warmup` untimed
+# ones: a Timer where a step is a statement of the benchmark's own (plain, floor), else the window between two of the
+# project loop's `at_step` hooks (one call of lottery.training.train is the whole loop).
 
 def _stamper(device):
     """(stamps, stamp): stamp(k) is a hook that syncs `device` and records the time under k in stamps."""
@@ -223,7 +231,22 @@ def _stamper(device):
     return stamps, stamp
 
 
-def run_project(model, masks, data: Split, lr, device, warmup, steps, seed, precision="fp32", compile=False):
+def _timer(stmt, device) -> Timer:
+    """A Timer of `stmt()` at this process's thread count (Timer's own default is one thread); on a CUDA device the
+    library's clock synchronizes at both ends of the timed window."""
+    return Timer("stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
+
+
+def run_project(model, masks, data: Split, lr, device, warmup, steps, seed, precision="fp32",
+                compile=False) -> Measurement:
+    return measurement([project_seconds(model, masks, data, lr, device, warmup, steps, seed, precision, compile)],
+                       "train", "project" + ("" if (precision, compile) == ("fp32", False) else
+                                             f"_{precision}" + ("_compile" if compile else "")),
+                       "per step", number_per_run=steps)
+
+
+def project_seconds(model, masks, data: Split, lr, device, warmup, steps, seed, precision="fp32", compile=False):
+    """Seconds of `steps` steps of lottery.training.train after `warmup` ones, between two of its at_step hooks."""
     end = warmup + steps
     cfg = adam_cfg(lr, BATCH, end)
     cfg.train.precision, cfg.train.compile = precision, compile
@@ -302,7 +325,7 @@ def _forever(loader):
         yield from loader
 
 
-def run_plain(model, masks, loader, lr, device, warmup, steps, seed):
+def run_plain(model, masks, loader, lr, device, warmup, steps, seed) -> Measurement:
     torch.manual_seed(seed)  # the DataLoader's shuffle and the transforms draw from the global RNG
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     params = dict(model.named_parameters())
@@ -312,12 +335,9 @@ def run_plain(model, masks, loader, lr, device, warmup, steps, seed):
             p.mul_(m)
     model.train()
     batches = _forever(loader)
-    running = 0.0
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
+    running = [0.0]
+
+    def step():
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
         optimizer.zero_grad()
@@ -327,31 +347,32 @@ def run_plain(model, masks, loader, lr, device, warmup, steps, seed):
         with torch.no_grad():
             for p, m in masked:
                 p.mul_(m)
-        running += loss.item()
-    _sync(device)
-    return time.perf_counter() - t0
+        running[0] += loss.item()
+    for _ in range(warmup):
+        step()
+    return _timer(step, device).timeit(steps)
 
 
-def run_floor(model, batches, lr, device, warmup, steps, seed):
+def run_floor(model, batches, lr, device, warmup, steps, seed) -> Measurement:
     # the project's optimizer construction (Adam, foreach), so the ratio measures the loop, not the optimizer
     optimizer = make_optimizer(model.parameters(), OmegaConf.create({"name": "adam", "lr": lr, "betas": [0.9, 0.999],
                                                                      "weight_decay": 0.0}), device)
     model.train()
-    t0 = None
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            t0 = time.perf_counter()
-        x, y = batches[i % len(batches)]
+    i = [0]
+
+    def step():
+        x, y = batches[i[0] % len(batches)]
+        i[0] += 1
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    _sync(device)
-    return time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    return _timer(step, device).timeit(steps)
 
 
-def run_batched(models, masks_list, split_: Split, lr, device, warmup, steps, seeds, layout):
+def batched_seconds(models, masks_list, split_: Split, lr, device, warmup, steps, seeds, layout):
     """Seconds for `steps` batched steps of all `models` (`layout`: lottery.training.LAYOUTS) after `warmup` untimed
     ones."""
     end = warmup + steps
@@ -401,17 +422,19 @@ def bench_replicas(name, args, device, log) -> dict:
             order = ["single", "batched"] if rep % 2 == 0 else ["batched", "single"]
             for k in order:
                 if k == "single":
-                    times[k].append(sum(run_project(copy.deepcopy(models[i]), masks_list[i], data, lr, device, warmup,
-                                                    steps["single"], i) for i in range(n_single)))
+                    times[k].append(sum(project_seconds(copy.deepcopy(models[i]), masks_list[i], data, lr, device,
+                                                        warmup, steps["single"], i) for i in range(n_single)))
                 else:
-                    times[k].append(run_batched([copy.deepcopy(m) for m in models], masks_list, data, lr, device,
-                                                warmup, b_steps, list(range(r_count)), how))
+                    times[k].append(batched_seconds([copy.deepcopy(m) for m in models], masks_list, data, lr, device,
+                                                    warmup, b_steps, list(range(r_count)), how))
             loads.append(_loadavg())
             log(f"  {name} R={r_count} ({how}) repeat {rep + 1}/{args.repeats}: single x{r_count} "
                 f"{n_single * steps['single'] * BATCH / times['single'][-1]:,.0f}/s, batched "
                 f"{r_count * b_steps * BATCH / times['batched'][-1]:,.0f}/s  (load {loads[-1]})")
-        single = _median_rate(times["single"], n_single * steps["single"] * BATCH)
-        batched = _median_rate(times["batched"], r_count * b_steps * BATCH)
+        single = rate(measurement(times["single"], f"{name} R={r_count}", "single", "per round"),
+                      n_single * steps["single"] * BATCH)
+        batched = rate(measurement(times["batched"], f"{name} R={r_count}", "batched", "per round"),
+                       r_count * b_steps * BATCH)
         out["by_replicas"][str(r_count)] = {
             "single": single, "batched": batched, "ratio": batched["samples_per_s"] / single["samples_per_s"],
             "single_models_timed": n_single, "loadavg": loads,
@@ -438,30 +461,27 @@ def format_replicas(results: dict) -> str:
 
 # --- evaluation variants ---------------------------------------------------------------------------------------------
 
-def eval_project(model, data: Split, device, precision="fp32"):
+def eval_project(model, data: Split, device, precision="fp32") -> Measurement:
     # (the validation examples are gathered once, when a run starts: bench_workload has done it before any timing)
-    _sync(device)
-    t0 = time.perf_counter()
-    evaluate(model, *data.val(), 10000, precision)
-    evaluate(model, *data.test(), 10000, precision)
-    return time.perf_counter() - t0
+    def run():
+        evaluate(model, *data.val(), 10000, precision)
+        evaluate(model, *data.test(), 10000, precision)
+    return _timer(run, device).timeit(1)
 
 
-def eval_plain(model, loaders, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    model.eval()
-    with torch.no_grad():
-        for loader in loaders:
-            loss, correct = 0.0, 0
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss += F.cross_entropy(out, y, reduction="sum").item()
-                correct += (out.argmax(1) == y).sum().item()
-    model.train()
-    _sync(device)
-    return time.perf_counter() - t0
+def eval_plain(model, loaders, device) -> Measurement:
+    def run():
+        model.eval()
+        with torch.no_grad():
+            for loader in loaders:
+                loss, correct = 0.0, 0
+                for x, y in loader:
+                    x, y = x.to(device), y.to(device)
+                    out = model(x)
+                    loss += F.cross_entropy(out, y, reduction="sum").item()
+                    correct += (out.argmax(1) == y).sum().item()
+        model.train()
+    return _timer(run, device).timeit(1)
 
 
 # --- startup ---------------------------------------------------------------------------------------------------------
@@ -526,18 +546,6 @@ def _wait_policy() -> str:
     return ", ".join(given) if given else "OpenMP's own"
 
 
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):  # not on every platform
-        return None
-
-
-def _median_rate(times: list[float], samples: int) -> dict:
-    rates = [samples / t for t in times]
-    return {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": len(rates)}
-
-
 def bench_workload(name, args, device, log):
     model_name, dataset, lr, augment = WORKLOADS[name]
     steps, warmup = args.steps[name], args.warmup
@@ -585,8 +593,11 @@ def bench_workload(name, args, device, log):
     eval_samples = len(data.val_idx) + len(data.pool.test_y)
     eval_repeats = min(args.repeats, args.eval_repeats[name])
 
-    def samples(kind, k):
-        return steps[k] * BATCH if kind == "train" else eval_samples
+    def samples(kind):  # per run of a Measurement: a training step, an evaluation of both splits
+        return BATCH if kind == "train" else eval_samples
+
+    def labelled(m: Measurement, kind: str, k: str) -> Measurement:
+        return measurement(m.times, f"{name} {kind}", k, "per step" if kind == "train" else "per evaluation")
 
     times = {("train", k): [] for k in train_variants} | {("eval", k): [] for k in eval_variants}
     for r in range(args.repeats):
@@ -594,14 +605,14 @@ def bench_workload(name, args, device, log):
         order = list(train_variants)
         order = order[r % len(order):] + order[:r % len(order)]
         for k in order:
-            times[("train", k)].append(train_variants[k](copy.deepcopy(base), r))
+            times[("train", k)].append(labelled(train_variants[k](copy.deepcopy(base), r), "train", k))
         if r < eval_repeats:
             order = list(eval_variants)
             order = order[r % len(order):] + order[:r % len(order)]
             for k in order:
-                times[("eval", k)].append(eval_variants[k](base))
+                times[("eval", k)].append(labelled(eval_variants[k](base), "eval", k))
         log(f"  {name} repeat {r + 1}/{args.repeats}: " + ", ".join(
-            f"{kind} {k} {samples(kind, k) / t[-1]:,.0f}/s" for (kind, k), t in times.items()
+            f"{kind} {k} {samples(kind) / t[-1].median:,.0f}/s" for (kind, k), t in times.items()
             if len(t) == r + 1))
     out = {"model": model_name, "dataset": dataset, "lr": lr, "augment": augment, "steps": steps, "warmup": warmup,
            "eval_samples": eval_samples, "train": {}, "eval": {}}
@@ -611,9 +622,11 @@ def bench_workload(name, args, device, log):
         log(f"  {name} host syncs in {c['steps']} project steps (epoch boundaries after steps "
             f"{c['epoch_boundaries']}, checkpoints after {c['checkpoints']}, not counting the checkpoints' own "
             f"copies to the host): {c['syncs']}")
+    out["measurements"] = []  # for Compare's table (not written to the JSON file)
     for (kind, k), t in times.items():
-        out[kind][k] = _median_rate(t, samples(kind, k))
-        out[kind][k]["seconds"] = t
+        m = merged(t)
+        out["measurements"].append(m)
+        out[kind][k] = rate(m, samples(kind))
     for kind in ("train", "eval"):
         res = out[kind]
         out[kind + "_ratios"] = {f"project/{o}": res["project"]["samples_per_s"] / res[o]["samples_per_s"]
@@ -723,7 +736,8 @@ def main(argv=None) -> dict:
     p.add_argument("--busy-scenarios", default="quiet,competitor,pair",
                    help="busy mode: comma-separated, of quiet, competitor, pair")
     p.add_argument("--units", action="store_true",
-                   help="tiny-units mode: 16 levels x 3 units x 60 steps, time per unit and where it goes "
+                   help="tiny-units mode: 16 levels x 3 units x 60 steps, time per unit and where it goes (lottery's "
+                        "torch.profiler spans) "
                         "(scripts/bench_units.py)")
     p.add_argument("--units-base", default=None, help="tiny-units mode: also run this commit, alternating")
     p.add_argument("--units-threads", default="default",
@@ -833,18 +847,24 @@ def main(argv=None) -> dict:
             Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
             log(f"wrote {args.out}")
         return results
+    measured = []
     for wl in workloads:
         log(f"{wl}: loading data and warming up")
         results["workloads"][wl] = bench_workload(wl, args, device, log)
+        measured += results["workloads"][wl].pop("measurements")
     if not args.no_startup:
         log("startup: fresh interpreter")
         runs = [measure_startup(args.data_root, args.device, 1200 if q else 60000) for _ in range(1 if q else 3)]
-        results["startup"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
+        results["startup"] = {k: measurement([r[k] for r in runs], "startup", k, "seconds").median
+                              for k in runs[0]} | {"runs": runs}
     results["loadavg_end"] = _loadavg()
     results["targets"] = check_targets(results, device)
     table = format_table(results)
     results["table"] = table
     print(table)
+    compare = Compare(measured)  # torch.utils.benchmark's table: medians per step and per evaluation
+    compare.trim_significant_figures()
+    print("\n" + str(compare))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         log(f"wrote {args.out}")

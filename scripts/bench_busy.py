@@ -28,7 +28,11 @@ Scenarios:
 Measured per run: the unit's time (from the run's first log line, once set-up is done, to its result line in
 train.log: the model, both evaluations and the N steps) and the process's wall time. Rounds rotate the order of the
 variants; the table has medians and the ratios <variant>/default of the unit times (above 1: the default is
-faster).
+faster; medians through torch.utils.benchmark's Measurement).
+
+Each measurement is a whole process, which no benchmark library times by itself (torch.utils.benchmark and
+pytest-benchmark repeat a statement in one process; the wait policy is read once, when a process loads torch): the
+unit's seconds come from the run's own log and go into a Measurement (scripts/bench_measure.py).
 """
 from __future__ import annotations
 
@@ -36,13 +40,14 @@ import contextlib
 import datetime
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+
+from bench_measure import loadavg as _loadavg, measurement
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("pytorch", "passive", "default", "threads1")
@@ -128,15 +133,8 @@ def measure(scenario: str, variant: str, tmp: Path, steps: int, data_root, timeo
         dirs = [tmp / f"{tag}_{i}" for i in range(n)]
         procs = [start(variant, d, steps, data_root) for d in dirs]
         runs = [finish(p, t0, d, timeout) for (p, t0), d in zip(procs, dirs)]
-    return {"unit_s": statistics.mean(r["unit_s"] for r in runs), "wall_s": statistics.mean(r["wall_s"] for r in runs),
-            "runs": runs}
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    # a pair's two runs are one round: their mean
+    return {"unit_s": sum(r["unit_s"] for r in runs) / n, "wall_s": sum(r["wall_s"] for r in runs) / n, "runs": runs}
 
 
 def run_busy(args, log) -> dict:
@@ -162,8 +160,10 @@ def run_busy(args, log) -> dict:
             loads.append(_loadavg())
     out = {"steps": steps, "cores": os.cpu_count(), "repeats": args.repeats, "loadavg": loads, "scenarios": {}}
     for s in scenarios:
-        med = {v: statistics.median(x["unit_s"] for x in results[s][v]) for v in VARIANTS}
-        wall = {v: statistics.median(x["wall_s"] for x in results[s][v]) for v in VARIANTS}
+        # medians through torch.utils.benchmark's Measurement (one run of the unit per round)
+        med = {v: measurement([x["unit_s"] for x in results[s][v]], f"busy {s}", v, "unit").median for v in VARIANTS}
+        wall = {v: measurement([x["wall_s"] for x in results[s][v]], f"busy {s}", v, "process").median
+                for v in VARIANTS}
         out["scenarios"][s] = {
             "unit_s": med, "wall_s": wall,
             "rounds": {v: [x["unit_s"] for x in results[s][v]] for v in VARIANTS},

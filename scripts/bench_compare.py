@@ -7,6 +7,12 @@ The base commit is checked out into a temporary git worktree and each version ru
 own API) in a fresh process with its own package first on PYTHONPATH. Rounds alternate which version goes first, so
 a machine that gets busier or quieter during the comparison affects both alike. Reported: per metric, each round's
 value for both versions, the medians, and head / base (above 1: this checkout is faster).
+
+Kept as a small driver of bench.py, because no benchmark library does this here: torch.utils.benchmark and
+pytest-benchmark time code of one checkout in one process (pytest-benchmark's --benchmark-compare compares saved runs,
+not two checkouts side by side in alternating rounds), and asv, which compares commits, builds an environment per
+commit and installs the project's dependencies (torch) into each, which an offline machine cannot do. The numbers it
+compares are each bench.py's, measured by torch.utils.benchmark.
 """
 from __future__ import annotations
 

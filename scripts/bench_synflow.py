@@ -21,7 +21,8 @@ reference, side by side.
 Both start from the same initial weights and prune the same tensors (every Linear and Conv weight, as Synaptic-Flow's
 `masked_parameters` does). The model is built and copied outside the timed window. Variants alternate (and which
 goes first), `--repeats` times each, one thread by default; the table shows median wall-clock seconds per 100 rounds,
-reference/project (>= 1: the project is not slower) in wall-clock time and in this thread's CPU time (less sensitive
+reference/project (>= 1: the project is not slower) in wall-clock time (torch.utils.benchmark's Timer, one call per
+repeat: a call is 100 rounds that change the masks, so it cannot be repeated in place) and in this thread's CPU time (less sensitive
 to other processes on a shared machine), how many kept weights the two share (float32 with `<=` at the threshold
 against float64 with exact counts: close, not equal), and the 1-minute load average before and after.
 """
@@ -32,19 +33,23 @@ import copy
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.benchmark import Timer
 
-from lottery import masks as M
-from lottery import pruning
-from lottery.config import Config
-from lottery.models import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_measure import measurement, merged  # noqa: E402
+
+from lottery import masks as M  # noqa: E402
+from lottery import pruning  # noqa: E402
+from lottery.config import Config  # noqa: E402
+from lottery.models import build_model  # noqa: E402
 
 MODELS = {"lenet_300_100": ((1, 28, 28), 10), "resnet20": ((3, 32, 32), 10)}
 TARGET = 1.0  # reference / project: the project at least as fast
@@ -153,25 +158,33 @@ def bench_model(name: str, density: float, rounds: int, repeats: int, log=print)
     for rep in range(repeats):
         # alternating, and which goes first too: load drifts and the allocator's state hit both alike
         for variant in ("reference", "project")[::1 if rep % 2 == 0 else -1]:
-            if variant == "reference":
+            out: dict = {}
+            if variant == "reference":  # the copy (and the project's models) made outside the timed call
                 net, pairs = masked_copy(model)
-                t0, c0 = time.perf_counter(), time.thread_time()
-                reference_synflow(net, pairs, input_shape, density, rounds)
-                masks = [m for m, _ in pairs]
+
+                def run():
+                    reference_synflow(net, pairs, input_shape, density, rounds)
+                    out["masks"] = [m for m, _ in pairs]
             else:
-                run = project_synflow(name, state, pcfg, density)
-                t0, c0 = time.perf_counter(), time.thread_time()
-                masks = list(run().values())
-            wall[variant].append(time.perf_counter() - t0)
-            cpu[variant].append(time.thread_time() - c0)
-            kept[variant] = torch.cat([m.flatten() != 0 for m in masks])
-            log(f"  {name} {variant} repeat {rep + 1}/{repeats}: {wall[variant][-1]:.3f} s "
-                f"({cpu[variant][-1]:.3f} s CPU)")
-    med = {v: statistics.median(t) for v, t in wall.items()}
-    med_cpu = {v: statistics.median(t) for v, t in cpu.items()}
+                prune = project_synflow(name, state, pcfg, density)
+
+                def run():
+                    out["masks"] = list(prune().values())
+            c0 = time.thread_time()  # this thread's CPU time of the same call, beside the library's wall clock
+            m = Timer("run()", globals={"run": run}, label=f"SynFlow {name}", sub_label=variant,
+                      description=f"{rounds} rounds", num_threads=torch.get_num_threads()).timeit(1)
+            cpu[variant].append(measurement([time.thread_time() - c0], f"SynFlow {name} CPU", variant, "cpu"))
+            wall[variant].append(m)
+            kept[variant] = torch.cat([mask.flatten() != 0 for mask in out["masks"]])
+            log(f"  {name} {variant} repeat {rep + 1}/{repeats}: {m.median:.3f} s "
+                f"({cpu[variant][-1].median:.3f} s CPU)")
+    walls = {v: merged(ms) for v, ms in wall.items()}
+    cpus = {v: merged(ms) for v, ms in cpu.items()}
+    med = {v: m.median for v, m in walls.items()}
+    med_cpu = {v: m.median for v, m in cpus.items()}
     return {"model": name, "density": density, "rounds": rounds, "repeats": repeats,
-            "seconds": {v: {"median": med[v], "per_100_rounds": med[v] * 100 / rounds, "runs": wall[v],
-                            "cpu_median": med_cpu[v], "cpu_runs": cpu[v]} for v in wall},
+            "seconds": {v: {"median": med[v], "per_100_rounds": med[v] * 100 / rounds, "runs": list(walls[v].times),
+                            "cpu_median": med_cpu[v], "cpu_runs": list(cpus[v].times)} for v in wall},
             "ratio": med["reference"] / med["project"], "cpu_ratio": med_cpu["reference"] / med_cpu["project"],
             "kept": {"reference": int(kept["reference"].sum()), "project": int(kept["project"].sum()),
                      "both": int((kept["reference"] & kept["project"]).sum()), "of": len(kept["project"])}}

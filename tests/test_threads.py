@@ -2,7 +2,6 @@
 runtime, never over what the user set, and off once torch is loaded (too late to matter)."""
 from __future__ import annotations
 
-import ast
 import os
 import subprocess
 import sys
@@ -45,32 +44,38 @@ def test_default_is_off_once_torch_is_imported():
     assert out.split("\n")[0] == "None None"
 
 
-@pytest.mark.parametrize("module", ["lottery.cli", "lottery.__main__"])
-def test_the_entry_points_set_it_before_torch_and_openmp_sees_it(module):
-    """The console scripts import lottery.cli (lottery-train, lottery-retrain; `python -m lottery` too): by the time
-    torch is imported the variable is there, and libgomp reports it (OMP_DISPLAY_ENV prints what it read)."""
-    importing = "import lottery.cli" if module == "lottery.cli" else "import lottery.cli as c"
-    code = f"import os, sys\n{importing}\nassert 'torch' not in sys.modules\nimport torch\ntorch.ones(4).sum()\n" \
-           f"print(os.environ.get({NAME!r}))"
+@pytest.mark.parametrize("entry", ["lottery.cli:train", "lottery.cli:retrain", "lottery.__main__"])
+def test_the_entry_points_set_it_before_torch_and_openmp_sees_it(entry):
+    """The console scripts (lottery-train, lottery-retrain; `python -m lottery` too) set the variable when they run,
+    before torch is imported, and libgomp reports it (OMP_DISPLAY_ENV prints what it read); a user's value stands.
+    `--version` ends the entry point before torch loads; torch is imported after it, as a run would."""
+    if ":" in entry:
+        module, function = entry.split(":")
+        call = f"from {module} import {function}\nsys.argv = [{function!r}, '--version']\n{function}()"
+    else:
+        call = f"sys.argv = ['lottery', '--version']\nimport {entry}"
+    code = (f"import os, sys\ntry:\n" + "".join(f"    {line}\n" for line in call.split("\n")) +
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules\nimport torch\ntorch.ones(4).sum()\n"
+            f"print(os.environ.get({NAME!r}))")
     out = _python(code, OMP_DISPLAY_ENV="VERBOSE")
-    assert out.split("\n")[0] == VALUE
+    assert out.split("\n")[1] == VALUE, out  # the first line is the version
     spin = {"OMP_WAIT_POLICY": "0", "GOMP_SPINCOUNT": VALUE}[NAME]  # PASSIVE: libgomp spins 0 times
     assert f"GOMP_SPINCOUNT = '{spin}'" in out, out
-    user = _python(f"{importing}\nimport torch\ntorch.ones(4).sum()", OMP_DISPLAY_ENV="VERBOSE",
-                   OMP_WAIT_POLICY="ACTIVE")
+    user = _python(code, OMP_DISPLAY_ENV="VERBOSE", OMP_WAIT_POLICY="ACTIVE")
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in user and "GOMP_SPINCOUNT = '30000000000'" in user, user
+    assert user.split("\n")[1] == "ACTIVE", user
 
 
-def test_cli_applies_the_default_first():
-    """lottery/cli.py calls it before any other import (anything imported first might import torch)."""
-    tree = ast.parse((REPO / "lottery" / "cli.py").read_text())
-    body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
-    body = [n for n in body if not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
-    first, second = body[0], body[1]
-    assert isinstance(first, ast.ImportFrom) and first.module == "lottery.core.threads"
-    assert [a.name for a in first.names] == ["default_wait_policy"]
-    assert isinstance(second, ast.Expr) and isinstance(second.value, ast.Call)
-    assert getattr(second.value.func, "id", None) == "default_wait_policy"
+@pytest.mark.parametrize("module", ["lottery", "lottery.cli", "lottery.core.threads", "lottery.experiment"])
+def test_importing_lottery_as_a_library_changes_no_environment_variable(module):
+    """Only running an entry point sets the wait policy; importing lottery.cli loads no torch either, so that its
+    entry points run before torch is loaded."""
+    out = _python(f"import os, sys\nbefore = dict(os.environ)\nimport {module}\n"
+                  "print(dict(os.environ) == before, 'torch' in sys.modules)")
+    changed, torch_loaded = out.split("\n")[0].split()
+    assert changed == "True", out
+    if module in ("lottery.cli", "lottery.core.threads"):
+        assert torch_loaded == "False", out
 
 
 def test_set_threads_takes_threads_then_slurm_then_every_core(monkeypatch):
@@ -157,7 +162,7 @@ def test_stacked_replicas_keep_every_core(tmp_path, monkeypatch):
         assert info["threads"] == int(every.stdout), info
 
 
-def test_a_run_in_this_process_gives_the_thread_count_back(tmp_path):
+def test_a_run_in_this_process_gives_the_thread_count_back(tmp_path, monkeypatch):
     """run_experiment sets the run's threads and restores the caller's on leaving (a notebook, a test suite)."""
     import torch
     from conftest import tiny_cfg
@@ -167,10 +172,17 @@ def test_a_run_in_this_process_gives_the_thread_count_back(tmp_path):
     assert summary[0]["device_info"]["threads"] == 2
     assert torch.get_num_threads() == before
     from lottery.core import threads as T
-    T._evaluation_threads = 2  # as a small-step run leaves it
-    T.restore(before)
-    with T.evaluation_threads():
-        assert torch.get_num_threads() == before  # forgotten once the run gave the count back
+    state = {k: v for k, v in vars(T).items() if not k.startswith("__")}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    torch.set_num_threads(2)
+    try:  # a small step: trains on one thread, evaluates on two
+        summary = run_experiment(tiny_cfg("pruning=none"), tmp_path / "run2")
+        assert summary[0]["device_info"]["threads"] == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {k: v for k, v in vars(T).items() if not k.startswith("__")} == state  # no thread count kept there
 
 
 def test_evaluation_gets_every_core_back_only_where_small_steps_got_one(monkeypatch):
@@ -182,27 +194,27 @@ def test_evaluation_gets_every_core_back_only_where_small_steps_got_one(monkeypa
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     try:
         torch.set_num_threads(2)
-        T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS / 10)
-        assert torch.get_num_threads() == 1
-        with T.evaluation_threads():
+        chosen = T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS / 10)
+        assert torch.get_num_threads() == 1 and chosen == T.Threads(1, 2)
+        with T.evaluation_threads(chosen.evaluation):
             assert torch.get_num_threads() == 2
         assert torch.get_num_threads() == 1
         for cfg, flops in [({"threads": 1}, T.SMALL_STEP_FLOPS / 10), ({"threads": None}, T.SMALL_STEP_FLOPS * 10)]:
             torch.set_num_threads(2)
-            T.set_threads(OmegaConf.create(cfg), flops)
+            chosen = T.set_threads(OmegaConf.create(cfg), flops)
             n = torch.get_num_threads()
-            with T.evaluation_threads():
+            with T.evaluation_threads(chosen.evaluation):
                 assert torch.get_num_threads() == n, cfg  # the user's count, or every core already
         # a SLURM job of 3 CPUs: small steps train on one, evaluation gets the job's 3 (not the 2 torch had)
         monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
         torch.set_num_threads(2)
-        T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS / 10)
+        chosen = T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS / 10)
         assert torch.get_num_threads() == 1
-        with T.evaluation_threads():
+        with T.evaluation_threads(chosen.evaluation):
             assert torch.get_num_threads() == 3
-        T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS * 10)
+        chosen = T.set_threads(OmegaConf.create({"threads": None}), T.SMALL_STEP_FLOPS * 10)
         assert torch.get_num_threads() == 3
-        with T.evaluation_threads():
+        with T.evaluation_threads(chosen.evaluation):
             assert torch.get_num_threads() == 3
     finally:
-        T.restore(before)
+        torch.set_num_threads(before)

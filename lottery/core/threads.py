@@ -7,20 +7,22 @@ process (another run, a test suite, a browser) the spinning threads hold the cor
 needs, and every operation stalls. Measured on a 2-core machine (docs/benchmarks.md): LeNet-300-100 with 2
 threads ran 10-60x slower next to one busy process than alone. Two defaults, each only where the user has not chosen:
 
-- How threads wait: `default_wait_policy()`, called by the entry points (lottery-train, lottery-retrain; lottery.cli
-  calls it first) before torch is imported, since OpenMP reads its environment once, when torch loads it:
+- How threads wait: `default_wait_policy()`, called first by the entry points (lottery-train, lottery-retrain and
+  `python -m lottery`: lottery.cli's `_main`, in a module that does not load torch when imported) before torch is
+  imported, since OpenMP reads its environment once, when torch loads it; importing lottery as a library changes
+  no environment variable:
   OMP_WAIT_POLICY=PASSIVE (a waiting thread sleeps at once) unless the environment already says how OpenMP threads
   wait (OMP_WAIT_POLICY, or the GNU and Intel runtimes' own GOMP_SPINCOUNT and KMP_BLOCKTIME). The variable is
   inherited by the processes a run starts (submitit's local jobs), which then keep it as it is. lottery-report does
   no tensor arithmetic and lottery-init-study runs on one thread, so neither needs it.
-- How many threads: `set_threads(cfg, step_flops)`: `threads` when set, else the CPUs SLURM gave the job, else every
-  core, except for a model whose training step is small (below SMALL_STEP_FLOPS; `step_flops` from
-  lottery.training.cost), which gets one thread for training, in a SLURM job too: a sleeping thread costs a wake-up
-  per operation, more than a second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x
+- How many threads: `set_threads(cfg, step_flops)` sets and returns them (`Threads`): `threads` when set, else
+  the CPUs SLURM gave the job, else every core, except for a model whose training step is small (below
+  SMALL_STEP_FLOPS; `step_flops` from lottery.training.cost), which gets one thread for training, in a SLURM job
+  too: a sleeping thread costs a wake-up per operation, more than a second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x
   faster on one thread than on two passive ones, alone on the machine, and at least as fast next to other work),
   while Conv-2 ran 1.6x faster on two. Replicas trained stacked (one large step for R networks) pass no step size
-  and keep every core. Evaluation of a whole split is a few large operations: `evaluation_threads()` gives it every
-  core (a SLURM job's CPUs) back.
+  and keep every core. Evaluation of a whole split is a few large operations: `evaluation_threads(n)`, with the
+  `Threads.evaluation` the session passes to the training loop, gives it every core (a SLURM job's CPUs) back.
   A spin count between the two policies did not help: with two threads and GOMP_SPINCOUNT=10,000, LeNet-300-100
   was 1.2x faster than one thread alone but 2.8x (next to a busy process) to 3.4x (two runs) slower beside work.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Iterator, MutableMapping, Optional
 
 # What says how OpenMP threads wait: the standard variable, and the GNU (libgomp) and Intel (libiomp) runtimes' own.
@@ -78,47 +81,43 @@ def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
     return _slurm_cpus()
 
 
-# The thread count evaluation uses where set_threads gave small training steps one thread (None: no change).
-_evaluation_threads: Optional[int] = None
+@dataclass(frozen=True)
+class Threads:
+    """What `set_threads` chose: the training thread count it set (None: PyTorch's default stays), and the count
+    evaluation gets where small training steps got one thread (None: evaluation keeps the training count). The
+    session keeps it and passes `evaluation` to the training loop; nothing is kept in this module."""
+    training: Optional[int] = None
+    evaluation: Optional[int] = None
 
 
-def set_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
-    """Set PyTorch's thread count (`default_threads`); returns it, or None where PyTorch's default stays. Where small
-    training steps got one thread, `evaluation_threads()` gives evaluation SLURM's count or the count there was
-    before."""
-    global _evaluation_threads
+def set_threads(cfg, step_flops: Optional[float] = None) -> Threads:
+    """Set PyTorch's thread count (`default_threads`) and return what was chosen. Where small training steps got one
+    thread, its `evaluation` is SLURM's count or the count there was before, for `evaluation_threads`."""
     import torch
     cores = _slurm_cpus() or torch.get_num_threads()
-    _evaluation_threads = cores if _small_step(cfg, step_flops) and cores > 1 else None
+    evaluation = cores if _small_step(cfg, step_flops) and cores > 1 else None
     n = default_threads(cfg, step_flops)
     if n is not None:
         torch.set_num_threads(n)
-    return n
-
-
-def restore(n: int) -> None:
-    """Set `n` threads and forget what set_threads decided (a run that ends gives its caller the count it had)."""
-    global _evaluation_threads
-    import torch
-    _evaluation_threads = None
-    torch.set_num_threads(n)
+    return Threads(n, evaluation)
 
 
 @contextlib.contextmanager
-def evaluation_threads() -> Iterator[None]:
-    """Every core while a split is evaluated, where set_threads gave small training steps one thread: evaluation is
-    a few large operations (LeNet-300-100 on 10,000 examples: 1.9x faster on two threads that sleep while they wait
-    than on one; logits and loss bit-identical on the development machine), so the wake-ups it pays are few."""
-    if _evaluation_threads is None:
+def evaluation_threads(n: Optional[int]) -> Iterator[None]:
+    """`n` threads (a `Threads.evaluation`) while a split is evaluated, where set_threads gave small training steps
+    one thread; None changes nothing. Evaluation is a few large operations (LeNet-300-100 on 10,000 examples: 1.9x
+    faster on two threads that sleep while they wait than on one; logits and loss bit-identical on the development
+    machine), so the wake-ups it pays are few."""
+    if n is None:
         yield
         return
     import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(_evaluation_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        torch.set_num_threads(before)
 
 
 def passive_wait() -> bool:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing import Optional
 
+from lottery.core.spans import DATA, span
 from lottery.data.pool import Split
 
 _PAD = 4
@@ -108,11 +109,12 @@ class Batches:
         return d["flip"][i], d["offsets"][i]
 
     def get(self, step: int) -> tuple[Tensor, Tensor]:
-        idx = self.rows(step)
-        x, y = self.pool.x.index_select(0, idx), self.pool.y.index_select(0, idx)
-        if self.pool.augment:
-            x = augment(x, *self.draws(step), self.pool.pad_value)
-        return x, y
+        with span(DATA):  # for torch.profiler (lottery.core.spans)
+            idx = self.rows(step)
+            x, y = self.pool.x.index_select(0, idx), self.pool.y.index_select(0, idx)
+            if self.pool.augment:
+                x = augment(x, *self.draws(step), self.pool.pad_value)
+            return x, y
 
     def __iter__(self):
         """Endless: the batches of steps 0, 1, 2, ... (what a pruning criterion reads)."""

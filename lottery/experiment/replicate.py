@@ -38,6 +38,8 @@ class Replicate:
         self.tracker: Optional[Tracker] = None  # set by the session once the folder is written
         self.resolved: dict = {}
         self.extends: Optional[tuple[int, int]] = None  # (levels the folder had, levels now): a run extended
+        # the thread count its evaluations get (lottery.core.threads.Threads.evaluation), set by the session
+        self.evaluation_threads: Optional[int] = None
         self._rewind_state: Optional[dict] = None
 
     def batches(self, data_seed: Optional[int] = None) -> Batches:
@@ -92,7 +94,7 @@ class Replicate:
         masks = M.ones(model, self.prunable(model))
         at_step = {k: (lambda k=k: save_torch(cpu_state(model), self.folder.state_path(k))) for k in missing}
         train([Network(model, masks, self.batches(), Hooks(at_step=at_step))], self.cfg, start=0, end=missing[-1],
-              steps=self.steps, desc="level 0 replay")
+              steps=self.steps, desc="level 0 replay", evaluation_threads=self.evaluation_threads)
 
     def capture_hooks(self, model) -> dict:
         """At-step hooks for level 0's ticket: save the rewind state and the states branches start from, once."""

@@ -263,8 +263,10 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
         # computes anything whose result depends on it. Stacked replicas keep every core: R networks' step is one
         # large one (LeNet-300-100, R = 8: 48,281 samples/s on two threads, 26,870 on one; docs/benchmarks.md)
         flops = step_flops(model_info(model, reps[0].split.pool.input_shape), None, cfg.train.batch_size)
-        stack.callback(threads.restore, torch.get_num_threads())  # a caller in this process gets its own back
-        threads.set_threads(cfg, None if how == "stacked" else flops)
+        stack.callback(torch.set_num_threads, torch.get_num_threads())  # a caller in this process gets its own back
+        chosen = threads.set_threads(cfg, None if how == "stacked" else flops)
+        for rep in reps:
+            rep.evaluation_threads = chosen.evaluation
         if device.type == "cpu":
             info["threads"] = torch.get_num_threads()  # CPU results depend on it: device.json records it
         if seeds is not None:

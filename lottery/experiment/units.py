@@ -231,7 +231,8 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
     try:
         results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
                         updater=None if rule is None else (rule, settings),
-                        on_step=None if tracking is None else tracking.step)
+                        on_step=None if tracking is None else tracking.step,
+                        evaluation_threads=first.rep.evaluation_threads)
     except Preempted:
         hand_over()
         raise

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lottery.core.spans import DATA, span
 from lottery.data import Batches, augment
 from lottery.masks import Masks
 from lottery.training.evaluation import batch_sums, conv_on_cpu, eval_chunk, evaluate, metric_names
@@ -310,7 +311,8 @@ class Stacked(nn.Module):
         """Forward and backward of every network's mean training loss; returns the losses [U], detached. The sum's
         gradient is each network's own gradient. Every network computes (a diverged one harmlessly: nothing couples
         networks)."""
-        x, y = self.train_batch(step)
+        with span(DATA):  # for torch.profiler (lottery.core.spans)
+            x, y = self.train_batch(step)
         with torch.autocast(**autocast):
             out = self(x)
             losses = F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).mean(0)

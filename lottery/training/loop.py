@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from lottery.core.divergence import finite_or_none, nonfinite
 from lottery.core.signals import Preempted
+from lottery.core.spans import EVAL, STEP, span
 from lottery.core.steps import Steps
-from lottery.core.threads import evaluation_threads
+from lottery.core.threads import evaluation_threads as threads_for_evaluation
 from lottery.data import Batches
 from lottery.masks import Masker, Masks
 from lottery.training.evaluation import early_stop
@@ -69,7 +70,8 @@ class Network:
 
 def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
           layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
-          updater: Optional[tuple] = None, on_step: Optional[Callable[[int, int, int], None]] = None) -> list[dict]:
+          updater: Optional[tuple] = None, on_step: Optional[Callable[[int, int, int], None]] = None,
+          evaluation_threads: Optional[int] = None) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
     after their checkpoint's step and end bit-identical to an uninterrupted run.
@@ -77,7 +79,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     `lr`: the multiplier of the base learning rate at each step (default: the schedule of `train.*`; fine-tuning
     holds the final one). `updater`: (a MaskUpdater class, its settings) of lottery.training.updaters: the masks
     change during training (each network's masks are edited in place, and its result adds the updater's keys).
-    `on_step(networks, step, end)`: called after every step (the whole run's progress)."""
+    `on_step(networks, step, end)`: called after every step (the whole run's progress). `evaluation_threads`: the
+    thread count evaluations get (lottery.core.threads.Threads.evaluation; None: the training count)."""
     tcfg = cfg.train
     end = steps.total if end is None else end
     n = len(networks)
@@ -163,7 +166,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     def run_eval(which: list[int]) -> None:
         """Evaluate the networks in `which` (an evaluation step: every active one; a loss log that saw a non-finite
         loss: those whose loss it was) and append their records."""
-        with evaluation_threads():
+        with threads_for_evaluation(evaluation_threads), span(EVAL):
             val = net.evaluate("val", tcfg.eval_batch_size, tcfg.precision, which)
             test = net.evaluate("test", tcfg.eval_batch_size, tcfg.precision, which)
         counts = torch.tensor([max(c, 1) for c in loss_count], dtype=loss_sum.dtype, device=device)
@@ -216,17 +219,18 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
             m = multiplier(step)
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * m
-            optimizer.zero_grad(set_to_none=True)
-            on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
-            losses = net.backward(step, autocast, on)
-            if updater is None:
-                optimizer.step()
-                mask_weights()
-            else:
-                changed, skip = updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
-                if not skip:
+            with span(STEP):  # for torch.profiler (lottery.core.spans)
+                optimizer.zero_grad(set_to_none=True)
+                on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
+                losses = net.backward(step, autocast, on)
+                if updater is None:
                     optimizer.step()
-                apply(changed + updater.after_step(step + 1, optimizer, on))
+                    mask_weights()
+                else:
+                    changed, skip = updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
+                    if not skip:
+                        optimizer.step()
+                    apply(changed + updater.after_step(step + 1, optimizer, on))
             loss_sum += losses
             for u in range(n):
                 loss_count[u] += 1
