@@ -36,8 +36,8 @@ def registered_settings() -> list[tuple[str, type]]:
     out += [("dst", e.Settings) for e in UPDATERS.values()]
     out += [(f"branch.{n}", e.settings) for n, e in BRANCHES.items()]
     seen, unique = set(), []
-    for where, cls in out:
-        if cls is not None and (where, cls) not in seen:
+    for where, cls in out:  # lottery's own: a test's or a user's settings class registered in this process is theirs
+        if cls is not None and cls.__module__.startswith("lottery.") and (where, cls) not in seen:
             seen.add((where, cls))
             unique.append((where, cls))
     return unique
@@ -142,6 +142,9 @@ def test_the_walk_sees_nested_list_and_dict_fields():
     (["init._target_=os.path"], "init._target_=os.path is a module, not a callable"),
     (["init._target_=os.nothing_here"], "init._target_=os.nothing_here: module 'os' has no 'nothing_here'"),
     (["dst=rigl", "dst.alpha=nan"], "dst.alpha must be in [0, 1], got nan"),
+    (["dst=set", "dst.end=0"], "dst.end must be in (0, 1], got 0"),
+    (["criterion=grasp", "pruning.criterion.temperature=inf"], "pruning.criterion.temperature must be > 0, got inf"),
+    (["criterion=snip", "pruning.criterion.num_batches=0"], "pruning.criterion.num_batches must be >= 1, got 0"),
     (["dataset.synthetic_train=0"], "dataset.synthetic_train must be >= 1, got 0"),
     (["train.schedule=sometimes"], "unknown train.schedule 'sometimes'; accepted: constant, step, cosine"),
     # cross-key rules (need the training's length, so checked once the data is known, still before any write)
