@@ -10,17 +10,20 @@ Imports core only.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import typing
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from typing import Any, Dict, List, Mapping, Optional
 
 from lottery.core.divergence import POLICIES
 from lottery.core.ranges import at_least, between, fraction, non_negative, one_of, positive, setting
+
+# OmegaConf's value of a key that must be set (omegaconf.MISSING), spelt here so that the dataclasses import neither
+# OmegaConf nor Hydra: the typed config (`typed`) is what code below the session reads, without either library.
+MISSING = "???"
 
 # Seeds feed torch.Generator.manual_seed, which takes 64-bit integers.
 SEED_RANGE = (-(2**63), 2**63 - 1)
@@ -304,7 +307,81 @@ def schema(struct: bool = False):
     return node
 
 
+class Node(Mapping):
+    """An open node of the typed config (a registered thing's keys: `dataset`, `optimizer`, `pruning.criterion`,
+    `dst`, `branch`, `paper`), read-only: its keys read as attributes (`cfg.dataset.name`) or items
+    (`cfg.dst["name"]`, `.get`), nested nodes are Nodes. Its values were checked against the registry's settings
+    class before the config became typed (lottery.experiment.check)."""
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping):
+        object.__setattr__(self, "_values", {k: Node(v) if isinstance(v, Mapping) else v for k, v in values.items()})
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, key):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"config node has no key '{key}'; it has: {', '.join(self._values) or 'none'}") \
+                from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"the typed config is read-only (setting '{key}')")
+
+    def __reduce__(self):
+        return Node, (plain_values(self),)
+
+    def __repr__(self) -> str:
+        return f"Node({self._values!r})"
+
+
+def plain_values(value: Any) -> Any:
+    """Nodes and dataclasses of the typed config as plain dicts (lists as lists), e.g. for a registry's check."""
+    if isinstance(value, Mapping):
+        return {k: plain_values(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_values(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(v) for v in value]
+    return value
+
+
+def typed(values: Mapping, cls: Optional[type] = None, where: str = "") -> "Config":
+    """A checked, resolved config (plain values: `OmegaConf.to_container(cfg, resolve=True)` of a config that passed
+    lottery.experiment.check) as the schema's dataclasses: what the code below the session reads, instead of a
+    DictConfig. The open nodes become `Node`s; keys outside the schema (`hydra`, `launcher`, `sweep`: how a run is
+    launched) are left out."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        key, value, hint = f"{where}{f.name}", values[f.name], hints[f.name]
+        if key in OPEN_NODES and isinstance(value, Mapping):
+            value = Node(value)
+        elif dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = typed(value, hint, f"{key}.")
+        elif isinstance(value, list):
+            value = list(value)
+        elif isinstance(value, Mapping):
+            value = dict(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
     cs = ConfigStore.instance()
     cs.store(name="lottery_schema", node=schema())

@@ -53,7 +53,7 @@ BAD_THEN_FIXED = {
                                            "train.batch_size must be in [1, 896]"),
     "a criterion's own setting": (["criterion=snip", "pruning.criterion.num_batches=0"],
                                   ["criterion=snip", "pruning.criterion.num_batches=1"],
-                                  "pruning.criterion.num_batches must be >= 1 for snip, got 0"),
+                                  "pruning.criterion.num_batches must be >= 1, got 0"),
     "a target that empties a layer": (["pruning.target=0.0001", "pruning.one_shot=true"],
                                       ["pruning.target=0.05", "pruning.one_shot=true"],
                                       "layerwise pruning to 0.0101% of the weights (level 1) would remove every weight "

@@ -157,7 +157,7 @@ def test_dst_settings_are_checked():
     assert dst_settings({"name": "none"}) == (None, {})
     with pytest.raises(ValueError, match="unknown mask updater \\(dst\\) 'sparse'; accepted: .*rigl, set.*, none"):
         dst_settings({"name": "sparse"})
-    with pytest.raises(ValueError, match="dst.end is a fraction of the training length"):
+    with pytest.raises(ValueError, match=r"dst.end must be in \(0, 1\], got 2.0"):
         dst_settings({"name": "rigl", "end": 2.0})
     assert dst_settings({"name": "none", "alpha": 0.3}) == (None, {})  # a sweep over dst=none,set,rigl keeps them
     with pytest.raises(ValueError, match="dst.alpha must be in"):

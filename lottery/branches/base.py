@@ -15,7 +15,7 @@ level's ticket trains, and train in the same batch as the ticket.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from lottery.core.registry import Registry, check_settings, plain
 from lottery.core.seeds import derive_seed
 from lottery.core.steps import Steps
 from lottery.data import Split
+
+if TYPE_CHECKING:
+    from lottery.config import Config
 
 
 @dataclass
@@ -50,7 +53,10 @@ class LevelContext:
     rewind_step: int
     settings: dict  # this branch's `branch.<name>` node, validated
     replicate: int  # the replicate seed
-    cfg: Any  # the run's config, read-only (model, train, ...: e.g. the evaluation batch size an analysis uses)
+    # the run's settings, typed and read-only (lottery.config.Config: ctx.cfg.seed, ctx.cfg.train.eval_batch_size,
+    # ctx.cfg.pruning.rate; the registered things' nodes, ctx.cfg.dataset.name or ctx.cfg.optimizer["lr"], read as
+    # attributes or items); never a DictConfig
+    cfg: "Config"
     steps: Steps  # the run's durations in steps
     data: Split  # the replicate's data: data.val(), data.test(), data.train_rows(idx), data.n_train
     new_model: Callable[..., nn.Module]  # new_model(init_seed=None): a fresh model, initialized when given a seed
@@ -125,8 +131,10 @@ def register_branch(name: str, label: Optional[str] = None, *, settings: Optiona
 
 
 def branch_settings(name: str, cfg) -> dict:
-    """`branch.<name>` as plain values, checked against the branch's settings dataclass."""
-    raw = plain((cfg.get("branch") or {}).get(name))
+    """`branch.<name>` of `cfg` (the typed config, or a DictConfig at the session's checks) as plain values, checked
+    against the branch's settings dataclass."""
+    node = cfg.get("branch") if isinstance(cfg, Mapping) else getattr(cfg, "branch", None)
+    raw = plain((node or {}).get(name))
     return check_settings(raw, BRANCHES.lookup(name).settings, f"branch.{name}", of=f"branch '{name}'")
 
 

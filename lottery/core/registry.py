@@ -36,13 +36,13 @@ class Registry(dict):
 
 
 def plain(node: Any) -> dict:
-    """A config node (DictConfig, dict or None) as a plain dict, interpolations resolved."""
+    """A config node (DictConfig, a typed config's Node, dict or None) as a plain dict, interpolations resolved."""
     from omegaconf import OmegaConf
     if node is None:
         return {}
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
-    return dict(node)
+    return {k: plain(v) if isinstance(v, Mapping) else v for k, v in node.items()}  # a typed config's Node: dicts
 
 
 def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: str = "", fn: Optional[Callable] = None,

@@ -211,7 +211,7 @@ def _run_levels(lineages: list[Lineage], how: str, parent) -> list[dict]:
             if lin.ticket.get("diverged"):
                 lin.stopped = True  # a diverged ticket is never pruned to make the next level
             elif (lin.ticket.get("at_chance") and level + 1 < lin.n_levels and builds_on_previous(lin.rep.cfg)
-                  and lin.rep.cfg.train.get("on_chance", "stop") == "stop"):
+                  and lin.rep.cfg.train.on_chance == "stop"):
                 lin.at_chance, lin.stopped = lin.ticket, True  # nor is one that learned nothing
         callbacks.level_done(level, [rep.folder.path for rep in reps], parent)
     summaries = [rec for rep in reps for rec in rep.folder.write_summary()]

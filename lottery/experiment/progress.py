@@ -161,8 +161,8 @@ def measure_step(lin) -> tuple[float, float]:
         hooks = Hooks(on_eval=lambda r: mark(f"eval_{r['step']}"),
                       at_step={first: lambda: mark("first"), last: lambda: mark("last"), last + 1: stop})
         try:
-            train([Network(model, masks, rep.batches(), hooks)], rep.cfg, start=0, end=min(last + 2, rep.steps.total),
-                  steps=steps, evaluation_threads=rep.evaluation_threads)
+            train([Network(model, masks, rep.batches(), hooks)], rep.training, start=0,
+                  end=min(last + 2, rep.steps.total), steps=steps, evaluation_threads=rep.evaluation_threads)
         except Enough:
             pass
     if f"eval_{last}" not in marks:  # a run shorter than the measurement: what was timed is all there is

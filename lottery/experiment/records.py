@@ -41,7 +41,7 @@ def training_cost(rep, model, masks: M.Masks, result: dict) -> dict:
     mask updates at its densities, RigL's update steps with their dense weight gradient), and dense."""
     if getattr(rep, "cost_info", None) is None:
         rep.cost_info = cost.model_info(model, rep.split.pool.input_shape)
-    structured = rep.cfg.pruning.get("granularity") == "channel"
+    structured = rep.cfg.pruning.granularity == "channel"
     counter = cost.TrainingCost(rep.cost_info, rep.cfg.train.batch_size, structured=structured)
     # channel tickets: the masks themselves, whose removed channels also remove the next layer's inputs in the
     # structured count; they never change during training (the one updater that accepts channel masks, early-bird,
@@ -72,9 +72,9 @@ def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dic
               "weights_remaining_count": remaining, "weights_total": total, "layer_density": M.density(weights),
               **{k: v for k, v in result.items() if k not in _LOOP_KEYS and k != "last_finite_step"},
               "experiment": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
-              "init": cfg.init.get("_target_") or cfg.init.name, "device_info": rep.device_info,
+              "init": cfg.init._target_ or cfg.init.name, "device_info": rep.device_info,
               "provenance": provenance(), "wall_time_s": wall_time}
-    if cfg.pruning.get("granularity") == "channel":
+    if cfg.pruning.granularity == "channel":
         record["channels_remaining"] = {n: int((m.reshape(m.shape[0], -1) != 0).any(dim=1).sum())
                                         for n, m in weights.items()}
     own = training_cost(rep, model, masks, result)

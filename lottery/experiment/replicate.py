@@ -7,9 +7,8 @@ import logging
 from typing import Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-
 from lottery import masks as M
+from lottery.config import Config, plain_values
 from lottery.core.files import load_torch, save_torch
 from lottery.core.steps import Steps
 from lottery.data import Batches, Split
@@ -17,7 +16,7 @@ from lottery.experiment.folder import RunFolder
 from lottery.experiment.tracking import Tracker
 from lottery.init import initialize
 from lottery.models import build_model
-from lottery.training import Network, train
+from lottery.training import Network, Training, train
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +26,12 @@ def cpu_state(model) -> dict:
 
 
 class Replicate:
-    def __init__(self, cfg: DictConfig, folder: RunFolder, split: Split, steps: Steps, capture_steps: list[int],
+    def __init__(self, cfg: Config, folder: RunFolder, split: Split, steps: Steps, capture_steps: list[int],
                  device: torch.device, device_info: dict):
+        # the replicate's settings, typed (lottery.config.typed): what the level loop, the units, the branches and the
+        # pruning read; the folder's config.yaml is written from `resolved`, the same values as plain data
         self.cfg, self.folder, self.split, self.steps = cfg, folder, split, steps
+        self.training = Training.of(cfg)  # what the training loop reads of it
         self.capture_steps = capture_steps  # level-0 steps whose state a branch starts from (besides 0 and rewind)
         self.device, self.device_info = device, device_info
         self.seed = cfg.seed
@@ -48,7 +50,7 @@ class Replicate:
 
     def new_model(self, init_seed: Optional[int] = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
-        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
+        kwargs = plain_values(self.cfg.model)
         pool = self.split.pool
         m = build_model(kwargs.pop("name"), pool.input_shape, pool.num_classes, **kwargs)
         if init_seed is not None:
@@ -93,7 +95,7 @@ class Replicate:
         model.load_state_dict(load_torch(self.folder.init))
         masks = M.ones(model, self.prunable(model))
         at_step = {k: (lambda k=k: save_torch(cpu_state(model), self.folder.state_path(k))) for k in missing}
-        train([Network(model, masks, self.batches(), Hooks(at_step=at_step))], self.cfg, start=0, end=missing[-1],
+        train([Network(model, masks, self.batches(), Hooks(at_step=at_step))], self.training, start=0, end=missing[-1],
               steps=self.steps, desc="level 0 replay", evaluation_threads=self.evaluation_threads)
 
     def capture_hooks(self, model) -> dict:

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES, branch_settings
+from lottery.config import typed
 from lottery.core import device as D
 from lottery.core.files import repair_torn_line, save_json
 from lottery.core.steps import Steps, parse_steps
@@ -241,10 +242,12 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             if ticket is not None and ticket.rewind_step >= steps.total:
                 raise ValueError(f"the ticket rewinds to step {ticket.rewind_step}, past the end of training "
                                  f"({steps.total} steps)")
-            rep = Replicate(rcfg, folder, data, steps, capture_steps(rcfg, steps), device, info)
+            resolved = OmegaConf.to_container(rcfg, resolve=True)
+            # below this point the run reads typed settings, not the DictConfig (the folder keeps `resolved`)
+            rep = Replicate(typed(resolved), folder, data, steps, capture_steps(rcfg, steps), device, info)
             if seeds is not None:
                 rep.name = f"replicate {rcfg.seed}: "
-            rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
+            rep.resolved = resolved
             if folder.check_config(rep.resolved, extends=lambda old, rep=rep: _extension(rep, old)):
                 folder.check_files()
                 resumed.append(folder.path)

@@ -217,11 +217,11 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
                         seed=derive_seed(job.rep.seed, "dst", job.level, job.branch, job.unit))
                 for job, state in group]
     desc = f"level {first.level} {first.tag}" if len(group) == 1 else f"level {first.level} x{len(group)}"
-    cfg, steps = first.rep.cfg, first.rep.steps
-    rule, settings = dst_settings(cfg.dst)
+    run, steps = first.rep.training, first.rep.steps
+    rule, settings = dst_settings(first.rep.cfg.dst)
     lr = None
     if first.lr_at is not None:  # fine-tuning: the learning rate of one step of the schedule, throughout
-        held = lr_schedule(cfg.train, steps)(first.lr_at)
+        held = lr_schedule(run.train, steps)(first.lr_at)
         lr = lambda step: held  # noqa: E731
     began = time.perf_counter()
     tracking = progress.CURRENT
@@ -229,7 +229,7 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
         tracking.unit_started(f"{first.rep.name}level {first.level} of {tracking.levels - 1} "
                               f"{first.tag if len(group) == 1 else f'({len(group)} networks)'}")
     try:
-        results = train(networks, cfg, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
+        results = train(networks, run, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
                         updater=None if rule is None else (rule, settings),
                         on_step=None if tracking is None else tracking.step,
                         evaluation_threads=first.rep.evaluation_threads)

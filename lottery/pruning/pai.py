@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lottery.core.ranges import at_least, one_of, positive, setting
 from lottery.pruning.criteria import Batches, Scores, magnitude, register_criterion
 from lottery.masks import Masks
 
@@ -51,17 +52,11 @@ SNIP_BATCHNORM = ("eval", "train")
 
 @dataclass
 class SnipSettings:
-    num_batches: int = 1  # training batches (of train.batch_size) whose loss gradients are summed; the paper: one
+    # training batches (of train.batch_size) whose loss gradients are summed; the paper: one
+    num_batches: int = setting(1, at_least(1))
     # eval: BatchNorm normalizes with its running statistics (the authors' and Synaptic-Flow's mode) | train: with the
     # scoring batch's own statistics
-    batchnorm: str = "eval"
-
-    def __post_init__(self):
-        if self.num_batches < 1:
-            raise ValueError(f"pruning.criterion.num_batches must be >= 1 for snip, got {self.num_batches}")
-        if self.batchnorm not in SNIP_BATCHNORM:
-            raise ValueError(f"unknown pruning.criterion.batchnorm '{self.batchnorm}' for snip; accepted: "
-                             f"{', '.join(SNIP_BATCHNORM)}")
+    batchnorm: str = setting("eval", one_of(*SNIP_BATCHNORM))
 
 
 @register_criterion("snip", settings=SnipSettings, label="SNIP")
@@ -95,14 +90,10 @@ def snip(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.G
 
 @dataclass
 class GraspSettings:
-    samples_per_class: int = 10  # examples of each class for g and Hg (the authors' CIFAR configs: 10)
-    temperature: float = 200.0  # logits divided by T before the loss (the authors' code: 200)
+    # examples of each class for g and Hg (the authors' CIFAR configs: 10)
+    samples_per_class: int = setting(10, at_least(1))
+    temperature: float = setting(200.0, positive())  # logits divided by T before the loss (the authors' code: 200)
     abs: bool = False  # false: the authors' ranking (keep the largest theta*Hg); true: Frankle et al. 2021's |GraSP|
-
-    def __post_init__(self):
-        if self.samples_per_class < 1 or not self.temperature > 0:
-            raise ValueError(f"grasp needs pruning.criterion.samples_per_class >= 1 and temperature > 0, got "
-                             f"{self.samples_per_class} and {self.temperature}")
 
 
 def grasp_check(settings: dict, data) -> None:

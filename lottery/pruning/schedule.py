@@ -18,7 +18,7 @@ lies above a negative threshold (GraSP); ours never revive: a pruned entry stays
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,12 @@ from lottery.pruning.densities import DISTRIBUTIONS, allocate
 from lottery.pruning.selection import Survivors, round_half_up
 
 COUNTINGS = ("exact", "synflow")
+
+
+def _key(pcfg, key: str):
+    """A key of the pruning settings that an older or hand-made config may lack (None then): the typed config
+    (lottery.config.PruningConfig) has them all, a plain dict or a DictConfig perhaps not."""
+    return pcfg.get(key) if isinstance(pcfg, Mapping) else getattr(pcfg, key, None)
 
 
 def layer_rates(prunable: list[Prunable], pcfg) -> dict[str, float]:
@@ -124,8 +130,8 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
     left = Survivors(masks)
     start = dict(zip(masks, left.counts()))
     name = pcfg.criterion["name"]
-    rounds = int(pcfg.get("rounds", 1) or 1)
-    counting = pcfg.get("counting", "exact") or "exact"
+    rounds = int(_key(pcfg, "rounds") or 1)
+    counting = _key(pcfg, "counting") or "exact"
     crit = CRITERIA.get(name)
     incremental = getattr(crit.fn, "rounds", None) if crit is not None else None
     if incremental is not None:
@@ -168,8 +174,8 @@ def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fr
     left = Survivors(groups)
     start = dict(zip(groups, left.counts()))
     name = pcfg.criterion["name"]
-    rounds = int(pcfg.get("rounds", 1) or 1)
-    how = pcfg.get("group_score", "sum") or "sum"
+    rounds = int(_key(pcfg, "rounds") or 1)
+    how = _key(pcfg, "group_score") or "sum"
     current = weights
     for r in range(1, rounds + 1):
         if r > 1:
@@ -201,7 +207,7 @@ def _prune_nm(model, masks, prunable, pcfg, *, batches, generator, rescore, inve
     names = [p.name for p in prunable]
     current = G.weights_only(masks, names)
     G.check_nm({k: tuple(v.shape) for k, v in current.items()}, n, m)
-    rounds = int(pcfg.get("rounds", 1) or 1)
+    rounds = int(_key(pcfg, "rounds") or 1)
     for r in range(1, rounds + 1):
         if r > 1:
             model = rescore(current) if rescore is not None else _masked(model, current)

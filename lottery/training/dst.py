@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
+from lottery.core.ranges import at_least, between, one_of, setting
 from lottery.core.registry import check_settings, plain
 from lottery.core.seeds import derive_seed
 from lottery.training.updaters import UPDATERS, MaskUpdater, register_updater, updater_settings
@@ -40,20 +41,11 @@ DECAYS = ("cosine", "constant")
 
 @dataclass
 class DstSettings:
-    delta_t: int = 100  # steps between mask updates (RigL: 100)
-    end: float = 0.75  # updates stop at this fraction of the training length (RigL: 0.75)
-    alpha: float = 0.3  # fraction of each layer's active weights dropped (and grown) at the first update (RigL: 0.3)
-    decay: str = "cosine"  # how the fraction falls to 0 at `end`: cosine | constant
-
-    def __post_init__(self):
-        if self.delta_t < 1:
-            raise ValueError(f"dst.delta_t must be >= 1, got {self.delta_t}")
-        if not 0 < self.end <= 1:
-            raise ValueError(f"dst.end is a fraction of the training length in (0, 1], got {self.end}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"dst.alpha must be in [0, 1], got {self.alpha}")
-        if self.decay not in DECAYS:
-            raise ValueError(f"unknown dst.decay '{self.decay}'; accepted: {', '.join(DECAYS)}")
+    delta_t: int = setting(100, at_least(1))  # steps between mask updates (RigL: 100)
+    end: float = setting(0.75, between(0, 1, lo_open=True))  # updates stop at this fraction of training (RigL: 0.75)
+    # fraction of each layer's active weights dropped (and grown) at the first update (RigL: 0.3)
+    alpha: float = setting(0.3, between(0, 1))
+    decay: str = setting("cosine", one_of(*DECAYS))  # how the fraction falls to 0 at `end`: cosine | constant
 
 
 def drop_fraction(settings: dict, step: int, end_step: int) -> float:

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lottery.config import TrainConfig
 from lottery.core.divergence import finite_or_none, nonfinite
+from lottery.core.registry import plain
 from lottery.core.signals import Preempted
 from lottery.core.spans import EVAL, STEP, span
 from lottery.core.steps import Steps
@@ -55,6 +57,23 @@ class Hooks:
     should_stop: Callable[[], bool] = lambda: False  # checked after each step: checkpoint, then raise Preempted
 
 
+@dataclass(frozen=True)
+class Training:
+    """What the loop reads of a run's config, typed: the `train` settings (lottery.config.TrainConfig: schedule,
+    evaluation batch size, precision, compile, progress bar) and the optimizer's node as plain values (`name`, `lr`,
+    `weight_decay` and the optimizer's own settings, checked again by make_optimizer). Nothing else of the config
+    reaches the loop."""
+    train: TrainConfig
+    optimizer: dict
+
+    @classmethod
+    def of(cls, cfg) -> "Training":
+        """From a run's config: the typed one (lottery.config.typed, as the experiment holds it) or any config with
+        `train` and `optimizer` nodes (a DictConfig, a test's or a script's)."""
+        t = cfg.train
+        return cls(t if isinstance(t, TrainConfig) else TrainConfig(**plain(t)), plain(cfg.optimizer))
+
+
 @dataclass
 class Network:
     """One network of a training call: its model (weights and masks applied), its batches (split and data seed),
@@ -68,7 +87,7 @@ class Network:
     seed: int = 0
 
 
-def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
+def train(networks: list[Network], run, *, start: int, steps: Steps, end: Optional[int] = None,
           layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
           updater: Optional[tuple] = None, on_step: Optional[Callable[[int, int, int], None]] = None,
           evaluation_threads: Optional[int] = None) -> list[dict]:
@@ -79,9 +98,11 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     `lr`: the multiplier of the base learning rate at each step (default: the schedule of `train.*`; fine-tuning
     holds the final one). `updater`: (a MaskUpdater class, its settings) of lottery.training.updaters: the masks
     change during training (each network's masks are edited in place, and its result adds the updater's keys).
-    `on_step(networks, step, end)`: called after every step (the whole run's progress). `evaluation_threads`: the
-    thread count evaluations get (lottery.core.threads.Threads.evaluation; None: the training count)."""
-    tcfg = cfg.train
+    `on_step(networks, step, end)`: called after every step (the whole run's progress). `run`: the `Training` (what
+    the experiment passes), or a config to take it from (`Training.of`). `evaluation_threads`: the thread count
+    evaluations get (lottery.core.threads.Threads.evaluation; None: the training count)."""
+    run = run if isinstance(run, Training) else Training.of(run)
+    tcfg = run.train
     end = steps.total if end is None else end
     n = len(networks)
     if layout not in LAYOUTS:
@@ -99,7 +120,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     net = LAYOUTS[layout]([nw.model for nw in networks], [nw.batches for nw in networks])
     device = net.device
     multiplier = lr or lr_schedule(tcfg, steps)
-    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optimizer, device)
+    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], run.optimizer, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
     stopped_at: list[Optional[int]] = [None] * n  # the step the updater ended a network's training at
