@@ -121,7 +121,7 @@ def check_layer_names(model, p, model_name: str) -> None:
             raise ValueError(f"pruning.exclude entry '{pattern}' names no parameter of model '{model_name}'; "
                              f"accepted: names or glob patterns of its parameters: {', '.join(names)}")
     prunable = [x.name for x in M.prunable_tensors(model, p)]
-    if G.kind(p) == "channel" and p.get("group_score") == "bn":
+    if G.kind(p) == "channel" and getattr(p, "group_score", "sum") == "bn":
         G.check_batchnorm(model, prunable, model_name)
     for pattern in p.layer_rates:
         if not any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"{pattern}.weight") for n in prunable):
