@@ -69,6 +69,7 @@ class _Job:
 
     def write_hydra_files(self, run_dir: Path) -> None:
         from omegaconf import OmegaConf
+
         from lottery.core.files import WriteFailed, write_text
         hydra_cfg = HydraConfig.get()
         out = run_dir / ".hydra"
@@ -157,7 +158,7 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
         print(f"error: interrupted twice: stopped at once without a new checkpoint; rerun the same command to resume "
               f"from the last one{f' (in {run_dir})' if job.owned else ''}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
-    except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
+    except Exception as e:  # a bug keeps its traceback; in a sweep the other jobs go on
         _record_error(job, e)
         if multirun:
             if _is_user_error(e):

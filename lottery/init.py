@@ -8,11 +8,10 @@ Imports core only.
 
 import inspect
 import math
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from lottery.core.registry import Registry
 

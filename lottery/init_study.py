@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import hydra
 import torch
@@ -291,9 +290,9 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
 class StudySettings:
     """The study's keys (conf/init_study.yaml) with their ranges (lottery.core.ranges), checked before it measures."""
     input_dim: int = setting(100, at_least(1))
-    image_shape: List[int] = setting(lambda: [3, 32, 32], at_least(1))
+    image_shape: list[int] = setting(lambda: [3, 32, 32], at_least(1))
     outputs: int = setting(1, at_least(1))
-    variances: List[float] = setting(list, positive())
+    variances: list[float] = setting(list, positive())
     batch_size: int = setting(1000, at_least(1))
     seeds: int = setting(10, at_least(1))
 

@@ -8,7 +8,6 @@ import difflib
 import io
 import os
 import platform
-from typing import Optional
 
 # Exit status of an entry point whose PyTorch or torchvision cannot be imported: EX_CONFIG (the installation is wrong).
 BROKEN_INSTALL_EXIT = 78
@@ -30,7 +29,7 @@ def version_line() -> str:
             f"Python {platform.python_version()})")
 
 
-def install_error() -> Optional[str]:
+def install_error() -> str | None:
     """One line when torch or torchvision cannot be imported (a broken install, or a torchvision built for another
     torch: `operator torchvision::nms does not exist`), else None."""
     for name in ("torch", "torchvision"):
@@ -76,7 +75,7 @@ def _keys(node, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -> Optional[str]:
+def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -> str | None:
     """`train.duraton=300it` as one line naming the nearest key the config has, before Hydra starts (its own error
     is several lines). The config is composed with the command line's config-group choices; keys below an open node
     (dataset, optimizer, ...: checked against their registries later), `+key` additions and Hydra's own keys are left
@@ -86,7 +85,7 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
     from hydra._internal.utils import create_config_search_path, get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, OverrideType
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed = get_args_parser().parse_args(args)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -211,7 +210,7 @@ def describe(info: dict, precision: str = "fp32", deterministic: bool = True) ->
 _SAME_RESULTS = ("type", "name", "torch", "cuda", "cudnn")
 
 
-def differences(old: Optional[dict], new: dict) -> list[str]:
+def differences(old: dict | None, new: dict) -> list[str]:
     """The fields of _SAME_RESULTS that differ (on the CPU the build's CUDA and cuDNN versions do not matter)."""
     if not old:
         return []
@@ -232,7 +231,7 @@ def _short(info: dict) -> str:
     return f"{info.get('type')} (torch {info.get('torch')}{threads}{batching})"
 
 
-def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str]:
+def check_resume(old: dict | None, new: dict, requested: str) -> str | None:
     """Compare the device a run folder last ran on with this start's; returns a warning, raises to refuse.
 
     Refused: `device=auto` that would continue a GPU run on another device type (a requeue onto a node without a
@@ -263,7 +262,7 @@ def setup(cfg) -> tuple[torch.device, dict, list[str], str]:
     return device, info, warnings, describe(info, precision, deterministic)
 
 
-def check_folder(run_dir: Path, info: dict, requested: str) -> Optional[str]:
+def check_folder(run_dir: Path, info: dict, requested: str) -> str | None:
     """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: raise to refuse, or
     return a warning (`check_resume`). Writes and logs nothing: the caller records `info` once every check passed."""
     path = Path(run_dir) / "device.json"

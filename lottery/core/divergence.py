@@ -19,7 +19,7 @@ A diverged ticket is never pruned to make the next level. `train.on_divergence` 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 POLICIES = ("stop", "continue")
 

@@ -266,7 +266,7 @@ def load_torch(path: Path) -> Any:
         raise
     except IsADirectoryError:
         raise Damaged(path, "it is a directory, not a file") from None
-    except Exception as e:  # noqa: BLE001 - a truncated or garbled archive fails in many ways
+    except Exception as e:  # a truncated or garbled archive fails in many ways
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise Damaged(path, f"unreadable, {_size(path)}: {type(e).__name__}{': ' + first if first else ''}") from e
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from lottery.core.ranges import check_fields, check_value
 
@@ -45,7 +46,7 @@ def plain(node: Any) -> dict:
     return dict(node)
 
 
-def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: str = "", fn: Optional[Callable] = None,
+def check_settings(raw: Mapping, settings: type | None, where: str, *, of: str = "", fn: Callable | None = None,
                    skip: Iterable[str] = (), defaults: bool = True) -> dict:
     """`raw` (a thing's keys, without `name`) checked and typed: against the dataclass `settings`, or else against
     the keyword parameters of `fn` (minus `skip`). `where` names the node in messages (e.g. `pruning.criterion` or

@@ -33,7 +33,7 @@ class Steps:
     checkpoint_every: int
 
     @staticmethod
-    def resolve(cfg, steps_per_epoch: int) -> "Steps":
+    def resolve(cfg, steps_per_epoch: int) -> Steps:
         t = cfg.train
         parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731
         total = parse(t.duration, "train.duration")

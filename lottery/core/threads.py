@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator, MutableMapping, Optional
+from collections.abc import Iterator, MutableMapping
 
 # What says how OpenMP threads wait: the standard variable, and the GNU (libgomp) and Intel (libiomp) runtimes' own.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -41,7 +41,7 @@ DEFAULT_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
 SMALL_STEP_FLOPS = 1e9
 
 
-def default_wait_policy(environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+def default_wait_policy(environ: MutableMapping[str, str] | None = None) -> str | None:
     """Set lottery's OpenMP wait policy in the environment (`os.environ`) unless one of WAIT_VARIABLES is set there
     (the user's choice stands, even an empty value) or torch is already imported (too late: the OpenMP runtime read
     the environment when torch loaded it; the variable would only reach child processes). Returns what it set
@@ -54,12 +54,12 @@ def default_wait_policy(environ: Optional[MutableMapping[str, str]] = None) -> O
     return f"{name}={value}"
 
 
-def _slurm_cpus() -> Optional[int]:
+def _slurm_cpus() -> int | None:
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return int(slurm) if slurm.isdigit() and int(slurm) > 0 else None
 
 
-def _small_step(cfg, step_flops: Optional[float]) -> bool:
+def _small_step(cfg, step_flops: float | None) -> bool:
     """Whether `threads: null` means one thread for training here: no `threads` given, a training step below
     SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait. A SLURM job counts too: its CPUs are its own,
     but the wait policy its submitting command set is inherited, and sleeping threads cost the same wake-ups there
@@ -67,7 +67,7 @@ def _small_step(cfg, step_flops: Optional[float]) -> bool:
     return not cfg.threads and step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait()
 
 
-def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
+def default_threads(cfg, step_flops: float | None = None) -> int | None:
     """The thread count `set_threads` sets for training: `threads`, else 1 for a small training step (`_small_step`),
     else SLURM_CPUS_PER_TASK, else None (PyTorch's default: every core). With a spinning wait policy (set by the user)
     two threads do pay on small steps, on a quiet machine."""
@@ -79,10 +79,10 @@ def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
 
 
 # The thread count evaluation uses where set_threads gave small training steps one thread (None: no change).
-_evaluation_threads: Optional[int] = None
+_evaluation_threads: int | None = None
 
 
-def set_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
+def set_threads(cfg, step_flops: float | None = None) -> int | None:
     """Set PyTorch's thread count (`default_threads`); returns it, or None where PyTorch's default stays. Where small
     training steps got one thread, `evaluation_threads()` gives evaluation SLURM's count or the count there was
     before."""

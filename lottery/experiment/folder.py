@@ -25,14 +25,25 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
 from lottery.config import EXTENDING_KEYS, non_experiment
-from lottery.core.files import (CHECKSUM_SUFFIX, Checkpoints, Damaged, WriteFailed, checksum_path, fsync_file,
-                                 load_json, remove_temp_files, save_json, verify, write_text)
+from lottery.core.files import (
+    CHECKSUM_SUFFIX,
+    Checkpoints,
+    Damaged,
+    WriteFailed,
+    checksum_path,
+    fsync_file,
+    load_json,
+    remove_temp_files,
+    save_json,
+    verify,
+    write_text,
+)
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
@@ -274,7 +285,7 @@ class RunFolder:
     def holds_replicas(self) -> bool:
         return (self.path / "replicas.json").exists()
 
-    def check_config(self, resolved: dict, extends: Optional[Callable[[dict], Optional[str]]] = None) -> bool:
+    def check_config(self, resolved: dict, extends: Callable[[dict], str | None] | None = None) -> bool:
         """Refuse (ValueError naming the differing keys) if the folder holds another experiment; True if it holds
         this one (a resume). A config that differs only in keys that add work (config.EXTENDING_KEYS: more levels, a
         later target) is this experiment extended when `extends(old config)` finds no reason (returned as a string)

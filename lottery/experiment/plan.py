@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lottery import masks as M
-from lottery import pruning
+from lottery import masks as M, pruning
 from lottery.core.files import load_torch
 from lottery.core.seeds import derive_seed
 from lottery.pruning import granularity as G

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Optional
 
 import torch
 
@@ -20,7 +19,7 @@ from lottery.branches import BRANCHES
 log = logging.getLogger(__name__)
 
 # The progress of the run_levels call now in this process (None outside one: lottery-retrain, a test's own training).
-CURRENT: Optional["Progress"] = None
+CURRENT: Progress | None = None
 
 
 def duration(seconds: float) -> str:
@@ -71,8 +70,8 @@ class Progress:
         self.last = self.began
         self.trained = 0  # network-steps trained by this process
         self.pending = 0  # of those, the steps of units without their record yet
-        self.first_step: Optional[float] = None  # when this process trained its first step (after set-up, warm-up)
-        self.per_step: Optional[float] = None  # measured before starting (seconds per network-step), if asked
+        self.first_step: float | None = None  # when this process trained its first step (after set-up, warm-up)
+        self.per_step: float | None = None  # measured before starting (seconds per network-step), if asked
         self.where = ""
 
     # --- before ---------------------------------------------------------------------------------------------------
@@ -170,7 +169,7 @@ def measure_step(lin) -> tuple[float, float]:
     return (marks["last"] - marks["first"]) / (last - first), marks[f"eval_{last}"] - marks["last"]
 
 
-def answer(reps, tolerance: float) -> Optional[str]:
+def answer(reps, tolerance: float) -> str | None:
     """The run's answer in one line: the sparsest level whose ticket's test accuracy (mean over replicates) is within
     `tolerance` of the dense network's (level 0), and each control's accuracy there. None without a dense level or a
     pruned one."""

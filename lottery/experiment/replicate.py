@@ -4,7 +4,6 @@ branch starts from). A plain run has one replicate; `replicas=R` has R, each wit
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -35,16 +34,16 @@ class Replicate:
         self.seed = cfg.seed
         self.name = ""  # "replicate <seed>: " in the log lines of a replicas run, where several seeds share a log
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        self.tracker: Optional[Tracker] = None  # set by the session once the folder is written
+        self.tracker: Tracker | None = None  # set by the session once the folder is written
         self.resolved: dict = {}
-        self.extends: Optional[tuple[int, int]] = None  # (levels the folder had, levels now): a run extended
-        self._rewind_state: Optional[dict] = None
+        self.extends: tuple[int, int] | None = None  # (levels the folder had, levels now): a run extended
+        self._rewind_state: dict | None = None
 
-    def batches(self, data_seed: Optional[int] = None) -> Batches:
+    def batches(self, data_seed: int | None = None) -> Batches:
         """Training batches in the order of `data_seed` (default: the replicate's)."""
         return Batches(self.split, self.cfg.train.batch_size, self.data_seed if data_seed is None else data_seed)
 
-    def new_model(self, init_seed: Optional[int] = None):
+    def new_model(self, init_seed: int | None = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
         kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
         pool = self.split.pool

@@ -14,19 +14,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES, branch_settings
-from lottery.core import device as D
+from lottery.core import device as D, threads
 from lottery.core.files import repair_torn_line, save_json
-from lottery.core.steps import Steps, parse_steps
-from lottery.core import threads
 from lottery.core.signals import stop_if_asked
+from lottery.core.steps import Steps, parse_steps
 from lottery.data import DATASETS, load_pool, split
 from lottery.experiment.check import checked
 from lottery.experiment.folder import RunFolder
@@ -41,7 +40,7 @@ from lottery.training.layouts import check_supported
 log = logging.getLogger(__name__)
 
 
-def replica_seeds(cfg) -> Optional[list[int]]:
+def replica_seeds(cfg) -> list[int] | None:
     """`replicas=R`: seeds seed, seed+1, ..., seed+R-1; `replicas=[s, ...]`: those seeds; null: no replicas."""
     r = cfg.get("replicas")
     if r is None:
@@ -114,7 +113,7 @@ def capture_steps(cfg, steps: Steps) -> list[int]:
 class Session:
     replicates: list[Replicate]
     how: str  # how a level's units train: sequential, or a layout of lottery.training.layouts
-    parent: Optional[Path]  # the replicas parent folder, if any
+    parent: Path | None  # the replicas parent folder, if any
 
 
 # Replicates beyond which a replicas run says what it is about to cost before it starts.
@@ -155,7 +154,7 @@ def _parent_config(cfg) -> dict:
     return out
 
 
-def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
+def _cost_warning(cfg, seeds: list[int], model, device) -> str | None:
     """For many replicates: what a level will hold in memory and cost in time, before anything starts."""
     if len(seeds) < MANY_REPLICATES:
         return None
@@ -177,7 +176,7 @@ def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
             f"spread them over jobs")
 
 
-def _extension(rep: Replicate, old: dict) -> Optional[str]:
+def _extension(rep: Replicate, old: dict) -> str | None:
     """None when `rep`'s config extends the run `old` (its config.yaml) with more levels, which leaves every level it
     has as it is: IMP's level L keeps the same count whatever the number of levels (pruning.rate per level; a target
     only says when to stop). Otherwise why not. Sets `rep.extends` to (old levels, new levels)."""
@@ -198,7 +197,7 @@ def _extension(rep: Replicate, old: dict) -> Optional[str]:
 
 @contextlib.contextmanager
 def open_session(cfg: DictConfig, run_dir, *, ticket=None,
-                 on_owned: Optional[Callable[[Path], None]] = None) -> Iterator[Session]:
+                 on_owned: Callable[[Path], None] | None = None) -> Iterator[Session]:
     """Check, lock, load, check again, then (the folders are this process's now) call `on_owned(run_dir)`, write,
     and yield the session; close the trackers on leaving. `ticket` (lottery-retrain): the ticket to retrain, which
     must fit the model and come before the end of training. Nothing is logged before the folders are owned either:

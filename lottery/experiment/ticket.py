@@ -29,7 +29,6 @@ import pickle
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -51,7 +50,7 @@ class Ticket:
     config: dict
     weights_remaining: float
     params_remaining: float
-    metrics: Optional[dict] = None
+    metrics: dict | None = None
 
 
 def save_ticket(path: Path, ticket: Ticket) -> None:
@@ -129,7 +128,7 @@ def _shape(t) -> str:
     return "x".join(map(str, t.shape)) if t.dim() else "scalar"
 
 
-def _data_desc(dataset) -> Optional[str]:
+def _data_desc(dataset) -> str | None:
     """`mnist`, `cifar10`, `synthetic 3x32x32`: the dataset and, where it varies with its settings, its input shape."""
     from lottery.data import DATASETS, dataset_settings
     if not dataset or not dataset.get("name"):
@@ -151,7 +150,7 @@ def _made_for(ticket: Ticket) -> str:
     return f"{model}" + (f" on {data}" if data else "")
 
 
-def check_fits(ticket: Ticket, state: dict, model_name: str, where: Optional[str] = None) -> None:
+def check_fits(ticket: Ticket, state: dict, model_name: str, where: str | None = None) -> None:
     """Raise a one-line ValueError unless the ticket's weights have exactly the tensors and shapes of `state` (the
     state_dict of the model it is about to be loaded into, on any device, `meta` included)."""
     theirs = ticket.rewind_state
@@ -202,7 +201,7 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
                          f"again from its run folder")
 
 
-def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None) -> M.Masks:
+def load_into(model: nn.Module, ticket: Ticket, model_name: str | None = None) -> M.Masks:
     """Load the ticket's rewind weights into `model` and return its masks on the model's device (masks applied)."""
     check_fits(ticket, model.state_dict(), model_name or type(model).__name__)
     model.load_state_dict(ticket.rewind_state)
@@ -234,6 +233,7 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
 
 def _known_keys(node: str, values: dict) -> dict:
     import dataclasses
+
     from lottery.data import DATASETS
     from lottery.data.registry import COMMON as DATA_COMMON
     from lottery.training.optimizers import COMMON as OPT_COMMON, OPTIMIZERS

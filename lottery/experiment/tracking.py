@@ -23,7 +23,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
 
 from lottery.core.files import appending
 
@@ -43,7 +42,7 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def _sweep_name() -> Optional[str]:
+def _sweep_name() -> str | None:
     """The named sweep (`sweep=...`) this job belongs to, if any: the default W&B group of its jobs."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -86,7 +85,7 @@ class Tracker:
     per unit (opened at the unit's first metric, finished with its record); several trackers (replicas) may be open
     in one process."""
 
-    def __init__(self, run_dir: Path, cfg, config_dict: Optional[dict], group: Optional[str] = None):
+    def __init__(self, run_dir: Path, cfg, config_dict: dict | None, group: str | None = None):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.cfg = cfg
@@ -117,7 +116,7 @@ class Tracker:
                 except Exception:  # noqa: BLE001 - a broken service may not even finish
                     pass
 
-    def _start_wandb(self, config_dict: Optional[dict], group: Optional[str]) -> None:
+    def _start_wandb(self, config_dict: dict | None, group: str | None) -> None:
         import wandb
 
         lcfg = self.cfg.logger
@@ -132,7 +131,7 @@ class Tracker:
         kwargs = dict(id=run_id, name=self.run_dir.name, job_type=lcfg.job_type or "results", config=config_dict)
         try:
             self.run = wandb.init(mode=self._mode, **self._common, **kwargs)
-        except Exception as e:  # noqa: BLE001 - W&B trouble (network, login) must not cost the experiment
+        except Exception as e:  # W&B trouble (network, login) must not cost the experiment
             if self._mode != "online":
                 raise
             log.error("W&B online start failed (%s); logging offline instead, upload later with `wandb sync`", e)

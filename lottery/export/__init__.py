@@ -92,12 +92,12 @@ def _default_out(args, src) -> Path:
 def _export(args) -> int:
     import torch
 
-    from lottery.export import compact as C, nm, sparse as S, table as T, to_onnx
-    from lottery.export.source import resolve
-    from lottery.export.compact import NotCompactable
-    from lottery.experiment import packed
     from lottery.core.files import save_torch
+    from lottery.experiment import packed
     from lottery.experiment.ticket import load_ticket
+    from lottery.export import compact as C, nm, sparse as S, table as T, to_onnx
+    from lottery.export.compact import NotCompactable
+    from lottery.export.source import resolve
 
     wanted = _variants(args.variants)
     every = args.variants.strip() == "all"

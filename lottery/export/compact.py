@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ class NotCompactable(ValueError):
 @dataclass
 class Layer:
     path: str  # module path of the Linear or Conv2d
-    bn: Optional[str] = None  # its BatchNorm2d, applied before the ReLU
+    bn: str | None = None  # its BatchNorm2d, applied before the ReLU
     expand: int = 1  # inputs per unit of the previous layer (h*w for the first Linear after a flatten)
 
 
@@ -86,8 +85,8 @@ def compact(model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, tuple[i
     layers = chain(model)
     new = copy.deepcopy(model).eval()
     kept_units: dict[str, tuple[int, int]] = {}
-    prev_keep: Optional[torch.Tensor] = None  # kept units of the previous layer
-    fold: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (removed units, their constant) of the previous layer
+    prev_keep: torch.Tensor | None = None  # kept units of the previous layer
+    fold: tuple[torch.Tensor, torch.Tensor] | None = None  # (removed units, their constant) of the previous layer
     with torch.no_grad():
         for i, layer in enumerate(layers):
             mod = model.get_submodule(layer.path)
@@ -114,7 +113,7 @@ def compact(model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, tuple[i
                     keep = (~dead).nonzero().flatten()
             w = w[keep]
             if prev_keep is not None:
-                w = w[:, _expand(prev_keep, layers[i].expand)]
+                w = w[:, _expand(prev_keep, layer.expand)]
             _replace(new, layer.path, _smaller(mod, w, bias[keep] if bias is not None else None))
             if layer.bn:
                 _replace(new, layer.bn, _smaller_bn(model.get_submodule(layer.bn), keep))
@@ -127,7 +126,7 @@ def _expand(units: torch.Tensor, per_unit: int) -> torch.Tensor:
     return (units[:, None] * per_unit + torch.arange(per_unit)).flatten()
 
 
-def _smaller(mod: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
+def _smaller(mod: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
     if isinstance(mod, nn.Linear):
         out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_ti
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def choose(model: nn.Module, input_shape, batch: int, timer: Optional[Timer] = None, threads: int = 1,
+def choose(model: nn.Module, input_shape, batch: int, timer: Timer | None = None, threads: int = 1,
            clock: str = "wall") -> tuple[nn.Module, list[dict]]:
     """(copy of `model` with every Linear whose CSR form timed faster replaced by it, one row per Linear: name,
     density, dense_s, csr_s, chosen). Each layer is timed on its own input at batch `batch`, as captured from one
@@ -94,7 +94,7 @@ def choose(model: nn.Module, input_shape, batch: int, timer: Optional[Timer] = N
 
 
 def crossover(shape: tuple[int, int], batch: int, densities=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01), threads: int = 1,
-              timer: Optional[Timer] = None, seed: int = 0) -> dict:
+              timer: Timer | None = None, seed: int = 0) -> dict:
     """Dense vs CSR time of one random-mask Linear of `shape` (out, in) at each density; `crossover` is the highest
     density at which CSR was faster (None: never)."""
     timer = timer or (lambda m, x: median_time(m, x, threads, min_run_time=0.1))

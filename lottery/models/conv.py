@@ -1,7 +1,7 @@
 """Conv-2/4/6 of Frankle & Carbin (ICLR 2019), Figure 2: VGG-like, 3x3 same convs, no BatchNorm."""
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 

@@ -2,8 +2,8 @@
 
 import math
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 

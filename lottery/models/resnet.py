@@ -1,7 +1,7 @@
 """CIFAR ResNet-20 (He et al. 2016, Section 4.2) with 1x1 projection shortcuts where shapes change."""
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 

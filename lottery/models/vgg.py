@@ -1,7 +1,7 @@
 """CIFAR VGG with BatchNorm, following open_lth's cifar_vgg (conv biases kept, one Linear head)."""
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 

@@ -21,7 +21,7 @@ Companion masks are derived, never scored or counted by the schedule: `weights_o
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 
@@ -158,7 +158,7 @@ def random_nm(masks: Masks, names, n: int, m: int, generator: torch.Generator) -
     return {k: nm_random(v, n, m, generator) for k, v in weights.items()}
 
 
-def describe(pcfg) -> Optional[str]:
+def describe(pcfg) -> str | None:
     """'channel' / '2:4' for records and logs; None for unstructured."""
     k = kind(pcfg)
     return None if k == "unstructured" else ("channel" if k == "channel" else f"{pcfg.n}:{pcfg.m}")

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lottery.pruning.criteria import Batches, Scores, magnitude, register_criterion
 from lottery.masks import Masks
+from lottery.pruning.criteria import Batches, Scores, magnitude, register_criterion
 
 
 def _weights(net: nn.Module, masks: Masks) -> list[torch.Tensor]:

@@ -14,8 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from lottery.report.collect import (DENSE_LABEL, branch_order, method_rank, number, panel_of, settings_text,
-                                    shown_keys)
+from lottery.report.collect import DENSE_LABEL, branch_order, method_rank, number, panel_of, settings_text, shown_keys
 
 # Metrics averaged over replicates, in this order, where any run has them (training cost: steps and FLOPs a unit took)
 AGGREGATED = ("test_accuracy", "early_stop_test_accuracy", "early_stop_step", "instability_test",

@@ -19,9 +19,9 @@ import fnmatch
 import json
 import math
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
 DENSE_LABEL = "dense network"
@@ -56,7 +56,7 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def number(v) -> Optional[float]:
+def number(v) -> float | None:
     """`v` as a finite float, or None (missing, text, NaN, a diverged unit's null)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -77,7 +77,7 @@ def _flatten(d, prefix=""):
     return out
 
 
-def _read_config(run_dir: Path, warn: Warn) -> Optional[dict]:
+def _read_config(run_dir: Path, warn: Warn) -> dict | None:
     """The run's config.yaml as a plain nested dict; {} without one; None (after a warning) when it cannot be read."""
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -128,7 +128,7 @@ def _valid_record(rec) -> bool:
             and isinstance(rec.get("branch"), str) and number(rec.get("weights_remaining")) is not None)
 
 
-def read_summary(path: Path, warn: Warn) -> tuple[Optional[list], Optional[str]]:
+def read_summary(path: Path, warn: Warn) -> tuple[list | None, str | None]:
     """(records, None), or (None, why) after one warning line when the file holds no usable record."""
     try:
         text = path.read_text()
@@ -217,15 +217,15 @@ def _follows_group(key: str, swept: list[str], configs) -> bool:
 
 
 @lru_cache(maxsize=64)
-def _model_layer_kinds(model_json: str, dataset_json: str) -> Optional[tuple]:
+def _model_layer_kinds(model_json: str, dataset_json: str) -> tuple | None:
     """((parameter name, kind), ...) of a model as lottery.masks classifies them (linear, conv, output, bias,
     batchnorm), built on the meta device (no memory, no weights); None when it cannot be built here (a user's model
     whose module was not imported)."""
     try:
+        import dataclasses
+
         import torch
         from torch import nn
-
-        import dataclasses
 
         from lottery.data import DATASETS
         from lottery.models import build_model
@@ -254,7 +254,7 @@ def _model_layer_kinds(model_json: str, dataset_json: str) -> Optional[tuple]:
         return None
 
 
-def pruned_kinds(raw_cfg: dict, layers: list[str]) -> Optional[set]:
+def pruned_kinds(raw_cfg: dict, layers: list[str]) -> set | None:
     """Kinds of the tensors a run prunes: from its records' layer_density keys when they name the model's parameters,
     else every weight kind of its model; None when unknown."""
     model = raw_cfg.get("model") if isinstance(raw_cfg, dict) else None
@@ -272,7 +272,7 @@ def pruned_kinds(raw_cfg: dict, layers: list[str]) -> Optional[set]:
     return {k for n, k in kinds if k in RATE_KINDS}
 
 
-def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable[[], Optional[set]],
+def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable[[], set | None],
              layers: list[str]) -> bool:
     """Whether a setting that differs between runs says something about this record of this run."""
     if cfg.get(key) is None:  # init.variance of a kaiming run says nothing
@@ -382,7 +382,7 @@ def _dense_only(cfg: dict, records: list, partial: bool) -> bool:
     return not partial
 
 
-def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
+def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
     """One row per summary record of every run folder below `paths`, plus one `error` row per failed job folder and
     per run folder whose summary cannot be read (after a warning line on stderr, or to `warn`)."""
     warn = warn or warn_stderr

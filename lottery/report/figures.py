@@ -9,19 +9,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
+from matplotlib.transforms import blended_transform_factory
 
-from lottery.report.collect import (LMC, Warn, branch_order, label, method_rank, number, panel_of,  # noqa: E402
-                                    warn_stderr)
-from lottery.report.style import (LINESTYLES, MARKERS, PALETTE, Style, percent_axis, save,  # noqa: E402
-                                  section_legend)
+from lottery.report.collect import LMC, Warn, branch_order, label, method_rank, number, panel_of, warn_stderr
+from lottery.report.style import LINESTYLES, MARKERS, PALETTE, Style, percent_axis, save, section_legend
 
 DIVERGED_LABEL = "diverged (no accuracy; at its sparsity)"
 AT_CHANCE_LABEL = "at chance: learned nothing (finite losses)"
@@ -142,7 +139,7 @@ def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
 
 # --- figures -------------------------------------------------------------------------------------------------------
 
-def make_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> list[Path]:
+def make_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> list[Path]:
     """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG; with the lmc
     branch its figures; when methods differ the methods and ablations figures."""
     warn = warn or warn_stderr

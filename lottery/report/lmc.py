@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
@@ -68,7 +67,7 @@ def _legend(ax, colours: list[tuple], title: str, splits: bool = True) -> None:
     section_legend(ax, sections, anchor=(1.02, 1.0), fontsize=7)
 
 
-def make_lmc_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> list[Path]:
+def make_lmc_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> list[Path]:
     """`lmc_path` and `instability` for the runs with the lmc branch (nothing without)."""
     warn = warn or warn_stderr
     groups = _lmc_groups(rows)

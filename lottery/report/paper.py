@@ -25,7 +25,6 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 from lottery.core.papers import METRICS, check_block, published_interval
 from lottery.report.collect import Warn, _read_config, number, warn_stderr
@@ -37,7 +36,7 @@ DENSITY_TOLERANCE = 0.05  # relative: the paper prints densities to 3 digits (21
 
 # --- one number against one condition's records --------------------------------------------------------------------
 
-def _at_density(records: list[dict], branch: str, density: float) -> Optional[dict]:
+def _at_density(records: list[dict], branch: str, density: float) -> dict | None:
     """The record of `branch` nearest to `density` (percent remaining), if one is within DENSITY_TOLERANCE."""
     near = [r for r in records if r.get("branch") == branch and number(r.get("percent_remaining")) is not None]
     if not near:
@@ -46,7 +45,7 @@ def _at_density(records: list[dict], branch: str, density: float) -> Optional[di
     return best if abs(best["percent_remaining"] - density) <= DENSITY_TOLERANCE * density else None
 
 
-def _metric(rec: dict, n: dict) -> Optional[float]:
+def _metric(rec: dict, n: dict) -> float | None:
     metric = n["metric"]
     if metric.startswith("instability") and n.get("lmc_step") is not None:
         split = metric.split("_", 1)[1]
@@ -59,7 +58,7 @@ def _metric(rec: dict, n: dict) -> Optional[float]:
     return None if value is None else value * METRICS[metric][1]
 
 
-def _relative(ours: float, dense: float, how: str) -> Optional[float]:
+def _relative(ours: float, dense: float, how: str) -> float | None:
     if how == "difference":
         return ours - dense
     if how == "ratio":
@@ -135,7 +134,7 @@ def compare(n: dict, records: list[dict]) -> dict:
 
 # --- text ----------------------------------------------------------------------------------------------------------
 
-def _fmt(v: float, like: Optional[float] = None) -> str:
+def _fmt(v: float, like: float | None = None) -> str:
     """`v` to the decimals its scale (or that of `like`, the value its spread belongs to) calls for: 98.31, 0.623."""
     scale = abs(v if like is None else like)
     return f"{v:.0f}" if scale >= 100 else f"{v:.2f}" if scale >= 1 else f"{v:.3f}"
@@ -212,7 +211,7 @@ def label(g: dict) -> str:
     return g["experiment"] + (f" ({settings})" if settings else "")
 
 
-def paper_report(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> tuple[list[Path], list[str]]:
+def paper_report(rows: list[dict], out_dir, warn: Warn | None = None) -> tuple[list[Path], list[str]]:
     """paper.md, paper.csv and the figure for every condition with a paper block; returns the files written and
     one line per condition (its verdict counts, or that it has no published numbers)."""
     warn = warn or warn_stderr

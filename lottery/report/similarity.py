@@ -92,6 +92,7 @@ def _figure(pairs: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from lottery.report.style import percent_axis, save
     lines = defaultdict(lambda: defaultdict(list))
     chance = {}

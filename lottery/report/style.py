@@ -18,12 +18,20 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, NullLocator
 
-from lottery.report.collect import (DENSE_LABEL, branch_label, branch_order, method_rank, panel_of, settings_text,
-                                    shown_keys, ticket_label)
+from lottery.report.collect import (
+    DENSE_LABEL,
+    branch_label,
+    branch_order,
+    method_rank,
+    panel_of,
+    settings_text,
+    shown_keys,
+    ticket_label,
+)
 
 # tab10 without its red and grey, then tab20b's darkest and lightest shades that differ from those
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
@@ -119,7 +127,7 @@ class Style:
     def branch_text(self, branch: str) -> str:
         return self.ticket_text if branch == "ticket" else branch_label(branch)
 
-    def legend(self) -> "Legend":
+    def legend(self) -> Legend:
         return Legend(self)
 
 

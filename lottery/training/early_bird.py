@@ -21,13 +21,12 @@ A unit that does not start dense (a ticket trained after the draw) trains on unw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
+from lottery.core.ranges import at_least, between, setting
 from lottery.pruning.densities import survivor_counts
 from lottery.pruning.selection import Survivors, round_half_up
-from lottery.core.ranges import at_least, between, setting
 from lottery.training.updaters import MaskUpdater, register_updater
 
 DISTRIBUTIONS = ("global", "uniform", "er", "erk")
@@ -35,7 +34,7 @@ DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
 @dataclass
 class EarlyBirdSettings:
-    target: Optional[float] = setting(None, between(0, 1, lo_open=True, hi_open=True))  # the ticket's density
+    target: float | None = setting(None, between(0, 1, lo_open=True, hi_open=True))  # the ticket's density
     every: int = setting(0, between(0, integer=True))  # steps between checks; 0: at every evaluation
     window: int = setting(5, at_least(1))  # distances the stop rule looks at (You et al.: 5)
     eps: float = setting(0.1, between(0, 1, lo_open=True))  # drawn when the largest of them is below (You et al.: 0.1)
@@ -72,9 +71,9 @@ class EarlyBird(MaskUpdater):
         super().__init__(settings, ctx)
         # only dense training is watched: the ticket trained after the draw is not
         self.watching = [all(bool(layer.mask.all()) for layer in layers) for layers in ctx.layers]
-        self.last: list[Optional[dict]] = [None] * self.n  # the previous check's mask
+        self.last: list[dict | None] = [None] * self.n  # the previous check's mask
         self.distances: list[list] = [[] for _ in range(self.n)]  # [step, distance] per check after the first
-        self.drawn_at: list[Optional[int]] = [None] * self.n
+        self.drawn_at: list[int | None] = [None] * self.n
 
     def check_mask(self, u: int) -> dict[str, torch.Tensor]:
         """The mask magnitude pruning would draw now at `target` (the hook for a channel criterion)."""

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # Evaluation feeds the model at most this many examples at once, on every device: a 10,000-example Conv-2 forward
 # peaks at 7.5 GB of activations (about 8 GB on a GPU for Conv-2/4/6 and VGG on CIFAR-10) instead of 0.8 GB, and is
 # no faster. Results do not depend on it: the loss is still summed per `train.eval_batch_size` batch, and chunked

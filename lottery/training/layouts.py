@@ -34,7 +34,6 @@ functional BatchNorm anyway; the channel fold gives BatchNorm for free.
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +109,7 @@ class BatchedBatchNorm2d(nn.Module):
 _BATCHED = {nn.Linear: BatchedLinear, nn.Conv2d: BatchedConv2d, nn.BatchNorm2d: BatchedBatchNorm2d}
 
 
-def unsupported_layer(model: nn.Module) -> Optional[tuple[str, str]]:
+def unsupported_layer(model: nn.Module) -> tuple[str, str] | None:
     """(name, type) of the first module holding parameters or buffers that `stack` cannot batch, or None."""
     for mod_name, mod in model.named_modules():
         own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
@@ -202,10 +201,10 @@ class Interleaved(nn.Module):
     def device(self) -> torch.device:
         return self.batches[0].pool.device
 
-    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[Optional[dict]]:
+    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[dict | None]:
         """Per network its metrics on its split's `which` ("val" or "test") for the networks in `only` (None for the
         others), each exactly as a single run evaluates it."""
-        out: list[Optional[dict]] = [None] * self.n
+        out: list[dict | None] = [None] * self.n
         for u in only:
             split = self.batches[u].split
             x, y = split.val() if which == "val" else split.test()
@@ -215,7 +214,7 @@ class Interleaved(nn.Module):
     def states(self) -> list[dict]:
         return [net.state_dict() for net in self.nets]
 
-    def sync(self, u: Optional[int] = None) -> None:
+    def sync(self, u: int | None = None) -> None:
         """The networks' own models hold their weights already."""
 
     def named_masks(self, masks: list[Masks]) -> Masks:
@@ -326,7 +325,7 @@ class Stacked(nn.Module):
             yield x.view(y.shape[0], self.n, *x.shape[1:]), y
 
     @torch.inference_mode()
-    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[Optional[dict]]:
+    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[dict | None]:
         """All networks in one forward per chunk, one host sync per call (every network is evaluated; `only` says
         whose metrics are wanted, and the others' are None)."""
         n = self.n
@@ -352,7 +351,7 @@ class Stacked(nn.Module):
         state = self.net.state_dict()
         return [{k: v[u].clone() for k, v in state.items()} for u in range(self.n)]
 
-    def sync(self, u: Optional[int] = None) -> None:
+    def sync(self, u: int | None = None) -> None:
         """Copy the stacked weights into the networks' own models (network `u`, or all)."""
         state = self.net.state_dict()
         for i in range(self.n) if u is None else [u]:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -45,11 +45,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class Hooks:
     """What the loop calls for a network besides training it: all optional, all cheap when unused."""
-    on_eval: Optional[Callable[[dict], None]] = None  # every evaluation record
-    on_log: Optional[Callable[[dict], None]] = None  # mean training loss every `log_every` steps
+    on_eval: Callable[[dict], None] | None = None  # every evaluation record
+    on_log: Callable[[dict], None] | None = None  # mean training loss every `log_every` steps
     log_every: int = 0
     at_step: dict[int, Callable[[], None]] = field(default_factory=dict)  # after k steps (rewind capture, callbacks)
-    checkpoint: Optional[Callable[[dict], None]] = None  # called with the network's state every `checkpoint_every`
+    checkpoint: Callable[[dict], None] | None = None  # called with the network's state every `checkpoint_every`
     checkpoint_every: int = 0
     should_stop: Callable[[], bool] = lambda: False  # checked after each step: checkpoint, then raise Preempted
 
@@ -63,13 +63,13 @@ class Network:
     masks: Masks
     batches: Batches
     hooks: Hooks = field(default_factory=Hooks)
-    resume: Optional[dict] = None
+    resume: dict | None = None
     seed: int = 0
 
 
-def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Optional[int] = None,
-          layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
-          updater: Optional[tuple] = None, on_step: Optional[Callable[[int, int, int], None]] = None) -> list[dict]:
+def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: int | None = None,
+          layout: str = "interleaved", desc: str = "train", lr: Callable[[int], float] | None = None,
+          updater: tuple | None = None, on_step: Callable[[int, int, int], None] | None = None) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
     after their checkpoint's step and end bit-identical to an uninterrupted run.
@@ -99,7 +99,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optimizer, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
-    stopped_at: list[Optional[int]] = [None] * n  # the step the updater ended a network's training at
+    stopped_at: list[int | None] = [None] * n  # the step the updater ended a network's training at
     frozen: dict[int, dict] = {}  # a stopped network's state there (a stacked layout computes every network on)
     if updater is not None:
         kind, settings = updater
@@ -119,7 +119,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: Option
     log_sum = torch.zeros(n, device=device)
     evals: list[list[dict]] = [[] for _ in networks]
     step = start
-    diverged_at: list[Optional[int]] = [None] * n
+    diverged_at: list[int | None] = [None] * n
     if all(resumed):
         optimizer.load_state_dict(net.optimizer_state([nw.resume["optimizer"] for nw in networks]))
         step = networks[0].resume["step"]

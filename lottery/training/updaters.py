@@ -26,7 +26,6 @@ in `Settings`) and one YAML file in conf/dst/. Built-ins: lottery.training.dst (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -46,7 +45,7 @@ class Layer:
     name: str  # the parameter's name in the network (its key in the network's masks)
     param: torch.Tensor
     stacked_mask: torch.Tensor
-    slot: Optional[int]  # the network's index into a stacked tensor's first dimension, or None (its own tensor)
+    slot: int | None  # the network's index into a stacked tensor's first dimension, or None (its own tensor)
 
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.slot is None else t[self.slot]
@@ -60,7 +59,7 @@ class Layer:
         return self._view(self.stacked_mask)
 
     @property
-    def grad(self) -> Optional[torch.Tensor]:
+    def grad(self) -> torch.Tensor | None:
         return None if self.param.grad is None else self._view(self.param.grad)
 
     def optimizer_slots(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -157,7 +156,7 @@ def register_updater(name: str):
     return decorator
 
 
-def updater_settings(node) -> tuple[Optional[type], dict]:
+def updater_settings(node) -> tuple[type | None, dict]:
     """(the updater class, its checked settings) of a `dst` config node; (None, {}) for `name: none`."""
     raw = plain(node)
     name = raw.pop("name", "none")
