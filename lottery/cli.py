@@ -4,6 +4,7 @@ from __future__ import annotations
 from lottery.core.threads import default_wait_policy
 
 default_wait_policy()  # first: OpenMP reads how its threads wait once, when torch loads it (lottery/core/threads.py)
+# ruff: noqa: E402 - the imports below come after default_wait_policy() on purpose (they load torch)
 
 import contextlib
 import io
@@ -45,7 +46,8 @@ INTERRUPTED_EXIT = 130
 # Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
 # same command resumes once there is room.
 WRITE_FAILED_EXIT = 74
-# Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not done.
+# Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not
+# done.
 DIVERGED_EXIT = 3
 # Exit status of an IMP run stopped because its next level would be built from a ticket at chance (AtChance).
 AT_CHANCE_EXIT = 4
@@ -92,7 +94,6 @@ def _guard(fn, job: _Job) -> None:
     from lottery.core.signals import install_stop_handlers
     install_stop_handlers()
     _quiet_log_file_errors()
-    run_dir = job.run_dir
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         _guarded(fn, job, multirun)
@@ -271,7 +272,7 @@ def _hold_sweep_folder(sweep_dir: Path) -> None:
     import fcntl
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        f = open(sweep_dir / SWEEP_LOCK, "a")
+        f = open(sweep_dir / SWEEP_LOCK, "a")  # noqa: SIM115 - the lock lives as long as the sweep, not a block
     except OSError:
         return  # a folder that cannot be written fails where Hydra or the jobs write it, with its own message
     try:

@@ -63,7 +63,8 @@ class TrainConfig:
     estimate: bool = True  # before starting: the run's cost, with a time from a few timed steps of a copy of the model
     # a non-finite loss: stop the run | continue with the units that do not depend on it
     on_divergence: str = setting("stop", one_of(*POLICIES))
-    # a ticket at chance that the next IMP level would be pruned from: stop the run (exit 4) | continue (prune it anyway)
+    # a ticket at chance that the next IMP level would be pruned from: stop the run (exit 4) | continue (prune it
+    # anyway)
     on_chance: str = setting("stop", one_of("stop", "continue"))
 
 
@@ -142,8 +143,8 @@ class Config:
     device: str = "auto"
     deterministic: bool = True  # CUDA: deterministic algorithms (lottery/device.py); false trades that for speed
     threads: int | None = setting(None, at_least(1))  # null: PyTorch's default
-    # Replicates trained batched in one process (lottery.experiment.levels): a count R (seeds seed..seed+R-1) or a list of
-    # seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
+    # Replicates trained batched in one process (lottery.experiment.levels): a count R (seeds seed..seed+R-1) or a list
+    # of seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
     replicas: Any | None = None
     # How replicas train: stacked (one batched matmul / grouped convolution per layer for all networks) | interleaved
     # (one step, each network through its own model) | sequential (one unit after another) | auto (stacked, except
@@ -151,7 +152,8 @@ class Config:
     replica_batching: str = "auto"
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
     branch: dict[str, Any] = field(default_factory=dict)
-    # The mask updater (lottery.training.updaters): `name` (none | set | rigl | gmp | a registered one) plus its settings.
+    # The mask updater (lottery.training.updaters): `name` (none | set | rigl | gmp | a registered one) plus its
+    # settings.
     dst: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     # Modules imported before the config is checked, so their @register_* calls (models, initializers, criteria,
     # branches) take effect: a user's extensions without editing lottery/.
@@ -171,8 +173,8 @@ NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.veri
                        "threads", "logger",
                        "checkpoint", "train.progress", "train.progress_every", "train.estimate", "match_tolerance",
                        "train.compile", "train.eval_batch_size", "imports",
-                       "pruning.branches", "train.on_divergence", "train.on_chance", "launcher", "sweep", "hydra", "replicas",
-                       "replica_batching", "paper")
+                       "pruning.branches", "train.on_divergence", "train.on_chance", "launcher", "sweep", "hydra",
+                       "replicas", "replica_batching", "paper")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 
@@ -237,7 +239,7 @@ def _job_dirname_here(overrides, root) -> str:
         old = job_dirname_v1(overrides or [])
         if old != name and (sweep / f"{num}_{old}").is_dir() and not (sweep / f"{num}_{name}").exists():
             return old
-    except Exception:  # noqa: BLE001 - no sweep folder known: the new name
+    except Exception:  # noqa: BLE001, S110 - no sweep folder known: the new name
         pass
     return name
 
@@ -248,8 +250,8 @@ RUN_ID_HEX = 10
 def run_id(root) -> str:
     """The default run folder's name below runs/<name>/ (hydra.run.dir): a digest of the settings that define the
     experiment, so rerunning the same command finds its folder and resumes. Left out: the keys that define no
-    experiment (NON_EXPERIMENT_KEYS, which also leaves out where data lives and how the run is shown) and those that only
-    add work (EXTENDING_KEYS: more levels find the run they extend). A replicas run and a single run of the same
+    experiment (NON_EXPERIMENT_KEYS, which also leaves out where data lives and how the run is shown) and those that
+    only add work (EXTENDING_KEYS: more levels find the run they extend). A replicas run and a single run of the same
     settings get different folders (one cannot hold the other)."""
     import json
 

@@ -129,7 +129,8 @@ def _resolve(cfg) -> Callable:
         return getattr(importlib.import_module(module), attr)
     name = _get(cfg, "name")
     if name not in INITIALIZERS:
-        raise ValueError(f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a callable")
+        raise ValueError(f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a "
+                         f"callable")
     return INITIALIZERS[name]
 
 
@@ -161,7 +162,8 @@ def initialize(model: nn.Module, cfg, seed: int) -> None:
 
     if _get(cfg, "name") == "pytorch_default" and not _get(cfg, "_target_"):
         # reset_parameters draws from the global RNG; fork it so the caller's stream is untouched
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        devices = ([device.index if device.index is not None else torch.cuda.current_device()]
+                   if device.type == "cuda" else [])
         with torch.random.fork_rng(devices=devices):
             _seed_default_rng(seed, device)
             for m in model.modules():

@@ -147,20 +147,21 @@ def predicted(model, init: dict) -> tuple[list[float], list[float]] | None:
     from lottery.init import weight_variance
     layers = [*model.hidden, model.out]
     try:
-        vs = [weight_variance(init["name"], l.in_features, l.out_features, **{k: v for k, v in init.items()
-                                                                             if k not in ("name", "bias")})
-              for l in layers]
+        vs = [weight_variance(init["name"], layer.in_features, layer.out_features,
+                              **{k: v for k, v in init.items() if k not in ("name", "bias")})
+              for layer in layers]
     except ValueError:  # no closed form (orthogonal, custom): measured curves only
         return None
     fwd, lv = [], 0.0  # ln E[x^2] = 0 for standard-normal input
-    for k, (l, v) in enumerate(zip(layers[:-1], vs)):
-        lv = math.log(l.in_features * v) + lv + (0.0 if k == 0 else -math.log(2))  # ReLU halves E[a^2] from layer 2 on
+    for k, (layer, v) in enumerate(zip(layers[:-1], vs)):
+        # ReLU halves E[a^2] from layer 2 on
+        lv = math.log(layer.in_features * v) + lv + (0.0 if k == 0 else -math.log(2))
         fwd.append(lv)
     lout = math.log(layers[-1].in_features * vs[-1] / 2) + fwd[-1]
     g = math.log(4) + lout  # dL/dout = 2 out
     bwd = []
-    for l, v in zip(reversed(layers[1:]), reversed(vs[1:])):
-        g = g + math.log(l.out_features * v / 2)  # back through W^T (fan-out terms), then the ReLU mask halves
+    for layer, v in zip(reversed(layers[1:]), reversed(vs[1:])):
+        g = g + math.log(layer.out_features * v / 2)  # back through W^T (fan-out terms), then the ReLU mask halves
         bwd.append(g)
     return fwd, list(reversed(bwd))
 
@@ -261,14 +262,16 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
             if pts and pts[0][2] is not None:
                 ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=color, linewidth=1)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"$10^{{{int(round(v))}}}$"))
+        # RUF046 below: v may be a NumPy float, whose round() is a float
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"$10^{{{int(round(v))}}}$"))  # noqa: RUF046
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("Layer k" + ("  (the backward pass runs right to left)" if pass_ == "backward" else ""))
     axes[0].set_ylabel("Variance (log scale)")
     axes[0].set_title("Forward pass: variance of pre-activations $f_k$")
     axes[1].set_title("Backward pass: variance of gradients $\\partial L / \\partial f_k$")
     m = cfg.model
-    shape = f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden") else m.name
+    shape = (f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden")
+             else m.name)
     fig.suptitle(f"Variance through the network at initialization: {shape}\nstandard-normal input, least-squares "
                  f"loss against 0, zero biases; mean over {cfg.seeds} seeds × {cfg.batch_size} inputs", fontsize=10.5)
     handles, labels = axes[0].get_legend_handles_labels()

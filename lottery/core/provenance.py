@@ -23,9 +23,9 @@ def provenance() -> dict:
     if (source / ".git").exists():
         try:
             commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=10)
+                                    timeout=10, check=False)
             status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10)
+                                    capture_output=True, text=True, timeout=10, check=False)
             if commit.returncode == 0:
                 out["git_commit"] = commit.stdout.strip()
                 out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None

@@ -52,9 +52,7 @@ class Rule:
             return False
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
-        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
-            return False
-        return True
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
 
 
 FINITE = Rule()

@@ -74,7 +74,7 @@ def check_settings(raw: Mapping, settings: type | None, where: str, *, of: str =
         check_value(f"{where}.{key}", value, None)
     if fn is None:
         if raw:
-            raise ValueError(f"{of or where} takes no settings, got {where}.{sorted(raw)[0]}")
+            raise ValueError(f"{of or where} takes no settings, got {where}.{min(raw)}")
         return raw
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -18,7 +18,7 @@ def parse_steps(value: Any, steps_per_epoch: int, what: str = "duration") -> int
     steps = number * steps_per_epoch if unit == "ep" else number
     if unit == "it" and not number.is_integer():
         raise ValueError(f"bad {what} '{value}': iterations must be a whole number")
-    return int(math.floor(steps + 0.5))
+    return math.floor(steps + 0.5)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ experiment on resume, its results and its tickets.
     metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
     init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
     states/step_<k>.pt          full state of level 0 at other steps a branch starts from (lmc's steps; saved once)
-    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.experiment.ticket), written once per level
+    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.experiment.ticket), written once per
+                                level
     levels/level_<L>/final.pt   trained weights of the level's ticket (what the next level prunes)
     levels/level_<L>/<branch>/result.json            the branch's record (+ evaluation curve of a one-unit branch,
                                                      or an analysis's `curves`)
@@ -208,8 +209,8 @@ class RunFolder:
         return [_copy(without_details(self._result(p))) for p in paths]
 
     def write_summary(self) -> list[dict]:
-        """Rewrite summary.json from the result files. Not fsynced here: the next run of the command rebuilds it from them, and
-        `sync` (when the process leaves the folder) makes the last one durable."""
+        """Rewrite summary.json from the result files. Not fsynced here: the next run of the command rebuilds it from
+        them, and `sync` (when the process leaves the folder) makes the last one durable."""
         summary = self.results()
         save_json(summary, self.summary, durable=False)
         self._summary_unsynced = True
@@ -242,7 +243,7 @@ class RunFolder:
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            f = open(self.path / ".lock", "a")
+            f = open(self.path / ".lock", "a")  # noqa: SIM115 - closed by `with f:` below; an OSError here is WriteFailed
         except OSError as e:
             raise WriteFailed(self.path / ".lock", e) from e
         with f:

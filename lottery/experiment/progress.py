@@ -24,7 +24,7 @@ CURRENT: Progress | None = None
 
 def duration(seconds: float) -> str:
     """`45s`, `12m 5s`, `3h 20m`: a time as people read it."""
-    s = int(round(seconds))
+    s = int(round(seconds))  # noqa: RUF046 - a NumPy float's round() is a float
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -133,7 +133,8 @@ class Progress:
 def measure_step(lin) -> tuple[float, float]:
     """Seconds per training step and per evaluation, from a few steps of a copy of the lineage's model on its data
     (its own batches, a fresh optimizer): nothing of the run is touched, and no random stream either (the global
-    generators are restored; batches use their own). The first steps and the first evaluation are not timed (warm-up)."""
+    generators are restored; batches use their own). The first steps and the first evaluation are not timed
+    (warm-up)."""
     from dataclasses import replace
 
     from lottery import masks as M

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from lottery.core.files import appending
 
@@ -113,7 +114,7 @@ class Tracker:
             for run in runs:
                 try:
                     run.finish(exit_code=1, quiet=True)
-                except Exception:  # noqa: BLE001 - a broken service may not even finish
+                except Exception:  # noqa: BLE001, S110 - a broken service may not even finish
                     pass
 
     def _start_wandb(self, config_dict: dict | None, group: str | None) -> None:
@@ -125,10 +126,13 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.exists() else _new_id()
         id_file.write_text(run_id)
         # Several runs are open at once in one process (the job's, its units', other replicates'): create_new.
-        self._common = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
-                            tags=list(lcfg.tags), dir=str(self.run_dir), resume="allow", reinit="create_new")
+        self._common: dict[str, Any] = {"project": lcfg.project, "entity": lcfg.entity,
+                                        "group": lcfg.group or _sweep_name() or group,
+                                        "tags": list(lcfg.tags), "dir": str(self.run_dir), "resume": "allow",
+                                        "reinit": "create_new"}
         self._mode = wandb_mode()
-        kwargs = dict(id=run_id, name=self.run_dir.name, job_type=lcfg.job_type or "results", config=config_dict)
+        kwargs: dict[str, Any] = {"id": run_id, "name": self.run_dir.name, "job_type": lcfg.job_type or "results",
+                                  "config": config_dict}
         try:
             self.run = wandb.init(mode=self._mode, **self._common, **kwargs)
         except Exception as e:  # W&B trouble (network, login) must not cost the experiment

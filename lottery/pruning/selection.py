@@ -21,7 +21,7 @@ Scores = dict[str, torch.Tensor]
 
 def round_half_up(x: float) -> int:
     # Python's round() rounds half to even, which would make counts depend on parity.
-    return int(math.floor(x + 0.5))
+    return int(math.floor(x + 0.5))  # noqa: RUF046 - x may be a tensor, whose floor is a tensor
 
 
 def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -233,7 +233,8 @@ def _model_layer_kinds(model_json: str, dataset_json: str) -> tuple | None:
         name = node.pop("name")
         data = json.loads(dataset_json)  # the input shape and classes come from the dataset's registration
         entry = DATASETS[data["name"]]
-        own = {f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings else {}
+        own = ({f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings
+               else {})
         with torch.device("meta"):
             model = build_model(name, entry.shape(own), entry.num_classes,
                                 **{k: v for k, v in node.items() if not k.startswith("_")})
@@ -337,7 +338,8 @@ def method_label(cfg: dict, settings: list[str] = (), scope: bool = False) -> st
     if retrain == "finetune":
         return text + densities + ", fine-tuned"
     if retrain == "lr_rewind":
-        return text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep") else f", LR rewound to {rewind}")
+        return text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep")
+                                   else f", LR rewound to {rewind}")
     return text + densities + (", original init" if rewind in ("0", "0it", "0ep") else f", rewound to {rewind}")
 
 
@@ -424,7 +426,7 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
                                          for n in r["layer_density"]))
         kinds_cache = []
 
-        def kinds(raw_cfg=raw.get(d) or {}, layers=layer_names, cache=kinds_cache):
+        def kinds(raw_cfg=raw.get(d) or {}, layers=layer_names, cache=kinds_cache):  # noqa: B008 - this run's, now
             if not cache:
                 cache.append(pruned_kinds(raw_cfg, layers))
             return cache[0]

@@ -241,7 +241,8 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
         by_density = tickets_of[(panel, group)][0].get("method") is not None
         keys, curves, overall = _densities(tickets_of[(panel, group)], by_density)
         signature = (panel, by_density, tuple(keys), tuple(overall),
-                     tuple((k, tuple(round(v, 9) if v == v else None for v in vs)) for k, vs in curves.items()))
+                     tuple((k, tuple(round(v, 9) if not math.isnan(v) else None for v in vs))
+                           for k, vs in curves.items()))
         panels.setdefault(signature, []).append(group)
         data[signature] = (keys, curves, overall, by_density)
     if not panels:
@@ -257,7 +258,7 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
         xs = list(range(len(keys))) if by_density else keys
         series = {}  # rounded curve -> layers that have it
         for layer, ys in curves.items():
-            series.setdefault(tuple(round(y, 9) if y == y else None for y in ys), []).append(layer)
+            series.setdefault(tuple(round(y, 9) if not math.isnan(y) else None for y in ys), []).append(layer)
         lines = list(series.values())
         for j, names in enumerate(lines):
             # sideways offsets within +-0.12 of a level: nearly equal lines stay apart, points stay at their level
@@ -271,7 +272,7 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
         ax.plot(xs, overall, color="k", linestyle=(0, (4, 2)), linewidth=1.2, label="all prunable weights")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-        finite = [y for line in ax.lines for y in line.get_ydata() if y == y and y > 0]
+        finite = [y for line in ax.lines for y in line.get_ydata() if not math.isnan(y) and y > 0]
         ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label(min(finite, default=1.0))))
         ax.set_xticks(xs)
         if by_density:

@@ -277,13 +277,13 @@ def sentence(n: dict, res: dict) -> str:
 
 def _write_md(sections, path: Path) -> Path:
     out = ["# Published numbers beside this run", "",
-           "Verdicts: *agrees* when the published interval (the spread as printed, or the stated tolerance where the "
-           "paper gives none) and ours (min–max where the paper's bars are min/max, else mean ± std over replicates) "
-           "overlap; *cannot be compared at this scale* when the run trained fewer iterations, reached no level at "
-           "the number's density, or lacks the branch.", ""]
+           ("Verdicts: *agrees* when the published interval (the spread as printed, or the stated tolerance where the "
+            "paper gives none) and ours (min–max where the paper's bars are min/max, else mean ± std over replicates) "
+            "overlap; *cannot be compared at this scale* when the run trained fewer iterations, reached no level at "
+            "the number's density, or lacks the branch."), ""]
     for g, block, results in sections:
-        out += [f"## {label(g)}", "", f"Paper: {block['source']}", "", f"What the preset changes: "
-                f"{' '.join(str(block['changes']).split())}", "",
+        out += [f"## {label(g)}", "", f"Paper: {block['source']}", "",
+                f"What the preset changes: {' '.join(str(block['changes']).split())}", "",
                 f"Runs: {', '.join(sorted(g['run_dirs']))}", "",
                 "| claim | where | metric | density (%) | published | ours | verdict |",
                 "|---|---|---|---|---|---|---|"]

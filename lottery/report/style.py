@@ -214,7 +214,7 @@ def percent_axis(ax, xs) -> None:
     ax.set_xscale("log")
     xs = [x for x in xs if x is not None and x > 0]
     ticks = []
-    for t in sorted(set(round(x, 6) for x in xs), reverse=True):
+    for t in sorted({round(x, 6) for x in xs}, reverse=True):
         if not ticks or math.log10(ticks[-1] / t) >= 0.02:  # labels of nearly equal densities would overprint
             ticks.append(t)
     if ticks:

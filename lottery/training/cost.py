@@ -42,13 +42,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
 
 # masks ({name: 0/1 tensor}) or densities ({name: kept fraction}); None: dense
-MasksOrDensities = Optional[Mapping[str, torch.Tensor | float]]
+MasksOrDensities = Mapping[str, torch.Tensor | float] | None
 
 _COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

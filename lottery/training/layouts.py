@@ -59,7 +59,7 @@ class BatchedLinear(nn.Module):
         # weight's own layout, so autograd does not copy it (measured: those copies took a quarter of a batched
         # LeNet-300-100 step).
         b = x.shape[0]
-        n, o, i = self.weight.shape
+        n, _, i = self.weight.shape
         xt = x.reshape(b, n, i).permute(1, 2, 0)  # [n, in, B]
         if x.dim() == 2:
             xt = xt.contiguous()
@@ -167,8 +167,8 @@ def check_forward(batched: nn.Module, models: list[nn.Module], x: torch.Tensor) 
             m.train(w)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4, equal_nan=True):
         raise ValueError("replicas: this model's forward does not act per channel (its stacked outputs differ from "
-                         "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, which "
-                         "trains any model")
+                         "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, "
+                         "which trains any model")
 
 class Interleaved(nn.Module):
     """The networks side by side, each through its own model (the caller's, not a copy) on its own batch, in one

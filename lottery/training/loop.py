@@ -107,7 +107,7 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: int | 
         updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers))
     if tcfg.compile:
         net.compile_in_place()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": tcfg.precision == "bf16"}
     hooks = [nw.hooks for nw in networks]
     log_every = next((h.log_every for h in hooks if h.on_log), 0)
     at_steps = {s for h in hooks for s in h.at_step}
@@ -213,8 +213,8 @@ def train(networks: list[Network], cfg, *, start: int, steps: Steps, end: int | 
     try:
         while step < end and active():
             m = multiplier(step)
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * m
+            for g, base_lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base_lr * m
             optimizer.zero_grad(set_to_none=True)
             on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
             losses = net.backward(step, autocast, on)

@@ -116,7 +116,8 @@ class MaskUpdater:
 
     # --- state -----------------------------------------------------------------------------------------------------
     def state_dict(self, u: int) -> dict:
-        return {"name": self.name, "masks": {layer.name: layer.mask.detach().to("cpu", torch.bool) for layer in self.ctx.layers[u]},
+        return {"name": self.name,
+                "masks": {layer.name: layer.mask.detach().to("cpu", torch.bool) for layer in self.ctx.layers[u]},
                 "mask_changes": self.mask_changes[u], "gradient_steps": self.gradient_steps[u]}
 
     def load_state_dict(self, u: int, state: dict) -> list[int]:
