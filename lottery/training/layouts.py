@@ -86,6 +86,10 @@ class BatchedConv2d(nn.Module):
 
 
 class BatchedBatchNorm2d(nn.Module):
+    running_mean: torch.Tensor  # the buffers (register_buffer), declared for the type checker
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+
     def __init__(self, n: int, bn: nn.BatchNorm2d):
         super().__init__()
         if not bn.track_running_stats or bn.momentum is None:
@@ -392,7 +396,7 @@ class Stacked(nn.Module):
                  "param_groups": state["param_groups"]} for u in range(self.n)]
 
 
-LAYOUTS = {"interleaved": Interleaved, "stacked": Stacked}
+LAYOUTS: dict[str, type[Interleaved | Stacked]] = {"interleaved": Interleaved, "stacked": Stacked}
 BATCHING = ("auto", "stacked", "interleaved", "sequential")
 
 
@@ -404,7 +408,7 @@ def choose(mode: str, model: nn.Module, device) -> str:
     return mode
 
 
-_MALLOC_SET = []
+_MALLOC_SET: list[bool] = []
 
 
 def keep_freed_memory() -> None:

@@ -83,6 +83,7 @@ class MaskUpdater:
     """The base class of every mask updater: the hooks do nothing, the state is the masks and the history of
     densities. Subclasses override the hooks they need and call `record(u, step)` after each mask update."""
     Settings: type = NoSettings
+    name: str  # set by register_updater
     # True: the masks a unit is handed are where this updater ends (their counts are its target); the network starts
     # with every weight (the experiment does not zero the pruned ones first) and `begin` sets the masks it starts from
     dense_start = False
