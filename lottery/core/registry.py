@@ -36,13 +36,21 @@ class Registry(dict):
         return self[name]
 
 
+def as_dict(node: Any, resolve: bool = False) -> dict:
+    """OmegaConf.to_container of a mapping node (a DictConfig), typed as the dict it is."""
+    from omegaconf import OmegaConf
+    out = OmegaConf.to_container(node, resolve=resolve)
+    assert isinstance(out, dict), f"a mapping node, not {type(out).__name__}"
+    return out
+
+
 def plain(node: Any) -> dict:
     """A config node (DictConfig, dict or None) as a plain dict, interpolations resolved."""
     from omegaconf import OmegaConf
     if node is None:
         return {}
     if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
+        return as_dict(node, resolve=True)
     return dict(node)
 
 
@@ -63,7 +71,7 @@ def check_settings(raw: Mapping, settings: type | None, where: str, *, of: str =
         if unknown:
             raise ValueError(f"unknown key {where}.{unknown[0]}{of_text}; accepted: {', '.join(accepted) or 'none'}")
         try:
-            values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(settings), raw))
+            values = as_dict(OmegaConf.merge(OmegaConf.structured(settings), raw))
         except OmegaConfBaseException as e:
             first = str(getattr(e, "msg", e)).strip().splitlines()[0]  # OmegaConf adds full_key and type lines
             raise ValueError(f"bad setting{of_text or ' ' + where}: {first}") from None

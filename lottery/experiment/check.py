@@ -16,6 +16,7 @@ from lottery.branches import BRANCHES, branch_settings
 from lottery.config import check_ranges, import_extensions
 from lottery.core.device import check_device
 from lottery.core.papers import check_block
+from lottery.core.registry import as_dict
 from lottery.core.steps import parse_steps
 from lottery.data import dataset_settings
 from lottery.init import INITIALIZERS
@@ -70,7 +71,7 @@ def checked(cfg: DictConfig) -> DictConfig:
     import_extensions(cfg)
     check_block(OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") is not None else None)
     check_ranges(cfg)
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    out = OmegaConf.create(as_dict(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
 
     _choice(cfg.model.name, sorted(MODELS), "model")

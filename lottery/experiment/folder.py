@@ -45,6 +45,7 @@ from lottery.core.files import (
     verify,
     write_text,
 )
+from lottery.core.registry import as_dict
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
@@ -92,7 +93,7 @@ def _defaults(new: dict) -> dict:
     from lottery.data import DATASETS
     from lottery.pruning import CRITERIA
     from lottery.training import OPTIMIZERS
-    out = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    out = _flatten(as_dict(OmegaConf.structured(Config)))
     nodes = [("dataset", DATASETS, (new.get("dataset") or {}).get("name")),
              ("optimizer", OPTIMIZERS, (new.get("optimizer") or {}).get("name")),
              ("pruning.criterion", CRITERIA, ((new.get("pruning") or {}).get("criterion") or {}).get("name")),
@@ -100,7 +101,7 @@ def _defaults(new: dict) -> dict:
     for prefix, registry, name in nodes:
         settings = getattr(registry.get(name), "settings", None)
         if settings is not None:
-            values = OmegaConf.to_container(OmegaConf.structured(settings))
+            values = as_dict(OmegaConf.structured(settings))
             out.update({f"{prefix}.{k}": v for k, v in _flatten(values).items()})
     return out
 

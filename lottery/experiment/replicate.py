@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lottery import masks as M
 from lottery.core.files import load_torch, save_torch
+from lottery.core.registry import as_dict
 from lottery.core.steps import Steps
 from lottery.data import Batches, Split
 from lottery.experiment.folder import RunFolder
@@ -34,10 +35,20 @@ class Replicate:
         self.seed = cfg.seed
         self.name = ""  # "replicate <seed>: " in the log lines of a replicas run, where several seeds share a log
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        self.tracker: Tracker | None = None  # set by the session once the folder is written
+        self._tracker: Tracker | None = None  # set by the session once the folder is written
         self.resolved: dict = {}
         self.extends: tuple[int, int] | None = None  # (levels the folder had, levels now): a run extended
         self._rewind_state: dict | None = None
+
+    @property
+    def tracker(self) -> Tracker:
+        """Its metrics and W&B runs; set by the session before any training."""
+        assert self._tracker is not None, "the session sets the tracker before any training"
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, tracker: Tracker) -> None:
+        self._tracker = tracker
 
     def batches(self, data_seed: int | None = None) -> Batches:
         """Training batches in the order of `data_seed` (default: the replicate's)."""
@@ -45,7 +56,7 @@ class Replicate:
 
     def new_model(self, init_seed: int | None = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
-        kwargs = OmegaConf.to_container(self.cfg.model, resolve=True)
+        kwargs = as_dict(self.cfg.model, resolve=True)
         pool = self.split.pool
         m = build_model(kwargs.pop("name"), pool.input_shape, pool.num_classes, **kwargs)
         if init_seed is not None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lottery.branches import BRANCHES, branch_settings
 from lottery.core import device as D, threads
 from lottery.core.files import repair_torn_line, save_json
+from lottery.core.registry import as_dict
 from lottery.core.signals import stop_if_asked
 from lottery.core.steps import Steps, parse_steps
 from lottery.data import DATASETS, load_pool, split
@@ -58,7 +59,7 @@ def replica_seeds(cfg) -> list[int] | None:
 
 def replicate_config(cfg: DictConfig, seed: int) -> DictConfig:
     """The config of the single run with this seed (what the replicate folder's config.yaml holds)."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    out = OmegaConf.create(as_dict(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
     out.seed = seed
     out.replicas = None
@@ -148,7 +149,7 @@ def _check_parent(parent: Path, cfg, seeds: list[int]) -> list[int]:
 
 def _parent_config(cfg) -> dict:
     """What a replicas parent records of its experiment: the config without the keys that tell replicates apart."""
-    out = OmegaConf.to_container(cfg, resolve=True)
+    out = as_dict(cfg, resolve=True)
     for key in ("seed", "data_seed", "replicas"):
         out.pop(key, None)
     return out
@@ -243,7 +244,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             rep = Replicate(rcfg, folder, data, steps, capture_steps(rcfg, steps), device, info)
             if seeds is not None:
                 rep.name = f"replicate {rcfg.seed}: "
-            rep.resolved = OmegaConf.to_container(rcfg, resolve=True)
+            rep.resolved = as_dict(rcfg, resolve=True)
             if folder.check_config(rep.resolved, extends=lambda old, rep=rep: _extension(rep, old)):
                 folder.check_files()
                 resumed.append(folder.path)

@@ -35,6 +35,7 @@ from torch import nn
 
 from lottery import masks as M
 from lottery.core.files import Damaged, load_torch, save_torch, verify
+from lottery.core.registry import as_dict
 from lottery.experiment import packed
 
 FORMAT = "lottery-ticket"
@@ -182,7 +183,7 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
     from lottery.data import dataset_settings
     from lottery.models import build_model
     entry, _, own = dataset_settings(cfg.dataset)
-    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    kwargs = as_dict(cfg.model, resolve=True)
     name = kwargs.pop("name")
     source = getattr(ticket, "source", None) or "the ticket"
     made_on = ((ticket.config or {}).get("dataset") or {}).get("name")
@@ -219,13 +220,13 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
     line (`overridden`) taken from `cfg`. Keys a ticket written by an older version holds that its dataset or
     optimizer no longer takes (settings of another optimizer, say) are dropped."""
     from omegaconf import OmegaConf
-    base = OmegaConf.create(OmegaConf.to_container(cfg))
+    base = OmegaConf.create(as_dict(cfg))
     OmegaConf.set_struct(base, False)  # the ticket's nodes may hold keys the composed config's do not
     base = OmegaConf.merge(base, ticket_config)
     for node in _OWN_NODES:
         value = OmegaConf.select(OmegaConf.create(ticket_config), node)
         if value is not None:
-            OmegaConf.update(base, node, _known_keys(node, OmegaConf.to_container(value)), merge=False)
+            OmegaConf.update(base, node, _known_keys(node, as_dict(value)), merge=False)
     for key in overridden:
         OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
     return base

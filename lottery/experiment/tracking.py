@@ -23,11 +23,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from lottery.core.files import appending
 
+if TYPE_CHECKING:
+    from wandb import Run
+
 log = logging.getLogger(__name__)
+WandbMode = Literal["online", "offline", "disabled", "shared"]
 
 
 def wandb_mode() -> str:
@@ -91,8 +95,8 @@ class Tracker:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.cfg = cfg
         self.config = config_dict or {}
-        self.run = None  # the job's W&B run; None once W&B is off
-        self.units: dict[tuple[int, str], object] = {}  # (level, tag) -> the W&B run of a unit being trained
+        self.run: Run | None = None  # the job's W&B run; None once W&B is off
+        self.units: dict[tuple[int, str], Run] = {}  # (level, tag) -> the W&B run of a unit being trained
         self._step = 0
         self._wandb_dirs: list[Path] = []
         if cfg.logger.name == "wandb":
@@ -130,7 +134,8 @@ class Tracker:
                                         "group": lcfg.group or _sweep_name() or group,
                                         "tags": list(lcfg.tags), "dir": str(self.run_dir), "resume": "allow",
                                         "reinit": "create_new"}
-        self._mode = wandb_mode()
+        # WANDB_MODE as the user set it: W&B itself refuses a value it does not know
+        self._mode = cast(WandbMode, wandb_mode())
         kwargs: dict[str, Any] = {"id": run_id, "name": self.run_dir.name, "job_type": lcfg.job_type or "results",
                                   "config": config_dict}
         try:
@@ -149,10 +154,16 @@ class Tracker:
             saved = int(self._step_file.read_text())
         except (OSError, ValueError):
             saved = 0
-        self._step = max(saved, self.run.step)
-        self._wandb_dirs.append(Path(self.run.dir).parent)
+        self._step = max(saved, self._job_run.step)
+        self._wandb_dirs.append(Path(self._job_run.dir).parent)
 
-    def _unit_run(self, level: int, tag: str):
+    @property
+    def _job_run(self) -> Run:
+        """The job's W&B run, in a step that runs only while W&B is on."""
+        assert self.run is not None
+        return self.run
+
+    def _unit_run(self, level: int, tag: str) -> Run:
         """The W&B run of unit `tag` (branch, or branch/unit) at `level`, opened (or resumed) at its first use."""
         key = (level, tag)
         if key not in self.units:
@@ -161,7 +172,7 @@ class Tracker:
             about = {"level": level, "branch": branch, "name": unit, "replicate": self.cfg.seed,
                      "folder": str(self.run_dir)}
             # silent, and the console stays the job run's: dozens of units must not each print and capture the log
-            run = wandb.init(mode=self._mode, **self._common, id=_unit_id(self.run.id, level, tag),
+            run = wandb.init(mode=self._mode, **self._common, id=_unit_id(self._job_run.id, level, tag),
                              name=f"{self.run_dir.name} L{level} {tag}", job_type="unit",
                              config={**self.config, "unit": about},
                              settings=wandb.Settings(silent=True, console="off"))
@@ -185,7 +196,7 @@ class Tracker:
 
     def _log(self, values: dict) -> None:
         """A row of the job's run (records table, chart, figures)."""
-        self.run.log(values, step=self._step)
+        self._job_run.log(values, step=self._step)
         self._step += 1
         self._step_file.write_text(str(self._step))
 
@@ -222,8 +233,8 @@ class Tracker:
         if record.get("diverged"):
             # the unit's run is tagged (and ends as failed); the job's run says so too, to filter a sweep by
             run.tags = tuple(dict.fromkeys([*(run.tags or ()), "diverged"]))
-            self.run.summary["diverged"] = True
-            self.run.tags = tuple(dict.fromkeys([*(self.run.tags or ()), "diverged"]))
+            self._job_run.summary["diverged"] = True
+            self._job_run.tags = tuple(dict.fromkeys([*(self._job_run.tags or ()), "diverged"]))
 
     def _finish_units(self, record: dict) -> None:
         level, branch = record["level"], record["branch"]
@@ -236,9 +247,9 @@ class Tracker:
 
     def _artifact(self, path: Path, name: str) -> None:
         import wandb
-        art = wandb.Artifact(name=f"{self.run.id}-{name}", type="ticket")
+        art = wandb.Artifact(name=f"{self._job_run.id}-{name}", type="ticket")
         art.add_file(str(path))
-        self.run.log_artifact(art)
+        self._job_run.log_artifact(art)
 
     def finish(self, summary: list[dict], ok: bool = True) -> None:
         if self.run is not None:
@@ -261,7 +272,7 @@ class Tracker:
                         xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
                         xname="weights remaining (%)")})
         finally:
-            self.run.finish(exit_code=0 if ok else 1)
+            self._job_run.finish(exit_code=0 if ok else 1)
             self.run = None
             self._report_write_errors()
 
@@ -270,7 +281,7 @@ class Tracker:
         self._log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
 
     def _close(self) -> None:
-        run, self.run = self.run, None
+        run, self.run = self._job_run, None
         run.finish()
         self._report_write_errors()
 
