@@ -96,7 +96,7 @@ def path(model: nn.Module, state_a: dict, state_b: dict, masks: M.Masks, alphas:
          batch_size: int, precision: str = "fp32", recompute: tuple | None = None) -> dict:
     """Loss and error (%) on each split {name: (x, y)} at each alpha; `recompute=(x, batch size)` recomputes the
     BatchNorm statistics at every point."""
-    out = {"alpha": list(alphas)}
+    out: dict[str, list[float | None]] = {"alpha": list(alphas)}
     for name in splits:
         out[f"{name}_error"], out[f"{name}_loss"] = [], []
     for alpha in alphas:

@@ -8,6 +8,7 @@ import difflib
 import io
 import os
 import platform
+from typing import Any
 
 # Exit status of an entry point whose PyTorch or torchvision cannot be imported: EX_CONFIG (the installation is wrong).
 BROKEN_INSTALL_EXIT = 78
@@ -67,7 +68,7 @@ def _keys(node, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig
     out = []
     for k in node.keys() if isinstance(node, DictConfig) else ():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{k!s}"
         out.append(key)
         child = node._get_node(k)
         if isinstance(child, DictConfig):
@@ -101,7 +102,7 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
         if name.startswith("hydra") or o.is_delete():
             continue
         if repo.group_exists(name.split("@")[0]):
-            value = o.value()
+            value: Any = o.value()  # a choice or a sweep of them; only a string is a choice here
             if isinstance(value, ChoiceSweep):
                 value = value.list[0] if value.list else None
             if isinstance(value, str):

@@ -17,6 +17,7 @@ def provenance() -> dict:
         package = version("lottery")
     except Exception:  # noqa: BLE001 - not installed (PYTHONPATH)
         package = None
+    out: dict[str, str | bool | None]
     out = {"lottery": package, "git_commit": None, "git_dirty": None, "torch": str(torch.__version__),
            "python": platform.python_version(), "host": socket.gethostname()}
     source = Path(__file__).resolve().parents[2]

@@ -158,7 +158,7 @@ def check_fields(cls: type, values: Mapping, where: str = "") -> None:
         key = f"{where}.{f.name}" if where else f.name
         value = values[f.name]
         hint = hints.get(f.name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
             check_fields(hint, value, key)
         else:
             check_value(key, value, rule_of(f))
@@ -172,7 +172,7 @@ def numeric_fields(cls: type, where: str = "") -> list[tuple[str, type, Rule | N
     for f in dataclasses.fields(cls):
         key = f"{where}.{f.name}" if where else f.name
         hint = hints.get(f.name)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             out += numeric_fields(hint, key)
             continue
         base = _numeric(hint)

@@ -27,6 +27,8 @@ class Pool:
     # What the pad-and-crop augmentation pads with, per channel: black after normalization (torchvision pads the raw
     # image with black before normalizing); None pads with 0 (data without a black, e.g. synthetic).
     pad_value: Tensor | None = None
+    # the most frequent class's share of the test set, computed once where a record asks (lottery.experiment.records)
+    majority: float | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

@@ -47,7 +47,8 @@ class Dataset:
     reads_files: bool = True  # the loader takes `root`
 
     def shape(self, settings: dict) -> Shape:
-        return tuple(self.input_shape(settings) if callable(self.input_shape) else self.input_shape)
+        c, h, w = self.input_shape(settings) if callable(self.input_shape) else self.input_shape
+        return c, h, w
 
 
 DATASETS = Registry("dataset")

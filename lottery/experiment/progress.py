@@ -124,7 +124,10 @@ class Progress:
         elapsed = now - self.began
         left_steps = max(self.left_steps - self.pending, 0)
         # seconds per network-step since the first step (set-up and the first call's warm-up are once only)
-        rate = (now - self.first_step) / (self.trained - 1) if self.trained > 1 else self.per_step
+        rate = self.per_step
+        if self.trained > 1:
+            assert self.first_step is not None  # set at the first step
+            rate = (now - self.first_step) / (self.trained - 1)
         left = "" if rate is None else f", about {duration(left_steps * rate)} left"
         log.info("progress: %s%d/%d units done (%.0f%%); elapsed %s%s", inside, self.done, self.total,
                  100 * self.done / max(self.total, 1), duration(elapsed), left)

@@ -4,6 +4,7 @@ branch starts from). A plain run has one replicate; `replicas=R` has R, each wit
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -100,15 +101,20 @@ class Replicate:
         model = self.new_model()
         model.load_state_dict(load_torch(self.folder.init))
         masks = M.ones(model, self.prunable(model))
-        at_step = {k: (lambda k=k: save_torch(cpu_state(model), self.folder.state_path(k))) for k in missing}
+        def saver(k: int) -> Callable[[], None]:  # the hook that saves the state at step k
+            return lambda: save_torch(cpu_state(model), self.folder.state_path(k))
+        at_step = {k: saver(k) for k in missing}
         train([Network(model, masks, self.batches(), Hooks(at_step=at_step))], self.cfg, start=0, end=missing[-1],
               steps=self.steps, desc="level 0 replay")
 
     def capture_hooks(self, model) -> dict:
         """At-step hooks for level 0's ticket: save the rewind state and the states branches start from, once."""
         folder = self.folder
-        at_step = {} if folder.rewind.exists() else {self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))}
+        def saver(k: int) -> Callable[[], None]:  # the hook that saves the state at step k
+            return lambda: save_torch(cpu_state(model), folder.state_path(k))
+        at_step: dict[int, Callable[[], None]] = ({} if folder.rewind.exists() else
+                                                  {self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))})
         for k in self.capture_steps:
             if not folder.state_path(k).exists():
-                at_step[k] = lambda k=k: save_torch(cpu_state(model), folder.state_path(k))
+                at_step[k] = saver(k)
         return at_step

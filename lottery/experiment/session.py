@@ -12,6 +12,7 @@ and on leaving closes every tracker (W&B's run is finished as failed when the bo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -215,12 +216,13 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
     run_dir = Path(run_dir)
     parent = run_dir if seeds is not None else None
     configs = [replicate_config(cfg, s) for s in seeds] if seeds is not None else [cfg]
-    folders = [RunFolder(parent / f"replicate_{s}") for s in seeds] if seeds is not None else [RunFolder(run_dir)]
+    folders = [RunFolder(run_dir / f"replicate_{s}") for s in seeds] if seeds is not None else [RunFolder(run_dir)]
     how = "sequential"
     with contextlib.ExitStack() as stack:
         stop_if_asked("before set-up")
         if parent is not None:
             stack.enter_context(RunFolder(parent).lock())
+            assert seeds is not None  # a parent folder is a replicas run's
             listed = _check_parent(parent, cfg, seeds)
         elif RunFolder(run_dir).holds_replicas():
             from lottery.experiment.folder import FolderRefused
@@ -245,7 +247,7 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             if seeds is not None:
                 rep.name = f"replicate {rcfg.seed}: "
             rep.resolved = as_dict(rcfg, resolve=True)
-            if folder.check_config(rep.resolved, extends=lambda old, rep=rep: _extension(rep, old)):
+            if folder.check_config(rep.resolved, extends=functools.partial(_extension, rep)):
                 folder.check_files()
                 resumed.append(folder.path)
             reps.append(rep)

@@ -100,7 +100,7 @@ def load_ticket(path) -> Ticket:
     if not isinstance(data["masks"], dict) or not data["masks"]:
         raise ValueError(f"ticket file {path} holds no masks; it is damaged or not a lottery ticket")
     ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
-    ticket.source = str(path)  # for messages; not a field, so never saved
+    ticket.source = str(path)  # type: ignore[attr-defined]  # for messages; not a field, so never saved
     return ticket
 
 
@@ -114,8 +114,8 @@ def _from_packed(data: dict, path: Path) -> Ticket:
     ticket = Ticket(level=data["level"], masks=masks, rewind_step=data["rewind_step"], rewind_state=rewind,
                     config=data["config"], weights_remaining=data["weights_remaining"],
                     params_remaining=data["params_remaining"], metrics=data.get("metrics"))
-    ticket.source = str(path)
-    ticket.trained_state = trained  # not a field: a ticket file does not hold it
+    ticket.source = str(path)  # type: ignore[attr-defined]  # for messages; not a field, so never saved
+    ticket.trained_state = trained  # type: ignore[attr-defined]  # not a field: a ticket file does not hold it
     return ticket
 
 
@@ -219,10 +219,12 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
     """The config of `lottery-retrain`: the ticket's own run config, with the keys the user overrode on the command
     line (`overridden`) taken from `cfg`. Keys a ticket written by an older version holds that its dataset or
     optimizer no longer takes (settings of another optimizer, say) are dropped."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     base = OmegaConf.create(as_dict(cfg))
     OmegaConf.set_struct(base, False)  # the ticket's nodes may hold keys the composed config's do not
-    base = OmegaConf.merge(base, ticket_config)
+    merged = OmegaConf.merge(base, ticket_config)
+    assert isinstance(merged, DictConfig)  # a mapping merged into a mapping
+    base = merged
     for node in _OWN_NODES:
         value = OmegaConf.select(OmegaConf.create(ticket_config), node)
         if value is not None:

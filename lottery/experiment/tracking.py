@@ -117,7 +117,7 @@ class Tracker:
                       f": {text.splitlines()[0]}" if text else "", self.run_dir)
             for run in runs:
                 try:
-                    run.finish(exit_code=1, quiet=True)
+                    run.finish(exit_code=1)
                 except Exception:  # noqa: BLE001, S110 - a broken service may not even finish
                     pass
 

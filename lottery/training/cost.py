@@ -145,7 +145,7 @@ def _alive_outputs(layer: LayerCost, masks) -> torch.Tensor | None:
     return (m.reshape(m.shape[0], -1) != 0).any(dim=1)
 
 
-def _kept_structured(info: ModelInfo, i: int, masks) -> int:
+def _kept_structured(info: ModelInfo, i: int, masks) -> int | float:
     """Kept entries of layer i whose input channel is alive (its feeding layer's channel not removed)."""
     layer = info.layers[i]
     m = masks.get(layer.name) if masks is not None else None
@@ -153,6 +153,7 @@ def _kept_structured(info: ModelInfo, i: int, masks) -> int:
     alive = _alive_outputs(info.layers[feed[0]], masks) if feed is not None else None
     if alive is None:
         return _kept(layer, masks)
+    assert feed is not None  # alive is None without a feeding layer
     alive_in = alive.repeat_interleave(feed[1])  # flatten: each channel feeds feed[1] consecutive inputs
     if m is None:
         return int(alive_in.sum()) * (layer.numel // alive_in.numel())

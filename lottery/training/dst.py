@@ -185,7 +185,7 @@ class RigL(DropGrow):
 DST = UPDATERS  # the registry's name before mask updaters
 
 
-def dst_settings(node) -> tuple[type | None, dict]:
+def dst_settings(node) -> tuple[type[MaskUpdater] | None, dict]:
     """(the updater class, its settings) of a `dst` config node; (None, {}) for `name: none`, whose keys are
     checked as drop-and-grow settings all the same (a sweep over dst=none,set,rigl keeps them)."""
     raw = plain(node)

@@ -93,8 +93,9 @@ class EarlyBird(MaskUpdater):
 
     def check(self, u: int, step: int) -> None:
         mask = self.check_mask(u)
-        if self.last[u] is not None:
-            self.distances[u].append([step, mask_distance(self.last[u], mask)])
+        last = self.last[u]
+        if last is not None:
+            self.distances[u].append([step, mask_distance(last, mask)])
             if settled([d for _, d in self.distances[u]], self.settings["window"], self.settings["eps"]):
                 self.drawn_at[u] = step
         self.last[u] = mask

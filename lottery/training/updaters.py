@@ -158,7 +158,7 @@ def register_updater(name: str):
     return decorator
 
 
-def updater_settings(node) -> tuple[type | None, dict]:
+def updater_settings(node) -> tuple[type[MaskUpdater] | None, dict]:
     """(the updater class, its checked settings) of a `dst` config node; (None, {}) for `name: none`."""
     raw = plain(node)
     name = raw.pop("name", "none")
