@@ -203,7 +203,7 @@ def _quiet_log_file_errors() -> None:
             def handle_error(record, original=handler.handleError):
                 if not isinstance(sys.exc_info()[1], OSError):
                     original(record)
-            handler.handleError = handle_error
+            handler.handleError = handle_error  # type: ignore[method-assign]  # this handler's alone
 
 
 # --- a multirun's failed jobs -----------------------------------------------------------------------------------
@@ -328,8 +328,8 @@ def unknown_option(args: list[str]) -> str | None:
     if parsed.config_dir:
         search.prepend("command-line", f"file://{os.path.abspath(parsed.config_dir)}")
     for o in overrides:
-        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
-            for entry in o.value():
+        if o.key_or_group == "hydra.searchpath" and isinstance(value := o.value(), list):
+            for entry in value:
                 search.append("command-line", str(entry))
     repo = ConfigRepository(config_search_path=search)
     for o in overrides:

@@ -343,7 +343,8 @@ def check_ranges(cfg) -> None:
     from omegaconf import OmegaConf
 
     from lottery.core.ranges import check_fields
-    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
+    from lottery.core.registry import as_dict
+    values = as_dict(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
     for key in OPEN_NODES:
         *parents, last = key.split(".")
         node = values

@@ -34,7 +34,7 @@ def register_initializer(name: str):
 
 def _gain(nonlinearity: str) -> float:
     # 0 is the negative slope torch's kaiming_* use, so leaky_relu here means slope 0 as there
-    return nn.init.calculate_gain(nonlinearity, 0)
+    return nn.init.calculate_gain(nonlinearity, 0)  # type: ignore[arg-type]  # a name from the config: torch refuses others
 
 
 @register_initializer("kaiming_normal")
@@ -141,7 +141,7 @@ def _seed_default_rng(seed: int, device: torch.device):
             torch.cuda.manual_seed(seed)
 
 
-def _init_batchnorm(m: nn.Module, how: str, generator) -> None:
+def _init_batchnorm(m: nn.modules.batchnorm._BatchNorm, how: str, generator) -> None:
     """BatchNorm scales 1 (PyTorch) or U(0, 1) (open_lth's `batchnorm_init='uniform'`), shifts 0, fresh statistics."""
     m.reset_parameters()
     if how == "uniform" and m.affine:

@@ -115,7 +115,9 @@ def measure_mlp(model, x: torch.Tensor) -> tuple[list[float], list[float]]:
 def measure_hooks(model, x: torch.Tensor) -> tuple[list[float], list[float]]:
     """ln variance of every Linear/Conv output (but the last) and of the loss gradient there, in float64."""
     model = model.double()
-    acts, grads, handles = [], {}, []
+    acts: list[torch.Tensor] = []
+    grads: dict[int, torch.Tensor] = {}
+    handles = []
     weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
     def hook(module, inputs, output):
@@ -307,7 +309,8 @@ def check_study(cfg) -> None:
 
     from lottery.config import ModelConfig
     from lottery.core.ranges import check_fields
-    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    from lottery.core.registry import as_dict
+    values = as_dict(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     check_fields(StudySettings, values)
     check_fields(ModelConfig, values.get("model") or {}, "model")
     if not values.get("variances") and not values.get("compare"):

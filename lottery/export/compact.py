@@ -42,8 +42,9 @@ def chain(model: nn.Module) -> list[Layer]:
         return [Layer(f"hidden.{i}") for i in range(len(model.hidden))] + [Layer("out")]
     if isinstance(model, ConvNet):
         layers = [Layer(f"convs.{i}") for i in range(len(model.convs))]
-        first_fc = model.fcs[0] if len(model.fcs) else model.out
-        expand = first_fc.in_features // model.convs[-1].out_channels
+        first_fc, last_conv = model.fcs[0] if len(model.fcs) else model.out, model.convs[-1]
+        assert isinstance(first_fc, nn.Linear) and isinstance(last_conv, nn.Conv2d)
+        expand = first_fc.in_features // last_conv.out_channels
         fcs = [Layer(f"fcs.{i}") for i in range(len(model.fcs))] + [Layer("out")]
         fcs[0].expand = expand
         return layers + fcs
@@ -70,9 +71,11 @@ def removed_units(model: nn.Module, masks: dict) -> dict[str, int]:
 def _constant(model: nn.Module, layer: Layer, rows: torch.Tensor) -> torch.Tensor:
     """The activation (after BatchNorm and ReLU) of units `rows`, whose weights are all zero: a constant each."""
     mod = model.get_submodule(layer.path)
+    assert isinstance(mod, (nn.Linear, nn.Conv2d))  # chain() lists only these
     b = mod.bias.detach()[rows] if mod.bias is not None else torch.zeros(len(rows))
     if layer.bn:
         bn = model.get_submodule(layer.bn)
+        assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
         b = (b - bn.running_mean[rows]) / torch.sqrt(bn.running_var[rows] + bn.eps)
         if bn.affine:
             b = b * bn.weight.detach()[rows] + bn.bias.detach()[rows]
@@ -90,9 +93,11 @@ def compact(model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, tuple[i
     with torch.no_grad():
         for i, layer in enumerate(layers):
             mod = model.get_submodule(layer.path)
+            assert isinstance(mod, (nn.Linear, nn.Conv2d))  # chain() lists only these
             w = mod.weight.detach()
             bias = mod.bias.detach().clone() if mod.bias is not None else None
             if fold is not None:  # removed units of the previous layer with a non-zero constant: into this bias
+                assert bias is not None  # a Linear after a layer of constant units has a bias (models here do)
                 rows, const = fold
                 cols = _expand(rows, layer.expand)
                 bias = bias + w[:, cols] @ const.repeat_interleave(layer.expand)
@@ -116,7 +121,9 @@ def compact(model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, tuple[i
                 w = w[:, _expand(prev_keep, layer.expand)]
             _replace(new, layer.path, _smaller(mod, w, bias[keep] if bias is not None else None))
             if layer.bn:
-                _replace(new, layer.bn, _smaller_bn(model.get_submodule(layer.bn), keep))
+                bn = model.get_submodule(layer.bn)
+                assert isinstance(bn, nn.BatchNorm2d)
+                _replace(new, layer.bn, _smaller_bn(bn, keep))
             kept_units[layer.path] = (len(keep), n_out)
             prev_keep = keep
     return new, kept_units
@@ -126,14 +133,18 @@ def _expand(units: torch.Tensor, per_unit: int) -> torch.Tensor:
     return (units[:, None] * per_unit + torch.arange(per_unit)).flatten()
 
 
-def _smaller(mod: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+def _smaller(mod: nn.Linear | nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    out: nn.Linear | nn.Conv2d
     if isinstance(mod, nn.Linear):
         out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     else:
-        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                        dilation=mod.dilation, bias=b is not None)
+        # torch types a Conv2d's kernel_size, stride, padding and dilation tuple[int, ...], its arguments
+        # tuple[int, int]: the same values
+        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride,  # type: ignore[arg-type]
+                        padding=mod.padding, dilation=mod.dilation, bias=b is not None)  # type: ignore[arg-type]
     out.weight.data.copy_(w)
     if b is not None:
+        assert out.bias is not None  # made with bias=True
         out.bias.data.copy_(b)
     return out.eval()
 

@@ -45,7 +45,7 @@ class Source:
     def input_shape(self) -> tuple[int, int, int]:
         from lottery.data import dataset_settings
         entry, _, own = dataset_settings(self.dataset_node())
-        return tuple(entry.shape(own))
+        return entry.shape(own)
 
     def masked(self, which: str = "trained") -> nn.Module:
         """The masked network in eval mode: the trained weights (`trained`) or the rewind weights (`rewind`)."""

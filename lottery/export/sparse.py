@@ -12,6 +12,7 @@ import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ Timer = Callable[[nn.Module, torch.Tensor], float]  # seconds per call of module
 
 class CSRLinear(nn.Module):
     """y = x W^T + b with W held as a CSR matrix (only its non-zeros)."""
+    weight: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -56,7 +59,7 @@ def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_ti
         raise ValueError(f"unknown clock {clock!r}; accepted: {', '.join(CLOCKS)}")
     if clock == "thread" and threads != 1:
         raise ValueError(f"clock 'thread' measures one thread; got threads={threads}")
-    kwargs = {"timer": time.thread_time} if clock == "thread" else {}
+    kwargs: dict[str, Any] = {"timer": time.thread_time} if clock == "thread" else {}
     with torch.no_grad():
         t = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=threads, **kwargs)
         return t.blocked_autorange(min_run_time=min_run_time).median

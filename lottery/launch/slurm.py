@@ -65,7 +65,8 @@ def _queue_watcher_class():
                 self._info_dict.update(self.read_info(out))
             except (subprocess.SubprocessError, OSError) as e:
                 if not self._warned:
-                    detail = e.stderr.decode(errors="replace").strip() if getattr(e, "stderr", None) else e
+                    stderr = getattr(e, "stderr", None)  # a CalledProcessError's
+                    detail = stderr.decode(errors="replace").strip() if stderr else e
                     log.warning("sacct did not answer (%s); job states come from squeue instead", detail)
                     self._warned = True
                 self._info_dict.update(self._from_queue({x.split("_")[0] for x in self._registered - self._finished}))
