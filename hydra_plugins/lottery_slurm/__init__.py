@@ -102,6 +102,7 @@ class LotterySlurmLauncher(_EachJobWaited, SlurmLauncher):
             print(f"error: {error}", file=sys.stderr)
             if CREATED:  # a sweep folder made for this command holds only Hydra's multirun.yaml and the sweep lock
                 from lottery.cli import SWEEP_LOCK
+                assert self.config is not None  # set by the launcher's setup
                 for name in ("multirun.yaml", SWEEP_LOCK):
                     (Path(str(self.config.hydra.sweep.dir)) / name).unlink(missing_ok=True)
             for d in reversed(CREATED):

@@ -157,7 +157,7 @@ def _write(rows: list[dict], out: Path, paths: list[str], paper: bool = False) -
         written += write_similarity([r for r in rows if "level" in r], out, warn_stderr)
     except Exception as e:  # noqa: BLE001 - an analysis that fails is a warning; the tables and figures stand
         warn_stderr(f"mask similarity not written: {type(e).__name__}: {e}")
-    paper_lines = []
+    paper_lines: list[str] = []
     if paper:
         from lottery.report.paper import paper_report
         paper_files, paper_lines = paper_report(rows, out, warn=warn_stderr)

@@ -19,9 +19,10 @@ import fnmatch
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
 DENSE_LABEL = "dense network"
@@ -176,7 +177,9 @@ def read_json(path: Path, warn: Warn, what: str = "left out"):
 
 def _find(paths) -> tuple[list[Path], list[Path]]:
     """Run folders (summary.json) and job folders without a finished unit (error.txt, or config.yaml alone)."""
-    runs, other, seen = [], [], set()
+    runs: list[Path] = []
+    other: list[Path] = []
+    seen: set = set()
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"no such folder: {root}")
@@ -212,7 +215,7 @@ def _follows_group(key: str, swept: list[str], configs) -> bool:
     name = next((n for n in names if n in swept), None)
     if name is None or key == name:
         return False
-    seen = {}
+    seen: dict = {}
     return all(seen.setdefault(repr(c.get(name)), repr(c.get(key))) == repr(c.get(key)) for c in configs)
 
 
@@ -299,7 +302,7 @@ def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable
 
 # --- labels --------------------------------------------------------------------------------------------------------
 
-def method_label(cfg: dict, settings: list[str] = (), scope: bool = False) -> str:
+def method_label(cfg: dict, settings: Sequence[str] = (), scope: bool = False) -> str:
     """A run's pruning method in words, from its flattened config: 'SynFlow at init (100 rounds)', 'IMP (magnitude),
     rewound to 500it', 'one-shot magnitude after training'. `settings`: criterion keys to show (those that differ).
     A criterion this process does not know (a user's, not imported) is named by its name."""
@@ -424,7 +427,7 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
         dense_only = _dense_only(cfg, records, error is not None)
         layer_names = list(dict.fromkeys(n for r in records if isinstance(r.get("layer_density"), dict)
                                          for n in r["layer_density"]))
-        kinds_cache = []
+        kinds_cache: list = []
 
         def kinds(raw_cfg=raw.get(d) or {}, layers=layer_names, cache=kinds_cache):  # noqa: B008 - this run's, now
             if not cache:
@@ -434,7 +437,7 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
         method = (DENSE_LABEL if dense_only else method_label(cfg, criterion_settings, "pruning.scope" in method_keys
                                                               and _scopes_differ)) if method_keys else None
         for rec in records:
-            row = {"run_dir": str(d), "overrides": overrides}
+            row: dict[str, Any] = {"run_dir": str(d), "overrides": overrides}
             row.update({k: v for k, v in rec.items() if k not in ("layer_density", "instability_by_step")})
             by_step = rec.get("instability_by_step")
             for k, by_split in (by_step.items() if isinstance(by_step, dict) else ()):
@@ -505,7 +508,7 @@ def shown_keys(rows: list[dict]) -> dict:
     """{(model, dataset): settings worth naming there}: those with two or more values among the records of that panel
     where they matter (a panel's title already names its model and dataset; a setting of another model's layers or of
     a branch drawn elsewhere says nothing)."""
-    values = {}
+    values: dict = {}
     for r in rows:
         for k, v in r.get("_settings", ()):
             values.setdefault(panel_of(r), {}).setdefault(k, set()).add(repr(v))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -29,8 +30,9 @@ DENSE_LINE = {"color": "k", "linestyle": (0, (1, 1)), "linewidth": 1.2}
 
 def _curves(rows: list[dict], y_key: str) -> dict:
     """{(model, dataset): {condition: (label, xs, mean, lo, hi, n)}} with x in percent of weights remaining."""
-    points = defaultdict(lambda: defaultdict(list))
-    labels, seen = {}, set()
+    points: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
+    labels: dict = {}
+    seen: set = set()
     for r in rows:
         y = number(r.get(y_key))
         if y is None or r.get("level") is None or r.get("diverged"):
@@ -45,7 +47,7 @@ def _curves(rows: list[dict], y_key: str) -> dict:
         points[key][-x].append((r["percent_remaining"], y))
         if key not in labels or (labels[key][1] and not r.get("_dense_only")):  # a pruned run names a mixed line
             labels[key] = (label(r), bool(r.get("_dense_only")))
-    out = defaultdict(dict)
+    out: defaultdict[Any, dict] = defaultdict(dict)
     for (panel, cond), by_level in points.items():
         levels = sorted(by_level)
         xs = [sum(p[0] for p in by_level[lv]) / len(by_level[lv]) for lv in levels]
@@ -235,7 +237,7 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
     for r in rows:
         if r["branch"] == "ticket":
             tickets_of[(panel_of(r), style.group(r))].append(r)
-    panels = {}  # (network, what it draws) -> [groups]
+    panels: dict[tuple, list] = {}  # (network, what it draws) -> [groups]
     data = {}
     for panel, group in sorted(tickets_of, key=lambda pg: (pg[0], method_rank(pg[1]), pg[1])):
         by_density = tickets_of[(panel, group)][0].get("method") is not None
@@ -256,7 +258,7 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
         panel = signature[0]
         keys, curves, overall, by_density = data[signature]
         xs = list(range(len(keys))) if by_density else keys
-        series = {}  # rounded curve -> layers that have it
+        series: dict[tuple, list] = {}  # rounded curve -> layers that have it
         for layer, ys in curves.items():
             series.setdefault(tuple(round(y, 9) if not math.isnan(y) else None for y in ys), []).append(layer)
         lines = list(series.values())
@@ -305,7 +307,7 @@ def _cost_figure(rows: list[dict], panels: list, out_dir: Path, n_max: int, styl
     for ax, panel in zip(axes[0], panels):
         tickets = [r for r in rows if panel_of(r) == panel and r["branch"] == "ticket" and not r.get("diverged")
                    and number(r.get("cost_flops")) and number(r.get("test_accuracy")) is not None]
-        by_line = defaultdict(lambda: defaultdict(list))
+        by_line: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
         for r in tickets:
             if r["level"]:
                 by_line[r["condition"]][round(r["percent_remaining"], 9)].append(r)
@@ -348,9 +350,9 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
 
     def dense(ax, panel):
         # one dense network per replicate: the level 0 of every run of that seed is the same training
-        accs = list({r["_replicate"]: number(r.get("test_accuracy")) for r in rows if panel_of(r) == panel
-                     and r["branch"] == "ticket" and r["level"] == 0
-                     and number(r.get("test_accuracy")) is not None}.values())
+        accs = [a for a in {r["_replicate"]: number(r.get("test_accuracy")) for r in rows if panel_of(r) == panel
+                            and r["branch"] == "ticket" and r["level"] == 0
+                            and number(r.get("test_accuracy")) is not None}.values() if a is not None]
         if accs:
             ax.axhline(100 * sum(accs) / len(accs), label=f"dense network (n={len(accs)})", **DENSE_LINE)
 

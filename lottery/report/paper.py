@@ -25,6 +25,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from lottery.core.papers import METRICS, check_block, published_interval
 from lottery.report.collect import Warn, _read_config, number, warn_stderr
@@ -78,13 +79,12 @@ def compare(n: dict, records: list[dict]) -> dict:
     statistics and the reason where it cannot be compared."""
     branch = n.get("branch", "ticket")
     relative = n.get("relative", "none")
-    out = {"verdict": NOT_COMPARABLE, "reason": "", "ours": None, "our_density": None}
+    out: dict[str, Any] = {"verdict": NOT_COMPARABLE, "reason": "", "ours": None, "our_density": None}
     by_rep = defaultdict(list)
     for r in records:
         by_rep[r.get("_replicate", r.get("run_dir"))].append(r)
     need = n.get("iterations")
-    trained = [number(r.get("steps")) for r in records if r.get("branch") == branch]
-    trained = [t for t in trained if t is not None]
+    trained = [t for t in (number(r.get("steps")) for r in records if r.get("branch") == branch) if t is not None]
     if not trained:
         out["reason"] = f"this run has no {branch} records (add {branch} to pruning.branches)"
         return out
@@ -187,7 +187,8 @@ def place_text(n: dict, block: dict) -> str:
 def groups(rows: list[dict], warn: Warn) -> list[dict]:
     """The collected runs as conditions: runs with the same paper block, experiment name and swept settings (every
     replicate of a condition together), each with its block (or None) and records."""
-    blocks, out = {}, {}
+    blocks: dict = {}
+    out: dict = {}
     swept = sorted({k for r in rows for k in r if k.startswith("cfg.")})
     for r in rows:
         if r.get("level") is None:

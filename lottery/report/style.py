@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -58,12 +59,13 @@ class Style:
     def __init__(self, rows: list[dict]):
         self.shown = shown_keys(rows)
         self.methods = any("method" in r for r in rows)
-        self.rep = {}  # (panel, condition) -> a row of that line (a pruned run's rather than a dense-only run's)
+        # (panel, condition) -> a row of that line (a pruned run's rather than a dense-only run's)
+        self.rep: dict[tuple, dict] = {}
         for r in rows:
             key = (panel_of(r), r["condition"])
             if key not in self.rep or (self.rep[key].get("_dense_only") and not r.get("_dense_only")):
                 self.rep[key] = r
-        groups = {}
+        groups: dict = {}
         for r in rows:
             groups.setdefault(self.group(r), []).append(r)
         self.groups = sorted(groups, key=lambda g: (method_rank(g), g))
@@ -140,7 +142,7 @@ class Legend:
         self.branches: dict[str, list] = {}
         self.lines: dict[tuple, list] = {}
         self.group_labels: dict[str, str] = {}
-        self.extra: dict[str, object] = {}
+        self.extra: dict[str, Any] = {}  # label -> its artist
 
     def add(self, group: str, branch: str, n: int, group_label: str | None = None) -> None:
         self.groups.setdefault(group, []).append(n)
@@ -159,7 +161,7 @@ class Legend:
         s = self.style
         groups = [g for g in s.groups if g in self.groups]
         branches = [b for b in s.branches if b in self.branches]
-        out = []
+        out: list[tuple[str | None, list]] = []
         if s.by_branch:
             entries = [(Line2D([], [], **s.line(groups[0] if groups else "", b), linewidth=1.5, markersize=4),
                         f"{s.branch_text(b)} ({n_text(self.branches[b])})") for b in branches]
@@ -188,7 +190,9 @@ class Legend:
 
 def section_legend(where, sections, *, loc="upper left", anchor=(1.0, 1.0), fontsize=8, ncol=None, **kw):
     """One legend (on a figure or an axes) of titled sections, titles in bold; placed outside the axes by default."""
-    handles, labels, titles = [], [], []
+    handles: list = []
+    labels: list[str] = []
+    titles: list = []
     for title, entries in sections:
         if not entries:
             continue
@@ -213,7 +217,7 @@ def percent_axis(ax, xs) -> None:
     """Log x axis, reversed (dense on the left), labelled at the measured sparsities: 100, 51.2, 21.1, ..."""
     ax.set_xscale("log")
     xs = [x for x in xs if x is not None and x > 0]
-    ticks = []
+    ticks: list[float] = []
     for t in sorted({round(x, 6) for x in xs}, reverse=True):
         if not ticks or math.log10(ticks[-1] / t) >= 0.02:  # labels of nearly equal densities would overprint
             ticks.append(t)
