@@ -322,7 +322,7 @@ def unknown_option(args: list[str]) -> str | None:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its own complaint: Hydra will say it
             parsed = get_args_parser().parse_args(args)
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
-    except (Exception, SystemExit):  # noqa: BLE001
+    except (Exception, SystemExit):  # noqa: BLE001 - a command line it cannot parse: Hydra reports it
         return None
     search = create_config_search_path(CONF_DIR)
     if parsed.config_dir:
@@ -378,7 +378,7 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 pngs = {p.stem: p for p in make_figures(rows, tmp, warn=log.warning) if p.suffix == ".png"}
                 log_figures(folder, cfg, pngs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the run's results are written: a figure must not fail it
         log.error("figures for W&B not drawn (%s: %s); `lottery-report %s` draws them", type(e).__name__, e, run_dir)
 
 

@@ -25,10 +25,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from lottery.config import conf_dir, register_configs
+from lottery.core.ranges import at_least, positive, setting
 
-from lottery.config import conf_dir, register_configs  # noqa: E402
-from lottery.core.ranges import at_least, positive, setting  # noqa: E402
+log = logging.getLogger(__name__)
 
 CONF_DIR = conf_dir()  # source checkout or installed package: see lottery.config.conf_dir
 register_configs()  # the resolvers conf/init_study.yaml uses (lottery_dirname: shell-safe sweep job folders)
@@ -264,8 +264,8 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
             if pts and pts[0][2] is not None:
                 ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=color, linewidth=1)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-        # RUF046 below: v may be a NumPy float, whose round() is a float
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"$10^{{{int(round(v))}}}$"))  # noqa: RUF046
+        ax.yaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: f"$10^{{{int(round(v))}}}$"))  # noqa: RUF046 - v may be a NumPy float: round() keeps it
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("Layer k" + ("  (the backward pass runs right to left)" if pass_ == "backward" else ""))
     axes[0].set_ylabel("Variance (log scale)")

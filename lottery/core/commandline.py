@@ -93,7 +93,7 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
         if parsed.config_dir or parsed.config_name or parsed.config_path:
             return None  # another config than ours: Hydra knows it
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
-    except (Exception, SystemExit):  # noqa: BLE001
+    except (Exception, SystemExit):  # noqa: BLE001 - a command line it cannot parse: Hydra reports it
         return None
     repo = ConfigRepository(config_search_path=create_config_search_path(conf_dir))
     choices, keys = [], []

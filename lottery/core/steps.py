@@ -35,7 +35,7 @@ class Steps:
     @staticmethod
     def resolve(cfg, steps_per_epoch: int) -> Steps:
         t = cfg.train
-        parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731
+        parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731 - a short local alias
         total = parse(t.duration, "train.duration")
         rewind = parse(cfg.pruning.rewind, "pruning.rewind")
         return Steps(per_epoch=steps_per_epoch, total=total, eval_every=parse(t.eval_every, "train.eval_every"),

@@ -97,7 +97,7 @@ def plan_branch(rep: Replicate, ctx: LevelContext, deps: dict | None = None) -> 
         on_done = None
         if u.keep_final:
             final = folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
-            on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731
+            on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731 - this unit's
         start = ctx.rewind_step if u.start is None else u.start
         out.jobs.append((i, Job(rep, ctx.level, ctx.branch, u.model, u.masks, start, name, u.data_seed,
                                 on_done=on_done, end=u.end, lr_at=u.lr_at, deps=dict(deps or {}))))
@@ -222,7 +222,7 @@ def _train(group: list[tuple[Job, dict | None]], layout: str, on_record, parent)
     lr = None
     if first.lr_at is not None:  # fine-tuning: the learning rate of one step of the schedule, throughout
         held = lr_schedule(cfg.train, steps)(first.lr_at)
-        lr = lambda step: held  # noqa: E731
+        lr = lambda step: held  # noqa: E731 - a constant schedule, one line
     began = time.perf_counter()
     tracking = progress.CURRENT
     if tracking is not None:

@@ -138,10 +138,10 @@ def _smaller(mod: nn.Linear | nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None
     if isinstance(mod, nn.Linear):
         out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     else:
-        # torch types a Conv2d's kernel_size, stride, padding and dilation tuple[int, ...], its arguments
-        # tuple[int, int]: the same values
-        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride,  # type: ignore[arg-type]
-                        padding=mod.padding, dilation=mod.dilation, bias=b is not None)  # type: ignore[arg-type]
+        # the ignores: torch types a Conv2d's kernel_size, stride, padding and dilation tuple[int, ...] and its
+        # arguments tuple[int, int]; they are the same values
+        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride,  # type: ignore[arg-type]  # above
+                        padding=mod.padding, dilation=mod.dilation, bias=b is not None)  # type: ignore[arg-type]  # above
     out.weight.data.copy_(w)
     if b is not None:
         assert out.bias is not None  # made with bias=True

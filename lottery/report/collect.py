@@ -108,7 +108,7 @@ def _overrides(run_dir: Path, warn: Warn) -> str:
     from omegaconf import OmegaConf
     try:
         return " ".join(str(o) for o in OmegaConf.load(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any unreadable overrides file is a warning, not the end
         warn(f"{path}: unreadable ({_why(e)}); overrides left empty")
         return ""
 

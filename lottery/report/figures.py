@@ -133,7 +133,7 @@ def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
     """A figure that cannot be drawn (values no run of this framework writes) is a warning, not the end."""
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - see the docstring: a warning, not the end
         plt.close("all")
         warn(f"{what} not drawn: {type(e).__name__}: {e}")
         return []
