@@ -42,7 +42,8 @@ INTERRUPTED_EXIT = 130
 # Exit status of a run stopped because a file could not be written (full disk, quota): EX_IOERR. Nothing is lost; the
 # same command resumes once there is room.
 WRITE_FAILED_EXIT = 74
-# Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not done.
+# Exit status of a run whose training diverged (lottery/core/divergence.py): its records are written, the run is not
+# done.
 DIVERGED_EXIT = 3
 # Exit status of an IMP run stopped because its next level would be built from a ticket at chance (AtChance).
 AT_CHANCE_EXIT = 4
@@ -66,6 +67,7 @@ class _Job:
 
     def write_hydra_files(self, run_dir: Path) -> None:
         from omegaconf import OmegaConf
+
         from lottery.core.files import WriteFailed, write_text
         hydra_cfg = HydraConfig.get()
         out = run_dir / ".hydra"
@@ -88,7 +90,6 @@ def _guard(fn, job: _Job) -> None:
     from lottery.core.signals import install_stop_handlers
     install_stop_handlers()
     _quiet_log_file_errors()
-    run_dir = job.run_dir
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         _guarded(fn, job, multirun)
@@ -154,7 +155,7 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
         print(f"error: interrupted twice: stopped at once without a new checkpoint; rerun the same command to resume "
               f"from the last one{f' (in {run_dir})' if job.owned else ''}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
-    except Exception as e:  # noqa: BLE001 - a bug keeps its traceback; in a sweep the other jobs go on
+    except Exception as e:  # a bug keeps its traceback; in a sweep the other jobs go on
         _record_error(job, e)
         if multirun:
             if _is_user_error(e):
@@ -198,7 +199,7 @@ def _quiet_log_file_errors() -> None:
             def handle_error(record, original=handler.handleError):
                 if not isinstance(sys.exc_info()[1], OSError):
                     original(record)
-            handler.handleError = handle_error
+            handler.handleError = handle_error  # type: ignore[method-assign]  # this handler's alone
 
 
 # --- a multirun's failed jobs -----------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def _hold_sweep_folder(sweep_dir: Path) -> None:
     import fcntl
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        f = open(sweep_dir / SWEEP_LOCK, "a")
+        f = open(sweep_dir / SWEEP_LOCK, "a")  # noqa: SIM115 - the lock lives as long as the sweep, not a block
     except OSError:
         return  # a folder that cannot be written fails where Hydra or the jobs write it, with its own message
     try:
@@ -317,14 +318,14 @@ def unknown_option(args: list[str]) -> str | None:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its own complaint: Hydra will say it
             parsed = get_args_parser().parse_args(args)
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
-    except (Exception, SystemExit):  # noqa: BLE001
+    except (Exception, SystemExit):  # noqa: BLE001 - a command line it cannot parse: Hydra reports it
         return None
     search = create_config_search_path(CONF_DIR)
     if parsed.config_dir:
         search.prepend("command-line", f"file://{os.path.abspath(parsed.config_dir)}")
     for o in overrides:
-        if o.key_or_group == "hydra.searchpath" and isinstance(o.value(), list):
-            for entry in o.value():
+        if o.key_or_group == "hydra.searchpath" and isinstance(value := o.value(), list):
+            for entry in value:
                 search.append("command-line", str(entry))
     repo = ConfigRepository(config_search_path=search)
     for o in overrides:
@@ -376,7 +377,7 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 pngs = {p.stem: p for p in make_figures(rows, tmp, warn=log.warning) if p.suffix == ".png"}
                 log_figures(folder, cfg, pngs)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the run's results are written: a figure must not fail it
         log.error("figures for W&B not drawn (%s: %s); `lottery-report %s` draws them", type(e).__name__, e, run_dir)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import typing
-
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 from lottery.core.divergence import POLICIES
 from lottery.core.ranges import at_least, between, fraction, non_negative, one_of, positive, setting
@@ -32,21 +32,21 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    hidden: Optional[List[int]] = setting(None, at_least(1))  # mlp / deep_mlp hidden widths
-    depth: Optional[int] = setting(None, at_least(1))  # deep_mlp: number of hidden layers
-    width: Optional[int] = setting(None, at_least(1))  # deep_mlp units per layer; resnet20 base channels
+    hidden: list[int] | None = setting(None, at_least(1))  # mlp / deep_mlp hidden widths
+    depth: int | None = setting(None, at_least(1))  # deep_mlp: number of hidden layers
+    width: int | None = setting(None, at_least(1))  # deep_mlp units per layer; resnet20 base channels
 
 
 @dataclass
 class InitConfig:
     name: str = MISSING
-    variance: Optional[float] = setting(None, positive())
+    variance: float | None = setting(None, positive())
     mode: str = "fan_in"
     nonlinearity: str = "relu"
-    gain: Optional[float] = setting(None, positive())
+    gain: float | None = setting(None, positive())
     bias: str = setting("zero", one_of("zero", "default"))
     batchnorm: str = setting("ones", one_of("ones", "uniform"))
-    _target_: Optional[str] = None
+    _target_: str | None = None
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainConfig:
     eval_every: str = "100it"
     eval_batch_size: int = setting(10000, at_least(1))
     schedule: str = setting("constant", one_of("constant", "step", "cosine"))
-    milestones: List[str] = field(default_factory=list)
+    milestones: list[str] = field(default_factory=list)
     gamma: float = setting(0.1, positive())  # > 0: a negative factor turns the learning rate negative
     warmup: str = "0it"
     precision: str = setting("fp32", one_of("fp32", "tf32", "bf16"))
@@ -67,7 +67,8 @@ class TrainConfig:
     estimate: bool = True  # before starting: the run's cost, with a time from a few timed steps of a copy of the model
     # a non-finite loss: stop the run | continue with the units that do not depend on it
     on_divergence: str = setting("stop", one_of(*POLICIES))
-    # a ticket at chance that the next IMP level would be pruned from: stop the run (exit 4) | continue (prune it anyway)
+    # a ticket at chance that the next IMP level would be pruned from: stop the run (exit 4) | continue (prune it
+    # anyway)
     on_chance: str = setting("stop", one_of("stop", "continue"))
 
 
@@ -75,13 +76,13 @@ class TrainConfig:
 class PruningConfig:
     # The criterion's own node: `name` (a key of lottery.pruning.CRITERIA) plus the settings that criterion declares;
     # its keys are type-checked against the criterion's registered settings by `validate`.
-    criterion: Dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
+    criterion: dict[str, Any] = field(default_factory=lambda: {"name": "magnitude"})
     # layerwise (per-tensor rates) | global (one threshold over all tensors) | uniform | er | erk: global pruning's
     # count per level, split between tensors by that density distribution (lottery.pruning.densities, RigL's ER/ERK)
     scope: str = setting("layerwise", one_of("layerwise", "global", "uniform", "er", "erk"))
     when: str = setting("after_training", one_of("after_training", "at_init"))
     levels: int = setting(1, at_least(1))  # level 0 (dense) counts too
-    target: Optional[float] = setting(None, between(0, 1, lo_open=True, hi_open=True))  # fraction kept
+    target: float | None = setting(None, between(0, 1, lo_open=True, hi_open=True))  # fraction kept
     one_shot: bool = False
     rounds: int = setting(1, at_least(1))
     # How each round's count and ties are decided: exact (rounded counts, stable ties) | synflow (Synaptic-Flow's
@@ -94,14 +95,14 @@ class PruningConfig:
     # the lottery-ticket papers) | lr_rewind (the trained weights kept, the schedule from `rewind`) | finetune (the
     # trained weights kept, `retrain_steps` more steps at the final learning rate): Renda, Frankle & Carbin 2020
     retrain: str = setting("weight_rewind", one_of("weight_rewind", "lr_rewind", "finetune"))
-    retrain_steps: Optional[str] = None  # finetune: steps at the final learning rate (null: duration - rewind)
+    retrain_steps: str | None = None  # finetune: steps at the final learning rate (null: duration - rewind)
     rate: float = setting(0.2, fraction())
-    rates: Dict[str, float] = setting(dict, fraction())
-    layer_rates: Dict[str, float] = setting(dict, fraction())
-    exclude: List[str] = field(default_factory=list)
+    rates: dict[str, float] = setting(dict, fraction())
+    layer_rates: dict[str, float] = setting(dict, fraction())
+    exclude: list[str] = field(default_factory=list)
     prune_biases: bool = False
     prune_batchnorm: bool = False
-    branches: List[str] = field(default_factory=list)
+    branches: list[str] = field(default_factory=list)
     # What one selected entry is (lottery.pruning.granularity): unstructured (a weight) | channel (an output channel
     # with its bias and BatchNorm entries) | nm (n kept of every m consecutive weights along the input dimension)
     granularity: str = "unstructured"
@@ -114,10 +115,10 @@ class PruningConfig:
 class LoggerConfig:
     name: str = setting("none", one_of("none", "wandb"))
     project: str = "lottery"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    job_type: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    job_type: str | None = None
     log_every: int = setting(100, at_least(1))
     log_artifacts: bool = False
 
@@ -132,38 +133,39 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     # The dataset's node: `name` (lottery.data.DATASETS), root, download, val_size, augment and the dataset's own
     # settings; checked against its registered settings before any work (lottery.experiment.check).
-    dataset: Dict[str, Any] = field(default_factory=lambda: {"name": MISSING})
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": MISSING})
     init: InitConfig = field(default_factory=InitConfig)
     # The optimizer's node: `name` (lottery.training.OPTIMIZERS), lr, weight_decay and the optimizer's own settings.
-    optimizer: Dict[str, Any] = field(default_factory=lambda: {"name": MISSING})
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": MISSING})
     train: TrainConfig = field(default_factory=TrainConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = "default"
     seed: int = setting(0, between(*SEED_RANGE, integer=True))
-    data_seed: Optional[int] = setting(None, between(*SEED_RANGE, integer=True))
+    data_seed: int | None = setting(None, between(*SEED_RANGE, integer=True))
     device: str = "auto"
     deterministic: bool = True  # CUDA: deterministic algorithms (lottery/device.py); false trades that for speed
-    threads: Optional[int] = setting(None, at_least(1))  # null: PyTorch's default
-    # Replicates trained batched in one process (lottery.experiment.levels): a count R (seeds seed..seed+R-1) or a list of
-    # seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
-    replicas: Optional[Any] = None
+    threads: int | None = setting(None, at_least(1))  # null: PyTorch's default
+    # Replicates trained batched in one process (lottery.experiment.levels): a count R (seeds seed..seed+R-1) or a list
+    # of seeds; each writes a normal run folder <run dir>/replicate_<seed>/. null: one run.
+    replicas: Any | None = None
     # How replicas train: stacked (one batched matmul / grouped convolution per layer for all networks) | interleaved
     # (one step, each network through its own model) | sequential (one unit after another) | auto (stacked, except
     # models with convolutions on a CPU: interleaved; lottery.training.layouts.choose).
     replica_batching: str = "auto"
     # Settings of the branches in pruning.branches, one node per branch name (lottery.branches.BRANCHES).
-    branch: Dict[str, Any] = field(default_factory=dict)
-    # The mask updater (lottery.training.updaters): `name` (none | set | rigl | gmp | a registered one) plus its settings.
-    dst: Dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    branch: dict[str, Any] = field(default_factory=dict)
+    # The mask updater (lottery.training.updaters): `name` (none | set | rigl | gmp | a registered one) plus its
+    # settings.
+    dst: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     # Modules imported before the config is checked, so their @register_* calls (models, initializers, criteria,
     # branches) take effect: a user's extensions without editing lottery/.
-    imports: List[str] = field(default_factory=list)
-    ticket: Optional[str] = None  # lottery-retrain: path of the ticket file to retrain
+    imports: list[str] = field(default_factory=list)
+    ticket: str | None = None  # lottery-retrain: path of the ticket file to retrain
     # The published numbers a preset reproduces (lottery.core.papers): documentation, not part of the experiment
     # (NON_EXPERIMENT_KEYS), read by `lottery-report --paper`; open, checked by lottery.core.papers.check_block.
-    paper: Dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] = field(default_factory=dict)
     # The end summary's answer: a ticket matches the dense network when its test accuracy is at most this far below.
     match_tolerance: float = setting(0.005, between(0, 1, hi_open=True))
 
@@ -175,8 +177,8 @@ NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.veri
                        "threads", "logger",
                        "checkpoint", "train.progress", "train.progress_every", "train.estimate", "match_tolerance",
                        "train.compile", "train.eval_batch_size", "imports",
-                       "pruning.branches", "train.on_divergence", "train.on_chance", "launcher", "sweep", "hydra", "replicas",
-                       "replica_batching", "paper")
+                       "pruning.branches", "train.on_divergence", "train.on_chance", "launcher", "sweep", "hydra",
+                       "replicas", "replica_batching", "paper")
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 
@@ -241,7 +243,7 @@ def _job_dirname_here(overrides, root) -> str:
         old = job_dirname_v1(overrides or [])
         if old != name and (sweep / f"{num}_{old}").is_dir() and not (sweep / f"{num}_{name}").exists():
             return old
-    except Exception:  # noqa: BLE001 - no sweep folder known: the new name
+    except Exception:  # noqa: BLE001, S110 - no sweep folder known: the new name
         pass
     return name
 
@@ -252,8 +254,8 @@ RUN_ID_HEX = 10
 def run_id(root) -> str:
     """The default run folder's name below runs/<name>/ (hydra.run.dir): a digest of the settings that define the
     experiment, so rerunning the same command finds its folder and resumes. Left out: the keys that define no
-    experiment (NON_EXPERIMENT_KEYS, which also leaves out where data lives and how the run is shown) and those that only
-    add work (EXTENDING_KEYS: more levels find the run they extend). A replicas run and a single run of the same
+    experiment (NON_EXPERIMENT_KEYS, which also leaves out where data lives and how the run is shown) and those that
+    only add work (EXTENDING_KEYS: more levels find the run they extend). A replicas run and a single run of the same
     settings get different folders (one cannot hold the other)."""
     import json
 
@@ -356,7 +358,7 @@ def plain_values(value: Any) -> Any:
     return value
 
 
-def typed(values: Mapping, cls: Optional[type] = None, where: str = "") -> "Config":
+def typed(values: Mapping, cls: type | None = None, where: str = "") -> Config:
     """A checked, resolved config (plain values: `OmegaConf.to_container(cfg, resolve=True)` of a config that passed
     lottery.experiment.check) as the schema's dataclasses: what the code below the session reads, instead of a
     DictConfig. The open nodes become `Node`s; keys outside the schema (`hydra`, `launcher`, `sweep`: how a run is
@@ -370,7 +372,7 @@ def typed(values: Mapping, cls: Optional[type] = None, where: str = "") -> "Conf
         key, value, hint = f"{where}{f.name}", values[f.name], hints[f.name]
         if key in OPEN_NODES and isinstance(value, Mapping):
             value = Node(value)
-        elif dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
             value = typed(value, hint, f"{key}.")
         elif isinstance(value, list):
             value = list(value)
@@ -417,8 +419,10 @@ def check_ranges(cfg) -> None:
     import copy
 
     from omegaconf import OmegaConf
+
     from lottery.core.ranges import check_fields
-    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
+    from lottery.core.registry import as_dict
+    values = as_dict(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
     for key in OPEN_NODES:
         *parents, last = key.split(".")
         node = values
@@ -436,6 +440,6 @@ def import_extensions(cfg) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise ValueError(f"imports entry '{name}' cannot be imported ({e}); put its folder on PYTHONPATH") from e
-        except Exception as e:  # noqa: BLE001 - the user's module failed while importing: its error, in one line
+        except Exception as e:  # the user's module failed while importing: its error, in one line
             raise ValueError(f"imports entry '{name}' raised {type(e).__name__} while being imported: "
                              f"{str(e).splitlines()[0] if str(e) else ''}; fix that module") from e

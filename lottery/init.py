@@ -8,11 +8,10 @@ Imports core only.
 
 import inspect
 import math
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from lottery.core.registry import Registry
 
@@ -35,7 +34,7 @@ def register_initializer(name: str):
 
 def _gain(nonlinearity: str) -> float:
     # 0 is the negative slope torch's kaiming_* use, so leaky_relu here means slope 0 as there
-    return nn.init.calculate_gain(nonlinearity, 0)
+    return nn.init.calculate_gain(nonlinearity, 0)  # type: ignore[arg-type]  # a name from the config: torch refuses others
 
 
 @register_initializer("kaiming_normal")
@@ -130,7 +129,8 @@ def _resolve(cfg) -> Callable:
         return getattr(importlib.import_module(module), attr)
     name = _get(cfg, "name")
     if name not in INITIALIZERS:
-        raise ValueError(f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a callable")
+        raise ValueError(f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a "
+                         f"callable")
     return INITIALIZERS[name]
 
 
@@ -141,7 +141,7 @@ def _seed_default_rng(seed: int, device: torch.device):
             torch.cuda.manual_seed(seed)
 
 
-def _init_batchnorm(m: nn.Module, how: str, generator) -> None:
+def _init_batchnorm(m: nn.modules.batchnorm._BatchNorm, how: str, generator) -> None:
     """BatchNorm scales 1 (PyTorch) or U(0, 1) (open_lth's `batchnorm_init='uniform'`), shifts 0, fresh statistics."""
     m.reset_parameters()
     if how == "uniform" and m.affine:
@@ -162,7 +162,8 @@ def initialize(model: nn.Module, cfg, seed: int) -> None:
 
     if _get(cfg, "name") == "pytorch_default" and not _get(cfg, "_target_"):
         # reset_parameters draws from the global RNG; fork it so the caller's stream is untouched
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        devices = ([device.index if device.index is not None else torch.cuda.current_device()]
+                   if device.type == "cuda" else [])
         with torch.random.fork_rng(devices=devices):
             _seed_default_rng(seed, device)
             for m in model.modules():

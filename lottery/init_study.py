@@ -20,16 +20,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from lottery.config import conf_dir, register_configs
+from lottery.core.ranges import at_least, positive, setting
 
-from lottery.config import conf_dir, register_configs  # noqa: E402
-from lottery.core.ranges import at_least, positive, setting  # noqa: E402
+log = logging.getLogger(__name__)
 
 CONF_DIR = conf_dir()  # source checkout or installed package: see lottery.config.conf_dir
 register_configs()  # the resolvers conf/init_study.yaml uses (lottery_dirname: shell-safe sweep job folders)
@@ -116,7 +115,9 @@ def measure_mlp(model, x: torch.Tensor) -> tuple[list[float], list[float]]:
 def measure_hooks(model, x: torch.Tensor) -> tuple[list[float], list[float]]:
     """ln variance of every Linear/Conv output (but the last) and of the loss gradient there, in float64."""
     model = model.double()
-    acts, grads, handles = [], {}, []
+    acts: list[torch.Tensor] = []
+    grads: dict[int, torch.Tensor] = {}
+    handles = []
     weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
     def hook(module, inputs, output):
@@ -148,20 +149,21 @@ def predicted(model, init: dict) -> tuple[list[float], list[float]] | None:
     from lottery.init import weight_variance
     layers = [*model.hidden, model.out]
     try:
-        vs = [weight_variance(init["name"], l.in_features, l.out_features, **{k: v for k, v in init.items()
-                                                                             if k not in ("name", "bias")})
-              for l in layers]
+        vs = [weight_variance(init["name"], layer.in_features, layer.out_features,
+                              **{k: v for k, v in init.items() if k not in ("name", "bias")})
+              for layer in layers]
     except ValueError:  # no closed form (orthogonal, custom): measured curves only
         return None
     fwd, lv = [], 0.0  # ln E[x^2] = 0 for standard-normal input
-    for k, (l, v) in enumerate(zip(layers[:-1], vs)):
-        lv = math.log(l.in_features * v) + lv + (0.0 if k == 0 else -math.log(2))  # ReLU halves E[a^2] from layer 2 on
+    for k, (layer, v) in enumerate(zip(layers[:-1], vs)):
+        # ReLU halves E[a^2] from layer 2 on
+        lv = math.log(layer.in_features * v) + lv + (0.0 if k == 0 else -math.log(2))
         fwd.append(lv)
     lout = math.log(layers[-1].in_features * vs[-1] / 2) + fwd[-1]
     g = math.log(4) + lout  # dL/dout = 2 out
     bwd = []
-    for l, v in zip(reversed(layers[1:]), reversed(vs[1:])):
-        g = g + math.log(l.out_features * v / 2)  # back through W^T (fan-out terms), then the ReLU mask halves
+    for layer, v in zip(reversed(layers[1:]), reversed(vs[1:])):
+        g = g + math.log(layer.out_features * v / 2)  # back through W^T (fan-out terms), then the ReLU mask halves
         bwd.append(g)
     return fwd, list(reversed(bwd))
 
@@ -262,14 +264,16 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
             if pts and pts[0][2] is not None:
                 ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=color, linewidth=1)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"$10^{{{int(round(v))}}}$"))
+        ax.yaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: f"$10^{{{int(round(v))}}}$"))  # noqa: RUF046 - v may be a NumPy float: round() keeps it
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("Layer k" + ("  (the backward pass runs right to left)" if pass_ == "backward" else ""))
     axes[0].set_ylabel("Variance (log scale)")
     axes[0].set_title("Forward pass: variance of pre-activations $f_k$")
     axes[1].set_title("Backward pass: variance of gradients $\\partial L / \\partial f_k$")
     m = cfg.model
-    shape = f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden") else m.name
+    shape = (f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden")
+             else m.name)
     fig.suptitle(f"Variance through the network at initialization: {shape}\nstandard-normal input, least-squares "
                  f"loss against 0, zero biases; mean over {cfg.seeds} seeds × {cfg.batch_size} inputs", fontsize=10.5)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -291,9 +295,9 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
 class StudySettings:
     """The study's keys (conf/init_study.yaml) with their ranges (lottery.core.ranges), checked before it measures."""
     input_dim: int = setting(100, at_least(1))
-    image_shape: List[int] = setting(lambda: [3, 32, 32], at_least(1))
+    image_shape: list[int] = setting(lambda: [3, 32, 32], at_least(1))
     outputs: int = setting(1, at_least(1))
-    variances: List[float] = setting(list, positive())
+    variances: list[float] = setting(list, positive())
     batch_size: int = setting(1000, at_least(1))
     seeds: int = setting(10, at_least(1))
 
@@ -305,7 +309,8 @@ def check_study(cfg) -> None:
 
     from lottery.config import ModelConfig
     from lottery.core.ranges import check_fields
-    values = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    from lottery.core.registry import as_dict
+    values = as_dict(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     check_fields(StudySettings, values)
     check_fields(ModelConfig, values.get("model") or {}, "model")
     if not values.get("variances") and not values.get("compare"):

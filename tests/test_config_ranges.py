@@ -57,10 +57,13 @@ def bad_values(kind: type, rule: Rule | None) -> list:
 
 def as_value(key: str, hint, value):
     """`value` shaped as the key holds it: an entry of a list, a value of a dict."""
-    text = str(hint)
-    if text.startswith(("List", "typing.List", "Optional[List", "typing.Optional[typing.List")):
+    import types
+    import typing
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X] or X | None: X
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is list:
         return [value]
-    if "Dict" in text:
+    if typing.get_origin(hint) is dict:
         return {"linear": value}
     return value
 

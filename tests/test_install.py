@@ -28,6 +28,7 @@ def test_wheel_contains_every_config(wheel):
     assert not any(n.startswith("tests/") for n in names)
     report = {f"lottery/report/{p.name}" for p in (REPO / "lottery" / "report").glob("*.py")}
     assert "lottery/report/__init__.py" in report and report <= names, sorted(report - names)
+    assert "lottery/py.typed" in names  # PEP 561 marker: users' type checkers read lottery's annotations
     # the one plugin: launcher=slurm's launcher class (Hydra takes launchers only from hydra_plugins)
     assert {n.split("/")[1] for n in names if n.startswith("hydra_plugins/")} == {"lottery_slurm"}
 

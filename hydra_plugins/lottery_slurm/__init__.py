@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import TYPE_CHECKING, Any, List, Sequence
 
 from hydra.core.singleton import Singleton
+from hydra.types import HydraContext
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("lottery")
 
@@ -27,6 +28,13 @@ class _EachJobWaited:
     stopped, resumable by rerunning the sweep."""
 
     _EXECUTOR: str
+    # set by hydra-submitit-launcher's launcher this class is mixed into (declared here for the type checker)
+    config: DictConfig | None
+    params: dict[str, Any]
+    hydra_context: HydraContext | None
+
+    if TYPE_CHECKING:
+        def __call__(self, *args: Any) -> JobReturn: ...  # the launcher's: what each job runs
 
     def _prepare(self) -> dict:
         return {}
@@ -72,10 +80,11 @@ class _EachJobWaited:
         return returns
 
     def _job_dir(self, overrides: Sequence[str], idx: int, job_id: str) -> Path:
+        assert self.hydra_context is not None and self.config is not None  # set by the launcher's setup
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(cfg.hydra.job) as job:
-            job.num = idx
-            job.id = job_id
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.num = idx
+            cfg.hydra.job.id = job_id
         return Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
 
 
@@ -93,6 +102,7 @@ class LotterySlurmLauncher(_EachJobWaited, SlurmLauncher):
             print(f"error: {error}", file=sys.stderr)
             if CREATED:  # a sweep folder made for this command holds only Hydra's multirun.yaml and the sweep lock
                 from lottery.cli import SWEEP_LOCK
+                assert self.config is not None  # set by the launcher's setup
                 for name in ("multirun.yaml", SWEEP_LOCK):
                     (Path(str(self.config.hydra.sweep.dir)) / name).unlink(missing_ok=True)
             for d in reversed(CREATED):

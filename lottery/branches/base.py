@@ -14,8 +14,9 @@ level's ticket trains, and train in the same batch as the ticket.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,11 +37,11 @@ class Unit:
     model: nn.Module
     masks: M.Masks
     name: str = ""  # sub-folder of the branch folder; needed when a branch trains more than one unit
-    start: Optional[int] = None  # first step; None: the level's rewind step
-    data_seed: Optional[int] = None  # data order and augmentation; None: the run's data seed
+    start: int | None = None  # first step; None: the level's rewind step
+    data_seed: int | None = None  # data order and augmentation; None: the run's data seed
     keep_final: bool = False  # save the trained weights (final.pt in the unit's folder) for the branch's analysis
-    end: Optional[int] = None  # last step; None: the end of training (fine-tuning trains past it)
-    lr_at: Optional[int] = None  # train at the learning rate of this step throughout (fine-tuning: the final one)
+    end: int | None = None  # last step; None: the end of training (fine-tuning trains past it)
+    lr_at: int | None = None  # train at the learning rate of this step throughout (fine-tuning: the final one)
 
 
 @dataclass
@@ -56,7 +57,7 @@ class LevelContext:
     # the run's settings, typed and read-only (lottery.config.Config: ctx.cfg.seed, ctx.cfg.train.eval_batch_size,
     # ctx.cfg.pruning.rate; the registered things' nodes, ctx.cfg.dataset.name or ctx.cfg.optimizer["lr"], read as
     # attributes or items); never a DictConfig
-    cfg: "Config"
+    cfg: Config
     steps: Steps  # the run's durations in steps
     data: Split  # the replicate's data: data.val(), data.test(), data.train_rows(idx), data.n_train
     new_model: Callable[..., nn.Module]  # new_model(init_seed=None): a fresh model, initialized when given a seed
@@ -73,18 +74,18 @@ class LevelContext:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def ticket_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
+    def ticket_model(self, masks: M.Masks | None = None) -> nn.Module:
         """A model holding the rewind-point weights with `masks` (default: the ticket's) applied."""
         return self.model_at(self.rewind_step, masks)
 
-    def trained_model(self, masks: Optional[M.Masks] = None) -> nn.Module:
+    def trained_model(self, masks: M.Masks | None = None) -> nn.Module:
         """A model holding the trained weights the level was pruned from, with `masks` (default: the ticket's)."""
         model = self.new_model()
         model.load_state_dict(self.trained_state())
         M.apply(model, self.masks if masks is None else masks)
         return model
 
-    def model_at(self, step: int, masks: Optional[M.Masks] = None) -> nn.Module:
+    def model_at(self, step: int, masks: M.Masks | None = None) -> nn.Module:
         """A model holding the dense run's full state at `step` (a step the branch's `capture` asked for, the rewind
         step, or 0) with `masks` (default: the ticket's) applied."""
         model = self.new_model()
@@ -98,24 +99,24 @@ class Branch:
     name: str
     fn: Callable[[LevelContext], list[Unit]]
     label: str  # legend text in lottery-report's figures
-    settings: Optional[type] = None  # dataclass of its keys under branch.<name>
+    settings: type | None = None  # dataclass of its keys under branch.<name>
     dense: bool = False  # also runs at level 0 (the dense network), not only on pruned levels
-    analyze: Optional[Callable[[LevelContext, list[Unit], list[dict]], dict]] = None
+    analyze: Callable[[LevelContext, list[Unit], list[dict]], dict] | None = None
     selectable: bool = True  # may be listed in pruning.branches (retrain is lottery-retrain's own)
     # Steps of level 0's training whose full state the branch starts units from (`ctx.model_at(k)`): fn(settings,
     # steps: lottery.core.steps.Steps) -> list of steps. Level 0 saves them once as it passes them.
-    capture: Optional[Callable[[dict, Any], list[int]]] = None
+    capture: Callable[[dict, Any], list[int]] | None = None
     # check(settings, levels, dense, steps): the branch's settings against the run (levels: how many, level 0
     # included; dense: whether level 0 trains; steps: the durations), raising ValueError before any work
-    check: Optional[Callable[[dict, int, bool, Any], None]] = None
+    check: Callable[[dict, int, bool, Any], None] | None = None
 
 
 BRANCHES = Registry("branch")
 
 
-def register_branch(name: str, label: Optional[str] = None, *, settings: Optional[type] = None, dense: bool = False,
-                    analyze: Optional[Callable] = None, selectable: bool = True, capture: Optional[Callable] = None,
-                    check: Optional[Callable] = None):
+def register_branch(name: str, label: str | None = None, *, settings: type | None = None, dense: bool = False,
+                    analyze: Callable | None = None, selectable: bool = True, capture: Callable | None = None,
+                    check: Callable | None = None):
     """`@register_branch("name", "legend label")` on fn(ctx: LevelContext) -> list[Unit]: the units the branch trains
     on a level's ticket (none: the level is skipped). `settings`: a dataclass of its keys under `branch.<name>`;
     `dense`: run on level 0 too; `analyze(ctx, units, records) -> dict`: keys added to the branch's record;

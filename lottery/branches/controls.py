@@ -1,8 +1,7 @@
 """The controls of the lottery-ticket papers and the ablations of pruning at initialization, registered as branches."""
 from __future__ import annotations
 
-from lottery import masks as M
-from lottery import pruning
+from lottery import masks as M, pruning
 from lottery.branches.base import LevelContext, Unit, register_branch
 from lottery.pruning import granularity as G
 

@@ -17,7 +17,6 @@ statistics of each point on the training subset, which leaves every parameter as
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import torch
 from torch import nn
@@ -26,8 +25,8 @@ from lottery import masks as M
 from lottery.branches.base import LevelContext, Unit, register_branch
 from lottery.core.ranges import at_least, setting
 from lottery.core.seeds import derive_seed
-from lottery.data import Split
 from lottery.core.steps import parse_steps
+from lottery.data import Split
 from lottery.training import evaluate
 
 BATCHNORM = ("interpolate", "recompute")
@@ -36,8 +35,8 @@ BATCHNORM = ("interpolate", "recompute")
 @dataclass
 class LmcSettings:
     points: int = setting(30, at_least(2))  # evaluation points on the path between the two copies, both ends included
-    steps: List[str] = field(default_factory=list)  # steps k the copies start from; empty: the run's rewind step
-    levels: List[int] = setting(list, at_least(0))  # levels to analyse (0 = dense); empty: every level
+    steps: list[str] = field(default_factory=list)  # steps k the copies start from; empty: the run's rewind step
+    levels: list[int] = setting(list, at_least(0))  # levels to analyse (0 = dense); empty: every level
     # size of the fixed, seeded subset of the training set for the train error
     train_examples: int = setting(10000, at_least(1))
     batchnorm: str = "interpolate"  # interpolate (all state, running statistics too) | recompute (on the subset)
@@ -94,10 +93,10 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> N
 
 
 def path(model: nn.Module, state_a: dict, state_b: dict, masks: M.Masks, alphas: list[float], splits: dict, *,
-         batch_size: int, precision: str = "fp32", recompute: Optional[tuple] = None) -> dict:
+         batch_size: int, precision: str = "fp32", recompute: tuple | None = None) -> dict:
     """Loss and error (%) on each split {name: (x, y)} at each alpha; `recompute=(x, batch size)` recomputes the
     BatchNorm statistics at every point."""
-    out = {"alpha": list(alphas)}
+    out: dict[str, list[float | None]] = {"alpha": list(alphas)}
     for name in splits:
         out[f"{name}_error"], out[f"{name}_loss"] = [], []
     for alpha in alphas:
@@ -113,7 +112,7 @@ def path(model: nn.Module, state_a: dict, state_b: dict, masks: M.Masks, alphas:
     return out
 
 
-def barrier(errors: list) -> Optional[float]:
+def barrier(errors: list) -> float | None:
     """Error barrier in percentage points: the highest error on the path minus the mean of its two ends' errors."""
     if not errors or errors[0] is None:
         return None

@@ -10,7 +10,6 @@ The same retraining as IMP's schedule for every level is `pruning.retrain=finetu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from lottery.branches.base import LevelContext, Unit, register_branch
 from lottery.core.steps import parse_steps
@@ -32,7 +31,7 @@ def _needs_trained_weights(name: str):
 
 @dataclass
 class FinetuneSettings:
-    steps: Optional[str] = None  # steps at the final learning rate, e.g. 2000it (null: duration - rewind step)
+    steps: str | None = None  # steps at the final learning rate, e.g. 2000it (null: duration - rewind step)
 
     def __post_init__(self):
         if self.steps is not None and parse_steps(self.steps, 1, "branch.finetune.steps") < 1:
@@ -41,7 +40,7 @@ class FinetuneSettings:
 
 @dataclass
 class LrRewindSettings:
-    step: Optional[str] = None  # the schedule restarts at this step, e.g. 500it (null: the run's pruning.rewind)
+    step: str | None = None  # the schedule restarts at this step, e.g. 500it (null: the run's pruning.rewind)
 
     def __post_init__(self):
         if self.step is not None:

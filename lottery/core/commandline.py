@@ -8,7 +8,7 @@ import difflib
 import io
 import os
 import platform
-from typing import Optional
+from typing import Any
 
 # Exit status of an entry point whose PyTorch or torchvision cannot be imported: EX_CONFIG (the installation is wrong).
 BROKEN_INSTALL_EXIT = 78
@@ -30,7 +30,7 @@ def version_line() -> str:
             f"Python {platform.python_version()})")
 
 
-def install_error() -> Optional[str]:
+def install_error() -> str | None:
     """One line when torch or torchvision cannot be imported (a broken install, or a torchvision built for another
     torch: `operator torchvision::nms does not exist`), else None."""
     for name in ("torch", "torchvision"):
@@ -68,7 +68,7 @@ def _keys(node, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig
     out = []
     for k in node.keys() if isinstance(node, DictConfig) else ():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{k!s}"
         out.append(key)
         child = node._get_node(k)
         if isinstance(child, DictConfig):
@@ -76,7 +76,7 @@ def _keys(node, prefix: str = "") -> list[str]:
     return out
 
 
-def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -> Optional[str]:
+def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -> str | None:
     """`train.duraton=300it` as one line naming the nearest key the config has, before Hydra starts (its own error
     is several lines). The config is composed with the command line's config-group choices; keys below an open node
     (dataset, optimizer, ...: checked against their registries later), `+key` additions and Hydra's own keys are left
@@ -86,14 +86,14 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
     from hydra._internal.utils import create_config_search_path, get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, OverrideType
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed = get_args_parser().parse_args(args)
         if parsed.config_dir or parsed.config_name or parsed.config_path:
             return None  # another config than ours: Hydra knows it
         overrides = OverridesParser.create().parse_overrides(parsed.overrides)
-    except (Exception, SystemExit):  # noqa: BLE001
+    except (Exception, SystemExit):  # noqa: BLE001 - a command line it cannot parse: Hydra reports it
         return None
     repo = ConfigRepository(config_search_path=create_config_search_path(conf_dir))
     choices, keys = [], []
@@ -102,7 +102,7 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
         if name.startswith("hydra") or o.is_delete():
             continue
         if repo.group_exists(name.split("@")[0]):
-            value = o.value()
+            value: Any = o.value()  # a choice or a sweep of them; only a string is a choice here
             if isinstance(value, ChoiceSweep):
                 value = value.list[0] if value.list else None
             if isinstance(value, str):

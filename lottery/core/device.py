@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -140,7 +139,7 @@ def configure(device: torch.device, precision: str = "fp32", deterministic: bool
             warnings.append(f"train.precision=tf32 has no effect on {device.type}; computing in fp32")
         return warnings
     tf32 = "tf32" if precision == "tf32" else "ieee"
-    torch.backends.cudnn.conv.fp32_precision = tf32
+    torch.backends.cudnn.conv.fp32_precision = tf32  # type: ignore[attr-defined]  # in torch, not in its stubs
     torch.backends.cuda.matmul.fp32_precision = tf32
     if deterministic:
         if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
@@ -151,7 +150,7 @@ def configure(device: torch.device, precision: str = "fp32", deterministic: bool
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Filling every new tensor with NaN guards against reading uninitialized memory (a bug, not a source of
         # nondeterminism in correct code) and costs a kernel per allocation: off.
-        torch.utils.deterministic.fill_uninitialized_memory = False
+        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # not in stubs
     else:
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
@@ -211,10 +210,11 @@ def describe(info: dict, precision: str = "fp32", deterministic: bool = True) ->
 _SAME_RESULTS = ("type", "name", "torch", "cuda", "cudnn")
 
 
-def differences(old: Optional[dict], new: dict) -> list[str]:
+def differences(old: dict | None, new: dict) -> list[str]:
     """The fields of _SAME_RESULTS that differ (on the CPU the build's CUDA and cuDNN versions do not matter)."""
     if not old:
         return []
+    keys: tuple[str, ...]
     if "cuda" in (old.get("type"), new.get("type")):
         keys = _SAME_RESULTS
     else:  # CPU kernels split their sums by thread, so the count matters (folders from before it was recorded: not)
@@ -232,7 +232,7 @@ def _short(info: dict) -> str:
     return f"{info.get('type')} (torch {info.get('torch')}{threads}{batching})"
 
 
-def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str]:
+def check_resume(old: dict | None, new: dict, requested: str) -> str | None:
     """Compare the device a run folder last ran on with this start's; returns a warning, raises to refuse.
 
     Refused: `device=auto` that would continue a GPU run on another device type (a requeue onto a node without a
@@ -243,6 +243,7 @@ def check_resume(old: Optional[dict], new: dict, requested: str) -> Optional[str
     diff = differences(old, new)
     if not diff:
         return None
+    assert old is not None  # differences() finds none without an old record
     if "type" in diff and str(requested).strip() == "auto":
         raise ValueError(f"this run folder last ran on {_short(old)} and device=auto now resolves to {new['type']}; "
                          f"refusing to continue silently on other hardware. Run it where a {old['type']} device is, "
@@ -263,7 +264,7 @@ def setup(cfg) -> tuple[torch.device, dict, list[str], str]:
     return device, info, warnings, describe(info, precision, deterministic)
 
 
-def check_folder(run_dir: Path, info: dict, requested: str) -> Optional[str]:
+def check_folder(run_dir: Path, info: dict, requested: str) -> str | None:
     """Compare the device a run folder last ran on (`<run_dir>/device.json`) with this start's: raise to refuse, or
     return a warning (`check_resume`). Writes and logs nothing: the caller records `info` once every check passed."""
     path = Path(run_dir) / "device.json"

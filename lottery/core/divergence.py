@@ -19,7 +19,7 @@ A diverged ticket is never pruned to make the next level. `train.on_divergence` 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 POLICIES = ("stop", "continue")
 
@@ -56,8 +56,8 @@ class Diverged(Exception):
         if replicas and stopped:
             after += "; the other replicates finished"
         super().__init__(
-            f"training diverged: {'; '.join(describe(r, replicas) for r in self.records)}; recorded as diverged: true in "
-            f"summary.json, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
+            f"training diverged: {'; '.join(describe(r, replicas) for r in self.records)}; recorded as diverged: "
+            f"true in summary.json, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
             f"train.warmup) and run again in a new folder")
 
 

@@ -64,7 +64,7 @@ class WriteFailed(OSError):
         return self.message
 
 
-def os_error(e: BaseException) -> OSError | None:
+def os_error(e: BaseException | None) -> OSError | None:
     """The OSError behind `e`: itself, or the cause of a RuntimeError (torch.save reports a failed write so)."""
     seen = 0
     while e is not None and seen < 5:
@@ -266,7 +266,7 @@ def load_torch(path: Path) -> Any:
         raise
     except IsADirectoryError:
         raise Damaged(path, "it is a directory, not a file") from None
-    except Exception as e:  # noqa: BLE001 - a truncated or garbled archive fails in many ways
+    except Exception as e:  # a truncated or garbled archive fails in many ways
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise Damaged(path, f"unreadable, {_size(path)}: {type(e).__name__}{': ' + first if first else ''}") from e
 
@@ -358,7 +358,7 @@ class Checkpoints:
 
     def states(self) -> list[dict]:
         """The readable checkpoints, newest first (a batched run may need the previous one to resume whole)."""
-        out = []
+        out: list[dict] = []
         for path in (self.current, self.previous):
             if not path.exists():
                 continue

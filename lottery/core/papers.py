@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, TypeGuard
 
 # metric: (what the published value is in, factor from our record's value to that unit)
 METRICS = {
@@ -55,11 +55,11 @@ PLACE = re.compile(r"\b(figure|fig\.|table|section|appendix)\s*[A-Za-z]?\d|\babs
 UNVERIFIED = "not verified"
 
 
-def _num(value) -> bool:
+def _num(value) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _text(value) -> bool:
+def _text(value) -> TypeGuard[str]:
     return isinstance(value, str) and bool(value.strip())
 
 

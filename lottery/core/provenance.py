@@ -17,15 +17,16 @@ def provenance() -> dict:
         package = version("lottery")
     except Exception:  # noqa: BLE001 - not installed (PYTHONPATH)
         package = None
+    out: dict[str, str | bool | None]
     out = {"lottery": package, "git_commit": None, "git_dirty": None, "torch": str(torch.__version__),
            "python": platform.python_version(), "host": socket.gethostname()}
     source = Path(__file__).resolve().parents[2]
     if (source / ".git").exists():
         try:
             commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    timeout=10)
+                                    timeout=10, check=False)
             status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10)
+                                    capture_output=True, text=True, timeout=10, check=False)
             if commit.returncode == 0:
                 out["git_commit"] = commit.stdout.strip()
                 out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None

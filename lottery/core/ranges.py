@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 RULE = "lottery_rule"  # the key of a field's metadata that holds its Rule
 
@@ -23,12 +24,12 @@ RULE = "lottery_rule"  # the key of a field's metadata that holds its Rule
 @dataclass(frozen=True)
 class Rule:
     """A number's range (`lo`/`hi`, each end open or closed; `integer`), or the allowed values (`choices`)."""
-    lo: Optional[float] = None
-    hi: Optional[float] = None
+    lo: float | None = None
+    hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
     integer: bool = False
-    choices: Optional[tuple] = None
+    choices: tuple | None = None
 
     def accepted(self) -> str:
         """What the rule accepts, as the end of "<key> must be ...": ">= 1", "in [0, 1)", "> 0"."""
@@ -51,9 +52,7 @@ class Rule:
             return False
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
-        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
-            return False
-        return True
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
 
 
 FINITE = Rule()
@@ -71,12 +70,12 @@ def _is_number(value: Any) -> bool:
 
 # --- the vocabulary of the schema --------------------------------------------------------------------------------
 
-def between(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False, hi_open: bool = False,
+def between(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
             integer: bool = False) -> Rule:
     return Rule(lo, hi, lo_open, hi_open, integer)
 
 
-def positive(hi: Optional[float] = None) -> Rule:
+def positive(hi: float | None = None) -> Rule:
     """> 0 (and <= hi)."""
     return Rule(0, hi, lo_open=True)
 
@@ -107,7 +106,7 @@ def setting(default: Any, rule: Rule, **kwargs) -> Any:
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def rule_of(f: dataclasses.Field) -> Optional[Rule]:
+def rule_of(f: dataclasses.Field) -> Rule | None:
     return f.metadata.get(RULE)
 
 
@@ -121,7 +120,7 @@ def out_of_range(key: str, value: Any, rule: Rule) -> str:
     return f"{key} must be {rule.accepted()}, got {value}"
 
 
-def check_value(key: str, value: Any, rule: Optional[Rule]) -> None:
+def check_value(key: str, value: Any, rule: Rule | None) -> None:
     """Raise ValueError (one line) when `value` of `key` breaks `rule` (or, for a number, is not finite). A list's
     items and a dict's values are checked one by one; None (an unset optional key) passes."""
     if value is None:
@@ -159,13 +158,13 @@ def check_fields(cls: type, values: Mapping, where: str = "") -> None:
         key = f"{where}.{f.name}" if where else f.name
         value = values[f.name]
         hint = hints.get(f.name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
             check_fields(hint, value, key)
         else:
             check_value(key, value, rule_of(f))
 
 
-def numeric_fields(cls: type, where: str = "") -> list[tuple[str, type, Optional[Rule]]]:
+def numeric_fields(cls: type, where: str = "") -> list[tuple[str, type, Rule | None]]:
     """(key, type, rule) of every int or float field below `cls` (lists and dicts of numbers too): what the schema
     test walks."""
     out = []
@@ -173,7 +172,7 @@ def numeric_fields(cls: type, where: str = "") -> list[tuple[str, type, Optional
     for f in dataclasses.fields(cls):
         key = f"{where}.{f.name}" if where else f.name
         hint = hints.get(f.name)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             out += numeric_fields(hint, key)
             continue
         base = _numeric(hint)
@@ -182,7 +181,7 @@ def numeric_fields(cls: type, where: str = "") -> list[tuple[str, type, Optional
     return out
 
 
-def _numeric(hint) -> Optional[type]:
+def _numeric(hint) -> type | None:
     """int or float for int, float, Optional/List/Dict of them; else None."""
     if hint in (int, float):
         return hint

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from lottery.core.ranges import check_fields, check_value
 
@@ -35,17 +36,25 @@ class Registry(dict):
         return self[name]
 
 
+def as_dict(node: Any, resolve: bool = False) -> dict:
+    """OmegaConf.to_container of a mapping node (a DictConfig), typed as the dict it is."""
+    from omegaconf import OmegaConf
+    out = OmegaConf.to_container(node, resolve=resolve)
+    assert isinstance(out, dict), f"a mapping node, not {type(out).__name__}"
+    return out
+
+
 def plain(node: Any) -> dict:
     """A config node (DictConfig, a typed config's Node, dict or None) as a plain dict, interpolations resolved."""
     from omegaconf import OmegaConf
     if node is None:
         return {}
     if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
+        return as_dict(node, resolve=True)
     return {k: plain(v) if isinstance(v, Mapping) else v for k, v in node.items()}  # a typed config's Node: dicts
 
 
-def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: str = "", fn: Optional[Callable] = None,
+def check_settings(raw: Mapping, settings: type | None, where: str, *, of: str = "", fn: Callable | None = None,
                    skip: Iterable[str] = (), defaults: bool = True) -> dict:
     """`raw` (a thing's keys, without `name`) checked and typed: against the dataclass `settings`, or else against
     the keyword parameters of `fn` (minus `skip`). `where` names the node in messages (e.g. `pruning.criterion` or
@@ -62,7 +71,7 @@ def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: st
         if unknown:
             raise ValueError(f"unknown key {where}.{unknown[0]}{of_text}; accepted: {', '.join(accepted) or 'none'}")
         try:
-            values = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(settings), raw))
+            values = as_dict(OmegaConf.merge(OmegaConf.structured(settings), raw))
         except OmegaConfBaseException as e:
             first = str(getattr(e, "msg", e)).strip().splitlines()[0]  # OmegaConf adds full_key and type lines
             raise ValueError(f"bad setting{of_text or ' ' + where}: {first}") from None
@@ -73,7 +82,7 @@ def check_settings(raw: Mapping, settings: Optional[type], where: str, *, of: st
         check_value(f"{where}.{key}", value, None)
     if fn is None:
         if raw:
-            raise ValueError(f"{of or where} takes no settings, got {where}.{sorted(raw)[0]}")
+            raise ValueError(f"{of or where} takes no settings, got {where}.{min(raw)}")
         return raw
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -18,7 +18,7 @@ def parse_steps(value: Any, steps_per_epoch: int, what: str = "duration") -> int
     steps = number * steps_per_epoch if unit == "ep" else number
     if unit == "it" and not number.is_integer():
         raise ValueError(f"bad {what} '{value}': iterations must be a whole number")
-    return int(math.floor(steps + 0.5))
+    return math.floor(steps + 0.5)
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,9 @@ class Steps:
     checkpoint_every: int
 
     @staticmethod
-    def resolve(cfg, steps_per_epoch: int) -> "Steps":
+    def resolve(cfg, steps_per_epoch: int) -> Steps:
         t = cfg.train
-        parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731
+        parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731 - a short local alias
         total = parse(t.duration, "train.duration")
         rewind = parse(cfg.pruning.rewind, "pruning.rewind")
         return Steps(per_epoch=steps_per_epoch, total=total, eval_every=parse(t.eval_every, "train.eval_every"),

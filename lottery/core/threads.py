@@ -18,7 +18,8 @@ threads ran 10-60x slower next to one busy process than alone. Two defaults, eac
 - How many threads: `set_threads(cfg, step_flops)` sets and returns them (`Threads`): `threads` when set, else
   the CPUs SLURM gave the job, else every core, except for a model whose training step is small (below
   SMALL_STEP_FLOPS; `step_flops` from lottery.training.cost), which gets one thread for training, in a SLURM job
-  too: a sleeping thread costs a wake-up per operation, more than a second core gives back on operations that small (LeNet-300-100 at batch 60 ran 1.3-1.6x
+  too: a sleeping thread costs a wake-up per operation, more than a second core gives back on operations that
+  small (LeNet-300-100 at batch 60 ran 1.3-1.6x
   faster on one thread than on two passive ones, alone on the machine, and at least as fast next to other work),
   while Conv-2 ran 1.6x faster on two. Replicas trained stacked (one large step for R networks) pass no step size
   and keep every core. Evaluation of a whole split is a few large operations: `evaluation_threads(n)`, with the
@@ -33,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Iterator, MutableMapping, Optional
 
 # What says how OpenMP threads wait: the standard variable, and the GNU (libgomp) and Intel (libiomp) runtimes' own.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -44,7 +45,7 @@ DEFAULT_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
 SMALL_STEP_FLOPS = 1e9
 
 
-def default_wait_policy(environ: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
+def default_wait_policy(environ: MutableMapping[str, str] | None = None) -> str | None:
     """Set lottery's OpenMP wait policy in the environment (`os.environ`) unless one of WAIT_VARIABLES is set there
     (the user's choice stands, even an empty value) or torch is already imported (too late: the OpenMP runtime read
     the environment when torch loaded it; the variable would only reach child processes). Returns what it set
@@ -57,12 +58,12 @@ def default_wait_policy(environ: Optional[MutableMapping[str, str]] = None) -> O
     return f"{name}={value}"
 
 
-def _slurm_cpus() -> Optional[int]:
+def _slurm_cpus() -> int | None:
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
     return int(slurm) if slurm.isdigit() and int(slurm) > 0 else None
 
 
-def _small_step(cfg, step_flops: Optional[float]) -> bool:
+def _small_step(cfg, step_flops: float | None) -> bool:
     """Whether `threads: null` means one thread for training here: no `threads` given, a training step below
     SMALL_STEP_FLOPS, and OpenMP threads that sleep while they wait. A SLURM job counts too: its CPUs are its own,
     but the wait policy its submitting command set is inherited, and sleeping threads cost the same wake-ups there
@@ -70,7 +71,7 @@ def _small_step(cfg, step_flops: Optional[float]) -> bool:
     return not cfg.threads and step_flops is not None and step_flops < SMALL_STEP_FLOPS and passive_wait()
 
 
-def default_threads(cfg, step_flops: Optional[float] = None) -> Optional[int]:
+def default_threads(cfg, step_flops: float | None = None) -> int | None:
     """The thread count `set_threads` sets for training: `threads`, else 1 for a small training step (`_small_step`),
     else SLURM_CPUS_PER_TASK, else None (PyTorch's default: every core). With a spinning wait policy (set by the user)
     two threads do pay on small steps, on a quiet machine."""
@@ -86,11 +87,11 @@ class Threads:
     """What `set_threads` chose: the training thread count it set (None: PyTorch's default stays), and the count
     evaluation gets where small training steps got one thread (None: evaluation keeps the training count). The
     session keeps it and passes `evaluation` to the training loop; nothing is kept in this module."""
-    training: Optional[int] = None
-    evaluation: Optional[int] = None
+    training: int | None = None
+    evaluation: int | None = None
 
 
-def set_threads(cfg, step_flops: Optional[float] = None) -> Threads:
+def set_threads(cfg, step_flops: float | None = None) -> Threads:
     """Set PyTorch's thread count (`default_threads`) and return what was chosen. Where small training steps got one
     thread, its `evaluation` is SLURM's count or the count there was before, for `evaluation_threads`."""
     import torch
@@ -103,7 +104,7 @@ def set_threads(cfg, step_flops: Optional[float] = None) -> Threads:
 
 
 @contextlib.contextmanager
-def evaluation_threads(n: Optional[int]) -> Iterator[None]:
+def evaluation_threads(n: int | None) -> Iterator[None]:
     """`n` threads (a `Threads.evaluation`) while a split is evaluated, where set_threads gave small training steps
     one thread; None changes nothing. Evaluation is a few large operations (LeNet-300-100 on 10,000 examples: 1.9x
     faster on two threads that sleep while they wait than on one; logits and loss bit-identical on the development

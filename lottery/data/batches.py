@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from typing import Optional
 
 from lottery.core.spans import DATA, span
 from lottery.data.pool import Split
@@ -56,7 +55,7 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     return t.to(device)
 
 
-def augment(x: Tensor, flip: Tensor, offsets: Tensor, pad_value: Optional[Tensor] = None) -> Tensor:
+def augment(x: Tensor, flip: Tensor, offsets: Tensor, pad_value: Tensor | None = None) -> Tensor:
     # Flip + pad-and-crop as one gather: since the constant padding is symmetric, cropping a flipped padded image
     # equals reading the unflipped padded image with reversed column indices (and an equally uniform offset).
     n, c, h, w = x.shape
@@ -87,7 +86,7 @@ class Batches:
         self.split, self.batch_size, self.seed = split, batch_size, seed
         self.pool = split.pool
         self.steps_per_epoch = n // batch_size
-        self._epoch: Optional[int] = None
+        self._epoch: int | None = None
         self._draws: dict = {}
 
     def _epoch_draws(self, epoch: int) -> dict:

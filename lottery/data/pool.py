@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,7 +26,9 @@ class Pool:
     augment: bool
     # What the pad-and-crop augmentation pads with, per channel: black after normalization (torchvision pads the raw
     # image with black before normalizing); None pads with 0 (data without a black, e.g. synthetic).
-    pad_value: Optional[Tensor] = None
+    pad_value: Tensor | None = None
+    # the most frequent class's share of the test set, computed once where a record asks (lottery.experiment.records)
+    majority: float | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -40,7 +41,7 @@ class Split:
     pool: Pool
     train_idx: Tensor  # on the pool's device
     val_idx: Tensor
-    _val: Optional[tuple[Tensor, Tensor]] = field(default=None, repr=False)
+    _val: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def n_train(self) -> int:

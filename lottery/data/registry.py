@@ -24,8 +24,8 @@ are used as they are.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 from lottery.core.registry import Registry, check_settings, plain
 
@@ -39,22 +39,23 @@ Shape = tuple[int, int, int]
 class Dataset:
     name: str
     load: Callable
-    input_shape: Union[Shape, Callable[[dict], Shape]]  # fixed, or from the dataset's settings
+    input_shape: Shape | Callable[[dict], Shape]  # fixed, or from the dataset's settings
     num_classes: int
-    settings: Optional[type] = None
-    stats: Optional[tuple] = None  # ((mean per channel), (std per channel)) for uint8 images
+    settings: type | None = None
+    stats: tuple | None = None  # ((mean per channel), (std per channel)) for uint8 images
     seeded: bool = False  # the loader takes the replicate seed: each replicate has its own data
     reads_files: bool = True  # the loader takes `root`
 
     def shape(self, settings: dict) -> Shape:
-        return tuple(self.input_shape(settings) if callable(self.input_shape) else self.input_shape)
+        c, h, w = self.input_shape(settings) if callable(self.input_shape) else self.input_shape
+        return c, h, w
 
 
 DATASETS = Registry("dataset")
 
 
-def register_dataset(name: str, *, input_shape, num_classes: int, settings: Optional[type] = None,
-                     stats: Optional[tuple] = None):
+def register_dataset(name: str, *, input_shape, num_classes: int, settings: type | None = None,
+                     stats: tuple | None = None):
     """`@register_dataset("name", input_shape=(C, H, W), num_classes=K, settings=Dataclass, stats=(mean, std))`.
     The function takes the dataclass's fields and whichever of `root`, `download` and `seed` it names."""
     def decorator(fn):

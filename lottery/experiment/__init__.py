@@ -66,4 +66,4 @@ def _with_rewind(steps, rewind: int):
     return replace(steps, rewind=rewind)
 
 
-__all__ = ["Callback", "UnitInfo", "register_callback", "run_experiment", "retrain_ticket"]
+__all__ = ["Callback", "UnitInfo", "register_callback", "retrain_ticket", "run_experiment"]

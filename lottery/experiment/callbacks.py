@@ -14,9 +14,9 @@ level) is such a callback; nothing about it is in the user's config.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class UnitInfo:
     """Which unit is about to train: its replicate's run folder (and the replicas parent folder, if any), level,
     branch and unit name (`tag`: branch, or branch/unit)."""
     folder: Path
-    parent: Optional[Path]
+    parent: Path | None
     level: int
     branch: str
     unit: str
@@ -39,7 +39,7 @@ class Callback:
         """Functions to call after the given steps of this unit's training (step 0: before its first step)."""
         return {}
 
-    def level_done(self, level: int, folders: list[Path], parent: Optional[Path]) -> None:
+    def level_done(self, level: int, folders: list[Path], parent: Path | None) -> None:
         """After every unit of `level` has its result, in every replicate folder of this process (`folders`; `parent`:
         the replicas parent folder, if any)."""
 
@@ -62,6 +62,6 @@ def unit_steps(unit: UnitInfo, at_step: dict) -> dict:
     return out
 
 
-def level_done(level: int, folders: list[Path], parent: Optional[Path]) -> None:
+def level_done(level: int, folders: list[Path], parent: Path | None) -> None:
     for cb in CALLBACKS:
         cb.level_done(level, folders, parent)

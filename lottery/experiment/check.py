@@ -16,6 +16,7 @@ from lottery.branches import BRANCHES, branch_settings
 from lottery.config import check_ranges, import_extensions
 from lottery.core.device import check_device
 from lottery.core.papers import check_block
+from lottery.core.registry import as_dict
 from lottery.core.steps import parse_steps
 from lottery.data import dataset_settings
 from lottery.init import INITIALIZERS
@@ -70,7 +71,7 @@ def checked(cfg: DictConfig) -> DictConfig:
     import_extensions(cfg)
     check_block(OmegaConf.to_container(cfg.paper, resolve=True) if cfg.get("paper") is not None else None)
     check_ranges(cfg)
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    out = OmegaConf.create(as_dict(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
 
     _choice(cfg.model.name, sorted(MODELS), "model")
@@ -114,11 +115,11 @@ def checked(cfg: DictConfig) -> DictConfig:
     if p.one_shot and p.target is None and p.get("granularity") != "nm":
         raise ValueError("pruning.one_shot=true prunes straight to pruning.target, which is not set; set "
                          "pruning.target=<fraction to keep> or pruning.one_shot=false")
-    if not p.get("train_dense", True):
-        if scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0:
-            raise ValueError(f"pruning.train_dense=false skips the dense network, which pruning.when="
-                             f"{scores_at(p)} with pruning.rewind={p.rewind} needs; it is for pruning at "
-                             "initialization (pruning.when=at_init, pruning.rewind=0)")
+    if not p.get("train_dense", True) and (
+            scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0):
+        raise ValueError(f"pruning.train_dense=false skips the dense network, which pruning.when="
+                         f"{scores_at(p)} with pruning.rewind={p.rewind} needs; it is for pruning at "
+                         "initialization (pruning.when=at_init, pruning.rewind=0)")
     if p.scope == "global" and (p.rates or p.layer_rates):
         raise ValueError("pruning.rates and pruning.layer_rates are per-layer rates, which global pruning does not "
                          "use (it removes pruning.rate of all surviving weights); use pruning.scope=layerwise or "

@@ -8,7 +8,8 @@ experiment on resume, its results and its tickets.
     metrics.jsonl               every evaluation and training-loss log, tagged with level and branch
     init.pt, rewind.pt          weights at initialization and at the rewind point (saved once)
     states/step_<k>.pt          full state of level 0 at other steps a branch starts from (lmc's steps; saved once)
-    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.experiment.ticket), written once per level
+    levels/level_<L>/ticket.pt  masks + rewind weights + config + metrics (lottery.experiment.ticket), written once per
+                                level
     levels/level_<L>/final.pt   trained weights of the level's ticket (what the next level prunes)
     levels/level_<L>/<branch>/result.json            the branch's record (+ evaluation curve of a one-unit branch,
                                                      or an analysis's `curves`)
@@ -25,14 +26,26 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
 from lottery.config import EXTENDING_KEYS, non_experiment
-from lottery.core.files import (CHECKSUM_SUFFIX, Checkpoints, Damaged, WriteFailed, checksum_path, fsync_file,
-                                 load_json, remove_temp_files, save_json, verify, write_text)
+from lottery.core.files import (
+    CHECKSUM_SUFFIX,
+    Checkpoints,
+    Damaged,
+    WriteFailed,
+    checksum_path,
+    fsync_file,
+    load_json,
+    remove_temp_files,
+    save_json,
+    verify,
+    write_text,
+)
+from lottery.core.registry import as_dict
 from lottery.experiment.records import without_details
 from lottery.experiment.ticket import Ticket, load_ticket, save_ticket
 
@@ -80,7 +93,7 @@ def _defaults(new: dict) -> dict:
     from lottery.data import DATASETS
     from lottery.pruning import CRITERIA
     from lottery.training import OPTIMIZERS
-    out = _flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    out = _flatten(as_dict(OmegaConf.structured(Config)))
     nodes = [("dataset", DATASETS, (new.get("dataset") or {}).get("name")),
              ("optimizer", OPTIMIZERS, (new.get("optimizer") or {}).get("name")),
              ("pruning.criterion", CRITERIA, ((new.get("pruning") or {}).get("criterion") or {}).get("name")),
@@ -88,7 +101,7 @@ def _defaults(new: dict) -> dict:
     for prefix, registry, name in nodes:
         settings = getattr(registry.get(name), "settings", None)
         if settings is not None:
-            values = OmegaConf.to_container(OmegaConf.structured(settings))
+            values = as_dict(OmegaConf.structured(settings))
             out.update({f"{prefix}.{k}": v for k, v in _flatten(values).items()})
     return out
 
@@ -197,8 +210,8 @@ class RunFolder:
         return [_copy(without_details(self._result(p))) for p in paths]
 
     def write_summary(self) -> list[dict]:
-        """Rewrite summary.json from the result files. Not fsynced here: the next run of the command rebuilds it from them, and
-        `sync` (when the process leaves the folder) makes the last one durable."""
+        """Rewrite summary.json from the result files. Not fsynced here: the next run of the command rebuilds it from
+        them, and `sync` (when the process leaves the folder) makes the last one durable."""
         summary = self.results()
         save_json(summary, self.summary, durable=False)
         self._summary_unsynced = True
@@ -231,7 +244,7 @@ class RunFolder:
         created = not self.path.exists()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            f = open(self.path / ".lock", "a")
+            f = open(self.path / ".lock", "a")  # noqa: SIM115 - closed by `with f:` below; an OSError here is WriteFailed
         except OSError as e:
             raise WriteFailed(self.path / ".lock", e) from e
         with f:
@@ -274,7 +287,7 @@ class RunFolder:
     def holds_replicas(self) -> bool:
         return (self.path / "replicas.json").exists()
 
-    def check_config(self, resolved: dict, extends: Optional[Callable[[dict], Optional[str]]] = None) -> bool:
+    def check_config(self, resolved: dict, extends: Callable[[dict], str | None] | None = None) -> bool:
         """Refuse (ValueError naming the differing keys) if the folder holds another experiment; True if it holds
         this one (a resume). A config that differs only in keys that add work (config.EXTENDING_KEYS: more levels, a
         later target) is this experiment extended when `extends(old config)` finds no reason (returned as a string)

@@ -17,13 +17,12 @@ ends with `Diverged` naming every diverged unit and its replicate.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from lottery import masks as M
 from lottery.branches import BRANCHES
 from lottery.core.divergence import AtChance, Diverged
-from lottery.core.signals import stop_if_asked
 from lottery.core.files import load_torch, save_torch
+from lottery.core.signals import stop_if_asked
 from lottery.experiment import callbacks, plan, progress
 from lottery.experiment.replicate import Replicate, cpu_state
 from lottery.experiment.ticket import Ticket
@@ -51,11 +50,11 @@ class Lineage:
         self.masks = M.ones(model, self.prunable)
         if rep.steps.rewind == 0 and not folder.rewind.exists():
             rep.set_rewind_state(self.init_state)
-        self.trained: Optional[dict] = None  # level L-1's trained weights while this process has them
+        self.trained: dict | None = None  # level L-1's trained weights while this process has them
         self.ticket: dict = {}
         self.tickets: dict[int, dict] = {}  # each level's ticket record (what training its masks cost)
         self.diverged: list[dict] = []
-        self.at_chance: Optional[dict] = None  # the at-chance ticket a next level would have been built from
+        self.at_chance: dict | None = None  # the at-chance ticket a next level would have been built from
         self.stopped = False
 
     def check(self, record: dict) -> None:
@@ -77,7 +76,7 @@ class Lineage:
             self.masks = plan.prune_level(self.rep, level, self.masks, trained=self.trained)
         return True
 
-    def ticket_job(self, level: int) -> Optional[Job]:
+    def ticket_job(self, level: int) -> Job | None:
         """The job of the level's ticket, or None when it has a result (then read into `ticket`). How a pruned level
         trains is `pruning.retrain`: its survivors rewound to the rewind point (weight_rewind), or the trained weights
         it was pruned from kept with the schedule from the rewind step (lr_rewind) or at the final learning rate for
@@ -132,8 +131,8 @@ class Lineage:
         return plans
 
 
-def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: Optional[dict],
-                start_state: Optional[dict] = None) -> Ticket:
+def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: dict | None,
+                start_state: dict | None = None) -> Ticket:
     """The ticket file of `level`: its masks and the state its training starts from (the rewind point's, masked,
     unless `start_state` says otherwise: the kept trained weights of lr_rewind and finetune)."""
     state = {k: v.clone() for k, v in (start_state or rep.rewind_state).items()}

@@ -26,8 +26,6 @@ forms, so `lottery-retrain ticket=packed.pt` works like a ticket file.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -36,7 +34,7 @@ VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def pack(ticket, trained_state: Optional[dict] = None, dtype: str = "float32") -> dict:
+def pack(ticket, trained_state: dict | None = None, dtype: str = "float32") -> dict:
     """The packed form (plain data for save_torch) of `ticket` and, if given, the level's trained `trained_state`."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown packed dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -89,7 +87,7 @@ def is_packed(data) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def unpack(data: dict, source: str = "the packed ticket") -> tuple[dict, dict, Optional[dict]]:
+def unpack(data: dict, source: str = "the packed ticket") -> tuple[dict, dict, dict | None]:
     """(masks {name: bool}, rewind state, trained state or None), every float tensor in fp32."""
     if data.get("version", VERSION + 1) > VERSION:
         raise ValueError(f"{source} has packed ticket format version {data.get('version')}; this lottery reads up to "

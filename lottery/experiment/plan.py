@@ -2,10 +2,12 @@
 which masks, with which data and randomness)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
-from lottery import masks as M
-from lottery import pruning
+from lottery import masks as M, pruning
 from lottery.core.files import load_torch
 from lottery.core.seeds import derive_seed
 from lottery.pruning import granularity as G
@@ -157,13 +159,14 @@ def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
     """Training the masks of `level` depended on, from the records of earlier levels' tickets ({level: record}):
     IMP's every earlier level, one-shot pruning after training its dense level, pruning at initialization nothing.
     The scoring itself (a batch for SNIP, SynFlow's rounds) is not counted."""
+    needed: Iterable[int]
     if level == 0 or pruning.scores_at(cfg.pruning) == "at_init":
         needed = []
     elif cfg.pruning.from_dense:
         needed = [0]
     else:
         needed = range(level)
-    out = {"steps": 0, "flops": 0, "carry": {}}
+    out: dict[str, Any] = {"steps": 0, "flops": 0, "carry": {}}
     for lv in needed:
         rec = tickets.get(lv) or {}
         out["steps"] += rec.get("train_steps") or 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Optional
 
 import torch
 
@@ -20,12 +19,12 @@ from lottery.branches import BRANCHES
 log = logging.getLogger(__name__)
 
 # The progress of the run_levels call now in this process (None outside one: lottery-retrain, a test's own training).
-CURRENT: Optional["Progress"] = None
+CURRENT: Progress | None = None
 
 
 def duration(seconds: float) -> str:
     """`45s`, `12m 5s`, `3h 20m`: a time as people read it."""
-    s = int(round(seconds))
+    s = int(round(seconds))  # noqa: RUF046 - a NumPy float's round() is a float
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -71,8 +70,8 @@ class Progress:
         self.last = self.began
         self.trained = 0  # network-steps trained by this process
         self.pending = 0  # of those, the steps of units without their record yet
-        self.first_step: Optional[float] = None  # when this process trained its first step (after set-up, warm-up)
-        self.per_step: Optional[float] = None  # measured before starting (seconds per network-step), if asked
+        self.first_step: float | None = None  # when this process trained its first step (after set-up, warm-up)
+        self.per_step: float | None = None  # measured before starting (seconds per network-step), if asked
         self.where = ""
 
     # --- before ---------------------------------------------------------------------------------------------------
@@ -125,7 +124,10 @@ class Progress:
         elapsed = now - self.began
         left_steps = max(self.left_steps - self.pending, 0)
         # seconds per network-step since the first step (set-up and the first call's warm-up are once only)
-        rate = (now - self.first_step) / (self.trained - 1) if self.trained > 1 else self.per_step
+        rate = self.per_step
+        if self.trained > 1:
+            assert self.first_step is not None  # set at the first step
+            rate = (now - self.first_step) / (self.trained - 1)
         left = "" if rate is None else f", about {duration(left_steps * rate)} left"
         log.info("progress: %s%d/%d units done (%.0f%%); elapsed %s%s", inside, self.done, self.total,
                  100 * self.done / max(self.total, 1), duration(elapsed), left)
@@ -134,7 +136,8 @@ class Progress:
 def measure_step(lin) -> tuple[float, float]:
     """Seconds per training step and per evaluation, from a few steps of a copy of the lineage's model on its data
     (its own batches, a fresh optimizer): nothing of the run is touched, and no random stream either (the global
-    generators are restored; batches use their own). The first steps and the first evaluation are not timed (warm-up)."""
+    generators are restored; batches use their own). The first steps and the first evaluation are not timed
+    (warm-up)."""
     from dataclasses import replace
 
     from lottery import masks as M
@@ -170,7 +173,7 @@ def measure_step(lin) -> tuple[float, float]:
     return (marks["last"] - marks["first"]) / (last - first), marks[f"eval_{last}"] - marks["last"]
 
 
-def answer(reps, tolerance: float) -> Optional[str]:
+def answer(reps, tolerance: float) -> str | None:
     """The run's answer in one line: the sparsest level whose ticket's test accuracy (mean over replicates) is within
     `tolerance` of the dense network's (level 0), and each control's accuracy there. None without a dense level or a
     pruned one."""

@@ -4,9 +4,10 @@ branch starts from). A plain run has one replicate; `replicas=R` has R, each wit
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from collections.abc import Callable
 
 import torch
+
 from lottery import masks as M
 from lottery.config import Config, plain_values
 from lottery.core.files import load_torch, save_torch
@@ -37,18 +38,28 @@ class Replicate:
         self.seed = cfg.seed
         self.name = ""  # "replicate <seed>: " in the log lines of a replicas run, where several seeds share a log
         self.data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        self.tracker: Optional[Tracker] = None  # set by the session once the folder is written
+        self._tracker: Tracker | None = None  # set by the session once the folder is written
         self.resolved: dict = {}
-        self.extends: Optional[tuple[int, int]] = None  # (levels the folder had, levels now): a run extended
+        self.extends: tuple[int, int] | None = None  # (levels the folder had, levels now): a run extended
         # the thread count its evaluations get (lottery.core.threads.Threads.evaluation), set by the session
-        self.evaluation_threads: Optional[int] = None
-        self._rewind_state: Optional[dict] = None
+        self.evaluation_threads: int | None = None
+        self._rewind_state: dict | None = None
 
-    def batches(self, data_seed: Optional[int] = None) -> Batches:
+    @property
+    def tracker(self) -> Tracker:
+        """Its metrics and W&B runs; set by the session before any training."""
+        assert self._tracker is not None, "the session sets the tracker before any training"
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, tracker: Tracker) -> None:
+        self._tracker = tracker
+
+    def batches(self, data_seed: int | None = None) -> Batches:
         """Training batches in the order of `data_seed` (default: the replicate's)."""
         return Batches(self.split, self.cfg.train.batch_size, self.data_seed if data_seed is None else data_seed)
 
-    def new_model(self, init_seed: Optional[int] = None):
+    def new_model(self, init_seed: int | None = None):
         """Built and initialized on the CPU, so a seed gives the same weights on every device."""
         kwargs = plain_values(self.cfg.model)
         pool = self.split.pool
@@ -94,15 +105,20 @@ class Replicate:
         model = self.new_model()
         model.load_state_dict(load_torch(self.folder.init))
         masks = M.ones(model, self.prunable(model))
-        at_step = {k: (lambda k=k: save_torch(cpu_state(model), self.folder.state_path(k))) for k in missing}
+        def saver(k: int) -> Callable[[], None]:  # the hook that saves the state at step k
+            return lambda: save_torch(cpu_state(model), self.folder.state_path(k))
+        at_step = {k: saver(k) for k in missing}
         train([Network(model, masks, self.batches(), Hooks(at_step=at_step))], self.training, start=0, end=missing[-1],
               steps=self.steps, desc="level 0 replay", evaluation_threads=self.evaluation_threads)
 
     def capture_hooks(self, model) -> dict:
         """At-step hooks for level 0's ticket: save the rewind state and the states branches start from, once."""
         folder = self.folder
-        at_step = {} if folder.rewind.exists() else {self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))}
+        def saver(k: int) -> Callable[[], None]:  # the hook that saves the state at step k
+            return lambda: save_torch(cpu_state(model), folder.state_path(k))
+        at_step: dict[int, Callable[[], None]] = ({} if folder.rewind.exists() else
+                                                  {self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))})
         for k in self.capture_steps:
             if not folder.state_path(k).exists():
-                at_step[k] = lambda k=k: save_torch(cpu_state(model), folder.state_path(k))
+                at_step[k] = saver(k)
         return at_step

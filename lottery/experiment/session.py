@@ -12,22 +12,23 @@ and on leaving closes every tracker (W&B's run is finished as failed when the bo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lottery.branches import BRANCHES, branch_settings
 from lottery.config import typed
-from lottery.core import device as D
+from lottery.core import device as D, threads
 from lottery.core.files import repair_torn_line, save_json
-from lottery.core.steps import Steps, parse_steps
-from lottery.core import threads
+from lottery.core.registry import as_dict
 from lottery.core.signals import stop_if_asked
+from lottery.core.steps import Steps, parse_steps
 from lottery.data import DATASETS, load_pool, split
 from lottery.experiment.check import checked
 from lottery.experiment.folder import RunFolder
@@ -42,7 +43,7 @@ from lottery.training.layouts import check_supported
 log = logging.getLogger(__name__)
 
 
-def replica_seeds(cfg) -> Optional[list[int]]:
+def replica_seeds(cfg) -> list[int] | None:
     """`replicas=R`: seeds seed, seed+1, ..., seed+R-1; `replicas=[s, ...]`: those seeds; null: no replicas."""
     r = cfg.get("replicas")
     if r is None:
@@ -60,7 +61,7 @@ def replica_seeds(cfg) -> Optional[list[int]]:
 
 def replicate_config(cfg: DictConfig, seed: int) -> DictConfig:
     """The config of the single run with this seed (what the replicate folder's config.yaml holds)."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    out = OmegaConf.create(as_dict(cfg, resolve=False))
     OmegaConf.set_struct(out, False)
     out.seed = seed
     out.replicas = None
@@ -115,7 +116,7 @@ def capture_steps(cfg, steps: Steps) -> list[int]:
 class Session:
     replicates: list[Replicate]
     how: str  # how a level's units train: sequential, or a layout of lottery.training.layouts
-    parent: Optional[Path]  # the replicas parent folder, if any
+    parent: Path | None  # the replicas parent folder, if any
 
 
 # Replicates beyond which a replicas run says what it is about to cost before it starts.
@@ -150,13 +151,13 @@ def _check_parent(parent: Path, cfg, seeds: list[int]) -> list[int]:
 
 def _parent_config(cfg) -> dict:
     """What a replicas parent records of its experiment: the config without the keys that tell replicates apart."""
-    out = OmegaConf.to_container(cfg, resolve=True)
+    out = as_dict(cfg, resolve=True)
     for key in ("seed", "data_seed", "replicas"):
         out.pop(key, None)
     return out
 
 
-def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
+def _cost_warning(cfg, seeds: list[int], model, device) -> str | None:
     """For many replicates: what a level will hold in memory and cost in time, before anything starts."""
     if len(seeds) < MANY_REPLICATES:
         return None
@@ -178,7 +179,7 @@ def _cost_warning(cfg, seeds: list[int], model, device) -> Optional[str]:
             f"spread them over jobs")
 
 
-def _extension(rep: Replicate, old: dict) -> Optional[str]:
+def _extension(rep: Replicate, old: dict) -> str | None:
     """None when `rep`'s config extends the run `old` (its config.yaml) with more levels, which leaves every level it
     has as it is: IMP's level L keeps the same count whatever the number of levels (pruning.rate per level; a target
     only says when to stop). Otherwise why not. Sets `rep.extends` to (old levels, new levels)."""
@@ -199,7 +200,7 @@ def _extension(rep: Replicate, old: dict) -> Optional[str]:
 
 @contextlib.contextmanager
 def open_session(cfg: DictConfig, run_dir, *, ticket=None,
-                 on_owned: Optional[Callable[[Path], None]] = None) -> Iterator[Session]:
+                 on_owned: Callable[[Path], None] | None = None) -> Iterator[Session]:
     """Check, lock, load, check again, then (the folders are this process's now) call `on_owned(run_dir)`, write,
     and yield the session; close the trackers on leaving. `ticket` (lottery-retrain): the ticket to retrain, which
     must fit the model and come before the end of training. Nothing is logged before the folders are owned either:
@@ -216,12 +217,13 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
     run_dir = Path(run_dir)
     parent = run_dir if seeds is not None else None
     configs = [replicate_config(cfg, s) for s in seeds] if seeds is not None else [cfg]
-    folders = [RunFolder(parent / f"replicate_{s}") for s in seeds] if seeds is not None else [RunFolder(run_dir)]
+    folders = [RunFolder(run_dir / f"replicate_{s}") for s in seeds] if seeds is not None else [RunFolder(run_dir)]
     how = "sequential"
     with contextlib.ExitStack() as stack:
         stop_if_asked("before set-up")
         if parent is not None:
             stack.enter_context(RunFolder(parent).lock())
+            assert seeds is not None  # a parent folder is a replicas run's
             listed = _check_parent(parent, cfg, seeds)
         elif RunFolder(run_dir).holds_replicas():
             from lottery.experiment.folder import FolderRefused
@@ -242,13 +244,13 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             if ticket is not None and ticket.rewind_step >= steps.total:
                 raise ValueError(f"the ticket rewinds to step {ticket.rewind_step}, past the end of training "
                                  f"({steps.total} steps)")
-            resolved = OmegaConf.to_container(rcfg, resolve=True)
+            resolved = as_dict(rcfg, resolve=True)
             # below this point the run reads typed settings, not the DictConfig (the folder keeps `resolved`)
             rep = Replicate(typed(resolved), folder, data, steps, capture_steps(rcfg, steps), device, info)
             if seeds is not None:
                 rep.name = f"replicate {rcfg.seed}: "
             rep.resolved = resolved
-            if folder.check_config(rep.resolved, extends=lambda old, rep=rep: _extension(rep, old)):
+            if folder.check_config(rep.resolved, extends=functools.partial(_extension, rep)):
                 folder.check_files()
                 resumed.append(folder.path)
             reps.append(rep)

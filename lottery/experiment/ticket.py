@@ -29,13 +29,13 @@ import pickle
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
 from lottery import masks as M
 from lottery.core.files import Damaged, load_torch, save_torch, verify
+from lottery.core.registry import as_dict
 from lottery.experiment import packed
 
 FORMAT = "lottery-ticket"
@@ -51,7 +51,7 @@ class Ticket:
     config: dict
     weights_remaining: float
     params_remaining: float
-    metrics: Optional[dict] = None
+    metrics: dict | None = None
 
 
 def save_ticket(path: Path, ticket: Ticket) -> None:
@@ -100,7 +100,7 @@ def load_ticket(path) -> Ticket:
     if not isinstance(data["masks"], dict) or not data["masks"]:
         raise ValueError(f"ticket file {path} holds no masks; it is damaged or not a lottery ticket")
     ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
-    ticket.source = str(path)  # for messages; not a field, so never saved
+    ticket.source = str(path)  # type: ignore[attr-defined]  # for messages; not a field, so never saved
     return ticket
 
 
@@ -114,8 +114,8 @@ def _from_packed(data: dict, path: Path) -> Ticket:
     ticket = Ticket(level=data["level"], masks=masks, rewind_step=data["rewind_step"], rewind_state=rewind,
                     config=data["config"], weights_remaining=data["weights_remaining"],
                     params_remaining=data["params_remaining"], metrics=data.get("metrics"))
-    ticket.source = str(path)
-    ticket.trained_state = trained  # not a field: a ticket file does not hold it
+    ticket.source = str(path)  # type: ignore[attr-defined]  # for messages; not a field, so never saved
+    ticket.trained_state = trained  # type: ignore[attr-defined]  # not a field: a ticket file does not hold it
     return ticket
 
 
@@ -129,7 +129,7 @@ def _shape(t) -> str:
     return "x".join(map(str, t.shape)) if t.dim() else "scalar"
 
 
-def _data_desc(dataset) -> Optional[str]:
+def _data_desc(dataset) -> str | None:
     """`mnist`, `cifar10`, `synthetic 3x32x32`: the dataset and, where it varies with its settings, its input shape."""
     from lottery.data import DATASETS, dataset_settings
     if not dataset or not dataset.get("name"):
@@ -151,7 +151,7 @@ def _made_for(ticket: Ticket) -> str:
     return f"{model}" + (f" on {data}" if data else "")
 
 
-def check_fits(ticket: Ticket, state: dict, model_name: str, where: Optional[str] = None) -> None:
+def check_fits(ticket: Ticket, state: dict, model_name: str, where: str | None = None) -> None:
     """Raise a one-line ValueError unless the ticket's weights have exactly the tensors and shapes of `state` (the
     state_dict of the model it is about to be loaded into, on any device, `meta` included)."""
     theirs = ticket.rewind_state
@@ -183,7 +183,7 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
     from lottery.data import dataset_settings
     from lottery.models import build_model
     entry, _, own = dataset_settings(cfg.dataset)
-    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    kwargs = as_dict(cfg.model, resolve=True)
     name = kwargs.pop("name")
     source = getattr(ticket, "source", None) or "the ticket"
     made_on = ((ticket.config or {}).get("dataset") or {}).get("name")
@@ -202,7 +202,7 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
                          f"again from its run folder")
 
 
-def load_into(model: nn.Module, ticket: Ticket, model_name: Optional[str] = None) -> M.Masks:
+def load_into(model: nn.Module, ticket: Ticket, model_name: str | None = None) -> M.Masks:
     """Load the ticket's rewind weights into `model` and return its masks on the model's device (masks applied)."""
     check_fits(ticket, model.state_dict(), model_name or type(model).__name__)
     model.load_state_dict(ticket.rewind_state)
@@ -219,14 +219,16 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
     """The config of `lottery-retrain`: the ticket's own run config, with the keys the user overrode on the command
     line (`overridden`) taken from `cfg`. Keys a ticket written by an older version holds that its dataset or
     optimizer no longer takes (settings of another optimizer, say) are dropped."""
-    from omegaconf import OmegaConf
-    base = OmegaConf.create(OmegaConf.to_container(cfg))
+    from omegaconf import DictConfig, OmegaConf
+    base = OmegaConf.create(as_dict(cfg))
     OmegaConf.set_struct(base, False)  # the ticket's nodes may hold keys the composed config's do not
-    base = OmegaConf.merge(base, ticket_config)
+    merged = OmegaConf.merge(base, ticket_config)
+    assert isinstance(merged, DictConfig)  # a mapping merged into a mapping
+    base = merged
     for node in _OWN_NODES:
         value = OmegaConf.select(OmegaConf.create(ticket_config), node)
         if value is not None:
-            OmegaConf.update(base, node, _known_keys(node, OmegaConf.to_container(value)), merge=False)
+            OmegaConf.update(base, node, _known_keys(node, as_dict(value)), merge=False)
     for key in overridden:
         OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
     return base
@@ -234,6 +236,7 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
 
 def _known_keys(node: str, values: dict) -> dict:
     import dataclasses
+
     from lottery.data import DATASETS
     from lottery.data.registry import COMMON as DATA_COMMON
     from lottery.training.optimizers import COMMON as OPT_COMMON, OPTIMIZERS

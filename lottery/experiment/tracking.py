@@ -23,11 +23,15 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from lottery.core.files import appending
 
+if TYPE_CHECKING:
+    from wandb import Run
+
 log = logging.getLogger(__name__)
+WandbMode = Literal["online", "offline", "disabled", "shared"]
 
 
 def wandb_mode() -> str:
@@ -43,7 +47,7 @@ def wandb_mode() -> str:
         return "offline"
 
 
-def _sweep_name() -> Optional[str]:
+def _sweep_name() -> str | None:
     """The named sweep (`sweep=...`) this job belongs to, if any: the default W&B group of its jobs."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -86,13 +90,13 @@ class Tracker:
     per unit (opened at the unit's first metric, finished with its record); several trackers (replicas) may be open
     in one process."""
 
-    def __init__(self, run_dir: Path, cfg, config_dict: Optional[dict], group: Optional[str] = None):
+    def __init__(self, run_dir: Path, cfg, config_dict: dict | None, group: str | None = None):
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.cfg = cfg
         self.config = config_dict or {}
-        self.run = None  # the job's W&B run; None once W&B is off
-        self.units: dict[tuple[int, str], object] = {}  # (level, tag) -> the W&B run of a unit being trained
+        self.run: Run | None = None  # the job's W&B run; None once W&B is off
+        self.units: dict[tuple[int, str], Run] = {}  # (level, tag) -> the W&B run of a unit being trained
         self._step = 0
         self._wandb_dirs: list[Path] = []
         if cfg.logger.name == "wandb":
@@ -113,11 +117,11 @@ class Tracker:
                       f": {text.splitlines()[0]}" if text else "", self.run_dir)
             for run in runs:
                 try:
-                    run.finish(exit_code=1, quiet=True)
-                except Exception:  # noqa: BLE001 - a broken service may not even finish
+                    run.finish(exit_code=1)
+                except Exception:  # noqa: BLE001, S110 - a broken service may not even finish
                     pass
 
-    def _start_wandb(self, config_dict: Optional[dict], group: Optional[str]) -> None:
+    def _start_wandb(self, config_dict: dict | None, group: str | None) -> None:
         import wandb
 
         lcfg = self.cfg.logger
@@ -126,13 +130,17 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.exists() else _new_id()
         id_file.write_text(run_id)
         # Several runs are open at once in one process (the job's, its units', other replicates'): create_new.
-        self._common = dict(project=lcfg.project, entity=lcfg.entity, group=lcfg.group or _sweep_name() or group,
-                            tags=list(lcfg.tags), dir=str(self.run_dir), resume="allow", reinit="create_new")
-        self._mode = wandb_mode()
-        kwargs = dict(id=run_id, name=self.run_dir.name, job_type=lcfg.job_type or "results", config=config_dict)
+        self._common: dict[str, Any] = {"project": lcfg.project, "entity": lcfg.entity,
+                                        "group": lcfg.group or _sweep_name() or group,
+                                        "tags": list(lcfg.tags), "dir": str(self.run_dir), "resume": "allow",
+                                        "reinit": "create_new"}
+        # WANDB_MODE as the user set it: W&B itself refuses a value it does not know
+        self._mode = cast(WandbMode, wandb_mode())
+        kwargs: dict[str, Any] = {"id": run_id, "name": self.run_dir.name, "job_type": lcfg.job_type or "results",
+                                  "config": config_dict}
         try:
             self.run = wandb.init(mode=self._mode, **self._common, **kwargs)
-        except Exception as e:  # noqa: BLE001 - W&B trouble (network, login) must not cost the experiment
+        except Exception as e:  # W&B trouble (network, login) must not cost the experiment
             if self._mode != "online":
                 raise
             log.error("W&B online start failed (%s); logging offline instead, upload later with `wandb sync`", e)
@@ -146,10 +154,16 @@ class Tracker:
             saved = int(self._step_file.read_text())
         except (OSError, ValueError):
             saved = 0
-        self._step = max(saved, self.run.step)
-        self._wandb_dirs.append(Path(self.run.dir).parent)
+        self._step = max(saved, self._job_run.step)
+        self._wandb_dirs.append(Path(self._job_run.dir).parent)
 
-    def _unit_run(self, level: int, tag: str):
+    @property
+    def _job_run(self) -> Run:
+        """The job's W&B run, in a step that runs only while W&B is on."""
+        assert self.run is not None
+        return self.run
+
+    def _unit_run(self, level: int, tag: str) -> Run:
         """The W&B run of unit `tag` (branch, or branch/unit) at `level`, opened (or resumed) at its first use."""
         key = (level, tag)
         if key not in self.units:
@@ -158,7 +172,7 @@ class Tracker:
             about = {"level": level, "branch": branch, "name": unit, "replicate": self.cfg.seed,
                      "folder": str(self.run_dir)}
             # silent, and the console stays the job run's: dozens of units must not each print and capture the log
-            run = wandb.init(mode=self._mode, **self._common, id=_unit_id(self.run.id, level, tag),
+            run = wandb.init(mode=self._mode, **self._common, id=_unit_id(self._job_run.id, level, tag),
                              name=f"{self.run_dir.name} L{level} {tag}", job_type="unit",
                              config={**self.config, "unit": about},
                              settings=wandb.Settings(silent=True, console="off"))
@@ -182,7 +196,7 @@ class Tracker:
 
     def _log(self, values: dict) -> None:
         """A row of the job's run (records table, chart, figures)."""
-        self.run.log(values, step=self._step)
+        self._job_run.log(values, step=self._step)
         self._step += 1
         self._step_file.write_text(str(self._step))
 
@@ -219,8 +233,8 @@ class Tracker:
         if record.get("diverged"):
             # the unit's run is tagged (and ends as failed); the job's run says so too, to filter a sweep by
             run.tags = tuple(dict.fromkeys([*(run.tags or ()), "diverged"]))
-            self.run.summary["diverged"] = True
-            self.run.tags = tuple(dict.fromkeys([*(self.run.tags or ()), "diverged"]))
+            self._job_run.summary["diverged"] = True
+            self._job_run.tags = tuple(dict.fromkeys([*(self._job_run.tags or ()), "diverged"]))
 
     def _finish_units(self, record: dict) -> None:
         level, branch = record["level"], record["branch"]
@@ -233,9 +247,9 @@ class Tracker:
 
     def _artifact(self, path: Path, name: str) -> None:
         import wandb
-        art = wandb.Artifact(name=f"{self.run.id}-{name}", type="ticket")
+        art = wandb.Artifact(name=f"{self._job_run.id}-{name}", type="ticket")
         art.add_file(str(path))
-        self.run.log_artifact(art)
+        self._job_run.log_artifact(art)
 
     def finish(self, summary: list[dict], ok: bool = True) -> None:
         if self.run is not None:
@@ -258,7 +272,7 @@ class Tracker:
                         xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
                         xname="weights remaining (%)")})
         finally:
-            self.run.finish(exit_code=0 if ok else 1)
+            self._job_run.finish(exit_code=0 if ok else 1)
             self.run = None
             self._report_write_errors()
 
@@ -267,7 +281,7 @@ class Tracker:
         self._log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
 
     def _close(self) -> None:
-        run, self.run = self.run, None
+        run, self.run = self._job_run, None
         run.finish()
         self._report_write_errors()
 

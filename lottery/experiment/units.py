@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -15,11 +15,11 @@ from lottery import masks as M
 from lottery.branches import BRANCHES, LevelContext, Unit
 from lottery.core import device as D
 from lottery.core.files import load_torch, save_torch
+from lottery.core.seeds import derive_seed
 from lottery.core.signals import Preempted, hand_over, stop_if_asked, stop_requested
 from lottery.experiment import callbacks, plan, progress
 from lottery.experiment.records import DETAIL_KEYS, unit_record, without_details
 from lottery.experiment.replicate import Replicate, cpu_state
-from lottery.core.seeds import derive_seed
 from lottery.training import Hooks, Network, lr_schedule, train
 from lottery.training.dst import dst_settings
 from lottery.training.updaters import starts_dense
@@ -37,11 +37,11 @@ class Job:
     masks: M.Masks
     start: int
     unit: str = ""
-    data_seed: Optional[int] = None
+    data_seed: int | None = None
     at_step: dict = field(default_factory=dict)
-    on_done: Optional[Callable[[dict], None]] = None  # files the next unit needs, written before result.json
-    end: Optional[int] = None  # last step (None: the end of training)
-    lr_at: Optional[int] = None  # hold the learning rate of this step (fine-tuning)
+    on_done: Callable[[dict], None] | None = None  # files the next unit needs, written before result.json
+    end: int | None = None  # last step (None: the end of training)
+    lr_at: int | None = None  # hold the learning rate of this step (fine-tuning)
     deps: dict = field(default_factory=dict)  # training the unit's masks depended on: {"steps", "flops"}
 
     @property
@@ -56,7 +56,7 @@ class BranchPlan:
     ctx: LevelContext
     units: list[Unit]
     single: bool  # one unnamed unit and no analysis: the unit's record is the branch's
-    records: list[Optional[dict]]
+    records: list[dict | None]
     jobs: list[tuple[int, Job]]  # (index in units, job)
 
 
@@ -72,7 +72,7 @@ def context(rep: Replicate, level: int, branch: str, masks: M.Masks) -> LevelCon
         trained_state=lambda: plan.trained_source(rep, level))
 
 
-def plan_branch(rep: Replicate, ctx: LevelContext, deps: Optional[dict] = None) -> BranchPlan:
+def plan_branch(rep: Replicate, ctx: LevelContext, deps: dict | None = None) -> BranchPlan:
     """The branch's units; those with a result are read back, the others become jobs (`deps`: the training its masks
     depended on, for the records' cost)."""
     folder = rep.folder
@@ -97,7 +97,7 @@ def plan_branch(rep: Replicate, ctx: LevelContext, deps: Optional[dict] = None) 
         on_done = None
         if u.keep_final:
             final = folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
-            on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731
+            on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731 - this unit's
         start = ctx.rewind_step if u.start is None else u.start
         out.jobs.append((i, Job(rep, ctx.level, ctx.branch, u.model, u.masks, start, name, u.data_seed,
                                 on_done=on_done, end=u.end, lr_at=u.lr_at, deps=dict(deps or {}))))
@@ -134,7 +134,7 @@ def finish_branch(plan_: BranchPlan) -> dict:
     return record
 
 
-def finish_unit(job: Job, result: dict, resume: Optional[dict] = None, wall_time: Optional[float] = None) -> dict:
+def finish_unit(job: Job, result: dict, resume: dict | None = None, wall_time: float | None = None) -> dict:
     """A unit's files once it is trained: what the next unit needs, its result (which marks it done), the summary."""
     rep, level, branch, unit, tag = job.rep, job.level, job.branch, job.unit, job.tag
     record = unit_record(rep, level, branch, job.model, job.masks, result, unit, job.deps, wall_time)
@@ -200,7 +200,7 @@ def execute(jobs: list[Job], how: str, on_record: Callable[[Job, dict], None], *
             _train(group, how, on_record, parent)
 
 
-def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, parent) -> None:
+def _train(group: list[tuple[Job, dict | None]], layout: str, on_record, parent) -> None:
     stop_if_asked("between units")
     first = group[0][0]
     resumed = group[0][1]["step"] if group[0][1] is not None else None
@@ -244,11 +244,11 @@ def _train(group: list[tuple[Job, Optional[dict]]], layout: str, on_record, pare
         on_record(job, record)
 
 
-def _checkpoint(job: Job) -> Optional[dict]:
+def _checkpoint(job: Job) -> dict | None:
     return job.rep.folder.checkpoints(job.level, job.branch, job.unit).load()
 
 
-def _resume_states(jobs: list[Job]) -> list[Optional[dict]]:
+def _resume_states(jobs: list[Job]) -> list[dict | None]:
     """Each unit's checkpoint to resume from. A kill while N checkpoints are written leaves some units one checkpoint
     ahead; those fall back to their previous checkpoint when it matches the others, so the batch stays whole."""
     options = [job.rep.folder.checkpoints(job.level, job.branch, job.unit).states() for job in jobs]

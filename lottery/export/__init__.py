@@ -92,12 +92,12 @@ def _default_out(args, src) -> Path:
 def _export(args) -> int:
     import torch
 
-    from lottery.export import compact as C, nm, sparse as S, table as T, to_onnx
-    from lottery.export.source import resolve
-    from lottery.export.compact import NotCompactable
-    from lottery.experiment import packed
     from lottery.core.files import save_torch
+    from lottery.experiment import packed
     from lottery.experiment.ticket import load_ticket
+    from lottery.export import compact as C, nm, sparse as S, table as T, to_onnx
+    from lottery.export.compact import NotCompactable
+    from lottery.export.source import resolve
 
     wanted = _variants(args.variants)
     every = args.variants.strip() == "all"
@@ -165,11 +165,11 @@ def _export(args) -> int:
     masked = src.masked() if src.trained_state is not None else None
     dense = src.dense_like()
     mt = args.min_run_time
-    acc = (lambda m: T.accuracy(m, test_x, test_y)) if test_x is not None else (lambda m: None)
+    acc = (lambda m: T.accuracy(m, test_x, test_y)) if test_x is not None and test_y is not None else (lambda m: None)
     ref = T.outputs(masked, test_x) if masked is not None and test_x is not None else None
 
     def diff(m):
-        return T.max_rel_diff(T.outputs(m, test_x), ref) if ref is not None else None
+        return T.max_rel_diff(T.outputs(m, test_x), ref) if ref is not None and test_x is not None else None
 
     counts_dense = C.count(dense, shape)
     compact_net = None
@@ -203,18 +203,20 @@ def _export(args) -> int:
                           file=path.name))
 
     if "compact" in wanted:
-        small, kept = C.compact(masked, src.ticket.masks)
+        assert masked is not None  # every network variant needs the trained weights (refused above without them)
+        small, kept_units = C.compact(masked, src.ticket.masks)
         compact_net = small
         path = out / "compact.pt2"
         C.save_exported(small, shape, path)
-        loaded = torch.export.load(str(path)).module()  # the file as a user loads it
+        loaded: torch.nn.Module = torch.export.load(str(path)).module()  # the file as a user loads it
         counts = C.count(small, shape)
-        details["compact"] = {"kept_units": kept, **{f"compact_{k}": v for k, v in counts.items()},
+        details["compact"] = {"kept_units": kept_units, **{f"compact_{k}": v for k, v in counts.items()},
                               **{f"dense_{k}": v for k, v in counts_dense.items()}, "format": "torch.export"}
         rows.append(T.row("compact", counts["weights"], path.stat().st_size, loaded, shape, args.threads,
                           acc(loaded), diff(loaded), file=path.name, min_run_time=mt, clock=args.clock))
 
     if "csr" in wanted:
+        assert masked is not None
         chosen, layers = S.choose(masked, shape, args.batch, threads=args.threads, clock=args.clock)
         details["csr"] = {"batch": args.batch, "layers": layers}
         if any(r["chosen"] == "csr" for r in layers):
@@ -229,12 +231,14 @@ def _export(args) -> int:
                          f"export.json): no csr network written")
 
     if "nm" in wanted:  # on a CUDA device only (refused or noted above otherwise)
+        assert masked is not None
         half, layers = nm.semi_structured(masked, "cuda")
         details["nm"] = {"layers": layers, "device": torch.cuda.get_device_name()}
         if test_x is not None:
             with torch.no_grad():
                 got = torch.cat([half(test_x[i:i + 500].half().cuda()).float().cpu()
                                  for i in range(0, len(test_x), 500)])
+            assert ref is not None and test_y is not None  # both come with test_x and the masked network
             details["nm"]["max_rel_diff_fp16"] = T.max_rel_diff(got, ref)
             details["nm"]["accuracy"] = T.accuracy_of(got, test_y)
 
@@ -242,6 +246,7 @@ def _export(args) -> int:
         path = out / "model.onnx"
         small_or_masked = "compact" if compact_net is not None else "masked"
         net = compact_net if compact_net is not None else masked
+        assert net is not None
         to_onnx.export(net, shape, path)
         x = test_x if test_x is not None else torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
         got = torch.cat([to_onnx.run(path, x[i:i + 500]) for i in range(0, len(x), 500)])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ class NotCompactable(ValueError):
 @dataclass
 class Layer:
     path: str  # module path of the Linear or Conv2d
-    bn: Optional[str] = None  # its BatchNorm2d, applied before the ReLU
+    bn: str | None = None  # its BatchNorm2d, applied before the ReLU
     expand: int = 1  # inputs per unit of the previous layer (h*w for the first Linear after a flatten)
 
 
@@ -43,8 +42,9 @@ def chain(model: nn.Module) -> list[Layer]:
         return [Layer(f"hidden.{i}") for i in range(len(model.hidden))] + [Layer("out")]
     if isinstance(model, ConvNet):
         layers = [Layer(f"convs.{i}") for i in range(len(model.convs))]
-        first_fc = model.fcs[0] if len(model.fcs) else model.out
-        expand = first_fc.in_features // model.convs[-1].out_channels
+        first_fc, last_conv = model.fcs[0] if len(model.fcs) else model.out, model.convs[-1]
+        assert isinstance(first_fc, nn.Linear) and isinstance(last_conv, nn.Conv2d)
+        expand = first_fc.in_features // last_conv.out_channels
         fcs = [Layer(f"fcs.{i}") for i in range(len(model.fcs))] + [Layer("out")]
         fcs[0].expand = expand
         return layers + fcs
@@ -71,9 +71,11 @@ def removed_units(model: nn.Module, masks: dict) -> dict[str, int]:
 def _constant(model: nn.Module, layer: Layer, rows: torch.Tensor) -> torch.Tensor:
     """The activation (after BatchNorm and ReLU) of units `rows`, whose weights are all zero: a constant each."""
     mod = model.get_submodule(layer.path)
+    assert isinstance(mod, (nn.Linear, nn.Conv2d))  # chain() lists only these
     b = mod.bias.detach()[rows] if mod.bias is not None else torch.zeros(len(rows))
     if layer.bn:
         bn = model.get_submodule(layer.bn)
+        assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
         b = (b - bn.running_mean[rows]) / torch.sqrt(bn.running_var[rows] + bn.eps)
         if bn.affine:
             b = b * bn.weight.detach()[rows] + bn.bias.detach()[rows]
@@ -86,14 +88,16 @@ def compact(model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, tuple[i
     layers = chain(model)
     new = copy.deepcopy(model).eval()
     kept_units: dict[str, tuple[int, int]] = {}
-    prev_keep: Optional[torch.Tensor] = None  # kept units of the previous layer
-    fold: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (removed units, their constant) of the previous layer
+    prev_keep: torch.Tensor | None = None  # kept units of the previous layer
+    fold: tuple[torch.Tensor, torch.Tensor] | None = None  # (removed units, their constant) of the previous layer
     with torch.no_grad():
         for i, layer in enumerate(layers):
             mod = model.get_submodule(layer.path)
+            assert isinstance(mod, (nn.Linear, nn.Conv2d))  # chain() lists only these
             w = mod.weight.detach()
             bias = mod.bias.detach().clone() if mod.bias is not None else None
             if fold is not None:  # removed units of the previous layer with a non-zero constant: into this bias
+                assert bias is not None  # a Linear after a layer of constant units has a bias (models here do)
                 rows, const = fold
                 cols = _expand(rows, layer.expand)
                 bias = bias + w[:, cols] @ const.repeat_interleave(layer.expand)
@@ -114,10 +118,12 @@ def compact(model: nn.Module, masks: dict) -> tuple[nn.Module, dict[str, tuple[i
                     keep = (~dead).nonzero().flatten()
             w = w[keep]
             if prev_keep is not None:
-                w = w[:, _expand(prev_keep, layers[i].expand)]
+                w = w[:, _expand(prev_keep, layer.expand)]
             _replace(new, layer.path, _smaller(mod, w, bias[keep] if bias is not None else None))
             if layer.bn:
-                _replace(new, layer.bn, _smaller_bn(model.get_submodule(layer.bn), keep))
+                bn = model.get_submodule(layer.bn)
+                assert isinstance(bn, nn.BatchNorm2d)
+                _replace(new, layer.bn, _smaller_bn(bn, keep))
             kept_units[layer.path] = (len(keep), n_out)
             prev_keep = keep
     return new, kept_units
@@ -127,14 +133,18 @@ def _expand(units: torch.Tensor, per_unit: int) -> torch.Tensor:
     return (units[:, None] * per_unit + torch.arange(per_unit)).flatten()
 
 
-def _smaller(mod: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor]) -> nn.Module:
+def _smaller(mod: nn.Linear | nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None) -> nn.Module:
+    out: nn.Linear | nn.Conv2d
     if isinstance(mod, nn.Linear):
         out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     else:
-        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
-                        dilation=mod.dilation, bias=b is not None)
+        # the ignores: torch types a Conv2d's kernel_size, stride, padding and dilation tuple[int, ...] and its
+        # arguments tuple[int, int]; they are the same values
+        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride,  # type: ignore[arg-type]  # above
+                        padding=mod.padding, dilation=mod.dilation, bias=b is not None)  # type: ignore[arg-type]  # above
     out.weight.data.copy_(w)
     if b is not None:
+        assert out.bias is not None  # made with bias=True
         out.bias.data.copy_(b)
     return out.eval()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ BRANCHES = ("ticket",)
 @dataclass
 class Source:
     ticket: Ticket
-    trained_state: Optional[dict]  # the level's trained weights (masks applied), None if the source lacks them
+    trained_state: dict | None  # the level's trained weights (masks applied), None if the source lacks them
     where: str  # for messages and the table: the file or run folder + level
 
     @property
@@ -46,7 +45,7 @@ class Source:
     def input_shape(self) -> tuple[int, int, int]:
         from lottery.data import dataset_settings
         entry, _, own = dataset_settings(self.dataset_node())
-        return tuple(entry.shape(own))
+        return entry.shape(own)
 
     def masked(self, which: str = "trained") -> nn.Module:
         """The masked network in eval mode: the trained weights (`trained`) or the rewind weights (`rewind`)."""
@@ -70,7 +69,7 @@ class Source:
         return model.eval()
 
 
-def resolve(path, level: Optional[int] = None, replicate: Optional[int] = None, branch: str = "ticket") -> Source:
+def resolve(path, level: int | None = None, replicate: int | None = None, branch: str = "ticket") -> Source:
     """The Source at `path`: a ticket file (ticket.pt or a packed ticket), or a run folder with `level` (a replicas
     run's parent folder with `replicate`). One-line ValueErrors name the bad value and the accepted ones."""
     path = Path(path).expanduser()

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ Timer = Callable[[nn.Module, torch.Tensor], float]  # seconds per call of module
 
 class CSRLinear(nn.Module):
     """y = x W^T + b with W held as a CSR matrix (only its non-zeros)."""
+    weight: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    bias: torch.Tensor | None
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -56,13 +59,13 @@ def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_ti
         raise ValueError(f"unknown clock {clock!r}; accepted: {', '.join(CLOCKS)}")
     if clock == "thread" and threads != 1:
         raise ValueError(f"clock 'thread' measures one thread; got threads={threads}")
-    kwargs = {"timer": time.thread_time} if clock == "thread" else {}
+    kwargs: dict[str, Any] = {"timer": time.thread_time} if clock == "thread" else {}
     with torch.no_grad():
         t = benchmark.Timer(stmt="m(x)", globals={"m": module, "x": x}, num_threads=threads, **kwargs)
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def choose(model: nn.Module, input_shape, batch: int, timer: Optional[Timer] = None, threads: int = 1,
+def choose(model: nn.Module, input_shape, batch: int, timer: Timer | None = None, threads: int = 1,
            clock: str = "wall") -> tuple[nn.Module, list[dict]]:
     """(copy of `model` with every Linear whose CSR form timed faster replaced by it, one row per Linear: name,
     density, dense_s, csr_s, chosen). Each layer is timed on its own input at batch `batch`, as captured from one
@@ -94,7 +97,7 @@ def choose(model: nn.Module, input_shape, batch: int, timer: Optional[Timer] = N
 
 
 def crossover(shape: tuple[int, int], batch: int, densities=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01), threads: int = 1,
-              timer: Optional[Timer] = None, seed: int = 0) -> dict:
+              timer: Timer | None = None, seed: int = 0) -> dict:
     """Dense vs CSR time of one random-mask Linear of `shape` (out, in) at each density; `crossover` is the highest
     density at which CSR was faster (None: never)."""
     timer = timer or (lambda m, x: median_time(m, x, threads, min_run_time=0.1))

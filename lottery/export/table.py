@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -48,8 +47,8 @@ def outputs(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor
         return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
-def row(variant: str, weights: int, nbytes: Optional[int], model: Optional[nn.Module], input_shape, threads: int,
-        acc: Optional[float], diff: Optional[float] = None, file: str = "", min_run_time: float = 0.5,
+def row(variant: str, weights: int, nbytes: int | None, model: nn.Module | None, input_shape, threads: int,
+        acc: float | None, diff: float | None = None, file: str = "", min_run_time: float = 0.5,
         clock: str = "wall") -> dict:
     """One line of the table; latencies are measured here (none for a variant that is a file, not a network)."""
     lat = {b: (latency_ms(model, input_shape, b, threads, min_run_time, clock) if model is not None else None)

@@ -32,11 +32,11 @@ def cluster_error() -> str | None:
     import shutil
     missing = [c for c in ("sbatch", "srun", "squeue") if shutil.which(c) is None]
     if missing:
-        return (f"launcher=slurm needs a SLURM cluster, but {', '.join(missing)} is not on PATH here (not a SLURM login "
-                f"node?); run there, or use launcher=local or launcher=submitit_local on this machine")
+        return (f"launcher=slurm needs a SLURM cluster, but {', '.join(missing)} is not on PATH here (not a SLURM "
+                f"login node?); run there, or use launcher=local or launcher=submitit_local on this machine")
     try:
         r = subprocess.run(["squeue", "--noheader", "--user", "nobody"], capture_output=True, text=True,
-                           timeout=SQUEUE_TIMEOUT_S)
+                           timeout=SQUEUE_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return (f"launcher=slurm: the SLURM controller did not answer squeue in {SQUEUE_TIMEOUT_S} s; check that "
                 f"slurmctld is up (scontrol ping), or use launcher=local")
@@ -65,7 +65,8 @@ def _queue_watcher_class():
                 self._info_dict.update(self.read_info(out))
             except (subprocess.SubprocessError, OSError) as e:
                 if not self._warned:
-                    detail = e.stderr.decode(errors="replace").strip() if getattr(e, "stderr", None) else e
+                    stderr = getattr(e, "stderr", None)  # a CalledProcessError's
+                    detail = stderr.decode(errors="replace").strip() if stderr else e
                     log.warning("sacct did not answer (%s); job states come from squeue instead", detail)
                     self._warned = True
                 self._info_dict.update(self._from_queue({x.split("_")[0] for x in self._registered - self._finished}))
@@ -86,7 +87,7 @@ def queue_states(array_ids, registered) -> dict[str, dict[str, str]]:
     unreachable), nothing is known and nothing is reported as ended."""
     cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", "--jobs", ",".join(sorted(array_ids))]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=SACCT_TIMEOUT_S, check=False)
     except (subprocess.SubprocessError, OSError) as e:
         log.warning("squeue failed too (%s); job states unknown for now", e)
         return {}
@@ -112,9 +113,10 @@ def use_queue_watcher() -> None:
 
 
 def register_launcher() -> None:
-    """Make the classes of `launcher=slurm` and `launcher=submitit_local` known to Hydra. Hydra finds launchers by listing the hydra_plugins namespace,
-    which misses hydra_plugins/lottery_slurm in an editable install (setuptools' import hook imports it but lists
-    nothing), so it is registered by hand too; without the slurm extra there is nothing to register."""
+    """Make the classes of `launcher=slurm` and `launcher=submitit_local` known to Hydra. Hydra finds launchers by
+    listing the hydra_plugins namespace, which misses hydra_plugins/lottery_slurm in an editable install (setuptools'
+    import hook imports it but lists nothing), so it is registered by hand too; without the slurm extra there is
+    nothing to register."""
     try:
         from hydra_plugins.lottery_slurm import LotteryLocalLauncher, LotterySlurmLauncher
     except ImportError:

@@ -34,5 +34,5 @@ class SweepSummary(Callback):
         # `lottery-report <sweep dir>` rebuilds it.
         try:
             write_sweep_table(config.hydra.sweep.dir)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not write the combined table; run `lottery-report %s`", config.hydra.sweep.dir)

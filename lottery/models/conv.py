@@ -1,7 +1,9 @@
 """Conv-2/4/6 of Frankle & Carbin (ICLR 2019), Figure 2: VGG-like, 3x3 same convs, no BatchNorm."""
 
-import torch.nn as nn
+import itertools
+
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 
@@ -16,7 +18,7 @@ class ConvNet(nn.Module):
             self.convs.append(nn.Conv2d(width, width, 3, padding=1))
             c, h, w = width, h // 2, w // 2
         widths = [c * h * w, *fc]
-        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.fcs = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.out = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x):

@@ -1,9 +1,10 @@
 """Fully connected ReLU networks: generic mlp, LeNet-300-100, and the deep MLP of the init study."""
 
+import itertools
 import math
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 
@@ -12,7 +13,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: list[int], num_classes: int):
         super().__init__()
         widths = [in_features, *hidden]
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.out = nn.Linear(widths[-1], num_classes)  # defined last: the classifier is the last nn.Linear
 
     def forward(self, x):

@@ -3,9 +3,9 @@
 Rules shared by all models (pruning and init code rely on them): only plain nn.Linear, nn.Conv2d and nn.BatchNorm2d
 hold parameters, activations are ReLU, and the classifier is the last nn.Linear in named_modules() order.
 """
-from typing import Callable
+from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from lottery.core.registry import Registry
 

@@ -1,7 +1,7 @@
 """CIFAR ResNet-20 (He et al. 2016, Section 4.2) with 1x1 projection shortcuts where shapes change."""
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 
@@ -15,7 +15,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut: nn.Module = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                                     nn.BatchNorm2d(c_out))
         else:
             self.shortcut = nn.Identity()
 
@@ -26,6 +27,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    stage1: nn.Sequential  # set by name in __init__ (setattr), declared for the type checker
+    stage2: nn.Sequential
+    stage3: nn.Sequential
+
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, blocks_per_stage: int = 3):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)

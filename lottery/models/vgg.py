@@ -1,7 +1,7 @@
 """CIFAR VGG with BatchNorm, following open_lth's cifar_vgg (conv biases kept, one Linear head)."""
 
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from lottery.models.registry import register_model
 
@@ -25,7 +25,8 @@ class ConvBN(nn.Module):
 class VGG(nn.Module):
     def __init__(self, cfg: list, in_channels: int, num_classes: int):
         super().__init__()
-        layers, c = [], in_channels
+        layers: list[nn.Module] = []
+        c = in_channels
         for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))

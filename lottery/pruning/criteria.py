@@ -3,8 +3,8 @@ every masked tensor; higher scores are kept. `magnitude` and `random` are here, 
 in lottery.pruning.pai; a user's own is one `@register_criterion` function in their module (`imports=[my_module]`)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -20,18 +20,18 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 class Criterion:
     name: str
     fn: Callable[..., Scores]  # fn(model, masks, *, batches, generator, **settings) -> scores
-    settings: Optional[type] = None  # dataclass of its keys under pruning.criterion (types and defaults)
+    settings: type | None = None  # dataclass of its keys under pruning.criterion (types and defaults)
     label: str = ""  # name in lottery-report's legends (SNIP, GraSP, ...); defaults to `name`
-    when: Optional[str] = None  # "at_init": always scores the weights a level starts from, whatever pruning.when says
+    when: str | None = None  # "at_init": always scores the weights a level starts from, whatever pruning.when says
     # check(settings, split): what the criterion needs of a replicate's data (raises ValueError), before any work
-    check: Optional[Callable] = None
+    check: Callable | None = None
 
 
 CRITERIA = Registry("pruning criterion")
 
 
-def register_criterion(name: str, settings: Optional[type] = None, *, label: str = "", when: Optional[str] = None,
-                       check: Optional[Callable] = None):
+def register_criterion(name: str, settings: type | None = None, *, label: str = "", when: str | None = None,
+                       check: Callable | None = None):
     """`@register_criterion("snip", settings=SnipSettings)`: `settings` is a dataclass whose fields are the keys the
     criterion accepts under `pruning.criterion` (checked and typed before any work). Without it, the keyword
     parameters of the function are the accepted keys. `when="at_init"` makes the criterion score the weights a level

@@ -41,7 +41,7 @@ comes from the distribution; selection within each tensor is then layerwise.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 from lottery.pruning.selection import round_half_up
 
@@ -92,7 +92,7 @@ def distribution(name: str, shapes: Shapes, density: float, *, power: float = 1.
     return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
 
 
-def allocate(name: str, shapes: Shapes, total: int, *, upper: Optional[Mapping[str, int]] = None,
+def allocate(name: str, shapes: Shapes, total: int, *, upper: Mapping[str, int] | None = None,
              power: float = 1.0) -> dict[str, int]:
     """Integer survivors per tensor, summing to exactly `total`: the distribution at density total / (all weights),
     each tensor's real-valued count rounded down, the remainder handed out one by one to the largest fractional

@@ -23,7 +23,7 @@ Companion masks are derived, never scored or counted by the schedule: `weights_o
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ def check_batchnorm(model: nn.Module, names, model_name: str) -> None:
 
 
 def channel_scores(scores: Mapping[str, torch.Tensor], names, how: str = "sum",
-                   bn: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+                   bn: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Per output channel: the sum of its weights' scores, or their L1 / L2 norm; for `bn`, the magnitude of the
     BatchNorm scale of the channel (`bn`: {weight name: that scale tensor})."""
     if how not in GROUP_SCORES:
@@ -185,7 +185,7 @@ def random_nm(masks: Masks, names, n: int, m: int, generator: torch.Generator) -
     return {k: nm_random(v, n, m, generator) for k, v in weights.items()}
 
 
-def describe(pcfg) -> Optional[str]:
+def describe(pcfg) -> str | None:
     """'channel' / '2:4' for records and logs; None for unstructured."""
     k = kind(pcfg)
     return None if k == "unstructured" else ("channel" if k == "channel" else f"{pcfg.n}:{pcfg.m}")

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lottery.core.ranges import at_least, one_of, positive, setting
-from lottery.pruning.criteria import Batches, Scores, magnitude, register_criterion
 from lottery.masks import Masks
+from lottery.pruning.criteria import Batches, Scores, magnitude, register_criterion
 
 
 def _weights(net: nn.Module, masks: Masks) -> list[torch.Tensor]:
@@ -111,7 +111,8 @@ def grasp_check(settings: dict, data) -> None:
 
 def per_class(batches: Batches, num_classes: int, samples_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `samples_per_class` examples of each class met in `batches`, sorted by class (GraSP_fetch_data)."""
-    xs, ys = [[] for _ in range(num_classes)], [[] for _ in range(num_classes)]
+    xs: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
+    ys: list[list[torch.Tensor]] = [[] for _ in range(num_classes)]
     need = num_classes * samples_per_class
     for _ in range(100_000):
         x, y = next(batches)
@@ -152,6 +153,7 @@ def grasp(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.
     for xb, yb in halves:
         grad = torch.autograd.grad(loss(xb, yb), weights, create_graph=True)
         z = sum((gi * gr).sum() for gi, gr in zip(g, grad))
+        assert isinstance(z, torch.Tensor)  # a sum over the (non-empty) weights
         for acc, h in zip(hg, torch.autograd.grad(z, weights)):
             acc += h
     out = {n: (w * h).detach() for n, w, h in zip(masks, weights, hg)}
@@ -173,7 +175,7 @@ class SynflowRounds:
     The copy's masked weights are views of one buffer, each at a 64-byte aligned offset as a tensor of its own is (the
     same BLAS code paths, so the same float64 bits as scoring a fresh copy of the masked model)."""
 
-    def __init__(self, model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator = None):
+    def __init__(self, model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.Generator | None = None):
         x, _ = next(batches)  # only its shape: the score is data-free
         self.net = copy.deepcopy(model).double().eval().requires_grad_(False)  # gradients of the masked weights only
         with torch.no_grad():

@@ -18,7 +18,7 @@ lies above a negative threshold (GraSP); ours never revive: a pruned entry stays
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ def _split(masks: Masks, pcfg, total: int) -> dict[str, int]:
                     upper={n: int(m.count_nonzero()) for n, m in masks.items()})
 
 
-def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction: Optional[float] = None):
+def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction: float | None = None):
     """How many entries survive one pruning step: {name: count} for layerwise pruning and for a density
     distribution (uniform, er, erk), a total for global pruning.
 
@@ -102,8 +102,8 @@ def _round_target(now: int, final: int, r: int, rounds: int) -> int:
 
 
 def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, batches: Batches,
-          generator: torch.Generator, keep_fraction: Optional[float] = None,
-          rescore: Optional[Callable[[Masks], nn.Module]] = None, keep: Optional[dict[str, int] | int] = None,
+          generator: torch.Generator, keep_fraction: float | None = None,
+          rescore: Callable[[Masks], nn.Module] | None = None, keep: dict[str, int] | int | None = None,
           invert: bool = False) -> Masks:
     """One pruning step of the schedule: new masks scored on `model` (whose weights the caller chose).
 
@@ -217,7 +217,7 @@ def _prune_nm(model, masks, prunable, pcfg, *, batches, generator, rescore, inve
     return current
 
 
-def synflow_k(total: int, start: int, target: int, r: int, rounds: int, fraction: Optional[float]) -> int:
+def synflow_k(total: int, start: int, target: int, r: int, rounds: int, fraction: float | None) -> int:
     """Synaptic-Flow's count for round r of `rounds` over `total` entries: int((1 - d_r) total) with d_r =
     d^(r/rounds) (`sparse = sparsity**((epoch + 1) / epochs)` in their prune_loop), d the target density (`fraction`
     where the run gives one, as theirs; else target / total). From an already pruned start (density d0 < 1) the
@@ -242,7 +242,7 @@ def synflow_drop(scores: torch.Tensor, total: int, k: int) -> torch.Tensor:
 
 
 def _synflow_drop(left: Survivors, scores: torch.Tensor, start: dict, target, r: int, rounds: int, scope: str,
-                  fraction: Optional[float]) -> torch.Tensor:
+                  fraction: float | None) -> torch.Tensor:
     if scope == "global":
         total = int(left.bounds[-1])
         return synflow_drop(scores, total, synflow_k(total, sum(start.values()), target, r, rounds, fraction))

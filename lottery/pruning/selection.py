@@ -21,7 +21,7 @@ Scores = dict[str, torch.Tensor]
 
 def round_half_up(x: float) -> int:
     # Python's round() rounds half to even, which would make counts depend on parity.
-    return int(math.floor(x + 0.5))
+    return int(math.floor(x + 0.5))  # noqa: RUF046 - x may be a tensor, whose floor is a tensor
 
 
 def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -69,8 +69,8 @@ class Survivors:
 
     def _drop(self, drop: torch.Tensor) -> torch.Tensor:
         if self.index.device.type == "cpu":  # numpy's boolean indexing: ~3x torch's on one thread
-            index, drop = self.index.numpy(), drop.numpy()
-            removed, self.index = torch.from_numpy(index[drop]), torch.from_numpy(index[~drop])
+            index, dropped = self.index.numpy(), drop.numpy()
+            removed, self.index = torch.from_numpy(index[dropped]), torch.from_numpy(index[~dropped])
         else:
             removed, self.index = self.index[drop], self.index[~drop]
         return removed

@@ -17,15 +17,40 @@ import sys
 from pathlib import Path
 
 from lottery.report.aggregate import aggregate, write_aggregate
-from lottery.report.collect import (DENSE_LABEL, FIRST_COLUMNS, LMC, METHOD_KEYS, TICKET_LABEL, X_KEYS,
-                                    collect_runs, method_label, warn_stderr, write_table)
+from lottery.report.collect import (
+    DENSE_LABEL,
+    FIRST_COLUMNS,
+    LMC,
+    METHOD_KEYS,
+    TICKET_LABEL,
+    X_KEYS,
+    collect_runs,
+    method_label,
+    warn_stderr,
+    write_table,
+)
 from lottery.report.figures import DIVERGED_LABEL, _curves, make_figures
 from lottery.report.lmc import make_lmc_figures
 from lottery.report.similarity import write_similarity
 
-__all__ = ["main", "collect_runs", "write_table", "make_figures", "make_lmc_figures", "aggregate", "write_aggregate",
-           "method_label", "DENSE_LABEL", "DIVERGED_LABEL", "FIRST_COLUMNS", "LMC", "METHOD_KEYS", "TICKET_LABEL",
-           "X_KEYS", "_curves"]
+__all__ = [
+    "DENSE_LABEL",
+    "DIVERGED_LABEL",
+    "FIRST_COLUMNS",
+    "LMC",
+    "METHOD_KEYS",
+    "TICKET_LABEL",
+    "X_KEYS",
+    "_curves",
+    "aggregate",
+    "collect_runs",
+    "main",
+    "make_figures",
+    "make_lmc_figures",
+    "method_label",
+    "write_aggregate",
+    "write_table",
+]
 
 
 def _import(modules: list[str]) -> None:
@@ -132,7 +157,7 @@ def _write(rows: list[dict], out: Path, paths: list[str], paper: bool = False) -
         written += write_similarity([r for r in rows if "level" in r], out, warn_stderr)
     except Exception as e:  # noqa: BLE001 - an analysis that fails is a warning; the tables and figures stand
         warn_stderr(f"mask similarity not written: {type(e).__name__}: {e}")
-    paper_lines = []
+    paper_lines: list[str] = []
     if paper:
         from lottery.report.paper import paper_report
         paper_files, paper_lines = paper_report(rows, out, warn=warn_stderr)

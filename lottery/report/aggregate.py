@@ -13,9 +13,9 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-from lottery.report.collect import (DENSE_LABEL, branch_order, method_rank, number, panel_of, settings_text,
-                                    shown_keys)
+from lottery.report.collect import DENSE_LABEL, branch_order, method_rank, number, panel_of, settings_text, shown_keys
 
 # Metrics averaged over replicates, in this order, where any run has them (training cost: steps and FLOPs a unit took)
 AGGREGATED = ("test_accuracy", "early_stop_test_accuracy", "early_stop_step", "instability_test",
@@ -30,18 +30,24 @@ HEADERS = {"test_accuracy": "Test acc. (%)", "early_stop_test_accuracy": "Early-
 SAME_DENSITY = 0.005  # replicates at one level whose weights remaining differ by less than this (relative) are one row
 
 
+def _per_step_order(key: str) -> tuple[int, bool]:
+    """A per-step metric's place: by step, test before the others."""
+    m = PER_STEP.match(key)
+    assert m is not None  # called on per-step keys only
+    return int(m.group(2)), m.group(1) != "test"
+
+
 def metrics_of(rows: list[dict]) -> list[str]:
     """The aggregated metrics some row has a number for, in table order."""
     have = {k for r in rows for k, v in r.items() if number(v) is not None}
-    per_step = sorted((k for k in have if PER_STEP.match(k)),
-                      key=lambda k: (int(PER_STEP.match(k).group(2)), PER_STEP.match(k).group(1) != "test"))
+    per_step = sorted((k for k in have if PER_STEP.match(k)), key=_per_step_order)
     return [m for m in AGGREGATED if m in have] + per_step
 
 
 def _clusters(rows: list[dict]) -> list[list[dict]]:
     """Rows of one condition and level split where their weights remaining differ (one-shot runs at several
     targets all sit at level 1)."""
-    out = []
+    out: list[list[dict]] = []
     for r in sorted(rows, key=lambda r: -r["weights_remaining"]):
         last = out[-1][-1]["weights_remaining"] if out else None
         if last is not None and abs(last - r["weights_remaining"]) <= SAME_DENSITY * max(abs(last), 1e-12):
@@ -87,7 +93,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                         unique.append(r)
                 first = unique[0]
                 wr = sum(r["weights_remaining"] for r in unique) / len(unique)
-                row = {"model": panel[0], "dataset": panel[1]}
+                row: dict[str, Any] = {"model": panel[0], "dataset": panel[1]}
                 if "method" in first:
                     row["method"] = first["method"]
                 row["branch"] = first["branch"]

@@ -19,9 +19,10 @@ import fnmatch
 import json
 import math
 import sys
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 TICKET_LABEL = "winning ticket (IMP mask, {rewind})"
 DENSE_LABEL = "dense network"
@@ -56,7 +57,7 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def number(v) -> Optional[float]:
+def number(v) -> float | None:
     """`v` as a finite float, or None (missing, text, NaN, a diverged unit's null)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -77,7 +78,7 @@ def _flatten(d, prefix=""):
     return out
 
 
-def _read_config(run_dir: Path, warn: Warn) -> Optional[dict]:
+def _read_config(run_dir: Path, warn: Warn) -> dict | None:
     """The run's config.yaml as a plain nested dict; {} without one; None (after a warning) when it cannot be read."""
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -107,7 +108,7 @@ def _overrides(run_dir: Path, warn: Warn) -> str:
     from omegaconf import OmegaConf
     try:
         return " ".join(str(o) for o in OmegaConf.load(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any unreadable overrides file is a warning, not the end
         warn(f"{path}: unreadable ({_why(e)}); overrides left empty")
         return ""
 
@@ -128,7 +129,7 @@ def _valid_record(rec) -> bool:
             and isinstance(rec.get("branch"), str) and number(rec.get("weights_remaining")) is not None)
 
 
-def read_summary(path: Path, warn: Warn) -> tuple[Optional[list], Optional[str]]:
+def read_summary(path: Path, warn: Warn) -> tuple[list | None, str | None]:
     """(records, None), or (None, why) after one warning line when the file holds no usable record."""
     try:
         text = path.read_text()
@@ -176,7 +177,9 @@ def read_json(path: Path, warn: Warn, what: str = "left out"):
 
 def _find(paths) -> tuple[list[Path], list[Path]]:
     """Run folders (summary.json) and job folders without a finished unit (error.txt, or config.yaml alone)."""
-    runs, other, seen = [], [], set()
+    runs: list[Path] = []
+    other: list[Path] = []
+    seen: set = set()
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"no such folder: {root}")
@@ -212,20 +215,20 @@ def _follows_group(key: str, swept: list[str], configs) -> bool:
     name = next((n for n in names if n in swept), None)
     if name is None or key == name:
         return False
-    seen = {}
+    seen: dict = {}
     return all(seen.setdefault(repr(c.get(name)), repr(c.get(key))) == repr(c.get(key)) for c in configs)
 
 
 @lru_cache(maxsize=64)
-def _model_layer_kinds(model_json: str, dataset_json: str) -> Optional[tuple]:
+def _model_layer_kinds(model_json: str, dataset_json: str) -> tuple | None:
     """((parameter name, kind), ...) of a model as lottery.masks classifies them (linear, conv, output, bias,
     batchnorm), built on the meta device (no memory, no weights); None when it cannot be built here (a user's model
     whose module was not imported)."""
     try:
+        import dataclasses
+
         import torch
         from torch import nn
-
-        import dataclasses
 
         from lottery.data import DATASETS
         from lottery.models import build_model
@@ -233,7 +236,8 @@ def _model_layer_kinds(model_json: str, dataset_json: str) -> Optional[tuple]:
         name = node.pop("name")
         data = json.loads(dataset_json)  # the input shape and classes come from the dataset's registration
         entry = DATASETS[data["name"]]
-        own = {f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings else {}
+        own = ({f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings
+               else {})
         with torch.device("meta"):
             model = build_model(name, entry.shape(own), entry.num_classes,
                                 **{k: v for k, v in node.items() if not k.startswith("_")})
@@ -254,7 +258,7 @@ def _model_layer_kinds(model_json: str, dataset_json: str) -> Optional[tuple]:
         return None
 
 
-def pruned_kinds(raw_cfg: dict, layers: list[str]) -> Optional[set]:
+def pruned_kinds(raw_cfg: dict, layers: list[str]) -> set | None:
     """Kinds of the tensors a run prunes: from its records' layer_density keys when they name the model's parameters,
     else every weight kind of its model; None when unknown."""
     model = raw_cfg.get("model") if isinstance(raw_cfg, dict) else None
@@ -272,7 +276,7 @@ def pruned_kinds(raw_cfg: dict, layers: list[str]) -> Optional[set]:
     return {k for n, k in kinds if k in RATE_KINDS}
 
 
-def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable[[], Optional[set]],
+def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable[[], set | None],
              layers: list[str]) -> bool:
     """Whether a setting that differs between runs says something about this record of this run."""
     if cfg.get(key) is None:  # init.variance of a kaiming run says nothing
@@ -298,7 +302,7 @@ def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable
 
 # --- labels --------------------------------------------------------------------------------------------------------
 
-def method_label(cfg: dict, settings: list[str] = (), scope: bool = False) -> str:
+def method_label(cfg: dict, settings: Sequence[str] = (), scope: bool = False) -> str:
     """A run's pruning method in words, from its flattened config: 'SynFlow at init (100 rounds)', 'IMP (magnitude),
     rewound to 500it', 'one-shot magnitude after training'. `settings`: criterion keys to show (those that differ).
     A criterion this process does not know (a user's, not imported) is named by its name."""
@@ -337,7 +341,8 @@ def method_label(cfg: dict, settings: list[str] = (), scope: bool = False) -> st
     if retrain == "finetune":
         return text + densities + ", fine-tuned"
     if retrain == "lr_rewind":
-        return text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep") else f", LR rewound to {rewind}")
+        return text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep")
+                                   else f", LR rewound to {rewind}")
     return text + densities + (", original init" if rewind in ("0", "0it", "0ep") else f", rewound to {rewind}")
 
 
@@ -382,7 +387,7 @@ def _dense_only(cfg: dict, records: list, partial: bool) -> bool:
     return not partial
 
 
-def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
+def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
     """One row per summary record of every run folder below `paths`, plus one `error` row per failed job folder and
     per run folder whose summary cannot be read (after a warning line on stderr, or to `warn`)."""
     warn = warn or warn_stderr
@@ -422,9 +427,9 @@ def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
         dense_only = _dense_only(cfg, records, error is not None)
         layer_names = list(dict.fromkeys(n for r in records if isinstance(r.get("layer_density"), dict)
                                          for n in r["layer_density"]))
-        kinds_cache = []
+        kinds_cache: list = []
 
-        def kinds(raw_cfg=raw.get(d) or {}, layers=layer_names, cache=kinds_cache):
+        def kinds(raw_cfg=raw.get(d) or {}, layers=layer_names, cache=kinds_cache):  # noqa: B008 - this run's, now
             if not cache:
                 cache.append(pruned_kinds(raw_cfg, layers))
             return cache[0]
@@ -432,7 +437,7 @@ def collect_runs(paths, warn: Optional[Warn] = None) -> list[dict]:
         method = (DENSE_LABEL if dense_only else method_label(cfg, criterion_settings, "pruning.scope" in method_keys
                                                               and _scopes_differ)) if method_keys else None
         for rec in records:
-            row = {"run_dir": str(d), "overrides": overrides}
+            row: dict[str, Any] = {"run_dir": str(d), "overrides": overrides}
             row.update({k: v for k, v in rec.items() if k not in ("layer_density", "instability_by_step")})
             by_step = rec.get("instability_by_step")
             for k, by_split in (by_step.items() if isinstance(by_step, dict) else ()):
@@ -503,7 +508,7 @@ def shown_keys(rows: list[dict]) -> dict:
     """{(model, dataset): settings worth naming there}: those with two or more values among the records of that panel
     where they matter (a panel's title already names its model and dataset; a setting of another model's layers or of
     a branch drawn elsewhere says nothing)."""
-    values = {}
+    values: dict = {}
     for r in rows:
         for k, v in r.get("_settings", ()):
             values.setdefault(panel_of(r), {}).setdefault(k, set()).add(repr(v))

@@ -9,19 +9,17 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
+from matplotlib.transforms import blended_transform_factory
 
-from lottery.report.collect import (LMC, Warn, branch_order, label, method_rank, number, panel_of,  # noqa: E402
-                                    warn_stderr)
-from lottery.report.style import (LINESTYLES, MARKERS, PALETTE, Style, percent_axis, save,  # noqa: E402
-                                  section_legend)
+from lottery.report.collect import LMC, Warn, branch_order, label, method_rank, number, panel_of, warn_stderr
+from lottery.report.style import LINESTYLES, MARKERS, PALETTE, Style, percent_axis, save, section_legend
 
 DIVERGED_LABEL = "diverged (no accuracy; at its sparsity)"
 AT_CHANCE_LABEL = "at chance: learned nothing (finite losses)"
@@ -32,8 +30,9 @@ DENSE_LINE = {"color": "k", "linestyle": (0, (1, 1)), "linewidth": 1.2}
 
 def _curves(rows: list[dict], y_key: str) -> dict:
     """{(model, dataset): {condition: (label, xs, mean, lo, hi, n)}} with x in percent of weights remaining."""
-    points = defaultdict(lambda: defaultdict(list))
-    labels, seen = {}, set()
+    points: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
+    labels: dict = {}
+    seen: set = set()
     for r in rows:
         y = number(r.get(y_key))
         if y is None or r.get("level") is None or r.get("diverged"):
@@ -48,7 +47,7 @@ def _curves(rows: list[dict], y_key: str) -> dict:
         points[key][-x].append((r["percent_remaining"], y))
         if key not in labels or (labels[key][1] and not r.get("_dense_only")):  # a pruned run names a mixed line
             labels[key] = (label(r), bool(r.get("_dense_only")))
-    out = defaultdict(dict)
+    out: defaultdict[Any, dict] = defaultdict(dict)
     for (panel, cond), by_level in points.items():
         levels = sorted(by_level)
         xs = [sum(p[0] for p in by_level[lv]) / len(by_level[lv]) for lv in levels]
@@ -134,7 +133,7 @@ def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
     """A figure that cannot be drawn (values no run of this framework writes) is a warning, not the end."""
     try:
         return fn(*args)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - see the docstring: a warning, not the end
         plt.close("all")
         warn(f"{what} not drawn: {type(e).__name__}: {e}")
         return []
@@ -142,7 +141,7 @@ def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
 
 # --- figures -------------------------------------------------------------------------------------------------------
 
-def make_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> list[Path]:
+def make_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> list[Path]:
     """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG; with the lmc
     branch its figures; when methods differ the methods and ablations figures."""
     warn = warn or warn_stderr
@@ -238,13 +237,14 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
     for r in rows:
         if r["branch"] == "ticket":
             tickets_of[(panel_of(r), style.group(r))].append(r)
-    panels = {}  # (network, what it draws) -> [groups]
+    panels: dict[tuple, list] = {}  # (network, what it draws) -> [groups]
     data = {}
     for panel, group in sorted(tickets_of, key=lambda pg: (pg[0], method_rank(pg[1]), pg[1])):
         by_density = tickets_of[(panel, group)][0].get("method") is not None
         keys, curves, overall = _densities(tickets_of[(panel, group)], by_density)
         signature = (panel, by_density, tuple(keys), tuple(overall),
-                     tuple((k, tuple(round(v, 9) if v == v else None for v in vs)) for k, vs in curves.items()))
+                     tuple((k, tuple(round(v, 9) if not math.isnan(v) else None for v in vs))
+                           for k, vs in curves.items()))
         panels.setdefault(signature, []).append(group)
         data[signature] = (keys, curves, overall, by_density)
     if not panels:
@@ -258,9 +258,9 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
         panel = signature[0]
         keys, curves, overall, by_density = data[signature]
         xs = list(range(len(keys))) if by_density else keys
-        series = {}  # rounded curve -> layers that have it
+        series: dict[tuple, list] = {}  # rounded curve -> layers that have it
         for layer, ys in curves.items():
-            series.setdefault(tuple(round(y, 9) if y == y else None for y in ys), []).append(layer)
+            series.setdefault(tuple(round(y, 9) if not math.isnan(y) else None for y in ys), []).append(layer)
         lines = list(series.values())
         for j, names in enumerate(lines):
             # sideways offsets within +-0.12 of a level: nearly equal lines stay apart, points stay at their level
@@ -274,7 +274,7 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
         ax.plot(xs, overall, color="k", linestyle=(0, (4, 2)), linewidth=1.2, label="all prunable weights")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
-        finite = [y for line in ax.lines for y in line.get_ydata() if y == y and y > 0]
+        finite = [y for line in ax.lines for y in line.get_ydata() if not math.isnan(y) and y > 0]
         ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label(min(finite, default=1.0))))
         ax.set_xticks(xs)
         if by_density:
@@ -307,7 +307,7 @@ def _cost_figure(rows: list[dict], panels: list, out_dir: Path, n_max: int, styl
     for ax, panel in zip(axes[0], panels):
         tickets = [r for r in rows if panel_of(r) == panel and r["branch"] == "ticket" and not r.get("diverged")
                    and number(r.get("cost_flops")) and number(r.get("test_accuracy")) is not None]
-        by_line = defaultdict(lambda: defaultdict(list))
+        by_line: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
         for r in tickets:
             if r["level"]:
                 by_line[r["condition"]][round(r["percent_remaining"], 9)].append(r)
@@ -350,9 +350,9 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
 
     def dense(ax, panel):
         # one dense network per replicate: the level 0 of every run of that seed is the same training
-        accs = list({r["_replicate"]: number(r.get("test_accuracy")) for r in rows if panel_of(r) == panel
-                     and r["branch"] == "ticket" and r["level"] == 0
-                     and number(r.get("test_accuracy")) is not None}.values())
+        accs = [a for a in {r["_replicate"]: number(r.get("test_accuracy")) for r in rows if panel_of(r) == panel
+                            and r["branch"] == "ticket" and r["level"] == 0
+                            and number(r.get("test_accuracy")) is not None}.values() if a is not None]
         if accs:
             ax.axhline(100 * sum(accs) / len(accs), label=f"dense network (n={len(accs)})", **DENSE_LINE)
 

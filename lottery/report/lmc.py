@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 from matplotlib.lines import Line2D
@@ -17,7 +17,10 @@ from matplotlib.ticker import FixedLocator, NullLocator
 from lottery.report.collect import LMC, Warn, number, read_json, warn_stderr
 from lottery.report.style import NEUTRAL, n_text, percent_axis, save, section_legend
 
-SPLITS = (("test", "-"), ("train", (0, (5, 2))))
+if TYPE_CHECKING:
+    from matplotlib.typing import LineStyleType
+
+SPLITS: tuple[tuple[str, LineStyleType], ...] = (("test", "-"), ("train", (0, (5, 2))))
 
 
 def _spread(values_by_key: dict) -> dict:
@@ -68,7 +71,7 @@ def _legend(ax, colours: list[tuple], title: str, splits: bool = True) -> None:
     section_legend(ax, sections, anchor=(1.02, 1.0), fontsize=7)
 
 
-def make_lmc_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> list[Path]:
+def make_lmc_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> list[Path]:
     """`lmc_path` and `instability` for the runs with the lmc branch (nothing without)."""
     warn = warn or warn_stderr
     groups = _lmc_groups(rows)
@@ -82,7 +85,8 @@ def make_lmc_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> 
     # 1. error along the path, test and train
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.3 * len(groups)), squeeze=False)
     for i, (group, rs) in enumerate(groups.items()):
-        curves = defaultdict(lambda: defaultdict(list))  # (level, k) -> split -> [curve per replicate]
+        # (level, k) -> split -> [curve per replicate]
+        curves: defaultdict[tuple, defaultdict[str, list]] = defaultdict(lambda: defaultdict(list))
         alphas, percent = {}, defaultdict(list)
         for r in rs:
             path = Path(r["run_dir"]) / "levels" / f"level_{r['level']}" / LMC / "result.json"
@@ -129,14 +133,14 @@ def make_lmc_figures(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> 
     # 2. instability against k (a line per level) and against weights remaining (a line per k)
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.3 * len(groups)), squeeze=False)
     for i, (group, rs) in enumerate(groups.items()):
-        values = defaultdict(list)  # (split, level, k) -> values over replicates
+        by_key: defaultdict[tuple, list] = defaultdict(list)  # (split, level, k) -> values over replicates
         percent = defaultdict(list)
         for r in rs:
             percent[r["level"]].append(r["percent_remaining"])
             for k in _steps_of(r):
                 for split, _ in SPLITS:
-                    values[(split, r["level"], k)].append(r.get(f"instability_{split}_k{k}"))
-        stats = _spread(values)
+                    by_key[(split, r["level"], k)].append(r.get(f"instability_{split}_k{k}"))
+        stats = _spread(by_key)
         levels = sorted(percent)
         ks = sorted({k for _, _, k in stats})
         pct = {lv: sum(percent[lv]) / len(percent[lv]) for lv in levels}

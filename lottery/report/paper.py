@@ -25,7 +25,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 from lottery.core.papers import METRICS, check_block, published_interval
 from lottery.report.collect import Warn, _read_config, number, warn_stderr
@@ -37,7 +37,7 @@ DENSITY_TOLERANCE = 0.05  # relative: the paper prints densities to 3 digits (21
 
 # --- one number against one condition's records --------------------------------------------------------------------
 
-def _at_density(records: list[dict], branch: str, density: float) -> Optional[dict]:
+def _at_density(records: list[dict], branch: str, density: float) -> dict | None:
     """The record of `branch` nearest to `density` (percent remaining), if one is within DENSITY_TOLERANCE."""
     near = [r for r in records if r.get("branch") == branch and number(r.get("percent_remaining")) is not None]
     if not near:
@@ -46,7 +46,7 @@ def _at_density(records: list[dict], branch: str, density: float) -> Optional[di
     return best if abs(best["percent_remaining"] - density) <= DENSITY_TOLERANCE * density else None
 
 
-def _metric(rec: dict, n: dict) -> Optional[float]:
+def _metric(rec: dict, n: dict) -> float | None:
     metric = n["metric"]
     if metric.startswith("instability") and n.get("lmc_step") is not None:
         split = metric.split("_", 1)[1]
@@ -59,7 +59,7 @@ def _metric(rec: dict, n: dict) -> Optional[float]:
     return None if value is None else value * METRICS[metric][1]
 
 
-def _relative(ours: float, dense: float, how: str) -> Optional[float]:
+def _relative(ours: float, dense: float, how: str) -> float | None:
     if how == "difference":
         return ours - dense
     if how == "ratio":
@@ -79,13 +79,12 @@ def compare(n: dict, records: list[dict]) -> dict:
     statistics and the reason where it cannot be compared."""
     branch = n.get("branch", "ticket")
     relative = n.get("relative", "none")
-    out = {"verdict": NOT_COMPARABLE, "reason": "", "ours": None, "our_density": None}
+    out: dict[str, Any] = {"verdict": NOT_COMPARABLE, "reason": "", "ours": None, "our_density": None}
     by_rep = defaultdict(list)
     for r in records:
         by_rep[r.get("_replicate", r.get("run_dir"))].append(r)
     need = n.get("iterations")
-    trained = [number(r.get("steps")) for r in records if r.get("branch") == branch]
-    trained = [t for t in trained if t is not None]
+    trained = [t for t in (number(r.get("steps")) for r in records if r.get("branch") == branch) if t is not None]
     if not trained:
         out["reason"] = f"this run has no {branch} records (add {branch} to pruning.branches)"
         return out
@@ -135,7 +134,7 @@ def compare(n: dict, records: list[dict]) -> dict:
 
 # --- text ----------------------------------------------------------------------------------------------------------
 
-def _fmt(v: float, like: Optional[float] = None) -> str:
+def _fmt(v: float, like: float | None = None) -> str:
     """`v` to the decimals its scale (or that of `like`, the value its spread belongs to) calls for: 98.31, 0.623."""
     scale = abs(v if like is None else like)
     return f"{v:.0f}" if scale >= 100 else f"{v:.2f}" if scale >= 1 else f"{v:.3f}"
@@ -188,7 +187,8 @@ def place_text(n: dict, block: dict) -> str:
 def groups(rows: list[dict], warn: Warn) -> list[dict]:
     """The collected runs as conditions: runs with the same paper block, experiment name and swept settings (every
     replicate of a condition together), each with its block (or None) and records."""
-    blocks, out = {}, {}
+    blocks: dict = {}
+    out: dict = {}
     swept = sorted({k for r in rows for k in r if k.startswith("cfg.")})
     for r in rows:
         if r.get("level") is None:
@@ -212,7 +212,7 @@ def label(g: dict) -> str:
     return g["experiment"] + (f" ({settings})" if settings else "")
 
 
-def paper_report(rows: list[dict], out_dir, warn: Optional[Warn] = None) -> tuple[list[Path], list[str]]:
+def paper_report(rows: list[dict], out_dir, warn: Warn | None = None) -> tuple[list[Path], list[str]]:
     """paper.md, paper.csv and the figure for every condition with a paper block; returns the files written and
     one line per condition (its verdict counts, or that it has no published numbers)."""
     warn = warn or warn_stderr
@@ -278,13 +278,13 @@ def sentence(n: dict, res: dict) -> str:
 
 def _write_md(sections, path: Path) -> Path:
     out = ["# Published numbers beside this run", "",
-           "Verdicts: *agrees* when the published interval (the spread as printed, or the stated tolerance where the "
-           "paper gives none) and ours (min–max where the paper's bars are min/max, else mean ± std over replicates) "
-           "overlap; *cannot be compared at this scale* when the run trained fewer iterations, reached no level at "
-           "the number's density, or lacks the branch.", ""]
+           ("Verdicts: *agrees* when the published interval (the spread as printed, or the stated tolerance where the "
+            "paper gives none) and ours (min–max where the paper's bars are min/max, else mean ± std over replicates) "
+            "overlap; *cannot be compared at this scale* when the run trained fewer iterations, reached no level at "
+            "the number's density, or lacks the branch."), ""]
     for g, block, results in sections:
-        out += [f"## {label(g)}", "", f"Paper: {block['source']}", "", f"What the preset changes: "
-                f"{' '.join(str(block['changes']).split())}", "",
+        out += [f"## {label(g)}", "", f"Paper: {block['source']}", "",
+                f"What the preset changes: {' '.join(str(block['changes']).split())}", "",
                 f"Runs: {', '.join(sorted(g['run_dirs']))}", "",
                 "| claim | where | metric | density (%) | published | ours | verdict |",
                 "|---|---|---|---|---|---|---|"]

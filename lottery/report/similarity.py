@@ -15,6 +15,7 @@ import csv
 import itertools
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from lottery import masks as M
 from lottery.report.collect import Warn, label
@@ -92,8 +93,9 @@ def _figure(pairs: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from lottery.report.style import percent_axis, save
-    lines = defaultdict(lambda: defaultdict(list))
+    lines: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
     chance = {}
     for s in pairs:
         x = 100 * s["weights_remaining"]

@@ -14,16 +14,25 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works on clusters and in tests without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, NullLocator
 
-from lottery.report.collect import (DENSE_LABEL, branch_label, branch_order, method_rank, panel_of, settings_text,
-                                    shown_keys, ticket_label)
+from lottery.report.collect import (
+    DENSE_LABEL,
+    branch_label,
+    branch_order,
+    method_rank,
+    panel_of,
+    settings_text,
+    shown_keys,
+    ticket_label,
+)
 
 # tab10 without its red and grey, then tab20b's darkest and lightest shades that differ from those
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
@@ -50,12 +59,13 @@ class Style:
     def __init__(self, rows: list[dict]):
         self.shown = shown_keys(rows)
         self.methods = any("method" in r for r in rows)
-        self.rep = {}  # (panel, condition) -> a row of that line (a pruned run's rather than a dense-only run's)
+        # (panel, condition) -> a row of that line (a pruned run's rather than a dense-only run's)
+        self.rep: dict[tuple, dict] = {}
         for r in rows:
             key = (panel_of(r), r["condition"])
             if key not in self.rep or (self.rep[key].get("_dense_only") and not r.get("_dense_only")):
                 self.rep[key] = r
-        groups = {}
+        groups: dict = {}
         for r in rows:
             groups.setdefault(self.group(r), []).append(r)
         self.groups = sorted(groups, key=lambda g: (method_rank(g), g))
@@ -119,7 +129,7 @@ class Style:
     def branch_text(self, branch: str) -> str:
         return self.ticket_text if branch == "ticket" else branch_label(branch)
 
-    def legend(self) -> "Legend":
+    def legend(self) -> Legend:
         return Legend(self)
 
 
@@ -132,7 +142,7 @@ class Legend:
         self.branches: dict[str, list] = {}
         self.lines: dict[tuple, list] = {}
         self.group_labels: dict[str, str] = {}
-        self.extra: dict[str, object] = {}
+        self.extra: dict[str, Any] = {}  # label -> its artist
 
     def add(self, group: str, branch: str, n: int, group_label: str | None = None) -> None:
         self.groups.setdefault(group, []).append(n)
@@ -151,7 +161,7 @@ class Legend:
         s = self.style
         groups = [g for g in s.groups if g in self.groups]
         branches = [b for b in s.branches if b in self.branches]
-        out = []
+        out: list[tuple[str | None, list]] = []
         if s.by_branch:
             entries = [(Line2D([], [], **s.line(groups[0] if groups else "", b), linewidth=1.5, markersize=4),
                         f"{s.branch_text(b)} ({n_text(self.branches[b])})") for b in branches]
@@ -180,7 +190,9 @@ class Legend:
 
 def section_legend(where, sections, *, loc="upper left", anchor=(1.0, 1.0), fontsize=8, ncol=None, **kw):
     """One legend (on a figure or an axes) of titled sections, titles in bold; placed outside the axes by default."""
-    handles, labels, titles = [], [], []
+    handles: list = []
+    labels: list[str] = []
+    titles: list = []
     for title, entries in sections:
         if not entries:
             continue
@@ -205,8 +217,8 @@ def percent_axis(ax, xs) -> None:
     """Log x axis, reversed (dense on the left), labelled at the measured sparsities: 100, 51.2, 21.1, ..."""
     ax.set_xscale("log")
     xs = [x for x in xs if x is not None and x > 0]
-    ticks = []
-    for t in sorted(set(round(x, 6) for x in xs), reverse=True):
+    ticks: list[float] = []
+    for t in sorted({round(x, 6) for x in xs}, reverse=True):
         if not ticks or math.log10(ticks[-1] / t) >= 0.02:  # labels of nearly equal densities would overprint
             ticks.append(t)
     if ticks:

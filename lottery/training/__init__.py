@@ -12,14 +12,35 @@
 
 Imports data, masks, the config schema's dataclasses and core.
 """
+from lottery.training import dst, early_bird, gmp  # noqa: F401  (register the built-in updaters)
 from lottery.training.evaluation import EVAL_CHUNK, batch_sums, early_stop, eval_chunk, evaluate, metric_names
 from lottery.training.layouts import BATCHING, LAYOUTS, choose
 from lottery.training.loop import Hooks, Network, Training, train
 from lottery.training.optimizers import OPTIMIZERS, make_optimizer, optimizer_settings, register_optimizer
 from lottery.training.schedule import lr_schedule
 from lottery.training.updaters import UPDATERS, Layer, MaskUpdater, register_updater
-from lottery.training import dst, early_bird, gmp  # noqa: F401  (register the built-in updaters)
 
-__all__ = ["EVAL_CHUNK", "batch_sums", "metric_names", "early_stop", "eval_chunk", "evaluate", "BATCHING", "LAYOUTS",
-           "choose", "Hooks", "Network", "Training", "train", "OPTIMIZERS", "make_optimizer", "optimizer_settings",
-           "register_optimizer", "lr_schedule", "UPDATERS", "Layer", "MaskUpdater", "register_updater"]
+__all__ = [
+           "BATCHING",
+           "EVAL_CHUNK",
+           "LAYOUTS",
+           "OPTIMIZERS",
+           "UPDATERS",
+           "Hooks",
+           "Layer",
+           "MaskUpdater",
+           "Network",
+           "Training",
+           "batch_sums",
+           "choose",
+           "early_stop",
+           "eval_chunk",
+           "evaluate",
+           "lr_schedule",
+           "make_optimizer",
+           "metric_names",
+           "optimizer_settings",
+           "register_optimizer",
+           "register_updater",
+           "train",
+]

@@ -40,14 +40,14 @@ at every mask update of a dynamic sparse run; `TrainingCost` adds steps under ch
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 # masks ({name: 0/1 tensor}) or densities ({name: kept fraction}); None: dense
-MasksOrDensities = Optional[Mapping[str, Union[torch.Tensor, float]]]
+MasksOrDensities = Mapping[str, torch.Tensor | float] | None
 
 _COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -128,7 +128,7 @@ def _measure(net: nn.Module, x: torch.Tensor) -> ModelInfo:
     return ModelInfo(tuple(LayerCost(n, positions[n], numel[n]) for n in order), tuple(feeds[n] for n in order))
 
 
-def _kept(layer: LayerCost, masks: MasksOrDensities) -> Union[int, float]:
+def _kept(layer: LayerCost, masks: MasksOrDensities) -> int | float:
     if masks is None or layer.name not in masks:
         return layer.numel
     m = masks[layer.name]
@@ -137,7 +137,7 @@ def _kept(layer: LayerCost, masks: MasksOrDensities) -> Union[int, float]:
     return float(m) * layer.numel
 
 
-def _alive_outputs(layer: LayerCost, masks) -> Optional[torch.Tensor]:
+def _alive_outputs(layer: LayerCost, masks) -> torch.Tensor | None:
     """Which output channels of `layer` are not removed (None: all, the layer is not masked)."""
     if masks is None or layer.name not in masks:
         return None
@@ -145,7 +145,7 @@ def _alive_outputs(layer: LayerCost, masks) -> Optional[torch.Tensor]:
     return (m.reshape(m.shape[0], -1) != 0).any(dim=1)
 
 
-def _kept_structured(info: ModelInfo, i: int, masks) -> int:
+def _kept_structured(info: ModelInfo, i: int, masks) -> int | float:
     """Kept entries of layer i whose input channel is alive (its feeding layer's channel not removed)."""
     layer = info.layers[i]
     m = masks.get(layer.name) if masks is not None else None
@@ -153,6 +153,7 @@ def _kept_structured(info: ModelInfo, i: int, masks) -> int:
     alive = _alive_outputs(info.layers[feed[0]], masks) if feed is not None else None
     if alive is None:
         return _kept(layer, masks)
+    assert feed is not None  # alive is None without a feeding layer
     alive_in = alive.repeat_interleave(feed[1])  # flatten: each channel feeds feed[1] consecutive inputs
     if m is None:
         return int(alive_in.sum()) * (layer.numel // alive_in.numel())
@@ -160,7 +161,7 @@ def _kept_structured(info: ModelInfo, i: int, masks) -> int:
     return int(((m != 0) & alive_in.to(m.device).view(shape)).sum())
 
 
-def macs(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = False) -> Union[int, float]:
+def macs(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = False) -> int | float:
     """Forward multiply-accumulates per example: sum of (output positions) * (kept weights) over the layers; dense
     without masks. Masks give an exact integer, densities a float. `structured` (masks only): a removed output
     channel also removes the next layer's inputs it feeds."""
@@ -171,13 +172,13 @@ def macs(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = 
     return sum(layer.positions * _kept(layer, masks) for layer in info.layers)
 
 
-def forward_flops(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = False) -> Union[int, float]:
+def forward_flops(info: ModelInfo, masks: MasksOrDensities = None, *, structured: bool = False) -> int | float:
     """f: FLOPs of one forward pass of one example, 2 per multiply-accumulate."""
     return 2 * macs(info, masks, structured=structured)
 
 
 def step_flops(info: ModelInfo, masks: MasksOrDensities = None, batch_size: int = 1, *,
-               dense_weight_grad: bool = False, structured: bool = False) -> Union[int, float]:
+               dense_weight_grad: bool = False, structured: bool = False) -> int | float:
     """FLOPs of one training step of `batch_size` examples at `masks`: 3 f_S per example (forward, gradient of the
     activations, gradient of the weights), or 2 f_S + f_D when the weight gradient is dense (RigL's update steps)."""
     sparse = forward_flops(info, masks, structured=structured)
@@ -185,7 +186,7 @@ def step_flops(info: ModelInfo, masks: MasksOrDensities = None, batch_size: int 
     return (2 * sparse + weight_grad) * batch_size
 
 
-def training_flops(info: ModelInfo, masks: MasksOrDensities, steps: int, batch_size: int) -> Union[int, float]:
+def training_flops(info: ModelInfo, masks: MasksOrDensities, steps: int, batch_size: int) -> int | float:
     """FLOPs of `steps` training steps of `batch_size` examples at fixed `masks` (None: dense)."""
     return steps * step_flops(info, masks, batch_size)
 
@@ -198,9 +199,9 @@ class TrainingCost:
     batch_size: int
     structured: bool = False  # channel tickets: removed channels also remove the next layer's inputs
     steps: int = 0
-    flops_dense: Union[int, float] = 0
-    flops_sparse: Union[int, float] = 0
-    _dense_step: Union[int, float] = field(default=0, init=False, repr=False)
+    flops_dense: int | float = 0
+    flops_sparse: int | float = 0
+    _dense_step: int | float = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         self._dense_step = step_flops(self.info, None, self.batch_size)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -66,7 +65,7 @@ class DropGrow(MaskUpdater):
     Settings = DstSettings
     gradient_step = False
 
-    def grow(self, weight: torch.Tensor, grad: Optional[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def grow(self, weight: torch.Tensor, grad: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         """Scores (the weight's shape): the inactive weights with the highest grow."""
         raise NotImplementedError
 
@@ -178,7 +177,7 @@ class RigL(DropGrow):
 DST = UPDATERS  # the registry's name before mask updaters
 
 
-def dst_settings(node) -> tuple[Optional[type], dict]:
+def dst_settings(node) -> tuple[type[MaskUpdater] | None, dict]:
     """(the updater class, its settings) of a `dst` config node; (None, {}) for `name: none`, whose keys are
     checked as drop-and-grow settings all the same (a sweep over dst=none,set,rigl keeps them)."""
     raw = plain(node)

@@ -25,15 +25,14 @@ A unit that does not start dense (a ticket trained after the draw) trains on unw
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from lottery import masks as M
+from lottery.core.ranges import at_least, between, setting
 from lottery.pruning import granularity as G
 from lottery.pruning.densities import survivor_counts
 from lottery.pruning.selection import Survivors, round_half_up
-from lottery.core.ranges import at_least, between, setting
 from lottery.training.updaters import MaskUpdater, register_updater
 
 DISTRIBUTIONS = ("global", "uniform", "er", "erk")
@@ -41,7 +40,7 @@ DISTRIBUTIONS = ("global", "uniform", "er", "erk")
 
 @dataclass
 class EarlyBirdSettings:
-    target: Optional[float] = setting(None, between(0, 1, lo_open=True, hi_open=True))  # the ticket's density
+    target: float | None = setting(None, between(0, 1, lo_open=True, hi_open=True))  # the ticket's density
     every: int = setting(0, between(0, integer=True))  # steps between checks; 0: at every evaluation
     window: int = setting(5, at_least(1))  # distances the stop rule looks at (You et al.: 5)
     eps: float = setting(0.1, between(0, 1, lo_open=True))  # drawn when the largest of them is below (You et al.: 0.1)
@@ -90,9 +89,9 @@ class EarlyBird(MaskUpdater):
         super().__init__(settings, ctx)
         # only dense training is watched: the ticket trained after the draw is not
         self.watching = [all(bool(layer.mask.all()) for layer in layers) for layers in ctx.layers]
-        self.last: list[Optional[dict]] = [None] * self.n  # the previous check's mask
+        self.last: list[dict | None] = [None] * self.n  # the previous check's mask
         self.distances: list[list] = [[] for _ in range(self.n)]  # [step, distance] per check after the first
-        self.drawn_at: list[Optional[int]] = [None] * self.n
+        self.drawn_at: list[int | None] = [None] * self.n
 
     def check_mask(self, u: int) -> dict[str, torch.Tensor]:
         """The mask magnitude pruning would draw now at `target`: per weight, or per channel."""
@@ -115,6 +114,7 @@ class EarlyBird(MaskUpdater):
     def check_channels(self, u: int) -> dict[str, torch.Tensor]:
         """One entry per output channel of each channel-pruned layer: the `target` fraction of all channels (global)
         or of each layer's (uniform) with the highest scores, as lottery.pruning's channel selection keeps them."""
+        assert self.ctx.parameters is not None, "channel checks read the networks' parameters"
         model, params = self.ctx.models[u], self.ctx.parameters(u)
         masked = {layer.name for layer in self.ctx.layers[u]}
         # the pruned weights: masked tensors with output channels (while dense, no companion has a mask yet)
@@ -135,8 +135,9 @@ class EarlyBird(MaskUpdater):
 
     def check(self, u: int, step: int) -> None:
         mask = self.check_mask(u)
-        if self.last[u] is not None:
-            self.distances[u].append([step, mask_distance(self.last[u], mask)])
+        last = self.last[u]
+        if last is not None:
+            self.distances[u].append([step, mask_distance(last, mask)])
             if settled([d for _, d in self.distances[u]], self.settings["window"], self.settings["eps"]):
                 self.drawn_at[u] = step
         self.last[u] = mask

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # Evaluation feeds the model at most this many examples at once, on every device: a 10,000-example Conv-2 forward
 # peaks at 7.5 GB of activations (about 8 GB on a GPU for Conv-2/4/6 and VGG on CIFAR-10) instead of 0.8 GB, and is
 # no faster. Results do not depend on it: the loss is still summed per `train.eval_batch_size` batch, and chunked
@@ -14,7 +13,8 @@ EVAL_CHUNK = 1000
 # On a CPU, convolutional models go 100 at a time: a 1000-example chunk's activations (262 MB per Conv-2 layer) are
 # fresh page-faulted memory on every forward, 100-example ones are reused from the heap. Measured (2026-11-29, 2-core
 # CPU, 2 threads, examples/s at 1000 -> 100): Conv-2 512 -> 1,116, Conv-6 240 -> 378, VGG-11 257 -> 374, ResNet-20
-# 643 -> 1,050, with bit-identical losses and accuracies; LeNet-300-100 would slow down (139k -> 94k), so MLPs keep 1000.
+# 643 -> 1,050, with bit-identical losses and accuracies; LeNet-300-100 would slow down (139k -> 94k), so MLPs keep
+# 1000.
 CPU_CONV_EVAL_CHUNK = 100
 
 

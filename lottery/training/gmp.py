@@ -36,7 +36,8 @@ class GmpSettings:
     begin: float = setting(0.0, between(0, 1, hi_open=True))  # t_0, the first pruning step, a fraction of training
     # no pruning step after this fraction of the training length (the last one is at t_0 + n * delta_t)
     end: float = setting(0.75, between(0, 1, lo_open=True))
-    distribution: str = "uniform"  # how each step's count is split: uniform | er | erk (per layer) | global (one ranking)
+    # how each step's count is split: uniform | er | erk (per layer) | global (one ranking)
+    distribution: str = "uniform"
 
     def __post_init__(self):
         if self.delta_t < 1:
@@ -65,7 +66,8 @@ class GradualMagnitude(MaskUpdater):
         span = round_half_up(settings["end"] * total_steps) - round_half_up(settings["begin"] * total_steps)
         if settings["delta_t"] > span:
             raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the pruning span (dst.begin="
-                             f"{settings['begin']} to dst.end={settings['end']} of {total_steps} steps = {span} steps), "
+                             f"{settings['begin']} to dst.end={settings['end']} of {total_steps} steps = {span} "
+                             f"steps), "
                              f"so no pruning step would happen; accepted: dst.delta_t <= {span} (or a longer "
                              f"train.duration)")
 

@@ -34,7 +34,6 @@ functional BatchNorm anyway; the channel fold gives BatchNorm for free.
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +60,7 @@ class BatchedLinear(nn.Module):
         # weight's own layout, so autograd does not copy it (measured: those copies took a quarter of a batched
         # LeNet-300-100 step).
         b = x.shape[0]
-        n, o, i = self.weight.shape
+        n, _, i = self.weight.shape
         xt = x.reshape(b, n, i).permute(1, 2, 0)  # [n, in, B]
         if x.dim() == 2:
             xt = xt.contiguous()
@@ -88,6 +87,10 @@ class BatchedConv2d(nn.Module):
 
 
 class BatchedBatchNorm2d(nn.Module):
+    running_mean: torch.Tensor  # the buffers (register_buffer), declared for the type checker
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+
     def __init__(self, n: int, bn: nn.BatchNorm2d):
         super().__init__()
         if not bn.track_running_stats or bn.momentum is None:
@@ -111,7 +114,7 @@ class BatchedBatchNorm2d(nn.Module):
 _BATCHED = {nn.Linear: BatchedLinear, nn.Conv2d: BatchedConv2d, nn.BatchNorm2d: BatchedBatchNorm2d}
 
 
-def unsupported_layer(model: nn.Module) -> Optional[tuple[str, str]]:
+def unsupported_layer(model: nn.Module) -> tuple[str, str] | None:
     """(name, type) of the first module holding parameters or buffers that `stack` cannot batch, or None."""
     for mod_name, mod in model.named_modules():
         own = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
@@ -169,8 +172,8 @@ def check_forward(batched: nn.Module, models: list[nn.Module], x: torch.Tensor) 
             m.train(w)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4, equal_nan=True):
         raise ValueError("replicas: this model's forward does not act per channel (its stacked outputs differ from "
-                         "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, which "
-                         "trains any model")
+                         "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, "
+                         "which trains any model")
 
 class Interleaved(nn.Module):
     """The networks side by side, each through its own model (the caller's, not a copy) on its own batch, in one
@@ -203,10 +206,10 @@ class Interleaved(nn.Module):
     def device(self) -> torch.device:
         return self.batches[0].pool.device
 
-    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[Optional[dict]]:
+    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[dict | None]:
         """Per network its metrics on its split's `which` ("val" or "test") for the networks in `only` (None for the
         others), each exactly as a single run evaluates it."""
-        out: list[Optional[dict]] = [None] * self.n
+        out: list[dict | None] = [None] * self.n
         for u in only:
             split = self.batches[u].split
             x, y = split.val() if which == "val" else split.test()
@@ -216,7 +219,7 @@ class Interleaved(nn.Module):
     def states(self) -> list[dict]:
         return [net.state_dict() for net in self.nets]
 
-    def sync(self, u: Optional[int] = None) -> None:
+    def sync(self, u: int | None = None) -> None:
         """The networks' own models hold their weights already."""
 
     def network_parameters(self, u: int) -> dict[str, torch.Tensor]:
@@ -332,7 +335,7 @@ class Stacked(nn.Module):
             yield x.view(y.shape[0], self.n, *x.shape[1:]), y
 
     @torch.inference_mode()
-    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[Optional[dict]]:
+    def evaluate(self, which: str, batch_size: int, precision: str, only: list[int]) -> list[dict | None]:
         """All networks in one forward per chunk, one host sync per call (every network is evaluated; `only` says
         whose metrics are wanted, and the others' are None)."""
         n = self.n
@@ -362,7 +365,7 @@ class Stacked(nn.Module):
         """Network `u`'s parameters as the single model names them: views into the stacked tensors."""
         return {k: p[u] for k, p in self.net.named_parameters()}
 
-    def sync(self, u: Optional[int] = None) -> None:
+    def sync(self, u: int | None = None) -> None:
         """Copy the stacked weights into the networks' own models (network `u`, or all)."""
         state = self.net.state_dict()
         for i in range(self.n) if u is None else [u]:
@@ -403,7 +406,7 @@ class Stacked(nn.Module):
                  "param_groups": state["param_groups"]} for u in range(self.n)]
 
 
-LAYOUTS = {"interleaved": Interleaved, "stacked": Stacked}
+LAYOUTS: dict[str, type[Interleaved | Stacked]] = {"interleaved": Interleaved, "stacked": Stacked}
 BATCHING = ("auto", "stacked", "interleaved", "sequential")
 
 
@@ -415,7 +418,7 @@ def choose(mode: str, model: nn.Module, device) -> str:
     return mode
 
 
-_MALLOC_SET = []
+_MALLOC_SET: list[bool] = []
 
 
 def keep_freed_memory() -> None:

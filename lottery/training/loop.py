@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from lottery.training.evaluation import early_stop
 from lottery.training.layouts import LAYOUTS, keep_freed_memory
 from lottery.training.optimizers import make_optimizer
 from lottery.training.schedule import lr_schedule
-from lottery.training.updaters import Context, checkpoint_state, make_layers
+from lottery.training.updaters import Context, MaskUpdater, checkpoint_state, make_layers
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 @dataclass
 class Hooks:
     """What the loop calls for a network besides training it: all optional, all cheap when unused."""
-    on_eval: Optional[Callable[[dict], None]] = None  # every evaluation record
-    on_log: Optional[Callable[[dict], None]] = None  # mean training loss every `log_every` steps
+    on_eval: Callable[[dict], None] | None = None  # every evaluation record
+    on_log: Callable[[dict], None] | None = None  # mean training loss every `log_every` steps
     log_every: int = 0
     at_step: dict[int, Callable[[], None]] = field(default_factory=dict)  # after k steps (rewind capture, callbacks)
-    checkpoint: Optional[Callable[[dict], None]] = None  # called with the network's state every `checkpoint_every`
+    checkpoint: Callable[[dict], None] | None = None  # called with the network's state every `checkpoint_every`
     checkpoint_every: int = 0
     should_stop: Callable[[], bool] = lambda: False  # checked after each step: checkpoint, then raise Preempted
 
@@ -67,7 +67,7 @@ class Training:
     optimizer: dict
 
     @classmethod
-    def of(cls, cfg) -> "Training":
+    def of(cls, cfg) -> Training:
         """From a run's config: the typed one (lottery.config.typed, as the experiment holds it) or any config with
         `train` and `optimizer` nodes (a DictConfig, a test's or a script's)."""
         t = cfg.train
@@ -83,14 +83,14 @@ class Network:
     masks: Masks
     batches: Batches
     hooks: Hooks = field(default_factory=Hooks)
-    resume: Optional[dict] = None
+    resume: dict | None = None
     seed: int = 0
 
 
-def train(networks: list[Network], run, *, start: int, steps: Steps, end: Optional[int] = None,
-          layout: str = "interleaved", desc: str = "train", lr: Optional[Callable[[int], float]] = None,
-          updater: Optional[tuple] = None, on_step: Optional[Callable[[int, int, int], None]] = None,
-          evaluation_threads: Optional[int] = None) -> list[dict]:
+def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | None = None,
+          layout: str = "interleaved", desc: str = "train", lr: Callable[[int], float] | None = None,
+          updater: tuple | None = None, on_step: Callable[[int, int, int], None] | None = None,
+          evaluation_threads: int | None = None) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
     after their checkpoint's step and end bit-identical to an uninterrupted run.
@@ -110,7 +110,8 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
     resumed = [nw.resume is not None for nw in networks]
     if any(resumed) and not all(resumed):
         raise ValueError("a batch of networks resumes all its networks or none")
-    if any(resumed) and len({nw.resume["step"] for nw in networks}) > 1:
+    resumes = [nw.resume for nw in networks if nw.resume is not None]
+    if any(resumed) and len({r["step"] for r in resumes}) > 1:
         raise ValueError("a batch of networks resumes all its networks from the same step")
     for nw in networks:
         if nw.resume is not None:
@@ -123,16 +124,17 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
     optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], run.optimizer, device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     mask_weights = Masker(net, net.named_masks([nw.masks for nw in networks]))
-    stopped_at: list[Optional[int]] = [None] * n  # the step the updater ended a network's training at
+    stopped_at: list[int | None] = [None] * n  # the step the updater ended a network's training at
     frozen: dict[int, dict] = {}  # a stopped network's state there (a stacked layout computes every network on)
+    mask_updater: MaskUpdater | None = None  # the updater, made from `updater` (its class and settings)
     if updater is not None:
         kind, settings = updater
         layers = make_layers(net.mask_slices(mask_weights), n)
-        updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers,
-                                           [nw.model for nw in networks], net.network_parameters))
+        mask_updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers,
+                                              [nw.model for nw in networks], net.network_parameters))
     if tcfg.compile:
         net.compile_in_place()
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": tcfg.precision == "bf16"}
     hooks = [nw.hooks for nw in networks]
     log_every = next((h.log_every for h in hooks if h.on_log), 0)
     at_steps = {s for h in hooks for s in h.at_step}
@@ -144,23 +146,23 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
     log_sum = torch.zeros(n, device=device)
     evals: list[list[dict]] = [[] for _ in networks]
     step = start
-    diverged_at: list[Optional[int]] = [None] * n
+    diverged_at: list[int | None] = [None] * n
     if all(resumed):
-        optimizer.load_state_dict(net.optimizer_state([nw.resume["optimizer"] for nw in networks]))
-        step = networks[0].resume["step"]
-        evals = [list(nw.resume["evals"]) for nw in networks]
+        optimizer.load_state_dict(net.optimizer_state([r["optimizer"] for r in resumes]))
+        step = resumes[0]["step"]
+        evals = [list(r["evals"]) for r in resumes]
         diverged_at = [e[-1]["step"] if e and e[-1].get("diverged") else None for e in evals]
-        if updater is not None:
-            for u, nw in enumerate(networks):
-                for i in updater.load_state_dict(u, checkpoint_state(updater.name, nw.resume)):
+        if mask_updater is not None:
+            for u, r in enumerate(resumes):
+                for i in mask_updater.load_state_dict(u, checkpoint_state(mask_updater.name, r)):
                     mask_weights.refresh(i)
             net.sync_masks(mask_weights, [nw.masks for nw in networks])
-            for u, nw in enumerate(networks):
-                if updater.finished(u):  # stopped before the checkpoint: at its last evaluation
-                    stopped_at[u], frozen[u] = evals[u][-1]["step"], nw.resume["model"]
-        loss_sum += torch.stack([nw.resume["loss_sum"].reshape(()) for nw in networks]).to(device)
-        loss_count = [nw.resume["loss_count"] for nw in networks]
-        log_sum += torch.stack([nw.resume["log_sum"].reshape(()) for nw in networks]).to(device)
+            for u, r in enumerate(resumes):
+                if mask_updater.finished(u):  # stopped before the checkpoint: at its last evaluation
+                    stopped_at[u], frozen[u] = evals[u][-1]["step"], r["model"]
+        loss_sum += torch.stack([r["loss_sum"].reshape(()) for r in resumes]).to(device)
+        loss_count = [r["loss_count"] for r in resumes]
+        log_sum += torch.stack([r["log_sum"].reshape(()) for r in resumes]).to(device)
 
     def active() -> list[int]:
         return [u for u in range(n) if diverged_at[u] is None and stopped_at[u] is None]
@@ -175,7 +177,8 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
 
     def stop_finished() -> None:
         """Networks the updater says are done end here; their last record is at this step."""
-        done = [u for u in active() if updater.finished(u)]
+        assert mask_updater is not None  # called only with an updater
+        done = [u for u in active() if mask_updater.finished(u)]
         for u in done:
             stopped_at[u] = step
             net.sync(u)
@@ -194,8 +197,10 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
         train_loss = (loss_sum / counts).tolist()
         lr = base_lrs[0] * multiplier(max(step - 1, 0))
         for u in which:
+            val_u, test_u = val[u], test[u]
+            assert val_u is not None and test_u is not None  # evaluated: u is in `which`
             record = {"step": step, "train_loss": train_loss[u] if loss_count[u] else None,
-                      **{f"val_{k}": v for k, v in val[u].items()}, **{f"test_{k}": v for k, v in test[u].items()},
+                      **{f"val_{k}": v for k, v in val_u.items()}, **{f"test_{k}": v for k, v in test_u.items()},
                       "lr": lr}
             if nonfinite(record["train_loss"], record["val_loss"], record["test_loss"]):
                 diverged_at[u] = step
@@ -204,8 +209,8 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
             loss_sum[u] = 0
             loss_count[u] = 0
             evals[u].append(record)
-            if hooks[u].on_eval:
-                hooks[u].on_eval(record)
+            if (on_eval := hooks[u].on_eval) is not None:
+                on_eval(record)
 
     def call_at_step(s: int) -> None:
         for u, h in enumerate(hooks):
@@ -221,14 +226,15 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
         for u, h in enumerate(hooks):
             state = {"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
                      "loss_sum": sums[u].clone(), "loss_count": loss_count[u], "log_sum": logs[u].clone()}
-            if updater is not None:
-                state["updater"] = updater.state_dict(u)
+            if mask_updater is not None:
+                state["updater"] = mask_updater.state_dict(u)
+            assert h.checkpoint is not None  # checkpoint() is called only when every network has one
             h.checkpoint(state)
 
     net.train()
     if not all(resumed):
-        if updater is not None:
-            apply(updater.begin(start))
+        if mask_updater is not None:
+            apply(mask_updater.begin(start))
         mask_weights()
         if start in at_steps:
             call_at_step(start)
@@ -238,20 +244,20 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
     try:
         while step < end and active():
             m = multiplier(step)
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * m
+            for g, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = base_lr * m
             with span(STEP):  # for torch.profiler (lottery.core.spans)
                 optimizer.zero_grad(set_to_none=True)
                 on = [d is None and s is None for d, s in zip(diverged_at, stopped_at)]
                 losses = net.backward(step, autocast, on)
-                if updater is None:
+                if mask_updater is None:
                     optimizer.step()
                     mask_weights()
                 else:
-                    changed, skip = updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
+                    changed, skip = mask_updater.after_backward(step + 1, optimizer, on)  # skip: it took the gradient
                     if not skip:
                         optimizer.step()
-                    apply(changed + updater.after_step(step + 1, optimizer, on))
+                    apply(changed + mask_updater.after_step(step + 1, optimizer, on))
             loss_sum += losses
             for u in range(n):
                 loss_count[u] += 1
@@ -265,9 +271,9 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
                     values = (log_sum / log_every).tolist()
                     log_sum.zero_()
                     for u in active():
-                        if hooks[u].on_log:
-                            hooks[u].on_log(finite_or_none({"step": step, "train_loss": values[u],
-                                                            "lr": base_lrs[0] * m}))
+                        if (on_log := hooks[u].on_log) is not None:
+                            on_log(finite_or_none({"step": step, "train_loss": values[u],
+                                          "lr": base_lrs[0] * m}))
                     bad = [u for u in active() if nonfinite(values[u])]
                     if bad:
                         run_eval(bad)  # record the state each diverged in; those networks are done
@@ -278,9 +284,9 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
                 last = next((evals[u][-1] for u in active()), None)
                 if n == 1 and last is not None and last["test_accuracy"] is not None:
                     bar.set_postfix(test_acc=f"{last['test_accuracy']:.4f}", refresh=False)
-                if updater is not None:
-                    apply(updater.at_eval(step, {u: evals[u][-1] for u in active()}))
-            if updater is not None:
+                if mask_updater is not None:
+                    apply(mask_updater.at_eval(step, {u: evals[u][-1] for u in active()}))
+            if mask_updater is not None:
                 stop_finished()
             if can_checkpoint and step < end and active():
                 if hooks[0].should_stop():
@@ -296,7 +302,7 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
     results = []
     for u in range(n):
         last = evals[u][-1]
-        since = updater.counts_final_from(u) if updater is not None else None
+        since = mask_updater.counts_final_from(u) if mask_updater is not None else None
         final = diverged_at[u] if diverged_at[u] is not None else stopped_at[u] if stopped_at[u] is not None else step
         result = {"steps": end, "start_step": start, "final_step": final, "evals": evals[u],
                   **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
@@ -304,7 +310,7 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: Option
                   "diverged": diverged_at[u] is not None, "diverged_step": diverged_at[u]}
         if diverged_at[u] is not None:  # no final metrics: a diverged network's are chance, not a result
             result["last_finite_step"] = evals[u][-2]["step"] if len(evals[u]) > 1 else None
-        if updater is not None:
-            result.update(updater.result(u))
+        if mask_updater is not None:
+            result.update(mask_updater.result(u))
         results.append(result)
     return results

@@ -13,8 +13,8 @@ CPU rounds differently, so CPU results would change).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional
 
 import torch
 
@@ -39,13 +39,13 @@ class CommonSettings:
 class Optimizer:
     name: str
     fn: Callable[..., torch.optim.Optimizer]  # fn(params, *, lr, weight_decay, device, **settings)
-    settings: Optional[type] = None
+    settings: type | None = None
 
 
 OPTIMIZERS = Registry("optimizer")
 
 
-def register_optimizer(name: str, settings: Optional[type] = None):
+def register_optimizer(name: str, settings: type | None = None):
     """`@register_optimizer("lion", settings=LionSettings)` on fn(params, *, lr, weight_decay, device, **settings)."""
     def decorator(fn):
         OPTIMIZERS.add(name, Optimizer(name, fn, settings))
@@ -92,7 +92,7 @@ class SgdSettings:
 
 @dataclass
 class AdamSettings:
-    betas: List[float] = setting(lambda: [0.9, 0.999], fraction())  # moment decay rates, each in [0, 1)
+    betas: list[float] = setting(lambda: [0.9, 0.999], fraction())  # moment decay rates, each in [0, 1)
 
     def __post_init__(self):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

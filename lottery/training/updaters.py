@@ -25,8 +25,9 @@ in `Settings`) and one YAML file in conf/dst/. Built-ins: lottery.training.dst (
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class Layer:
     name: str  # the parameter's name in the network (its key in the network's masks)
     param: torch.Tensor
     stacked_mask: torch.Tensor
-    slot: Optional[int]  # the network's index into a stacked tensor's first dimension, or None (its own tensor)
+    slot: int | None  # the network's index into a stacked tensor's first dimension, or None (its own tensor)
 
     def _view(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.slot is None else t[self.slot]
@@ -61,7 +62,7 @@ class Layer:
         return self._view(self.stacked_mask)
 
     @property
-    def grad(self) -> Optional[torch.Tensor]:
+    def grad(self) -> torch.Tensor | None:
         return None if self.param.grad is None else self._view(self.param.grad)
 
     def optimizer_slots(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -83,13 +84,14 @@ class Context:
     # trains copies of its tensors, so values come from `layers` or `parameters`
     models: list[nn.Module] = field(default_factory=list)
     # network u -> its current parameters as the single model names them (views into what trains; read-only use)
-    parameters: Optional[Callable[[int], dict[str, torch.Tensor]]] = None
+    parameters: Callable[[int], dict[str, torch.Tensor]] | None = None
 
 
 class MaskUpdater:
     """The base class of every mask updater: the hooks do nothing, the state is the masks and the history of
     densities. Subclasses override the hooks they need and call `record(u, step)` after each mask update."""
     Settings: type = NoSettings
+    name: str  # set by register_updater
     # True: the masks a unit is handed are where this updater ends (their counts are its target); the network starts
     # with every weight (the experiment does not zero the pruned ones first) and `begin` sets the masks it starts from
     dense_start = False
@@ -130,14 +132,15 @@ class MaskUpdater:
         from there, since an evaluation of a denser network is not one of the ticket's."""
         changes = self.mask_changes[u]
         step = changes[0][0]
-        for (_, before), (at, after) in zip(changes, changes[1:]):
+        for (_, before), (at, after) in itertools.pairwise(changes):
             if after != before:
                 step = at
         return step
 
     # --- state -----------------------------------------------------------------------------------------------------
     def state_dict(self, u: int) -> dict:
-        return {"name": self.name, "masks": {layer.name: layer.mask.detach().to("cpu", torch.bool) for layer in self.ctx.layers[u]},
+        return {"name": self.name,
+                "masks": {layer.name: layer.mask.detach().to("cpu", torch.bool) for layer in self.ctx.layers[u]},
                 "mask_changes": self.mask_changes[u], "gradient_steps": self.gradient_steps[u]}
 
     def load_state_dict(self, u: int, state: dict) -> list[int]:
@@ -177,7 +180,7 @@ def register_updater(name: str):
     return decorator
 
 
-def updater_settings(node) -> tuple[Optional[type], dict]:
+def updater_settings(node) -> tuple[type[MaskUpdater] | None, dict]:
     """(the updater class, its checked settings) of a `dst` config node; (None, {}) for `name: none`."""
     raw = plain(node)
     name = raw.pop("name", "none")
