@@ -1,4 +1,5 @@
 """Hydra entry points. No experiment logic lives here: each app composes its config and calls one function."""
+
 from __future__ import annotations
 
 import contextlib
@@ -69,6 +70,7 @@ class _Job:
         from omegaconf import OmegaConf
 
         from lottery.core.files import WriteFailed, write_text
+
         hydra_cfg = HydraConfig.get()
         out = run_dir / ".hydra"
         try:
@@ -88,6 +90,7 @@ class _Job:
 def _guard(fn, job: _Job) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
     from lottery.core.signals import install_stop_handlers
+
     install_stop_handlers()
     _quiet_log_file_errors()
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -102,6 +105,7 @@ def _remove_created_folders() -> None:
     """A single run that never owned its folder: the folders made for it (lottery.launch.checks) go again when they
     are empty, so a refused or failed start leaves nothing behind."""
     from lottery.launch.checks import CREATED
+
     for d in reversed(CREATED):
         with contextlib.suppress(OSError):
             d.rmdir()  # only an empty folder
@@ -112,6 +116,7 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
     from lottery.core.files import WriteFailed
     from lottery.core.signals import Interrupted, Preempted
     from lottery.experiment.folder import FolderRefused
+
     run_dir = job.run_dir
     try:
         fn()
@@ -152,8 +157,11 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
         sys.exit(PREEMPTED_EXIT)
     except (Interrupted, KeyboardInterrupt):
         # The second Ctrl-C: the last checkpoint (every checkpoint.every steps) is where a rerun continues.
-        print(f"error: interrupted twice: stopped at once without a new checkpoint; rerun the same command to resume "
-              f"from the last one{f' (in {run_dir})' if job.owned else ''}", file=sys.stderr)
+        print(
+            f"error: interrupted twice: stopped at once without a new checkpoint; rerun the same command to resume "
+            f"from the last one{f' (in {run_dir})' if job.owned else ''}",
+            file=sys.stderr,
+        )
         sys.exit(INTERRUPTED_EXIT)
     except Exception as e:  # a bug keeps its traceback; in a sweep the other jobs go on
         _record_error(job, e)
@@ -186,9 +194,12 @@ def _record_error(job: _Job, e: BaseException) -> None:
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)  # an empty error.txt would say less than none
         from lottery.core.files import WriteFailed
+
         if not isinstance(e, WriteFailed):  # that one already says the folder cannot be written
-            print(f"warning: could not record the error in {path} ({write_error.strerror or write_error})",
-                  file=sys.stderr)
+            print(
+                f"warning: could not record the error in {path} ({write_error.strerror or write_error})",
+                file=sys.stderr,
+            )
 
 
 def _quiet_log_file_errors() -> None:
@@ -196,9 +207,11 @@ def _quiet_log_file_errors() -> None:
     logging errors, a bad format string, still show)."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
+
             def handle_error(record, original=handler.handleError):
                 if not isinstance(sys.exc_info()[1], OSError):
                     original(record)
+
             handler.handleError = handle_error  # type: ignore[method-assign]  # this handler's alone
 
 
@@ -266,6 +279,7 @@ def _hold_sweep_folder(sweep_dir: Path) -> None:
     the first's jobs (refused by their folders' locks, or still running) as its own failures, and the first would
     count the second's refusals. Refused with one line; rerun it once the first has ended to resume what is left."""
     import fcntl
+
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         f = open(sweep_dir / SWEEP_LOCK, "a")  # noqa: SIM115 - the lock lives as long as the sweep, not a block
@@ -275,9 +289,12 @@ def _hold_sweep_folder(sweep_dir: Path) -> None:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        print(f"error: another sweep is running in {sweep_dir} (it holds {sweep_dir / SWEEP_LOCK}); wait for it to "
-              f"end and rerun to resume the jobs it did not finish, or choose another folder with "
-              f"hydra.sweep.dir=...", file=sys.stderr)
+        print(
+            f"error: another sweep is running in {sweep_dir} (it holds {sweep_dir / SWEEP_LOCK}); wait for it to "
+            f"end and rerun to resume the jobs it did not finish, or choose another folder with "
+            f"hydra.sweep.dir=...",
+            file=sys.stderr,
+        )
         sys.exit(2)
     _SWEEP_LOCKS.append(f)
 
@@ -297,13 +314,16 @@ def _exit_if_jobs_failed() -> None:
     if outcome and outcome[1]:
         sweep_dir, failed = outcome
         names = [str(d.relative_to(sweep_dir)) if d.is_relative_to(sweep_dir) else str(d) for d in failed]
-        print(f"error: {len(failed)} job{'s' if len(failed) > 1 else ''} of the multirun in {sweep_dir} failed: "
-              f"{', '.join(names)} (each folder's error.txt and the error column of summary.csv say why)",
-              file=sys.stderr)
+        print(
+            f"error: {len(failed)} job{'s' if len(failed) > 1 else ''} of the multirun in {sweep_dir} failed: "
+            f"{', '.join(names)} (each folder's error.txt and the error column of summary.csv say why)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
 # --- a config group's option that conf/ does not have ------------------------------------------------------------
+
 
 def unknown_option(args: list[str]) -> str | None:
     """`model=resnet99` (any config group: model, dataset, init, ..., launcher, sweep) as one line naming the group's
@@ -314,6 +334,7 @@ def unknown_option(args: list[str]) -> str | None:
     from hydra.core.object_type import ObjectType
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep
+
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its own complaint: Hydra will say it
             parsed = get_args_parser().parse_args(args)
@@ -349,6 +370,7 @@ def _main(app, config_name: str = "config") -> None:
     default_wait_policy()
     from lottery.config import schema
     from lottery.core.commandline import exit_early, unknown_key
+
     args = sys.argv[1:]
     exit_early(args)
     error = unknown_option(args) or unknown_key(args, CONF_DIR, config_name, schema(struct=True))
@@ -366,10 +388,12 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
     import tempfile
 
     from lottery.experiment.tracking import log_figures, wandb_mode
+
     if cfg.logger.name != "wandb" or wandb_mode() == "disabled":
         return
     try:
         from lottery.report import collect_runs, make_figures  # matplotlib only here
+
         parent = run_dir / "replicas.json"
         folders = [run_dir / f for f in json.loads(parent.read_text())["folders"]] if parent.exists() else [run_dir]
         for folder in folders:
@@ -384,6 +408,7 @@ def _figures_to_wandb(cfg: DictConfig, run_dir: Path) -> None:
 def _run_experiment(cfg: DictConfig, job: _Job) -> None:
     from lottery.core.divergence import AtChance, Diverged
     from lottery.experiment import run_experiment
+
     try:
         run_experiment(cfg, job.run_dir, on_owned=job.on_owned)
     except (Diverged, AtChance):  # a result too: its figures mark the diverged and at-chance units
@@ -406,6 +431,7 @@ def train() -> None:
 def _ticket_config(cfg: DictConfig) -> DictConfig:
     """The ticket's own config, with exactly the keys the user overrode on the command line taken from `cfg`."""
     from lottery.experiment.ticket import load_ticket, retrain_config
+
     if not cfg.ticket:
         raise ValueError("lottery-retrain needs ticket=PATH (a levels/level_<L>/ticket.pt file of a run)")
     ticket = load_ticket(Path(cfg.ticket).expanduser())
@@ -418,6 +444,7 @@ def _ticket_config(cfg: DictConfig) -> DictConfig:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="retrain")
 def _retrain(cfg: DictConfig) -> None:
     from lottery.experiment import retrain_ticket
+
     job = _Job(cfg, Path(HydraConfig.get().runtime.output_dir))
 
     def go():

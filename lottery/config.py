@@ -8,6 +8,7 @@ metadata on its field (`setting(default, rule)`, lottery.core.ranges), checked b
 
 Imports core only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -173,12 +174,33 @@ class Config:
 # Keys that do not define an experiment: where data lives, how a run is logged, shown, checkpointed and launched,
 # which controls are added. Used by resume (a changed key here is no different experiment), by `lottery-report` (never
 # a condition) and by sweep folder names (never part of a job's name). A key covers the keys below it.
-NON_EXPERIMENT_KEYS = ("name", "dataset.root", "dataset.download", "dataset.verify", "device", "deterministic",
-                       "threads", "logger",
-                       "checkpoint", "train.progress", "train.progress_every", "train.estimate", "match_tolerance",
-                       "train.compile", "train.eval_batch_size", "imports",
-                       "pruning.branches", "train.on_divergence", "train.on_chance", "launcher", "sweep", "hydra",
-                       "replicas", "replica_batching", "paper")
+NON_EXPERIMENT_KEYS = (
+    "name",
+    "dataset.root",
+    "dataset.download",
+    "dataset.verify",
+    "device",
+    "deterministic",
+    "threads",
+    "logger",
+    "checkpoint",
+    "train.progress",
+    "train.progress_every",
+    "train.estimate",
+    "match_tolerance",
+    "train.compile",
+    "train.eval_batch_size",
+    "imports",
+    "pruning.branches",
+    "train.on_divergence",
+    "train.on_chance",
+    "launcher",
+    "sweep",
+    "hydra",
+    "replicas",
+    "replica_batching",
+    "paper",
+)
 # Keys that tell replicates of one condition apart: `lottery-report` averages over them.
 REPLICATE_KEYS = ("seed", "data_seed", "ticket")
 
@@ -218,7 +240,7 @@ def _shorten(name: str) -> str:
     if len(raw) <= DIRNAME_BYTES:
         return name
     tail = "~" + hashlib.sha1(raw).hexdigest()[:12]
-    return raw[:DIRNAME_BYTES - len(tail)].decode(errors="ignore") + tail
+    return raw[: DIRNAME_BYTES - len(tail)].decode(errors="ignore") + tail
 
 
 def job_dirname(overrides) -> str:
@@ -260,14 +282,16 @@ def run_id(root) -> str:
     import json
 
     from omegaconf import OmegaConf
+
     flat: dict = {}
 
     def walk(value, prefix: str) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(v, f"{prefix}{k}.")
-        elif not non_experiment(prefix[:-1]) and not any(prefix[:-1] == k or prefix.startswith(k + ".")
-                                                         for k in EXTENDING_KEYS):
+        elif not non_experiment(prefix[:-1]) and not any(
+            prefix[:-1] == k or prefix.startswith(k + ".") for k in EXTENDING_KEYS
+        ):
             flat[prefix[:-1]] = value
 
     for key in root:
@@ -276,8 +300,11 @@ def run_id(root) -> str:
         try:
             value = OmegaConf.to_container(root[key], resolve=True) if OmegaConf.is_config(root[key]) else root[key]
         except Exception:  # noqa: BLE001 - an interpolation only a later step resolves: its text defines it as well
-            value = OmegaConf.to_container(root[key], resolve=False) if OmegaConf.is_config(root[key]) else \
-                str(root._get_node(key))
+            value = (
+                OmegaConf.to_container(root[key], resolve=False)
+                if OmegaConf.is_config(root[key])
+                else str(root._get_node(key))
+            )
         walk(value, f"{key}.")
     flat["replicas"] = root.get("replicas") is not None
     text = json.dumps(flat, sort_keys=True, default=str)
@@ -301,6 +328,7 @@ def schema(struct: bool = False):
     """The typed schema of conf/config.yaml: every key a config can have, the OPEN_NODES open (`struct`: the rest
     closed, as in a composed config; Hydra closes it only once composed)."""
     from omegaconf import OmegaConf
+
     node = OmegaConf.structured(Config)
     if struct:
         OmegaConf.set_struct(node, True)
@@ -314,6 +342,7 @@ class Node(Mapping):
     `dst`, `branch`, `paper`), read-only: its keys read as attributes (`cfg.dataset.name`) or items
     (`cfg.dst["name"]`, `.get`), nested nodes are Nodes. Its values were checked against the registry's settings
     class before the config became typed (lottery.experiment.check)."""
+
     __slots__ = ("_values",)
 
     def __init__(self, values: Mapping):
@@ -334,8 +363,9 @@ class Node(Mapping):
         try:
             return self._values[key]
         except KeyError:
-            raise AttributeError(f"config node has no key '{key}'; it has: {', '.join(self._values) or 'none'}") \
-                from None
+            raise AttributeError(
+                f"config node has no key '{key}'; it has: {', '.join(self._values) or 'none'}"
+            ) from None
 
     def __setattr__(self, key, value):
         raise AttributeError(f"the typed config is read-only (setting '{key}')")
@@ -385,11 +415,13 @@ def typed(values: Mapping, cls: type | None = None, where: str = "") -> Config:
 def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
+
     cs = ConfigStore.instance()
     cs.store(name="lottery_schema", node=schema())
     if not OmegaConf.has_resolver("lottery_dirname"):
-        OmegaConf.register_new_resolver("lottery_dirname", lambda overrides, *, _root_: _job_dirname_here(overrides,
-                                                                                                         _root_))
+        OmegaConf.register_new_resolver(
+            "lottery_dirname", lambda overrides, *, _root_: _job_dirname_here(overrides, _root_)
+        )
     if not OmegaConf.has_resolver("lottery_run_id"):
         OmegaConf.register_new_resolver("lottery_run_id", lambda *, _root_: run_id(_root_))
     _register_device_resolvers()
@@ -402,10 +434,12 @@ def _register_device_resolvers() -> None:
 
     def gpus() -> int:
         from lottery.core.device import local_gpus
+
         return local_gpus()
 
     def local_device(job_num=0) -> str:
         from lottery.core.device import local_job_device
+
         return local_job_device(job_num)
 
     OmegaConf.register_new_resolver("lottery_gpus", gpus, replace=True)
@@ -422,6 +456,7 @@ def check_ranges(cfg) -> None:
 
     from lottery.core.ranges import check_fields
     from lottery.core.registry import as_dict
+
     values = as_dict(cfg, resolve=True) if OmegaConf.is_config(cfg) else copy.deepcopy(dict(cfg))
     for key in OPEN_NODES:
         *parents, last = key.split(".")
@@ -435,11 +470,14 @@ def check_ranges(cfg) -> None:
 def import_extensions(cfg) -> None:
     """Import the modules in `imports` (a user's registered models, initializers, criteria, branches)."""
     import importlib
+
     for name in cfg.get("imports") or []:
         try:
             importlib.import_module(name)
         except ImportError as e:
             raise ValueError(f"imports entry '{name}' cannot be imported ({e}); put its folder on PYTHONPATH") from e
         except Exception as e:  # the user's module failed while importing: its error, in one line
-            raise ValueError(f"imports entry '{name}' raised {type(e).__name__} while being imported: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}; fix that module") from e
+            raise ValueError(
+                f"imports entry '{name}' raised {type(e).__name__} while being imported: "
+                f"{str(e).splitlines()[0] if str(e) else ''}; fix that module"
+            ) from e

@@ -26,9 +26,11 @@ def register_initializer(name: str):
     """`@register_initializer("name")` on fn(weight, generator=..., [variance, mode, nonlinearity, gain]) filling
     `weight` in place from the seeded `generator`; it gets only the init config's fields its signature names (all of
     them with **kwargs). `init.name=<name>` selects it, for lottery-train and `lottery-init-study compare=[...]`."""
+
     def decorator(fn):
         INITIALIZERS.add(name, fn)
         return fn
+
     return decorator
 
 
@@ -125,12 +127,14 @@ def _resolve(cfg) -> Callable:
     target = _get(cfg, "_target_")
     if target:
         import importlib  # checked before the run (lottery.experiment.check.check_target): it imports and is callable
+
         module, _, attr = str(target).rpartition(".")
         return getattr(importlib.import_module(module), attr)
     name = _get(cfg, "name")
     if name not in INITIALIZERS:
-        raise ValueError(f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a "
-                         f"callable")
+        raise ValueError(
+            f"unknown initializer '{name}'; accepted: {sorted(INITIALIZERS)}, or set init._target_ to a callable"
+        )
     return INITIALIZERS[name]
 
 
@@ -162,8 +166,9 @@ def initialize(model: nn.Module, cfg, seed: int) -> None:
 
     if _get(cfg, "name") == "pytorch_default" and not _get(cfg, "_target_"):
         # reset_parameters draws from the global RNG; fork it so the caller's stream is untouched
-        devices = ([device.index if device.index is not None else torch.cuda.current_device()]
-                   if device.type == "cuda" else [])
+        devices = (
+            [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        )
         with torch.random.fork_rng(devices=devices):
             _seed_default_rng(seed, device)
             for m in model.modules():

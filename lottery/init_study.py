@@ -11,6 +11,7 @@ Fifty layers span more than 1e100 between the extremes, beyond float32. MLPs are
 every layer rescaled to unit size and the scale carried as a logarithm; this is exact because a ReLU network with zero
 biases is positively homogeneous. Other models (CNNs) run in float64 with hooks on every Linear/Conv output.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,10 @@ LN10 = math.log(10)
 
 # --- building the networks ------------------------------------------------------------------------------------------
 
+
 def _is_mlp(name: str) -> bool:
     from lottery.models import MODELS
+
     return MODELS[name].__module__ == "lottery.models.mlp"
 
 
@@ -47,6 +50,7 @@ def build(cfg):
     study's input shape and output size."""
     from lottery.core.registry import plain
     from lottery.models import MODELS, build_model
+
     settings = plain(cfg.model)
     name = settings.pop("name")
     MODELS.lookup(name)  # an unknown name: one line naming the registered models
@@ -57,6 +61,7 @@ def build(cfg):
 def conditions(cfg) -> list[dict]:
     """One init config per curve: N(0, sigma^2) for each listed variance, then each compared initializer."""
     from lottery.init import INITIALIZERS
+
     out = [{"name": "normal", "variance": float(v), "bias": "zero"} for v in cfg.variances]
     for name in cfg.compare:
         if name not in INITIALIZERS:
@@ -72,6 +77,7 @@ def label(init: dict) -> str:
 
 
 # --- measuring ----------------------------------------------------------------------------------------------------
+
 
 def _log_var(x: torch.Tensor) -> float:
     v = x.var(unbiased=False).item()
@@ -147,11 +153,18 @@ def _log_mean(logs: list[float]) -> float:
 def predicted(model, init: dict) -> tuple[list[float], list[float]] | None:
     """Closed-form ln variances for an MLP (mean field: f_k and dL/df_k independent of the weights that follow)."""
     from lottery.init import weight_variance
+
     layers = [*model.hidden, model.out]
     try:
-        vs = [weight_variance(init["name"], layer.in_features, layer.out_features,
-                              **{k: v for k, v in init.items() if k not in ("name", "bias")})
-              for layer in layers]
+        vs = [
+            weight_variance(
+                init["name"],
+                layer.in_features,
+                layer.out_features,
+                **{k: v for k, v in init.items() if k not in ("name", "bias")},
+            )
+            for layer in layers
+        ]
     except ValueError:  # no closed form (orthogonal, custom): measured curves only
         return None
     fwd, lv = [], 0.0  # ln E[x^2] = 0 for standard-normal input
@@ -183,14 +196,16 @@ def run_study(cfg) -> list[dict]:
 
 def _run_study(cfg) -> list[dict]:
     from lottery.init import initialize
+
     rows = []
     for init in conditions(cfg):
         fwd_runs, bwd_runs = [], []
         for seed in range(cfg.seeds):
             model, shape = build(cfg)
             initialize(model, init, seed)
-            x = torch.randn((cfg.batch_size, *shape), generator=torch.Generator().manual_seed(10_000 + seed),
-                            dtype=torch.float64)
+            x = torch.randn(
+                (cfg.batch_size, *shape), generator=torch.Generator().manual_seed(10_000 + seed), dtype=torch.float64
+            )
             mlp = _is_mlp(cfg.model.name)
             with torch.set_grad_enabled(not mlp):
                 f, b = measure_mlp(model, x) if mlp else measure_hooks(model, x)
@@ -202,10 +217,18 @@ def _run_study(cfg) -> list[dict]:
         for pass_, runs, k in (("forward", fwd_runs, 0), ("backward", bwd_runs, 1)):
             for layer in range(len(runs[0])):
                 ln = _log_mean([r[layer] for r in runs])
-                rows.append({"init": label(init), "initializer": init["name"], "sigma2": init.get("variance"),
-                             "pass": pass_, "layer": layer + 1, "log10_variance": ln / LN10,
-                             "variance": _sci(ln / LN10),
-                             "predicted_log10_variance": pred[k][layer] / LN10 if pred else None})
+                rows.append(
+                    {
+                        "init": label(init),
+                        "initializer": init["name"],
+                        "sigma2": init.get("variance"),
+                        "pass": pass_,
+                        "layer": layer + 1,
+                        "log10_variance": ln / LN10,
+                        "variance": _sci(ln / LN10),
+                        "predicted_log10_variance": pred[k][layer] / LN10 if pred else None,
+                    }
+                )
     return rows
 
 
@@ -220,7 +243,7 @@ def _sci(log10: float) -> str:
 def slope(rows: list[dict], init: str, pass_: str, skip: int = 2) -> float:
     """Measured log10 variance change per layer (least squares over the layers, the first and last `skip` left out)."""
     pts = [(r["layer"], r["log10_variance"]) for r in rows if r["init"] == init and r["pass"] == pass_]
-    pts = sorted(pts)[skip:len(pts) - skip] if len(pts) > 2 * skip + 2 else sorted(pts)
+    pts = sorted(pts)[skip : len(pts) - skip] if len(pts) > 2 * skip + 2 else sorted(pts)
     n = len(pts)
     mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
@@ -231,6 +254,7 @@ def verdict(per_layer_log10: float, tol: float = 0.02) -> str:
 
 
 # --- output ------------------------------------------------------------------------------------------------------
+
 
 def write_csv(rows: list[dict], path) -> Path:
     path = Path(path)
@@ -243,6 +267,7 @@ def write_csv(rows: list[dict], path) -> Path:
 
 def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -255,30 +280,43 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
     for ax, pass_ in zip(axes, ("forward", "backward")):
         for i, init in enumerate(inits):
-            pts = sorted((r["layer"], r["log10_variance"], r["predicted_log10_variance"]) for r in rows
-                         if r["init"] == init and r["pass"] == pass_)
+            pts = sorted(
+                (r["layer"], r["log10_variance"], r["predicted_log10_variance"])
+                for r in rows
+                if r["init"] == init and r["pass"] == pass_
+            )
             color = normal_colors(0.08 + 0.84 * i / max(1, n_var - 1)) if i < n_var else other_colors(i - n_var)
             trend = verdict(slope(rows, init, "forward"))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if i < n_var else "--", color=color, linewidth=2,
-                    label=f"{init}  ({trend})")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "-" if i < n_var else "--",
+                color=color,
+                linewidth=2,
+                label=f"{init}  ({trend})",
+            )
             if pts and pts[0][2] is not None:
                 ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=color, linewidth=1)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
-        ax.yaxis.set_major_formatter(FuncFormatter(
-            lambda v, _: f"$10^{{{int(round(v))}}}$"))  # noqa: RUF046 - v may be a NumPy float: round() keeps it
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"$10^{{{int(round(v))}}}$"))  # noqa: RUF046 - v may be a NumPy float: round() keeps it
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("Layer k" + ("  (the backward pass runs right to left)" if pass_ == "backward" else ""))
     axes[0].set_ylabel("Variance (log scale)")
     axes[0].set_title("Forward pass: variance of pre-activations $f_k$")
     axes[1].set_title("Backward pass: variance of gradients $\\partial L / \\partial f_k$")
     m = cfg.model
-    shape = (f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden")
-             else m.name)
-    fig.suptitle(f"Variance through the network at initialization: {shape}\nstandard-normal input, least-squares "
-                 f"loss against 0, zero biases; mean over {cfg.seeds} seeds × {cfg.batch_size} inputs", fontsize=10.5)
+    shape = (
+        f"{m.depth} hidden layers × {m.width} ReLU units" if m.name == "deep_mlp" and not m.get("hidden") else m.name
+    )
+    fig.suptitle(
+        f"Variance through the network at initialization: {shape}\nstandard-normal input, least-squares "
+        f"loss against 0, zero biases; mean over {cfg.seeds} seeds × {cfg.batch_size} inputs",
+        fontsize=10.5,
+    )
     handles, labels = axes[0].get_legend_handles_labels()
     if any(r["predicted_log10_variance"] is not None for r in rows):
         from matplotlib.lines import Line2D
+
         handles.append(Line2D([], [], linestyle=":", color="gray"))
         labels.append("closed form: × $D_h\\sigma^2/2$ per layer")
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8.5, frameon=False)
@@ -294,6 +332,7 @@ def plot(rows: list[dict], out_dir, cfg) -> list[Path]:
 @dataclass
 class StudySettings:
     """The study's keys (conf/init_study.yaml) with their ranges (lottery.core.ranges), checked before it measures."""
+
     input_dim: int = setting(100, at_least(1))
     image_shape: list[int] = setting(lambda: [3, 32, 32], at_least(1))
     outputs: int = setting(1, at_least(1))
@@ -310,12 +349,15 @@ def check_study(cfg) -> None:
     from lottery.config import ModelConfig
     from lottery.core.ranges import check_fields
     from lottery.core.registry import as_dict
+
     values = as_dict(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     check_fields(StudySettings, values)
     check_fields(ModelConfig, values.get("model") or {}, "model")
     if not values.get("variances") and not values.get("compare"):
-        raise ValueError("variances=[] and compare=[] leave no curve to measure; accepted: at least one variance "
-                         "(e.g. variances=[0.02]) or one initializer in compare")
+        raise ValueError(
+            "variances=[] and compare=[] leave no curve to measure; accepted: at least one variance "
+            "(e.g. variances=[0.02]) or one initializer in compare"
+        )
 
 
 def study(cfg, out_dir) -> list[Path]:
@@ -327,8 +369,13 @@ def study(cfg, out_dir) -> list[Path]:
     rows = run_study(cfg)
     for init in dict.fromkeys(r["init"] for r in rows):
         f, b = slope(rows, init, "forward"), slope(rows, init, "backward")
-        log.info("%-28s forward x%-10.3g per layer, backward x%-10.3g per layer going back: %s",
-                 init, 10 ** f, 10 ** -b, verdict(f))
+        log.info(
+            "%-28s forward x%-10.3g per layer, backward x%-10.3g per layer going back: %s",
+            init,
+            10**f,
+            10**-b,
+            verdict(f),
+        )
     paths = [write_csv(rows, out_dir / "init_study.csv"), *plot(rows, out_dir, cfg)]
     log.info("measured in %.1fs; wrote %s", time.perf_counter() - t0, ", ".join(map(str, paths)))
     return paths
@@ -337,6 +384,7 @@ def study(cfg, out_dir) -> list[Path]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="init_study")
 def _main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
     try:
         study(cfg, HydraConfig.get().runtime.output_dir)
     except ValueError as e:  # a bad value (compare=[nope], a model's own setting): one line, not a traceback
@@ -354,8 +402,10 @@ def command_line_error(args: list[str]) -> str | None:
     for arg in args:
         key, eq, value = arg.lstrip("+~").partition("=")
         if key in MOVED:
-            return (f"{key} is now {MOVED[key]} (the network is a model option, as in lottery-train: model=deep_mlp "
-                    f"model.depth=50 model.width=100, model=mlp model.hidden=[64,64], model=conv2 ...)")
+            return (
+                f"{key} is now {MOVED[key]} (the network is a model option, as in lottery-train: model=deep_mlp "
+                f"model.depth=50 model.width=100, model=mlp model.hidden=[64,64], model=conv2 ...)"
+            )
         if key == "model" and eq:
             options = model_options()
             unknown = [v for v in value.split(",") if v not in options]  # a -m sweep lists several
@@ -371,6 +421,7 @@ def model_options() -> list[str]:
     from hydra._internal.config_repository import ConfigRepository
     from hydra._internal.utils import create_config_search_path
     from hydra.core.object_type import ObjectType
+
     repo = ConfigRepository(config_search_path=create_config_search_path(CONF_DIR))
     return sorted(repo.get_group_options("model", results_filter=ObjectType.CONFIG))
 
@@ -378,6 +429,7 @@ def model_options() -> list[str]:
 def main() -> None:
     """`lottery-init-study [overrides]`."""
     from lottery.core.commandline import exit_early, unknown_key
+
     exit_early(sys.argv[1:])
     error = command_line_error(sys.argv[1:]) or unknown_key(sys.argv[1:], CONF_DIR, "init_study")
     if error:

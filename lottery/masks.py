@@ -5,6 +5,7 @@ name. Parameters stay ordinary `nn.Parameter`s: no hooks or parametrizations, so
 `torch.func` see exactly what runs (pitfall 8). Pruned weights are zeroed after every optimizer step by `apply`, which
 makes them exactly zero whatever the optimizer's momentum or weight decay does to them (pitfall 2).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -50,8 +51,11 @@ def prunable_tensors(model: nn.Module, pcfg) -> list[Prunable]:
             kinds[prefix + "weight"] = "batchnorm"
             kinds[prefix + "bias"] = "batchnorm"
     excluded = list(pcfg.exclude)
-    return [Prunable(name, kinds[name]) for name, _ in model.named_parameters()
-            if name in kinds and not any(fnmatch.fnmatchcase(name, pat) for pat in excluded)]
+    return [
+        Prunable(name, kinds[name])
+        for name, _ in model.named_parameters()
+        if name in kinds and not any(fnmatch.fnmatchcase(name, pat) for pat in excluded)
+    ]
 
 
 def channel_companions(model: nn.Module) -> dict[str, list[str]]:
@@ -98,8 +102,12 @@ def apply(model: nn.Module, masks: Masks) -> None:
 
 
 # integer type of each float type's width, to reinterpret weights as bits
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}
+_BITS = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 class Masker:

@@ -7,6 +7,7 @@
 
 Imports training (evaluation), pruning, masks and core; never the experiment that runs the branches.
 """
+
 from lottery.branches import controls, lmc, retraining  # noqa: F401  (register the built-in branches)
 from lottery.branches.base import BRANCHES, Branch, LevelContext, Unit, branch_settings, label, register_branch
 

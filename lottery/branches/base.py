@@ -12,6 +12,7 @@ reproducible and independent of the others.
 A branch function must not read the level's trained ticket (final.pt): with `replicas` its units are built before the
 level's ticket trains, and train in the same batch as the ticket.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 @dataclass
 class Unit:
     """One training run of a branch: `model` (weights already set) trained with `masks` from `start` to the end."""
+
     model: nn.Module
     masks: M.Masks
     name: str = ""  # sub-folder of the branch folder; needed when a branch trains more than one unit
@@ -48,6 +50,7 @@ class Unit:
 class LevelContext:
     """What a branch sees of the level it runs on, and the few things it may do there. It does not see the run that
     calls it: everything a branch needs is a field or a method here."""
+
     level: int
     branch: str
     masks: M.Masks  # the level's ticket masks
@@ -114,20 +117,30 @@ class Branch:
 BRANCHES = Registry("branch")
 
 
-def register_branch(name: str, label: str | None = None, *, settings: type | None = None, dense: bool = False,
-                    analyze: Callable | None = None, selectable: bool = True, capture: Callable | None = None,
-                    check: Callable | None = None):
+def register_branch(
+    name: str,
+    label: str | None = None,
+    *,
+    settings: type | None = None,
+    dense: bool = False,
+    analyze: Callable | None = None,
+    selectable: bool = True,
+    capture: Callable | None = None,
+    check: Callable | None = None,
+):
     """`@register_branch("name", "legend label")` on fn(ctx: LevelContext) -> list[Unit]: the units the branch trains
     on a level's ticket (none: the level is skipped). `settings`: a dataclass of its keys under `branch.<name>`;
     `dense`: run on level 0 too; `analyze(ctx, units, records) -> dict`: keys added to the branch's record;
     `capture(settings, steps) -> [k, ...]`: steps whose full state level 0 saves for `ctx.model_at(k)`;
     `check(settings, levels, dense, steps)`: raise ValueError before any work; `selectable=False`: not listable in
     pruning.branches. The field comments of `Branch` say more."""
+
     def decorator(fn):
         if name == "ticket":
             raise ValueError("branch 'ticket' is already registered (it is the level's ticket itself)")
         BRANCHES.add(name, Branch(name, fn, label or name, settings, dense, analyze, selectable, capture, check))
         return fn
+
     return decorator
 
 

@@ -1,4 +1,5 @@
 """The controls of the lottery-ticket papers and the ablations of pruning at initialization, registered as branches."""
+
 from __future__ import annotations
 
 from lottery import masks as M, pruning
@@ -22,6 +23,7 @@ def _moved(ctx: LevelContext, permute: bool):
 
 # --- the controls of the lottery-ticket papers -----------------------------------------------------------------------
 
+
 @register_branch("reinit", "reinit control (ticket mask, fresh random init)")
 def reinit(ctx: LevelContext) -> list[Unit]:
     return [Unit(ctx.new_model(init_seed=ctx.seed), ctx.masks)]
@@ -40,6 +42,7 @@ def shuffle(ctx: LevelContext) -> list[Unit]:
 
 
 # --- the ablations of pruning at initialization (Frankle, Dziugaite, Roy & Carbin 2021) ------------------------------
+
 
 @register_branch("layer_shuffle", "layer-shuffle ablation (mask permuted within each layer)")
 def layer_shuffle(ctx: LevelContext) -> list[Unit]:

@@ -14,6 +14,7 @@ Both ends share the masks, so pruned weights are zero at every point. BatchNorm:
 is interpolated, running statistics included (the paper); `batchnorm=recompute` instead recomputes the running
 statistics of each point on the training subset, which leaves every parameter as interpolated.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ def start_steps(settings: dict, steps) -> list[int]:
 
 # --- the path --------------------------------------------------------------------------------------------------------
 
+
 def interpolate(a: dict, b: dict, alpha: float) -> dict:
     """(1 - alpha) a + alpha b for every floating-point entry (BatchNorm running statistics included); the ends are
     the two states themselves, bit for bit. Integer entries (BatchNorm's batch counters) are taken from `a`."""
@@ -86,14 +88,24 @@ def recompute_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int) -> N
     was_training = model.training
     model.train()
     for i in range(0, len(x), batch_size):
-        model(x[i:i + batch_size])
+        model(x[i : i + batch_size])
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     model.train(was_training)
 
 
-def path(model: nn.Module, state_a: dict, state_b: dict, masks: M.Masks, alphas: list[float], splits: dict, *,
-         batch_size: int, precision: str = "fp32", recompute: tuple | None = None) -> dict:
+def path(
+    model: nn.Module,
+    state_a: dict,
+    state_b: dict,
+    masks: M.Masks,
+    alphas: list[float],
+    splits: dict,
+    *,
+    batch_size: int,
+    precision: str = "fp32",
+    recompute: tuple | None = None,
+) -> dict:
     """Loss and error (%) on each split {name: (x, y)} at each alpha; `recompute=(x, batch size)` recomputes the
     BatchNorm statistics at every point."""
     out: dict[str, list[float | None]] = {"alpha": list(alphas)}
@@ -122,11 +134,12 @@ def barrier(errors: list) -> float | None:
 def train_subset(data: Split, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed subset of the training set (without augmentation), the same for every level and k of a replicate."""
     n = data.n_train
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(size, n)]
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
     return data.train_rows(idx)
 
 
 # --- the branch ------------------------------------------------------------------------------------------------------
+
 
 def _capture(settings: dict, steps) -> list[int]:
     return start_steps(settings, steps)
@@ -137,8 +150,11 @@ def _copies(ctx: LevelContext) -> list[Unit]:
         return []
     # The same two data orders for every k: only the starting point changes along the instability-vs-k curve.
     seeds = [derive_seed(ctx.seed, "copy", c) for c in ("a", "b")]
-    return [Unit(ctx.model_at(k), ctx.masks, name=f"k{k}_{c}", start=k, data_seed=seed, keep_final=True)
-            for k in start_steps(ctx.settings, ctx.steps) for c, seed in zip(("a", "b"), seeds)]
+    return [
+        Unit(ctx.model_at(k), ctx.masks, name=f"k{k}_{c}", start=k, data_seed=seed, keep_final=True)
+        for k in start_steps(ctx.settings, ctx.steps)
+        for c, seed in zip(("a", "b"), seeds)
+    ]
 
 
 def _analyze(ctx: LevelContext, units: list[Unit], records: list[dict]) -> dict:
@@ -153,16 +169,32 @@ def _analyze(ctx: LevelContext, units: list[Unit], records: list[dict]) -> dict:
     for a, b in zip(units[0::2], units[1::2]):
         state_a = {k: v.detach() for k, v in a.model.state_dict().items()}
         state_b = {k: v.detach() for k, v in b.model.state_dict().items()}
-        curve = path(model, state_a, state_b, ctx.masks, alphas, splits, batch_size=ctx.cfg.train.eval_batch_size,
-                     precision=ctx.cfg.train.precision, recompute=recompute)
+        curve = path(
+            model,
+            state_a,
+            state_b,
+            ctx.masks,
+            alphas,
+            splits,
+            batch_size=ctx.cfg.train.eval_batch_size,
+            precision=ctx.cfg.train.precision,
+            recompute=recompute,
+        )
         k = str(a.start)
         by_step[k] = {"test": barrier(curve["test_error"]), "train": barrier(curve["train_error"])}
         curves[k] = {**curve, "instability_test": by_step[k]["test"], "instability_train": by_step[k]["train"]}
     steps = [int(k) for k in by_step]
     main = ctx.rewind_step if ctx.rewind_step in steps else steps[0]
-    return {"lmc_step": main, "instability_test": by_step[str(main)]["test"],
-            "instability_train": by_step[str(main)]["train"], "lmc_steps": steps, "instability_by_step": by_step,
-            "lmc_batchnorm": s["batchnorm"], "lmc_train_examples": len(sub[1]), "curves": curves}
+    return {
+        "lmc_step": main,
+        "instability_test": by_step[str(main)]["test"],
+        "instability_train": by_step[str(main)]["train"],
+        "lmc_steps": steps,
+        "instability_by_step": by_step,
+        "lmc_batchnorm": s["batchnorm"],
+        "lmc_train_examples": len(sub[1]),
+        "curves": curves,
+    }
 
 
 def _check(settings: dict, levels: int, dense: bool, steps) -> None:
@@ -170,9 +202,18 @@ def _check(settings: dict, levels: int, dense: bool, steps) -> None:
     have = list(range(0 if dense else 1, levels))
     missing = [lv for lv in settings["levels"] if lv not in have]
     if missing:
-        raise ValueError(f"branch.lmc.levels names level {missing[0]}, which this run does not have (it trains levels "
-                         f"{', '.join(map(str, have)) or 'none'}); accepted: those levels, or [] for every level")
+        raise ValueError(
+            f"branch.lmc.levels names level {missing[0]}, which this run does not have (it trains levels "
+            f"{', '.join(map(str, have)) or 'none'}); accepted: those levels, or [] for every level"
+        )
 
 
-register_branch("lmc", "linear mode connectivity: two copies from step k, error barrier between them",
-                settings=LmcSettings, dense=True, analyze=_analyze, capture=_capture, check=_check)(_copies)
+register_branch(
+    "lmc",
+    "linear mode connectivity: two copies from step k, error barrier between them",
+    settings=LmcSettings,
+    dense=True,
+    analyze=_analyze,
+    capture=_capture,
+    check=_check,
+)(_copies)

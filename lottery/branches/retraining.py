@@ -7,6 +7,7 @@ trained weights it was pruned from (level L-1's, or the dense network's with pru
   and run to the end of training, as weight rewinding does but with the trained weights.
 The same retraining as IMP's schedule for every level is `pruning.retrain=finetune|lr_rewind`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,14 +19,19 @@ from lottery.core.steps import parse_steps
 def _needs_trained_weights(name: str):
     def check(settings: dict, levels: int, dense: bool, steps) -> None:
         if not dense:
-            raise ValueError(f"branch '{name}' keeps the trained weights a level is pruned from, but "
-                             f"pruning.train_dense=false trains no dense network; it runs with IMP or one-shot "
-                             f"pruning after training")
+            raise ValueError(
+                f"branch '{name}' keeps the trained weights a level is pruned from, but "
+                f"pruning.train_dense=false trains no dense network; it runs with IMP or one-shot "
+                f"pruning after training"
+            )
         if name == "lr_rewind" and settings["step"] is not None:
             k = parse_steps(settings["step"], steps.per_epoch, "branch.lr_rewind.step")
             if not 0 <= k < steps.total:
-                raise ValueError(f"branch.lr_rewind.step={settings['step']} ({k} steps) is outside training "
-                                 f"({steps.total} steps); accepted: 0 to {steps.total - 1} steps")
+                raise ValueError(
+                    f"branch.lr_rewind.step={settings['step']} ({k} steps) is outside training "
+                    f"({steps.total} steps); accepted: 0 to {steps.total - 1} steps"
+                )
+
     return check
 
 
@@ -47,18 +53,32 @@ class LrRewindSettings:
             parse_steps(self.step, 1, "branch.lr_rewind.step")
 
 
-@register_branch("finetune", "fine-tuning (trained weights, final learning rate)", settings=FinetuneSettings,
-                 check=_needs_trained_weights("finetune"))
+@register_branch(
+    "finetune",
+    "fine-tuning (trained weights, final learning rate)",
+    settings=FinetuneSettings,
+    check=_needs_trained_weights("finetune"),
+)
 def finetune(ctx: LevelContext) -> list[Unit]:
     total = ctx.steps.total
-    budget = total - ctx.rewind_step if ctx.settings["steps"] is None else \
-        parse_steps(ctx.settings["steps"], ctx.steps.per_epoch, "branch.finetune.steps")
+    budget = (
+        total - ctx.rewind_step
+        if ctx.settings["steps"] is None
+        else parse_steps(ctx.settings["steps"], ctx.steps.per_epoch, "branch.finetune.steps")
+    )
     return [Unit(ctx.trained_model(), ctx.masks, start=total, end=total + budget, lr_at=total - 1)]
 
 
-@register_branch("lr_rewind", "learning-rate rewinding (trained weights, schedule rewound)",
-                 settings=LrRewindSettings, check=_needs_trained_weights("lr_rewind"))
+@register_branch(
+    "lr_rewind",
+    "learning-rate rewinding (trained weights, schedule rewound)",
+    settings=LrRewindSettings,
+    check=_needs_trained_weights("lr_rewind"),
+)
 def lr_rewind(ctx: LevelContext) -> list[Unit]:
-    k = ctx.rewind_step if ctx.settings["step"] is None else \
-        parse_steps(ctx.settings["step"], ctx.steps.per_epoch, "branch.lr_rewind.step")
+    k = (
+        ctx.rewind_step
+        if ctx.settings["step"] is None
+        else parse_steps(ctx.settings["step"], ctx.steps.per_epoch, "branch.lr_rewind.step")
+    )
     return [Unit(ctx.trained_model(), ctx.masks, start=k)]

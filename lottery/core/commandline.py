@@ -1,6 +1,7 @@
 """What every entry point checks of its command line and its installation before Hydra starts, each answered in one
 line: `--version`, a PyTorch or torchvision that cannot be imported (a broken or mismatched pair), and a key that the
 composed config does not have (with the nearest one that it has)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,10 @@ def version_line() -> str:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    return (f"lottery {__version__} (torch {of('torch')}, torchvision {of('torchvision')}, "
-            f"Python {platform.python_version()})")
+    return (
+        f"lottery {__version__} (torch {of('torch')}, torchvision {of('torchvision')}, "
+        f"Python {platform.python_version()})"
+    )
 
 
 def install_error() -> str | None:
@@ -40,22 +43,25 @@ def install_error() -> str | None:
         except Exception as e:  # noqa: BLE001 - ImportError, OSError (a missing library), RuntimeError (ops)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             from importlib import metadata
+
             versions = []
             for pkg in ("torch", "torchvision"):
                 with contextlib.suppress(metadata.PackageNotFoundError):
                     versions.append(f"{pkg} {metadata.version(pkg)}")
-            return (f"{name} cannot be imported ({type(e).__name__}: {first}); installed: "
-                    f"{', '.join(versions) or 'neither torch nor torchvision'}. torch and torchvision must be a "
-                    f"matching pair from one index: reinstall both, e.g. for the CPU: "
-                    f"pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu")
+            return (
+                f"{name} cannot be imported ({type(e).__name__}: {first}); installed: "
+                f"{', '.join(versions) or 'neither torch nor torchvision'}. torch and torchvision must be a "
+                f"matching pair from one index: reinstall both, e.g. for the CPU: "
+                f"pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+            )
     return None
-
 
 
 def exit_early(args: list[str]) -> None:
     """What every Hydra entry point does before composing: `--version` prints the versions and exits 0; a broken
     torch/torchvision is one line and exit BROKEN_INSTALL_EXIT."""
     import sys
+
     if "--version" in args:
         print(version_line())
         sys.exit(0)
@@ -64,8 +70,10 @@ def exit_early(args: list[str]) -> None:
         print(f"error: {broken}", file=sys.stderr)
         sys.exit(BROKEN_INSTALL_EXIT)
 
+
 def _keys(node, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig
+
     out = []
     for k in node.keys() if isinstance(node, DictConfig) else ():
         key = f"{prefix}{k!s}"
@@ -87,6 +95,7 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, OverrideType
     from omegaconf import DictConfig
+
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             parsed = get_args_parser().parse_args(args)
@@ -121,8 +130,11 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
     for key in keys:
         node = cfg
         for part in key.split("."):
-            if not isinstance(node, DictConfig) or node._get_flag("struct") is False or \
-                    (schema is not None and node._metadata.object_type in (None, dict)):
+            if (
+                not isinstance(node, DictConfig)
+                or node._get_flag("struct") is False
+                or (schema is not None and node._metadata.object_type in (None, dict))
+            ):
                 break  # an open node (dataset, optimizer, ...: its registry checks its keys later), or a mapping
             if part not in list(node.keys()):  # (`in` is False for a key whose value is ??? too)
                 every = every or [k for k in _keys(cfg) if not k.startswith("hydra")]
@@ -135,9 +147,13 @@ def unknown_key(args: list[str], conf_dir: str, config_name: str, schema=None) -
 
 def _compose(conf_dir: str, config_name: str, choices: list[str]):
     from hydra import compose, initialize_config_dir, initialize_config_module
+
     try:
-        init = initialize_config_module(conf_dir[len("pkg://"):], version_base="1.3") \
-            if conf_dir.startswith("pkg://") else initialize_config_dir(os.path.abspath(conf_dir), version_base="1.3")
+        init = (
+            initialize_config_module(conf_dir[len("pkg://") :], version_base="1.3")
+            if conf_dir.startswith("pkg://")
+            else initialize_config_dir(os.path.abspath(conf_dir), version_base="1.3")
+        )
         with init, contextlib.redirect_stderr(io.StringIO()):
             return compose(config_name=config_name, overrides=choices)
     except Exception:  # noqa: BLE001 - e.g. a `???` value: Hydra says it

@@ -10,6 +10,7 @@
   versions), stored in checkpoints, in every result record and in `<run>/device.json`;
 - `check_resume`: what a restart on other hardware does (see `check_resume`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,6 +27,7 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 # --- which device ----------------------------------------------------------------------------------------------------
+
 
 def _cuda_devices() -> list[str]:
     """'cuda:0 (NVIDIA A100-SXM4-80GB)', ... for every GPU this process can see (CUDA_VISIBLE_DEVICES applies)."""
@@ -63,15 +65,19 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device '{name}'; accepted here: {_accepted_here()}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device '{name}' was asked for but CUDA is not available on this machine (no GPUs "
-                             f"visible); accepted here: {_accepted_here()}")
+            raise ValueError(
+                f"device '{name}' was asked for but CUDA is not available on this machine (no GPUs "
+                f"visible); accepted here: {_accepted_here()}"
+            )
         n = torch.cuda.device_count()
         index = torch.cuda.current_device() if dev.index is None else dev.index
         if index >= n:
-            raise ValueError(f"device '{name}' is not on this machine, which has {n} GPU{'s' * (n != 1)}: "
-                             f"{', '.join(_cuda_devices())} (indices count the GPUs in CUDA_VISIBLE_DEVICES="
-                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); accepted here: "
-                             f"{_accepted_here()}")
+            raise ValueError(
+                f"device '{name}' is not on this machine, which has {n} GPU{'s' * (n != 1)}: "
+                f"{', '.join(_cuda_devices())} (indices count the GPUs in CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); accepted here: "
+                f"{_accepted_here()}"
+            )
         return torch.device("cuda", index)
     if dev.type == "mps" and not _mps_available():
         raise ValueError(f"device '{name}' was asked for but MPS is not available; accepted here: {_accepted_here()}")
@@ -101,8 +107,11 @@ def local_gpus() -> int:
     n = gpu_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if n and visible is not None and visible.replace(" ", "") != ",".join(map(str, range(n))):
-        log.warning("launcher=submitit_local: submitit gives its jobs CUDA_VISIBLE_DEVICES=%s, not this shell's %s",
-                    ",".join(map(str, range(n))), visible)
+        log.warning(
+            "launcher=submitit_local: submitit gives its jobs CUDA_VISIBLE_DEVICES=%s, not this shell's %s",
+            ",".join(map(str, range(n))),
+            visible,
+        )
     return n
 
 
@@ -122,6 +131,7 @@ def local_job_device(job_num) -> str:
 
 
 # --- how it computes -------------------------------------------------------------------------------------------------
+
 
 def configure(device: torch.device, precision: str = "fp32", deterministic: bool = True) -> list[str]:
     """Set PyTorch's process-wide precision and determinism switches for a run on `device`; returns warnings.
@@ -158,22 +168,32 @@ def configure(device: torch.device, precision: str = "fp32", deterministic: bool
     if precision == "bf16":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
-            warnings.append(f"train.precision=bf16 on {torch.cuda.get_device_name(device)} (compute capability "
-                            f"{major}.{minor}, older than Ampere's 8.0): this GPU has no bfloat16 units, so bf16 is "
-                            f"emulated (slower than fp32) and some cuDNN convolutions may refuse it; use "
-                            f"train.precision=fp32 on this GPU")
+            warnings.append(
+                f"train.precision=bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+                f"{major}.{minor}, older than Ampere's 8.0): this GPU has no bfloat16 units, so bf16 is "
+                f"emulated (slower than fp32) and some cuDNN convolutions may refuse it; use "
+                f"train.precision=fp32 on this GPU"
+            )
     return warnings
 
 
 def device_info(device: torch.device) -> dict:
     """What a run ran on: stored in checkpoints, result records and <run>/device.json."""
-    info = {"type": device.type, "device": str(device), "name": None, "capability": None,
-            "torch": str(torch.__version__), "cuda": torch.version.cuda, "cudnn": None}  # plain str: weights_only
+    info = {
+        "type": device.type,
+        "device": str(device),
+        "name": None,
+        "capability": None,
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+        "cudnn": None,
+    }  # plain str: weights_only
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        info.update(name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}",
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}", cudnn=torch.backends.cudnn.version()
+        )
     elif device.type == "cpu":
         info["name"] = _cpu_name()
     return info
@@ -181,6 +201,7 @@ def device_info(device: torch.device) -> dict:
 
 def _cpu_name() -> str:
     import platform
+
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -194,8 +215,10 @@ def _cpu_name() -> str:
 def describe(info: dict, precision: str = "fp32", deterministic: bool = True) -> str:
     """One line for the log: where and how this run computes."""
     if info["type"] == "cuda":
-        where = (f"{info['device']} ({info['name']}, compute capability {info['capability']}), torch {info['torch']},"
-                 f" CUDA {info['cuda']}, cuDNN {info['cudnn']}")
+        where = (
+            f"{info['device']} ({info['name']}, compute capability {info['capability']}), torch {info['torch']},"
+            f" CUDA {info['cuda']}, cuDNN {info['cudnn']}"
+        )
         how = {"fp32": "fp32 (TF32 off)", "tf32": "tf32", "bf16": "bf16 autocast"}.get(precision, precision)
         how += ", deterministic" if deterministic else ", nondeterministic (deterministic=false)"
     else:
@@ -245,12 +268,16 @@ def check_resume(old: dict | None, new: dict, requested: str) -> str | None:
         return None
     assert old is not None  # differences() finds none without an old record
     if "type" in diff and str(requested).strip() == "auto":
-        raise ValueError(f"this run folder last ran on {_short(old)} and device=auto now resolves to {new['type']}; "
-                         f"refusing to continue silently on other hardware. Run it where a {old['type']} device is, "
-                         f"or pass device={new['type']} to continue on {new['type']} deliberately")
-    return (f"this run folder last ran on {_short(old)} and continues on {_short(new)} (differs in "
-            f"{', '.join(diff)}): results stay valid, but are no longer bit-identical to an uninterrupted run; "
-            f"each result record's device_info says where it finished")
+        raise ValueError(
+            f"this run folder last ran on {_short(old)} and device=auto now resolves to {new['type']}; "
+            f"refusing to continue silently on other hardware. Run it where a {old['type']} device is, "
+            f"or pass device={new['type']} to continue on {new['type']} deliberately"
+        )
+    return (
+        f"this run folder last ran on {_short(old)} and continues on {_short(new)} (differs in "
+        f"{', '.join(diff)}): results stay valid, but are no longer bit-identical to an uninterrupted run; "
+        f"each result record's device_info says where it finished"
+    )
 
 
 def setup(cfg) -> tuple[torch.device, dict, list[str], str]:
@@ -269,5 +296,6 @@ def check_folder(run_dir: Path, info: dict, requested: str) -> str | None:
     return a warning (`check_resume`). Writes and logs nothing: the caller records `info` once every check passed."""
     path = Path(run_dir) / "device.json"
     from lottery.core.files import load_json
+
     old = load_json(path, expect=dict) if path.exists() or path.is_symlink() else None  # damaged: one line (Damaged)
     return check_resume(old, info, requested)

@@ -16,6 +16,7 @@ A diverged ticket is never pruned to make the next level. `train.on_divergence` 
   and every later level when only a control diverged); the run then ends with the same error, so it is still seen as
   failed. Rerunning the same command with `train.on_divergence=continue` in a stopped run's folder trains them.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ def describe(record: dict, replicate: bool = False) -> str:
     """`level 2 reinit has a non-finite loss by step 40 (finite at step 20)`, naming the replicate when asked."""
     last = record.get("last_finite_step")
     who = f"replicate {record.get('replicate')}: " if replicate else ""
-    return (f"{who}level {record['level']} {record['branch']} has a non-finite loss by step {record['diverged_step']}"
-            + (f" (finite at step {last})" if last is not None else ""))
+    return (
+        f"{who}level {record['level']} {record['branch']} has a non-finite loss by step {record['diverged_step']}"
+        + (f" (finite at step {last})" if last is not None else "")
+    )
 
 
 class Diverged(Exception):
@@ -48,9 +51,11 @@ class Diverged(Exception):
     def __init__(self, records: Iterable[dict], stopped: bool, replicas: bool = False):
         self.records = list(records)
         if stopped:
-            after = ("the replicate stopped there (train.on_divergence=stop; =continue trains the remaining "
-                     "controls)" if replicas else
-                     "the run stopped there (train.on_divergence=stop; =continue trains the remaining controls)")
+            after = (
+                "the replicate stopped there (train.on_divergence=stop; =continue trains the remaining controls)"
+                if replicas
+                else "the run stopped there (train.on_divergence=stop; =continue trains the remaining controls)"
+            )
         else:
             after = "the units that did not depend on it were trained"
         if replicas and stopped:
@@ -58,7 +63,8 @@ class Diverged(Exception):
         super().__init__(
             f"training diverged: {'; '.join(describe(r, replicas) for r in self.records)}; recorded as diverged: "
             f"true in summary.json, no level is pruned from a diverged ticket, and {after}. Lower optimizer.lr (or add "
-            f"train.warmup) and run again in a new folder")
+            f"train.warmup) and run again in a new folder"
+        )
 
 
 class AtChance(Exception):
@@ -69,10 +75,12 @@ class AtChance(Exception):
     def __init__(self, records: Iterable[dict], replicas: bool = False):
         self.records = list(records)
         who = (lambda r: f"replicate {r.get('replicate')}: ") if replicas else (lambda r: "")
-        which = "; ".join(f"{who(r)}level {r['level']} ticket, test accuracy {r['test_accuracy']:.4f}"
-                          for r in self.records)
+        which = "; ".join(
+            f"{who(r)}level {r['level']} ticket, test accuracy {r['test_accuracy']:.4f}" for r in self.records
+        )
         super().__init__(
             f"a ticket ended at chance ({which}; no better than predicting the most frequent class), and the next "
             f"level would be pruned from it: the run stopped there, its records written with at_chance: true"
             f"{' (the other replicates finished)' if replicas else ''}. A learning rate too high or too low is the "
-            f"usual cause: change optimizer.lr and run again in a new folder")
+            f"usual cause: change optimizer.lr and run again in a new folder"
+        )

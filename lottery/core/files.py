@@ -28,6 +28,7 @@ end).
 Every `.pt` file is loaded with `torch.load(weights_only=True)`: tensors, dicts, lists, tuples, strings and numbers
 only, so loading a ticket or checkpoint someone sent you cannot run code from it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,12 +54,16 @@ class WriteFailed(OSError):
         super().__init__(code, getattr(cause, "strerror", None) or str(cause), str(path))
         self.path = Path(path)
         if code in (errno.ENOSPC, errno.EDQUOT):
-            remedy = ("free space there (or move the run folder to a disk with room and pass its new place as "
-                      "hydra.run.dir=...)")
+            remedy = (
+                "free space there (or move the run folder to a disk with room and pass its new place as "
+                "hydra.run.dir=...)"
+            )
         else:
             remedy = "make the folder writable (or move the run folder elsewhere and pass hydra.run.dir=...)"
-        self.message = (f"cannot write {self.path}: {self.strerror}; {remedy}, then rerun the same command to "
-                        f"resume: finished levels and the last checkpoint are kept")
+        self.message = (
+            f"cannot write {self.path}: {self.strerror}; {remedy}, then rerun the same command to "
+            f"resume: finished levels and the last checkpoint are kept"
+        )
 
     def __str__(self) -> str:
         return self.message
@@ -87,20 +92,28 @@ class Damaged(ValueError):
 def remedy(path: Path) -> str:
     """What to do about a damaged file of a run folder: a level's file is recomputed by retraining the level."""
     parts = Path(path).parts
-    rebuilt = {"device.json": "delete it to resume without comparing this machine with the one the run started on",
-               "summary.json": "delete it: the run rebuilds it from the result files",
-               "train.log": "remove it: the run writes its log there again (the earlier lines are lost)"}
+    rebuilt = {
+        "device.json": "delete it to resume without comparing this machine with the one the run started on",
+        "summary.json": "delete it: the run rebuilds it from the result files",
+        "train.log": "remove it: the run writes its log there again (the earlier lines are lost)",
+    }
     if Path(path).name in rebuilt:
         return rebuilt[Path(path).name]
     for i, part in enumerate(parts):
         if part.startswith("level_") and i > 0 and parts[i - 1] == "levels":
             if len(parts) > i + 2:  # a unit's file (levels/level_L/<branch>/...): that unit trains again
-                return (f"delete the unit's folder {Path(*parts[:i + 2])} and rerun the same command to train that "
-                        f"unit again")
-            return (f"delete the level's folder {Path(*parts[:i + 1])} and rerun the same command to train that "
-                    f"level again")
-    return ("restore it from a copy, or rerun the command with a new folder (hydra.run.dir=...) to start the "
-            "experiment again")
+                return (
+                    f"delete the unit's folder {Path(*parts[: i + 2])} and rerun the same command to train that "
+                    f"unit again"
+                )
+            return (
+                f"delete the level's folder {Path(*parts[: i + 1])} and rerun the same command to train that "
+                f"level again"
+            )
+    return (
+        "restore it from a copy, or rerun the command with a new folder (hydra.run.dir=...) to start the "
+        "experiment again"
+    )
 
 
 CHECKSUM_SUFFIX = ".sha256"
@@ -141,8 +154,9 @@ def verify(path: Path) -> bool:
     digests = recorded_digests(path)
     if digests is None:
         if not _UNVERIFIED_SAID:
-            log.warning("%s has no checksum (written before lottery recorded them): files like it are read "
-                        "unverified", path)
+            log.warning(
+                "%s has no checksum (written before lottery recorded them): files like it are read unverified", path
+            )
         _UNVERIFIED_SAID.add(path.parent)
         return False
     if not path.is_file():
@@ -170,8 +184,9 @@ def remove_temp_files(folder: Path) -> list[Path]:
                 p.unlink()
                 removed.append(p)
     if removed:
-        log.info("removed %d temporary file(s) of an unfinished write: %s", len(removed),
-                 ", ".join(str(p) for p in removed))
+        log.info(
+            "removed %d temporary file(s) of an unfinished write: %s", len(removed), ", ".join(str(p) for p in removed)
+        )
     return removed
 
 
@@ -258,6 +273,7 @@ def load_torch(path: Path) -> Any:
     import pickle
 
     from torch.torch_version import TorchVersion
+
     verify(path)
     try:
         with torch.serialization.safe_globals([TorchVersion]):
@@ -367,8 +383,9 @@ class Checkpoints:
                 if not isinstance(state, dict) or "step" not in state:
                     raise ValueError("not a lottery checkpoint")
             except Exception as e:  # noqa: BLE001 - any unreadable file means: fall back
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            path, type(e).__name__, e)
+                log.warning(
+                    "checkpoint %s is unreadable (%s: %s); falling back to the previous one", path, type(e).__name__, e
+                )
                 continue
             if path is self.previous and not out:
                 log.warning("resuming from the previous checkpoint %s", path)

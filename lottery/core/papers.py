@@ -28,6 +28,7 @@ the paper (figure or table, and page) or with a spread the comparison cannot rea
 
 Imports nothing of lottery.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,23 @@ RELATIVE = ("none", "difference", "ratio", "speedup")
 SPREADS = ("min_max", "std", "unstated", "read_off", "none")
 BOUNDS = ("above", "below")
 BLOCK_KEYS = ("source", "changes", "numbers", "none_published")
-NUMBER_KEYS = ("claim", "place", "page", "metric", "branch", "density", "relative", "value", "spread", "bound", "runs",
-               "iterations", "lmc_step", "source", "note")
+NUMBER_KEYS = (
+    "claim",
+    "place",
+    "page",
+    "metric",
+    "branch",
+    "density",
+    "relative",
+    "value",
+    "spread",
+    "bound",
+    "runs",
+    "iterations",
+    "lmc_step",
+    "source",
+    "note",
+)
 PLACE = re.compile(r"\b(figure|fig\.|table|section|appendix)\s*[A-Za-z]?\d|\babstract\b", re.IGNORECASE)
 UNVERIFIED = "not verified"
 
@@ -96,11 +112,15 @@ def check_number(n: Any, where: str) -> None:
     where = f"{where} ({n['claim'][:40]})"
     place = n.get("place")
     if not _text(place) or not PLACE.search(place):
-        raise ValueError(f"{where}: no place in the paper: place must name its figure, table or section "
-                         f"(e.g. 'Figure 3'), got {place!r}")
+        raise ValueError(
+            f"{where}: no place in the paper: place must name its figure, table or section "
+            f"(e.g. 'Figure 3'), got {place!r}"
+        )
     page = n.get("page")
-    if not ((isinstance(page, int) and not isinstance(page, bool) and page >= 1)
-            or (isinstance(page, str) and page.startswith(UNVERIFIED))):
+    if not (
+        (isinstance(page, int) and not isinstance(page, bool) and page >= 1)
+        or (isinstance(page, str) and page.startswith(UNVERIFIED))
+    ):
         raise ValueError(f"{where}: page must be the page number (>= 1) or '{UNVERIFIED}: <why>', got {page!r}")
     if n.get("metric") not in METRICS:
         raise ValueError(f"{where}: unknown metric {n.get('metric')!r}; accepted: {', '.join(METRICS)}")
@@ -108,8 +128,9 @@ def check_number(n: Any, where: str) -> None:
         raise ValueError(f"{where}: branch must be a branch name (ticket, reinit, random_prune, lmc, ...)")
     density = n.get("density")
     if not _num(density) or not 0 < density <= 100:
-        raise ValueError(f"{where}: density must be the percent of weights remaining (0 < density <= 100), got "
-                         f"{density!r}")
+        raise ValueError(
+            f"{where}: density must be the percent of weights remaining (0 < density <= 100), got {density!r}"
+        )
     relative = n.get("relative", "none")
     if relative not in RELATIVE:
         raise ValueError(f"{where}: unknown relative {relative!r}; accepted: {', '.join(RELATIVE)}")
@@ -120,8 +141,9 @@ def check_number(n: Any, where: str) -> None:
         raise ValueError(f"{where}: unknown bound {bound!r}; accepted: {', '.join(BOUNDS)} (or leave it out)")
     runs = n.get("runs")
     if not ((isinstance(runs, int) and not isinstance(runs, bool) and runs >= 1) or runs == "not stated"):
-        raise ValueError(f"{where}: runs must be the number of runs behind the value (>= 1) or 'not stated', got "
-                         f"{runs!r}")
+        raise ValueError(
+            f"{where}: runs must be the number of runs behind the value (>= 1) or 'not stated', got {runs!r}"
+        )
     for key in ("iterations", "lmc_step"):
         v = n.get(key)
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
@@ -135,18 +157,26 @@ def _check_spread(spread: Any, bound, where: str) -> None:
     if not isinstance(spread, dict) or spread.get("kind") not in SPREADS:
         raise ValueError(f"{where}: spread must be a mapping with kind one of {', '.join(SPREADS)}, got {spread!r}")
     kind = spread["kind"]
-    allowed = {"min_max": {"kind", "plus_minus", "low", "high"}, "std": {"kind", "plus_minus"},
-               "unstated": {"kind", "plus_minus"}, "read_off": {"kind", "precision"}, "none": {"kind", "tolerance"}}
+    allowed = {
+        "min_max": {"kind", "plus_minus", "low", "high"},
+        "std": {"kind", "plus_minus"},
+        "unstated": {"kind", "plus_minus"},
+        "read_off": {"kind", "precision"},
+        "none": {"kind", "tolerance"},
+    }
     unknown = sorted(set(spread) - allowed[kind])
     if unknown:
-        raise ValueError(f"{where}: spread kind {kind} takes {', '.join(sorted(allowed[kind]))}, not "
-                         f"{', '.join(unknown)}")
+        raise ValueError(
+            f"{where}: spread kind {kind} takes {', '.join(sorted(allowed[kind]))}, not {', '.join(unknown)}"
+        )
     if kind == "min_max":
         symmetric = _num(spread.get("plus_minus")) and spread["plus_minus"] >= 0
         asymmetric = _num(spread.get("low")) and _num(spread.get("high")) and spread["low"] <= spread["high"]
         if symmetric == asymmetric:
-            raise ValueError(f"{where}: a min_max spread needs plus_minus (as printed, '98.3 ± 0.1') or low and "
-                             f"high (the bars' ends), one of them")
+            raise ValueError(
+                f"{where}: a min_max spread needs plus_minus (as printed, '98.3 ± 0.1') or low and "
+                f"high (the bars' ends), one of them"
+            )
     elif kind in ("std", "unstated"):
         if not _num(spread.get("plus_minus")) or spread["plus_minus"] < 0:
             raise ValueError(f"{where}: a {kind} spread needs plus_minus >= 0")
@@ -154,8 +184,10 @@ def _check_spread(spread: Any, bound, where: str) -> None:
         if not _num(spread.get("precision")) or spread["precision"] <= 0:
             raise ValueError(f"{where}: a read_off spread needs the precision it was read to (> 0)")
     elif bound is None and (not _num(spread.get("tolerance")) or spread["tolerance"] < 0):
-        raise ValueError(f"{where}: the paper gives no spread: state the tolerance the comparison uses "
-                         f"(spread: {{kind: none, tolerance: ...}})")
+        raise ValueError(
+            f"{where}: the paper gives no spread: state the tolerance the comparison uses "
+            f"(spread: {{kind: none, tolerance: ...}})"
+        )
 
 
 def published_interval(n: dict) -> tuple[float, float]:

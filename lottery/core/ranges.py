@@ -9,6 +9,7 @@ without a rule.
 
 Imports nothing of lottery: the schema (lottery.config) and the registries (lottery.core.registry) both use it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ RULE = "lottery_rule"  # the key of a field's metadata that holds its Rule
 @dataclass(frozen=True)
 class Rule:
     """A number's range (`lo`/`hi`, each end open or closed; `integer`), or the allowed values (`choices`)."""
+
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
@@ -70,8 +72,15 @@ def _is_number(value: Any) -> bool:
 
 # --- the vocabulary of the schema --------------------------------------------------------------------------------
 
-def between(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-            integer: bool = False) -> Rule:
+
+def between(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    integer: bool = False,
+) -> Rule:
     return Rule(lo, hi, lo_open, hi_open, integer)
 
 
@@ -112,6 +121,7 @@ def rule_of(f: dataclasses.Field) -> Rule | None:
 
 # --- the check ---------------------------------------------------------------------------------------------------
 
+
 def out_of_range(key: str, value: Any, rule: Rule) -> str:
     """The one line of a refused value, in the words of the checks before it: "unknown <key> '<value>'; accepted:
     ..." for a choice, "<key> must be <range>, got <value>" for a number."""
@@ -131,8 +141,9 @@ def check_value(key: str, value: Any, rule: Rule | None) -> None:
                 try:
                     check_value(key, item, rule)
                 except ValueError:
-                    raise ValueError(f"{key} entries must be {(rule or FINITE).accepted()}, got {item} (entry {i} of "
-                                     f"{list(value)})") from None
+                    raise ValueError(
+                        f"{key} entries must be {(rule or FINITE).accepted()}, got {item} (entry {i} of {list(value)})"
+                    ) from None
         return
     if isinstance(value, Mapping):
         for k, item in value.items():

@@ -6,6 +6,7 @@ here, so an unknown name always fails the same way: one line naming it and the a
 the keys beside `name` in its config node; they are checked against its settings dataclass (unknown keys, types, and
 the values its `__post_init__` refuses) or, without one, against its function's keyword parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ class Registry(dict):
 def as_dict(node: Any, resolve: bool = False) -> dict:
     """OmegaConf.to_container of a mapping node (a DictConfig), typed as the dict it is."""
     from omegaconf import OmegaConf
+
     out = OmegaConf.to_container(node, resolve=resolve)
     assert isinstance(out, dict), f"a mapping node, not {type(out).__name__}"
     return out
@@ -47,6 +49,7 @@ def as_dict(node: Any, resolve: bool = False) -> dict:
 def plain(node: Any) -> dict:
     """A config node (DictConfig, a typed config's Node, dict or None) as a plain dict, interpolations resolved."""
     from omegaconf import OmegaConf
+
     if node is None:
         return {}
     if OmegaConf.is_config(node):
@@ -54,8 +57,16 @@ def plain(node: Any) -> dict:
     return {k: plain(v) if isinstance(v, Mapping) else v for k, v in node.items()}  # a typed config's Node: dicts
 
 
-def check_settings(raw: Mapping, settings: type | None, where: str, *, of: str = "", fn: Callable | None = None,
-                   skip: Iterable[str] = (), defaults: bool = True) -> dict:
+def check_settings(
+    raw: Mapping,
+    settings: type | None,
+    where: str,
+    *,
+    of: str = "",
+    fn: Callable | None = None,
+    skip: Iterable[str] = (),
+    defaults: bool = True,
+) -> dict:
     """`raw` (a thing's keys, without `name`) checked and typed: against the dataclass `settings`, or else against
     the keyword parameters of `fn` (minus `skip`). `where` names the node in messages (e.g. `pruning.criterion` or
     `branch.lmc`), `of` the thing (e.g. "pruning criterion 'snip'"). Returns plain values, with the dataclass's
@@ -87,8 +98,9 @@ def check_settings(raw: Mapping, settings: type | None, where: str, *, of: str =
     params = inspect.signature(fn).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return raw
-    accepted = [n for n, p in params.items()
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in set(skip)]
+    accepted = [
+        n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in set(skip)
+    ]
     unknown = sorted(set(raw) - set(accepted))
     if unknown:
         raise ValueError(f"unknown key {where}.{unknown[0]}{of_text}; accepted: {', '.join(accepted) or 'none'}")

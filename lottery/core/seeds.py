@@ -1,4 +1,5 @@
 """Seeds: every random choice of a run gets its own seed, derived from the replicate seed and what it is for."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,7 @@
 """Stop requests: SIGUSR2 (SLURM's warning before a time limit), SIGTERM (preemption) and SIGINT (Ctrl-C) ask the
 training loop to checkpoint and stop; `Preempted` is what the loop raises once the checkpoint is on disk. A second
 Ctrl-C stops at once (`Interrupted`), without waiting for the checkpoint."""
+
 from __future__ import annotations
 
 import logging
@@ -37,6 +38,7 @@ def install_stop_handlers() -> None:
     (submitit's, which requeue the job) are kept and called by `hand_over` once the checkpoint is on disk, so the
     requeued job finds it."""
     import threading
+
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in (getattr(signal, "SIGUSR2", None), signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ profiler runs (a check of one flag); `torch.profiler.record_function` itself cos
 development machine even then, a few percent of a LeNet-300-100 step, so it is entered only under a profiler.
 Spans change no arithmetic: results are bit-identical with and without a profiler (tests/test_spans.py).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Durations: '500it', '2ep' or a plain integer, resolved into steps once per run (`Steps`)."""
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ def parse_steps(value: Any, steps_per_epoch: int, what: str = "duration") -> int
 @dataclass(frozen=True)
 class Steps:
     """Every duration of a run in steps, resolved once from the config and the epoch length."""
+
     per_epoch: int
     total: int  # train.duration
     eval_every: int
@@ -38,7 +40,12 @@ class Steps:
         parse = lambda v, what: parse_steps(v, steps_per_epoch, what)  # noqa: E731 - a short local alias
         total = parse(t.duration, "train.duration")
         rewind = parse(cfg.pruning.rewind, "pruning.rewind")
-        return Steps(per_epoch=steps_per_epoch, total=total, eval_every=parse(t.eval_every, "train.eval_every"),
-                     warmup=parse(t.warmup, "train.warmup"),
-                     milestones=tuple(sorted(parse(m, "train.milestones entry") for m in t.milestones)),
-                     rewind=rewind, checkpoint_every=parse(cfg.checkpoint.every, "checkpoint.every"))
+        return Steps(
+            per_epoch=steps_per_epoch,
+            total=total,
+            eval_every=parse(t.eval_every, "train.eval_every"),
+            warmup=parse(t.warmup, "train.warmup"),
+            milestones=tuple(sorted(parse(m, "train.milestones entry") for m in t.milestones)),
+            rewind=rewind,
+            checkpoint_every=parse(cfg.checkpoint.every, "checkpoint.every"),
+        )

@@ -29,6 +29,7 @@ threads ran 10-60x slower next to one busy process than alone. Two defaults, eac
 
 `describe()` says what a process ended up with, for its log.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,6 +88,7 @@ class Threads:
     """What `set_threads` chose: the training thread count it set (None: PyTorch's default stays), and the count
     evaluation gets where small training steps got one thread (None: evaluation keeps the training count). The
     session keeps it and passes `evaluation` to the training loop; nothing is kept in this module."""
+
     training: int | None = None
     evaluation: int | None = None
 
@@ -95,6 +97,7 @@ def set_threads(cfg, step_flops: float | None = None) -> Threads:
     """Set PyTorch's thread count (`default_threads`) and return what was chosen. Where small training steps got one
     thread, its `evaluation` is SLURM's count or the count there was before, for `evaluation_threads`."""
     import torch
+
     cores = _slurm_cpus() or torch.get_num_threads()
     evaluation = cores if _small_step(cfg, step_flops) and cores > 1 else None
     n = default_threads(cfg, step_flops)
@@ -113,6 +116,7 @@ def evaluation_threads(n: int | None) -> Iterator[None]:
         yield
         return
     import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -135,6 +139,7 @@ def passive_wait() -> bool:
 def describe() -> str:
     """This process's CPU threads and how they wait, for a log line ("1 CPU thread, OMP_WAIT_POLICY=PASSIVE")."""
     import torch
+
     n = torch.get_num_threads()
     given = [f"{v}={os.environ[v]}" for v in WAIT_VARIABLES if v in os.environ]
     return f"{n} CPU thread{'s' if n > 1 else ''}, " + (", ".join(given) if given else "OpenMP's own wait policy")

@@ -7,24 +7,25 @@
 
 Imports core only.
 """
+
 from lottery.data import sources  # noqa: F401  (registers mnist, cifar10, synthetic)
 from lottery.data.batches import Batches, augment, draw_augmentation, draw_epoch, to_device
 from lottery.data.pool import Pool, Split, black, load_pool, split
 from lottery.data.registry import DATASETS, Dataset, dataset_settings, register_dataset
 
 __all__ = [
-           "DATASETS",
-           "Batches",
-           "Dataset",
-           "Pool",
-           "Split",
-           "augment",
-           "black",
-           "dataset_settings",
-           "draw_augmentation",
-           "draw_epoch",
-           "load_pool",
-           "register_dataset",
-           "split",
-           "to_device",
+    "DATASETS",
+    "Batches",
+    "Dataset",
+    "Pool",
+    "Split",
+    "augment",
+    "black",
+    "dataset_settings",
+    "draw_augmentation",
+    "draw_epoch",
+    "load_pool",
+    "register_dataset",
+    "split",
+    "to_device",
 ]

@@ -1,6 +1,7 @@
 """Seeded, resumable training batches: the batch at step t depends only on (seed, t), drawn on the CPU once per epoch
 (so a seed gives the same batches on a CPU and on any GPU), gathered from the pool with one index_select, and
 augmented on the device. Every random draw uses its own seeded generator: the global torch RNG is never touched."""
+
 from __future__ import annotations
 
 import torch
@@ -68,9 +69,13 @@ def augment(x: Tensor, flip: Tensor, offsets: Tensor, pad_value: Tensor | None =
         padded = F.pad(x, (_PAD, _PAD, _PAD, _PAD))
     else:  # per-channel constant: written around an exact copy of the image (no arithmetic on its pixels)
         padded = pad_value.view(1, c, 1, 1).expand(n, c, h + 2 * _PAD, w + 2 * _PAD).clone()
-        padded[:, :, _PAD:_PAD + h, _PAD:_PAD + w] = x
-    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+        padded[:, :, _PAD : _PAD + h, _PAD : _PAD + w] = x
+    return padded[
+        torch.arange(n, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 class Batches:
@@ -99,7 +104,7 @@ class Batches:
 
     def rows(self, step: int) -> Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
-        return self._epoch_draws(epoch)["rows"][i * self.batch_size:(i + 1) * self.batch_size]
+        return self._epoch_draws(epoch)["rows"][i * self.batch_size : (i + 1) * self.batch_size]
 
     def draws(self, step: int) -> tuple[Tensor, Tensor]:
         """(flip, offsets) of the batch at `step` (augmenting pools only)."""

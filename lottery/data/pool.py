@@ -3,6 +3,7 @@
 Whole datasets fit in device memory (CIFAR-10 train is ~600 MB as float32), so batches are a single index_select
 instead of a DataLoader with per-sample PIL transforms. Replicates share one pool and keep only their split's indices.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,6 +18,7 @@ from lottery.data.registry import dataset_settings
 @dataclass
 class Pool:
     """The whole training set (before the validation split) and the test set, normalized on the device."""
+
     x: Tensor
     y: Tensor
     test_x: Tensor
@@ -38,6 +40,7 @@ class Pool:
 @dataclass
 class Split:
     """One replicate's view of a pool: which pool rows are its training and its validation examples."""
+
     pool: Pool
     train_idx: Tensor  # on the pool's device
     val_idx: Tensor
@@ -88,21 +91,31 @@ def load_pool(node, *, device="cpu", seed: int = 0) -> Pool:
     shape = entry.shape(own)
     for what, x, y in (("training", train_x, train_y), ("test", test_x, test_y)):
         if tuple(x.shape[1:]) != shape or len(x) != len(y):
-            raise ValueError(f"dataset '{entry.name}' gave {what} images of shape {tuple(x.shape)} with {len(y)} "
-                             f"labels; registered input shape {shape}")
+            raise ValueError(
+                f"dataset '{entry.name}' gave {what} images of shape {tuple(x.shape)} with {len(y)} "
+                f"labels; registered input shape {shape}"
+            )
     if x.dtype == torch.uint8 and entry.stats is None:
         raise ValueError(f"dataset '{entry.name}' gave uint8 images but registered no stats to normalize them")
     n_train = len(train_x)
     if not common["val_size"] < n_train:
-        raise ValueError(f"dataset.val_size must be in [0, {n_train}) for {entry.name} (its training set has "
-                         f"{n_train} examples), got {common['val_size']}")
+        raise ValueError(
+            f"dataset.val_size must be in [0, {n_train}) for {entry.name} (its training set has "
+            f"{n_train} examples), got {common['val_size']}"
+        )
     stats = entry.stats if train_x.dtype == torch.uint8 else None
     # Normalization is element-wise, so normalizing the whole set and then selecting rows gives the same bits as
     # selecting first.
-    return Pool(x=_to_device(train_x, stats, device), y=train_y.long().to(device),
-                test_x=_to_device(test_x, stats, device), test_y=test_y.long().to(device),
-                num_classes=entry.num_classes, input_shape=shape, augment=bool(common["augment"]),
-                pad_value=None if stats is None else black(stats, device))
+    return Pool(
+        x=_to_device(train_x, stats, device),
+        y=train_y.long().to(device),
+        test_x=_to_device(test_x, stats, device),
+        test_y=test_y.long().to(device),
+        num_classes=entry.num_classes,
+        input_shape=shape,
+        augment=bool(common["augment"]),
+        pad_value=None if stats is None else black(stats, device),
+    )
 
 
 def split(pool: Pool, val_size: int, seed: int) -> Split:

@@ -21,6 +21,7 @@ the replicate seed (each replicate then has its own data, as synthetic data does
 uint8 images are normalized with the registered `stats` (mean, std per channel, of the training set); float tensors
 are used as they are.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -54,15 +55,19 @@ class Dataset:
 DATASETS = Registry("dataset")
 
 
-def register_dataset(name: str, *, input_shape, num_classes: int, settings: type | None = None,
-                     stats: tuple | None = None):
+def register_dataset(
+    name: str, *, input_shape, num_classes: int, settings: type | None = None, stats: tuple | None = None
+):
     """`@register_dataset("name", input_shape=(C, H, W), num_classes=K, settings=Dataclass, stats=(mean, std))`.
     The function takes the dataclass's fields and whichever of `root`, `download` and `seed` it names."""
+
     def decorator(fn):
         params = inspect.signature(fn).parameters
-        DATASETS.add(name, Dataset(name, fn, input_shape, num_classes, settings, stats, "seed" in params,
-                                   "root" in params))
+        DATASETS.add(
+            name, Dataset(name, fn, input_shape, num_classes, settings, stats, "seed" in params, "root" in params)
+        )
         return fn
+
     return decorator
 
 

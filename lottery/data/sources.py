@@ -3,6 +3,7 @@
 torchvision is imported only where it is needed (CIFAR-10, downloads): its import pulls in torch._dynamo and costs
 1.5-3 s, more than the rest of startup; MNIST already on disk is read directly (`_read_idx`).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,12 @@ def _download_failed(name: str, root: str, e: Exception) -> FileNotFoundError:
     )
 
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def _read_idx(path: str) -> Tensor:
@@ -51,7 +56,7 @@ def _read_idx(path: str) -> Tensor:
     if magic // 256 != 8:  # 0x08: unsigned byte
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
     ndim = magic % 256
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * ndim).view(*dims)
 
 
@@ -61,6 +66,7 @@ def _load_mnist(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tens
         train_x, train_y, test_x, test_y = (_read_idx(os.path.join(raw, f)) for f in _MNIST_FILES)
         return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
     from torchvision.datasets import MNIST
+
     try:
         train, test = (MNIST(root, train=t, download=download) for t in (True, False))
     except RuntimeError as e:
@@ -102,6 +108,7 @@ def _unverified_cifar10():
 
 def _load_cifar10(root: str, download: bool, verify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from torchvision.datasets import CIFAR10
+
     _UnverifiedCIFAR10 = _unverified_cifar10()
     names = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list]
     present = all(os.path.isfile(os.path.join(root, CIFAR10.base_folder, f)) for f in names)
@@ -129,8 +136,12 @@ def _load_cifar10(root: str, download: bool, verify: bool) -> tuple[Tensor, Tens
     def hwc_to_chw(d):
         return torch.from_numpy(d).permute(0, 3, 1, 2).contiguous()
 
-    return (hwc_to_chw(train.data), torch.tensor(train.targets, dtype=torch.int64),
-            hwc_to_chw(test.data), torch.tensor(test.targets, dtype=torch.int64))
+    return (
+        hwc_to_chw(train.data),
+        torch.tensor(train.targets, dtype=torch.int64),
+        hwc_to_chw(test.data),
+        torch.tensor(test.targets, dtype=torch.int64),
+    )
 
 
 @dataclass
@@ -167,15 +178,22 @@ class SyntheticSettings:
 
     def __post_init__(self):
         if self.synthetic_shape not in SYNTHETIC_SHAPES:
-            raise ValueError(f"unknown dataset.synthetic_shape '{self.synthetic_shape}'; accepted: "
-                             f"{', '.join(SYNTHETIC_SHAPES)}")
+            raise ValueError(
+                f"unknown dataset.synthetic_shape '{self.synthetic_shape}'; accepted: {', '.join(SYNTHETIC_SHAPES)}"
+            )
         if self.synthetic_train <= 0 or self.synthetic_test <= 0:
-            raise ValueError(f"dataset.synthetic_train and dataset.synthetic_test must be positive, got "
-                             f"{self.synthetic_train} and {self.synthetic_test}")
+            raise ValueError(
+                f"dataset.synthetic_train and dataset.synthetic_test must be positive, got "
+                f"{self.synthetic_train} and {self.synthetic_test}"
+            )
 
 
-@register_dataset("synthetic", input_shape=lambda s: SYNTHETIC_SHAPES[s["synthetic_shape"]], num_classes=10,
-                  settings=SyntheticSettings)
+@register_dataset(
+    "synthetic",
+    input_shape=lambda s: SYNTHETIC_SHAPES[s["synthetic_shape"]],
+    num_classes=10,
+    settings=SyntheticSettings,
+)
 def synthetic(synthetic_shape: str, synthetic_train: int, synthetic_test: int, seed: int):
     """Class prototypes plus noise, drawn from the replicate seed (no files)."""
     return _make_synthetic(SYNTHETIC_SHAPES[synthetic_shape], synthetic_train, synthetic_test, seed)

@@ -16,6 +16,7 @@
 Imports branches, training, pruning, data, models, init, masks, config and core; nothing imports it but the entry
 points (lottery.cli) and the launchers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +30,7 @@ def run_experiment(cfg, run_dir, on_owned=None) -> list[dict]:
     check has passed and the folder is this process's (lottery.experiment.session)."""
     from lottery.experiment.levels import run_levels
     from lottery.experiment.session import open_session
+
     with open_session(cfg, run_dir, on_owned=on_owned) as session:
         return run_levels(session.replicates, session.how, parent=session.parent)
 
@@ -40,6 +42,7 @@ def retrain_ticket(cfg, ticket_path, run_dir, on_owned=None) -> list[dict]:
     from lottery.experiment.session import open_session
     from lottery.experiment.ticket import load_ticket
     from lottery.experiment.units import context, execute, finish_branch, plan_branch
+
     ticket = load_ticket(Path(ticket_path))
     with open_session(cfg, run_dir, ticket=ticket, on_owned=on_owned) as session:
         rep = session.replicates[0]
@@ -63,6 +66,7 @@ def retrain_ticket(cfg, ticket_path, run_dir, on_owned=None) -> list[dict]:
 
 def _with_rewind(steps, rewind: int):
     from dataclasses import replace
+
     return replace(steps, rewind=rewind)
 
 

@@ -12,6 +12,7 @@ named in `imports=[...]`. They see where a run is, never change what it computes
 The tests' fault injection (tests/plugins/faults.py: a signal or a kill at a given step of a given unit, or after a
 level) is such a callback; nothing about it is in the user's config.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 class UnitInfo:
     """Which unit is about to train: its replicate's run folder (and the replicas parent folder, if any), level,
     branch and unit name (`tag`: branch, or branch/unit)."""
+
     folder: Path
     parent: Path | None
     level: int

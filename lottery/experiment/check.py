@@ -6,6 +6,7 @@ expanded with their settings' defaults, so `config.yaml` records every setting a
 all of them. What needs the data (the training set's size, hence durations in steps, rewind points, levels and
 counts) is checked by lottery.experiment.session before the first write.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,26 +44,36 @@ def _check_granularity(cfg: DictConfig, dst_rule) -> None:
     _choice(g, GRANULARITIES, "pruning.granularity")
     _choice(p.get("group_score", "sum"), GROUP_SCORES, "pruning.group_score")
     if dst_rule is not None and g not in dst_rule.granularities:
-        raise ValueError(f"dst={dst_rule.name} {dst_rule.granularity_note}; pruning.granularity={g} is not "
-                         f"supported with it (accepted: {', '.join(dst_rule.granularities)})")
+        raise ValueError(
+            f"dst={dst_rule.name} {dst_rule.granularity_note}; pruning.granularity={g} is not "
+            f"supported with it (accepted: {', '.join(dst_rule.granularities)})"
+        )
     if g == "channel":
         if p.scope in ("er", "erk"):
-            raise ValueError(f"pruning.scope={p.scope} is a density per weight tensor; with pruning.granularity="
-                             "channel use layerwise, global or uniform")
+            raise ValueError(
+                f"pruning.scope={p.scope} is a density per weight tensor; with pruning.granularity="
+                "channel use layerwise, global or uniform"
+            )
         if str(cfg.model.name).startswith("resnet"):
-            raise ValueError(f"pruning.granularity=channel: the shortcuts of model={cfg.model.name} add the block's "
-                             "input to its output, tying channels across layers, which channel pruning does not "
-                             "handle; use a model without shortcuts (conv2/4/6, vgg*, mlp, lenet_300_100)")
+            raise ValueError(
+                f"pruning.granularity=channel: the shortcuts of model={cfg.model.name} add the block's "
+                "input to its output, tying channels across layers, which channel pruning does not "
+                "handle; use a model without shortcuts (conv2/4/6, vgg*, mlp, lenet_300_100)"
+            )
     if g == "nm":
         n, m = p.n, p.m
         if not 1 <= n < m:
             raise ValueError(f"pruning.n:pruning.m must satisfy 1 <= n < m, got {n}:{m} (e.g. 2:4)")
         if not p.one_shot:
-            raise ValueError(f"pruning.granularity=nm prunes in one shot to density n/m = {n}/{m}, not by IMP "
-                             "levels; set pruning.one_shot=true")
+            raise ValueError(
+                f"pruning.granularity=nm prunes in one shot to density n/m = {n}/{m}, not by IMP "
+                "levels; set pruning.one_shot=true"
+            )
         if p.target is not None and abs(p.target - n / m) > 1e-9:
-            raise ValueError(f"pruning.target={p.target} but pruning.granularity=nm keeps exactly {n} of every {m} "
-                             f"(density {n / m:g}); set pruning.target=null or {n / m:g}")
+            raise ValueError(
+                f"pruning.target={p.target} but pruning.granularity=nm keeps exactly {n} of every {m} "
+                f"(density {n / m:g}); set pruning.target=null or {n / m:g}"
+            )
 
 
 def checked(cfg: DictConfig) -> DictConfig:
@@ -81,8 +92,10 @@ def checked(cfg: DictConfig) -> DictConfig:
         check_target(cfg.init._target_)
     else:
         if cfg.init.name not in INITIALIZERS:
-            raise ValueError(f"unknown init '{cfg.init.name}'; accepted: {', '.join(sorted(INITIALIZERS))}, "
-                             "or set init._target_ to a callable")
+            raise ValueError(
+                f"unknown init '{cfg.init.name}'; accepted: {', '.join(sorted(INITIALIZERS))}, "
+                "or set init._target_ to a callable"
+            )
         if cfg.init.name == "normal" and cfg.init.variance is None:
             raise ValueError(f"init.variance must be a positive float for init=normal, got {cfg.init.variance}")
     opt, settings = optimizer_settings(cfg.optimizer)
@@ -109,26 +122,37 @@ def checked(cfg: DictConfig) -> DictConfig:
     if p.retrain_steps is not None:
         parse_steps(p.retrain_steps, 1, "pruning.retrain_steps")
     if p.retrain != "weight_rewind" and not p.train_dense:
-        raise ValueError(f"pruning.retrain={p.retrain} keeps the trained weights a level is pruned from, but "
-                         "pruning.train_dense=false trains no dense network to keep; use pruning.retrain=weight_rewind")
+        raise ValueError(
+            f"pruning.retrain={p.retrain} keeps the trained weights a level is pruned from, but "
+            "pruning.train_dense=false trains no dense network to keep; use pruning.retrain=weight_rewind"
+        )
     _check_granularity(cfg, rule)
     if p.one_shot and p.target is None and p.get("granularity") != "nm":
-        raise ValueError("pruning.one_shot=true prunes straight to pruning.target, which is not set; set "
-                         "pruning.target=<fraction to keep> or pruning.one_shot=false")
+        raise ValueError(
+            "pruning.one_shot=true prunes straight to pruning.target, which is not set; set "
+            "pruning.target=<fraction to keep> or pruning.one_shot=false"
+        )
     if not p.get("train_dense", True) and (
-            scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0):
-        raise ValueError(f"pruning.train_dense=false skips the dense network, which pruning.when="
-                         f"{scores_at(p)} with pruning.rewind={p.rewind} needs; it is for pruning at "
-                         "initialization (pruning.when=at_init, pruning.rewind=0)")
+        scores_at(p) != "at_init" or parse_steps(p.rewind, 1, "pruning.rewind") != 0
+    ):
+        raise ValueError(
+            f"pruning.train_dense=false skips the dense network, which pruning.when="
+            f"{scores_at(p)} with pruning.rewind={p.rewind} needs; it is for pruning at "
+            "initialization (pruning.when=at_init, pruning.rewind=0)"
+        )
     if p.scope == "global" and (p.rates or p.layer_rates):
-        raise ValueError("pruning.rates and pruning.layer_rates are per-layer rates, which global pruning does not "
-                         "use (it removes pruning.rate of all surviving weights); use pruning.scope=layerwise or "
-                         "drop them")
+        raise ValueError(
+            "pruning.rates and pruning.layer_rates are per-layer rates, which global pruning does not "
+            "use (it removes pruning.rate of all surviving weights); use pruning.scope=layerwise or "
+            "drop them"
+        )
     if p.scope in DISTRIBUTIONS and (p.rates or p.layer_rates):
-        raise ValueError(f"pruning.rates and pruning.layer_rates are per-layer rates, which pruning.scope={p.scope} "
-                         "does not use (it splits each level's global count, pruning.rate of all surviving weights, "
-                         f"by the {p.scope} densities); use pruning=global pruning.scope={p.scope} (pruning=lth "
-                         "sets per-kind rates)")
+        raise ValueError(
+            f"pruning.rates and pruning.layer_rates are per-layer rates, which pruning.scope={p.scope} "
+            "does not use (it splits each level's global count, pruning.rate of all surviving weights, "
+            f"by the {p.scope} densities); use pruning=global pruning.scope={p.scope} (pruning=lth "
+            "sets per-kind rates)"
+        )
     for kind in p.rates:
         _choice(kind, RATE_KINDS, "pruning.rates key")
     for b in p.branches:
@@ -146,7 +170,8 @@ def checked(cfg: DictConfig) -> DictConfig:
             raise FileNotFoundError(
                 f"dataset.root '{common['root']}' does not exist (looked at {root.resolve()}); point the run at a "
                 f"folder that holds the {entry.name} files with dataset.root=/path/to/data"
-                + ("" if common["download"] else ", or allow a download with dataset.download=true"))
+                + ("" if common["download"] else ", or allow a download with dataset.download=true")
+            )
     OmegaConf.set_struct(out, True)
     return out
 
@@ -154,6 +179,7 @@ def checked(cfg: DictConfig) -> DictConfig:
 def check_target(target: str) -> None:
     """`init._target_` names a callable that imports: one line otherwise (before any file is written)."""
     import importlib
+
     module, _, attr = str(target).rpartition(".")
     where = f"init._target_={target}"
     if not module:
@@ -165,8 +191,10 @@ def check_target(target: str) -> None:
     except AttributeError:
         raise ValueError(f"{where}: module '{module}' has no '{attr}'") from None
     except Exception as e:  # noqa: BLE001 - the module raised while importing
-        raise ValueError(f"{where}: importing '{module}' raised {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(
+            f"{where}: importing '{module}' raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if not callable(fn) or isinstance(fn, type(importlib)):
-        raise ValueError(f"{where} is a {type(fn).__name__}, not a callable; accepted: a function taking "
-                         "(weight, generator=...)")
+        raise ValueError(
+            f"{where} is a {type(fn).__name__}, not a callable; accepted: a function taking (weight, generator=...)"
+        )

@@ -19,6 +19,7 @@ experiment on resume, its results and its tickets.
 A unit with a result is never trained again, so a rerun of the same command (or a SLURM requeue) continues where the
 last one stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 class FolderRefused(ValueError):
     """This process may not use the folder: another process holds it, or it holds another experiment (or a single run
     where replicas were asked for, or the reverse). Nothing is written there."""
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -93,11 +95,14 @@ def _defaults(new: dict) -> dict:
     from lottery.data import DATASETS
     from lottery.pruning import CRITERIA
     from lottery.training import OPTIMIZERS
+
     out = _flatten(as_dict(OmegaConf.structured(Config)))
-    nodes = [("dataset", DATASETS, (new.get("dataset") or {}).get("name")),
-             ("optimizer", OPTIMIZERS, (new.get("optimizer") or {}).get("name")),
-             ("pruning.criterion", CRITERIA, ((new.get("pruning") or {}).get("criterion") or {}).get("name")),
-             *[(f"branch.{b}", BRANCHES, b) for b in (new.get("pruning") or {}).get("branches") or []]]
+    nodes = [
+        ("dataset", DATASETS, (new.get("dataset") or {}).get("name")),
+        ("optimizer", OPTIMIZERS, (new.get("optimizer") or {}).get("name")),
+        ("pruning.criterion", CRITERIA, ((new.get("pruning") or {}).get("criterion") or {}).get("name")),
+        *[(f"branch.{b}", BRANCHES, b) for b in (new.get("pruning") or {}).get("branches") or []],
+    ]
     for prefix, registry, name in nodes:
         settings = getattr(registry.get(name), "settings", None)
         if settings is not None:
@@ -194,19 +199,23 @@ class RunFolder:
         except Damaged:
             raise
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}), "
-                             f"so this unit cannot be counted as done; delete that file (and its folder's other "
-                             f"files) and rerun the same command to train the unit again") from None
+            raise ValueError(
+                f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}), "
+                f"so this unit cannot be counted as done; delete that file (and its folder's other "
+                f"files) and rerun the same command to train the unit again"
+            ) from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path} holds no result record; delete it and rerun the same command to train the unit "
-                             f"again")
+            raise ValueError(
+                f"{path} holds no result record; delete it and rerun the same command to train the unit again"
+            )
         return record
 
     def results(self) -> list[dict]:
         """Every branch record, by level, the ticket first, then the branches by name (evaluation curves left out)."""
-        paths = sorted(self.path.glob("levels/level_*/*/result.json"),
-                       key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket",
-                                      p.parent.name))
+        paths = sorted(
+            self.path.glob("levels/level_*/*/result.json"),
+            key=lambda p: (int(p.parent.parent.name.split("_")[1]), p.parent.name != "ticket", p.parent.name),
+        )
         return [_copy(without_details(self._result(p))) for p in paths]
 
     def write_summary(self) -> list[dict]:
@@ -251,8 +260,10 @@ class RunFolder:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise FolderRefused(f"another process is running in {self.path} (it holds {self.path / '.lock'}); "
-                                    f"wait for it to end or choose another folder with hydra.run.dir=...") from None
+                raise FolderRefused(
+                    f"another process is running in {self.path} (it holds {self.path / '.lock'}); "
+                    f"wait for it to end or choose another folder with hydra.run.dir=..."
+                ) from None
             try:
                 yield self
             except BaseException:
@@ -274,15 +285,20 @@ class RunFolder:
         its checkpoints; a finished unit is never trained again, so they would stay forever). Only once this process
         owns the folder: lock held, same experiment."""
         remove_temp_files(self.path)
-        stale = [p for result in self.path.glob("levels/**/result.json")
-                 for p in (result.parent / "checkpoint.pt", result.parent / "checkpoint.prev.pt") if p.exists()]
+        stale = [
+            p
+            for result in self.path.glob("levels/**/result.json")
+            for p in (result.parent / "checkpoint.pt", result.parent / "checkpoint.prev.pt")
+            if p.exists()
+        ]
         for p in stale:
             with contextlib.suppress(OSError):
                 p.unlink()
                 checksum_path(p).unlink(missing_ok=True)
         if stale:
-            log.info("removed %d checkpoint file(s) of finished units: %s", len(stale),
-                     ", ".join(str(p) for p in stale))
+            log.info(
+                "removed %d checkpoint file(s) of finished units: %s", len(stale), ", ".join(str(p) for p in stale)
+            )
 
     def holds_replicas(self) -> bool:
         return (self.path / "replicas.json").exists()
@@ -303,9 +319,11 @@ class RunFolder:
             if not isinstance(old, dict) or not old:
                 raise ValueError("empty, or not a config")
         except Exception as e:  # noqa: BLE001 - a truncated or garbled file: the folder's experiment is unknown
-            raise FolderRefused(f"{self.config} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}), so "
-                                f"what this folder holds is unknown; choose another folder with hydra.run.dir=..., "
-                                f"or restore the file") from None
+            raise FolderRefused(
+                f"{self.config} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}), so "
+                f"what this folder holds is unknown; choose another folder with hydra.run.dir=..., "
+                f"or restore the file"
+            ) from None
         diff = differences(old, resolved)
         why = ""
         if diff and extends is not None and set(diff) <= set(EXTENDING_KEYS):
@@ -314,9 +332,11 @@ class RunFolder:
                 return True
             why = f": {reason}"
         if diff:
-            raise FolderRefused(f"run folder {self.path} already holds a different experiment (differs in: "
-                                f"{', '.join(diff)}{why}); refusing to overwrite it. Choose another folder with "
-                                f"hydra.run.dir=... or rerun with the same settings to resume it")
+            raise FolderRefused(
+                f"run folder {self.path} already holds a different experiment (differs in: "
+                f"{', '.join(diff)}{why}); refusing to overwrite it. Choose another folder with "
+                f"hydra.run.dir=... or rerun with the same settings to resume it"
+            )
         return True
 
     def check_files(self) -> None:
@@ -332,7 +352,7 @@ class RunFolder:
         for sidecar in sorted(self.path.rglob(f".*{CHECKSUM_SUFFIX}")):
             if {"wandb", ".hydra"} & set(sidecar.relative_to(self.path).parts):
                 continue  # not read back by the run (.hydra/ is rewritten by every start)
-            path = sidecar.with_name(sidecar.name[1:-len(CHECKSUM_SUFFIX)])
+            path = sidecar.with_name(sidecar.name[1 : -len(CHECKSUM_SUFFIX)])
             if path.name.startswith("checkpoint") or not path.exists():
                 continue  # a checkpoint falls back; a file removed on purpose is recomputed where it can be
             verify(path)

@@ -14,6 +14,7 @@ Divergence (lottery.core.divergence): a diverged ticket is never pruned to make 
 other replicates go on; with `continue` the units that do not build on the diverged one still train. Either way the run
 ends with `Diverged` naming every diverged unit and its replicate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,8 +95,11 @@ class Lineage:
         elif retrain == "weight_rewind":
             model.load_state_dict(rep.rewind_state)
         else:
-            kept = self.trained if self.trained is not None and not rep.cfg.pruning.from_dense else \
-                plan.trained_source(rep, level)
+            kept = (
+                self.trained
+                if self.trained is not None and not rep.cfg.pruning.from_dense
+                else plan.trained_source(rep, level)
+            )
             model.load_state_dict(kept)
             if retrain == "finetune":
                 start, end, lr_at = steps.total, steps.total + plan.finetune_steps(rep), steps.total - 1
@@ -108,8 +112,19 @@ class Lineage:
                 save_torch(cpu_state(model), folder.final_path(level))
             folder.save_ticket(make_ticket(rep, level, masks, model, record, kept_state))
 
-        return Job(rep, level, "ticket", model, masks, start, at_step=at_step, on_done=finish_ticket, end=end,
-                   lr_at=lr_at, deps=plan.mask_cost(rep.cfg, level, self.tickets))
+        return Job(
+            rep,
+            level,
+            "ticket",
+            model,
+            masks,
+            start,
+            at_step=at_step,
+            on_done=finish_ticket,
+            end=end,
+            lr_at=lr_at,
+            deps=plan.mask_cost(rep.cfg, level, self.tickets),
+        )
 
     def ticket_trained(self, level: int, record: dict) -> None:
         self.ticket = self.tickets[level] = record
@@ -126,22 +141,31 @@ class Lineage:
             if rep.folder.done(level, name):
                 self.check(rep.folder.load_result(level, name))
                 continue
-            plans.append(plan_branch(rep, context(rep, level, name, self.masks),
-                                     plan.mask_cost(rep.cfg, level, self.tickets)))
+            plans.append(
+                plan_branch(rep, context(rep, level, name, self.masks), plan.mask_cost(rep.cfg, level, self.tickets))
+            )
         return plans
 
 
-def make_ticket(rep: Replicate, level: int, masks: M.Masks, model, record: dict | None,
-                start_state: dict | None = None) -> Ticket:
+def make_ticket(
+    rep: Replicate, level: int, masks: M.Masks, model, record: dict | None, start_state: dict | None = None
+) -> Ticket:
     """The ticket file of `level`: its masks and the state its training starts from (the rewind point's, masked,
     unless `start_state` says otherwise: the kept trained weights of lr_rewind and finetune)."""
     state = {k: v.clone() for k, v in (start_state or rep.rewind_state).items()}
     for name, m in masks.items():  # overwritten, not multiplied (as masks.apply): pruned entries +0.0, never -0.0
         state[name] = state[name].masked_fill(m.to(state[name].device) == 0, 0)
     remaining, total = M.count(M.counted(masks, model, rep.cfg.pruning))
-    return Ticket(level=level, masks=M.to_bool(masks), rewind_step=rep.steps.rewind, rewind_state=state,
-                  config=rep.resolved, weights_remaining=remaining / total if total else 1.0,
-                  params_remaining=M.params_remaining(model, masks), metrics=record)
+    return Ticket(
+        level=level,
+        masks=M.to_bool(masks),
+        rewind_step=rep.steps.rewind,
+        rewind_state=state,
+        config=rep.resolved,
+        weights_remaining=remaining / total if total else 1.0,
+        params_remaining=M.params_remaining(model, masks),
+        metrics=record,
+    )
 
 
 def run_levels(reps: list[Replicate], how: str, parent=None) -> list[dict]:
@@ -209,8 +233,12 @@ def _run_levels(lineages: list[Lineage], how: str, parent) -> list[dict]:
         for lin in active:
             if lin.ticket.get("diverged"):
                 lin.stopped = True  # a diverged ticket is never pruned to make the next level
-            elif (lin.ticket.get("at_chance") and level + 1 < lin.n_levels and builds_on_previous(lin.rep.cfg)
-                  and lin.rep.cfg.train.on_chance == "stop"):
+            elif (
+                lin.ticket.get("at_chance")
+                and level + 1 < lin.n_levels
+                and builds_on_previous(lin.rep.cfg)
+                and lin.rep.cfg.train.on_chance == "stop"
+            ):
                 lin.at_chance, lin.stopped = lin.ticket, True  # nor is one that learned nothing
         callbacks.level_done(level, [rep.folder.path for rep in reps], parent)
     summaries = [rec for rep in reps for rec in rep.folder.write_summary()]
@@ -229,6 +257,7 @@ def builds_on_previous(cfg) -> bool:
     kept (lr_rewind, finetune). Not with pruning.from_dense (every level from the dense network), nor for pruning at
     initialization with weight rewinding (scores on the rewind point's weights)."""
     from lottery.pruning import scores_at
+
     p = cfg.pruning
     return not p.from_dense and (scores_at(p) == "after_training" or p.retrain != "weight_rewind")
 
@@ -247,12 +276,24 @@ def closing_summary(reps: list[Replicate], parent, finished_before: bool) -> Non
         for level, recs in sorted(by_level.items()):
             parts = []
             for r in recs:
-                acc = "diverged" if r.get("diverged") else \
-                    "-" if r.get("test_accuracy") is None else f"{r['test_accuracy']:.4f}"
-                parts.append(f"{r['branch']} {acc}" + (f" (instability {r['instability_test']:.2f})"
-                                                         if r.get("instability_test") is not None else ""))
-            log.info("%slevel %d  weights remaining %6.2f%%  %s", rep.name, level, 100 * recs[0]["weights_remaining"],
-                     "  ".join(parts))
+                acc = (
+                    "diverged"
+                    if r.get("diverged")
+                    else "-"
+                    if r.get("test_accuracy") is None
+                    else f"{r['test_accuracy']:.4f}"
+                )
+                parts.append(
+                    f"{r['branch']} {acc}"
+                    + (f" (instability {r['instability_test']:.2f})" if r.get("instability_test") is not None else "")
+                )
+            log.info(
+                "%slevel %d  weights remaining %6.2f%%  %s",
+                rep.name,
+                level,
+                100 * recs[0]["weights_remaining"],
+                "  ".join(parts),
+            )
     answer = progress.answer(reps, float(reps[0].cfg.match_tolerance))
     if answer:
         log.info("%s", answer)

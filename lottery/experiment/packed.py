@@ -24,6 +24,7 @@ to a constant: the header is a few KB whatever the depth. Pruned weights are exa
 clears their bits), so filling them back with zeros restores the fp32 ticket bitwise. `load_ticket` reads both
 forms, so `lottery-retrain ticket=packed.pt` works like a ticket file.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -51,13 +52,24 @@ def pack(ticket, trained_state: dict | None = None, dtype: str = "float32") -> d
             kind = "dense"
         layout.append([name, list(t.shape), kind])
     packed_bits = np.packbits(torch.cat(bits).numpy()) if bits else np.zeros(0, np.uint8)
-    out = {"format": FORMAT, "version": VERSION, "level": ticket.level, "rewind_step": ticket.rewind_step,
-           "seed": (ticket.config or {}).get("seed"), "config": ticket.config,
-           "weights_remaining": ticket.weights_remaining, "params_remaining": ticket.params_remaining,
-           "metrics": ticket.metrics, "dtype": dtype, "layout": layout, "bits": torch.from_numpy(packed_bits),
-           "rewind": _values(state, ticket.masks, layout, DTYPES[dtype]),
-           "others": _others(state, layout),
-           "trained": None, "trained_others": None}
+    out = {
+        "format": FORMAT,
+        "version": VERSION,
+        "level": ticket.level,
+        "rewind_step": ticket.rewind_step,
+        "seed": (ticket.config or {}).get("seed"),
+        "config": ticket.config,
+        "weights_remaining": ticket.weights_remaining,
+        "params_remaining": ticket.params_remaining,
+        "metrics": ticket.metrics,
+        "dtype": dtype,
+        "layout": layout,
+        "bits": torch.from_numpy(packed_bits),
+        "rewind": _values(state, ticket.masks, layout, DTYPES[dtype]),
+        "others": _others(state, layout),
+        "trained": None,
+        "trained_others": None,
+    }
     if trained_state is not None:
         missing = sorted(set(state) ^ set(trained_state))
         if missing:
@@ -90,8 +102,9 @@ def is_packed(data) -> bool:
 def unpack(data: dict, source: str = "the packed ticket") -> tuple[dict, dict, dict | None]:
     """(masks {name: bool}, rewind state, trained state or None), every float tensor in fp32."""
     if data.get("version", VERSION + 1) > VERSION:
-        raise ValueError(f"{source} has packed ticket format version {data.get('version')}; this lottery reads up to "
-                         f"{VERSION}")
+        raise ValueError(
+            f"{source} has packed ticket format version {data.get('version')}; this lottery reads up to {VERSION}"
+        )
     try:
         layout = [(str(e[0]), tuple(int(s) for s in e[1]), str(e[2]), *e[3:]) for e in data["layout"]]
         n_bits = sum(_numel(e[1]) for e in layout if e[2] == "masked")
@@ -99,11 +112,12 @@ def unpack(data: dict, source: str = "the packed ticket") -> tuple[dict, dict, d
         masks, at = {}, 0
         for name, shape, kind, *_ in layout:
             if kind == "masked":
-                masks[name] = flat[at:at + _numel(shape)].reshape(shape)
+                masks[name] = flat[at : at + _numel(shape)].reshape(shape)
                 at += _numel(shape)
         rewind = _state(data["rewind"], data["others"], layout, masks)
-        trained = (_state(data["trained"], data["trained_others"], layout, masks)
-                   if data.get("trained") is not None else None)
+        trained = (
+            _state(data["trained"], data["trained_others"], layout, masks) if data.get("trained") is not None else None
+        )
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{source} is a damaged packed ticket ({type(e).__name__}: {str(e)[:120]})") from None
     return masks, rewind, trained
@@ -125,18 +139,18 @@ def _state(values: torch.Tensor, others: torch.Tensor, layout: list, masks: dict
             to = getattr(torch, str(dtype[0]), None)
             if not isinstance(to, torch.dtype):
                 raise ValueError(f"unknown dtype {dtype[0]!r} of {name}")
-            state[name] = others[at_other:at_other + n].reshape(shape).to(to).clone()
+            state[name] = others[at_other : at_other + n].reshape(shape).to(to).clone()
             at_other += n
         elif kind == "masked":
             keep = masks[name]
             n = int(keep.sum())
             t = torch.zeros(shape, dtype=torch.float32)
-            t[keep] = values[at:at + n]
+            t[keep] = values[at : at + n]
             state[name] = t
             at += n
         else:
             n = _numel(shape)
-            state[name] = values[at:at + n].reshape(shape).clone()
+            state[name] = values[at : at + n].reshape(shape).clone()
             at += n
     if at != values.numel():
         raise ValueError(f"{values.numel()} stored values for {at} kept entries")

@@ -1,5 +1,6 @@
 """The pruning plan of a run: how many levels it has, and how level L's masks are made (which weights are scored, from
 which masks, with which data and randomness)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -33,9 +34,13 @@ def level_count(cfg, masks: M.Masks, prunable) -> int:
 def finetune_steps(rep) -> int:
     """Fine-tuning's budget: pruning.retrain_steps, by default what weight rewinding retrains (duration - rewind)."""
     from lottery.core.steps import parse_steps
+
     budget = rep.cfg.pruning.retrain_steps
-    return rep.steps.total - rep.steps.rewind if budget is None else \
-        parse_steps(budget, rep.steps.per_epoch, "pruning.retrain_steps")
+    return (
+        rep.steps.total - rep.steps.rewind
+        if budget is None
+        else parse_steps(budget, rep.steps.per_epoch, "pruning.retrain_steps")
+    )
 
 
 def preflight(rep, model) -> int:
@@ -57,34 +62,44 @@ def preflight(rep, model) -> int:
     if n_levels > 1 and G.kind(p) != "nm":
         before = sum(m.numel() for m in masks.values())
         for level in range(1, n_levels):
-            counts = (pruning.survivors_after(masks, prunable, p, keep_fraction=p.target) if p.one_shot
-                      else pruning.level_survivors(masks, prunable, p, level))
+            counts = (
+                pruning.survivors_after(masks, prunable, p, keep_fraction=p.target)
+                if p.one_shot
+                else pruning.level_survivors(masks, prunable, p, level)
+            )
             total = counts if not isinstance(counts, dict) else sum(counts.values())
             if p.target is None and not p.one_shot and level > 1 and total >= before:
-                raise ValueError(f"pruning.levels={p.levels}: level {level} would keep the same {total} {unit}s as "
-                                 f"level {level - 1} (each tensor's count has stopped falling), so the levels after "
-                                 f"{level - 1} would train the same network again; accepted: pruning.levels <= "
-                                 f"{level} (level {level - 1} is the last that prunes)")
+                raise ValueError(
+                    f"pruning.levels={p.levels}: level {level} would keep the same {total} {unit}s as "
+                    f"level {level - 1} (each tensor's count has stopped falling), so the levels after "
+                    f"{level - 1} would train the same network again; accepted: pruning.levels <= "
+                    f"{level} (level {level - 1} is the last that prunes)"
+                )
             before = total
             if not isinstance(counts, dict):  # global: one total, split by the scores
                 if counts < 1:
-                    raise ValueError(f"pruning to level {level} keeps no {unit} at all; keep more {unit}s "
-                                     f"(pruning.target, pruning.levels, pruning.rate)")
+                    raise ValueError(
+                        f"pruning to level {level} keeps no {unit} at all; keep more {unit}s "
+                        f"(pruning.target, pruning.levels, pruning.rate)"
+                    )
                 continue
             empty = [n for n, c in counts.items() if c < 1 and masks[n].numel() > 0]
             if empty:
                 total = sum(counts.values()) / sum(m.numel() for m in masks.values())
-                raise ValueError(f"{p.scope} pruning to {100 * total:.3g}% of the {unit}s (level {level}) would remove "
-                                 f"every {unit} of '{empty[0]}' ({masks[empty[0]].numel()} {unit}s; layer collapse"
-                                 f"{f', and {len(empty) - 1} more tensors' if len(empty) > 1 else ''}); keep more "
-                                 f"{unit}s (pruning.target, pruning.levels), give the layer a smaller rate "
-                                 f"(pruning.layer_rates) or exclude it (pruning.exclude=[{empty[0]}])")
+                raise ValueError(
+                    f"{p.scope} pruning to {100 * total:.3g}% of the {unit}s (level {level}) would remove "
+                    f"every {unit} of '{empty[0]}' ({masks[empty[0]].numel()} {unit}s; layer collapse"
+                    f"{f', and {len(empty) - 1} more tensors' if len(empty) > 1 else ''}); keep more "
+                    f"{unit}s (pruning.target, pruning.levels), give the layer a smaller rate "
+                    f"(pruning.layer_rates) or exclude it (pruning.exclude=[{empty[0]}])"
+                )
     if n_levels > 1:
         crit = pruning.CRITERIA[p.criterion["name"]]
         if crit.check is not None:
             crit.check(pruning.criterion_settings(p.criterion), rep.split)
         _collapse_at_init(rep, n_levels)
     from lottery.branches import BRANCHES, branch_settings
+
     for name in p.branches:
         check = BRANCHES[name].check
         if check is not None:
@@ -105,6 +120,7 @@ def _collapse_at_init(rep, n_levels: int) -> None:
         state = load_torch(rep.folder.init)
     else:
         from lottery.experiment.replicate import cpu_state
+
         state = cpu_state(rep.new_model(init_seed=rep.seed))
     model = rep.new_model()
     masks = M.ones(model, rep.prunable(model))
@@ -117,18 +133,23 @@ def check_layer_names(model, p, model_name: str) -> None:
     tensor (with or without '.weight', as lottery.pruning.layer_rates matches them): a misspelt name would otherwise be
     ignored, and the run prune what it was told to leave."""
     import fnmatch
+
     names = [n for n, _ in model.named_parameters()]
     for pattern in p.exclude:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise ValueError(f"pruning.exclude entry '{pattern}' names no parameter of model '{model_name}'; "
-                             f"accepted: names or glob patterns of its parameters: {', '.join(names)}")
+            raise ValueError(
+                f"pruning.exclude entry '{pattern}' names no parameter of model '{model_name}'; "
+                f"accepted: names or glob patterns of its parameters: {', '.join(names)}"
+            )
     prunable = [x.name for x in M.prunable_tensors(model, p)]
     if G.kind(p) == "channel" and getattr(p, "group_score", "sum") == "bn":
         G.check_batchnorm(model, prunable, model_name)
     for pattern in p.layer_rates:
         if not any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"{pattern}.weight") for n in prunable):
-            raise ValueError(f"pruning.layer_rates key '{pattern}' names no pruned tensor; accepted: names or glob "
-                             f"patterns (with or without '.weight') of: {', '.join(prunable)}")
+            raise ValueError(
+                f"pruning.layer_rates key '{pattern}' names no pruned tensor; accepted: names or glob "
+                f"patterns (with or without '.weight') of: {', '.join(prunable)}"
+            )
 
 
 def masks_before(rep, level: int) -> M.Masks:
@@ -175,9 +196,16 @@ def mask_cost(cfg, level: int, tickets: dict[int, dict]) -> dict:
     return out
 
 
-def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
-                keep: dict[str, int] | int | None = None, invert: bool = False,
-                state: dict | None = None) -> M.Masks:
+def prune_level(
+    rep,
+    level: int,
+    masks: M.Masks,
+    *,
+    trained: dict | None = None,
+    keep: dict[str, int] | int | None = None,
+    invert: bool = False,
+    state: dict | None = None,
+) -> M.Masks:
     """Level `level`'s masks from `masks` (level L-1's): scored on L-1's trained weights (read from its final.pt
     unless given), or on the rewind-point weights (`pruning.when`, or the criterion's own). With `pruning.from_dense`
     every level prunes the dense network (level 0's weights, all-ones masks) to the count the level would have under
@@ -202,10 +230,20 @@ def prune_level(rep, level: int, masks: M.Masks, *, trained: dict | None = None,
     model = scoring_model(masks)
     prunable = rep.prunable(model)
     if keep is None and p.from_dense and not p.one_shot:
-        keep = pruning.level_survivors(counted(G.weights_only(masks, [q.name for q in prunable]), p), prunable, p,
-                                       level)
+        keep = pruning.level_survivors(
+            counted(G.weights_only(masks, [q.name for q in prunable]), p), prunable, p, level
+        )
     # built on first use: a criterion that reads no data draws no batch
     batches = iter(rep.batches(derive_seed(rep.seed, "score", level)))
-    return pruning.prune(model, masks, prunable, p, keep_fraction=p.target if p.one_shot else None,
-                         rescore=scoring_model, keep=keep, invert=invert, batches=batches,
-                         generator=torch.Generator().manual_seed(derive_seed(rep.seed, "prune", level)))
+    return pruning.prune(
+        model,
+        masks,
+        prunable,
+        p,
+        keep_fraction=p.target if p.one_shot else None,
+        rescore=scoring_model,
+        keep=keep,
+        invert=invert,
+        batches=batches,
+        generator=torch.Generator().manual_seed(derive_seed(rep.seed, "prune", level)),
+    )

@@ -6,6 +6,7 @@ seconds inside one; and at the end the answer: the sparsest ticket that still ma
 The unit counts are the run's (level, branch) records per replicate, as summary.json lists them; steps are those of
 training (a branch's several copies, lmc's, count as one unit), so the estimate of what is left is an estimate.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,6 +37,7 @@ def planned_units(lin) -> list[tuple[int, str, int]]:
     """(level, branch, training steps) of every record the lineage's run makes."""
     rep, cfg = lin.rep, lin.rep.cfg
     from lottery.experiment.plan import finetune_steps
+
     steps = rep.steps
     out = []
     for level in range(lin.n_levels):
@@ -90,11 +92,14 @@ class Progress:
         elif measure and self.left_steps > 0:
             step_s, eval_s = measure_step(lin)
             self.per_step = step_s
-            evals = sum(u[3] // max(u[0].steps.eval_every, 1) + 1 for u in self.units
-                        if not u[0].folder.done(u[1], u[2]))
+            evals = sum(
+                u[3] // max(u[0].steps.eval_every, 1) + 1 for u in self.units if not u[0].folder.done(u[1], u[2])
+            )
             left = self.left_steps * step_s + evals * eval_s
-            cost += (f"; about {duration(left)} on this machine (measured: {1000 * step_s:.1f} ms a step, "
-                     f"{eval_s:.2f} s an evaluation; train.estimate=false skips the measurement)")
+            cost += (
+                f"; about {duration(left)} on this machine (measured: {1000 * step_s:.1f} ms a step, "
+                f"{eval_s:.2f} s an evaluation; train.estimate=false skips the measurement)"
+            )
         log.info("this run: %s", cost)
 
     # --- during ---------------------------------------------------------------------------------------------------
@@ -129,8 +134,15 @@ class Progress:
             assert self.first_step is not None  # set at the first step
             rate = (now - self.first_step) / (self.trained - 1)
         left = "" if rate is None else f", about {duration(left_steps * rate)} left"
-        log.info("progress: %s%d/%d units done (%.0f%%); elapsed %s%s", inside, self.done, self.total,
-                 100 * self.done / max(self.total, 1), duration(elapsed), left)
+        log.info(
+            "progress: %s%d/%d units done (%.0f%%); elapsed %s%s",
+            inside,
+            self.done,
+            self.total,
+            100 * self.done / max(self.total, 1),
+            duration(elapsed),
+            left,
+        )
 
 
 def measure_step(lin) -> tuple[float, float]:
@@ -142,6 +154,7 @@ def measure_step(lin) -> tuple[float, float]:
 
     from lottery import masks as M
     from lottery.training import Hooks, Network, train
+
     rep = lin.rep
     first, last = 2, 12
     marks: dict[str, float] = {}
@@ -161,11 +174,19 @@ def measure_step(lin) -> tuple[float, float]:
     with torch.random.fork_rng(devices=devices):
         model = copy.deepcopy(lin.model)
         masks = M.ones(model, rep.prunable(model))
-        hooks = Hooks(on_eval=lambda r: mark(f"eval_{r['step']}"),
-                      at_step={first: lambda: mark("first"), last: lambda: mark("last"), last + 1: stop})
+        hooks = Hooks(
+            on_eval=lambda r: mark(f"eval_{r['step']}"),
+            at_step={first: lambda: mark("first"), last: lambda: mark("last"), last + 1: stop},
+        )
         try:
-            train([Network(model, masks, rep.batches(), hooks)], rep.training, start=0,
-                  end=min(last + 2, rep.steps.total), steps=steps, evaluation_threads=rep.evaluation_threads)
+            train(
+                [Network(model, masks, rep.batches(), hooks)],
+                rep.training,
+                start=0,
+                end=min(last + 2, rep.steps.total),
+                steps=steps,
+                evaluation_threads=rep.evaluation_threads,
+            )
         except Enough:
             pass
     if f"eval_{last}" not in marks:  # a run shorter than the measurement: what was timed is all there is
@@ -196,14 +217,21 @@ def answer(reps, tolerance: float) -> str | None:
     matching = [level for level in pruned if mean(by_level[level]["ticket"]) >= reference - tolerance]
     if not matching:
         first = by_level[pruned[0]]["ticket"]
-        return (f"answer: no pruned ticket matches the dense network's test accuracy {reference:.4f}{over} {within}; "
-                f"the least pruned, level {pruned[0]} at {100 * mean(first, 'weights_remaining'):.2f}% of the weights, "
-                f"reaches {mean(first):.4f}")
+        return (
+            f"answer: no pruned ticket matches the dense network's test accuracy {reference:.4f}{over} {within}; "
+            f"the least pruned, level {pruned[0]} at {100 * mean(first, 'weights_remaining'):.2f}% of the weights, "
+            f"reaches {mean(first):.4f}"
+        )
     level = max(matching)
     ticket = mean(by_level[level]["ticket"])
-    controls = [f"{name} {mean(recs):.4f} ({100 * (mean(recs) - ticket):+.2f} points)"
-                for name, recs in sorted(by_level[level].items()) if name != "ticket"]
+    controls = [
+        f"{name} {mean(recs):.4f} ({100 * (mean(recs) - ticket):+.2f} points)"
+        for name, recs in sorted(by_level[level].items())
+        if name != "ticket"
+    ]
     there = f"; there: {', '.join(controls)}" if controls else "; no control ran there (pruning.branches)"
-    return (f"answer: the sparsest ticket that matches the dense network (test accuracy {reference:.4f}{over}, "
-            f"{within}) is level {level}, {100 * mean(by_level[level]['ticket'], 'weights_remaining'):.2f}% of the "
-            f"weights remaining, test accuracy {ticket:.4f}{there}")
+    return (
+        f"answer: the sparsest ticket that matches the dense network (test accuracy {reference:.4f}{over}, "
+        f"{within}) is level {level}, {100 * mean(by_level[level]['ticket'], 'weights_remaining'):.2f}% of the "
+        f"weights remaining, test accuracy {ticket:.4f}{there}"
+    )

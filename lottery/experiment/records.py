@@ -6,6 +6,7 @@ values of every evaluation metric, lottery.training.evaluation.batch_sums) is co
 metric reaches the records, summary.json, the report and W&B without an edit here; a new field that is not an
 evaluation metric (a count, a cost, an analysis) is added in `unit_record` and nowhere else.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,30 +59,51 @@ def training_cost(rep, model, masks: M.Masks, result: dict) -> dict:
     return {"train_steps": counter.steps, "train_flops": counter.flops_sparse, "train_flops_dense": counter.flops_dense}
 
 
-def unit_record(rep, level: int, branch: str, model, masks: M.Masks, result: dict, unit: str = "",
-                deps: dict | None = None, wall_time: float | None = None) -> dict:
+def unit_record(
+    rep,
+    level: int,
+    branch: str,
+    model,
+    masks: M.Masks,
+    result: dict,
+    unit: str = "",
+    deps: dict | None = None,
+    wall_time: float | None = None,
+) -> dict:
     """The record of one trained unit of replicate `rep` at `level`, from its training `result`; `deps`: the training
     its masks depended on (earlier levels), which `cost_steps` and `cost_flops` add to the unit's own; `wall_time`:
     seconds of the training call that trained it (shared by the units trained together), in this process."""
     cfg = rep.cfg
     weights = M.counted(masks, model, cfg.pruning)
     remaining, total = M.count(weights)
-    record = {"level": level, "branch": branch, "replicate": cfg.seed,
-              "weights_remaining": remaining / total if total else 1.0,
-              "params_remaining": M.params_remaining(model, masks),
-              "weights_remaining_count": remaining, "weights_total": total, "layer_density": M.density(weights),
-              **{k: v for k, v in result.items() if k not in _LOOP_KEYS and k != "last_finite_step"},
-              "experiment": cfg.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
-              "init": cfg.init._target_ or cfg.init.name, "device_info": rep.device_info,
-              "provenance": provenance(), "wall_time_s": wall_time}
+    record = {
+        "level": level,
+        "branch": branch,
+        "replicate": cfg.seed,
+        "weights_remaining": remaining / total if total else 1.0,
+        "params_remaining": M.params_remaining(model, masks),
+        "weights_remaining_count": remaining,
+        "weights_total": total,
+        "layer_density": M.density(weights),
+        **{k: v for k, v in result.items() if k not in _LOOP_KEYS and k != "last_finite_step"},
+        "experiment": cfg.name,
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "init": cfg.init._target_ or cfg.init.name,
+        "device_info": rep.device_info,
+        "provenance": provenance(),
+        "wall_time_s": wall_time,
+    }
     if cfg.pruning.granularity == "channel":
-        record["channels_remaining"] = {n: int((m.reshape(m.shape[0], -1) != 0).any(dim=1).sum())
-                                        for n, m in weights.items()}
+        record["channels_remaining"] = {
+            n: int((m.reshape(m.shape[0], -1) != 0).any(dim=1).sum()) for n, m in weights.items()
+        }
     own = training_cost(rep, model, masks, result)
     deps = deps or {}
     record.update(deps.get("carry") or {})  # what the training its masks came from says of itself (early-bird draw)
-    record.update(own, cost_steps=own["train_steps"] + deps.get("steps", 0),
-                  cost_flops=own["train_flops"] + deps.get("flops", 0))
+    record.update(
+        own, cost_steps=own["train_steps"] + deps.get("steps", 0), cost_flops=own["train_flops"] + deps.get("flops", 0)
+    )
     pool = rep.split.pool
     # a run whose losses stay finite but that ends at chance (Adam at a huge rate, say) is a failed run too
     if getattr(pool, "majority", None) is None:

@@ -1,6 +1,7 @@
 """What the units of one run folder share: its config and folder, its data (a split of a shared pool), its durations,
 its seeds, and the weights everything starts from (initialization, the rewind point, level 0's state at the steps a
 branch starts from). A plain run has one replicate; `replicas=R` has R, each with its own folder."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,16 @@ def cpu_state(model) -> dict:
 
 
 class Replicate:
-    def __init__(self, cfg: Config, folder: RunFolder, split: Split, steps: Steps, capture_steps: list[int],
-                 device: torch.device, device_info: dict):
+    def __init__(
+        self,
+        cfg: Config,
+        folder: RunFolder,
+        split: Split,
+        steps: Steps,
+        capture_steps: list[int],
+        device: torch.device,
+        device_info: dict,
+    ):
         # the replicate's settings, typed (lottery.config.typed): what the level loop, the units, the branches and the
         # pruning read; the folder's config.yaml is written from `resolved`, the same values as plain data
         self.cfg, self.folder, self.split, self.steps = cfg, folder, split, steps
@@ -99,25 +108,41 @@ class Replicate:
 
     def _replay_level0(self, wanted: list[int]) -> None:
         from lottery.training import Hooks
+
         missing = [k for k in wanted if not self.folder.state_path(k).exists()]
-        log.info("level 0: state at step(s) %s was not saved while level 0 trained; replaying level 0 to step %d",
-                 missing, missing[-1])
+        log.info(
+            "level 0: state at step(s) %s was not saved while level 0 trained; replaying level 0 to step %d",
+            missing,
+            missing[-1],
+        )
         model = self.new_model()
         model.load_state_dict(load_torch(self.folder.init))
         masks = M.ones(model, self.prunable(model))
+
         def saver(k: int) -> Callable[[], None]:  # the hook that saves the state at step k
             return lambda: save_torch(cpu_state(model), self.folder.state_path(k))
+
         at_step = {k: saver(k) for k in missing}
-        train([Network(model, masks, self.batches(), Hooks(at_step=at_step))], self.training, start=0, end=missing[-1],
-              steps=self.steps, desc="level 0 replay", evaluation_threads=self.evaluation_threads)
+        train(
+            [Network(model, masks, self.batches(), Hooks(at_step=at_step))],
+            self.training,
+            start=0,
+            end=missing[-1],
+            steps=self.steps,
+            desc="level 0 replay",
+            evaluation_threads=self.evaluation_threads,
+        )
 
     def capture_hooks(self, model) -> dict:
         """At-step hooks for level 0's ticket: save the rewind state and the states branches start from, once."""
         folder = self.folder
+
         def saver(k: int) -> Callable[[], None]:  # the hook that saves the state at step k
             return lambda: save_torch(cpu_state(model), folder.state_path(k))
-        at_step: dict[int, Callable[[], None]] = ({} if folder.rewind.exists() else
-                                                  {self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))})
+
+        at_step: dict[int, Callable[[], None]] = (
+            {} if folder.rewind.exists() else {self.steps.rewind: lambda: self.set_rewind_state(cpu_state(model))}
+        )
         for k in self.capture_steps:
             if not folder.state_path(k).exists():
                 at_step[k] = saver(k)

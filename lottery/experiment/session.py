@@ -9,6 +9,7 @@ Order matters: everything that can be wrong is found before the first byte is wr
 5. only then writes: replicas.json, each folder's config.yaml and device.json, and opens the trackers;
 and on leaving closes every tracker (W&B's run is finished as failed when the body raised).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,11 @@ def replica_seeds(cfg) -> list[int] | None:
         return None
     if OmegaConf.is_list(r) or isinstance(r, (list, tuple)):
         seeds = list(r)
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
-                or len(set(seeds)) < len(seeds):
+        if (
+            not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+            or len(set(seeds)) < len(seeds)
+        ):
             raise ValueError(f"replicas must be a count >= 1 or a list of distinct integer seeds, got {list(r)}")
         return seeds
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -71,26 +75,36 @@ def replicate_config(cfg: DictConfig, seed: int) -> DictConfig:
 def resolve_steps(cfg, n_train: int) -> Steps:
     """Every duration of `cfg` in steps for a training set of `n_train` examples, with the checks that need it."""
     if not 0 < cfg.train.batch_size <= n_train:
-        raise ValueError(f"train.batch_size must be in [1, {n_train}] (the training set size), got "
-                         f"{cfg.train.batch_size}")
+        raise ValueError(
+            f"train.batch_size must be in [1, {n_train}] (the training set size), got {cfg.train.batch_size}"
+        )
     steps = Steps.resolve(cfg, n_train // cfg.train.batch_size)
     p = cfg.pruning
     if steps.rewind >= steps.total and (p.levels > 1 or p.target is not None or p.branches):
-        raise ValueError(f"pruning.rewind={p.rewind} ({steps.rewind} steps) must come before the end of training "
-                         f"(train.duration={cfg.train.duration}, {steps.total} steps)")
+        raise ValueError(
+            f"pruning.rewind={p.rewind} ({steps.rewind} steps) must come before the end of training "
+            f"(train.duration={cfg.train.duration}, {steps.total} steps)"
+        )
     t = cfg.train
-    late = [m for m, k in zip(t.milestones, [parse_steps(m, steps.per_epoch, "train.milestones entry")
-                                               for m in t.milestones]) if k >= steps.total]
+    late = [
+        m
+        for m, k in zip(t.milestones, [parse_steps(m, steps.per_epoch, "train.milestones entry") for m in t.milestones])
+        if k >= steps.total
+    ]
     if late:
         fix = ",".join(f"{max(1, round(k * 0.75 * steps.total / steps.milestones[-1]))}it" for k in steps.milestones)
-        raise ValueError(f"train.milestones={list(t.milestones)}: {', '.join(map(str, late))} is not inside the "
-                         f"training (train.duration={t.duration}, {steps.total} steps), so that decay would never "
-                         f"happen; accepted: milestones below {steps.total} steps, e.g. train.milestones=[{fix}] "
-                         f"(scaled so the last falls at three quarters of the run, as in the presets)")
+        raise ValueError(
+            f"train.milestones={list(t.milestones)}: {', '.join(map(str, late))} is not inside the "
+            f"training (train.duration={t.duration}, {steps.total} steps), so that decay would never "
+            f"happen; accepted: milestones below {steps.total} steps, e.g. train.milestones=[{fix}] "
+            f"(scaled so the last falls at three quarters of the run, as in the presets)"
+        )
     if steps.warmup >= steps.total:
-        raise ValueError(f"train.warmup={t.warmup} ({steps.warmup} steps) is not shorter than the training "
-                         f"(train.duration={t.duration}, {steps.total} steps); accepted: fewer than {steps.total} "
-                         f"steps")
+        raise ValueError(
+            f"train.warmup={t.warmup} ({steps.warmup} steps) is not shorter than the training "
+            f"(train.duration={t.duration}, {steps.total} steps); accepted: fewer than {steps.total} "
+            f"steps"
+        )
     rule, dst = dst_settings(cfg.get("dst"))
     if rule is not None:  # each mask updater knows what its settings need of the training's length
         rule.check_fit(dst, steps.total)
@@ -106,8 +120,10 @@ def capture_steps(cfg, steps: Steps) -> list[int]:
             continue
         for k in capture(branch_settings(name, cfg), steps):
             if not 0 <= k < steps.total:
-                raise ValueError(f"branch '{name}' starts from step {k}, outside training (train.duration="
-                                 f"{cfg.train.duration}, {steps.total} steps); accepted: 0 to {steps.total - 1}")
+                raise ValueError(
+                    f"branch '{name}' starts from step {k}, outside training (train.duration="
+                    f"{cfg.train.duration}, {steps.total} steps); accepted: 0 to {steps.total - 1}"
+                )
             out.add(k)
     return sorted(out - {0, steps.rewind})
 
@@ -128,24 +144,32 @@ def _check_parent(parent: Path, cfg, seeds: list[int]) -> list[int]:
     experiment (naming the differing keys); returns the seeds replicas.json will list (earlier ones first)."""
     from lottery.core.files import load_json
     from lottery.experiment.folder import FolderRefused, differences
+
     if (parent / "config.yaml").exists():
-        raise FolderRefused(f"{parent} holds a single run (its config.yaml), not replicas; choose another folder with "
-                            f"hydra.run.dir=..., or drop replicas to resume that run")
+        raise FolderRefused(
+            f"{parent} holds a single run (its config.yaml), not replicas; choose another folder with "
+            f"hydra.run.dir=..., or drop replicas to resume that run"
+        )
     path = parent / "replicas.json"
     if not path.exists():
         return list(seeds)
     try:
         old = load_json(path)
     except (OSError, ValueError) as e:
-        raise FolderRefused(f"{path} is unreadable ({type(e).__name__}); what this replicas folder holds is unknown: "
-                            f"choose another folder with hydra.run.dir=..., or restore the file") from None
+        raise FolderRefused(
+            f"{path} is unreadable ({type(e).__name__}); what this replicas folder holds is unknown: "
+            f"choose another folder with hydra.run.dir=..., or restore the file"
+        ) from None
     if "config" in old:
         from lottery.config import EXTENDING_KEYS
+
         diff = differences(old["config"], _parent_config(cfg))
         if diff and not set(diff) <= set(EXTENDING_KEYS):  # more levels: each replicate's folder decides
-            raise FolderRefused(f"replicas folder {parent} already holds replicates of a different experiment "
-                                f"(differs in: {', '.join(diff)}); choose another folder with hydra.run.dir=... or "
-                                f"rerun with the same settings to resume or add replicates")
+            raise FolderRefused(
+                f"replicas folder {parent} already holds replicates of a different experiment "
+                f"(differs in: {', '.join(diff)}); choose another folder with hydra.run.dir=... or "
+                f"rerun with the same settings to resume or add replicates"
+            )
     return list(dict.fromkeys([*old.get("replicas", []), *seeds]))
 
 
@@ -171,12 +195,14 @@ def _cost_warning(cfg, seeds: list[int], model, device) -> str | None:
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         where = "memory"
-    return (f"replicas={len(seeds)}: a level trains up to {networks} networks together ({len(seeds)} replicates x "
-            f"{1 + len(cfg.pruning.branches)} units), about {need / 2**30:.1f} GiB of weights, gradients, optimizer "
-            f"state and masks ({100 * need / have:.0f}% of this machine's {have / 2**30:.0f} GiB of {where}) before "
-            f"activations and checkpoints, and about {len(seeds)} times a single run's training time: batched "
-            f"replicas save per-step overhead, not arithmetic. Fewer replicates per job (a sweep over seed lists) "
-            f"spread them over jobs")
+    return (
+        f"replicas={len(seeds)}: a level trains up to {networks} networks together ({len(seeds)} replicates x "
+        f"{1 + len(cfg.pruning.branches)} units), about {need / 2**30:.1f} GiB of weights, gradients, optimizer "
+        f"state and masks ({100 * need / have:.0f}% of this machine's {have / 2**30:.0f} GiB of {where}) before "
+        f"activations and checkpoints, and about {len(seeds)} times a single run's training time: batched "
+        f"replicas save per-step overhead, not arithmetic. Fewer replicates per job (a sweep over seed lists) "
+        f"spread them over jobs"
+    )
 
 
 def _extension(rep: Replicate, old: dict) -> str | None:
@@ -185,6 +211,7 @@ def _extension(rep: Replicate, old: dict) -> str | None:
     only says when to stop). Otherwise why not. Sets `rep.extends` to (old levels, new levels)."""
     from lottery import masks as M
     from lottery.experiment.plan import level_count
+
     if (old.get("pruning") or {}).get("one_shot") or rep.cfg.pruning.one_shot:
         return "one-shot pruning goes straight to pruning.target, so another target is another pruned level"
     model = rep.new_model()
@@ -192,15 +219,18 @@ def _extension(rep: Replicate, old: dict) -> str | None:
     before = level_count(OmegaConf.create(old), M.ones(model, prunable), prunable)
     after = level_count(rep.cfg, M.ones(model, prunable), prunable)
     if after < before:
-        return (f"the folder holds {before} levels and this command asks for {after}; fewer levels would leave "
-                f"its later ones out of its config (lottery-report reads any level of the folder as it is)")
+        return (
+            f"the folder holds {before} levels and this command asks for {after}; fewer levels would leave "
+            f"its later ones out of its config (lottery-report reads any level of the folder as it is)"
+        )
     rep.extends = (before, after)
     return None
 
 
 @contextlib.contextmanager
-def open_session(cfg: DictConfig, run_dir, *, ticket=None,
-                 on_owned: Callable[[Path], None] | None = None) -> Iterator[Session]:
+def open_session(
+    cfg: DictConfig, run_dir, *, ticket=None, on_owned: Callable[[Path], None] | None = None
+) -> Iterator[Session]:
     """Check, lock, load, check again, then (the folders are this process's now) call `on_owned(run_dir)`, write,
     and yield the session; close the trackers on leaving. `ticket` (lottery-retrain): the ticket to retrain, which
     must fit the model and come before the end of training. Nothing is logged before the folders are owned either:
@@ -209,9 +239,12 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
     seeds = replica_seeds(cfg)
     if ticket is not None:
         from lottery.experiment.ticket import check_fits_config
+
         if seeds is not None:
-            raise ValueError(f"lottery-retrain trains one ticket and takes no replicas (got replicas={cfg.replicas}); "
-                             f"retrain each replicate's ticket, or drop replicas")
+            raise ValueError(
+                f"lottery-retrain trains one ticket and takes no replicas (got replicas={cfg.replicas}); "
+                f"retrain each replicate's ticket, or drop replicas"
+            )
         check_fits_config(ticket, cfg)  # another model's ticket: one clear error before the folder is touched
     device, info, warnings, described = D.setup(cfg)
     run_dir = Path(run_dir)
@@ -227,9 +260,12 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             listed = _check_parent(parent, cfg, seeds)
         elif RunFolder(run_dir).holds_replicas():
             from lottery.experiment.folder import FolderRefused
-            raise FolderRefused(f"{run_dir} holds replicas (replicas.json, replicate_<seed>/ folders), not a single "
-                                f"run; rerun with the same replicas=... to resume them, resume one replicate in "
-                                f"{run_dir}/replicate_<seed>, or choose another folder with hydra.run.dir=...")
+
+            raise FolderRefused(
+                f"{run_dir} holds replicas (replicas.json, replicate_<seed>/ folders), not a single "
+                f"run; rerun with the same replicas=... to resume them, resume one replicate in "
+                f"{run_dir}/replicate_<seed>, or choose another folder with hydra.run.dir=..."
+            )
         for folder in folders:
             stack.enter_context(folder.lock())
         pools, reps, resumed = {}, [], []
@@ -242,8 +278,9 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
             data = split(pools[key], d.val_size, rcfg.seed)
             steps = resolve_steps(rcfg, data.n_train)
             if ticket is not None and ticket.rewind_step >= steps.total:
-                raise ValueError(f"the ticket rewinds to step {ticket.rewind_step}, past the end of training "
-                                 f"({steps.total} steps)")
+                raise ValueError(
+                    f"the ticket rewinds to step {ticket.rewind_step}, past the end of training ({steps.total} steps)"
+                )
             resolved = as_dict(rcfg, resolve=True)
             # below this point the run reads typed settings, not the DictConfig (the folder keeps `resolved`)
             rep = Replicate(typed(resolved), folder, data, steps, capture_steps(rcfg, steps), device, info)
@@ -288,15 +325,21 @@ def open_session(cfg: DictConfig, run_dir, *, ticket=None,
         for warning in warnings:
             log.warning(warning)
         if resumed:
-            log.info("resuming %s", resumed[0] if len(resumed) == 1 else
-                     f"{len(resumed)} of {len(folders)} replicate folders in {parent}")
+            log.info(
+                "resuming %s",
+                resumed[0] if len(resumed) == 1 else f"{len(resumed)} of {len(folders)} replicate folders in {parent}",
+            )
         extended = [rep.extends for rep in reps if rep.extends]
         if extended and extended[0][1] > extended[0][0]:
-            log.info("extending the run from %d to %d levels (level 0 included); the levels it has stay as they are",
-                     *extended[0])
+            log.info(
+                "extending the run from %d to %d levels (level 0 included); the levels it has stay as they are",
+                *extended[0],
+            )
         if parent is not None:
-            save_json({"replicas": listed, "folders": [f"replicate_{s}" for s in listed],
-                       "config": _parent_config(cfg)}, parent / "replicas.json")
+            save_json(
+                {"replicas": listed, "folders": [f"replicate_{s}" for s in listed], "config": _parent_config(cfg)},
+                parent / "replicas.json",
+            )
         for rep in reps:
             repair_torn_line(rep.folder.metrics)
             rep.folder.clean()

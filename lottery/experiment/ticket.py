@@ -23,6 +23,7 @@ width or dataset), naming both models and the first layer shapes that differ.
 and only the kept values stored; it loads back to the same Ticket (bitwise in fp32), with the level's trained weights
 as `ticket.trained_state` where the packed file holds them.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -55,8 +56,9 @@ class Ticket:
 
 
 def save_ticket(path: Path, ticket: Ticket) -> None:
-    save_torch({"format": FORMAT, "version": VERSION, **{f.name: getattr(ticket, f.name) for f in fields(Ticket)}},
-               path)
+    save_torch(
+        {"format": FORMAT, "version": VERSION, **{f.name: getattr(ticket, f.name) for f in fields(Ticket)}}, path
+    )
 
 
 def load_ticket(path) -> Ticket:
@@ -68,26 +70,36 @@ def load_ticket(path) -> Ticket:
         data = load_torch(path)
     except Damaged as damaged:  # unreadable: say it as a ticket someone sent, with what torch said
         e = damaged.__cause__ or damaged
-        raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
-                         f"{_first_line(e)}); copy it again from its run folder") from None
+        raise ValueError(
+            f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
+            f"{_first_line(e)}); copy it again from its run folder"
+        ) from None
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:
-            raise ValueError(f"ticket file {path} holds Python objects other than tensors and plain containers "
-                             f"({found.group(1)}); lottery did not write it, and loads files with weights_only=True "
-                             f"so that a file cannot run code") from None
+            raise ValueError(
+                f"ticket file {path} holds Python objects other than tensors and plain containers "
+                f"({found.group(1)}); lottery did not write it, and loads files with weights_only=True "
+                f"so that a file cannot run code"
+            ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        raise ValueError(f"ticket file {path} is unreadable (corrupt: "
-                         f"{detail.group(1).strip() if detail else _first_line(e)}); copy it again from its run "
-                         f"folder") from None
+        raise ValueError(
+            f"ticket file {path} is unreadable (corrupt: "
+            f"{detail.group(1).strip() if detail else _first_line(e)}); copy it again from its run "
+            f"folder"
+        ) from None
     except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way (IndexError, EOFError, ...)
-        raise ValueError(f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
-                         f"{_first_line(e)}); copy it again from its run folder") from None
+        raise ValueError(
+            f"ticket file {path} is unreadable (truncated or corrupt, {path.stat().st_size} bytes: "
+            f"{_first_line(e)}); copy it again from its run folder"
+        ) from None
     if packed.is_packed(data):
         return _from_packed(data, path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a lottery ticket file (no format: {FORMAT!r} key); tickets are the "
-                         f"levels/level_<L>/ticket.pt files of a run")
+        raise ValueError(
+            f"{path} is not a lottery ticket file (no format: {FORMAT!r} key); tickets are the "
+            f"levels/level_<L>/ticket.pt files of a run"
+        )
     if data.get("version", VERSION + 1) > VERSION:
         raise ValueError(f"{path} has ticket format version {data.get('version')}; this lottery reads up to {VERSION}")
     missing = [f.name for f in fields(Ticket) if f.default is not None and f.name not in data]
@@ -95,8 +107,10 @@ def load_ticket(path) -> Ticket:
         raise ValueError(f"ticket file {path} lacks {', '.join(missing)}; it is damaged or not a lottery ticket")
     step = data["rewind_step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"ticket file {path} has rewind_step={step!r}; accepted: an integer >= 0 (the step its "
-                         f"weights come from); it is damaged or not written by lottery")
+        raise ValueError(
+            f"ticket file {path} has rewind_step={step!r}; accepted: an integer >= 0 (the step its "
+            f"weights come from); it is damaged or not written by lottery"
+        )
     if not isinstance(data["masks"], dict) or not data["masks"]:
         raise ValueError(f"ticket file {path} holds no masks; it is damaged or not a lottery ticket")
     ticket = Ticket(**{f.name: data[f.name] for f in fields(Ticket) if f.name in data})
@@ -111,9 +125,16 @@ def _from_packed(data: dict, path: Path) -> Ticket:
     missing = [k for k in ("level", "rewind_step", "config", "weights_remaining", "params_remaining") if k not in data]
     if missing:
         raise ValueError(f"packed ticket file {path} lacks {', '.join(missing)}; it is damaged")
-    ticket = Ticket(level=data["level"], masks=masks, rewind_step=data["rewind_step"], rewind_state=rewind,
-                    config=data["config"], weights_remaining=data["weights_remaining"],
-                    params_remaining=data["params_remaining"], metrics=data.get("metrics"))
+    ticket = Ticket(
+        level=data["level"],
+        masks=masks,
+        rewind_step=data["rewind_step"],
+        rewind_state=rewind,
+        config=data["config"],
+        weights_remaining=data["weights_remaining"],
+        params_remaining=data["params_remaining"],
+        metrics=data.get("metrics"),
+    )
     ticket.source = str(path)  # type: ignore[attr-defined]  # for messages; not a field, so never saved
     ticket.trained_state = trained  # type: ignore[attr-defined]  # not a field: a ticket file does not hold it
     return ticket
@@ -132,6 +153,7 @@ def _shape(t) -> str:
 def _data_desc(dataset) -> str | None:
     """`mnist`, `cifar10`, `synthetic 3x32x32`: the dataset and, where it varies with its settings, its input shape."""
     from lottery.data import DATASETS, dataset_settings
+
     if not dataset or not dataset.get("name"):
         return None
     entry = DATASETS.get(dataset["name"])
@@ -155,8 +177,11 @@ def check_fits(ticket: Ticket, state: dict, model_name: str, where: str | None =
     """Raise a one-line ValueError unless the ticket's weights have exactly the tensors and shapes of `state` (the
     state_dict of the model it is about to be loaded into, on any device, `meta` included)."""
     theirs = ticket.rewind_state
-    differ = {n for n in set(theirs) | set(state)
-              if n not in theirs or n not in state or tuple(theirs[n].shape) != tuple(state[n].shape)}
+    differ = {
+        n
+        for n in set(theirs) | set(state)
+        if n not in theirs or n not in state or tuple(theirs[n].shape) != tuple(state[n].shape)
+    }
     differ |= {n for n, m in ticket.masks.items() if n not in state or tuple(m.shape) != tuple(state[n].shape)}
     if not differ:
         return
@@ -170,9 +195,11 @@ def check_fits(ticket: Ticket, state: dict, model_name: str, where: str | None =
 
     source = getattr(ticket, "source", None) or "the ticket"
     here = f"{model_name}{f' on {where}' if where else ''}"
-    raise ValueError(f"ticket {source} was made for model {_made_for(ticket)} with layers {layers(theirs)}, not for "
-                     f"{here} with layers {layers(state)}; drop the model/dataset overrides, or use a ticket made for "
-                     f"{model_name}")
+    raise ValueError(
+        f"ticket {source} was made for model {_made_for(ticket)} with layers {layers(theirs)}, not for "
+        f"{here} with layers {layers(state)}; drop the model/dataset overrides, or use a ticket made for "
+        f"{model_name}"
+    )
 
 
 def check_fits_config(ticket: Ticket, cfg) -> None:
@@ -182,14 +209,17 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
 
     from lottery.data import dataset_settings
     from lottery.models import build_model
+
     entry, _, own = dataset_settings(cfg.dataset)
     kwargs = as_dict(cfg.model, resolve=True)
     name = kwargs.pop("name")
     source = getattr(ticket, "source", None) or "the ticket"
     made_on = ((ticket.config or {}).get("dataset") or {}).get("name")
     if made_on and made_on != entry.name:
-        raise ValueError(f"ticket {source} was made on dataset {made_on}, not {entry.name}; a ticket is retrained on "
-                         f"its own dataset: drop the dataset override (dataset={entry.name})")
+        raise ValueError(
+            f"ticket {source} was made on dataset {made_on}, not {entry.name}; a ticket is retrained on "
+            f"its own dataset: drop the dataset override (dataset={entry.name})"
+        )
     with torch.device("meta"):
         model = build_model(name, entry.shape(own), entry.num_classes, **kwargs)
     state = model.state_dict()
@@ -197,9 +227,11 @@ def check_fits_config(ticket: Ticket, cfg) -> None:
     expected = [p.name for p in M.prunable_tensors(model, cfg.pruning)]
     missing = [n for n in expected if n not in ticket.masks]
     if missing:
-        raise ValueError(f"ticket {source} has masks for {len(expected) - len(missing)} of the {len(expected)} pruned "
-                         f"tensors of {name} (none for {', '.join(missing)}); it is damaged or was cut: copy it "
-                         f"again from its run folder")
+        raise ValueError(
+            f"ticket {source} has masks for {len(expected) - len(missing)} of the {len(expected)} pruned "
+            f"tensors of {name} (none for {', '.join(missing)}); it is damaged or was cut: copy it "
+            f"again from its run folder"
+        )
 
 
 def load_into(model: nn.Module, ticket: Ticket, model_name: str | None = None) -> M.Masks:
@@ -220,6 +252,7 @@ def retrain_config(cfg, ticket_config: dict, overridden: list[str]):
     line (`overridden`) taken from `cfg`. Keys a ticket written by an older version holds that its dataset or
     optimizer no longer takes (settings of another optimizer, say) are dropped."""
     from omegaconf import DictConfig, OmegaConf
+
     base = OmegaConf.create(as_dict(cfg))
     OmegaConf.set_struct(base, False)  # the ticket's nodes may hold keys the composed config's do not
     merged = OmegaConf.merge(base, ticket_config)
@@ -240,6 +273,7 @@ def _known_keys(node: str, values: dict) -> dict:
     from lottery.data import DATASETS
     from lottery.data.registry import COMMON as DATA_COMMON
     from lottery.training.optimizers import COMMON as OPT_COMMON, OPTIMIZERS
+
     registry, common = {"dataset": (DATASETS, DATA_COMMON), "optimizer": (OPTIMIZERS, OPT_COMMON)}.get(node, (None, ()))
     entry = registry.get(values.get("name")) if registry is not None else None
     if entry is None:

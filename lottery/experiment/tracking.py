@@ -16,6 +16,7 @@ W&B never costs a run: if it cannot start, cannot write (a full disk under `<run
 run, the log says once what failed, W&B is switched off for the rest of the job, and training goes on with the local
 files, which hold everything W&B would have had.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +52,7 @@ def _sweep_name() -> str | None:
     """The named sweep (`sweep=...`) this job belongs to, if any: the default W&B group of its jobs."""
     try:
         from hydra.core.hydra_config import HydraConfig
+
         return HydraConfig.get().runtime.choices.get("sweep") if HydraConfig.initialized() else None
     except Exception:  # noqa: BLE001 - outside a Hydra app (tests, notebooks) there is no sweep
         return None
@@ -60,6 +62,7 @@ def _new_id() -> str:
     # W&B's own id helper moved between releases; ids only need to be unique, lowercase alphanumeric
     import secrets
     import string
+
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
@@ -112,9 +115,14 @@ class Tracker:
             self.run, self.units = None, {}
             _FAILED.add(self.run_dir)
             text = str(e).strip()
-            log.error("W&B failed to %s (%s%s); W&B logging is off for the rest of this job, training goes on and "
-                      "the local files in %s hold every result", what, type(e).__name__,
-                      f": {text.splitlines()[0]}" if text else "", self.run_dir)
+            log.error(
+                "W&B failed to %s (%s%s); W&B logging is off for the rest of this job, training goes on and "
+                "the local files in %s hold every result",
+                what,
+                type(e).__name__,
+                f": {text.splitlines()[0]}" if text else "",
+                self.run_dir,
+            )
             for run in runs:
                 try:
                     run.finish(exit_code=1)
@@ -130,14 +138,23 @@ class Tracker:
         run_id = id_file.read_text().strip() if id_file.exists() else _new_id()
         id_file.write_text(run_id)
         # Several runs are open at once in one process (the job's, its units', other replicates'): create_new.
-        self._common: dict[str, Any] = {"project": lcfg.project, "entity": lcfg.entity,
-                                        "group": lcfg.group or _sweep_name() or group,
-                                        "tags": list(lcfg.tags), "dir": str(self.run_dir), "resume": "allow",
-                                        "reinit": "create_new"}
+        self._common: dict[str, Any] = {
+            "project": lcfg.project,
+            "entity": lcfg.entity,
+            "group": lcfg.group or _sweep_name() or group,
+            "tags": list(lcfg.tags),
+            "dir": str(self.run_dir),
+            "resume": "allow",
+            "reinit": "create_new",
+        }
         # WANDB_MODE as the user set it: W&B itself refuses a value it does not know
         self._mode = cast(WandbMode, wandb_mode())
-        kwargs: dict[str, Any] = {"id": run_id, "name": self.run_dir.name, "job_type": lcfg.job_type or "results",
-                                  "config": config_dict}
+        kwargs: dict[str, Any] = {
+            "id": run_id,
+            "name": self.run_dir.name,
+            "job_type": lcfg.job_type or "results",
+            "config": config_dict,
+        }
         try:
             self.run = wandb.init(mode=self._mode, **self._common, **kwargs)
         except Exception as e:  # W&B trouble (network, login) must not cost the experiment
@@ -168,14 +185,25 @@ class Tracker:
         key = (level, tag)
         if key not in self.units:
             import wandb
+
             branch, _, unit = tag.partition("/")
-            about = {"level": level, "branch": branch, "name": unit, "replicate": self.cfg.seed,
-                     "folder": str(self.run_dir)}
+            about = {
+                "level": level,
+                "branch": branch,
+                "name": unit,
+                "replicate": self.cfg.seed,
+                "folder": str(self.run_dir),
+            }
             # silent, and the console stays the job run's: dozens of units must not each print and capture the log
-            run = wandb.init(mode=self._mode, **self._common, id=_unit_id(self._job_run.id, level, tag),
-                             name=f"{self.run_dir.name} L{level} {tag}", job_type="unit",
-                             config={**self.config, "unit": about},
-                             settings=wandb.Settings(silent=True, console="off"))
+            run = wandb.init(
+                mode=self._mode,
+                **self._common,
+                id=_unit_id(self._job_run.id, level, tag),
+                name=f"{self.run_dir.name} L{level} {tag}",
+                job_type="unit",
+                config={**self.config, "unit": about},
+                settings=wandb.Settings(silent=True, console="off"),
+            )
             self.units[key] = run
             self._wandb_dirs.append(Path(run.dir).parent)
         return self.units[key]
@@ -208,16 +236,24 @@ class Tracker:
     def train(self, level: int, branch: str, record: dict) -> None:
         """The mean training loss over the last `logger.log_every` steps and the rate: `train/loss`, `train/lr`."""
         self._append({"level": level, "branch": branch, "kind": "train", **record})
-        self._unit_log(level, branch, record["step"], {f"train/{k.removeprefix('train_')}": v
-                                                       for k, v in record.items() if k != "step"})
+        self._unit_log(
+            level,
+            branch,
+            record["step"],
+            {f"train/{k.removeprefix('train_')}": v for k, v in record.items() if k != "step"},
+        )
 
     def eval(self, level: int, branch: str, record: dict) -> None:
         """An evaluation: `eval/<key>` for each of its keys (val_loss, test_accuracy, train_loss: the mean training
         loss since the previous evaluation, lr, and every other metric of lottery.training.evaluation)."""
         self._append({"level": level, "branch": branch, "kind": "eval", **record})
-        self._unit_log(level, branch, record["step"], {f"eval/{k}": v for k, v in record.items()
-                                                       if k not in ("step", "diverged")},
-                       diverged=bool(record.get("diverged")))
+        self._unit_log(
+            level,
+            branch,
+            record["step"],
+            {f"eval/{k}": v for k, v in record.items() if k not in ("step", "diverged")},
+            diverged=bool(record.get("diverged")),
+        )
 
     def level(self, record: dict) -> None:
         """A summary.json record (a level's ticket or control): the summary of the run `<job id>-L<level>-<branch>`
@@ -247,6 +283,7 @@ class Tracker:
 
     def _artifact(self, path: Path, name: str) -> None:
         import wandb
+
         art = wandb.Artifact(name=f"{self._job_run.id}-{name}", type="ticket")
         art.add_file(str(path))
         self._job_run.log_artifact(art)
@@ -257,6 +294,7 @@ class Tracker:
 
     def _finish(self, summary: list[dict], ok: bool) -> None:
         import wandb
+
         try:
             units, self.units = list(self.units.values()), {}
             for run in units:  # units without a record: the job stopped inside them
@@ -268,9 +306,17 @@ class Tracker:
                 xs = [[100 * r["weights_remaining"] for r in summary if r["branch"] == b] for b in branches]
                 ys = [[100 * r["test_accuracy"] for r in summary if r["branch"] == b] for b in branches]
                 if branches:
-                    self._log({"accuracy_vs_weights_remaining": wandb.plot.line_series(
-                        xs=xs, ys=ys, keys=branches, title="Test accuracy vs weights remaining",
-                        xname="weights remaining (%)")})
+                    self._log(
+                        {
+                            "accuracy_vs_weights_remaining": wandb.plot.line_series(
+                                xs=xs,
+                                ys=ys,
+                                keys=branches,
+                                title="Test accuracy vs weights remaining",
+                                xname="weights remaining (%)",
+                            )
+                        }
+                    )
         finally:
             self._job_run.finish(exit_code=0 if ok else 1)
             self.run = None
@@ -278,6 +324,7 @@ class Tracker:
 
     def _figures(self, figures: dict[str, Path]) -> None:
         import wandb
+
         self._log({f"figures/{name}": wandb.Image(str(path)) for name, path in figures.items()})
 
     def _close(self) -> None:
@@ -295,9 +342,13 @@ class Tracker:
                 continue
             for line in text.splitlines():
                 if '"level":"ERROR"' in line and ("no space left" in line.lower() or "failed to save" in line):
-                    log.error("W&B could not write its files under %s, so its record of this run is incomplete (%s); "
-                              "the local files in %s are complete", files,
-                              line.split('"msg":"', 1)[-1].split('"', 1)[0][:300], self.run_dir)
+                    log.error(
+                        "W&B could not write its files under %s, so its record of this run is incomplete (%s); "
+                        "the local files in %s are complete",
+                        files,
+                        line.split('"msg":"', 1)[-1].split('"', 1)[0][:300],
+                        self.run_dir,
+                    )
                     return
 
 
@@ -305,9 +356,9 @@ def records_table(records: list[dict]):
     """summary.json's rows as a wandb.Table: a column per key (in the order of first appearance), nested values
     (layer_density, device_info, instability_by_step) as JSON text."""
     import wandb
+
     columns = list(dict.fromkeys(k for r in records for k in r))
-    rows = [[json.dumps(v) if isinstance(v, (dict, list)) else v for v in (r.get(c) for c in columns)]
-            for r in records]
+    rows = [[json.dumps(v) if isinstance(v, (dict, list)) else v for v in (r.get(c) for c in columns)] for r in records]
     return wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
 
 

@@ -1,6 +1,7 @@
 """Units: the trainings of a level (its ticket, each branch's units) as jobs, trained one at a time or together
 (`execute`), and what a unit leaves once trained (its files, record and log line: `finish_unit`), and a branch once
 its units are (`finish_branch`, with the branch's analysis)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Job:
     """One unit to train: a replicate's model and masks from step `start`, on the data order of `data_seed`."""
+
     rep: Replicate
     level: int
     branch: str
@@ -52,6 +54,7 @@ class Job:
 @dataclass
 class BranchPlan:
     """A branch's units at one level: records of the finished ones, jobs for the others."""
+
     rep: Replicate
     ctx: LevelContext
     units: list[Unit]
@@ -63,13 +66,24 @@ class BranchPlan:
 def context(rep: Replicate, level: int, branch: str, masks: M.Masks) -> LevelContext:
     """What branch `branch` sees of `level` of replicate `rep`."""
     from lottery.branches import branch_settings
+
     return LevelContext(
-        level=level, branch=branch, masks=masks, rewind_step=rep.steps.rewind,
-        settings=branch_settings(branch, rep.cfg) if BRANCHES[branch].selectable else {}, replicate=rep.seed,
-        cfg=rep.cfg, steps=rep.steps, data=rep.split, new_model=rep.new_model, state_at=rep.state_at,
-        prune=lambda keep=None, invert=False: plan.prune_level(rep, level, plan.masks_before(rep, level), keep=keep,
-                                                                invert=invert),
-        trained_state=lambda: plan.trained_source(rep, level))
+        level=level,
+        branch=branch,
+        masks=masks,
+        rewind_step=rep.steps.rewind,
+        settings=branch_settings(branch, rep.cfg) if BRANCHES[branch].selectable else {},
+        replicate=rep.seed,
+        cfg=rep.cfg,
+        steps=rep.steps,
+        data=rep.split,
+        new_model=rep.new_model,
+        state_at=rep.state_at,
+        prune=lambda keep=None, invert=False: plan.prune_level(
+            rep, level, plan.masks_before(rep, level), keep=keep, invert=invert
+        ),
+        trained_state=lambda: plan.trained_source(rep, level),
+    )
 
 
 def plan_branch(rep: Replicate, ctx: LevelContext, deps: dict | None = None) -> BranchPlan:
@@ -99,8 +113,25 @@ def plan_branch(rep: Replicate, ctx: LevelContext, deps: dict | None = None) -> 
             final = folder.unit_dir(ctx.level, ctx.branch, name) / "final.pt"
             on_done = lambda _r, m=u.model, p=final: save_torch(cpu_state(m), p)  # noqa: E731 - this unit's
         start = ctx.rewind_step if u.start is None else u.start
-        out.jobs.append((i, Job(rep, ctx.level, ctx.branch, u.model, u.masks, start, name, u.data_seed,
-                                on_done=on_done, end=u.end, lr_at=u.lr_at, deps=dict(deps or {}))))
+        out.jobs.append(
+            (
+                i,
+                Job(
+                    rep,
+                    ctx.level,
+                    ctx.branch,
+                    u.model,
+                    u.masks,
+                    start,
+                    name,
+                    u.data_seed,
+                    on_done=on_done,
+                    end=u.end,
+                    lr_at=u.lr_at,
+                    deps=dict(deps or {}),
+                ),
+            )
+        )
     return out
 
 
@@ -122,9 +153,15 @@ def finish_branch(plan_: BranchPlan) -> dict:
     elif branch.analyze is not None:
         record.update(branch.analyze(ctx, plan_.units, records))
         if record.get("instability_test") is not None:
-            log.info("%slevel %d %s: instability (error barrier) %.2f points on test, %.2f on train, copies from step "
-                     "%s", rep.name, ctx.level, ctx.branch, record["instability_test"],
-                     record.get("instability_train") or 0.0, record.get("lmc_step"))
+            log.info(
+                "%slevel %d %s: instability (error barrier) %.2f points on test, %.2f on train, copies from step %s",
+                rep.name,
+                ctx.level,
+                ctx.branch,
+                record["instability_test"],
+                record.get("instability_train") or 0.0,
+                record.get("lmc_step"),
+            )
     rep.folder.save_result(ctx.level, ctx.branch, record)
     if progress.CURRENT is not None:
         progress.CURRENT.unit_done(0)  # the branch's record: its units' steps are counted
@@ -149,21 +186,45 @@ def finish_unit(job: Job, result: dict, resume: dict | None = None, wall_time: f
         rep.folder.write_summary()
     if record["diverged"]:
         last = record["last_finite_step"]
-        log.error("%slevel %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d%s; stopped, "
-                  "recorded with diverged: true in %s", rep.name, level, tag, 100 * record["weights_remaining"],
-                  record["diverged_step"], "" if last is None else f" (finite at step {last})",
-                  rep.folder.unit_dir(level, branch, unit) / "result.json")
+        log.error(
+            "%slevel %d %-12s weights remaining %6.2f%%  DIVERGED: non-finite loss at step %d%s; stopped, "
+            "recorded with diverged: true in %s",
+            rep.name,
+            level,
+            tag,
+            100 * record["weights_remaining"],
+            record["diverged_step"],
+            "" if last is None else f" (finite at step {last})",
+            rep.folder.unit_dir(level, branch, unit) / "result.json",
+        )
         return record
-    early = ("" if record["early_stop_step"] is None else
-             f"  early-stop step {record['early_stop_step']} (test acc {record['early_stop_test_accuracy']:.4f})")
-    log.info("%slevel %d %-12s weights remaining %6.2f%%  test acc %.4f%s", rep.name, level, tag,
-             100 * record["weights_remaining"], record["test_accuracy"], early)
+    early = (
+        ""
+        if record["early_stop_step"] is None
+        else f"  early-stop step {record['early_stop_step']} (test acc {record['early_stop_test_accuracy']:.4f})"
+    )
+    log.info(
+        "%slevel %d %-12s weights remaining %6.2f%%  test acc %.4f%s",
+        rep.name,
+        level,
+        tag,
+        100 * record["weights_remaining"],
+        record["test_accuracy"],
+        early,
+    )
     if record["at_chance"]:
         pool = rep.split.pool
-        log.warning("%slevel %d %s ends at chance (test accuracy %.4f with %d classes, the most frequent of them %.4f "
-                    "of the test set) though its losses stayed finite: it learned nothing; recorded with at_chance: "
-                    "true (a learning rate too high or too low is the usual cause)", rep.name, level, tag,
-                    record["test_accuracy"], pool.num_classes, pool.majority)
+        log.warning(
+            "%slevel %d %s ends at chance (test accuracy %.4f with %d classes, the most frequent of them %.4f "
+            "of the test set) though its losses stayed finite: it learned nothing; recorded with at_chance: "
+            "true (a learning rate too high or too low is the usual cause)",
+            rep.name,
+            level,
+            tag,
+            record["test_accuracy"],
+            pool.num_classes,
+            pool.majority,
+        )
     return record
 
 
@@ -172,15 +233,25 @@ def _hooks(job: Job, ckpts, parent) -> Hooks:
     level, tag = job.level, job.tag
     info = callbacks.UnitInfo(rep.folder.path, parent, level, job.branch, job.unit)
     logging_on = rep.cfg.logger.name != "none"
-    return Hooks(on_eval=lambda r: rep.tracker.eval(level, tag, r),
-                 on_log=(lambda r: rep.tracker.train(level, tag, r)) if logging_on else None,
-                 log_every=rep.cfg.logger.log_every, at_step=callbacks.unit_steps(info, job.at_step),
-                 checkpoint=lambda s: ckpts.save({**s, "device_info": rep.device_info}),
-                 checkpoint_every=rep.steps.checkpoint_every, should_stop=stop_requested)
+    return Hooks(
+        on_eval=lambda r: rep.tracker.eval(level, tag, r),
+        on_log=(lambda r: rep.tracker.train(level, tag, r)) if logging_on else None,
+        log_every=rep.cfg.logger.log_every,
+        at_step=callbacks.unit_steps(info, job.at_step),
+        checkpoint=lambda s: ckpts.save({**s, "device_info": rep.device_info}),
+        checkpoint_every=rep.steps.checkpoint_every,
+        should_stop=stop_requested,
+    )
 
 
-def execute(jobs: list[Job], how: str, on_record: Callable[[Job, dict], None], *, parent=None,
-            skip: Callable[[Job], bool] = lambda job: False) -> None:
+def execute(
+    jobs: list[Job],
+    how: str,
+    on_record: Callable[[Job, dict], None],
+    *,
+    parent=None,
+    skip: Callable[[Job], bool] = lambda job: False,
+) -> None:
     """Train `jobs` and give each unit's record to `on_record(job, record)` as soon as it has one. `how`:
     `sequential` (one unit after another, each alone: a plain run, and replica_batching=sequential), or a layout of
     lottery.training.layouts for batches of units that start and resume at the same step. A job for which `skip`
@@ -207,15 +278,29 @@ def _train(group: list[tuple[Job, dict | None]], layout: str, on_record, parent)
     if len(group) > 1:
         seeds = sorted({j.rep.seed for j, _ in group})
         who = f"replicate{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: " if first.rep.name else ""
-        log.info("level %d: training %d networks batched (%s) from step %d%s (%s%s)", first.level, len(group),
-                 layout, first.start, f", resumed at step {resumed}" if resumed is not None else "", who,
-                 ", ".join(sorted({j.tag for j, _ in group})))
+        log.info(
+            "level %d: training %d networks batched (%s) from step %d%s (%s%s)",
+            first.level,
+            len(group),
+            layout,
+            first.start,
+            f", resumed at step {resumed}" if resumed is not None else "",
+            who,
+            ", ".join(sorted({j.tag for j, _ in group})),
+        )
     elif resumed is not None:
         log.info("%slevel %d %s: resuming from step %d", first.rep.name, first.level, first.tag, resumed)
-    networks = [Network(job.model, job.masks, job.rep.batches(job.data_seed),
-                        _hooks(job, job.rep.folder.checkpoints(job.level, job.branch, job.unit), parent), state,
-                        seed=derive_seed(job.rep.seed, "dst", job.level, job.branch, job.unit))
-                for job, state in group]
+    networks = [
+        Network(
+            job.model,
+            job.masks,
+            job.rep.batches(job.data_seed),
+            _hooks(job, job.rep.folder.checkpoints(job.level, job.branch, job.unit), parent),
+            state,
+            seed=derive_seed(job.rep.seed, "dst", job.level, job.branch, job.unit),
+        )
+        for job, state in group
+    ]
     desc = f"level {first.level} {first.tag}" if len(group) == 1 else f"level {first.level} x{len(group)}"
     run, steps = first.rep.training, first.rep.steps
     rule, settings = dst_settings(first.rep.cfg.dst)
@@ -226,13 +311,24 @@ def _train(group: list[tuple[Job, dict | None]], layout: str, on_record, parent)
     began = time.perf_counter()
     tracking = progress.CURRENT
     if tracking is not None:
-        tracking.unit_started(f"{first.rep.name}level {first.level} of {tracking.levels - 1} "
-                              f"{first.tag if len(group) == 1 else f'({len(group)} networks)'}")
+        tracking.unit_started(
+            f"{first.rep.name}level {first.level} of {tracking.levels - 1} "
+            f"{first.tag if len(group) == 1 else f'({len(group)} networks)'}"
+        )
     try:
-        results = train(networks, run, start=first.start, end=first.end, steps=steps, layout=layout, desc=desc, lr=lr,
-                        updater=None if rule is None else (rule, settings),
-                        on_step=None if tracking is None else tracking.step,
-                        evaluation_threads=first.rep.evaluation_threads)
+        results = train(
+            networks,
+            run,
+            start=first.start,
+            end=first.end,
+            steps=steps,
+            layout=layout,
+            desc=desc,
+            lr=lr,
+            updater=None if rule is None else (rule, settings),
+            on_step=None if tracking is None else tracking.step,
+            evaluation_threads=first.rep.evaluation_threads,
+        )
     except Preempted:
         hand_over()
         raise

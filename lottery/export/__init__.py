@@ -11,6 +11,7 @@ smaller, and networks that may be faster, with a table of their size, speed and 
 
 Imports experiment, data, models, masks and core; nothing imports it (pyproject lists its entry point).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,32 +30,58 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lottery-export",
-                description="Export a ticket: a packed ticket file (bit-packed masks, only the surviving weights; "
-                            "lottery-retrain accepts it), the compact network of a channel/neuron ticket "
-                            "(torch.export, loads without lottery), CSR linear layers where measured faster, 2:4 "
-                            "semi-structured layers on a CUDA GPU, and ONNX; with a table (table.csv, table.md) of "
-                            "weights, bytes on disk, latency at batch 1 and 256 and test accuracy per variant.")
+    p = _Parser(
+        prog="lottery-export",
+        description="Export a ticket: a packed ticket file (bit-packed masks, only the surviving weights; "
+        "lottery-retrain accepts it), the compact network of a channel/neuron ticket "
+        "(torch.export, loads without lottery), CSR linear layers where measured faster, 2:4 "
+        "semi-structured layers on a CUDA GPU, and ONNX; with a table (table.csv, table.md) of "
+        "weights, bytes on disk, latency at batch 1 and 256 and test accuracy per variant.",
+    )
     p.add_argument("source", help="a ticket file (levels/level_<L>/ticket.pt, or a packed ticket) or a run folder")
     p.add_argument("--level", type=int, help="the level to export (with a run folder)")
     p.add_argument("--replicate", type=int, help="the replicate's seed (with a replicas run's folder)")
-    p.add_argument("--branch", default="ticket", help="what to export of the level: only 'ticket' (the level's "
-                                                      "trained ticket) keeps masks and trained weights")
-    p.add_argument("--out", help="output folder, which must not exist yet (default: <run>/exports/level_<L> for a "
-                                 "run folder, <ticket file>.export next to a ticket file)")
-    p.add_argument("--variants", default="all", help=f"comma-separated, of {', '.join(VARIANTS)}; 'all' (default): "
-                                                     f"every one that applies to the ticket")
-    p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="width of the packed ticket's stored values (float16 halves them, within fp16 precision)")
-    p.add_argument("--rewind-only", action="store_true",
-                   help="pack only what retraining needs (masks and rewind weights), not the trained weights")
+    p.add_argument(
+        "--branch",
+        default="ticket",
+        help="what to export of the level: only 'ticket' (the level's trained ticket) keeps masks and trained weights",
+    )
+    p.add_argument(
+        "--out",
+        help="output folder, which must not exist yet (default: <run>/exports/level_<L> for a "
+        "run folder, <ticket file>.export next to a ticket file)",
+    )
+    p.add_argument(
+        "--variants",
+        default="all",
+        help=f"comma-separated, of {', '.join(VARIANTS)}; 'all' (default): every one that applies to the ticket",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="width of the packed ticket's stored values (float16 halves them, within fp16 precision)",
+    )
+    p.add_argument(
+        "--rewind-only",
+        action="store_true",
+        help="pack only what retraining needs (masks and rewind weights), not the trained weights",
+    )
     p.add_argument("--batch", type=int, default=256, help="batch size the CSR layers are chosen for (default 256)")
     p.add_argument("--threads", type=int, default=1, help="threads of every latency measurement (default 1)")
-    p.add_argument("--clock", default="wall", choices=("wall", "thread"),
-                   help="latency as wall time (default) or as the CPU time of the measuring thread (--threads 1 "
-                        "only; on a shared machine it leaves out the time other processes had the CPU)")
-    p.add_argument("--min-run-time", type=float, default=0.5,
-                   help="seconds each latency measurement repeats for (torch.utils.benchmark; median reported)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "thread"),
+        help="latency as wall time (default) or as the CPU time of the measuring thread (--threads 1 "
+        "only; on a shared machine it leaves out the time other processes had the CPU)",
+    )
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=0.5,
+        help="seconds each latency measurement repeats for (torch.utils.benchmark; median reported)",
+    )
     p.add_argument("--data-root", help="folder holding the dataset (overrides the ticket's dataset.root)")
     p.add_argument("--test-images", type=int, default=0, help="test images for accuracy and equality (0: all)")
     p.add_argument("--no-eval", action="store_true", help="no accuracy or output checks (no dataset needed)")
@@ -76,8 +103,10 @@ def _variants(text: str) -> list[str]:
         return list(VARIANTS)
     bad = [v for v in asked if v not in VARIANTS]
     if bad or not asked:
-        raise ValueError(f"--variants {text!r}: unknown variant {bad[0] if bad else '(none)'}; accepted: "
-                         f"{', '.join(VARIANTS)} or all")
+        raise ValueError(
+            f"--variants {text!r}: unknown variant {bad[0] if bad else '(none)'}; accepted: "
+            f"{', '.join(VARIANTS)} or all"
+        )
     return asked
 
 
@@ -101,8 +130,11 @@ def _export(args) -> int:
 
     wanted = _variants(args.variants)
     every = args.variants.strip() == "all"
-    for name, value, low in (("--batch", args.batch, 1), ("--threads", args.threads, 1),
-                             ("--test-images", args.test_images, 0)):
+    for name, value, low in (
+        ("--batch", args.batch, 1),
+        ("--threads", args.threads, 1),
+        ("--test-images", args.test_images, 0),
+    ):
         if value < low:
             raise ValueError(f"{name} {value}: must be an integer >= {low}")
     if args.clock == "thread" and args.threads != 1:
@@ -110,13 +142,16 @@ def _export(args) -> int:
     src = resolve(args.source, args.level, args.replicate, args.branch)
     out = Path(args.out).expanduser() if args.out else _default_out(args, src)
     if out.exists():
-        raise ValueError(f"--out {out} already exists; an export never overwrites an earlier one: give another "
-                         f"--out or remove it")
+        raise ValueError(
+            f"--out {out} already exists; an export never overwrites an earlier one: give another --out or remove it"
+        )
     networks = [v for v in wanted if v != "packed"]
     if networks and src.trained_state is None:
         if not every:
-            raise ValueError(f"{src.where} holds no trained weights, which --variants {','.join(networks)} need; "
-                             f"export the run folder's level (its final.pt), or --variants packed")
+            raise ValueError(
+                f"{src.where} holds no trained weights, which --variants {','.join(networks)} need; "
+                f"export the run folder's level (its final.pt), or --variants packed"
+            )
         notes = [f"note: {src.where} holds no trained weights: only the packed ticket is written"]
         wanted, networks = ["packed"], []
     else:
@@ -130,16 +165,20 @@ def _export(args) -> int:
         try:
             removed = C.removed_units(src.build(), src.ticket.masks)
             if not any(removed.values()):
-                raise NotCompactable("no whole output rows or channels are pruned: the compact network would be the "
-                                     "masked one (an unstructured ticket: see the csr variant)")
+                raise NotCompactable(
+                    "no whole output rows or channels are pruned: the compact network would be the "
+                    "masked one (an unstructured ticket: see the csr variant)"
+                )
         except NotCompactable as e:
             if not every:
                 raise
             notes.append(f"note: compact network not written: {e}")
             wanted.remove("compact")
     if "nm" in wanted and not torch.cuda.is_available():
-        message = "2:4 semi-structured sparsity does not apply on cpu: PyTorch's 2:4 kernels are CUDA-only (run the " \
-                  "export on a GPU machine)"
+        message = (
+            "2:4 semi-structured sparsity does not apply on cpu: PyTorch's 2:4 kernels are CUDA-only (run the "
+            "export on a GPU machine)"
+        )
         if not every:
             raise nm.NotApplicable(message)
         notes.append(f"note: {message}")
@@ -149,6 +188,7 @@ def _export(args) -> int:
     test_x = test_y = None
     if not args.no_eval and networks:
         from lottery.data import load_pool
+
         node = src.dataset_node()
         if args.data_root:
             node["root"] = args.data_root
@@ -158,9 +198,14 @@ def _export(args) -> int:
         test_x, test_y = pool.test_x[:n].float(), pool.test_y[:n]
 
     out.mkdir(parents=True)
-    details: dict = {"source": src.where, "model": src.model_name, "level": src.ticket.level,
-                     "weights_remaining": src.ticket.weights_remaining, "threads": args.threads,
-                     "torch": str(torch.__version__)}
+    details: dict = {
+        "source": src.where,
+        "model": src.model_name,
+        "level": src.ticket.level,
+        "weights_remaining": src.ticket.weights_remaining,
+        "threads": args.threads,
+        "torch": str(torch.__version__),
+    }
     rows = []
     masked = src.masked() if src.trained_state is not None else None
     dense = src.dense_like()
@@ -173,12 +218,34 @@ def _export(args) -> int:
 
     counts_dense = C.count(dense, shape)
     compact_net = None
-    rows.append(T.row("dense", counts_dense["weights"], T.state_bytes(dense), dense if networks else None, shape,
-                      args.threads, None, min_run_time=mt, clock=args.clock))
+    rows.append(
+        T.row(
+            "dense",
+            counts_dense["weights"],
+            T.state_bytes(dense),
+            dense if networks else None,
+            shape,
+            args.threads,
+            None,
+            min_run_time=mt,
+            clock=args.clock,
+        )
+    )
     if masked is not None:
-        rows.append(T.row("masked", C.count(masked, shape)["nonzero"], T.state_bytes(masked), masked, shape,
-                          args.threads, acc(masked), 0.0 if ref is not None else None, min_run_time=mt,
-                          clock=args.clock))
+        rows.append(
+            T.row(
+                "masked",
+                C.count(masked, shape)["nonzero"],
+                T.state_bytes(masked),
+                masked,
+                shape,
+                args.threads,
+                acc(masked),
+                0.0 if ref is not None else None,
+                min_run_time=mt,
+                clock=args.clock,
+            )
+        )
 
     if "packed" in wanted:
         data = packed.pack(src.ticket, None if args.rewind_only else src.trained_state, args.dtype)
@@ -186,21 +253,41 @@ def _export(args) -> int:
         save_torch(data, path)
         back = load_ticket(path)  # the file as a user reads it
         exact = args.dtype == "float32"
-        same = all(torch.equal(back.rewind_state[k], v.float()) if exact else
-                   torch.allclose(back.rewind_state[k].float(), v.float(), rtol=1e-3, atol=1e-4)
-                   for k, v in src.ticket.rewind_state.items())
+        same = all(
+            torch.equal(back.rewind_state[k], v.float())
+            if exact
+            else torch.allclose(back.rewind_state[k].float(), v.float(), rtol=1e-3, atol=1e-4)
+            for k, v in src.ticket.rewind_state.items()
+        )
         if not same:
             raise RuntimeError(f"the packed ticket {path} does not load back to the ticket's weights")
-        details["packed"] = {"bytes": path.stat().st_size, "bound": packed.size_bound(data), "dtype": args.dtype,
-                             "dense_state_dict_bytes": T.state_bytes(dense),
-                             "with_trained": data["trained"] is not None}
+        details["packed"] = {
+            "bytes": path.stat().st_size,
+            "bound": packed.size_bound(data),
+            "dtype": args.dtype,
+            "dense_state_dict_bytes": T.state_bytes(dense),
+            "with_trained": data["trained"] is not None,
+        }
         # the weights of the Linear and Conv layers, as the masked row counts them: a channel ticket's bias and
         # BatchNorm masks are not weights, and an unmasked layer (the classifier of a channel ticket) keeps them all
-        kept = sum(int(src.ticket.masks[k].sum()) if k in src.ticket.masks else v.numel()
-                   for k, v in src.ticket.rewind_state.items() if k.endswith("weight") and v.dim() > 1)
+        kept = sum(
+            int(src.ticket.masks[k].sum()) if k in src.ticket.masks else v.numel()
+            for k, v in src.ticket.rewind_state.items()
+            if k.endswith("weight") and v.dim() > 1
+        )
         what = "rewind" if data["trained"] is None else "rewind+trained"
-        rows.append(T.row(f"packed ({args.dtype}, {what})", kept, path.stat().st_size, None, shape, args.threads, None,
-                          file=path.name))
+        rows.append(
+            T.row(
+                f"packed ({args.dtype}, {what})",
+                kept,
+                path.stat().st_size,
+                None,
+                shape,
+                args.threads,
+                None,
+                file=path.name,
+            )
+        )
 
     if "compact" in wanted:
         assert masked is not None  # every network variant needs the trained weights (refused above without them)
@@ -210,10 +297,27 @@ def _export(args) -> int:
         C.save_exported(small, shape, path)
         loaded: torch.nn.Module = torch.export.load(str(path)).module()  # the file as a user loads it
         counts = C.count(small, shape)
-        details["compact"] = {"kept_units": kept_units, **{f"compact_{k}": v for k, v in counts.items()},
-                              **{f"dense_{k}": v for k, v in counts_dense.items()}, "format": "torch.export"}
-        rows.append(T.row("compact", counts["weights"], path.stat().st_size, loaded, shape, args.threads,
-                          acc(loaded), diff(loaded), file=path.name, min_run_time=mt, clock=args.clock))
+        details["compact"] = {
+            "kept_units": kept_units,
+            **{f"compact_{k}": v for k, v in counts.items()},
+            **{f"dense_{k}": v for k, v in counts_dense.items()},
+            "format": "torch.export",
+        }
+        rows.append(
+            T.row(
+                "compact",
+                counts["weights"],
+                path.stat().st_size,
+                loaded,
+                shape,
+                args.threads,
+                acc(loaded),
+                diff(loaded),
+                file=path.name,
+                min_run_time=mt,
+                clock=args.clock,
+            )
+        )
 
     if "csr" in wanted:
         assert masked is not None
@@ -223,12 +327,26 @@ def _export(args) -> int:
             path, fmt = S.save(chosen, shape, out)
             loaded = S.load(path)
             details["csr"]["format"] = fmt
-            rows.append(T.row(f"csr (batch {args.batch})", C.count(masked, shape)["nonzero"], path.stat().st_size,
-                              loaded, shape, args.threads, acc(loaded), diff(loaded), file=path.name,
-                              min_run_time=mt, clock=args.clock))
+            rows.append(
+                T.row(
+                    f"csr (batch {args.batch})",
+                    C.count(masked, shape)["nonzero"],
+                    path.stat().st_size,
+                    loaded,
+                    shape,
+                    args.threads,
+                    acc(loaded),
+                    diff(loaded),
+                    file=path.name,
+                    min_run_time=mt,
+                    clock=args.clock,
+                )
+            )
         else:
-            notes.append(f"note: no linear layer was faster as CSR at batch {args.batch} (measured per layer, see "
-                         f"export.json): no csr network written")
+            notes.append(
+                f"note: no linear layer was faster as CSR at batch {args.batch} (measured per layer, see "
+                f"export.json): no csr network written"
+            )
 
     if "nm" in wanted:  # on a CUDA device only (refused or noted above otherwise)
         assert masked is not None
@@ -236,8 +354,9 @@ def _export(args) -> int:
         details["nm"] = {"layers": layers, "device": torch.cuda.get_device_name()}
         if test_x is not None:
             with torch.no_grad():
-                got = torch.cat([half(test_x[i:i + 500].half().cuda()).float().cpu()
-                                 for i in range(0, len(test_x), 500)])
+                got = torch.cat(
+                    [half(test_x[i : i + 500].half().cuda()).float().cpu() for i in range(0, len(test_x), 500)]
+                )
             assert ref is not None and test_y is not None  # both come with test_x and the masked network
             details["nm"]["max_rel_diff_fp16"] = T.max_rel_diff(got, ref)
             details["nm"]["accuracy"] = T.accuracy_of(got, test_y)
@@ -249,21 +368,36 @@ def _export(args) -> int:
         assert net is not None
         to_onnx.export(net, shape, path)
         x = test_x if test_x is not None else torch.randn(64, *shape, generator=torch.Generator().manual_seed(0))
-        got = torch.cat([to_onnx.run(path, x[i:i + 500]) for i in range(0, len(x), 500)])
+        got = torch.cat([to_onnx.run(path, x[i : i + 500]) for i in range(0, len(x), 500)])
         expected = T.outputs(net, x)
         details["onnx"] = {"of": small_or_masked, "max_rel_diff_vs_pytorch": T.max_rel_diff(got, expected)}
-        rows.append(T.row(f"onnx ({small_or_masked})", C.count(net, shape)["weights"] if small_or_masked == "compact"
-                          else C.count(net, shape)["nonzero"], path.stat().st_size, None, shape, args.threads,
-                          T.accuracy_of(got, test_y) if test_y is not None else None,
-                          T.max_rel_diff(got, ref) if ref is not None else None, file=path.name))
+        rows.append(
+            T.row(
+                f"onnx ({small_or_masked})",
+                C.count(net, shape)["weights"] if small_or_masked == "compact" else C.count(net, shape)["nonzero"],
+                path.stat().st_size,
+                None,
+                shape,
+                args.threads,
+                T.accuracy_of(got, test_y) if test_y is not None else None,
+                T.max_rel_diff(got, ref) if ref is not None else None,
+                file=path.name,
+            )
+        )
 
     written = T.write(rows, out)
     (out / "export.json").write_text(json.dumps({**details, "notes": notes, "table": rows}, indent=1))
     for note in notes:
         print(note, file=sys.stderr)
-    print(f"{src.where}: {args.threads} thread(s), latency = median of torch.utils.benchmark repeats "
-          f"({'wall time' if args.clock == 'wall' else 'CPU time of the measuring thread'})")
+    print(
+        f"{src.where}: {args.threads} thread(s), latency = median of torch.utils.benchmark repeats "
+        f"({'wall time' if args.clock == 'wall' else 'CPU time of the measuring thread'})"
+    )
     print(T.markdown(rows), end="")
-    print("wrote " + ", ".join(str(p) for p in [*sorted(out.glob("*.pt*")), *sorted(out.glob("*.onnx")), *written,
-                                                out / "export.json"]))
+    print(
+        "wrote "
+        + ", ".join(
+            str(p) for p in [*sorted(out.glob("*.pt*")), *sorted(out.glob("*.onnx")), *written, out / "export.json"]
+        )
+    )
     return 0

@@ -11,10 +11,12 @@ Each model family says which layers form a chain (lottery.models: MLP, ConvNet, 
 block's output channels are added to its shortcut's, so removing one needs every layer writing to that sum to have
 lost it (not the case for a mask built per layer), and the internal channels alone leave most of the network as is.
 """
+
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ def chain(model: nn.Module) -> list[Layer]:
     from lottery.models.mlp import MLP
     from lottery.models.resnet import ResNet
     from lottery.models.vgg import VGG
+
     if isinstance(model, MLP):
         return [Layer(f"hidden.{i}") for i in range(len(model.hidden))] + [Layer("out")]
     if isinstance(model, ConvNet):
@@ -49,14 +52,21 @@ def chain(model: nn.Module) -> list[Layer]:
         fcs[0].expand = expand
         return layers + fcs
     if isinstance(model, VGG):
-        return [Layer(f"features.{i}.conv", bn=f"features.{i}.bn") for i, m in enumerate(model.features)
-                if not isinstance(m, nn.MaxPool2d)] + [Layer("out")]
+        return [
+            Layer(f"features.{i}.conv", bn=f"features.{i}.bn")
+            for i, m in enumerate(model.features)
+            if not isinstance(m, nn.MaxPool2d)
+        ] + [Layer("out")]
     if isinstance(model, ResNet):
-        raise NotCompactable("resnet20 has no compact network here: its blocks add their output channels to the "
-                             "shortcut's, so a channel can only go where every layer writing to that sum lost it; "
-                             "export the packed ticket instead")
-    raise NotCompactable(f"{type(model).__name__} has no compact network here (known: mlp, lenet_300_100, deep_mlp, "
-                         f"conv2/4/6, vgg11/16/19)")
+        raise NotCompactable(
+            "resnet20 has no compact network here: its blocks add their output channels to the "
+            "shortcut's, so a channel can only go where every layer writing to that sum lost it; "
+            "export the packed ticket instead"
+        )
+    raise NotCompactable(
+        f"{type(model).__name__} has no compact network here (known: mlp, lenet_300_100, deep_mlp, "
+        f"conv2/4/6, vgg11/16/19)"
+    )
 
 
 def removed_units(model: nn.Module, masks: dict) -> dict[str, int]:
@@ -138,10 +148,18 @@ def _smaller(mod: nn.Linear | nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None
     if isinstance(mod, nn.Linear):
         out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     else:
-        # the ignores: torch types a Conv2d's kernel_size, stride, padding and dilation tuple[int, ...] and its
-        # arguments tuple[int, int]; they are the same values
-        out = nn.Conv2d(w.shape[1], w.shape[0], mod.kernel_size, stride=mod.stride,  # type: ignore[arg-type]  # above
-                        padding=mod.padding, dilation=mod.dilation, bias=b is not None)  # type: ignore[arg-type]  # above
+        # torch types a Conv2d's kernel_size, stride and dilation tuple[int, ...] and its arguments tuple[int, int]:
+        # they are the same values (a 2-d convolution's pairs)
+        pair = tuple[int, int]
+        out = nn.Conv2d(
+            w.shape[1],
+            w.shape[0],
+            cast(pair, mod.kernel_size),
+            stride=cast(pair, mod.stride),
+            padding=cast("str | tuple[int, int]", mod.padding),
+            dilation=cast(pair, mod.dilation),
+            bias=b is not None,
+        )
     out.weight.data.copy_(w)
     if b is not None:
         assert out.bias is not None  # made with bias=True
@@ -150,8 +168,9 @@ def _smaller(mod: nn.Linear | nn.Conv2d, w: torch.Tensor, b: torch.Tensor | None
 
 
 def _smaller_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
-    out = nn.BatchNorm2d(len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats)
+    out = nn.BatchNorm2d(
+        len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
+    )
     state = {k: (v[keep] if v.dim() else v).clone() for k, v in bn.state_dict().items()}
     out.load_state_dict(state)
     return out.eval()
@@ -182,8 +201,11 @@ def count(model: nn.Module, input_shape) -> dict[str, int]:
     finally:
         for h in handles:
             h.remove()
-    return {"weights": sum(m.weight.numel() for m in layers),
-            "nonzero": sum(int(m.weight.count_nonzero()) for m in layers), "flops": sum(flops)}
+    return {
+        "weights": sum(m.weight.numel() for m in layers),
+        "nonzero": sum(int(m.weight.count_nonzero()) for m in layers),
+        "flops": sum(flops),
+    }
 
 
 def save_exported(model: nn.Module, input_shape, path) -> None:

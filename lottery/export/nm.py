@@ -6,6 +6,7 @@ shape (LeNet-300-100's 300-, 100- and 10-row layers, every classifier with 10 ro
 would spend the saving on the padding for layers this small. Conv layers are left dense too (the kernels are for
 matrix products).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,9 +37,12 @@ def semi_structured(model: nn.Module, device) -> tuple[nn.Module, list[dict]]:
     chosen ("2:4" or why it stayed dense))."""
     device = torch.device(device)
     if device.type != "cuda":
-        raise NotApplicable(f"2:4 semi-structured sparsity does not apply on {device.type}: PyTorch's 2:4 kernels "
-                            f"are CUDA-only (run the export on a GPU machine)")
+        raise NotApplicable(
+            f"2:4 semi-structured sparsity does not apply on {device.type}: PyTorch's 2:4 kernels "
+            f"are CUDA-only (run the export on a GPU machine)"
+        )
     from torch.sparse import to_sparse_semi_structured
+
     new = copy.deepcopy(model).half().to(device).eval()
     rows_mult, cols_mult = tile()
     rows = []

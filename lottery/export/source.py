@@ -4,6 +4,7 @@ A run folder keeps the trained weights of a level's ticket in `levels/level_<L>/
 theirs only when their analysis needs them, and then with masks of their own, so only the ticket (branch `ticket`)
 is exported from a run folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ class Source:
         """The ticket's model, uninitialized (every weight is loaded afterwards)."""
         from lottery.data import dataset_settings
         from lottery.models import build_model
+
         entry, _, own = dataset_settings(self.dataset_node())
         kwargs = dict(self.ticket.config.get("model") or {})
         name = kwargs.pop("name")
@@ -44,6 +46,7 @@ class Source:
 
     def input_shape(self) -> tuple[int, int, int]:
         from lottery.data import dataset_settings
+
         entry, _, own = dataset_settings(self.dataset_node())
         return entry.shape(own)
 
@@ -52,8 +55,10 @@ class Source:
         model = self.build()
         state = self.trained_state if which == "trained" else self.ticket.rewind_state
         if state is None:
-            raise ValueError(f"{self.where} holds no trained weights; export a run folder's level, or a packed ticket "
-                             f"written with them")
+            raise ValueError(
+                f"{self.where} holds no trained weights; export a run folder's level, or a packed ticket "
+                f"written with them"
+            )
         check_fits(self.ticket, model.state_dict(), self.model_name)
         model.load_state_dict(state)
         M.apply(model, M.from_bool(self.ticket.masks, model))
@@ -74,12 +79,15 @@ def resolve(path, level: int | None = None, replicate: int | None = None, branch
     run's parent folder with `replicate`). One-line ValueErrors name the bad value and the accepted ones."""
     path = Path(path).expanduser()
     if branch not in BRANCHES:
-        raise ValueError(f"--branch {branch!r} cannot be exported: only the level's ticket keeps its masks and trained "
-                         f"weights in a run folder; accepted: {', '.join(BRANCHES)}")
+        raise ValueError(
+            f"--branch {branch!r} cannot be exported: only the level's ticket keeps its masks and trained "
+            f"weights in a run folder; accepted: {', '.join(BRANCHES)}"
+        )
     if path.is_file():
         if level is not None or replicate is not None:
-            raise ValueError(f"--level/--replicate select a level of a run folder; {path} is a ticket file (it is one "
-                             f"level already)")
+            raise ValueError(
+                f"--level/--replicate select a level of a run folder; {path} is a ticket file (it is one level already)"
+            )
         ticket = load_ticket(path)
         trained = getattr(ticket, "trained_state", None)
         final = path.parent / "final.pt"
@@ -94,15 +102,18 @@ def resolve(path, level: int | None = None, replicate: int | None = None, branch
         seeds = [int(f.rsplit("_", 1)[1]) for f in folders]
         if replicate is None or replicate not in seeds:
             got = "none given" if replicate is None else f"got --replicate {replicate}"
-            raise ValueError(f"{path} is a replicas run: name one replicate ({got}); accepted: --replicate "
-                             f"{', '.join(map(str, seeds))}")
+            raise ValueError(
+                f"{path} is a replicas run: name one replicate ({got}); accepted: --replicate "
+                f"{', '.join(map(str, seeds))}"
+            )
         path = path / f"replicate_{replicate}"
     elif replicate is not None:
         raise ValueError(f"--replicate {replicate}: {path} is a single run (no replicas.json); leave --replicate out")
     levels = sorted(int(p.parent.name.split("_")[1]) for p in path.glob("levels/level_*/ticket.pt"))
     if not levels:
-        raise FileNotFoundError(f"no tickets in {path} (no levels/level_<L>/ticket.pt): not a run folder, or no level "
-                                f"finished yet")
+        raise FileNotFoundError(
+            f"no tickets in {path} (no levels/level_<L>/ticket.pt): not a run folder, or no level finished yet"
+        )
     if level is None or level not in levels:
         got = "none given" if level is None else f"got --level {level}"
         raise ValueError(f"name the level to export ({got}); accepted: --level {', '.join(map(str, levels))}")

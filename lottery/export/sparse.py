@@ -6,6 +6,7 @@ is hard to beat below ~1% density on some CPUs, at batch 1 a sparse matrix-vecto
 nothing is assumed: `choose` times both forms of each layer with `timer` (the median of torch.utils.benchmark
 repeats by default; tests inject one) and keeps the faster.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,6 +23,7 @@ Timer = Callable[[nn.Module, torch.Tensor], float]  # seconds per call of module
 
 class CSRLinear(nn.Module):
     """y = x W^T + b with W held as a CSR matrix (only its non-zeros)."""
+
     weight: torch.Tensor  # buffers (register_buffer), declared for the type checker
     bias: torch.Tensor | None
 
@@ -47,14 +49,16 @@ class CSRLinear(nn.Module):
 CLOCKS = ("wall", "thread")
 
 
-def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_time: float = 0.2,
-                clock: str = "wall") -> float:
+def median_time(
+    module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_time: float = 0.2, clock: str = "wall"
+) -> float:
     """Median seconds per module(x) over torch.utils.benchmark's repeats, with `threads` threads. `clock="thread"`:
     the CPU time of the calling thread (time.thread_time) instead of wall time, which with one thread counts the
     kernels' work and not the time the scheduler gave to other processes (a shared machine)."""
     import time
 
     from torch.utils import benchmark
+
     if clock not in CLOCKS:
         raise ValueError(f"unknown clock {clock!r}; accepted: {', '.join(CLOCKS)}")
     if clock == "thread" and threads != 1:
@@ -65,16 +69,19 @@ def median_time(module: nn.Module, x: torch.Tensor, threads: int = 1, min_run_ti
         return t.blocked_autorange(min_run_time=min_run_time).median
 
 
-def choose(model: nn.Module, input_shape, batch: int, timer: Timer | None = None, threads: int = 1,
-           clock: str = "wall") -> tuple[nn.Module, list[dict]]:
+def choose(
+    model: nn.Module, input_shape, batch: int, timer: Timer | None = None, threads: int = 1, clock: str = "wall"
+) -> tuple[nn.Module, list[dict]]:
     """(copy of `model` with every Linear whose CSR form timed faster replaced by it, one row per Linear: name,
     density, dense_s, csr_s, chosen). Each layer is timed on its own input at batch `batch`, as captured from one
     forward pass of random data."""
     timer = timer or (lambda m, x: median_time(m, x, threads, clock=clock))
     inputs: dict[str, torch.Tensor] = {}
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0].detach()))
-               for n, m in linears.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: inputs.__setitem__(n, inp[0].detach()))
+        for n, m in linears.items()
+    ]
     try:
         with torch.no_grad():
             model.eval()(torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)))
@@ -91,13 +98,26 @@ def choose(model: nn.Module, input_shape, batch: int, timer: Timer | None = None
         if chosen == "csr":
             parent, _, attr = name.rpartition(".")
             setattr(new.get_submodule(parent) if parent else new, attr, csr)
-        rows.append({"layer": name, "density": int(lin.weight.count_nonzero()) / lin.weight.numel(),
-                     "dense_s": dense_s, "csr_s": csr_s, "chosen": chosen})
+        rows.append(
+            {
+                "layer": name,
+                "density": int(lin.weight.count_nonzero()) / lin.weight.numel(),
+                "dense_s": dense_s,
+                "csr_s": csr_s,
+                "chosen": chosen,
+            }
+        )
     return new, rows
 
 
-def crossover(shape: tuple[int, int], batch: int, densities=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01), threads: int = 1,
-              timer: Timer | None = None, seed: int = 0) -> dict:
+def crossover(
+    shape: tuple[int, int],
+    batch: int,
+    densities=(0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),
+    threads: int = 1,
+    timer: Timer | None = None,
+    seed: int = 0,
+) -> dict:
     """Dense vs CSR time of one random-mask Linear of `shape` (out, in) at each density; `crossover` is the highest
     density at which CSR was faster (None: never)."""
     timer = timer or (lambda m, x: median_time(m, x, threads, min_run_time=0.1))
@@ -110,8 +130,13 @@ def crossover(shape: tuple[int, int], batch: int, densities=(0.5, 0.3, 0.2, 0.1,
             lin.weight.mul_(torch.rand(shape, generator=g) < d)
         rows.append({"density": d, "dense_s": timer(lin, x), "csr_s": timer(CSRLinear(lin), x)})
     faster = [r["density"] for r in rows if r["csr_s"] < r["dense_s"]]
-    return {"shape": list(shape), "batch": batch, "threads": threads, "rows": rows,
-            "crossover": max(faster) if faster else None}
+    return {
+        "shape": list(shape),
+        "batch": batch,
+        "threads": threads,
+        "rows": rows,
+        "crossover": max(faster) if faster else None,
+    }
 
 
 def save(model: nn.Module, input_shape, out) -> tuple[Path, str]:

@@ -1,4 +1,5 @@
 """The export's table: per variant, weights remaining, bytes on disk, latency at batch 1 and 256, test accuracy."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,17 @@ from torch import nn
 
 from lottery.export.sparse import median_time
 
-COLUMNS = ["variant", "weights", "bytes", "latency_b1_ms", "latency_b256_ms", "threads", "accuracy", "max_rel_diff",
-           "file"]
+COLUMNS = [
+    "variant",
+    "weights",
+    "bytes",
+    "latency_b1_ms",
+    "latency_b256_ms",
+    "threads",
+    "accuracy",
+    "max_rel_diff",
+    "file",
+]
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -21,15 +31,16 @@ def state_bytes(model: nn.Module) -> int:
     return buf.tell()
 
 
-def latency_ms(model: nn.Module, input_shape, batch: int, threads: int, min_run_time: float = 0.5,
-               clock: str = "wall") -> float:
+def latency_ms(
+    model: nn.Module, input_shape, batch: int, threads: int, min_run_time: float = 0.5, clock: str = "wall"
+) -> float:
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     return 1000 * median_time(model, x, threads, min_run_time, clock)  # no .eval(): an exported module refuses it
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
     with torch.no_grad():
-        right = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+        right = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
     return right / len(x)
 
 
@@ -44,17 +55,38 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def outputs(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+        return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def row(variant: str, weights: int, nbytes: int | None, model: nn.Module | None, input_shape, threads: int,
-        acc: float | None, diff: float | None = None, file: str = "", min_run_time: float = 0.5,
-        clock: str = "wall") -> dict:
+def row(
+    variant: str,
+    weights: int,
+    nbytes: int | None,
+    model: nn.Module | None,
+    input_shape,
+    threads: int,
+    acc: float | None,
+    diff: float | None = None,
+    file: str = "",
+    min_run_time: float = 0.5,
+    clock: str = "wall",
+) -> dict:
     """One line of the table; latencies are measured here (none for a variant that is a file, not a network)."""
-    lat = {b: (latency_ms(model, input_shape, b, threads, min_run_time, clock) if model is not None else None)
-           for b in (1, 256)}
-    return {"variant": variant, "weights": weights, "bytes": nbytes, "latency_b1_ms": lat[1],
-            "latency_b256_ms": lat[256], "threads": threads, "accuracy": acc, "max_rel_diff": diff, "file": file}
+    lat = {
+        b: (latency_ms(model, input_shape, b, threads, min_run_time, clock) if model is not None else None)
+        for b in (1, 256)
+    }
+    return {
+        "variant": variant,
+        "weights": weights,
+        "bytes": nbytes,
+        "latency_b1_ms": lat[1],
+        "latency_b256_ms": lat[256],
+        "threads": threads,
+        "accuracy": acc,
+        "max_rel_diff": diff,
+        "file": file,
+    }
 
 
 def _fmt(v) -> str:

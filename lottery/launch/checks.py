@@ -5,6 +5,7 @@ immutable folder or without permission, that fails inside Hydra with a 30-line t
 before (`on_run_start`, `on_multirun_start`) and turns it into one line and exit status 74 (EX_IOERR), as every other
 failed write of a run.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,11 @@ def _require_folder(path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         CREATED.extend(reversed(missing))
     except OSError as e:
-        print(f"error: cannot create the run folder {path}: {e.strerror or e}; choose a folder you can write with "
-              f"hydra.run.dir=... (hydra.sweep.dir=... for a multirun), or make this one writable", file=sys.stderr)
+        print(
+            f"error: cannot create the run folder {path}: {e.strerror or e}; choose a folder you can write with "
+            f"hydra.run.dir=... (hydra.sweep.dir=... for a multirun), or make this one writable",
+            file=sys.stderr,
+        )
         sys.exit(WRITE_FAILED_EXIT)
 
 

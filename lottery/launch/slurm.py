@@ -9,6 +9,7 @@
 - Before submitting: a warning when no node of the partition can ever give what a job asks for (CPUs, memory,
   GPUs, time), since SLURM would keep such a job pending without end.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,28 +23,40 @@ log = logging.getLogger("lottery")
 # Exit status of `launcher=slurm` where no SLURM controller answers: EX_UNAVAILABLE.
 NO_CLUSTER_EXIT = 69
 SQUEUE_TIMEOUT_S = 30
-SACCT_TIMEOUT_S = 60   # an accounting database slower than this is skipped for one poll: squeue answers instead
-POLL_DELAY_S = 60      # job states are polled at 2, 4, 8, ... s after a submission, then at least this often
+SACCT_TIMEOUT_S = 60  # an accounting database slower than this is skipped for one poll: squeue answers instead
+POLL_DELAY_S = 60  # job states are polled at 2, 4, 8, ... s after a submission, then at least this often
 GONE = "NOT_IN_QUEUE"  # our state for a job the controller no longer knows (ended more than MinJobAge ago)
 
 
 def cluster_error() -> str | None:
     """Why no job can be submitted from here (no SLURM commands, or a controller that does not answer), else None."""
     import shutil
+
     missing = [c for c in ("sbatch", "srun", "squeue") if shutil.which(c) is None]
     if missing:
-        return (f"launcher=slurm needs a SLURM cluster, but {', '.join(missing)} is not on PATH here (not a SLURM "
-                f"login node?); run there, or use launcher=local or launcher=submitit_local on this machine")
+        return (
+            f"launcher=slurm needs a SLURM cluster, but {', '.join(missing)} is not on PATH here (not a SLURM "
+            f"login node?); run there, or use launcher=local or launcher=submitit_local on this machine"
+        )
     try:
-        r = subprocess.run(["squeue", "--noheader", "--user", "nobody"], capture_output=True, text=True,
-                           timeout=SQUEUE_TIMEOUT_S, check=False)
+        r = subprocess.run(
+            ["squeue", "--noheader", "--user", "nobody"],
+            capture_output=True,
+            text=True,
+            timeout=SQUEUE_TIMEOUT_S,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
-        return (f"launcher=slurm: the SLURM controller did not answer squeue in {SQUEUE_TIMEOUT_S} s; check that "
-                f"slurmctld is up (scontrol ping), or use launcher=local")
+        return (
+            f"launcher=slurm: the SLURM controller did not answer squeue in {SQUEUE_TIMEOUT_S} s; check that "
+            f"slurmctld is up (scontrol ping), or use launcher=local"
+        )
     if r.returncode != 0:
         detail = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-        return f"launcher=slurm: the SLURM controller cannot be reached (squeue: {detail}); check scontrol ping, or " \
-               f"use launcher=local"
+        return (
+            f"launcher=slurm: the SLURM controller cannot be reached (squeue: {detail}); check scontrol ping, or "
+            f"use launcher=local"
+        )
     return None
 
 
@@ -108,6 +121,7 @@ def queue_states(array_ids, registered) -> dict[str, dict[str, str]]:
 def use_queue_watcher() -> None:
     """Make every SlurmJob of this process use QueueWatcher (submitit keeps one watcher on the class)."""
     from submitit.slurm.slurm import SlurmJob
+
     if type(SlurmJob.watcher).__name__ != "QueueWatcher":
         SlurmJob.watcher = _queue_watcher_class()(delay_s=POLL_DELAY_S)
 
@@ -122,11 +136,13 @@ def register_launcher() -> None:
     except ImportError:
         return
     from hydra.core.plugins import Plugins
+
     Plugins.instance().register(LotterySlurmLauncher)
     Plugins.instance().register(LotteryLocalLauncher)
 
 
 # --- resources ---------------------------------------------------------------------------------------------------
+
 
 def _minutes(limit: str) -> float:
     """SLURM time limit ('infinite', 'MM', 'HH:MM:SS', 'D-HH:MM:SS', ...) in minutes."""
@@ -156,10 +172,20 @@ def unsatisfiable(params: dict, nodes: list[dict] | None = None) -> list[str]:
         "GPUs": params.get("gpus_per_node") or _gpus(str(params.get("gres") or "")),
         "minutes of time limit": params.get("timeout_min") or 0,
     }
-    best = {"CPUs": max(n["cpus"] for n in nodes), "MB of memory": max(n["memory_mb"] for n in nodes),
-            "GPUs": max(n["gpus"] for n in nodes), "minutes of time limit": max(n["time_min"] for n in nodes)}
-    fits = [n for n in nodes if n["cpus"] >= need["CPUs"] and n["memory_mb"] >= need["MB of memory"]
-            and n["gpus"] >= need["GPUs"] and n["time_min"] >= need["minutes of time limit"]]
+    best = {
+        "CPUs": max(n["cpus"] for n in nodes),
+        "MB of memory": max(n["memory_mb"] for n in nodes),
+        "GPUs": max(n["gpus"] for n in nodes),
+        "minutes of time limit": max(n["time_min"] for n in nodes),
+    }
+    fits = [
+        n
+        for n in nodes
+        if n["cpus"] >= need["CPUs"]
+        and n["memory_mb"] >= need["MB of memory"]
+        and n["gpus"] >= need["GPUs"]
+        and n["time_min"] >= need["minutes of time limit"]
+    ]
     if fits:
         return []
     where = f"partition {nodes[0]['partition']}"
@@ -185,8 +211,15 @@ def partition_nodes(partition: str | None) -> list[dict]:
         if (partition is None and not default) or (partition is not None and name != partition):
             continue
         try:
-            nodes.append({"partition": name, "cpus": int(cpus), "memory_mb": int(mem.rstrip("+")),
-                          "gpus": _gpus(gres), "time_min": _minutes(limit)})
+            nodes.append(
+                {
+                    "partition": name,
+                    "cpus": int(cpus),
+                    "memory_mb": int(mem.rstrip("+")),
+                    "gpus": _gpus(gres),
+                    "time_min": _minutes(limit),
+                }
+            )
         except ValueError:
             continue
     return nodes
@@ -195,9 +228,12 @@ def partition_nodes(partition: str | None) -> list[dict]:
 def warn_if_unsatisfiable(params: dict) -> list[str]:
     problems = unsatisfiable(params)
     if problems:
-        log.warning("these jobs can never start: they ask for %s. SLURM will keep them pending (or refuse them); "
-                    "lower the request, e.g. hydra.launcher.cpus_per_task=..., mem_gb=..., gpus_per_node=0, "
-                    "or choose another hydra.launcher.partition", "; ".join(problems))
+        log.warning(
+            "these jobs can never start: they ask for %s. SLURM will keep them pending (or refuse them); "
+            "lower the request, e.g. hydra.launcher.cpus_per_task=..., mem_gb=..., gpus_per_node=0, "
+            "or choose another hydra.launcher.partition",
+            "; ".join(problems),
+        )
     return problems
 
 
@@ -206,6 +242,7 @@ def warn_if_unsatisfiable(params: dict) -> list[str]:
 # Left in its folder by a job stopped after its checkpoint (exit 75; lottery.cli), removed when it starts again: a
 # launcher that sees only a process end without a result counts such a job as stopped and resumable, not failed.
 STOPPED = ".stopped"
+
 
 def record_failure(run_dir: Path, job, error: BaseException) -> bool:
     """error.txt for a job that left no result (the run itself writes it when it raises): its row in the sweep
@@ -216,17 +253,21 @@ def record_failure(run_dir: Path, job, error: BaseException) -> bool:
     local = job.__class__.__name__ == "LocalJob"
     stopped = local and (Path(run_dir) / STOPPED).is_file()
     if stopped:
-        text = (f"JobStopped: job {job.job_id} stopped after its checkpoint (exit status 75): rerun the same sweep to "
-                f"resume it; its logs: {job.paths.stdout.parent}\n\n{error}\n")
+        text = (
+            f"JobStopped: job {job.job_id} stopped after its checkpoint (exit status 75): rerun the same sweep to "
+            f"resume it; its logs: {job.paths.stdout.parent}\n\n{error}\n"
+        )
     elif local:
-        text = (f"JobEnded: local job {job.job_id} ended without a result (its process was killed, or died); its "
-                f"logs: {job.paths.stdout.parent}\n\n{error}\n")
+        text = (
+            f"JobEnded: local job {job.job_id} ended without a result (its process was killed, or died); its "
+            f"logs: {job.paths.stdout.parent}\n\n{error}\n"
+        )
     else:
         state = job.watcher.get_state(job.job_id, mode="cache")
-        text = (f"SlurmJobEnded: job {job.job_id} ended without a result (SLURM state: {state}); "
-                f"its logs: {job.paths.stdout.parent}\n\n{error}\n")
+        text = (
+            f"SlurmJobEnded: job {job.job_id} ended without a result (SLURM state: {state}); "
+            f"its logs: {job.paths.stdout.parent}\n\n{error}\n"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.txt").write_text(text)
     return stopped
-
-

@@ -4,6 +4,7 @@ Registered in conf/config.yaml under `hydra.callbacks`, so every multirun (`-m`,
 `<sweep dir>/summary.csv`: the table `lottery-report <sweep dir>` writes as runs.csv. Failed jobs are rows too: their
 folders hold `error.txt` (written by the CLI), which becomes the `error` column.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Rules shared by all models (pruning and init code rely on them): only plain nn.Linear, nn.Conv2d and nn.BatchNorm2d
 hold parameters, activations are ReLU, and the classifier is the last nn.Linear in named_modules() order.
 """
+
 from collections.abc import Callable
 
 from torch import nn
@@ -16,9 +17,11 @@ def register_model(name: str):
     """`@register_model("name")` on fn(input_shape, num_classes, **fields) -> nn.Module: `input_shape` (C, H, W) and
     `num_classes` come from the dataset's registration, `fields` are the model config's non-null fields (`hidden`,
     `depth`, `width`) that fn names. `model=<name>` (with a conf/model/ option) or `model.name=<name>` selects it."""
+
     def decorator(fn: Callable[..., nn.Module]):
         MODELS.add(name, fn)
         return fn
+
     return decorator
 
 

@@ -48,6 +48,7 @@ def _register(name):
     @register_model(name)
     def build(input_shape, num_classes):
         return VGG(CFGS[name], input_shape[0], num_classes)
+
     return build
 
 

@@ -11,6 +11,7 @@
 
 Imports masks and core only.
 """
+
 from lottery.pruning import pai  # noqa: F401  (registers the pruning-at-initialization criteria)
 from lottery.pruning.criteria import CRITERIA, Criterion, criterion_settings, register_criterion, score, scores_at
 from lottery.pruning.densities import DISTRIBUTIONS, allocate, distribution, survivor_counts
@@ -19,24 +20,24 @@ from lottery.pruning.selection import round_half_up, select_global, select_layer
 from lottery.pruning.transforms import random_like, shuffle
 
 __all__ = [
-           "CRITERIA",
-           "DISTRIBUTIONS",
-           "Criterion",
-           "allocate",
-           "criterion_settings",
-           "distribution",
-           "layer_rates",
-           "level_survivors",
-           "plan_counts",
-           "prune",
-           "random_like",
-           "register_criterion",
-           "round_half_up",
-           "score",
-           "scores_at",
-           "select_global",
-           "select_layerwise",
-           "shuffle",
-           "survivor_counts",
-           "survivors_after",
+    "CRITERIA",
+    "DISTRIBUTIONS",
+    "Criterion",
+    "allocate",
+    "criterion_settings",
+    "distribution",
+    "layer_rates",
+    "level_survivors",
+    "plan_counts",
+    "prune",
+    "random_like",
+    "register_criterion",
+    "round_half_up",
+    "score",
+    "scores_at",
+    "select_global",
+    "select_layerwise",
+    "shuffle",
+    "survivor_counts",
+    "survivors_after",
 ]

@@ -1,6 +1,7 @@
 """Criteria: a registered function from (model, masks, batches, generator, its settings) to one score per entry of
 every masked tensor; higher scores are kept. `magnitude` and `random` are here, the pruning-at-initialization criteria
 in lottery.pruning.pai; a user's own is one `@register_criterion` function in their module (`imports=[my_module]`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -30,8 +31,9 @@ class Criterion:
 CRITERIA = Registry("pruning criterion")
 
 
-def register_criterion(name: str, settings: type | None = None, *, label: str = "", when: str | None = None,
-                       check: Callable | None = None):
+def register_criterion(
+    name: str, settings: type | None = None, *, label: str = "", when: str | None = None, check: Callable | None = None
+):
     """`@register_criterion("snip", settings=SnipSettings)`: `settings` is a dataclass whose fields are the keys the
     criterion accepts under `pruning.criterion` (checked and typed before any work). Without it, the keyword
     parameters of the function are the accepted keys. `when="at_init"` makes the criterion score the weights a level
@@ -43,6 +45,7 @@ def register_criterion(name: str, settings: type | None = None, *, label: str = 
     def decorator(fn):
         CRITERIA.add(name, Criterion(name, fn, settings, label or name, when, check))
         return fn
+
     return decorator
 
 
@@ -58,8 +61,14 @@ def criterion_settings(node) -> dict:
     raw = plain(node)
     name = raw.pop("name", None)
     crit = CRITERIA.lookup(name)
-    return check_settings(raw, crit.settings, "pruning.criterion", of=f"pruning criterion '{name}'", fn=crit.fn,
-                          skip=("model", "masks", "batches", "generator"))
+    return check_settings(
+        raw,
+        crit.settings,
+        "pruning.criterion",
+        of=f"pruning criterion '{name}'",
+        fn=crit.fn,
+        skip=("model", "masks", "batches", "generator"),
+    )
 
 
 def score(model: nn.Module, masks: Masks, criterion_node, *, batches: Batches, generator: torch.Generator) -> Scores:

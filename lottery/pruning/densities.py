@@ -38,6 +38,7 @@ leaves no invalid combination to refuse. With a distribution, the per-level sche
 removes pruning.rate of all surviving weights, or one shot to pruning.target) and only the split between tensors
 comes from the distribution; selection within each tensor is then layerwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,9 @@ def distribution(name: str, shapes: Shapes, density: float, *, power: float = 1.
     return {n: 1.0 if n in dense else eps * raw[n] for n in shapes}
 
 
-def allocate(name: str, shapes: Shapes, total: int, *, upper: Mapping[str, int] | None = None,
-             power: float = 1.0) -> dict[str, int]:
+def allocate(
+    name: str, shapes: Shapes, total: int, *, upper: Mapping[str, int] | None = None, power: float = 1.0
+) -> dict[str, int]:
     """Integer survivors per tensor, summing to exactly `total`: the distribution at density total / (all weights),
     each tensor's real-valued count rounded down, the remainder handed out one by one to the largest fractional
     parts (ties to the earlier tensor in `shapes`). No tensor gets more than its size or its `upper` bound (the
@@ -120,7 +122,7 @@ def allocate(name: str, shapes: Shapes, total: int, *, upper: Mapping[str, int] 
         else:  # the real counts summed above total (float error): take back from the smallest remainders
             room = [n for n in shapes if out[n] > 0]
             room.sort(key=lambda n: (want[n] - out[n], order[n]))
-        for n in room[:abs(left)]:
+        for n in room[: abs(left)]:
             out[n] += step
         left = total - sum(out.values())
     return out

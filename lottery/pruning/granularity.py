@@ -21,6 +21,7 @@ cost count see ordinary masks.
 Companion masks are derived, never scored or counted by the schedule: `weights_only` drops them before selection and
 `expand` adds them back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ def weights_only(masks: Masks, names) -> Masks:
 
 # --- channel ---------------------------------------------------------------------------------------------------------
 
+
 def channel_masks(masks: Masks) -> Masks:
     """One entry per output channel: 1 where any weight of the channel survives (a channel mask has whole rows)."""
     return {n: (m.detach().reshape(m.shape[0], -1) != 0).any(dim=1).to(m.dtype) for n, m in masks.items()}
@@ -58,8 +60,11 @@ def channel_masks(masks: Masks) -> Masks:
 def batchnorm_scales(model: nn.Module) -> dict[str, str]:
     """{weight name: the name of the scale (weight) of the BatchNorm that normalizes its output channels} for the
     layers that have one (lottery.masks.channel_companions finds it by structure)."""
-    scales = {f"{name}.weight" for name, mod in model.named_modules()
-              if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine}
+    scales = {
+        f"{name}.weight"
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine
+    }
     return {w: c for w, comps in channel_companions(model).items() for c in comps if c in scales}
 
 
@@ -69,13 +74,16 @@ def check_batchnorm(model: nn.Module, names, model_name: str) -> None:
     have = batchnorm_scales(model)
     for n in names:
         if n not in have:
-            raise ValueError(f"pruning.group_score=bn scores a channel by the scale of the BatchNorm after it, but "
-                             f"'{n}' of model '{model_name}' has no BatchNorm; exclude it (pruning.exclude=[{n}]) or "
-                             f"use another pruning.group_score ({', '.join(s for s in GROUP_SCORES if s != 'bn')})")
+            raise ValueError(
+                f"pruning.group_score=bn scores a channel by the scale of the BatchNorm after it, but "
+                f"'{n}' of model '{model_name}' has no BatchNorm; exclude it (pruning.exclude=[{n}]) or "
+                f"use another pruning.group_score ({', '.join(s for s in GROUP_SCORES if s != 'bn')})"
+            )
 
 
-def channel_scores(scores: Mapping[str, torch.Tensor], names, how: str = "sum",
-                   bn: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def channel_scores(
+    scores: Mapping[str, torch.Tensor], names, how: str = "sum", bn: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Per output channel: the sum of its weights' scores, or their L1 / L2 norm; for `bn`, the magnitude of the
     BatchNorm scale of the channel (`bn`: {weight name: that scale tensor})."""
     if how not in GROUP_SCORES:
@@ -115,6 +123,7 @@ def with_companions(masks: Masks, names, companions: Mapping[str, list[str]]) ->
 
 # --- N:M -------------------------------------------------------------------------------------------------------------
 
+
 def _blocks(t: torch.Tensor, m: int) -> torch.Tensor:
     """View of `t` as (..., blocks, m) with blocks of m consecutive entries along the input dimension (dim 1): a
     convolution's weight (out, in, *kernel) is permuted to (out, *kernel, in) first."""
@@ -134,9 +143,11 @@ def check_nm(shapes: Mapping[str, tuple], n: int, m: int) -> None:
     """Every tensor must have an input dimension that m divides; one line naming the first that does not."""
     for name, shape in shapes.items():
         if len(shape) < 2 or shape[1] % m:
-            raise ValueError(f"pruning.granularity=nm needs the input dimension of every pruned tensor to be a "
-                             f"multiple of pruning.m={m}, but '{name}' has shape {list(shape)}; exclude it "
-                             f"(pruning.exclude=[{name}]) or choose another m")
+            raise ValueError(
+                f"pruning.granularity=nm needs the input dimension of every pruned tensor to be a "
+                f"multiple of pruning.m={m}, but '{name}' has shape {list(shape)}; exclude it "
+                f"(pruning.exclude=[{name}]) or choose another m"
+            )
 
 
 def nm_select(scores: torch.Tensor, mask: torch.Tensor, keep: int, m: int) -> torch.Tensor:
@@ -175,7 +186,7 @@ def random_channels(masks: Masks, names, companions, generator: torch.Generator,
             out[n] = flat[torch.randperm(flat.numel(), generator=generator)].to(g.device)
         else:
             new = torch.zeros_like(flat)
-            new[torch.randperm(flat.numel(), generator=generator)[:int(flat.count_nonzero())]] = 1
+            new[torch.randperm(flat.numel(), generator=generator)[: int(flat.count_nonzero())]] = 1
             out[n] = new.to(g.device)
     return expand(out, weights, companions)
 

@@ -20,6 +20,7 @@ Following the papers' code:
   Its iterative schedule is `pruning.rounds` (100 in the paper's experiments; `method=synflow` sets it); the rounds
   score one float64 copy whose pruned weights are zeroed in place (`SynflowRounds`), not a fresh copy per round.
 """
+
 from __future__ import annotations
 
 import copy
@@ -88,6 +89,7 @@ def snip(model: nn.Module, masks: Masks, *, batches: Batches, generator: torch.G
 
 # --- GraSP -----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class GraspSettings:
     # examples of each class for g and Hg (the authors' CIFAR configs: 10)
@@ -104,9 +106,11 @@ def grasp_check(settings: dict, data) -> None:
     short = {c: n for c, n in enumerate(counts) if n < settings["samples_per_class"]}
     if short:
         c, n = min(short.items(), key=lambda kv: kv[1])
-        raise ValueError(f"grasp: pruning.criterion.samples_per_class={settings['samples_per_class']}, but the "
-                         f"training split has only {n} examples of class {c} ({len(short)} classes have fewer); "
-                         f"accepted: at most {min(counts)}")
+        raise ValueError(
+            f"grasp: pruning.criterion.samples_per_class={settings['samples_per_class']}, but the "
+            f"training split has only {n} examples of class {c} ({len(short)} classes have fewer); "
+            f"accepted: at most {min(counts)}"
+        )
 
 
 def per_class(batches: Batches, num_classes: int, samples_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +128,10 @@ def per_class(batches: Batches, num_classes: int, samples_per_class: int) -> tup
         if need == 0:
             return torch.stack([v for c in xs for v in c]), torch.stack([v for c in ys for v in c])
     missing = [c for c in range(num_classes) if len(xs[c]) < samples_per_class]
-    raise ValueError(f"grasp: the training set has fewer than {samples_per_class} examples of classes {missing[:5]}; "
-                     f"lower pruning.criterion.samples_per_class")
+    raise ValueError(
+        f"grasp: the training set has fewer than {samples_per_class} examples of classes {missing[:5]}; "
+        f"lower pruning.criterion.samples_per_class"
+    )
 
 
 @register_criterion("grasp", settings=GraspSettings, label="GraSP", check=grasp_check)
@@ -167,6 +173,7 @@ def _chain(first, rest):
 
 # --- SynFlow ---------------------------------------------------------------------------------------------------------
 
+
 class SynflowRounds:
     """SynFlow's scores round after round on one float64 copy of the model, for the schedule's rounds (one copy and
     conversion per pruning step, not one per round). Entries are flat indices over the masked tensors (tensor order,
@@ -190,8 +197,8 @@ class SynflowRounds:
         padded = [0, *itertools.accumulate(-(-n // 8) * 8 for n in sizes)]  # ... in the buffer: 8 float64 = 64 bytes
         self.buffer = torch.zeros(padded[-1], dtype=torch.float64, device=self.abs.device)
         for w, a in zip(self.weights, padded):
-            self.buffer[a:a + w.numel()] = w.detach().reshape(-1)
-            w.data = self.buffer[a:a + w.numel()].view_as(w)
+            self.buffer[a : a + w.numel()] = w.detach().reshape(-1)
+            w.data = self.buffer[a : a + w.numel()].view_as(w)
             w.requires_grad_(True)
         self.ends = torch.tensor(flat[1:], device=self.abs.device)
         self.shift = torch.tensor([p - f for p, f in zip(padded, flat[:-1])], device=self.abs.device)
@@ -206,11 +213,14 @@ class SynflowRounds:
         """|theta * dR/dtheta| of the entries at flat `index` (all of them by default), float64."""
         flow = self.net(self.ones).sum()
         if not torch.isfinite(flow):
-            raise ValueError(f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
-                             "deep or wide for its initialization scale)")
+            raise ValueError(
+                f"synflow: the synaptic flow R = {flow.item():.3g} overflowed float64 (the network is too "
+                "deep or wide for its initialization scale)"
+            )
         if flow == 0:  # no input-output path left (the invert ablation gets there): no weight carries any flow
-            return torch.zeros(len(self.abs) if index is None else len(index), dtype=torch.float64,
-                               device=self.abs.device)
+            return torch.zeros(
+                len(self.abs) if index is None else len(index), dtype=torch.float64, device=self.abs.device
+            )
         grads = torch.autograd.grad(flow, self.weights)
         for g, w, out in zip(grads, self.abs.split(self.sizes), self.products.split(self.sizes)):
             torch.mul(g.reshape(-1), w, out=out)

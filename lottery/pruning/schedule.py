@@ -15,6 +15,7 @@ of R aims at density d_r = d^(r/R) of the whole tensor set (or of each tensor), 
 entries, the pruned ones scoring 0 (their weights are zero), and every entry scoring at or below the k-th smallest
 score is pruned, ties included, so a round may prune more than k. Their masks can also revive an entry whose 0 score
 lies above a negative threshold (GraSP); ours never revive: a pruned entry stays pruned."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -53,8 +54,12 @@ def layer_rates(prunable: list[Prunable], pcfg) -> dict[str, float]:
 def _split(masks: Masks, pcfg, total: int) -> dict[str, int]:
     """A global total split between the tensors by the distribution `pruning.scope`; no tensor gets more than it has
     now (a pruning step only removes)."""
-    return allocate(pcfg.scope, {n: tuple(m.shape) for n, m in masks.items()}, total,
-                    upper={n: int(m.count_nonzero()) for n, m in masks.items()})
+    return allocate(
+        pcfg.scope,
+        {n: tuple(m.shape) for n, m in masks.items()},
+        total,
+        upper={n: int(m.count_nonzero()) for n, m in masks.items()},
+    )
 
 
 def survivors_after(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction: float | None = None):
@@ -101,10 +106,19 @@ def _round_target(now: int, final: int, r: int, rounds: int) -> int:
     return max(final, min(now, round_half_up(now * (final / now) ** (r / rounds))))
 
 
-def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, batches: Batches,
-          generator: torch.Generator, keep_fraction: float | None = None,
-          rescore: Callable[[Masks], nn.Module] | None = None, keep: dict[str, int] | int | None = None,
-          invert: bool = False) -> Masks:
+def prune(
+    model: nn.Module,
+    masks: Masks,
+    prunable: list[Prunable],
+    pcfg,
+    *,
+    batches: Batches,
+    generator: torch.Generator,
+    keep_fraction: float | None = None,
+    rescore: Callable[[Masks], nn.Module] | None = None,
+    keep: dict[str, int] | int | None = None,
+    invert: bool = False,
+) -> Masks:
     """One pruning step of the schedule: new masks scored on `model` (whose weights the caller chose).
 
     With `pruning.rounds` > 1 the step is split into rounds, each scoring anew the model with the masks so far
@@ -121,11 +135,22 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
     `pruning.granularity` (lottery.pruning.granularity): `channel` selects whole output channels (counts and `keep`
     in channels) and returns their companions' masks too; `nm` keeps n of every m along the input dimension."""
     if G.kind(pcfg) == "channel":
-        return _prune_channels(model, masks, prunable, pcfg, batches=batches, generator=generator,
-                               keep_fraction=keep_fraction, rescore=rescore, keep=keep, invert=invert)
+        return _prune_channels(
+            model,
+            masks,
+            prunable,
+            pcfg,
+            batches=batches,
+            generator=generator,
+            keep_fraction=keep_fraction,
+            rescore=rescore,
+            keep=keep,
+            invert=invert,
+        )
     if G.kind(pcfg) == "nm":
-        return _prune_nm(model, masks, prunable, pcfg, batches=batches, generator=generator, rescore=rescore,
-                         invert=invert)
+        return _prune_nm(
+            model, masks, prunable, pcfg, batches=batches, generator=generator, rescore=rescore, invert=invert
+        )
     target, scope = _target(masks, prunable, pcfg, keep_fraction, keep)
     left = Survivors(masks)
     start = dict(zip(masks, left.counts()))
@@ -135,8 +160,7 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
     crit = CRITERIA.get(name)
     incremental = getattr(crit.fn, "rounds", None) if crit is not None else None
     if incremental is not None:
-        scorer = incremental(model, masks, batches=batches, generator=generator,
-                             **criterion_settings(pcfg.criterion))
+        scorer = incremental(model, masks, batches=batches, generator=generator, **criterion_settings(pcfg.criterion))
         pruned = torch.cat([m.detach().reshape(-1) == 0 for m in masks.values()]).nonzero().squeeze(1)
     for r in range(1, rounds + 1):
         if incremental is not None:
@@ -155,15 +179,15 @@ def prune(model: nn.Module, masks: Masks, prunable: list[Prunable], pcfg, *, bat
             now = _round_target(sum(start.values()), target, r, rounds)
             removed = left.remove_global(scores, len(left.index) - now, name)
         else:
-            removed = left.remove_layerwise(scores, [a - _round_target(start[n], target[n], r, rounds)
-                                                     for n, a in zip(masks, left.counts())])
+            removed = left.remove_layerwise(
+                scores, [a - _round_target(start[n], target[n], r, rounds) for n, a in zip(masks, left.counts())]
+            )
         if incremental is not None:  # round 2 scores the model with all the masks applied, as `_masked` does
             scorer.remove(torch.cat([pruned, removed]) if r == 1 else removed)
     return left.masks()
 
 
-def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fraction, rescore, keep,
-                    invert) -> Masks:
+def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fraction, rescore, keep, invert) -> Masks:
     """`prune` with whole output channels as the selected entries: the same selection (`Survivors`) on one score per
     channel, the rounds, scopes and counts of the schedule in channels."""
     names = [p.name for p in prunable]
@@ -195,8 +219,9 @@ def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fr
             now = _round_target(sum(start.values()), target, r, rounds)
             left.remove_global(scores, len(left.index) - now, name, unit="channel")
         else:
-            left.remove_layerwise(scores, [a - _round_target(start[n], target[n], r, rounds)
-                                           for n, a in zip(groups, left.counts())])
+            left.remove_layerwise(
+                scores, [a - _round_target(start[n], target[n], r, rounds) for n, a in zip(groups, left.counts())]
+            )
     return G.expand(left.masks(), weights, companions)
 
 
@@ -241,16 +266,18 @@ def synflow_drop(scores: torch.Tensor, total: int, k: int) -> torch.Tensor:
     return scores <= threshold
 
 
-def _synflow_drop(left: Survivors, scores: torch.Tensor, start: dict, target, r: int, rounds: int, scope: str,
-                  fraction: float | None) -> torch.Tensor:
+def _synflow_drop(
+    left: Survivors, scores: torch.Tensor, start: dict, target, r: int, rounds: int, scope: str, fraction: float | None
+) -> torch.Tensor:
     if scope == "global":
         total = int(left.bounds[-1])
         return synflow_drop(scores, total, synflow_k(total, sum(start.values()), target, r, rounds, fraction))
     cuts = torch.searchsorted(left.index, left.bounds).tolist()
-    drop = [synflow_drop(scores[a:b], size, synflow_k(size, start[n], target[n], r, rounds, fraction))
-            for (n, size), a, b in zip(zip(start, left.sizes), cuts, cuts[1:])]
+    drop = [
+        synflow_drop(scores[a:b], size, synflow_k(size, start[n], target[n], r, rounds, fraction))
+        for (n, size), a, b in zip(zip(start, left.sizes), cuts, cuts[1:])
+    ]
     return torch.cat(drop) if drop else torch.zeros(0, dtype=torch.bool)
-
 
 
 def _target(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction, keep):
@@ -259,6 +286,7 @@ def _target(masks: Masks, prunable: list[Prunable], pcfg, keep_fraction, keep):
     if keep is None:
         return survivors_after(masks, prunable, pcfg, keep_fraction), pcfg.scope
     return (dict(keep), "layerwise") if isinstance(keep, dict) else (int(keep), "global")
+
 
 def _masked(model: nn.Module, masks: Masks) -> nn.Module:
     apply(model, masks)

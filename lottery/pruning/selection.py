@@ -6,6 +6,7 @@ The survivors of all masked tensors are one sorted vector of flat indices (tenso
 are broken in), and the k lowest scores are found with one selection of the k-th value and comparisons, not a sort:
 the same entries as the first k of a stable sort, at a fraction of its cost, and round after round (`Survivors`)
 without rescanning the pruned entries."""
+
 from __future__ import annotations
 
 import itertools
@@ -81,8 +82,9 @@ class Survivors:
         drop = [lowest(scores[a:b], k) for a, b, k in zip(cuts, cuts[1:], remove)]
         return self._drop(torch.cat(drop) if drop else torch.zeros(0, dtype=torch.bool, device=self.index.device))
 
-    def remove_global(self, scores: torch.Tensor, remove: int, criterion: str = "magnitude",
-                      unit: str = "weight") -> torch.Tensor:
+    def remove_global(
+        self, scores: torch.Tensor, remove: int, criterion: str = "magnitude", unit: str = "weight"
+    ) -> torch.Tensor:
         """The `remove` lowest-scoring survivors over all tensors; refuses to empty a whole tensor. `unit` names the
         entries in the message (channel pruning selects channels)."""
         return self.remove_where(lowest(scores, remove), criterion, unit)
@@ -93,16 +95,20 @@ class Survivors:
         removed = self._drop(drop)
         empty = [n for n, c in zip(self.like, self.counts()) if c == 0]
         if empty:
-            raise ValueError(f"global {criterion} pruning to {100 * keep:.3g}% of the {unit}s would remove every "
-                             f"{unit} of '{empty[0]}' (layer collapse); keep more {unit}s, exclude the layer "
-                             f"(pruning.exclude=[{empty[0]}]) or use pruning.scope=layerwise")
+            raise ValueError(
+                f"global {criterion} pruning to {100 * keep:.3g}% of the {unit}s would remove every "
+                f"{unit} of '{empty[0]}' (layer collapse); keep more {unit}s, exclude the layer "
+                f"(pruning.exclude=[{empty[0]}]) or use pruning.scope=layerwise"
+            )
         return removed
 
     def masks(self) -> Masks:
         flat = torch.zeros(int(self.bounds[-1]), dtype=torch.bool, device=self.index.device)
         flat[self.index] = True
-        return {n: f.to(device=m.device, dtype=m.dtype, copy=True).view(m.shape)
-                for (n, m), f in zip(self.like.items(), flat.split(self.sizes))}
+        return {
+            n: f.to(device=m.device, dtype=m.dtype, copy=True).view(m.shape)
+            for (n, m), f in zip(self.like.items(), flat.split(self.sizes))
+        }
 
 
 def select_layerwise(scores: dict[str, torch.Tensor], masks: Masks, remove: dict[str, int]) -> Masks:

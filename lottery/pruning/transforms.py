@@ -1,5 +1,6 @@
 """Mask transforms for the controls: random masks with the same per-tensor counts, and masks permuted within their
 tensor."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ finished runs.
   its figure).
 - `paper` (`--paper`): the run beside the published numbers of its preset's `paper:` block (paper.md, .csv, .png).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ __all__ = [
 
 def _import(modules: list[str]) -> None:
     from lottery.config import import_extensions
+
     import_extensions({"imports": modules})
 
 
@@ -62,6 +64,7 @@ def _unregistered(rows: list[dict]) -> str | None:
     """A note naming the branches and criteria of the runs that this process does not know (labelled by name)."""
     from lottery.branches import BRANCHES
     from lottery.pruning import CRITERIA
+
     branches = sorted({r["branch"] for r in rows if "level" in r and r["branch"] != "ticket"} - set(BRANCHES))
     criteria = sorted({str(r["_criterion"]) for r in rows if r.get("_criterion")} - set(CRITERIA))
     if not branches and not criteria:
@@ -75,6 +78,7 @@ def _unregistered(rows: list[dict]) -> str | None:
 
 def _listed(value) -> list:
     import json
+
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -87,20 +91,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="lottery-report",
         description="Collect every run below the given folders (single runs, replicas runs and Hydra multiruns) into "
-                    "runs.csv and an aggregated table (aggregate.csv, aggregate.md, aggregate.tex: mean, std and "
-                    "count over replicates per condition and level) and draw the lottery-ticket figures (PNG and "
-                    "SVG). A file that cannot be read is one warning line; the other runs are still reported.")
+        "runs.csv and an aggregated table (aggregate.csv, aggregate.md, aggregate.tex: mean, std and "
+        "count over replicates per condition and level) and draw the lottery-ticket figures (PNG and "
+        "SVG). A file that cannot be read is one warning line; the other runs are still reported.",
+    )
     from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, version_line
+
     parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("paths", nargs="+", help="run folders, sweep folders, or any folder above them")
     parser.add_argument("--out", help="output folder (default: <path>/report for one path, ./report otherwise)")
-    parser.add_argument("--imports", action="append", default=[], metavar="MODULE[,MODULE]",
-                        help="modules to import first (as lottery-train's imports=[...]), so the branches and "
-                             "criteria they register are labelled as registered; repeatable or comma-separated")
-    parser.add_argument("--paper", action="store_true",
-                        help="also put the runs beside the published numbers of their preset's paper: block (mean "
-                             "± std over replicates, agrees / does not agree / cannot be compared at this scale): "
-                             "paper.md, paper.csv, paper.png/.svg")
+    parser.add_argument(
+        "--imports",
+        action="append",
+        default=[],
+        metavar="MODULE[,MODULE]",
+        help="modules to import first (as lottery-train's imports=[...]), so the branches and "
+        "criteria they register are labelled as registered; repeatable or comma-separated",
+    )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="also put the runs beside the published numbers of their preset's paper: block (mean "
+        "± std over replicates, agrees / does not agree / cannot be compared at this scale): "
+        "paper.md, paper.csv, paper.png/.svg",
+    )
     args = parser.parse_args(argv)
     broken = install_error()
     if broken:
@@ -128,8 +142,11 @@ def main(argv=None) -> int:
         return _write(rows, out, args.paths, paper=args.paper)
     except OSError as e:  # a read-only run folder (its report/ beside it), a full disk: one line, not a traceback
         where = getattr(e, "filename", None) or out
-        print(f"error: cannot write the report to {where}: {e.strerror or e}; choose a folder you can write with "
-              f"--out DIR", file=sys.stderr)
+        print(
+            f"error: cannot write the report to {where}: {e.strerror or e}; choose a folder you can write with "
+            f"--out DIR",
+            file=sys.stderr,
+        )
         return WRITE_FAILED_EXIT
 
 
@@ -143,8 +160,11 @@ def _write(rows: list[dict], out: Path, paths: list[str], paper: bool = False) -
     n_unreadable = sum(1 for r in rows if r.get("_unreadable"))
     n_failed = sum(1 for r in rows if "level" not in r) - n_unreadable
     if not n_runs:
-        print(f"error: no run below {' '.join(paths)} could be read ({n_failed} failed jobs, {n_unreadable} "
-              f"unreadable run folders: see {written[0]})", file=sys.stderr)
+        print(
+            f"error: no run below {' '.join(paths)} could be read ({n_failed} failed jobs, {n_unreadable} "
+            f"unreadable run folders: see {written[0]})",
+            file=sys.stderr,
+        )
         return 2
     try:
         written += write_aggregate(rows, out)
@@ -160,15 +180,20 @@ def _write(rows: list[dict], out: Path, paths: list[str], paper: bool = False) -
     paper_lines: list[str] = []
     if paper:
         from lottery.report.paper import paper_report
+
         paper_files, paper_lines = paper_report(rows, out, warn=warn_stderr)
         written += paper_files
     n_diverged = sum(1 for r in rows if r.get("diverged"))
     n_chance = sum(1 for r in rows if r.get("at_chance"))
-    print(f"{n_runs} runs" + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
-          + (f", {n_unreadable} unreadable run folders (see the warnings)" if n_unreadable else "")
-          + (f", {n_diverged} diverged units (see the diverged column; red x in the figures)" if n_diverged else "")
-          + (f", {n_chance} units at chance (see the at_chance column; ringed in the figures)" if n_chance else "")
-          + ": wrote " + ", ".join(str(p) for p in written))
+    print(
+        f"{n_runs} runs"
+        + (f", {n_failed} failed jobs (see the error column)" if n_failed else "")
+        + (f", {n_unreadable} unreadable run folders (see the warnings)" if n_unreadable else "")
+        + (f", {n_diverged} diverged units (see the diverged column; red x in the figures)" if n_diverged else "")
+        + (f", {n_chance} units at chance (see the at_chance column; ringed in the figures)" if n_chance else "")
+        + ": wrote "
+        + ", ".join(str(p) for p in written)
+    )
     for line in paper_lines:
         print(line)
     return 0

@@ -13,6 +13,7 @@ Nothing a run folder holds may stop the report: a file that cannot be read (trun
 is one warning line on stderr naming it, and the other runs are reported as usual; an unreadable summary becomes a
 row with its error, like a failed job.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -32,17 +33,51 @@ LMC = "lmc"  # lottery.branches.lmc's branch: figures of its own (error along th
 X_KEYS = ("pruning.target", "pruning.levels")
 # Keys that make up a pruning method (criterion, when it scores, schedule, rewind point): when they differ between
 # runs, each ticket line is labelled by its method (SNIP at init, IMP (magnitude), ...) instead of listing the keys.
-METHOD_KEYS = ("pruning.criterion", "pruning.when", "pruning.one_shot", "pruning.from_dense", "pruning.rounds",
-               "pruning.train_dense", "pruning.rewind", "pruning.retrain", "pruning.retrain_steps", "pruning.scope",
-               "dst")
+METHOD_KEYS = (
+    "pruning.criterion",
+    "pruning.when",
+    "pruning.one_shot",
+    "pruning.from_dense",
+    "pruning.rounds",
+    "pruning.train_dense",
+    "pruning.rewind",
+    "pruning.retrain",
+    "pruning.retrain_steps",
+    "pruning.scope",
+    "dst",
+)
 # Layer kinds with a per-kind rate (pruning.rates.<kind>); other pruned tensors (biases, BatchNorm) use pruning.rate
 RATE_KINDS = ("linear", "conv", "output")
 
-FIRST_COLUMNS = ["run_dir", "overrides", "experiment", "model", "dataset", "init", "replicate", "level", "branch",
-                 "condition", "diverged", "diverged_step", "percent_remaining", "weights_remaining",
-                 "params_remaining", "weights_remaining_count", "weights_total", "test_accuracy",
-                 "early_stop_test_accuracy", "early_stop_step", "test_loss", "val_loss", "val_accuracy",
-                 "early_stop_val_loss", "start_step", "steps", "rewind"]
+FIRST_COLUMNS = [
+    "run_dir",
+    "overrides",
+    "experiment",
+    "model",
+    "dataset",
+    "init",
+    "replicate",
+    "level",
+    "branch",
+    "condition",
+    "diverged",
+    "diverged_step",
+    "percent_remaining",
+    "weights_remaining",
+    "params_remaining",
+    "weights_remaining_count",
+    "weights_total",
+    "test_accuracy",
+    "early_stop_test_accuracy",
+    "early_stop_step",
+    "test_loss",
+    "val_loss",
+    "val_accuracy",
+    "early_stop_val_loss",
+    "start_step",
+    "steps",
+    "rewind",
+]
 
 Warn = Callable[[str], None]
 
@@ -67,6 +102,7 @@ def number(v) -> float | None:
 
 # --- reading files -------------------------------------------------------------------------------------------------
 
+
 def _flatten(d, prefix=""):
     out = {}
     for k, v in (d or {}).items():
@@ -84,6 +120,7 @@ def _read_config(run_dir: Path, warn: Warn) -> dict | None:
     if not path.exists():
         return {}
     from omegaconf import OmegaConf
+
     try:
         node = OmegaConf.load(path)
         raw = OmegaConf.to_container(node, resolve=False)
@@ -106,6 +143,7 @@ def _overrides(run_dir: Path, warn: Warn) -> str:
     if not path.exists():
         return ""
     from omegaconf import OmegaConf
+
     try:
         return " ".join(str(o) for o in OmegaConf.load(path))
     except Exception as e:  # noqa: BLE001 - any unreadable overrides file is a warning, not the end
@@ -125,8 +163,13 @@ REQUIRED = ("level", "branch", "weights_remaining")
 
 
 def _valid_record(rec) -> bool:
-    return (isinstance(rec, dict) and isinstance(rec.get("level"), int) and not isinstance(rec.get("level"), bool)
-            and isinstance(rec.get("branch"), str) and number(rec.get("weights_remaining")) is not None)
+    return (
+        isinstance(rec, dict)
+        and isinstance(rec.get("level"), int)
+        and not isinstance(rec.get("level"), bool)
+        and isinstance(rec.get("branch"), str)
+        and number(rec.get("weights_remaining")) is not None
+    )
 
 
 def read_summary(path: Path, warn: Warn) -> tuple[list | None, str | None]:
@@ -152,8 +195,10 @@ def read_summary(path: Path, warn: Warn) -> tuple[list | None, str | None]:
                         if not records:
                             why = f"no record with {', '.join(REQUIRED)}"
                         else:
-                            warn(f"{path}: {len(data) - len(records)} of {len(data)} records lack "
-                                 f"{', '.join(REQUIRED)}; left out")
+                            warn(
+                                f"{path}: {len(data) - len(records)} of {len(data)} records lack "
+                                f"{', '.join(REQUIRED)}; left out"
+                            )
                             return records, None
                     else:
                         return records, None
@@ -175,6 +220,7 @@ def read_json(path: Path, warn: Warn, what: str = "left out"):
 
 # --- finding runs --------------------------------------------------------------------------------------------------
 
+
 def _find(paths) -> tuple[list[Path], list[Path]]:
     """Run folders (summary.json) and job folders without a finished unit (error.txt, or config.yaml alone)."""
     runs: list[Path] = []
@@ -186,7 +232,7 @@ def _find(paths) -> tuple[list[Path], list[Path]]:
         markers = [*root.rglob("summary.json"), *root.rglob("error.txt"), *root.rglob("config.yaml")]
         for marker in sorted(markers):
             d = marker.parent
-            inner = d.parts[len(root.parts):]
+            inner = d.parts[len(root.parts) :]
             # .hydra/ and .submitit/ hold launcher copies; wandb/ and levels/ belong to the run above them
             if d.resolve() in seen or any(p.startswith(".") or p in ("wandb", "levels") for p in inner):
                 continue
@@ -197,10 +243,12 @@ def _find(paths) -> tuple[list[Path], list[Path]]:
 
 # --- what a setting means for a run --------------------------------------------------------------------------------
 
+
 def _ignored(key: str) -> bool:
     """Config keys that never define a condition: those that define no experiment, the replicate's seeds, and the
     keys that only say how far along the x axis a run goes."""
     from lottery.config import REPLICATE_KEYS, non_experiment
+
     return non_experiment(key, (*REPLICATE_KEYS, *X_KEYS))
 
 
@@ -232,22 +280,26 @@ def _model_layer_kinds(model_json: str, dataset_json: str) -> tuple | None:
 
         from lottery.data import DATASETS
         from lottery.models import build_model
+
         node = json.loads(model_json)
         name = node.pop("name")
         data = json.loads(dataset_json)  # the input shape and classes come from the dataset's registration
         entry = DATASETS[data["name"]]
-        own = ({f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings
-               else {})
+        own = (
+            {f.name: data.get(f.name, f.default) for f in dataclasses.fields(entry.settings)} if entry.settings else {}
+        )
         with torch.device("meta"):
-            model = build_model(name, entry.shape(own), entry.num_classes,
-                                **{k: v for k, v in node.items() if not k.startswith("_")})
+            model = build_model(
+                name, entry.shape(own), entry.num_classes, **{k: v for k, v in node.items() if not k.startswith("_")}
+            )
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         kinds = []
         for mod_name, mod in model.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                kind = "output" if linears and mod is linears[-1] else \
-                    "linear" if isinstance(mod, nn.Linear) else "conv"
+                kind = (
+                    "output" if linears and mod is linears[-1] else "linear" if isinstance(mod, nn.Linear) else "conv"
+                )
                 kinds.append((prefix + "weight", kind))
                 if mod.bias is not None:
                     kinds.append((prefix + "bias", "bias"))
@@ -265,8 +317,9 @@ def pruned_kinds(raw_cfg: dict, layers: list[str]) -> set | None:
     dataset = raw_cfg.get("dataset") if isinstance(raw_cfg, dict) else None
     if not isinstance(model, dict) or not model.get("name") or not isinstance(dataset, dict):
         return None
-    kinds = _model_layer_kinds(json.dumps(model, sort_keys=True, default=str),
-                               json.dumps(dataset, sort_keys=True, default=str))
+    kinds = _model_layer_kinds(
+        json.dumps(model, sort_keys=True, default=str), json.dumps(dataset, sort_keys=True, default=str)
+    )
     if kinds is None:
         return None
     by_name = dict(kinds)
@@ -276,8 +329,9 @@ def pruned_kinds(raw_cfg: dict, layers: list[str]) -> set | None:
     return {k for n, k in kinds if k in RATE_KINDS}
 
 
-def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable[[], set | None],
-             layers: list[str]) -> bool:
+def _matters(
+    key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable[[], set | None], layers: list[str]
+) -> bool:
     """Whether a setting that differs between runs says something about this record of this run."""
     if cfg.get(key) is None:  # init.variance of a kaiming run says nothing
         return False
@@ -291,9 +345,10 @@ def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable
         known = kinds()
         return known is None or key.split(".")[2] in known
     if key.startswith("pruning.layer_rates."):
-        pattern = key[len("pruning.layer_rates."):]
-        return not layers or any(fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".weight")
-                                 for n in layers)
+        pattern = key[len("pruning.layer_rates.") :]
+        return not layers or any(
+            fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".weight") for n in layers
+        )
     if key == "pruning.rate" and cfg.get("pruning.scope") != "global":
         known = kinds()  # the default rate of the kinds without a per-kind rate
         return known is None or any(k not in RATE_KINDS or cfg.get(f"pruning.rates.{k}") is None for k in known)
@@ -302,16 +357,21 @@ def _matters(key: str, cfg: dict, branch: str, dense_only: bool, kinds: Callable
 
 # --- labels --------------------------------------------------------------------------------------------------------
 
+
 def method_label(cfg: dict, settings: Sequence[str] = (), scope: bool = False) -> str:
     """A run's pruning method in words, from its flattened config: 'SynFlow at init (100 rounds)', 'IMP (magnitude),
     rewound to 500it', 'one-shot magnitude after training'. `settings`: criterion keys to show (those that differ).
     A criterion this process does not know (a user's, not imported) is named by its name."""
     from lottery.pruning import CRITERIA
+
     name = cfg.get("pruning.criterion.name") or "magnitude"
     crit = CRITERIA.get(name)
     text = crit.label if crit is not None else str(name)
-    shown = [f"{k.rsplit('.', 1)[1]}={cfg.get(k)}" for k in settings if k in cfg and k != "pruning.criterion.name"
-             and cfg.get(k) is not None]
+    shown = [
+        f"{k.rsplit('.', 1)[1]}={cfg.get(k)}"
+        for k in settings
+        if k in cfg and k != "pruning.criterion.name" and cfg.get(k) is not None
+    ]
     if shown:
         text += f" ({', '.join(shown)})"
     when = (crit.when if crit is not None and crit.when else None) or cfg.get("pruning.when") or "after_training"
@@ -322,12 +382,14 @@ def method_label(cfg: dict, settings: Sequence[str] = (), scope: bool = False) -
     rewind = str(cfg.get("pruning.rewind") or "0")
     scope_name = cfg.get("pruning.scope") or "layerwise"
     densities = {"uniform": ", uniform densities", "er": ", ER densities", "erk": ", ERK densities"}.get(
-        scope_name, f", {scope_name}" if scope else "")  # layerwise / global only where runs differ in it
+        scope_name, f", {scope_name}" if scope else ""
+    )  # layerwise / global only where runs differ in it
     dst = cfg.get("dst.name") or "none"
     if dst == "gmp":  # gradual magnitude pruning: its own distribution of each step's count over the layers
         dist = cfg.get("dst.distribution") or "uniform"
-        return "gradual magnitude pruning" + ({"uniform": ", uniform densities", "er": ", ER densities",
-                                               "erk": ", ERK densities"}.get(dist, f", {dist}"))
+        return "gradual magnitude pruning" + (
+            {"uniform": ", uniform densities", "er": ", ER densities", "erk": ", ERK densities"}.get(dist, f", {dist}")
+        )
     if dst != "none":  # dynamic sparse training: its rule names the method (SET, RigL), from random masks
         return {"set": "SET", "rigl": "RigL"}.get(dst, str(dst)) + densities
     if when == "at_init":
@@ -341,19 +403,22 @@ def method_label(cfg: dict, settings: Sequence[str] = (), scope: bool = False) -
     if retrain == "finetune":
         return text + densities + ", fine-tuned"
     if retrain == "lr_rewind":
-        return text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep")
-                                   else f", LR rewound to {rewind}")
+        return (
+            text + densities + (", LR rewound to 0" if rewind in ("0", "0it", "0ep") else f", LR rewound to {rewind}")
+        )
     return text + densities + (", original init" if rewind in ("0", "0it", "0ep") else f", rewound to {rewind}")
 
 
 def branch_order() -> list[str]:
     from lottery.branches import BRANCHES
+
     return ["ticket", "retrain", *[b for b in BRANCHES if b != "retrain"]]
 
 
 def branch_label(branch: str) -> str:
     """The registered branch's legend text, or its name for a branch this process does not know."""
     from lottery.branches import label
+
     return label(branch)
 
 
@@ -367,8 +432,11 @@ def ticket_label(row: dict) -> str:
 def label(row: dict) -> str:
     """A line's legend text from one of its rows: the ticket (or control) and the settings that make its condition."""
     branch = row["branch"]
-    extra = [f"{k.removesuffix('.name')}={v}" for k, v in row.get("_settings", ()) if "method" not in row
-             or not is_method_key(k)]
+    extra = [
+        f"{k.removesuffix('.name')}={v}"
+        for k, v in row.get("_settings", ())
+        if "method" not in row or not is_method_key(k)
+    ]
     if "method" in row:  # methods differ: the method names the line, its keys are left out of the brackets
         text = row["method"] if branch == "ticket" else f"{branch_label(branch)}: {row['method']}"
     else:
@@ -377,6 +445,7 @@ def label(row: dict) -> str:
 
 
 # --- collecting ----------------------------------------------------------------------------------------------------
+
 
 def _dense_only(cfg: dict, records: list, partial: bool) -> bool:
     """A run that prunes nothing (pruning=none: one level, no target): its records are the dense network's."""
@@ -405,9 +474,11 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
     method_keys = [k for k in swept if is_method_key(k)]
     criterion_settings = [k for k in method_keys if k.startswith("pruning.criterion.")]
     # layerwise against global ranking is named in the labels only where runs differ in it (a distribution always is)
-    _scopes_differ = len({c.get("pruning.scope") or "layerwise" for c in configs.values()} - {"uniform", "er", "erk"}) \
-        > 1
+    _scopes_differ = (
+        len({c.get("pruning.scope") or "layerwise" for c in configs.values()} - {"uniform", "er", "erk"}) > 1
+    )
     from lottery.config import REPLICATE_KEYS
+
     rows = []
     for d in runs:
         cfg = configs.get(d, {})
@@ -415,8 +486,14 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
         summary = d / "summary.json"
         records, why = read_summary(summary, warn)
         if records is None:
-            rows.append({"run_dir": str(d), "overrides": overrides, "error": f"unreadable summary.json: {why}",
-                         "_unreadable": True})
+            rows.append(
+                {
+                    "run_dir": str(d),
+                    "overrides": overrides,
+                    "error": f"unreadable summary.json: {why}",
+                    "_unreadable": True,
+                }
+            )
             continue
         err = d / "error.txt"
         # a run that failed after its last finished unit: its summary is partial, say so
@@ -425,8 +502,9 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
         except OSError:
             error = None
         dense_only = _dense_only(cfg, records, error is not None)
-        layer_names = list(dict.fromkeys(n for r in records if isinstance(r.get("layer_density"), dict)
-                                         for n in r["layer_density"]))
+        layer_names = list(
+            dict.fromkeys(n for r in records if isinstance(r.get("layer_density"), dict) for n in r["layer_density"])
+        )
         kinds_cache: list = []
 
         def kinds(raw_cfg=raw.get(d) or {}, layers=layer_names, cache=kinds_cache):  # noqa: B008 - this run's, now
@@ -434,13 +512,20 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
                 cache.append(pruned_kinds(raw_cfg, layers))
             return cache[0]
 
-        method = (DENSE_LABEL if dense_only else method_label(cfg, criterion_settings, "pruning.scope" in method_keys
-                                                              and _scopes_differ)) if method_keys else None
+        method = (
+            (
+                DENSE_LABEL
+                if dense_only
+                else method_label(cfg, criterion_settings, "pruning.scope" in method_keys and _scopes_differ)
+            )
+            if method_keys
+            else None
+        )
         for rec in records:
             row: dict[str, Any] = {"run_dir": str(d), "overrides": overrides}
             row.update({k: v for k, v in rec.items() if k not in ("layer_density", "instability_by_step")})
             by_step = rec.get("instability_by_step")
-            for k, by_split in (by_step.items() if isinstance(by_step, dict) else ()):
+            for k, by_split in by_step.items() if isinstance(by_step, dict) else ():
                 if isinstance(by_split, dict):
                     row.update({f"instability_{split}_k{k}": v for split, v in by_split.items()})
             row["percent_remaining"] = 100 * float(rec["weights_remaining"])
@@ -451,8 +536,9 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
             density = rec.get("layer_density")
             row.update({f"density.{name}": v for name, v in (density.items() if isinstance(density, dict) else ())})
             row.update({f"cfg.{k}": cfg.get(k) for k in swept})
-            row["_settings"] = [(k, cfg.get(k)) for k in swept
-                                if _matters(k, cfg, rec["branch"], dense_only, kinds, layer_names)]
+            row["_settings"] = [
+                (k, cfg.get(k)) for k in swept if _matters(k, cfg, rec["branch"], dense_only, kinds, layer_names)
+            ]
             row["_dense_only"] = dense_only
             row["_criterion"] = cfg.get("pruning.criterion.name")
             row["_imports"] = cfg.get("imports")
@@ -464,8 +550,11 @@ def collect_runs(paths, warn: Warn | None = None) -> list[dict]:
                 row["error"] = error
             rows.append(row)
     for d in failed:
-        error = _error(d / "error.txt") if (d / "error.txt").exists() else \
-            "no finished unit: still running, or stopped before its first level ended"
+        error = (
+            _error(d / "error.txt")
+            if (d / "error.txt").exists()
+            else "no finished unit: still running, or stopped before its first level ended"
+        )
         rows.append({"run_dir": str(d), "overrides": _overrides(d, warn), "error": error})
     return rows
 
@@ -478,6 +567,7 @@ def condition(row: dict) -> str:
 def write_table(rows: list[dict], path_csv) -> Path:
     """All rows as CSV; columns are the union over rows (known ones first), dict and list values as JSON."""
     import csv
+
     path = Path(path_csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     seen = dict.fromkeys(c for c in FIRST_COLUMNS if any(c in r for r in rows))
@@ -487,16 +577,30 @@ def write_table(rows: list[dict], path_csv) -> Path:
         w = csv.DictWriter(f, fieldnames=list(seen), restval="")
         w.writeheader()
         for r in rows:
-            w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                        for k, v in r.items() if not k.startswith("_")})
+            w.writerow(
+                {
+                    k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+                    for k, v in r.items()
+                    if not k.startswith("_")
+                }
+            )
     return path
 
 
 def method_rank(method: str) -> tuple:
     """IMP (the ceiling) first, then one-shot after training, random at init (the floor), the other methods, and the
     dense network last."""
-    kind = 0 if method.startswith("IMP") else 1 if method.startswith("one-shot") else \
-        2 if method.startswith("random") else 4 if method == DENSE_LABEL else 3
+    kind = (
+        0
+        if method.startswith("IMP")
+        else 1
+        if method.startswith("one-shot")
+        else 2
+        if method.startswith("random")
+        else 4
+        if method == DENSE_LABEL
+        else 3
+    )
     return kind, method
 
 
@@ -519,5 +623,8 @@ def settings_text(row: dict, shown: dict, methods: bool) -> str:
     """The settings of a row that its panel shows: 'init=kaiming_normal, pruning.rates.conv=0.3' (method keys left
     out where the method names them)."""
     keys = shown.get(panel_of(row), set())
-    return ", ".join(f"{k.removesuffix('.name')}={v}" for k, v in row.get("_settings", ())
-                     if k in keys and not (methods and is_method_key(k)))
+    return ", ".join(
+        f"{k.removesuffix('.name')}={v}"
+        for k, v in row.get("_settings", ())
+        if k in keys and not (methods and is_method_key(k))
+    )

@@ -4,6 +4,7 @@ runs differ in their pruning method, every method against IMP and each method's 
 A unit whose training diverged (`diverged: true` in its record, see lottery/core/divergence.py) has no accuracy: the
 figures mark it with a red x at the bottom of the panel, at its sparsity, instead of a point on a curve.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,6 +28,7 @@ DENSE_LINE = {"color": "k", "linestyle": (0, (1, 1)), "linewidth": 1.2}
 
 
 # --- lines ---------------------------------------------------------------------------------------------------------
+
 
 def _curves(rows: list[dict], y_key: str) -> dict:
     """{(model, dataset): {condition: (label, xs, mean, lo, hi, n)}} with x in percent of weights remaining."""
@@ -52,8 +54,14 @@ def _curves(rows: list[dict], y_key: str) -> dict:
         levels = sorted(by_level)
         xs = [sum(p[0] for p in by_level[lv]) / len(by_level[lv]) for lv in levels]
         ys = [[p[1] for p in by_level[lv]] for lv in levels]
-        out[panel][cond] = (labels[(panel, cond)][0], xs, [sum(v) / len(v) for v in ys], [min(v) for v in ys],
-                            [max(v) for v in ys], max(len(v) for v in ys))
+        out[panel][cond] = (
+            labels[(panel, cond)][0],
+            xs,
+            [sum(v) / len(v) for v in ys],
+            [min(v) for v in ys],
+            [max(v) for v in ys],
+            max(len(v) for v in ys),
+        )
     return out
 
 
@@ -71,17 +79,20 @@ def _draw(ax, panel, curves: dict, style: Style, legend, scale: float = 1.0, **p
         ax.plot(xs, [scale * v for v in mean], markersize=4, linewidth=1.5, label=f"_{text} (n={n})", **kw)
         legend.add(group, branch, n)
         if n > 1:
-            ax.fill_between(xs, [scale * v for v in lo], [scale * v for v in hi], color=kw["color"], alpha=0.15,
-                            linewidth=0)
+            ax.fill_between(
+                xs, [scale * v for v in lo], [scale * v for v in hi], color=kw["color"], alpha=0.15, linewidth=0
+            )
 
 
 def _minor_label(lowest: float):
     """Minor log ticks: all labelled when the axis spans little more than a decade, else only 2x and 5x ones."""
+
     def fmt(v, _):
         if v <= 0:
             return ""
         mantissa = round(v / 10 ** math.floor(math.log10(v)))
         return f"{v:.2g}" if 100 / max(lowest, 1e-9) < 30 or mantissa in (2, 5) else ""
+
     return fmt
 
 
@@ -109,8 +120,17 @@ def _diverged(rows: list[dict]) -> dict:
 def _mark_diverged(ax, xs: list[float]) -> None:
     """Red x's at the bottom of the panel (y in axes coordinates, so they never move the accuracy scale)."""
     if xs:
-        ax.plot(xs, [0.04] * len(xs), "x", color="red", markersize=7, mew=2, clip_on=False, label=DIVERGED_LABEL,
-                transform=blended_transform_factory(ax.transData, ax.transAxes))
+        ax.plot(
+            xs,
+            [0.04] * len(xs),
+            "x",
+            color="red",
+            markersize=7,
+            mew=2,
+            clip_on=False,
+            label=DIVERGED_LABEL,
+            transform=blended_transform_factory(ax.transData, ax.transAxes),
+        )
 
 
 def _at_chance(rows: list[dict], y_key: str) -> dict:
@@ -125,8 +145,17 @@ def _at_chance(rows: list[dict], y_key: str) -> dict:
 def _mark_at_chance(ax, points: list) -> None:
     """Black rings around the points of units that learned nothing: measured, but not a result to compare."""
     if points:
-        ax.plot([x for x, _ in points], [y for _, y in points], "o", mfc="none", mec="black", markersize=10, mew=1.2,
-                label=AT_CHANCE_LABEL, zorder=5)
+        ax.plot(
+            [x for x, _ in points],
+            [y for _, y in points],
+            "o",
+            mfc="none",
+            mec="black",
+            markersize=10,
+            mew=1.2,
+            label=AT_CHANCE_LABEL,
+            zorder=5,
+        )
 
 
 def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
@@ -141,6 +170,7 @@ def _attempt(what: str, warn: Warn, fn, *args) -> list[Path]:
 
 # --- figures -------------------------------------------------------------------------------------------------------
 
+
 def make_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> list[Path]:
     """The lottery-ticket figure, early-stop iteration and per-layer density, each as PNG and SVG; with the lmc
     branch its figures; when methods differ the methods and ablations figures."""
@@ -151,6 +181,7 @@ def make_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> list[Pa
     if not rows:
         return []
     from lottery.report.lmc import make_lmc_figures
+
     written = _attempt("lmc_path / instability", warn, make_lmc_figures, rows, out_dir, warn)
     # the lmc branch has its own figures; its record's accuracy is one of its copies', not a condition of its own
     rows = [r for r in rows if r["branch"] != LMC]
@@ -174,14 +205,18 @@ def _accuracy_figures(rows, out_dir: Path, style: Style, final: dict, n_max: int
 
     # 1. accuracy vs sparsity: at the end of training and at the early-stop iteration
     legend = style.legend()
-    fig, axes = plt.subplots(len(panels), 1 + has_early, figsize=(6 + 6 * has_early, 4.3 * len(panels)),
-                             squeeze=False, sharey="row")
-    chance = {"test_accuracy": _at_chance(rows, "test_accuracy"),
-              "early_stop_test_accuracy": _at_chance(rows, "early_stop_test_accuracy")}
+    fig, axes = plt.subplots(
+        len(panels), 1 + has_early, figsize=(6 + 6 * has_early, 4.3 * len(panels)), squeeze=False, sharey="row"
+    )
+    chance = {
+        "test_accuracy": _at_chance(rows, "test_accuracy"),
+        "early_stop_test_accuracy": _at_chance(rows, "early_stop_test_accuracy"),
+    }
     for i, panel in enumerate(panels):
-        for ax, curves, what, key in ((axes[i][0], final.get(panel, {}), "at the end of training", "test_accuracy"),
-                                      (axes[i][-1], early.get(panel, {}), "at early stop (min. validation loss)",
-                                       "early_stop_test_accuracy"))[:1 + has_early]:
+        for ax, curves, what, key in (
+            (axes[i][0], final.get(panel, {}), "at the end of training", "test_accuracy"),
+            (axes[i][-1], early.get(panel, {}), "at early stop (min. validation loss)", "early_stop_test_accuracy"),
+        )[: 1 + has_early]:
             _draw(ax, panel, curves, style, legend, scale=100)
             _mark_diverged(ax, diverged.get(panel, []))
             _mark_at_chance(ax, chance[key].get(panel, []))
@@ -189,8 +224,9 @@ def _accuracy_figures(rows, out_dir: Path, style: Style, final: dict, n_max: int
             percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
             ax.set_title(f"{panel[0]} on {panel[1]}: test accuracy {what}", fontsize=9.5)
         axes[i][0].set_ylabel("Test accuracy (%)")
-    written += _finish(fig, legend, f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", out_dir,
-                       "lottery_ticket")
+    written += _finish(
+        fig, legend, f"Lottery tickets vs controls across IMP levels ({_band_note(n_max)})", out_dir, "lottery_ticket"
+    )
 
     # 2. early-stop iteration vs sparsity (runs without a validation split have none)
     if has_early:
@@ -205,8 +241,9 @@ def _accuracy_figures(rows, out_dir: Path, style: Style, final: dict, n_max: int
             percent_axis(ax, [x for c in curves.values() for x in c[1]] + diverged.get(panel, []))
             ax.set_ylabel("Early-stop iteration\n(min validation loss)")
             ax.set_title(f"{panel[0]} on {panel[1]}: when training stops improving", fontsize=10)
-        written += _finish(fig, legend, f"Early-stop iteration across IMP levels ({_band_note(n_max)})", out_dir,
-                           "early_stop")
+        written += _finish(
+            fig, legend, f"Early-stop iteration across IMP levels ({_band_note(n_max)})", out_dir, "early_stop"
+        )
     return written
 
 
@@ -242,9 +279,13 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
     for panel, group in sorted(tickets_of, key=lambda pg: (pg[0], method_rank(pg[1]), pg[1])):
         by_density = tickets_of[(panel, group)][0].get("method") is not None
         keys, curves, overall = _densities(tickets_of[(panel, group)], by_density)
-        signature = (panel, by_density, tuple(keys), tuple(overall),
-                     tuple((k, tuple(round(v, 9) if not math.isnan(v) else None for v in vs))
-                           for k, vs in curves.items()))
+        signature = (
+            panel,
+            by_density,
+            tuple(keys),
+            tuple(overall),
+            tuple((k, tuple(round(v, 9) if not math.isnan(v) else None for v in vs)) for k, vs in curves.items()),
+        )
         panels.setdefault(signature, []).append(group)
         data[signature] = (keys, curves, overall, by_density)
     if not panels:
@@ -252,7 +293,7 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(9.5 * ncols, 4.6 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (signature, groups) in zip(axes.flat, panels.items()):
         panel = signature[0]
@@ -266,11 +307,23 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
             # sideways offsets within +-0.12 of a level: nearly equal lines stay apart, points stay at their level
             offset = 0.24 * (j / (len(lines) - 1) - 0.5) if len(lines) > 1 else 0.0
             short = [n.removeprefix("density.") for n in names]
-            text = short[0] if len(short) == 1 else " = ".join(short) if len(short) <= 3 else \
-                f"{short[0]} = ... = {short[-1]} ({len(short)} layers)"
-            ax.plot([x + offset for x in xs], curves[names[0]], color=PALETTE[j % len(PALETTE)],
-                    marker=MARKERS[j % len(MARKERS)], linestyle=LINESTYLES[(j // len(PALETTE)) % len(LINESTYLES)],
-                    markersize=4, linewidth=1.3, label=text)
+            text = (
+                short[0]
+                if len(short) == 1
+                else " = ".join(short)
+                if len(short) <= 3
+                else f"{short[0]} = ... = {short[-1]} ({len(short)} layers)"
+            )
+            ax.plot(
+                [x + offset for x in xs],
+                curves[names[0]],
+                color=PALETTE[j % len(PALETTE)],
+                marker=MARKERS[j % len(MARKERS)],
+                linestyle=LINESTYLES[(j // len(PALETTE)) % len(LINESTYLES)],
+                markersize=4,
+                linewidth=1.3,
+                label=text,
+            )
         ax.plot(xs, overall, color="k", linestyle=(0, (4, 2)), linewidth=1.2, label="all prunable weights")
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
@@ -285,15 +338,31 @@ def _layer_density(rows, out_dir: Path, style: Style) -> list[Path]:
             ax.set_xlabel("IMP level (and overall weights remaining)")
         ax.set_ylabel("Weights remaining in the layer (%, log scale)")
         names = [style.group_text.get(g) or g for g in groups if g]
-        which = "" if not names else f"\n{names[0]}" if len(names) == 1 else \
-            f"\n{', '.join(names)} (the same densities)" if len(names) <= 3 else \
-            f"\n{len(names)} conditions with the same densities: {names[0]}, ..., {names[-1]}"
-        ax.set_title(f"{panel[0]} on {panel[1]}: per-layer density of the "
-                     + ("mask" if by_density else "ticket mask") + which, fontsize=10)
+        which = (
+            ""
+            if not names
+            else f"\n{names[0]}"
+            if len(names) == 1
+            else f"\n{', '.join(names)} (the same densities)"
+            if len(names) <= 3
+            else f"\n{len(names)} conditions with the same densities: {names[0]}, ..., {names[-1]}"
+        )
+        ax.set_title(
+            f"{panel[0]} on {panel[1]}: per-layer density of the " + ("mask" if by_density else "ticket mask") + which,
+            fontsize=10,
+        )
         ax.grid(True, alpha=0.3)
         note = "layer (equal densities share a line;\nothers slightly apart sideways)"
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False, title=note,
-                  title_fontsize=7, handlelength=3, ncol=2 if len(lines) > 14 else 1)
+        ax.legend(
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize=7,
+            frameon=False,
+            title=note,
+            title_fontsize=7,
+            handlelength=3,
+            ncol=2 if len(lines) > 14 else 1,
+        )
     fig.tight_layout()
     return save(fig, out_dir, "layer_density")
 
@@ -305,8 +374,15 @@ def _cost_figure(rows: list[dict], panels: list, out_dir: Path, n_max: int, styl
     legend = style.legend()
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        tickets = [r for r in rows if panel_of(r) == panel and r["branch"] == "ticket" and not r.get("diverged")
-                   and number(r.get("cost_flops")) and number(r.get("test_accuracy")) is not None]
+        tickets = [
+            r
+            for r in rows
+            if panel_of(r) == panel
+            and r["branch"] == "ticket"
+            and not r.get("diverged")
+            and number(r.get("cost_flops"))
+            and number(r.get("test_accuracy")) is not None
+        ]
         by_line: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
         for r in tickets:
             if r["level"]:
@@ -321,13 +397,18 @@ def _cost_figure(rows: list[dict], panels: list, out_dir: Path, n_max: int, styl
             ax.plot(xs, [sum(a) / len(a) for a in accs], markersize=4, linewidth=1.6, label=f"_{cond}", **kw)
             legend.add(group, branch, n, group_label=style.group_text.get(group) or group)
             if n > 1:
-                ax.fill_between(xs, [min(a) for a in accs], [max(a) for a in accs], color=kw["color"], alpha=0.15,
-                                linewidth=0)
+                ax.fill_between(
+                    xs, [min(a) for a in accs], [max(a) for a in accs], color=kw["color"], alpha=0.15, linewidth=0
+                )
         dense = {r["_replicate"]: r for r in tickets if r["level"] == 0}.values()
         if dense:
-            ax.plot([sum(r["cost_flops"] for r in dense) / len(dense)],
-                    [100 * sum(r["test_accuracy"] for r in dense) / len(dense)], "k*", markersize=11,
-                    label=f"dense network (n={len(dense)})")
+            ax.plot(
+                [sum(r["cost_flops"] for r in dense) / len(dense)],
+                [100 * sum(r["test_accuracy"] for r in dense) / len(dense)],
+                "k*",
+                markersize=11,
+                label=f"dense network (n={len(dense)})",
+            )
         legend.add_extra(ax)
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs of the ticket, with the levels its masks needed (log scale)")
@@ -350,9 +431,18 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
 
     def dense(ax, panel):
         # one dense network per replicate: the level 0 of every run of that seed is the same training
-        accs = [a for a in {r["_replicate"]: number(r.get("test_accuracy")) for r in rows if panel_of(r) == panel
-                            and r["branch"] == "ticket" and r["level"] == 0
-                            and number(r.get("test_accuracy")) is not None}.values() if a is not None]
+        accs = [
+            a
+            for a in {
+                r["_replicate"]: number(r.get("test_accuracy"))
+                for r in rows
+                if panel_of(r) == panel
+                and r["branch"] == "ticket"
+                and r["level"] == 0
+                and number(r.get("test_accuracy")) is not None
+            }.values()
+            if a is not None
+        ]
         if accs:
             ax.axhline(100 * sum(accs) / len(accs), label=f"dense network (n={len(accs)})", **DENSE_LINE)
 
@@ -368,12 +458,19 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
             m = style.rep[(panel, cond)]["method"]
             role = " (ceiling)" if m.startswith("IMP") else " (floor)" if m.startswith("random") else ""
             kw = style.line(group, branch)
-            ax.plot(xs, [100 * v for v in mean], markersize=4, linewidth=2.2 if m.startswith("IMP") else 1.5,
-                    label=f"_{text}{role} (n={n})", **kw)
+            ax.plot(
+                xs,
+                [100 * v for v in mean],
+                markersize=4,
+                linewidth=2.2 if m.startswith("IMP") else 1.5,
+                label=f"_{text}{role} (n={n})",
+                **kw,
+            )
             legend.add(group, branch, n, group_label=f"{style.group_text.get(group) or group}{role}")
             if n > 1:
-                ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], color=kw["color"], alpha=0.15,
-                                linewidth=0)
+                ax.fill_between(
+                    xs, [100 * v for v in lo], [100 * v for v in hi], color=kw["color"], alpha=0.15, linewidth=0
+                )
         dense(ax, panel)
         legend.add_extra(ax)
         percent_axis(ax, [x for c in curves.values() for x in c[1]])
@@ -407,4 +504,3 @@ def _method_figures(rows: list[dict], out_dir: Path, n_max: int, style: Style) -
             ax.set_ylabel("Test accuracy (%)")
     written += _finish(fig, legend, f"Ablations of each method's masks ({_band_note(n_max)})", out_dir, "ablations")
     return written
-

@@ -3,6 +3,7 @@ line between the two copies, one line per level and step k; `instability`, the e
 line per level) and against weights remaining (one line per k). Mean over replicates, min-max band. Test is drawn
 solid and train dashed, and the legends show it: a section of colours (levels or k) and one of line styles (splits).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,12 @@ def _legend(ax, colours: list[tuple], title: str, splits: bool = True) -> None:
     """Beside the axes: the colours (label, colour, n) under `title`, then the splits' line styles."""
     sections = [(title, [(Line2D([], [], color=c, linewidth=2.5), f"{lab} ({n_text(ns)})") for lab, c, ns in colours])]
     if splits:
-        sections.append(("split (line style)", [(Line2D([], [], color=NEUTRAL, linestyle=style, linewidth=1.5), split)
-                                                for split, style in SPLITS]))
+        sections.append(
+            (
+                "split (line style)",
+                [(Line2D([], [], color=NEUTRAL, linestyle=style, linewidth=1.5), split) for split, style in SPLITS],
+            )
+        )
     section_legend(ax, sections, anchor=(1.02, 1.0), fontsize=7)
 
 
@@ -125,8 +130,11 @@ def make_lmc_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> lis
             ax.set_title(f"{_title(group)}: {split} error on the line between the copies", fontsize=9.5)
             ax.grid(True, alpha=0.3)
         _legend(axes[i][1], colours, "weights remaining, step k", splits=False)
-    fig.suptitle("Linear mode connectivity: two copies trained from step k on different data orders "
-                 "(line: mean over seeds, band: min to max)", fontsize=10.5)
+    fig.suptitle(
+        "Linear mode connectivity: two copies trained from step k on different data orders "
+        "(line: mean over seeds, band: min to max)",
+        fontsize=10.5,
+    )
     fig.tight_layout()
     written += save(fig, out_dir, "lmc_path")
 
@@ -181,8 +189,11 @@ def make_lmc_figures(rows: list[dict], out_dir, warn: Warn | None = None) -> lis
             ax.set_ylabel("error barrier (percentage points)")
             ax.axhline(0, color="k", linewidth=0.6)
             ax.grid(True, alpha=0.3)
-    fig.suptitle("Instability: max error on the path minus the mean error of its ends "
-                 "(solid: test, dashed: train; mean over seeds, band: min to max)", fontsize=10.5)
+    fig.suptitle(
+        "Instability: max error on the path minus the mean error of its ends "
+        "(solid: test, dashed: train; mean over seeds, band: min to max)",
+        fontsize=10.5,
+    )
     fig.tight_layout()
     written += save(fig, out_dir, "instability")
     return written

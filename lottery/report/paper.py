@@ -17,6 +17,7 @@ A relative number (difference, ratio, speedup against the dense network) is comp
 replicate's own dense level, then averaged. Writes paper.md, paper.csv and paper.png/.svg (the paper's points with
 their bars, ours with ours, on the same axes).
 """
+
 from __future__ import annotations
 
 import csv
@@ -36,6 +37,7 @@ DENSITY_TOLERANCE = 0.05  # relative: the paper prints densities to 3 digits (21
 
 
 # --- one number against one condition's records --------------------------------------------------------------------
+
 
 def _at_density(records: list[dict], branch: str, density: float) -> dict | None:
     """The record of `branch` nearest to `density` (percent remaining), if one is within DENSITY_TOLERANCE."""
@@ -106,16 +108,21 @@ def compare(n: dict, records: list[dict]) -> dict:
         values.append(value)
         densities.append(rec["percent_remaining"])
     if not values:
-        reached = [r["percent_remaining"] for r in records if r.get("branch") == branch
-                   and number(r.get("percent_remaining")) is not None]
+        reached = [
+            r["percent_remaining"]
+            for r in records
+            if r.get("branch") == branch and number(r.get("percent_remaining")) is not None
+        ]
         if missing:
             what = f"step k={n['lmc_step']}" if n.get("lmc_step") is not None else n["metric"]
             out["reason"] = f"this run's {branch} records at {n['density']}% have no {what}"
         elif relative != "none" and _at_density(records, "ticket", 100.0) is None:
             out["reason"] = "this run has no dense level (level 0) to compare against"
         else:
-            out["reason"] = (f"this run reached no level at {n['density']}% of the weights (its {branch} records go "
-                             f"down to {min(reached):.3g}%)")
+            out["reason"] = (
+                f"this run reached no level at {n['density']}% of the weights (its {branch} records go "
+                f"down to {min(reached):.3g}%)"
+            )
         return out
     ours = _stats(values)
     out["ours"], out["our_density"] = ours, statistics.fmean(densities)
@@ -134,6 +141,7 @@ def compare(n: dict, records: list[dict]) -> dict:
 
 # --- text ----------------------------------------------------------------------------------------------------------
 
+
 def _fmt(v: float, like: float | None = None) -> str:
     """`v` to the decimals its scale (or that of `like`, the value its spread belongs to) calls for: 98.31, 0.623."""
     scale = abs(v if like is None else like)
@@ -145,8 +153,11 @@ def published_text(n: dict) -> str:
     bound = {"above": "more than ", "below": "less than "}.get(n.get("bound") or "", "")
     kind = s["kind"]
     if kind == "min_max":
-        spread = (f" (min–max {_fmt(s['low'], v)}–{_fmt(s['high'], v)})" if "low" in s
-                  else f" ± {_fmt(s['plus_minus'], v)} (min/max)")
+        spread = (
+            f" (min–max {_fmt(s['low'], v)}–{_fmt(s['high'], v)})"
+            if "low" in s
+            else f" ± {_fmt(s['plus_minus'], v)} (min/max)"
+        )
     elif kind == "std":
         spread = f" ± {_fmt(s['plus_minus'], v)} (std)"
     elif kind == "unstated":
@@ -164,14 +175,16 @@ def ours_text(result: dict, n: dict) -> str:
     if not o:
         return "—"
     m = o["mean"]
-    extra = f", min–max {_fmt(o['min'], m)}–{_fmt(o['max'], m)}" if n["spread"]["kind"] == "min_max" and o["n"] > 1 \
-        else ""
+    extra = (
+        f", min–max {_fmt(o['min'], m)}–{_fmt(o['max'], m)}" if n["spread"]["kind"] == "min_max" and o["n"] > 1 else ""
+    )
     return f"{_fmt(m)} ± {_fmt(o['std'], m)} (n={o['n']}{extra})"
 
 
 def what(n: dict) -> str:
     rel = {"none": "", "difference": " minus dense", "ratio": " / dense", "speedup": ": dense / ours"}[
-        n.get("relative", "none")]
+        n.get("relative", "none")
+    ]
     step = f" (k={n['lmc_step']})" if n.get("lmc_step") is not None else ""
     return f"{n['metric']}{step}{rel}, {n.get('branch', 'ticket')}"
 
@@ -183,6 +196,7 @@ def place_text(n: dict, block: dict) -> str:
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
+
 
 def groups(rows: list[dict], warn: Warn) -> list[dict]:
     """The collected runs as conditions: runs with the same paper block, experiment name and swept settings (every
@@ -200,8 +214,16 @@ def groups(rows: list[dict], warn: Warn) -> list[dict]:
         block = blocks[d]
         settings = tuple((k[4:], r.get(k)) for k in swept if r.get(k) is not None)
         key = (json.dumps(block, sort_keys=True), str(r.get("experiment")), settings)
-        g = out.setdefault(key, {"block": block, "experiment": str(r.get("experiment")), "settings": settings,
-                                 "records": [], "run_dirs": set()})
+        g = out.setdefault(
+            key,
+            {
+                "block": block,
+                "experiment": str(r.get("experiment")),
+                "settings": settings,
+                "records": [],
+                "run_dirs": set(),
+            },
+        )
         g["records"].append(r)
         g["run_dirs"].add(d)
     return list(out.values())
@@ -233,15 +255,29 @@ def paper_report(rows: list[dict], out_dir, warn: Warn | None = None) -> tuple[l
             continue
         results = [(n, compare(n, g["records"])) for n in block["numbers"]]
         for n, res in results:
-            table.append({"condition": label(g), "claim": n["claim"], "place": place_text(n, block),
-                          "metric": what(n), "density": n["density"],
-                          "our_density": None if res["our_density"] is None else round(res["our_density"], 3),
-                          "published": published_text(n), "published_value": n["value"],
-                          "published_low": published_interval(n)[0], "published_high": published_interval(n)[1],
-                          "ours": ours_text(res, n),
-                          "our_mean": (res["ours"] or {}).get("mean"), "our_std": (res["ours"] or {}).get("std"),
-                          "our_n": (res["ours"] or {}).get("n", 0), "verdict": res["verdict"],
-                          "reason": res["reason"], "_n": n, "_res": res, "_group": label(g)})
+            table.append(
+                {
+                    "condition": label(g),
+                    "claim": n["claim"],
+                    "place": place_text(n, block),
+                    "metric": what(n),
+                    "density": n["density"],
+                    "our_density": None if res["our_density"] is None else round(res["our_density"], 3),
+                    "published": published_text(n),
+                    "published_value": n["value"],
+                    "published_low": published_interval(n)[0],
+                    "published_high": published_interval(n)[1],
+                    "ours": ours_text(res, n),
+                    "our_mean": (res["ours"] or {}).get("mean"),
+                    "our_std": (res["ours"] or {}).get("std"),
+                    "our_n": (res["ours"] or {}).get("n", 0),
+                    "verdict": res["verdict"],
+                    "reason": res["reason"],
+                    "_n": n,
+                    "_res": res,
+                    "_group": label(g),
+                }
+            )
         counts = {v: sum(1 for _, r in results if r["verdict"] == v) for v in (AGREES, DISAGREES, NOT_COMPARABLE)}
         lines.append(f"{label(g)}: " + ", ".join(f"{c} {v}" for v, c in counts.items() if c))
         sections.append((g, block, results))
@@ -267,32 +303,53 @@ def _md(text) -> str:
 
 def sentence(n: dict, res: dict) -> str:
     head = {AGREES: "Agrees", DISAGREES: "Does not agree", NOT_COMPARABLE: "Cannot be compared at this scale"}[
-        res["verdict"]]
+        res["verdict"]
+    ]
     if res["verdict"] == NOT_COMPARABLE:
-        shown = (f"; ours (not compared) {ours_text(res, n)} at {res['our_density']:.3g}% of the weights"
-                 if res.get("ours") else "")
+        shown = (
+            f"; ours (not compared) {ours_text(res, n)} at {res['our_density']:.3g}% of the weights"
+            if res.get("ours")
+            else ""
+        )
         return f"{head}: {n['claim']} ({res['reason']}{shown})."
-    return (f"{head}: {n['claim']}: the paper {published_text(n)}; ours {ours_text(res, n)} at "
-            f"{res['our_density']:.3g}% of the weights.")
+    return (
+        f"{head}: {n['claim']}: the paper {published_text(n)}; ours {ours_text(res, n)} at "
+        f"{res['our_density']:.3g}% of the weights."
+    )
 
 
 def _write_md(sections, path: Path) -> Path:
-    out = ["# Published numbers beside this run", "",
-           ("Verdicts: *agrees* when the published interval (the spread as printed, or the stated tolerance where the "
+    out = [
+        "# Published numbers beside this run",
+        "",
+        (
+            "Verdicts: *agrees* when the published interval (the spread as printed, or the stated tolerance where the "
             "paper gives none) and ours (min–max where the paper's bars are min/max, else mean ± std over replicates) "
             "overlap; *cannot be compared at this scale* when the run trained fewer iterations, reached no level at "
-            "the number's density, or lacks the branch."), ""]
+            "the number's density, or lacks the branch."
+        ),
+        "",
+    ]
     for g, block, results in sections:
-        out += [f"## {label(g)}", "", f"Paper: {block['source']}", "",
-                f"What the preset changes: {' '.join(str(block['changes']).split())}", "",
-                f"Runs: {', '.join(sorted(g['run_dirs']))}", "",
-                "| claim | where | metric | density (%) | published | ours | verdict |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            f"## {label(g)}",
+            "",
+            f"Paper: {block['source']}",
+            "",
+            f"What the preset changes: {' '.join(str(block['changes']).split())}",
+            "",
+            f"Runs: {', '.join(sorted(g['run_dirs']))}",
+            "",
+            "| claim | where | metric | density (%) | published | ours | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for n, res in results:
             dens = f"{n['density']}" + (f" (ours {res['our_density']:.3g})" if res["our_density"] else "")
             verdict = res["verdict"] + (f": {res['reason']}" if res["reason"] else "")
-            out.append(f"| {_md(n['claim'])} | {_md(place_text(n, block))} | {_md(what(n))} | {dens} | "
-                       f"{_md(published_text(n))} | {_md(ours_text(res, n))} | {_md(verdict)} |")
+            out.append(
+                f"| {_md(n['claim'])} | {_md(place_text(n, block))} | {_md(what(n))} | {dens} | "
+                f"{_md(published_text(n))} | {_md(ours_text(res, n))} | {_md(verdict)} |"
+            )
         out += [""] + [f"- {sentence(n, res)}" for n, res in results] + [""]
     path.write_text("\n".join(out))
     return path
@@ -304,6 +361,7 @@ def _figure(table: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from lottery.report.style import NEUTRAL, PALETTE, percent_axis, save
+
     panels = list(dict.fromkeys(row["metric"] for row in table))
     conds = list(dict.fromkeys(row["_group"] for row in table))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
@@ -317,30 +375,62 @@ def _figure(table: list[dict], out_dir: Path) -> list[Path]:
             if n.get("bound"):
                 ax.plot([x], [v], marker="^" if n["bound"] == "above" else "v", color="black", linestyle="none")
             else:
-                ax.errorbar([x], [v], yerr=[[v - lo], [hi - v]], fmt="s", color="black", capsize=4,
-                            markerfacecolor="white")
+                ax.errorbar(
+                    [x], [v], yerr=[[v - lo], [hi - v]], fmt="s", color="black", capsize=4, markerfacecolor="white"
+                )
             xs.append(x)
             o = res.get("ours")
             if o:
                 olo, ohi = res["our_interval"]
                 colour = PALETTE[conds.index(row["_group"]) % len(PALETTE)]
                 hollow = res["verdict"] == NOT_COMPARABLE  # a shorter run's number: shown, not compared
-                ax.errorbar([res["our_density"]], [o["mean"]], yerr=[[o["mean"] - olo], [ohi - o["mean"]]], fmt="o",
-                            color=colour, capsize=4, markerfacecolor="white" if hollow else colour)
+                ax.errorbar(
+                    [res["our_density"]],
+                    [o["mean"]],
+                    yerr=[[o["mean"] - olo], [ohi - o["mean"]]],
+                    fmt="o",
+                    color=colour,
+                    capsize=4,
+                    markerfacecolor="white" if hollow else colour,
+                )
                 xs.append(res["our_density"])
         percent_axis(ax, xs)
         ax.set_title(panel, fontsize=9)
     from matplotlib.lines import Line2D
-    handles = [Line2D([], [], marker="s", color="black", markerfacecolor="white", linestyle="none",
-                      label="published (bars as printed)")]
-    handles += [Line2D([], [], marker="o", color=PALETTE[i % len(PALETTE)], linestyle="none", label=f"ours: {c}")
-                for i, c in enumerate(conds)]
+
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker="s",
+            color="black",
+            markerfacecolor="white",
+            linestyle="none",
+            label="published (bars as printed)",
+        )
+    ]
+    handles += [
+        Line2D([], [], marker="o", color=PALETTE[i % len(PALETTE)], linestyle="none", label=f"ours: {c}")
+        for i, c in enumerate(conds)
+    ]
     if any(row["_n"].get("bound") for row in table):
-        handles.append(Line2D([], [], marker="^", color="black", linestyle="none",
-                              label="published bound (▲ more than, ▼ less than)"))
+        handles.append(
+            Line2D(
+                [], [], marker="^", color="black", linestyle="none", label="published bound (▲ more than, ▼ less than)"
+            )
+        )
     if any(row["_res"]["verdict"] == NOT_COMPARABLE and row["_res"].get("ours") for row in table):
-        handles.append(Line2D([], [], marker="o", color=NEUTRAL, markerfacecolor="white", linestyle="none",
-                              label="ours, not compared (a shorter run)"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                color=NEUTRAL,
+                markerfacecolor="white",
+                linestyle="none",
+                label="ours, not compared (a shorter run)",
+            )
+        )
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=1, fontsize=8)
     fig.suptitle("Published numbers and this run", fontsize=10)
     fig.tight_layout()

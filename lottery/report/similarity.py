@@ -9,6 +9,7 @@ IMP's consecutive levels are nested, so their overlap would say nothing and is n
 mask_similarity.csv (one row per pair and layer, `all` for every layer together) and mask_similarity.png/.svg (the
 replicates' mean overlap of all weights against weights remaining, one line per condition).
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,13 +21,13 @@ from typing import Any
 from lottery import masks as M
 from lottery.report.collect import Warn, label
 
-COLUMNS = ["kind", "level", "weights_remaining", "a", "b", "replicate_a", "replicate_b", "layer", "overlap",
-           "chance"]
+COLUMNS = ["kind", "level", "weights_remaining", "a", "b", "replicate_a", "replicate_b", "layer", "overlap", "chance"]
 
 
 def _tickets(rows: list[dict], warn: Warn) -> list[tuple[dict, dict]]:
     """(row, masks) of every ticket unit (levels >= 1, not diverged) whose ticket.pt can be read."""
     from lottery.experiment.ticket import load_ticket
+
     out = []
     for r in rows:
         if r.get("branch") != "ticket" or not r.get("level") or r.get("diverged"):
@@ -49,9 +50,20 @@ def similarity_rows(rows: list[dict], warn: Warn) -> list[dict]:
         dens = M.density(ma)
         kept, total = M.count(ma)
         for layer, value in M.overlap(ma, mb).items():
-            out.append({"kind": kind, "level": level, "weights_remaining": remaining, "a": a, "b": b,
-                        "replicate_a": ra, "replicate_b": rb, "layer": layer, "overlap": value,
-                        "chance": kept / total if layer == "all" else dens[layer]})
+            out.append(
+                {
+                    "kind": kind,
+                    "level": level,
+                    "weights_remaining": remaining,
+                    "a": a,
+                    "b": b,
+                    "replicate_a": ra,
+                    "replicate_b": rb,
+                    "layer": layer,
+                    "overlap": value,
+                    "chance": kept / total if layer == "all" else dens[layer],
+                }
+            )
 
     by_condition = defaultdict(list)
     for r, m in tickets:
@@ -91,10 +103,12 @@ def write_similarity(rows: list[dict], out_dir: Path, warn: Warn) -> list[Path]:
 
 def _figure(pairs: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from lottery.report.style import percent_axis, save
+
     lines: defaultdict[Any, defaultdict[Any, list]] = defaultdict(lambda: defaultdict(list))
     chance = {}
     for s in pairs:

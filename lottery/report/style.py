@@ -10,6 +10,7 @@ branches get the colours too, as in the lottery-ticket papers' figures.
 Legends sit outside the axes, in sections: the groups (colour), then the branches (line style), then the dense line
 and the diverged marker.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,14 +36,47 @@ from lottery.report.collect import (
 )
 
 # tab10 without its red and grey, then tab20b's darkest and lightest shades that differ from those
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-           "#393b79", "#e7ba52", "#637939", "#7b4173", "#6b6ecf", "#843c39", "#b5cf6b", "#8c6d31"]
+PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#e7ba52",
+    "#637939",
+    "#7b4173",
+    "#6b6ecf",
+    "#843c39",
+    "#b5cf6b",
+    "#8c6d31",
+]
 # The methods of lottery-train's method= (conf/method/) by the start of their label, and their palette index
-METHOD_COLOURS = [("IMP", 0), ("one-shot", 1), ("random", 2), ("GraSP", 3), ("SNIP", 4), ("SynFlow", 5),
-                  ("magnitude at init", 6), ("SET", 7), ("RigL", 8)]
+METHOD_COLOURS = [
+    ("IMP", 0),
+    ("one-shot", 1),
+    ("random", 2),
+    ("GraSP", 3),
+    ("SNIP", 4),
+    ("SynFlow", 5),
+    ("magnitude at init", 6),
+    ("SET", 7),
+    ("RigL", 8),
+]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
-LINESTYLES = ["-", (0, (5, 2)), (0, (1, 1.3)), (0, (7, 2, 1.5, 2)), (0, (3, 1.5, 1, 1.5, 1, 1.5)), (0, (11, 3)),
-              (0, (2, 3.5)), (0, (8, 2, 2, 2, 2, 2))]
+LINESTYLES = [
+    "-",
+    (0, (5, 2)),
+    (0, (1, 1.3)),
+    (0, (7, 2, 1.5, 2)),
+    (0, (3, 1.5, 1, 1.5, 1, 1.5)),
+    (0, (11, 3)),
+    (0, (2, 3.5)),
+    (0, (8, 2, 2, 2, 2, 2)),
+]
 NEUTRAL = "0.3"  # the line-style keys of the legend
 NO_SETTING = "(none of the differing settings applies)"  # a group of runs none of whose differing settings matter
 HANDLE_LENGTH = 4.0  # legend lines long enough to show two periods of every dash pattern
@@ -70,19 +104,36 @@ class Style:
             groups.setdefault(self.group(r), []).append(r)
         self.groups = sorted(groups, key=lambda g: (method_rank(g), g))
         # a group of dense-only runs beside pruned ones says so
-        self.group_text = {g: g + (f" ({DENSE_LABEL})" if g and g != DENSE_LABEL and all(
-            r.get("_dense_only") for r in rs) and not all(r.get("_dense_only") for r in rows) else "")
-            for g, rs in groups.items()}
+        self.group_text = {
+            g: g
+            + (
+                f" ({DENSE_LABEL})"
+                if g
+                and g != DENSE_LABEL
+                and all(r.get("_dense_only") for r in rs)
+                and not all(r.get("_dense_only") for r in rows)
+                else ""
+            )
+            for g, rs in groups.items()
+        }
         order = branch_order()
-        self.branches = sorted({r["branch"] for r in rows},
-                               key=lambda b: (order.index(b) if b in order else len(order), b))
+        self.branches = sorted(
+            {r["branch"] for r in rows}, key=lambda b: (order.index(b) if b in order else len(order), b)
+        )
         self.by_branch = len(self.groups) <= 1
         self.group_markers = len(self.groups) > len(PALETTE)
         self.colour_of = self._colours()
         tickets = [r for r in rows if r["branch"] == "ticket"]
         pruned = [r for r in tickets if not r.get("_dense_only")]
-        self.ticket_text = DENSE_LABEL if tickets and not pruned else \
-            "ticket (each method's mask)" if self.methods else ticket_label(pruned[0]) if pruned else "ticket"
+        self.ticket_text = (
+            DENSE_LABEL
+            if tickets and not pruned
+            else "ticket (each method's mask)"
+            if self.methods
+            else ticket_label(pruned[0])
+            if pruned
+            else "ticket"
+        )
 
     def _colours(self) -> dict:
         """{group: palette index}: the built-in methods keep their own colour in every report (SNIP is the same
@@ -163,15 +214,26 @@ class Legend:
         branches = [b for b in s.branches if b in self.branches]
         out: list[tuple[str | None, list]] = []
         if s.by_branch:
-            entries = [(Line2D([], [], **s.line(groups[0] if groups else "", b), linewidth=1.5, markersize=4),
-                        f"{s.branch_text(b)} ({n_text(self.branches[b])})") for b in branches]
+            entries = [
+                (
+                    Line2D([], [], **s.line(groups[0] if groups else "", b), linewidth=1.5, markersize=4),
+                    f"{s.branch_text(b)} ({n_text(self.branches[b])})",
+                )
+                for b in branches
+            ]
             out.append((None, entries))
         else:
             entries = []
             for g in groups:
                 kw = s.line(g, "ticket")
-                handle = Line2D([], [], color=kw["color"], linewidth=2.5,
-                                marker=kw["marker"] if s.group_markers else None, markersize=5)
+                handle = Line2D(
+                    [],
+                    [],
+                    color=kw["color"],
+                    linewidth=2.5,
+                    marker=kw["marker"] if s.group_markers else None,
+                    markersize=5,
+                )
                 text = self.group_labels.get(g) or s.group_text.get(g) or g or NO_SETTING
                 entries.append((handle, f"{text} ({n_text(self.groups[g])})"))
             out.append(("Pruning method (colour)" if s.methods else "Condition (colour)", entries))
@@ -179,9 +241,20 @@ class Legend:
                 style_entries = []
                 for b in branches:
                     kw = s.line(groups[0] if groups else "", b)
-                    style_entries.append((Line2D([], [], color=NEUTRAL, linestyle=kw["linestyle"], linewidth=1.5,
-                                                 marker=None if s.group_markers else kw["marker"], markersize=4),
-                                          s.branch_text(b)))
+                    style_entries.append(
+                        (
+                            Line2D(
+                                [],
+                                [],
+                                color=NEUTRAL,
+                                linestyle=kw["linestyle"],
+                                linewidth=1.5,
+                                marker=None if s.group_markers else kw["marker"],
+                                markersize=4,
+                            ),
+                            s.branch_text(b),
+                        )
+                    )
                 out.append(("Branch (line style)", style_entries))
         if self.extra:
             out.append((None, list(zip(self.extra.values(), self.extra))))
@@ -206,8 +279,18 @@ def section_legend(where, sections, *, loc="upper left", anchor=(1.0, 1.0), font
     if not handles:
         return None
     ncol = ncol or (1 if len(handles) <= 32 else 2)
-    leg = where.legend(handles, labels, loc=loc, bbox_to_anchor=anchor, fontsize=fontsize, frameon=False, ncol=ncol,
-                       handlelength=HANDLE_LENGTH, borderaxespad=0.3, **kw)
+    leg = where.legend(
+        handles,
+        labels,
+        loc=loc,
+        bbox_to_anchor=anchor,
+        fontsize=fontsize,
+        frameon=False,
+        ncol=ncol,
+        handlelength=HANDLE_LENGTH,
+        borderaxespad=0.3,
+        **kw,
+    )
     for i in titles:
         leg.get_texts()[i].set_fontweight("bold")
     return leg

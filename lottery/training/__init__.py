@@ -12,6 +12,7 @@
 
 Imports data, masks, the config schema's dataclasses and core.
 """
+
 from lottery.training import dst, early_bird, gmp  # noqa: F401  (register the built-in updaters)
 from lottery.training.evaluation import EVAL_CHUNK, batch_sums, early_stop, eval_chunk, evaluate, metric_names
 from lottery.training.layouts import BATCHING, LAYOUTS, choose
@@ -21,26 +22,26 @@ from lottery.training.schedule import lr_schedule
 from lottery.training.updaters import UPDATERS, Layer, MaskUpdater, register_updater
 
 __all__ = [
-           "BATCHING",
-           "EVAL_CHUNK",
-           "LAYOUTS",
-           "OPTIMIZERS",
-           "UPDATERS",
-           "Hooks",
-           "Layer",
-           "MaskUpdater",
-           "Network",
-           "Training",
-           "batch_sums",
-           "choose",
-           "early_stop",
-           "eval_chunk",
-           "evaluate",
-           "lr_schedule",
-           "make_optimizer",
-           "metric_names",
-           "optimizer_settings",
-           "register_optimizer",
-           "register_updater",
-           "train",
+    "BATCHING",
+    "EVAL_CHUNK",
+    "LAYOUTS",
+    "OPTIMIZERS",
+    "UPDATERS",
+    "Hooks",
+    "Layer",
+    "MaskUpdater",
+    "Network",
+    "Training",
+    "batch_sums",
+    "choose",
+    "early_stop",
+    "eval_chunk",
+    "evaluate",
+    "lr_schedule",
+    "make_optimizer",
+    "metric_names",
+    "optimizer_settings",
+    "register_optimizer",
+    "register_updater",
+    "train",
 ]

@@ -37,6 +37,7 @@ Usage: `info = model_info(model, input_shape)` once (a deep copy of the model on
 touched), then `step_flops(info, masks, batch_size)` per mask (cheap: one count_nonzero per masked tensor), e.g.
 at every mask update of a dynamic sparse run; `TrainingCost` adds steps under changing masks up.
 """
+
 from __future__ import annotations
 
 import copy
@@ -177,8 +178,14 @@ def forward_flops(info: ModelInfo, masks: MasksOrDensities = None, *, structured
     return 2 * macs(info, masks, structured=structured)
 
 
-def step_flops(info: ModelInfo, masks: MasksOrDensities = None, batch_size: int = 1, *,
-               dense_weight_grad: bool = False, structured: bool = False) -> int | float:
+def step_flops(
+    info: ModelInfo,
+    masks: MasksOrDensities = None,
+    batch_size: int = 1,
+    *,
+    dense_weight_grad: bool = False,
+    structured: bool = False,
+) -> int | float:
     """FLOPs of one training step of `batch_size` examples at `masks`: 3 f_S per example (forward, gradient of the
     activations, gradient of the weights), or 2 f_S + f_D when the weight gradient is dense (RigL's update steps)."""
     sparse = forward_flops(info, masks, structured=structured)
@@ -195,6 +202,7 @@ def training_flops(info: ModelInfo, masks: MasksOrDensities, steps: int, batch_s
 class TrainingCost:
     """Steps and FLOPs added up under masks that may change (IMP's levels, a dynamic sparse run's mask updates).
     `flops_dense` is what the same steps cost without masks, `flops_sparse` what they cost at the masks they ran at."""
+
     info: ModelInfo
     batch_size: int
     structured: bool = False  # channel tickets: removed channels also remove the next layer's inputs
@@ -211,8 +219,11 @@ class TrainingCost:
         if not 0 <= dense_weight_grad_steps <= steps:
             raise ValueError(f"dense_weight_grad_steps must be in [0, steps={steps}], got {dense_weight_grad_steps}")
         sparse = step_flops(self.info, masks, self.batch_size, structured=self.structured)
-        update = (step_flops(self.info, masks, self.batch_size, dense_weight_grad=True, structured=self.structured)
-                  if dense_weight_grad_steps else 0)
+        update = (
+            step_flops(self.info, masks, self.batch_size, dense_weight_grad=True, structured=self.structured)
+            if dense_weight_grad_steps
+            else 0
+        )
         self.steps += steps
         self.flops_dense += steps * self._dense_step
         self.flops_sparse += (steps - dense_weight_grad_steps) * sparse + dense_weight_grad_steps * update

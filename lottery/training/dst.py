@@ -23,6 +23,7 @@ Where this differs: ties are broken by the lower flat index instead of their N(0
 same choice wherever the magnitudes differ, and reproducible), SET's random scores come from a generator seeded per
 network and step, and the first update is at step `delta_t` (not at step 0, where nothing has been trained yet).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,6 +63,7 @@ class DropGrow(MaskUpdater):
     """Every `delta_t` steps until `end`, drop the active weights of smallest magnitude and grow as many of the
     highest `grow` scores. `gradient_step`: the update step's gradient grows connections and no optimizer step is
     taken (RigL); otherwise the masks change after the optimizer step (SET)."""
+
     Settings = DstSettings
     gradient_step = False
 
@@ -73,9 +75,11 @@ class DropGrow(MaskUpdater):
     def check_fit(cls, settings: dict, total_steps: int) -> None:
         end_step = max(1, int(settings["end"] * total_steps))
         if settings["delta_t"] > end_step:
-            raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the part of training with mask updates "
-                             f"(dst.end={settings['end']} x {total_steps} steps = {end_step} steps), so no mask would "
-                             f"ever change; accepted: dst.delta_t <= {end_step} (or a longer train.duration)")
+            raise ValueError(
+                f"dst.delta_t={settings['delta_t']} is longer than the part of training with mask updates "
+                f"(dst.end={settings['end']} x {total_steps} steps = {end_step} steps), so no mask would "
+                f"ever change; accepted: dst.delta_t <= {end_step} (or a longer train.duration)"
+            )
 
     def __init__(self, settings: dict, ctx):
         super().__init__(settings, ctx)
@@ -115,8 +119,9 @@ class DropGrow(MaskUpdater):
                 # seeded by the tensor's position in its network, not in the layout: a replicate draws what its
                 # single run draws (single runs and stacked layouts: the same number)
                 gen = torch.Generator().manual_seed(derive_seed(self.ctx.seeds[u], "dst", step, layer.index))
-                if self._update_one(layer.weight, layer.mask, layer.grad, gen, fraction,
-                                    layer.optimizer_slots(optimizer)):
+                if self._update_one(
+                    layer.weight, layer.mask, layer.grad, gen, fraction, layer.optimizer_slots(optimizer)
+                ):
                     changed.append(layer.entry)
         return sorted(set(changed))
 
@@ -148,11 +153,16 @@ def register_dst(name: str, *, gradient_step: bool = False, settings: type = Dst
     """`@register_dst("mine")` on grow(weight, grad, generator) -> scores (same shape): a drop-and-grow updater
     whose inactive weights with the highest scores grow. `gradient_step=True` takes RigL's order (the update step's
     gradient, no weight update)."""
+
     def decorator(fn):
-        cls = type(f"DropGrow_{name}", (DropGrow,), {"Settings": settings, "gradient_step": gradient_step,
-                                                    "grow": lambda self, w, g, gen: fn(w, g, gen)})
+        cls = type(
+            f"DropGrow_{name}",
+            (DropGrow,),
+            {"Settings": settings, "gradient_step": gradient_step, "grow": lambda self, w, g, gen: fn(w, g, gen)},
+        )
         register_updater(name)(cls)
         return fn
+
     return decorator
 
 
@@ -168,6 +178,7 @@ class SET(DropGrow):
 class RigL(DropGrow):
     """Grows where the dense gradient of the update step's batch is largest, and takes no optimizer step there
     (Evci et al. 2020)."""
+
     gradient_step = True
 
     def grow(self, weight, grad, generator):

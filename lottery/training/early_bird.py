@@ -22,6 +22,7 @@ Where this still differs from the paper: checks at evaluations (or every `every`
 without `pruning.granularity=channel` the masks are per weight by magnitude, the criterion IMP uses.
 A unit that does not start dense (a ticket trained after the draw) trains on unwatched.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,19 +51,26 @@ class EarlyBirdSettings:
 
     def __post_init__(self):
         if self.target is None or not 0 < self.target < 1:
-            raise ValueError(f"dst.target is the early-bird ticket's density in (0, 1) (set pruning.target), got "
-                             f"{self.target}")
+            raise ValueError(
+                f"dst.target is the early-bird ticket's density in (0, 1) (set pruning.target), got {self.target}"
+            )
         if self.every < 0 or self.window < 1 or not 0 < self.eps <= 1:
-            raise ValueError(f"dst.every >= 0, dst.window >= 1 and dst.eps in (0, 1] are needed, got {self.every}, "
-                             f"{self.window} and {self.eps}")
+            raise ValueError(
+                f"dst.every >= 0, dst.window >= 1 and dst.eps in (0, 1] are needed, got {self.every}, "
+                f"{self.window} and {self.eps}"
+            )
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown dst.distribution '{self.distribution}'; accepted: {', '.join(DISTRIBUTIONS)}")
         if self.granularity not in ("unstructured", "channel"):
-            raise ValueError(f"early-bird tickets are drawn per weight or per channel, not with pruning.granularity="
-                             f"{self.granularity}; accepted: unstructured, channel")
+            raise ValueError(
+                f"early-bird tickets are drawn per weight or per channel, not with pruning.granularity="
+                f"{self.granularity}; accepted: unstructured, channel"
+            )
         if self.granularity == "channel" and self.distribution not in ("global", "uniform"):
-            raise ValueError(f"dst.distribution={self.distribution} is a density per weight tensor; with "
-                             "pruning.granularity=channel use global or uniform")
+            raise ValueError(
+                f"dst.distribution={self.distribution} is a density per weight tensor; with "
+                "pruning.granularity=channel use global or uniform"
+            )
         if self.group_score not in G.GROUP_SCORES:
             raise ValueError(f"unknown pruning.group_score '{self.group_score}'; accepted: {', '.join(G.GROUP_SCORES)}")
 
@@ -106,8 +114,9 @@ class EarlyBird(MaskUpdater):
         if self.settings["distribution"] == "global":
             left.remove_global(left.gather(scores), size - keep, "early-bird magnitude")
         else:
-            counts = survivor_counts(self.settings["distribution"], {n: tuple(m.shape) for n, m in ones.items()},
-                                     keep / size)
+            counts = survivor_counts(
+                self.settings["distribution"], {n: tuple(m.shape) for n, m in ones.items()}, keep / size
+            )
             left.remove_layerwise(left.gather(scores), [m.numel() - counts[n] for n, m in ones.items()])
         return {n: m.cpu() for n, m in left.masks().items()}
 
@@ -160,8 +169,13 @@ class EarlyBird(MaskUpdater):
         return self.drawn_at[u] is not None
 
     def state_dict(self, u):
-        return {**super().state_dict(u), "last": self.last[u], "distances": self.distances[u],
-                "drawn_at": self.drawn_at[u], "watching": self.watching[u]}
+        return {
+            **super().state_dict(u),
+            "last": self.last[u],
+            "distances": self.distances[u],
+            "drawn_at": self.drawn_at[u],
+            "watching": self.watching[u],
+        }
 
     def load_state_dict(self, u, state):
         self.last[u], self.distances[u] = state["last"], list(state["distances"])
@@ -173,5 +187,9 @@ class EarlyBird(MaskUpdater):
             return super().result(u)
         total = self.ctx.total_steps
         drawn = self.drawn_at[u]
-        return {**super().result(u), "early_bird_step": drawn, "mask_distances": self.distances[u],
-                "early_bird_steps_saved": 0 if drawn is None else total - drawn}
+        return {
+            **super().result(u),
+            "early_bird_step": drawn,
+            "mask_distances": self.distances[u],
+            "early_bird_steps_saved": 0 if drawn is None else total - drawn,
+        }

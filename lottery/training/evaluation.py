@@ -1,4 +1,5 @@
 """Evaluation of a network on a whole split held on the device, and the lottery-ticket paper's early-stop step."""
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,10 @@ def batch_sums(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     the report and a W&B metric: a new metric is one entry here (its mean over a split is the sum / examples)."""
     if out.dim() == 2:
         return {"loss": F.cross_entropy(out, y, reduction="sum"), "accuracy": (out.argmax(1) == y).sum()}
-    return {"loss": F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).sum(0),
-            "accuracy": (out.argmax(2) == y).sum(0)}
+    return {
+        "loss": F.cross_entropy(out.flatten(0, 1), y.reshape(-1), reduction="none").view(y.shape).sum(0),
+        "accuracy": (out.argmax(2) == y).sum(0),
+    }
 
 
 def metric_names() -> list[str]:
@@ -57,10 +60,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     chunk = min(batch_size, eval_chunk(model, x.device))
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            out = model(xb) if len(xb) <= chunk else torch.cat([model(xb[j:j + chunk])
-                                                                for j in range(0, len(xb), chunk)])
-            for k, v in batch_sums(out.float(), y[i:i + batch_size]).items():
+            xb = x[i : i + batch_size]
+            out = (
+                model(xb)
+                if len(xb) <= chunk
+                else torch.cat([model(xb[j : j + chunk]) for j in range(0, len(xb), chunk)])
+            )
+            for k, v in batch_sums(out.float(), y[i : i + batch_size]).items():
                 sums[k] = sums[k] + v if k in sums else v
     model.train(was_training)
     values = torch.stack([v.to(torch.float32) for v in sums.values()]).tolist()

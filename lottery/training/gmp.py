@@ -16,6 +16,7 @@ Where this differs from Zhu & Gupta: their schedule is in sparsity (1 - density)
 each layer to the schedule's sparsity (`uniform` here); the first update is at t_0 + delta_t (at t_0 the schedule's
 density is d_i = 1 and nothing is pruned).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,10 @@ class GmpSettings:
         if self.delta_t < 1:
             raise ValueError(f"dst.delta_t must be >= 1, got {self.delta_t}")
         if not 0 <= self.begin < self.end <= 1:
-            raise ValueError(f"dst.begin and dst.end are fractions of the training length with 0 <= begin < end <= 1, "
-                             f"got {self.begin} and {self.end}")
+            raise ValueError(
+                f"dst.begin and dst.end are fractions of the training length with 0 <= begin < end <= 1, "
+                f"got {self.begin} and {self.end}"
+            )
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown dst.distribution '{self.distribution}'; accepted: {', '.join(DISTRIBUTIONS)}")
 
@@ -65,11 +68,13 @@ class GradualMagnitude(MaskUpdater):
     def check_fit(cls, settings: dict, total_steps: int) -> None:
         span = round_half_up(settings["end"] * total_steps) - round_half_up(settings["begin"] * total_steps)
         if settings["delta_t"] > span:
-            raise ValueError(f"dst.delta_t={settings['delta_t']} is longer than the pruning span (dst.begin="
-                             f"{settings['begin']} to dst.end={settings['end']} of {total_steps} steps = {span} "
-                             f"steps), "
-                             f"so no pruning step would happen; accepted: dst.delta_t <= {span} (or a longer "
-                             f"train.duration)")
+            raise ValueError(
+                f"dst.delta_t={settings['delta_t']} is longer than the pruning span (dst.begin="
+                f"{settings['begin']} to dst.end={settings['end']} of {total_steps} steps = {span} "
+                f"steps), "
+                f"so no pruning step would happen; accepted: dst.delta_t <= {span} (or a longer "
+                f"train.duration)"
+            )
 
     def __init__(self, settings: dict, ctx):
         super().__init__(settings, ctx)
@@ -102,8 +107,12 @@ class GradualMagnitude(MaskUpdater):
         return changed
 
     def after_step(self, step, optimizer, active):
-        if self.n_steps < 1 or step <= self.t0 or (step - self.t0) % self.settings["delta_t"] \
-                or step > self.t0 + self.n_steps * self.settings["delta_t"]:
+        if (
+            self.n_steps < 1
+            or step <= self.t0
+            or (step - self.t0) % self.settings["delta_t"]
+            or step > self.t0 + self.n_steps * self.settings["delta_t"]
+        ):
             return []
         changed = []
         for u, layers in enumerate(self.ctx.layers):

@@ -31,6 +31,7 @@ CPU, 8 LeNet-300-100 networks, batch 60, Adam, one thread, a busy machine: 8 sep
 The explicit layers were never slower, and vmap cannot update BatchNorm running statistics in place, so it would need a
 functional BatchNorm anyway; the channel fold gives BatchNorm for free.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,7 @@ class BatchedLinear(nn.Module):
         xt = x.reshape(b, n, i).permute(1, 2, 0)  # [n, in, B]
         if x.dim() == 2:
             xt = xt.contiguous()
-        yt = (torch.bmm(self.weight, xt) if self.bias is None
-              else torch.baddbmm(self.bias.unsqueeze(2), self.weight, xt))
+        yt = torch.bmm(self.weight, xt) if self.bias is None else torch.baddbmm(self.bias.unsqueeze(2), self.weight, xt)
         return yt.permute(2, 0, 1)
 
 
@@ -73,17 +73,25 @@ class BatchedConv2d(nn.Module):
     def __init__(self, n: int, conv: nn.Conv2d):
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"batched training supports Conv2d with numeric zero padding, got padding={conv.padding}, "
-                             f"padding_mode={conv.padding_mode}")
-        self.n, self.stride, self.padding, self.dilation, self.groups = (n, conv.stride, conv.padding, conv.dilation,
-                                                                         conv.groups)
+            raise ValueError(
+                f"batched training supports Conv2d with numeric zero padding, got padding={conv.padding}, "
+                f"padding_mode={conv.padding_mode}"
+            )
+        self.n, self.stride, self.padding, self.dilation, self.groups = (
+            n,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
         self.weight = nn.Parameter(torch.empty(n, *conv.weight.shape))
         self.bias = nn.Parameter(torch.empty(n, *conv.bias.shape)) if conv.bias is not None else None
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.flatten()
-        return F.conv2d(x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation,
-                        self.groups * self.n)
+        return F.conv2d(
+            x, self.weight.flatten(0, 1), bias, self.stride, self.padding, self.dilation, self.groups * self.n
+        )
 
 
 class BatchedBatchNorm2d(nn.Module):
@@ -107,8 +115,16 @@ class BatchedBatchNorm2d(nn.Module):
         if self.training:
             self.num_batches_tracked.add_(1)
         flat = lambda t: None if t is None else t.view(-1)  # noqa: E731 - views: the kernel updates the buffers in place
-        return F.batch_norm(x, flat(self.running_mean), flat(self.running_var), flat(self.weight), flat(self.bias),
-                            self.training, self.momentum, self.eps)
+        return F.batch_norm(
+            x,
+            flat(self.running_mean),
+            flat(self.running_var),
+            flat(self.weight),
+            flat(self.bias),
+            self.training,
+            self.momentum,
+            self.eps,
+        )
 
 
 _BATCHED = {nn.Linear: BatchedLinear, nn.Conv2d: BatchedConv2d, nn.BatchNorm2d: BatchedBatchNorm2d}
@@ -128,9 +144,11 @@ def check_supported(model: nn.Module, name: str) -> None:
     not."""
     bad = unsupported_layer(model)
     if bad:
-        raise ValueError(f"replicas: model '{name}' has a {bad[1]} layer ('{bad[0]}') that stacked training does not "
-                         f"support (supported layers: Linear, Conv2d, BatchNorm2d); use replica_batching=interleaved "
-                         f"(or auto), which trains any model")
+        raise ValueError(
+            f"replicas: model '{name}' has a {bad[1]} layer ('{bad[0]}') that stacked training does not "
+            f"support (supported layers: Linear, Conv2d, BatchNorm2d); use replica_batching=interleaved "
+            f"(or auto), which trains any model"
+        )
 
 
 def stack(models: list[nn.Module]) -> nn.Module:
@@ -171,9 +189,12 @@ def check_forward(batched: nn.Module, models: list[nn.Module], x: torch.Tensor) 
         for m, w in zip(models, was[0]):
             m.train(w)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4, equal_nan=True):
-        raise ValueError("replicas: this model's forward does not act per channel (its stacked outputs differ from "
-                         "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, "
-                         "which trains any model")
+        raise ValueError(
+            "replicas: this model's forward does not act per channel (its stacked outputs differ from "
+            "the single model's), so it cannot be trained stacked; use replica_batching=interleaved, "
+            "which trains any model"
+        )
+
 
 class Interleaved(nn.Module):
     """The networks side by side, each through its own model (the caller's, not a copy) on its own batch, in one
@@ -231,8 +252,10 @@ class Interleaved(nn.Module):
 
     def mask_slices(self, masker) -> list[tuple]:
         """Per tensor of `masker`: (parameter, mask, [(network, None, its name there)]): each is one network's own."""
-        return [(p, m, [(int(n.split(".")[1]), None, n.split(".", 2)[2])])
-                for n, p, m in zip(masker.names, masker.params, masker.masks)]
+        return [
+            (p, m, [(int(n.split(".")[1]), None, n.split(".", 2)[2])])
+            for n, p, m in zip(masker.names, masker.params, masker.masks)
+        ]
 
     def sync_masks(self, masker, masks: list[Masks]) -> None:
         """The networks' own mask tensors are the ones the masker edits."""
@@ -257,9 +280,17 @@ class Interleaved(nn.Module):
         p = self.per_net
         groups = copy.deepcopy(state["param_groups"])
         groups[0]["params"] = list(range(p))
-        return [{"state": {i - u * p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-                           for i, st in state["state"].items() if u * p <= i < (u + 1) * p},
-                 "param_groups": groups} for u in range(self.n)]
+        return [
+            {
+                "state": {
+                    i - u * p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                    for i, st in state["state"].items()
+                    if u * p <= i < (u + 1) * p
+                },
+                "param_groups": groups,
+            }
+            for u in range(self.n)
+        ]
 
 
 class Stacked(nn.Module):
@@ -331,7 +362,7 @@ class Stacked(nn.Module):
             idx = torch.arange(n_test, device=self.device)[:, None].expand(n_test, self.n)
             test = True
         for i in range(0, idx.shape[0], chunk):
-            x, y = self._gather(idx[i:i + chunk], test)
+            x, y = self._gather(idx[i : i + chunk], test)
             yield x.view(y.shape[0], self.n, *x.shape[1:]), y
 
     @torch.inference_mode()
@@ -377,8 +408,10 @@ class Stacked(nn.Module):
 
     def mask_slices(self, masker) -> list[tuple]:
         """Per tensor of `masker`: (parameter, stacked mask, [(network u, index u, its name) for every u])."""
-        return [(p, m, [(u, u, n.split(".", 1)[1]) for u in range(self.n)])
-                for n, p, m in zip(masker.names, masker.params, masker.masks)]
+        return [
+            (p, m, [(u, u, n.split(".", 1)[1]) for u in range(self.n)])
+            for n, p, m in zip(masker.names, masker.params, masker.masks)
+        ]
 
     def sync_masks(self, masker, masks: list[Masks]) -> None:
         """Copy the stacked masks (changed by mask updates) into each network's own mask tensors."""
@@ -401,9 +434,16 @@ class Stacked(nn.Module):
 
     def optimizer_states(self, state: dict) -> list[dict]:
         """Each network's optimizer state, as a single run's optimizer would hold it."""
-        return [{"state": {i: {k: (v[u].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()}
-                           for i, st in state["state"].items()},
-                 "param_groups": state["param_groups"]} for u in range(self.n)]
+        return [
+            {
+                "state": {
+                    i: {k: (v[u].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()}
+                    for i, st in state["state"].items()
+                },
+                "param_groups": state["param_groups"],
+            }
+            for u in range(self.n)
+        ]
 
 
 LAYOUTS: dict[str, type[Interleaved | Stacked]] = {"interleaved": Interleaved, "stacked": Stacked}
@@ -431,6 +471,7 @@ def keep_freed_memory() -> None:
     _MALLOC_SET.append(True)
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)

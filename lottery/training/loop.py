@@ -16,6 +16,7 @@ is its own. Without one (static sparsity) none of this runs.
 A network whose loss turns NaN or infinite is done at that evaluation (or training-loss log): its record says
 `diverged` (lottery.core.divergence); the others train on, unaffected (nothing couples the networks).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Hooks:
     """What the loop calls for a network besides training it: all optional, all cheap when unused."""
+
     on_eval: Callable[[dict], None] | None = None  # every evaluation record
     on_log: Callable[[dict], None] | None = None  # mean training loss every `log_every` steps
     log_every: int = 0
@@ -63,6 +65,7 @@ class Training:
     evaluation batch size, precision, compile, progress bar) and the optimizer's node as plain values (`name`, `lr`,
     `weight_decay` and the optimizer's own settings, checked again by make_optimizer). Nothing else of the config
     reaches the loop."""
+
     train: TrainConfig
     optimizer: dict
 
@@ -79,6 +82,7 @@ class Network:
     """One network of a training call: its model (weights and masks applied), its batches (split and data seed),
     its hooks, the checkpoint it resumes from (the state a `hooks.checkpoint` call received), if any, and the seed of
     its mask updates (a mask updater's random choices)."""
+
     model: nn.Module
     masks: Masks
     batches: Batches
@@ -87,10 +91,20 @@ class Network:
     seed: int = 0
 
 
-def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | None = None,
-          layout: str = "interleaved", desc: str = "train", lr: Callable[[int], float] | None = None,
-          updater: tuple | None = None, on_step: Callable[[int, int, int], None] | None = None,
-          evaluation_threads: int | None = None) -> list[dict]:
+def train(
+    networks: list[Network],
+    run,
+    *,
+    start: int,
+    steps: Steps,
+    end: int | None = None,
+    layout: str = "interleaved",
+    desc: str = "train",
+    lr: Callable[[int], float] | None = None,
+    updater: tuple | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+    evaluation_threads: int | None = None,
+) -> list[dict]:
     """Train every network in place from step `start` to `end` (default: the end of training) and return one result
     per network: its evaluations, final and early-stop metrics, and whether it diverged. Resumed networks continue
     after their checkpoint's step and end bit-identical to an uninterrupted run.
@@ -130,8 +144,18 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | 
     if updater is not None:
         kind, settings = updater
         layers = make_layers(net.mask_slices(mask_weights), n)
-        mask_updater = kind(settings, Context(steps.total, start, end, [nw.seed for nw in networks], layers,
-                                              [nw.model for nw in networks], net.network_parameters))
+        mask_updater = kind(
+            settings,
+            Context(
+                steps.total,
+                start,
+                end,
+                [nw.seed for nw in networks],
+                layers,
+                [nw.model for nw in networks],
+                net.network_parameters,
+            ),
+        )
     if tcfg.compile:
         net.compile_in_place()
     autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": tcfg.precision == "bf16"}
@@ -199,9 +223,13 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | 
         for u in which:
             val_u, test_u = val[u], test[u]
             assert val_u is not None and test_u is not None  # evaluated: u is in `which`
-            record = {"step": step, "train_loss": train_loss[u] if loss_count[u] else None,
-                      **{f"val_{k}": v for k, v in val_u.items()}, **{f"test_{k}": v for k, v in test_u.items()},
-                      "lr": lr}
+            record = {
+                "step": step,
+                "train_loss": train_loss[u] if loss_count[u] else None,
+                **{f"val_{k}": v for k, v in val_u.items()},
+                **{f"test_{k}": v for k, v in test_u.items()},
+                "lr": lr,
+            }
             if nonfinite(record["train_loss"], record["val_loss"], record["test_loss"]):
                 diverged_at[u] = step
                 # the accuracy of a network of NaNs is chance, not a measurement of it: only the step and rate stay
@@ -224,8 +252,15 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | 
             states[u] = state
         sums, logs = loss_sum.cpu(), log_sum.cpu()
         for u, h in enumerate(hooks):
-            state = {"step": step, "model": states[u], "optimizer": opt_states[u], "evals": evals[u],
-                     "loss_sum": sums[u].clone(), "loss_count": loss_count[u], "log_sum": logs[u].clone()}
+            state = {
+                "step": step,
+                "model": states[u],
+                "optimizer": opt_states[u],
+                "evals": evals[u],
+                "loss_sum": sums[u].clone(),
+                "loss_count": loss_count[u],
+                "log_sum": logs[u].clone(),
+            }
             if mask_updater is not None:
                 state["updater"] = mask_updater.state_dict(u)
             assert h.checkpoint is not None  # checkpoint() is called only when every network has one
@@ -239,8 +274,14 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | 
         if start in at_steps:
             call_at_step(start)
         run_eval(active())
-    bar = tqdm(total=end - start, initial=step - start, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (tcfg.progress and sys.stderr.isatty()))
+    bar = tqdm(
+        total=end - start,
+        initial=step - start,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (tcfg.progress and sys.stderr.isatty()),
+    )
     try:
         while step < end and active():
             m = multiplier(step)
@@ -272,8 +313,7 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | 
                     log_sum.zero_()
                     for u in active():
                         if (on_log := hooks[u].on_log) is not None:
-                            on_log(finite_or_none({"step": step, "train_loss": values[u],
-                                          "lr": base_lrs[0] * m}))
+                            on_log(finite_or_none({"step": step, "train_loss": values[u], "lr": base_lrs[0] * m}))
                     bad = [u for u in active() if nonfinite(values[u])]
                     if bad:
                         run_eval(bad)  # record the state each diverged in; those networks are done
@@ -304,10 +344,16 @@ def train(networks: list[Network], run, *, start: int, steps: Steps, end: int | 
         last = evals[u][-1]
         since = mask_updater.counts_final_from(u) if mask_updater is not None else None
         final = diverged_at[u] if diverged_at[u] is not None else stopped_at[u] if stopped_at[u] is not None else step
-        result = {"steps": end, "start_step": start, "final_step": final, "evals": evals[u],
-                  **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
-                  **early_stop([e for e in evals[u] if since is None or e["step"] >= since]),
-                  "diverged": diverged_at[u] is not None, "diverged_step": diverged_at[u]}
+        result = {
+            "steps": end,
+            "start_step": start,
+            "final_step": final,
+            "evals": evals[u],
+            **{k: v for k, v in last.items() if k.startswith(("test_", "val_"))},
+            **early_stop([e for e in evals[u] if since is None or e["step"] >= since]),
+            "diverged": diverged_at[u] is not None,
+            "diverged_step": diverged_at[u],
+        }
         if diverged_at[u] is not None:  # no final metrics: a diverged network's are chance, not a result
             result["last_finite_step"] = evals[u][-2]["step"] if len(evals[u]) > 1 else None
         if mask_updater is not None:

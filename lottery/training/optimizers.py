@@ -11,6 +11,7 @@ CPU foreach=True, one multi-tensor kernel per operation instead of a Python loop
 default per-tensor loop, and a LeNet-300-100 step is 3% (two threads) to 24% (one thread) faster (fused=True on the
 CPU rounds differently, so CPU results would change).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,6 +32,7 @@ LR_MAX = 1e6
 @dataclass
 class CommonSettings:
     """The keys every optimizer node has besides `name`, with their ranges."""
+
     lr: float = setting(1e-3, positive(LR_MAX))
     weight_decay: float = setting(0.0, non_negative())
 
@@ -47,9 +49,11 @@ OPTIMIZERS = Registry("optimizer")
 
 def register_optimizer(name: str, settings: type | None = None):
     """`@register_optimizer("lion", settings=LionSettings)` on fn(params, *, lr, weight_decay, device, **settings)."""
+
     def decorator(fn):
         OPTIMIZERS.add(name, Optimizer(name, fn, settings))
         return fn
+
     return decorator
 
 
@@ -63,8 +67,14 @@ def optimizer_settings(node) -> tuple[Optimizer, dict]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"optimizer.{key} must be a number, got {value!r}")
     check_fields(CommonSettings, {"lr": lr, "weight_decay": weight_decay}, "optimizer")
-    own = check_settings(raw, entry.settings, "optimizer", of=f"optimizer '{entry.name}'", fn=entry.fn,
-                         skip=("params", "lr", "weight_decay", "device"))
+    own = check_settings(
+        raw,
+        entry.settings,
+        "optimizer",
+        of=f"optimizer '{entry.name}'",
+        fn=entry.fn,
+        skip=("params", "lr", "weight_decay", "device"),
+    )
     return entry, {"lr": float(lr), "weight_decay": float(weight_decay), **own}
 
 
@@ -101,8 +111,9 @@ class AdamSettings:
 
 @register_optimizer("sgd", settings=SgdSettings)
 def sgd(params, *, lr, weight_decay, device, momentum, nesterov):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                           **_kind(device))
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **_kind(device)
+    )
 
 
 @register_optimizer("adam", settings=AdamSettings)

@@ -1,4 +1,5 @@
 """The learning rate as a pure function of the step: no state of its own, so it restarts exactly at a rewind step."""
+
 from __future__ import annotations
 
 import math

@@ -23,6 +23,7 @@ interleaved), so the same code serves one network and replicas in either layout.
 A new method is one module with a `@register_updater("name")` subclass of `MaskUpdater` (its settings a dataclass
 in `Settings`) and one YAML file in conf/dst/. Built-ins: lottery.training.dst (set, rigl), lottery.training.gmp.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -43,6 +44,7 @@ class NoSettings:
 @dataclass
 class Layer:
     """One masked tensor of one network: views into the layout's parameter and mask (edited in place)."""
+
     entry: int  # index of the layout's mask tensor: what a hook returns when it changed this mask
     index: int  # position among the network's masked tensors (the same for every network and layout)
     name: str  # the parameter's name in the network (its key in the network's masks)
@@ -75,6 +77,7 @@ class Layer:
 class Context:
     """What a training call tells its updater: the training length, where this call starts and ends, each network's
     seed for its mask updates, and each network's masked tensors."""
+
     total_steps: int
     start: int
     end: int
@@ -90,6 +93,7 @@ class Context:
 class MaskUpdater:
     """The base class of every mask updater: the hooks do nothing, the state is the masks and the history of
     densities. Subclasses override the hooks they need and call `record(u, step)` after each mask update."""
+
     Settings: type = NoSettings
     name: str  # set by register_updater
     # True: the masks a unit is handed are where this updater ends (their counts are its target); the network starts
@@ -139,9 +143,12 @@ class MaskUpdater:
 
     # --- state -----------------------------------------------------------------------------------------------------
     def state_dict(self, u: int) -> dict:
-        return {"name": self.name,
-                "masks": {layer.name: layer.mask.detach().to("cpu", torch.bool) for layer in self.ctx.layers[u]},
-                "mask_changes": self.mask_changes[u], "gradient_steps": self.gradient_steps[u]}
+        return {
+            "name": self.name,
+            "masks": {layer.name: layer.mask.detach().to("cpu", torch.bool) for layer in self.ctx.layers[u]},
+            "mask_changes": self.mask_changes[u],
+            "gradient_steps": self.gradient_steps[u],
+        }
 
     def load_state_dict(self, u: int, state: dict) -> list[int]:
         """Restore network `u`'s state; returns the mask tensors changed."""
@@ -171,12 +178,14 @@ UPDATERS = Registry("mask updater (dst)")
 
 def register_updater(name: str):
     """`@register_updater("mine")` on a `MaskUpdater` subclass; `dst=mine` (or `dst.name=mine`) selects it."""
+
     def decorator(cls):
         if not (isinstance(cls, type) and issubclass(cls, MaskUpdater)):
             raise TypeError(f"mask updater '{name}' must be a subclass of lottery.training.updaters.MaskUpdater")
         cls.name = name
         UPDATERS.add(name, cls)
         return cls
+
     return decorator
 
 
@@ -213,15 +222,25 @@ def checkpoint_state(name: str, resume: dict) -> dict:
     state = resume.get("updater")
     if state is not None:
         if state.get("name") != name:
-            raise ValueError(f"the checkpoint at step {resume['step']} was written by mask updater "
-                             f"'{state.get('name')}', this run uses '{name}'; resume with dst={state.get('name')} "
-                             "or start a new run folder")
+            raise ValueError(
+                f"the checkpoint at step {resume['step']} was written by mask updater "
+                f"'{state.get('name')}', this run uses '{name}'; resume with dst={state.get('name')} "
+                "or start a new run folder"
+            )
         return state
     if "masks" in resume and "mask_changes" in resume:  # written before mask updaters (dst set or rigl)
         if name not in ("set", "rigl"):
-            raise ValueError(f"the checkpoint at step {resume['step']} was written by dynamic sparse training before "
-                             f"mask updaters (dst set or rigl), this run uses dst={name}; start a new run folder")
-        return {"name": name, "masks": resume["masks"], "mask_changes": resume["mask_changes"],
-                "gradient_steps": resume.get("gradient_steps") or []}
-    raise ValueError(f"the checkpoint at step {resume['step']} holds no mask-updater state (it was written by a run "
-                     f"without dst), this run uses dst={name}; resume with dst=none or start a new run folder")
+            raise ValueError(
+                f"the checkpoint at step {resume['step']} was written by dynamic sparse training before "
+                f"mask updaters (dst set or rigl), this run uses dst={name}; start a new run folder"
+            )
+        return {
+            "name": name,
+            "masks": resume["masks"],
+            "mask_changes": resume["mask_changes"],
+            "gradient_steps": resume.get("gradient_steps") or [],
+        }
+    raise ValueError(
+        f"the checkpoint at step {resume['step']} holds no mask-updater state (it was written by a run "
+        f"without dst), this run uses dst={name}; resume with dst=none or start a new run folder"
+    )
