@@ -104,8 +104,10 @@ def _in_process_ok(args, env, entry) -> bool:
     return all(k in IN_PROCESS_ENV for k in (env or {}))
 
 
-def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lottery.cli:train"):
-    """An entry point called in this process as `python -c "from <module> import <function>; <function>()"` runs it:
+def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lottery.cli:train",
+               returns: bool = False):
+    """An entry point called in this process as `python -c "from <module> import <function>; <function>()"` runs it
+    (`returns`: as `sys.exit(<function>())`, its return value the exit status, as a console script does):
     sys.argv, cwd and the environment set for the call; stdout and stderr captured (Hydra's log handlers are made
     inside, so they write there too); SystemExit as the exit status, an uncaught exception as its traceback and
     status 1, as the interpreter does. What the call leaves behind in this process is put back: Hydra's global state,
@@ -151,7 +153,9 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
                 warnings.filterwarnings(action, category=category, module=mod or "")
             warnings.showwarning = warnings._showwarning_orig
             try:
-                getattr(importlib.import_module(module), function)()
+                status = getattr(importlib.import_module(module), function)()
+                if returns:
+                    sys.exit(status)
             except SystemExit as e:
                 if e.code is None or isinstance(e.code, int):
                     code = e.code or 0
