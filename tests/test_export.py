@@ -569,6 +569,7 @@ def test_onnx_runtime_outputs_equal_pytorchs(tmp_path):
 
 # --- the benchmark's quick mode ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bench_export_quick(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_export.py"), "--quick", "--out", str(tmp_path)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
