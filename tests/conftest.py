@@ -117,6 +117,7 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
     import io
     import logging
     import signal
+    import threading
     import traceback
     import warnings
 
@@ -175,8 +176,9 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
             lg.setLevel(level)
             lg.handlers[:] = handlers
             lg.propagate, lg.disabled = propagate, disabled
-        for s, handler in saved_signals.items():
-            signal.signal(s, handler)
+        if threading.current_thread() is threading.main_thread():  # only there can a handler have been set
+            for s, handler in saved_signals.items():
+                signal.signal(s, handler)
         GlobalHydra.instance().clear()
         os.chdir(saved_cwd)
         sys.argv = saved_argv
