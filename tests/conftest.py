@@ -137,10 +137,15 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None))
                      if s is not None}
     saved_threads = torch.get_num_threads()
+    registries = _lottery_registries()
+    saved_registries = [(r, dict(r)) for r in registries]
     out, err = io.StringIO(), io.StringIO()
     code = 0
     _reset_lottery_state()
     try:
+        for r in registries:  # what test modules registered here (tiny_convbn, ...) a new process does not have
+            for name in [n for n, entry in r.items() if not _ours(entry)]:
+                del r[name]
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv = [function, *args]
@@ -187,9 +192,30 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for r, entries in saved_registries:
+            r.clear()
+            r.update(entries)
         _reset_lottery_state()
         threads.restore(saved_threads)
     return subprocess.CompletedProcess([function, *args], code, out.getvalue(), err.getvalue())
+
+
+def _lottery_registries() -> list:
+    """Every registry of named things (lottery.core.registry.Registry) in lottery's imported modules."""
+    from lottery.core.registry import Registry
+    found = {}
+    for name, mod in list(sys.modules.items()):
+        if name == "lottery" or name.startswith("lottery."):
+            for value in list(vars(mod).values()):
+                if isinstance(value, Registry):
+                    found[id(value)] = value
+    return list(found.values())
+
+
+def _ours(entry) -> bool:
+    """Whether a registry entry comes from lottery itself (not from a test module or a user's module)."""
+    module = getattr(entry, "__module__", None)
+    return module is None or module == "lottery" or module.startswith("lottery.")
 
 
 def _reset_lottery_state() -> None:
