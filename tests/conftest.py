@@ -69,13 +69,171 @@ def tiny_cfg(*overrides: str):
     return make_cfg(*TINY, *overrides)
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, entry: str = "lottery.cli:train"):
-    """Run a console-script entry point (`module:function`, as in pyproject.toml) in a subprocess, as a user would."""
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, entry: str = "lottery.cli:train",
+            process: bool = False) -> subprocess.CompletedProcess:
+    """Run a console-script entry point (`module:function`, as in pyproject.toml) as a user would, and return its
+    exit status, stdout and stderr. In this process (`in_process`) where that is the same, since a new interpreter
+    pays 3-5 s importing torch and Hydra; in a new one (`process=True`, or whatever `in_process` cannot run: another
+    entry point, user modules, a launcher, an environment beyond `IN_PROCESS_ENV`) where the process is the point:
+    signals, faults that kill it, what happens before torch loads."""
+    if not process and _in_process_ok(args, env, entry):
+        return in_process(*args, cwd=cwd, env=env, entry=entry)
     module, function = entry.split(":")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     code = f"import sys; sys.argv[0] = {function!r}; from {module} import {function}; {function}()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# --- entry points in the test process ---------------------------------------------------------------------------
+
+IN_PROCESS_ENTRIES = ("lottery.cli:train", "lottery.cli:retrain", "lottery.report:main", "lottery.init_study:main",
+                      "lottery.export:main")
+# Variables a test may give an in-process run: set in os.environ for the run and restored after it.
+IN_PROCESS_ENV = ("OMP_NUM_THREADS",)
+
+
+def _in_process_ok(args, env, entry) -> bool:
+    """Whether `in_process` gives what a new process would: one of our entry points, no user modules to import (they
+    register into process-wide registries and stay in sys.modules), no launcher (submitit and SLURM start processes
+    of their own), and only environment variables it sets for the run (a PYTHONPATH or a fault to inject is not)."""
+    if entry not in IN_PROCESS_ENTRIES:
+        return False
+    if any(a.lstrip("+~").startswith(("imports", "--imports", "launcher=", "hydra/launcher")) for a in args):
+        return False
+    return all(k in IN_PROCESS_ENV for k in (env or {}))
+
+
+def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lottery.cli:train",
+               returns: bool = False):
+    """An entry point called in this process as `python -c "from <module> import <function>; <function>()"` runs it
+    (`returns`: as `sys.exit(<function>())`, its return value the exit status, as a console script does):
+    sys.argv, cwd and the environment set for the call; stdout and stderr captured (Hydra's log handlers are made
+    inside, so they write there too); SystemExit as the exit status, an uncaught exception as its traceback and
+    status 1, as the interpreter does. What the call leaves behind in this process is put back: Hydra's global state,
+    logging, signal handlers, warnings filters, torch's thread count, and lottery.cli's record of a multirun."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import signal
+    import threading
+    import traceback
+    import warnings
+
+    from lottery.core import threads
+
+    module, function = entry.split(":")
+    env = dict(env or {})
+    if entry.startswith("lottery.cli:"):  # lottery.cli sets the wait policy when it is imported before torch
+        name, value = threads.DEFAULT_WAIT
+        if not any(v in {**os.environ, **env} for v in threads.WAIT_VARIABLES):
+            env[name] = value
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    root = logging.getLogger()
+    loggers = [root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved_loggers = [(lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers]
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None))
+                     if s is not None}
+    saved_threads = torch.get_num_threads()
+    registries = _lottery_registries()
+    saved_registries = [(r, dict(r)) for r in registries]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    _reset_lottery_state()
+    try:
+        for r in registries:  # what test modules registered here (tiny_convbn, ...) a new process does not have
+            for name in [n for n, entry in r.items() if not _ours(entry)]:
+                del r[name]
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv = [function, *args]
+        GlobalHydra.instance().clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # a new interpreter's filters, and its way of showing a warning: on stderr
+            for action, category, mod in (("default", DeprecationWarning, "__main__"),
+                                          ("ignore", DeprecationWarning, None),
+                                          ("ignore", PendingDeprecationWarning, None), ("ignore", ImportWarning, None),
+                                          ("ignore", ResourceWarning, None)):
+                warnings.filterwarnings(action, category=category, module=mod or "")
+            warnings.showwarning = warnings._showwarning_orig
+            try:
+                status = getattr(importlib.import_module(module), function)()
+                if returns:
+                    sys.exit(status)
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # sys.exit("message"): printed, status 1
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        for lg, level, handlers, propagate, disabled in saved_loggers:
+            for h in lg.handlers:
+                if h not in handlers:
+                    h.close()
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
+        if threading.current_thread() is threading.main_thread():  # only there can a handler have been set
+            for s, handler in saved_signals.items():
+                signal.signal(s, handler)
+        GlobalHydra.instance().clear()
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for r, entries in saved_registries:
+            r.clear()
+            r.update(entries)
+        _reset_lottery_state()
+        threads.restore(saved_threads)
+    return subprocess.CompletedProcess([function, *args], code, out.getvalue(), err.getvalue())
+
+
+def _lottery_registries() -> list:
+    """Every registry of named things (lottery.core.registry.Registry) in lottery's imported modules."""
+    from lottery.core.registry import Registry
+    found = {}
+    for name, mod in list(sys.modules.items()):
+        if name == "lottery" or name.startswith("lottery."):
+            for value in list(vars(mod).values()):
+                if isinstance(value, Registry):
+                    found[id(value)] = value
+    return list(found.values())
+
+
+def _ours(entry) -> bool:
+    """Whether a registry entry comes from lottery itself (not from a test module or a user's module)."""
+    module = getattr(entry, "__module__", None)
+    return module is None or module == "lottery" or module.startswith("lottery.")
+
+
+def _reset_lottery_state() -> None:
+    """The process-wide records an entry point keeps until its process exits."""
+    cli = sys.modules.get("lottery.cli")
+    if cli is not None:
+        cli._FAILED_JOBS.clear()
+        cli._MULTIRUN.clear()
+        for f in cli._SWEEP_LOCKS:  # a sweep folder's lock, held until the process exits
+            f.close()
+        cli._SWEEP_LOCKS.clear()
+    checks = sys.modules.get("lottery.launch.checks")
+    if checks is not None:
+        checks.CREATED.clear()
+    signals = sys.modules.get("lottery.core.signals")
+    if signals is not None:
+        signals._stop["signal"] = None
+        signals._stop["previous"].clear()
 
 
 PLUGINS = REPO / "tests" / "plugins"

@@ -160,6 +160,7 @@ def test_bench_quick_judges_no_target_even_on_real_data():
     assert "MISSED" in bench.format_table(results)  # a real run on the real data is judged
 
 
+@pytest.mark.slow
 def test_bench_busy_and_units_quick_run(tmp_path):
     """--busy (lottery-train next to a competing process and two runs together, under PyTorch's default, the wait
     policy alone, lottery's default and threads=1) and --units (many tiny units, split by where the time goes; here next

@@ -92,6 +92,7 @@ def test_user_initializer_from_command_line(tmp_path):
     assert summary[0]["init"] == "my_inits.constant_small"
 
 
+@pytest.mark.slow
 def test_dense_training_mode_via_python_m(tmp_path):
     import subprocess
     import sys

@@ -29,7 +29,8 @@ def error_lines(stderr: str) -> list[str]:
 
 @pytest.mark.parametrize("launcher, bad", [
     ("local", "optimizer.lr=-1"),  # a bad value, refused before any work, in this process
-    ("submitit_local", "optimizer.lr=1e6"),  # a diverged job, in another process: only its folder tells
+    # a diverged job, in another process: only its folder tells
+    pytest.param("submitit_local", "optimizer.lr=1e6", marks=pytest.mark.slow),
 ])
 def test_multirun_with_a_failed_job_exits_1_after_finishing_the_others(tmp_path, launcher, bad):
     sweep_dir = tmp_path / "sweep"
@@ -52,7 +53,7 @@ def test_multirun_with_a_failed_job_exits_1_after_finishing_the_others(tmp_path,
     assert not any("of the multirun" in line for line in error_lines(r.stderr))
 
 
-@pytest.mark.parametrize("launcher", ["local", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["local", pytest.param("submitit_local", marks=pytest.mark.slow)])
 def test_multirun_job_refused_its_folder_counts_as_failed(tmp_path, launcher):
     """A job whose folder holds another experiment writes nothing there, but the command still exits 1."""
     sweep = [f"launcher={launcher}", *TINY, "pruning=none", f"hydra.sweep.dir={tmp_path / 'sweep'}",

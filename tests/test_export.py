@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import DATA, REPO, TINY, needs_data, run_cli, stable
+from conftest import DATA, REPO, TINY, in_process, needs_data, run_cli, stable
 from lottery import masks as M
 from lottery.core.files import save_torch
 from lottery.experiment import packed
@@ -109,8 +109,8 @@ def tiny_run(tmp_path_factory):
 
 
 def _export(*args, cwd):
-    code = "import sys; sys.argv[0] = 'lottery-export'; from lottery.export import main; sys.exit(main())"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    """`lottery-export ARGS` (in this process: tests/conftest.py's in_process)."""
+    return in_process(*args, cwd=cwd, entry="lottery.export:main", returns=True)
 
 
 @pytest.fixture(scope="module")
@@ -569,6 +569,7 @@ def test_onnx_runtime_outputs_equal_pytorchs(tmp_path):
 
 # --- the benchmark's quick mode ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bench_export_quick(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_export.py"), "--quick", "--out", str(tmp_path)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -2,8 +2,6 @@
 pre-activations (forward) and of their gradients (backward) by D_h sigma^2 / 2, so He's sigma^2 = 2 / D_h is flat."""
 import csv
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from omegaconf import OmegaConf
 from lottery import init_study as D
 from lottery.init import initialize
 
-from conftest import REPO, make_cfg
+from conftest import REPO, in_process, make_cfg
 
 
 def study_cfg(model: str = "deep_mlp", **overrides):
@@ -97,8 +95,7 @@ def test_unknown_initializer_is_named():
 def test_hydra_app_writes_table_and_figure(tmp_path):
     """The default study (only fewer seeds) through its Hydra entry point: every curve goes the way it should."""
     out = tmp_path / "study"
-    proc = subprocess.run([sys.executable, "-c", "from lottery.init_study import main; main()",
-                           f"hydra.run.dir={out}", "seeds=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = in_process(f"hydra.run.dir={out}", "seeds=3", cwd=REPO, entry="lottery.init_study:main")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("init_study.csv", "init_study.png", "init_study.svg"):
         assert (out / name).stat().st_size > 1000
@@ -113,8 +110,8 @@ def test_hydra_app_writes_table_and_figure(tmp_path):
 
 
 def run_study_app(*args: str, tmp_path):
-    return subprocess.run([sys.executable, "-c", "from lottery.init_study import main; main()", *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    """`lottery-init-study ARGS` (in this process: tests/conftest.py's in_process)."""
+    return in_process(*args, cwd=tmp_path, entry="lottery.init_study:main")
 
 
 def test_any_model_of_the_model_group_through_the_entry_point(tmp_path):

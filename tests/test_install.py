@@ -33,6 +33,7 @@ def test_wheel_contains_every_config(wheel):
     assert {n.split("/")[1] for n in names if n.startswith("hydra_plugins/")} == {"lottery_slurm"}
 
 
+@pytest.mark.slow
 def test_plain_install_runs_from_an_empty_folder(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)

@@ -266,7 +266,7 @@ def resume_reference(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("where", ["second copy", "level 0 between captures"])
+@pytest.mark.parametrize("where", [pytest.param("second copy", marks=pytest.mark.slow), "level 0 between captures"])
 def test_kill_resumes_to_the_same_results(resume_reference, tmp_path, where):
     rng = random.Random(10)
     if where == "second copy":  # inside k20_b of level 1: k20_a has its result, k20_b a checkpoint

@@ -287,6 +287,7 @@ def test_a_killed_dynamic_sparse_run_resumes_bit_identical(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.slow
 def test_the_cifar10_comparison_composes_and_runs_shrunk(tmp_path):
     """experiment=compare_conv2_cifar10 (Conv-2, step schedule, global pruning, replicas=3) shrunk onto synthetic
     CIFAR-shaped data: IMP with learning-rate rewinding and RigL, each job two replicates, finish and record their cost."""

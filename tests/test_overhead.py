@@ -67,6 +67,7 @@ def test_the_points_include_every_write_of_a_units_finish(snapshots):
     assert len(names) == len(set(names)) > 40
 
 
+@pytest.mark.slow  # 40-odd resumes; the fast lane resumes three kills through the command below
 def test_a_kill_at_any_point_leaves_a_folder_that_resumes_to_the_same_summary(snapshots):
     """Each point's folder resumed as the rerun command would (in this process: run_experiment, the command's body,
     for speed; test_rerunning_the_command_after_kills below goes through the command line)."""

@@ -490,6 +490,7 @@ def test_criteria_score_a_resnet_with_batchnorm_and_leave_it_as_it_was(name):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_comparison_sweep_runs_as_a_slurm_array_and_reports_per_method(fake_slurm, tmp_path):
     """The named sweep through launcher=slurm (a fake scheduler, tests/test_slurm.py), shrunk from the command line to
     two methods, one seed and tiny training; lottery-report then draws the per-method figures."""

@@ -8,6 +8,7 @@ from lottery.experiment import run_experiment
 from conftest import DATA, make_cfg, needs_data, run_cli
 
 
+@pytest.mark.slow
 @needs_data("MNIST", "raw")
 def test_lenet_dense_three_epochs_reaches_97_percent(tmp_path):
     """The plain-training command of docs/getting-started.md: LeNet-300-100, Adam 1.2e-3, batch 60, 3 epochs, pruning off."""
@@ -24,6 +25,7 @@ def test_lenet_dense_three_epochs_reaches_97_percent(tmp_path):
     assert record["test_accuracy"] >= 0.960, record
 
 
+@pytest.mark.slow
 @needs_data("cifar-10-batches-py")
 def test_conv2_trains_on_real_cifar10_and_loss_falls(tmp_path):
     # two threads (the tests run on one): 22,000 examples are evaluated, which took 30 of the test's 50 s on one

@@ -301,9 +301,10 @@ def batched_reference(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("spec, how", [({"level": 1, "kill_at": 35}, "stacked"),
-                                       ({"level": 0, "signal_at": 25}, "stacked"),
-                                       ({"level": 1, "kill_at": 35}, "interleaved")])
+@pytest.mark.parametrize("spec, how", [
+    pytest.param({"level": 1, "kill_at": 35}, "stacked", marks=pytest.mark.slow),  # the same kill as interleaved's
+    ({"level": 0, "signal_at": 25}, "stacked"),
+    ({"level": 1, "kill_at": 35}, "interleaved")])
 def test_killed_or_signalled_batched_run_resumes_bit_identical(batched_reference, tmp_path, spec, how):
     """Stacked and interleaved (whose checkpoints keep each network's optimizer state under its own indices)."""
     run_dir = tmp_path / "run"

@@ -297,6 +297,7 @@ def test_report_on_a_folder_it_cannot_write_is_one_line_suggesting_out(interrupt
 
 # --- runs started in the same second without a folder name ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_runs_started_together_without_a_folder_name_never_share_one(tmp_path):
     """Three `lottery-train seed=$s &` name their folder by the second they start (hydra.run.dir's default): those
     that land in the same second meet at its lock, one runs and the others are refused in one line, writing nothing;

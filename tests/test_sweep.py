@@ -92,6 +92,7 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path):
     assert sorted(x["level"] for x in rows if not x["error"]) == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_submitit_local_requeues_preempted_job_which_resumes(tmp_path):
     """Job 0 sends itself SIGUSR2 at step 50 of level 1: it checkpoints, submitit requeues it, the new process
     resumes at step 50 (level 0 is not trained again) and ends bit-identical to job 1, the same run uninterrupted."""

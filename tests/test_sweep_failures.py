@@ -27,6 +27,7 @@ def table(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,first_words", [("kill_at", "JobEnded"), ("term_at", "JobStopped")])
 def test_a_killed_submitit_local_job_is_counted_and_the_summary_written(tmp_path, how, first_words):
     sweep_dir = tmp_path / "sweep"
@@ -48,6 +49,7 @@ def test_a_killed_submitit_local_job_is_counted_and_the_summary_written(tmp_path
         assert not any(x.get("error") for x in table(sweep_dir))
 
 
+@pytest.mark.slow
 def test_a_second_identical_sweep_is_refused_while_the_first_holds_the_folder(tmp_path):
     """Two identical sweeps into one folder a few seconds apart each named as failed the jobs the other completed;
     now the second is refused in one line, the first ends clean, and the second run afterwards resumes (nothing to
@@ -78,3 +80,17 @@ def test_a_second_identical_sweep_is_refused_while_the_first_holds_the_folder(tm
     assert not any(x.get("error") for x in table(sweep_dir))
     again = run_cli(*args, cwd=tmp_path, env={**ENV, **env})
     assert again.returncode == 0, again.stderr
+
+
+def test_a_sweep_into_a_folder_whose_lock_is_held_is_refused_in_one_line(tmp_path):
+    """The fast lane's check of the refusal above: the lock held here instead of by a running sweep."""
+    import fcntl
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    with open(sweep_dir / ".sweep.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_cli("-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=ENV)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith(f"error: another sweep is running in {sweep_dir}")
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert [p.name for p in sweep_dir.iterdir()] == [".sweep.lock"]  # no job started

@@ -155,7 +155,7 @@ def test_stacked_replicas_keep_every_core(tmp_path, monkeypatch):
     assert int(every.stdout) > 1, "needs a machine with two cores or more"
     r = run_cli("model=lenet_300_100", "dataset=synthetic", "pruning=none", "train.duration=4it", "train.eval_every=4it",
                 "device=cpu", "train.progress=false", "replicas=2", "replica_batching=stacked",
-                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, process=True)  # a new process's thread count
     assert r.returncode == 0, r.stderr[-3000:]
     for seed in (0, 1):
         info = json.loads((tmp_path / "run" / f"replicate_{seed}" / "device.json").read_text())
