@@ -196,7 +196,7 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
             r.clear()
             r.update(entries)
         _reset_lottery_state()
-        threads.restore(saved_threads)
+        torch.set_num_threads(saved_threads)
     return subprocess.CompletedProcess([function, *args], code, out.getvalue(), err.getvalue())
 
 
