@@ -216,6 +216,22 @@ def _export(args) -> int:
     def diff(m):
         return T.max_rel_diff(T.outputs(m, test_x), ref) if ref is not None and test_x is not None else None
 
+    def loaded_row(variant: str, weights: int, path: Path, loaded: torch.nn.Module) -> dict:
+        """The row of a network variant written to `path` and loaded back from it (timed, checked on the images)."""
+        return T.row(
+            variant,
+            weights,
+            path.stat().st_size,
+            loaded,
+            shape,
+            args.threads,
+            acc(loaded),
+            diff(loaded),
+            file=path.name,
+            min_run_time=mt,
+            clock=args.clock,
+        )
+
     counts_dense = C.count(dense, shape)
     compact_net = None
     rows.append(
@@ -303,21 +319,7 @@ def _export(args) -> int:
             **{f"dense_{k}": v for k, v in counts_dense.items()},
             "format": "torch.export",
         }
-        rows.append(
-            T.row(
-                "compact",
-                counts["weights"],
-                path.stat().st_size,
-                loaded,
-                shape,
-                args.threads,
-                acc(loaded),
-                diff(loaded),
-                file=path.name,
-                min_run_time=mt,
-                clock=args.clock,
-            )
-        )
+        rows.append(loaded_row("compact", counts["weights"], path, loaded))
 
     if "csr" in wanted:
         assert masked is not None
@@ -327,21 +329,7 @@ def _export(args) -> int:
             path, fmt = S.save(chosen, shape, out)
             loaded = S.load(path)
             details["csr"]["format"] = fmt
-            rows.append(
-                T.row(
-                    f"csr (batch {args.batch})",
-                    C.count(masked, shape)["nonzero"],
-                    path.stat().st_size,
-                    loaded,
-                    shape,
-                    args.threads,
-                    acc(loaded),
-                    diff(loaded),
-                    file=path.name,
-                    min_run_time=mt,
-                    clock=args.clock,
-                )
-            )
+            rows.append(loaded_row(f"csr (batch {args.batch})", C.count(masked, shape)["nonzero"], path, loaded))
         else:
             notes.append(
                 f"note: no linear layer was faster as CSR at batch {args.batch} (measured per layer, see "

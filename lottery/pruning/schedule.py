@@ -175,16 +175,32 @@ def prune(
         if counting == "synflow":
             fraction = keep_fraction if keep is None and scope in ("global", "layerwise") else None
             removed = left.remove_where(_synflow_drop(left, scores, start, target, r, rounds, scope, fraction), name)
-        elif scope == "global":
-            now = _round_target(sum(start.values()), target, r, rounds)
-            removed = left.remove_global(scores, len(left.index) - now, name)
         else:
-            removed = left.remove_layerwise(
-                scores, [a - _round_target(start[n], target[n], r, rounds) for n, a in zip(masks, left.counts())]
-            )
+            removed = _remove_round(left, scores, start, target, r, rounds, scope, name)
         if incremental is not None:  # round 2 scores the model with all the masks applied, as `_masked` does
             scorer.remove(torch.cat([pruned, removed]) if r == 1 else removed)
     return left.masks()
+
+
+def _remove_round(
+    left: Survivors,
+    scores: torch.Tensor,
+    start: dict,
+    target,
+    r: int,
+    rounds: int,
+    scope: str,
+    name: str,
+    unit: str = "weight",
+) -> torch.Tensor:
+    """Round r of `rounds`: the survivors' lowest `scores` go, down to the round's count over all tensors (global) or
+    in each tensor (`start`: the counts before the first round, in the survivors' tensor order)."""
+    if scope == "global":
+        now = _round_target(sum(start.values()), target, r, rounds)
+        return left.remove_global(scores, len(left.index) - now, name, unit=unit)
+    return left.remove_layerwise(
+        scores, [a - _round_target(start[n], target[n], r, rounds) for n, a in zip(start, left.counts())]
+    )
 
 
 def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fraction, rescore, keep, invert) -> Masks:
@@ -215,13 +231,7 @@ def _prune_channels(model, masks, prunable, pcfg, *, batches, generator, keep_fr
             scores = left.gather(G.channel_scores(raw, names, how))
         if invert:
             scores = -scores
-        if scope == "global":
-            now = _round_target(sum(start.values()), target, r, rounds)
-            left.remove_global(scores, len(left.index) - now, name, unit="channel")
-        else:
-            left.remove_layerwise(
-                scores, [a - _round_target(start[n], target[n], r, rounds) for n, a in zip(groups, left.counts())]
-            )
+        _remove_round(left, scores, start, target, r, rounds, scope, name, unit="channel")
     return G.expand(left.masks(), weights, companions)
 
 
