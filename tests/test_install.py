@@ -1,5 +1,6 @@
 """A plain (non-editable) install works: the wheel carries conf/ as the package lottery.conf, and the entry points
 compose their configs from it in an empty folder outside the repository."""
+import shutil
 import site
 import subprocess
 import sys
@@ -10,11 +11,23 @@ import pytest
 from conftest import REPO
 
 
+# Both tests on one xdist worker, so the wheel is built once per run.
+pytestmark = pytest.mark.xdist_group("install")
+
+# What a wheel is built from; the rest of the checkout (virtual env, caches, site/) stays behind.
+SOURCES = ["pyproject.toml", "README.md", "LICENSE", "lottery", "conf", "hydra_plugins"]
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    # Built from a copy: setuptools writes build/ and *.egg-info next to the sources, and two builds in one
+    # checkout (another worker, the user's own) race on those folders (a CI run failed with ENOENT in build/lib).
+    src = tmp_path_factory.mktemp("src")
+    for name in SOURCES:
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, src / name)
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = out.glob("lottery-*.whl")
     return path
