@@ -148,6 +148,21 @@ def test_cost_progress_and_answer_in_the_log_and_the_measurement_changes_nothing
     assert stable(measured) == stable(plain)  # the measurement changed no result and no random stream
 
 
+def test_a_run_about_as_short_as_measuring_it_gets_no_measurement(tmp_path, caplog, monkeypatch):
+    """Measuring takes 14 steps and one evaluation: a run of fewer than 140 steps or 10 evaluations would pay a tenth
+    of itself or more for its estimate (a 100-step Conv-2 run on CIFAR-10 took 50 s instead of 29 s)."""
+    from lottery.experiment import progress
+
+    def refuse(lin):
+        raise AssertionError("measured a run this short")
+
+    monkeypatch.setattr(progress, "measure_step", refuse)
+    caplog.set_level("INFO", logger="lottery")
+    run_experiment(tiny_cfg("pruning=none", "train.estimate=true"), tmp_path / "short")  # 60 steps, 4 evaluations
+    assert "this run: 1 unit (1 level, ticket), 60 training steps; no time estimate (measuring it would be a " \
+           "tenth of the run or more)" in caplog.text
+
+
 def test_the_answer_names_the_sparsest_matching_ticket_and_the_controls_there(tmp_path):
     from types import SimpleNamespace
 

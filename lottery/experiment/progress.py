@@ -79,7 +79,7 @@ class Progress:
     # --- before ---------------------------------------------------------------------------------------------------
     def announce(self, lin, measure: bool) -> None:
         """What the run will cost: units, steps, and (measured) time."""
-        cost = f"{self.total} units ({self.levels} levels"
+        cost = f"{self.total} unit{'s' * (self.total != 1)} ({self.levels} level{'s' * (self.levels != 1)}"
         branches = list(lin.rep.cfg.pruning.branches)
         cost += f", ticket{' + ' + ' + '.join(branches) if branches else ''}"
         reps = len({id(u[0]) for u in self.units})
@@ -90,11 +90,16 @@ class Progress:
         if measure and self.left_steps > 0 and lin.rep.cfg.train.compile:
             cost += "; no time estimate with train.compile (compiling would be most of what a measurement times)"
         elif measure and self.left_steps > 0:
-            step_s, eval_s = measure_step(lin)
-            self.per_step = step_s
             evals = sum(
                 u[3] // max(u[0].steps.eval_every, 1) + 1 for u in self.units if not u[0].folder.done(u[1], u[2])
             )
+            if self.left_steps < 10 * MEASURED_STEPS or evals < 10:
+                # Measuring takes MEASURED_STEPS steps and one evaluation: more than a tenth of a run this short
+                # (a 100-step Conv-2 run on CIFAR-10 with two evaluations took 21 s more, 50 s instead of 29 s).
+                log.info("this run: %s; no time estimate (measuring it would be a tenth of the run or more)", cost)
+                return
+            step_s, eval_s = measure_step(lin)
+            self.per_step = step_s
             left = self.left_steps * step_s + evals * eval_s
             cost += (
                 f"; about {duration(left)} on this machine (measured: {1000 * step_s:.1f} ms a step, "
@@ -145,18 +150,21 @@ class Progress:
         )
 
 
+MEASURED_STEPS = 14  # the training steps measure_step takes (2 of warm-up, 10 timed, 2 to stop)
+
+
 def measure_step(lin) -> tuple[float, float]:
     """Seconds per training step and per evaluation, from a few steps of a copy of the lineage's model on its data
     (its own batches, a fresh optimizer): nothing of the run is touched, and no random stream either (the global
-    generators are restored; batches use their own). The first steps and the first evaluation are not timed
-    (warm-up)."""
+    generators are restored; batches use their own). The first steps are not timed (warm-up); the one evaluation is
+    the step-0 one."""
     from dataclasses import replace
 
     from lottery import masks as M
     from lottery.training import Hooks, Network, train
 
     rep = lin.rep
-    first, last = 2, 12
+    first, last = 2, MEASURED_STEPS - 2
     marks: dict[str, float] = {}
 
     class Enough(Exception):
@@ -169,14 +177,21 @@ def measure_step(lin) -> tuple[float, float]:
         raise Enough
 
     devices = [rep.device.index or 0] if rep.device.type == "cuda" else []
-    steps = replace(rep.steps, eval_every=last)  # evaluations at 0 and `last` only
+    # One evaluation, at step 0 (timed from the step-0 hook, which runs just before it): a second one would double the
+    # measurement's cost for a small gain in precision.
+    steps = replace(rep.steps, eval_every=MEASURED_STEPS)
     began = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         model = copy.deepcopy(lin.model)
         masks = M.ones(model, rep.prunable(model))
         hooks = Hooks(
             on_eval=lambda r: mark(f"eval_{r['step']}"),
-            at_step={first: lambda: mark("first"), last: lambda: mark("last"), last + 1: stop},
+            at_step={
+                0: lambda: mark("eval_start"),
+                first: lambda: mark("first"),
+                last: lambda: mark("last"),
+                last + 1: stop,
+            },
         )
         try:
             train(
@@ -189,9 +204,9 @@ def measure_step(lin) -> tuple[float, float]:
             )
         except Enough:
             pass
-    if f"eval_{last}" not in marks:  # a run shorter than the measurement: what was timed is all there is
+    if "last" not in marks:  # a run shorter than the measurement: what was timed is all there is
         return (time.perf_counter() - began) / max(rep.steps.total, 1), 0.0
-    return (marks["last"] - marks["first"]) / (last - first), marks[f"eval_{last}"] - marks["last"]
+    return (marks["last"] - marks["first"]) / (last - first), marks["eval_0"] - marks["eval_start"]
 
 
 def answer(reps, tolerance: float) -> str | None:
