@@ -45,6 +45,7 @@ def test_a_collapsed_level_of_a_method_from_the_dense_network_is_a_result(tmp_pa
     assert [(r["level"], r["at_chance"]) for r in records if r["branch"] == "ticket"] == [(0, True), (1, True), (2, True)]
 
 
+@pytest.mark.slow
 def test_the_stop_is_one_line_with_its_exit_status(tmp_path):
     r = run_cli(*TINY, *CONSTANT, "pruning.levels=2", "threads=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
                 env=plugins_env({"OMP_NUM_THREADS": "1"}))
@@ -53,6 +54,7 @@ def test_the_stop_is_one_line_with_its_exit_status(tmp_path):
     assert len(errors) == 1 and "ended at chance" in errors[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_on_chance_continue_prunes_from_it_anyway(tmp_path):
     """`train.on_chance=continue`: the researcher asked to see what pruning a ticket at chance gives."""
     records = run_experiment(tiny_cfg(*CONSTANT, "pruning.levels=3", "train.on_chance=continue"), tmp_path / "run")

@@ -21,6 +21,7 @@ from conftest import REPO
 SYNTHETIC = {"name": "synthetic", "val_size": 64, "synthetic_train": 512, "synthetic_test": 64}
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--device", "cpu",
@@ -41,6 +42,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert "project/this" in proc.stdout and "startup" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_synflow_quick_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--synflow", "--quick", "--out",
@@ -62,6 +64,7 @@ def _have_cxx() -> bool:
 
 
 @pytest.mark.skipif(not _have_cxx(), reason="torch.compile on the CPU needs a C++ compiler (none on PATH)")
+@pytest.mark.slow
 def test_compile_keeps_masked_weights_exactly_zero():
     torch._dynamo.reset()
     pool = load_pool(SYNTHETIC, seed=0)
@@ -123,6 +126,7 @@ def test_compiled_batched_run_keeps_masks_and_names(layout):
                 assert not torch.equal(p.detach()[~pruned], b[n][~pruned]), f"{n}: kept weights did not train"
 
 
+@pytest.mark.slow
 def test_gpu_replicas_script_dry_run(tmp_path):
     """scripts/gpu_replicas.py (the GPU check of batched replicas) runs end to end in its CPU dry mode: the replicas
     benchmark at R = 1, 2 and a two-level lth_lenet_mnist with 5 replicates and the reinit control."""

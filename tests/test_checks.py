@@ -121,6 +121,7 @@ def test_refused_processes_write_nothing(finished):
     assert not any(row.get("error") for row in collect_runs([finished]))
 
 
+@pytest.mark.slow
 def test_replicas_and_single_runs_never_mix(finished, tmp_path):
     before = snapshot(finished)
     r = cli(finished, "pruning.levels=2", "pruning.branches=[reinit]", "replicas=2")
@@ -259,6 +260,7 @@ def test_a_stop_signal_during_set_up_stops_before_anything_is_written(tmp_path):
     assert not any((tmp_path / "run" / f).exists() for f in RUN_FILES)
 
 
+@pytest.mark.slow
 def test_submitit_local_replicas_rows_carry_their_jobs_overrides(tmp_path):
     sweep = tmp_path / "sweep"
     r = run_cli("-m", "launcher=submitit_local", *TINY, "pruning=none", "replicas=2", "train.duration=20it",

@@ -74,6 +74,7 @@ def test_missing_data_without_download_says_where_and_how(tmp_path):
     assert str(tmp_path / "empty") in out.stderr and "dataset.root=" in out.stderr
 
 
+@pytest.mark.slow
 def test_user_initializer_from_command_line(tmp_path):
     (tmp_path / "my_inits.py").write_text(textwrap.dedent("""
         import torch

@@ -68,6 +68,7 @@ def test_init_study_takes_threads(tmp_path):
     assert r.returncode == 2 and errors(r) == ["error: unknown key 'thread'; did you mean threads?"], r.stderr
 
 
+@pytest.mark.slow
 def test_slurm_without_a_controller_is_one_line(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     bin_dir = tmp_path / "bin"  # SLURM's commands, with a controller that does not answer

@@ -32,6 +32,7 @@ def error_lines(stderr: str) -> list[str]:
     # a diverged job, in another process: only its folder tells
     pytest.param("submitit_local", "optimizer.lr=1e6", marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_multirun_with_a_failed_job_exits_1_after_finishing_the_others(tmp_path, launcher, bad):
     sweep_dir = tmp_path / "sweep"
     key, value = bad.split("=")
@@ -116,6 +117,7 @@ def test_retrain_help_says_ticket_is_required_and_how_overrides_work(tmp_path):
     assert "find winning lottery tickets" not in text  # not lottery-train's text
 
 
+@pytest.mark.slow
 def test_train_help_and_python_m(tmp_path):
     for cmd in ([sys.executable, "-m", "lottery", "--help"],
                 [sys.executable, "-c", "from lottery.cli import train; train()", "--help"]):

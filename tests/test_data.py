@@ -136,6 +136,7 @@ def test_mnist(mnist):
 
 
 @needs_cifar
+@pytest.mark.slow
 def test_cifar(cifar):
     check_split(cifar, 45000, 5000, 10000, (3, 32, 32))
     check_normalized(train_set(cifar)[0])

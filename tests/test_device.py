@@ -212,6 +212,7 @@ def test_optimizer_kind_per_device():
 # --- evaluation chunks -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["lenet_300_100", "conv2"])
+@pytest.mark.slow
 def test_chunked_evaluation_matches_one_forward(model, monkeypatch):
     g = torch.Generator().manual_seed(0)
     shape = (1, 28, 28) if model == "lenet_300_100" else (3, 32, 32)
@@ -245,6 +246,7 @@ def test_device_recorded_and_logged(tmp_path, caplog):
     assert any(m.startswith(f"run folder {tmp_path / 'run'}; device: cpu (") for m in caplog.messages)
 
 
+@pytest.mark.slow
 def test_checkpoint_records_device(tmp_path):
     run_dir = tmp_path / "run"
     fault_args, env = fault({"OMP_NUM_THREADS": "1"}, kill_at=30, level=0)

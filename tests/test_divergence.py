@@ -132,6 +132,7 @@ SWEEP = ["dataset=synthetic", "model=mlp", "model.hidden=[64,32]", "train.batch_
          "train.progress=false", "device=cpu", "optimizer=sgd"]
 
 
+@pytest.mark.slow
 def test_multirun_one_job_diverges_the_others_finish(tmp_path):
     sweep_dir = tmp_path / "sweep"
     r = run_cli("-m", "optimizer.lr=1e6,0.05", *SWEEP, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,

@@ -186,6 +186,7 @@ def test_documented_command_composes_and_passes_the_checks(where, program, args,
         checked(cfg)
 
 
+@pytest.mark.slow
 def test_extending_examples_register_and_their_commands_pass_the_checks(tmp_path):
     """docs/extending.md's Python blocks are one module, my_ext.py, and its YAML blocks the files they name; every
     documented command with imports=[my_ext] then composes and passes the checks, in a process of its own (the

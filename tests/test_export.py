@@ -135,6 +135,7 @@ def nm_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("run", ["tiny_run", "channel_run", "nm_run"])
+@pytest.mark.slow
 def test_retrain_accepts_a_packed_ticket_and_trains_it_exactly_as_the_ticket_file(run, tmp_path, request):
     tiny_run = request.getfixturevalue(run)
     out = tmp_path / "exp"
@@ -414,6 +415,7 @@ def test_lenet_channel_run_on_mnist_exports_a_compact_network_equal_on_real_test
 
 @needs_data("cifar-10-batches-py")
 @pytest.mark.parametrize("name", ["conv2", "vgg11"])
+@pytest.mark.slow
 def test_channel_run_compact_network_equals_the_masked_one_on_cifar10_images(name, tmp_path):
     """A channel ticket of a pruning.granularity=channel run (20 steps on synthetic 3x32x32 data, level 1: 10% of the
     filters and 20% of the neurons pruned, their biases and BatchNorm entries with them) on 200 real CIFAR-10 test
@@ -444,6 +446,7 @@ def test_resnet20_is_refused_in_one_line():
     assert "resnet20 has no compact network here" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_compact_network_loads_in_a_fresh_process_without_lottery(tmp_path):
     torch.manual_seed(0)
     model = build_model("conv2", CIFAR, 10).eval()

@@ -16,6 +16,7 @@ PLUGINS = REPO / "tests" / "plugins"
 ENV = {"PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow
 def test_user_criterion_and_branch_from_own_module_via_cli(tmp_path):
     run = tmp_path / "ext"
     out = run_cli(*TINY, "imports=[my_lottery_ext]", "pruning.levels=2", "pruning.criterion.name=smallest_kept",
@@ -125,6 +126,7 @@ USER_DATA = ["imports=[my_lottery_ext]", f"hydra.searchpath=[file://{PLUGINS / '
              "train.progress=false", "checkpoint.every=30it", "pruning.levels=2", "pruning.branches=[reinit]"]
 
 
+@pytest.mark.slow
 def test_user_dataset_and_optimizer_from_own_module_single_and_replicas(tmp_path):
     """A user's dataset (its own setting dataset.noise, 4 classes, 1x8x8 inputs) and optimizer (its own setting
     optimizer.momentum) from their module: selected as config group options from their own conf folder, they run
@@ -167,6 +169,7 @@ def test_user_dataset_and_optimizer_from_own_module_single_and_replicas(tmp_path
     (["optimizer.momentum=fast"], "bad setting for optimizer 'signsgd'"),
     (["+optimizer.betas=[0.9,0.99]"], "unknown key optimizer.betas for optimizer 'signsgd'; accepted: momentum"),
 ])
+@pytest.mark.slow
 def test_user_dataset_and_optimizer_settings_are_checked_before_any_work(tmp_path, overrides, message):
     run = tmp_path / "bad"
     out = run_cli(*USER_DATA, *overrides, f"hydra.run.dir={run}", cwd=tmp_path, env=ENV)

@@ -124,6 +124,7 @@ INJECT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_injected_full_disk_one_line_no_temp_files_and_rerun_resumes(tmp_path):
     (tmp_path / "inject.py").write_text(INJECT)
     full = tmp_path / "FULL"

@@ -455,6 +455,7 @@ def test_batchnorm_group_score_refused_for_a_layer_without_batchnorm(tmp_path):
     assert "\n" not in str(e.value) and not (run / "config.yaml").exists() and not (run / "init.pt").exists()
 
 
+@pytest.mark.slow
 def test_early_bird_channel_replicas_draw_as_their_single_runs(tmp_path):
     """Interleaved replicas draw exactly the tickets of their single runs; stacked ones (the BatchNorm scales read
     through views into the stacked tensors) draw whole channels in exact counts."""

@@ -200,6 +200,7 @@ def test_reinit_and_random_prune_inputs(tmp_path):
         assert torch.equal(w_p[n], w_t[n])                  # unpruned tensors: the rewound values
 
 
+@pytest.mark.slow
 def test_rewind_to_step_k_saves_weights_after_k_steps_and_bn_statistics(tmp_path):
     """Rewinding to step k restores the full state after k steps, BatchNorm running statistics included (pitfall 5),
     and later levels train from step k to the end with a fresh optimizer."""

@@ -209,6 +209,7 @@ def test_interpolation_interpolates_running_statistics_by_default():
     assert int(mid["bn.num_batches_tracked"]) == 7
 
 
+@pytest.mark.slow
 def test_recompute_option_runs_through_the_branch(tmp_path):
     common = ["model=resnet20", "model.width=4", "dataset.synthetic_shape=cifar10", "dataset.synthetic_train=256",
               "dataset.synthetic_test=64", "dataset.val_size=0", "pruning=none", "pruning.branches=[lmc]",
@@ -319,6 +320,7 @@ def test_lmc_experiments_follow_open_lth(experiment):
         assert counts[-1] / counts[0] < 0.015 <= counts[-2] / counts[0]
 
 
+@pytest.mark.slow
 def test_resnet20_experiment_short_cpu_run_with_lmc_to_the_end(tmp_path):
     run_dir = tmp_path / "run"
     r = run_cli("experiment=lmc_resnet20_cifar10", "dataset=synthetic", "dataset.synthetic_shape=cifar10",

@@ -130,6 +130,7 @@ def test_a_dynamic_sparse_run_keeps_every_layers_count_and_its_masks_change(tmp_
 
 
 @pytest.mark.parametrize("rule", ["rigl", "set"])
+@pytest.mark.slow
 def test_dynamic_replicas_equal_single_runs(tmp_path, rule):
     """Each replicate's masks change on their own: replicas=2 (interleaved) ends exactly as two single runs (SET's
     random draws too: seeded by the tensor's place in its network, not in the layout)."""
@@ -235,6 +236,7 @@ def test_retraining_needs_trained_weights():
         checked(tiny_cfg("pruning.retrain=rewind"))
 
 
+@pytest.mark.slow
 def test_the_comparison_runs_and_reports_accuracy_against_cost(tmp_path):
     """experiment=compare_lenet_mnist shrunk onto synthetic data: six methods as one multirun, each job two
     replicates; lottery-report draws accuracy against weights remaining and against training cost, one line per
@@ -265,6 +267,7 @@ def test_the_comparison_runs_and_reports_accuracy_against_cost(tmp_path):
     assert "RigL, ERK densities" in svg and "training FLOPs" in svg
 
 
+@pytest.mark.slow
 def test_a_killed_dynamic_sparse_run_resumes_bit_identical(tmp_path):
     """The masks change during training: a checkpoint holds them, so a SIGKILL between two mask updates resumes to
     exactly the uninterrupted run's results and masks."""

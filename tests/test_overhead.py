@@ -58,6 +58,7 @@ def snapshots(tmp_path_factory):
             [(p, tmp / "snapshots" / f"{i:03d}") for i, p in enumerate(points)])
 
 
+@pytest.mark.slow
 def test_the_points_include_every_write_of_a_units_finish(snapshots):
     _, points = snapshots
     names = [p for p, _ in points]
@@ -85,6 +86,7 @@ def test_a_kill_at_any_point_leaves_a_folder_that_resumes_to_the_same_summary(sn
             json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_rerunning_the_command_after_kills_resumes_to_the_same_summary(snapshots, tmp_path):
     """SIGKILLs inside a ticket's write, right after a result.json (before its checkpoints are removed and the
     summary rewritten) and in the middle of removing a control's checkpoints; each time the same command again."""

@@ -396,6 +396,7 @@ def test_every_method_composes_on_both_experiments(experiment, method):
         checked(cfg)
 
 
+@pytest.mark.slow
 def test_report_draws_one_line_per_method_with_ablations(tmp_path):
     from lottery.report import _curves, collect_runs, make_figures
     root = tmp_path / "sweep"
@@ -446,6 +447,7 @@ def test_named_comparison_sweep_is_a_multirun_over_every_method_and_works_with_s
     assert all((CONF / "method" / f"{m}.yaml").exists() for m in methods)
 
 
+@pytest.mark.slow
 def test_killed_pruning_at_init_run_resumes_to_the_same_results(tmp_path):
     """SNIP at every level from the dense network, no dense level, the invert ablation: SIGKILL inside level 2's
     invert unit, rerun the same command: the same summary as an uninterrupted run, finished units not redone."""

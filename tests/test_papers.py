@@ -188,6 +188,7 @@ def report(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_paper_report_on_a_shrunk_run_then_with_an_edited_block(tmp_path, capsys):
     run = tmp_path / "run"
     r = run_cli(*SHRUNK, "replicas=2", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -230,6 +231,7 @@ def test_paper_report_on_a_shrunk_run_then_with_an_edited_block(tmp_path, capsys
     assert "reached no level at 1.0%" in rows["too sparse"]["reason"]
 
 
+@pytest.mark.slow
 def test_paper_report_on_a_sweep_and_on_a_run_without_a_block(tmp_path, capsys):
     r = run_cli("-m", *SHRUNK, "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -144,6 +144,7 @@ def _pins(path):
 
 @needs_data("MNIST", "raw")
 @pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.slow
 def test_summary_unchanged(name, tmp_path):
     path = REPO / "tests" / "data" / f"regression_{name}.json"
     run_experiment(make_cfg(*RUNS[name]), tmp_path / name)

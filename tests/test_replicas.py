@@ -85,6 +85,7 @@ def _pool(shape, augment):
 
 @pytest.mark.parametrize("layout", ["stacked", "interleaved"])
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_batched_run_matches_single_runs(name, layout):
     """Stacked: losses agree to round-off (LOSS_RTOL). Interleaved: each network computes what its single run does, so
     losses and final weights are bit-identical."""
@@ -207,6 +208,7 @@ def replicated(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["interleaved", "stacked"])
+@pytest.mark.slow
 def test_replicas_imp_matches_single_runs(replicated, layout):
     """After a short IMP run (3 levels, two controls) each replicate is its single run: interleaved exactly (the same
     arithmetic: every record and mask equal), stacked within round-off (batched matrix products round differently,
@@ -342,6 +344,7 @@ def test_one_wandb_run_per_replicate_in_one_group(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["interleaved", "sequential"])
+@pytest.mark.slow
 def test_interleaved_and_sequential_replicas_equal_single_runs_exactly(replicated, tmp_path, how):
     """`replica_batching=interleaved` (what `auto` picks for conv models on a CPU: one batched loop, each network
     through its own model) and `sequential` (the single-run loop, one unit after another) give summaries exactly equal

@@ -86,6 +86,7 @@ METHODS = [("imp", "magnitude", "after_training", False, False), ("oneshot", "ma
 ABLATIONS = ("layer_shuffle", "reinit", "invert")
 
 
+@pytest.mark.slow
 def test_every_method_keeps_its_colour_and_legends_are_sections_outside_the_axes(tmp_path, figures):
     """The pruning-at-init comparison: 7 methods x (ticket + 3 ablations) = 28 lines, which today's report drew with
     a 28-entry legend in a 10-colour cycle. Now: 7 colours (one per method, the same in every figure) and 4 line
@@ -204,6 +205,7 @@ def test_layer_density_shows_layers_with_equal_rates(tmp_path, figures):
     assert legend_box.x0 >= axes_box.x1 - 1  # beside the axes, hiding no line
 
 
+@pytest.mark.slow
 def test_condition_labels_name_only_the_settings_that_matter(tmp_path, figures):
     """A per-kind rate only for models with that layer kind, a branch's settings only for that branch's records, and
     a dense-only run is the dense network, not a winning ticket."""

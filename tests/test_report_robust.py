@@ -181,6 +181,7 @@ def test_unknown_branch_and_criterion_are_named_by_name_beside_other_runs(base_r
     assert "| IMP (smallest_kept), original init | other_data |" in (tmp_path / "rep" / "aggregate.md").read_text()
 
 
+@pytest.mark.slow
 def test_imports_option_loads_the_users_labels(base_run, tmp_path, capsys):
     root = tmp_path / "sweep"
     _copy(base_run, root / "plain")

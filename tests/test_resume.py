@@ -54,6 +54,7 @@ def reference(tmp_path_factory):
     return records
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_level_resumes_bit_identical(reference, tmp_path):
     rng = random.Random(20240611)
     level, branch = rng.choice(UNITS)
@@ -78,6 +79,7 @@ def test_sigkill_inside_a_level_resumes_bit_identical(reference, tmp_path):
     assert not list(run_dir.glob("levels/*/*/checkpoint*.pt")), "checkpoints are removed once a unit is done"
 
 
+@pytest.mark.slow
 def test_sigkill_between_levels_resumes_bit_identical(reference, tmp_path):
     level = random.Random(7).choice([0, 1])
     run_dir = tmp_path / "run"
@@ -97,6 +99,7 @@ def test_sigkill_between_levels_resumes_bit_identical(reference, tmp_path):
     assert f"level {level} ticket " not in r.log
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
     run_dir = tmp_path / "run"
     faults = fault(kill_at=75, level=1)  # level 1 checkpoints at steps 20, 40 and 60
@@ -114,6 +117,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(reference, tmp_path):
     assert stable(summary(run_dir)) == stable(reference)
 
 
+@pytest.mark.slow
 def test_stop_signal_checkpoints_exits_and_resumes(reference, tmp_path):
     """SIGUSR2 without a launcher to hand it to (launcher=local, the sbatch script): checkpoint at once, exit with
     the 'try again' status and no error recorded; the same command continues from that exact step."""

@@ -250,6 +250,7 @@ def main():
 
 
 @pytest.mark.parametrize("where", ["mkdir", "write"])
+@pytest.mark.slow
 def test_a_full_disk_before_hydra_files_are_written_is_one_line_and_exit_74(tmp_path, where):
     from conftest import TINY, run_cli
     (tmp_path / "inject_hydra.py").write_text(INJECT_HYDRA)

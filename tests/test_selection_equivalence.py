@@ -188,6 +188,7 @@ def _synflow_pcfg(rounds):
     ("lenet_300_100", (1, 28, 28), {}, 0.01, True),  # the benchmark's two models, full size
     ("resnet20", (3, 32, 32), {}, 0.01, True),
 ])
+@pytest.mark.slow
 def test_100_round_synflow_keeps_the_same_weights_as_before(name, shape, kwargs, density, rescore):
     """LeNet-300-100 and ResNet-20, small and full size, pruned in 100 rounds as the driver prunes them (`rescore`
     building a fresh model with the masks applied) or with no `rescore`: the masks of the previous code path, bit
@@ -269,6 +270,7 @@ def test_synflow_rounds_layerwise_and_inverted_keep_the_same_weights_as_before(n
 
 
 @pytest.mark.parametrize("pruning_cfg", ["pruning=lth", "pruning=global"])
+@pytest.mark.slow
 def test_the_drivers_synflow_levels_keep_the_same_weights_as_before(tmp_path, pruning_cfg):
     """`plan.prune_level` of method=synflow (100 rounds from the dense network to each level's count, layerwise or
     global; the driver's `rescore` is no longer called): the masks the previous code path gives with that `rescore`,

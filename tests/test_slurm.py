@@ -95,6 +95,7 @@ def fake_slurm(tmp_path):
                 pass
 
 
+@pytest.mark.slow
 def test_slurm_launcher_puts_site_settings_in_the_job_script(fake_slurm, tmp_path):
     """Partition, account, GPUs and slurm.yaml's defaults reach the one array job's #SBATCH lines (the one-node
     cluster has no GPUs nor partitions to choose from)."""

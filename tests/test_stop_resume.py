@@ -29,6 +29,7 @@ def default_folders(cwd) -> list:
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_says_how_to_resume_and_the_same_command_resumes(tmp_path):
     reference = tmp_path / "reference"
     run_experiment(tiny_cfg(*ARGS), reference)
@@ -54,6 +55,7 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_same_command_resumes(tmp_
     assert stable(summary(run_dir)) == stable(summary(reference))
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     run_dir = tmp_path / "run"
     args, env = fault(interrupt_at=30, level=1, twice=1)
@@ -71,6 +73,7 @@ def _root(*overrides: str):
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
 
 
+@pytest.mark.slow
 def test_run_id_names_the_experiment_not_the_work():
     base = run_id(_root())
     assert run_id(_root()) == base  # the same command, the same folder
@@ -92,6 +95,7 @@ def _files(run_dir, levels) -> dict:
 
 
 @pytest.mark.parametrize("more", [["pruning.levels=3"], ["pruning.target=0.7"]])
+@pytest.mark.slow
 def test_more_levels_extend_a_finished_run_leaving_its_levels_untouched(tmp_path, more):
     run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
     branches = "pruning.branches=[reinit]"
@@ -105,6 +109,7 @@ def test_more_levels_extend_a_finished_run_leaving_its_levels_untouched(tmp_path
     assert OmegaConf.load(run_dir / "config.yaml").pruning == OmegaConf.load(fresh / "config.yaml").pruning
 
 
+@pytest.mark.slow
 def test_what_changes_a_finished_run_is_still_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_experiment(tiny_cfg("pruning.levels=3"), run_dir)
@@ -134,6 +139,7 @@ def test_a_refused_single_run_leaves_nothing_behind(tmp_path, bad):
 
 # --- progress, cost, the answer -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cost_progress_and_answer_in_the_log_and_the_measurement_changes_nothing(tmp_path, caplog):
     caplog.set_level("INFO", logger="lottery")
     args = ["pruning.levels=3", "pruning.branches=[reinit]", "train.progress_every=0"]

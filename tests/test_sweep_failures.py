@@ -59,9 +59,10 @@ def test_a_second_identical_sweep_is_refused_while_the_first_holds_the_folder(tm
     import sys
     import time
     sweep_dir = tmp_path / "sweep"
-    # each job's 300 steps take at least 15 s (the pace is checked every 100 steps): the first sweep is still running
-    args, env = fault(pace_ms=50)
-    args = ["-m", *TINY, "train.duration=300it", "train.eval_every=100it", *args, "seed=0,1",
+    # each job's 200 steps take at least 6 s (the pace is checked every 100 steps): the first sweep is still running
+    # while the second (in this process: 1-3 s to its refusal) starts
+    args, env = fault(pace_ms=30)
+    args = ["-m", *TINY, "train.duration=200it", "train.eval_every=100it", *args, "seed=0,1",
             f"hydra.sweep.dir={sweep_dir}"]
     code = "import sys; sys.argv[0] = 'train'; from lottery.cli import train; train()"
     first = subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env={**os.environ, **ENV, **env},

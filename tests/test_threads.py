@@ -45,6 +45,7 @@ def test_default_is_off_once_torch_is_imported():
 
 
 @pytest.mark.parametrize("entry", ["lottery.cli:train", "lottery.cli:retrain", "lottery.__main__"])
+@pytest.mark.slow
 def test_the_entry_points_set_it_before_torch_and_openmp_sees_it(entry):
     """The console scripts (lottery-train, lottery-retrain; `python -m lottery` too) set the variable when they run,
     before torch is imported, and libgomp reports it (OMP_DISPLAY_ENV prints what it read); a user's value stands.
@@ -145,6 +146,7 @@ def test_a_run_records_its_threads_and_warns_when_a_resume_changes_them(tmp_path
     assert "cpu (torch" in log and "1 threads) and continues on cpu" in log and "differs in threads" in log, log
 
 
+@pytest.mark.slow
 def test_stacked_replicas_keep_every_core(tmp_path, monkeypatch):
     """R small networks trained stacked are one large step: threads: null leaves PyTorch's count (every core)."""
     from conftest import run_cli

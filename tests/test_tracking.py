@@ -124,6 +124,7 @@ def test_wandb_mode_follows_env_then_credentials(monkeypatch, tmp_path):
     assert wandb_mode() == "online"
 
 
+@pytest.mark.slow
 def test_offline_runs_one_per_unit_with_shared_keys_and_the_records_table(tmp_path, monkeypatch):
     """W&B's conventions: every unit its own run with the same metric keys against its training step, level, branch
     and replicate in its config, its record as its summary; the job's run holds the records table. A second start
@@ -196,6 +197,7 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [row for _, _, rows in read_offline_run(run_dir) for _, row in rows]
 
 
+@pytest.mark.slow
 def test_a_resumed_unit_continues_its_own_run(tmp_path):
     """SIGUSR2 inside level 1's ticket: the job checkpoints and exits 75; the rerun resumes the unit and its W&B run
     (the same id, a second piece), whose rows then reach the end of training."""
@@ -347,6 +349,7 @@ def test_full_disk_under_wandb_folder_is_reported(tmp_path, caplog):
     assert "no space left" in message.lower(), message
 
 
+@pytest.mark.slow
 def test_offline_run_without_validation_split_logs_instability(tmp_path, monkeypatch):
     """dataset.val_size=0 (the LMC experiments): no validation metrics or early-stop step reach W&B (nothing logged
     as null or 0); the lmc copies are runs of their own, and the branch's record (the instability) is the summary of

@@ -34,6 +34,7 @@ def _same(a, b):
         [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
+@pytest.mark.slow
 def test_a_users_updater_runs_alone_and_as_replicas_in_both_layouts(tmp_path, monkeypatch):
     """magnitude_drop (tests/plugins/my_lottery_ext.py + conf/dst/magnitude_drop.yaml): one module and one YAML
     file. Each drop removes exactly `count` weights of every layer; replicas=2 interleaved ends exactly as two single
@@ -84,6 +85,7 @@ def _kill_and_resume(tmp_path, args, edit=None, level=1):
     return (stable(json.loads((d / "summary.json").read_text())) for d in (ref, run)), (ref, run)
 
 
+@pytest.mark.slow
 def test_a_users_updater_state_comes_back_on_resume(tmp_path):
     """The toy updater's own counter (`drops`) and its masks are in the checkpoint through its state_dict: a SIGKILL
     between two drops resumes to exactly the uninterrupted run."""
@@ -104,6 +106,7 @@ def _old_format(state: dict) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_a_rigl_checkpoint_written_before_updaters_still_resumes(tmp_path):
     args = [*TINY, *SPARSE, "dst=rigl", "dst.delta_t=10", "device=cpu", "checkpoint.every=20it"]
     (ref, got), (a, b) = _kill_and_resume(tmp_path, args, edit=_old_format)
@@ -225,6 +228,7 @@ def test_gmp_replicas_interleaved_equal_single_runs(tmp_path):
         assert [r["weights_remaining_count"] for r in a] == [r["weights_remaining_count"] for r in b]
 
 
+@pytest.mark.slow
 def test_a_killed_gmp_run_resumes_bit_identical(tmp_path):
     args = [*TINY, *GMP, "pruning.levels=2", "device=cpu", "checkpoint.every=20it"]
     (ref, got), (a, b) = _kill_and_resume(tmp_path, args)
@@ -317,6 +321,7 @@ def test_an_early_bird_run_draws_its_ticket_and_trains_it_rewound(tmp_path):
     assert all(torch.equal(rewind[n], init[n] * masks[n]) for n in masks)  # rewound as IMP's (to step 0)
 
 
+@pytest.mark.slow
 def test_a_killed_early_bird_run_resumes_bit_identical(tmp_path):
     args = [*TINY, *EARLY, "device=cpu", "checkpoint.every=20it"]
     (ref, got), (a, b) = _kill_and_resume(tmp_path, args, level=0)
@@ -333,6 +338,7 @@ def test_mask_overlap_by_hand():
     assert M.overlap(a, b) == {"x": 0.5, "y": 1.0, "all": 2 * 2 / 6}
 
 
+@pytest.mark.slow
 def test_the_report_compares_tickets_between_seeds_and_between_methods(tmp_path):
     """Random masks of two seeds overlap about as much as chance (their density); magnitude-at-init masks of one
     seed against the random ones too; every pair at one level and density is in mask_similarity.csv, and the figure
@@ -357,6 +363,7 @@ def test_the_report_compares_tickets_between_seeds_and_between_methods(tmp_path)
     assert (tmp_path / "report" / "mask_similarity.png").exists()
 
 
+@pytest.mark.slow
 def test_early_bird_replicas_stop_on_their_own_and_equal_single_runs(tmp_path):
     """Each replicate is drawn on its own: interleaved, exactly as its single run; stacked, at the same step and with
     its single run's weights at the draw, within round-off (a network stopped while the others train on:
