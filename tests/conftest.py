@@ -77,10 +77,11 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, 
     entry point, user modules, a launcher, an environment beyond `IN_PROCESS_ENV`) where the process is the point:
     signals, faults that kill it, what happens before torch loads."""
     if not process and _in_process_ok(args, env, entry):
-        return in_process(*args, cwd=cwd, env=env, entry=entry)
+        return in_process(*args, cwd=cwd, env=env, entry=entry, returns=True)
     module, function = entry.split(":")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    code = f"import sys; sys.argv[0] = {function!r}; from {module} import {function}; {function}()"
+    # as the console script does: the function's return value is the exit status (lottery-report returns 2)
+    code = f"import sys; sys.argv[0] = {function!r}; from {module} import {function}; sys.exit({function}())"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 

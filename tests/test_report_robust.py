@@ -195,6 +195,10 @@ def test_imports_option_loads_the_users_labels(base_run, tmp_path, capsys):
     assert "ticket trained on another data order" in svg  # the label my_lottery_ext registers
     assert "two copies of the ticket on two data orders" in svg
     assert main([str(root), "--imports", "no_such_module_here", "--out", str(tmp_path / "rep2")]) == 2
+    # the console script's exit status is main's return value (a new process, as a user runs it)
+    bad = run_cli(str(root), "--imports", "no_such_module_here", "--out", str(tmp_path / "rep2"),
+                  entry="lottery.report:main", cwd=tmp_path, process=True)
+    assert bad.returncode == 2 and "cannot be imported" in bad.stderr, bad.stderr[-2000:]
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         "error: --imports entry 'no_such_module_here' cannot be imported")
     assert not (tmp_path / "rep2").exists()
