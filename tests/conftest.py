@@ -76,7 +76,7 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, 
     pays 3-5 s importing torch and Hydra; in a new one (`process=True`, or whatever `in_process` cannot run: another
     entry point, user modules, a launcher, an environment beyond `IN_PROCESS_ENV`) where the process is the point:
     signals, faults that kill it, what happens before torch loads."""
-    if not process and _in_process_ok(args, env, entry):
+    if not process and (_in_process_ok(args, env, entry) or _spent_fault(args, env, cwd, entry)):
         return in_process(*args, cwd=cwd, env=env, entry=entry, returns=True)
     module, function = entry.split(":")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -103,6 +103,30 @@ def _in_process_ok(args, env, entry) -> bool:
     if any(a.lstrip("+~").startswith(("imports", "--imports", "launcher=", "hydra/launcher")) for a in args):
         return False
     return all(k in IN_PROCESS_ENV for k in (env or {}))
+
+
+def _spent_fault(args, env, cwd, entry) -> bool:
+    """The same command again after its injected fault fired (the faults plugin's marker file exists): it runs as the
+    plain command does, so in this process too (the resume half of the kill tests). Never a fault still to fire: a
+    SIGKILL would end the test process."""
+    if entry != "lottery.cli:train" or [a for a in args if a.lstrip("+~").startswith("imports")] != ["imports=[faults]"]:
+        return False
+    if any(a.startswith(("launcher=", "hydra/launcher")) for a in args) or set(env or {}) - {*IN_PROCESS_ENV, *FAULT_ENV}:
+        return False
+    spec = dict(kv.split("=", 1) for kv in (env or {}).get("LOTTERY_FAULT", "").split(",") if kv)
+    if not spec or "where" in spec:
+        return False
+    marker = spec.get("marker")
+    if marker is None:
+        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+        if run_dir is None:
+            return False
+        marker = Path(cwd) / run_dir / ".fault_fired"
+    return Path(marker).exists()
+
+
+# The environment of a fault injection (fault()), which in_process gives a spent fault's rerun.
+FAULT_ENV = ("LOTTERY_FAULT", "PYTHONPATH")
 
 
 def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lottery.cli:train",
@@ -140,13 +164,29 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
     saved_threads = torch.get_num_threads()
     registries = _lottery_registries()
     saved_registries = [(r, dict(r)) for r in registries]
+    from lottery.experiment.callbacks import CALLBACKS  # a list: instances, registered by a user's module on import
+    saved_callbacks = list(CALLBACKS)
     out, err = io.StringIO(), io.StringIO()
     code = 0
+    # PYTHONPATH (tests/plugins for `imports=[faults]`) as a new interpreter reads it: on sys.path for the call; the
+    # modules it imports from there are dropped after it, so that the next call imports (and registers) them again
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+    saved_modules = set(sys.modules)
+    sys.path[:0] = paths
+    real_kill = os.kill
+
+    def kill(pid, sig):  # a SIGKILL of this process would take the whole test worker down: fail the test instead
+        if pid == os.getpid() and sig == signal.SIGKILL:
+            raise AssertionError("an in-process run sent SIGKILL to itself; run it with run_cli(..., process=True)")
+        real_kill(pid, sig)
+
+    os.kill = kill
     _reset_lottery_state()
     try:
         for r in registries:  # what test modules registered here (tiny_convbn, ...) a new process does not have
             for name in [n for n, entry in r.items() if not _ours(entry)]:
                 del r[name]
+        CALLBACKS[:] = [c for c in CALLBACKS if _ours(type(c))]
         os.environ.update(env)
         os.chdir(cwd)
         sys.argv = [function, *args]
@@ -196,8 +236,16 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
         for r, entries in saved_registries:
             r.clear()
             r.update(entries)
+        CALLBACKS[:] = saved_callbacks
+        os.kill = real_kill
         _reset_lottery_state()
         torch.set_num_threads(saved_threads)
+        for p in paths:
+            sys.path.remove(p)
+        for name in set(sys.modules) - saved_modules:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if any(origin.startswith(p) for p in paths):
+                del sys.modules[name]
     return subprocess.CompletedProcess([function, *args], code, out.getvalue(), err.getvalue())
 
 
