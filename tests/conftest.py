@@ -76,7 +76,7 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600, 
     pays 3-5 s importing torch and Hydra; in a new one (`process=True`, or whatever `in_process` cannot run: another
     entry point, user modules, a launcher, an environment beyond `IN_PROCESS_ENV`) where the process is the point:
     signals, faults that kill it, what happens before torch loads."""
-    if not process and (_in_process_ok(args, env, entry) or _spent_fault(args, env, cwd, entry)):
+    if not process and _in_process_ok(args, env, entry, cwd):
         return in_process(*args, cwd=cwd, env=env, entry=entry, returns=True)
     module, function = entry.split(":")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -94,26 +94,29 @@ IN_PROCESS_ENTRIES = ("lottery.cli:train", "lottery.cli:retrain", "lottery.repor
 IN_PROCESS_ENV = ("OMP_NUM_THREADS",)
 
 
-def _in_process_ok(args, env, entry) -> bool:
+def _in_process_ok(args, env, entry, cwd) -> bool:
     """Whether `in_process` gives what a new process would: one of our entry points, no user modules to import (they
     register into process-wide registries and stay in sys.modules), no launcher (submitit and SLURM start processes
-    of their own), and only environment variables it sets for the run (a PYTHONPATH or a fault to inject is not)."""
+    of their own), and only environment variables it sets for the run (a PYTHONPATH or a fault to inject is not).
+    One exception: the same command again after its injected fault fired (the faults plugin's marker file exists)
+    runs as the plain command does (the resume half of the kill tests); never a fault still to fire, since a SIGKILL
+    would end the test process."""
     if entry not in IN_PROCESS_ENTRIES:
         return False
-    if any(a.lstrip("+~").startswith(("imports", "--imports", "launcher=", "hydra/launcher")) for a in args):
+    if any(a.lstrip("+~").startswith(("launcher=", "hydra/launcher")) for a in args):
         return False
-    return all(k in IN_PROCESS_ENV for k in (env or {}))
+    imports = [a for a in args if a.lstrip("+~").startswith(("imports", "--imports"))]
+    if not imports:
+        return all(k in IN_PROCESS_ENV for k in (env or {}))
+    if entry != "lottery.cli:train" or imports != ["imports=[faults]"]:
+        return False
+    return all(k in (*IN_PROCESS_ENV, *FAULT_ENV) for k in (env or {})) and _spent_fault(args, env or {}, cwd)
 
 
-def _spent_fault(args, env, cwd, entry) -> bool:
-    """The same command again after its injected fault fired (the faults plugin's marker file exists): it runs as the
-    plain command does, so in this process too (the resume half of the kill tests). Never a fault still to fire: a
-    SIGKILL would end the test process."""
-    if entry != "lottery.cli:train" or [a for a in args if a.lstrip("+~").startswith("imports")] != ["imports=[faults]"]:
-        return False
-    if any(a.startswith(("launcher=", "hydra/launcher")) for a in args) or set(env or {}) - {*IN_PROCESS_ENV, *FAULT_ENV}:
-        return False
-    spec = dict(kv.split("=", 1) for kv in (env or {}).get("LOTTERY_FAULT", "").split(",") if kv)
+def _spent_fault(args, env: dict, cwd) -> bool:
+    """Whether the fault that `env` injects has fired: its marker file (tests/plugins/faults.py) exists. A fault
+    limited to some folders (`where=`) counts as not spent."""
+    spec = dict(kv.split("=", 1) for kv in env.get("LOTTERY_FAULT", "").split(",") if kv)
     if not spec or "where" in spec:
         return False
     marker = spec.get("marker")
@@ -122,7 +125,7 @@ def _spent_fault(args, env, cwd, entry) -> bool:
         if run_dir is None:
             return False
         marker = Path(cwd) / run_dir / ".fault_fired"
-    return Path(marker).exists()
+    return (Path(cwd) / marker).exists()
 
 
 # The environment of a fault injection (fault()), which in_process gives a spent fault's rerun.

@@ -96,15 +96,15 @@ class Progress:
             if self.left_steps < 10 * MEASURED_STEPS or evals < 10:
                 # Measuring takes MEASURED_STEPS steps and one evaluation: more than a tenth of a run this short
                 # (a 100-step Conv-2 run on CIFAR-10 with two evaluations took 21 s more, 50 s instead of 29 s).
-                log.info("this run: %s; no time estimate (measuring it would be a tenth of the run or more)", cost)
-                return
-            step_s, eval_s = measure_step(lin)
-            self.per_step = step_s
-            left = self.left_steps * step_s + evals * eval_s
-            cost += (
-                f"; about {duration(left)} on this machine (measured: {1000 * step_s:.1f} ms a step, "
-                f"{eval_s:.2f} s an evaluation; train.estimate=false skips the measurement)"
-            )
+                cost += "; no time estimate (measuring it would be a tenth of the run or more)"
+            else:
+                step_s, eval_s = measure_step(lin)
+                self.per_step = step_s
+                left = self.left_steps * step_s + evals * eval_s
+                cost += (
+                    f"; about {duration(left)} on this machine (measured: {1000 * step_s:.1f} ms a step, "
+                    f"{eval_s:.2f} s an evaluation; train.estimate=false skips the measurement)"
+                )
         log.info("this run: %s", cost)
 
     # --- during ---------------------------------------------------------------------------------------------------
