@@ -104,6 +104,9 @@ class PruningConfig:
     prune_biases: bool = False
     prune_batchnorm: bool = False
     branches: list[str] = field(default_factory=list)
+    # Levels the branches run at (0: the dense network, for the branches that run there); empty: every level. Controls
+    # at the few densities a figure needs cost a fraction of controls at every level.
+    branch_levels: list[int] = setting(list, at_least(0))
     # What one selected entry is (lottery.pruning.granularity): unstructured (a weight) | channel (an output channel
     # with its bias and BatchNorm entries) | nm (n kept of every m consecutive weights along the input dimension)
     granularity: str = "unstructured"
@@ -192,6 +195,7 @@ NON_EXPERIMENT_KEYS = (
     "train.eval_batch_size",
     "imports",
     "pruning.branches",
+    "pruning.branch_levels",
     "train.on_divergence",
     "train.on_chance",
     "launcher",

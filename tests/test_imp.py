@@ -290,6 +290,26 @@ def test_branch_added_later_to_finished_run(tmp_path):
     assert second[:2] == first
 
 
+def test_branches_at_chosen_levels_only_and_more_levels_later(tmp_path, caplog):
+    """pruning.branch_levels: the controls train at the listed levels only (the plan counts only those), the same
+    folder takes more levels later, and a level the run does not have is refused before any work."""
+    run = tmp_path / "r"
+    with caplog.at_level("INFO", logger="lottery.experiment.progress"):
+        run_experiment(tiny_cfg("pruning.levels=4", "pruning.branches=[reinit]", "pruning.branch_levels=[2]"), run)
+    assert [(r["level"], r["branch"]) for r in _summary(run)] == [
+        (0, "ticket"), (1, "ticket"), (2, "ticket"), (2, "reinit"), (3, "ticket")]
+    assert "this run: 5 units" in caplog.text
+    assert not (run / "levels" / "level_1" / "reinit").exists()
+    run_experiment(tiny_cfg("pruning.levels=4", "pruning.branches=[reinit]", "pruning.branch_levels=[1,2]"), run)
+    assert [(r["level"], r["branch"]) for r in _summary(run)][:4] == [
+        (0, "ticket"), (1, "ticket"), (1, "reinit"), (2, "ticket")]
+    with pytest.raises(ValueError, match=r"pruning.branch_levels names level 4, which this run does not have "
+                                         r"\(it trains levels 0, 1, 2, 3\)"):
+        run_experiment(tiny_cfg("pruning.levels=4", "pruning.branches=[reinit]", "pruning.branch_levels=[4]"),
+                       tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_retrain_reproduces_level_from_ticket(imp_run, tmp_path):
     run_dir, cfg = imp_run
     ticket_path = run_dir / "levels" / "level_2" / "ticket.pt"

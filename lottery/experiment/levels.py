@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 
 from lottery import masks as M
-from lottery.branches import BRANCHES
 from lottery.core.divergence import AtChance, Diverged
 from lottery.core.files import load_torch, save_torch
 from lottery.core.signals import stop_if_asked
@@ -136,7 +135,7 @@ class Lineage:
         rep = self.rep
         plans = []
         for name in rep.cfg.pruning.branches:
-            if level == 0 and not BRANCHES[name].dense:
+            if not plan.branch_runs_at(rep.cfg.pruning, name, level):
                 continue
             if rep.folder.done(level, name):
                 self.check(rep.folder.load_result(level, name))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lottery import masks as M, pruning
+from lottery.branches import BRANCHES, branch_settings
 from lottery.core.files import load_torch
 from lottery.core.seeds import derive_seed
 from lottery.pruning import granularity as G
@@ -98,8 +99,13 @@ def preflight(rep, model) -> int:
         if crit.check is not None:
             crit.check(pruning.criterion_settings(p.criterion), rep.split)
         _collapse_at_init(rep, n_levels)
-    from lottery.branches import BRANCHES, branch_settings
-
+    have = list(range(0 if p.train_dense else 1, n_levels))
+    missing = [lv for lv in p.branch_levels if lv not in have]
+    if missing:
+        raise ValueError(
+            f"pruning.branch_levels names level {missing[0]}, which this run does not have (it trains levels "
+            f"{', '.join(map(str, have))}); accepted: those levels, or [] for every level"
+        )
     for name in p.branches:
         check = BRANCHES[name].check
         if check is not None:
@@ -247,3 +253,11 @@ def prune_level(
         batches=batches,
         generator=torch.Generator().manual_seed(derive_seed(rep.seed, "prune", level)),
     )
+
+
+def branch_runs_at(p, name: str, level: int) -> bool:
+    """Whether branch `name` runs on `level`'s ticket: at pruned levels (and level 0 for branches of the dense
+    network), limited to pruning.branch_levels when it lists any."""
+    if level == 0 and not BRANCHES[name].dense:
+        return False
+    return not p.branch_levels or level in p.branch_levels

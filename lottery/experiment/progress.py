@@ -15,8 +15,6 @@ import time
 
 import torch
 
-from lottery.branches import BRANCHES
-
 log = logging.getLogger(__name__)
 
 # The progress of the run_levels call now in this process (None outside one: lottery-retrain, a test's own training).
@@ -36,7 +34,7 @@ def duration(seconds: float) -> str:
 def planned_units(lin) -> list[tuple[int, str, int]]:
     """(level, branch, training steps) of every record the lineage's run makes."""
     rep, cfg = lin.rep, lin.rep.cfg
-    from lottery.experiment.plan import finetune_steps
+    from lottery.experiment.plan import branch_runs_at, finetune_steps
 
     steps = rep.steps
     out = []
@@ -51,7 +49,7 @@ def planned_units(lin) -> list[tuple[int, str, int]]:
             n = steps.total - steps.rewind
         out.append((level, "ticket", n))
         for name in cfg.pruning.branches:
-            if level > 0 or BRANCHES[name].dense:
+            if branch_runs_at(cfg.pruning, name, level):
                 out.append((level, name, steps.total - (steps.rewind if level else 0)))
     return out
 
