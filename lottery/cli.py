@@ -112,6 +112,7 @@ def _remove_created_folders() -> None:
 
 
 def _guarded(fn, job: _Job, multirun: bool) -> None:
+    from lottery.core.commandline import BROKEN_INSTALL_EXIT, BrokenInstall
     from lottery.core.divergence import AtChance, Diverged
     from lottery.core.files import WriteFailed
     from lottery.core.signals import Interrupted, Preempted
@@ -136,6 +137,13 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
             return
         print(f"error: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT if isinstance(e, Diverged) else AT_CHANCE_EXIT)
+    except BrokenInstall as e:
+        # torchvision, imported where the data first needs it: the installation, not the command, is wrong.
+        _record_error(job, e)
+        print(f"error: {e}", file=sys.stderr)
+        if not multirun:
+            sys.exit(BROKEN_INSTALL_EXIT)
+        _FAILED_JOBS.append(run_dir)
     except WriteFailed as e:
         # A full disk or a read-only folder is neither a bug nor a bad command: one line, the files in place are
         # intact, the rerun resumes.

@@ -157,7 +157,8 @@ def ticket_rows(label, dense, masks, kind, shape, x, y, tx, ty, args, tmp, lr):
     else:
         chosen = {}
         for batch in (1, args.big_batch):
-            net, layers = S.choose(model, shape, batch, threads=args.threads, clock=args.clock)
+            net, layers = S.choose(model, shape, batch, timer=lambda m, x: S.median_time(
+                m, x, args.threads, args.min_run_time, args.clock))  # quick mode's short timings too
             chosen[batch] = (net, layers)
         net256, layers256 = chosen[args.big_batch]
         path, _ = S.save(net256, shape, tmp)

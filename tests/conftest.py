@@ -334,6 +334,16 @@ def pytest_runtest_setup(item):
         pytest.skip("needs a CUDA GPU")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, and one more when the SLURM tests will run. Their worker spends ~220 s waiting
+    for the cluster (its 30 s time-limit checks, requeues, paced jobs), and its core would stand idle meanwhile: with
+    the extra worker the other two keep both cores busy (the same work, so no test gets less CPU in total)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    markexpr = config.getoption("markexpr", "") or ""
+    slurm = "not slurm" not in markexpr.replace("  ", " ") and (_cluster_up() or _why_no_cluster() is None)
+    return cores + 1 if slurm else cores
+
+
 def pytest_collection_modifyitems(config, items):
     # Under pytest-xdist (--dist loadgroup) every test of the one-node SLURM cluster runs in one worker, one after
     # another: they share its single node and its queue, and a second worker's jobs would wait behind the first's.

@@ -87,16 +87,34 @@ def test_slurm_without_a_controller_is_one_line(tmp_path):
     assert not sweep.exists()
 
 
-def test_a_broken_torchvision_is_one_line(tmp_path):
+def test_a_broken_torchvision_is_one_line_where_a_run_needs_it(tmp_path):
+    """torchvision is imported where the data needs it (CIFAR-10, downloads), not at every start-up (its import pulls
+    in torch._dynamo: 1.3 s): a run on synthetic data does not need it, one on CIFAR-10 gets the one line."""
     fake = tmp_path / "fake" / "torchvision"  # what a torchvision built for another torch raises on import
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
-    r = run_cli(*TINY, cwd=tmp_path, env={**ENV, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])})
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])}
+    r = run_cli(*TINY, "hydra.run.dir=synthetic", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (tmp_path / "data").mkdir()
+    r = run_cli(*TINY, "dataset=cifar10", "dataset.root=data", "hydra.run.dir=cifar", cwd=tmp_path, env=env)
     assert r.returncode == BROKEN_INSTALL_EXIT, r.stdout + r.stderr
     [line] = errors(r)
     assert line.startswith("error: torchvision cannot be imported (RuntimeError: operator torchvision::nms does not "
                            "exist); installed: torch ") and "pip install --force-reinstall torch torchvision" in line
     assert "Traceback" not in r.stderr
+
+
+def test_a_run_on_synthetic_data_does_not_import_torchvision(tmp_path):
+    """Its models and ops are 0.2 s of every start-up that does not need them (torch._dynamo, most of torchvision's
+    import time, is imported by torch.optim's first optimizer anyway)."""
+    code = ("import sys; from lottery.cli import train; sys.argv = ['lottery-train', *sys.argv[1:]]\n"
+            "try:\n    train()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('torchvision' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *TINY, "hydra.run.dir=r"], cwd=tmp_path, capture_output=True,
+                       text=True, env={**ENV, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] == "False", r.stdout
 
 
 def test_license_citation_changelog():

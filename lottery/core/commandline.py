@@ -1,6 +1,7 @@
 """What every entry point checks of its command line and its installation before Hydra starts, each answered in one
-line: `--version`, a PyTorch or torchvision that cannot be imported (a broken or mismatched pair), and a key that the
-composed config does not have (with the nearest one that it has)."""
+line: `--version`, a PyTorch that cannot be imported, and a key that the composed config does not have (with the nearest
+one that it has). A torchvision that cannot be imported (a broken or mismatched pair) is the same one line where a run
+first needs it (`require_torchvision`)."""
 
 from __future__ import annotations
 
@@ -33,28 +34,44 @@ def version_line() -> str:
     )
 
 
-def install_error() -> str | None:
-    """One line when torch or torchvision cannot be imported (a broken install, or a torchvision built for another
-    torch: `operator torchvision::nms does not exist`), else None."""
-    for name in ("torch", "torchvision"):
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # torchvision's own warnings say the same at length
-                __import__(name)
-        except Exception as e:  # noqa: BLE001 - ImportError, OSError (a missing library), RuntimeError (ops)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            from importlib import metadata
+class BrokenInstall(RuntimeError):
+    """torch or torchvision cannot be imported: the installation is wrong (entry points exit BROKEN_INSTALL_EXIT)."""
 
-            versions = []
-            for pkg in ("torch", "torchvision"):
-                with contextlib.suppress(metadata.PackageNotFoundError):
-                    versions.append(f"{pkg} {metadata.version(pkg)}")
-            return (
-                f"{name} cannot be imported ({type(e).__name__}: {first}); installed: "
-                f"{', '.join(versions) or 'neither torch nor torchvision'}. torch and torchvision must be a "
-                f"matching pair from one index: reinstall both, e.g. for the CPU: "
-                f"pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu"
-            )
+
+def import_error(name: str) -> str | None:
+    """One line when package `name` (torch or torchvision) cannot be imported (a broken install, or a torchvision
+    built for another torch: `operator torchvision::nms does not exist`), else None."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # torchvision's own warnings say the same at length
+            __import__(name)
+    except Exception as e:  # noqa: BLE001 - ImportError, OSError (a missing library), RuntimeError (ops)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        from importlib import metadata
+
+        versions = []
+        for pkg in ("torch", "torchvision"):
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                versions.append(f"{pkg} {metadata.version(pkg)}")
+        return (
+            f"{name} cannot be imported ({type(e).__name__}: {first}); installed: "
+            f"{', '.join(versions) or 'neither torch nor torchvision'}. torch and torchvision must be a "
+            f"matching pair from one index: reinstall both, e.g. for the CPU: "
+            f"pip install --force-reinstall torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+        )
     return None
+
+
+def install_error() -> str | None:
+    """One line when torch cannot be imported, else None. torchvision is checked where it is first needed
+    (`require_torchvision`): only CIFAR-10 and downloads use it, and its models and ops are 0.2 s of a start-up."""
+    return import_error("torch")
+
+
+def require_torchvision() -> None:
+    """Import torchvision, or raise BrokenInstall with the one line that says why it cannot be."""
+    broken = import_error("torchvision")
+    if broken:
+        raise BrokenInstall(broken)
 
 
 def exit_early(args: list[str]) -> None:

@@ -1,7 +1,8 @@
 """The built-in datasets: MNIST and CIFAR-10 through torchvision, and small seeded synthetic data for tests.
 
 torchvision is imported only where it is needed (CIFAR-10, downloads): its import pulls in torch._dynamo and costs
-1.5-3 s, more than the rest of startup; MNIST already on disk is read directly (`_read_idx`).
+1.5-3 s, more than the rest of startup; MNIST already on disk is read directly (`_read_idx`). A torchvision that cannot
+be imported is one line there (lottery.core.commandline.require_torchvision).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lottery.core.commandline import require_torchvision
 from lottery.core.ranges import at_least, setting
 from lottery.data.registry import register_dataset
 
@@ -65,6 +67,7 @@ def _load_mnist(root: str, download: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     if all(os.path.isfile(os.path.join(raw, f)) for f in _MNIST_FILES):
         train_x, train_y, test_x, test_y = (_read_idx(os.path.join(raw, f)) for f in _MNIST_FILES)
         return train_x[:, None], train_y.long(), test_x[:, None], test_y.long()
+    require_torchvision()
     from torchvision.datasets import MNIST
 
     try:
@@ -91,6 +94,7 @@ def mnist(root: str, download: bool):
 
 
 def _unverified_cifar10():
+    require_torchvision()
     from torchvision.datasets import CIFAR10
 
     class _UnverifiedCIFAR10(CIFAR10):
@@ -107,6 +111,7 @@ def _unverified_cifar10():
 
 
 def _load_cifar10(root: str, download: bool, verify: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    require_torchvision()
     from torchvision.datasets import CIFAR10
 
     _UnverifiedCIFAR10 = _unverified_cifar10()
