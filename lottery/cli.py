@@ -89,8 +89,10 @@ class _Job:
 
 def _guard(fn, job: _Job) -> None:
     """Run one job. In a multirun a failed job records its error and lets the other jobs go on."""
+    from lottery.core.commandline import quick_exit
     from lottery.core.signals import install_stop_handlers
 
+    quick_exit()  # a job of a launcher (submitit, SLURM) is a process of its own, started without _main
     install_stop_handlers()
     _quiet_log_file_errors()
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

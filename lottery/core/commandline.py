@@ -34,6 +34,25 @@ def version_line() -> str:
     )
 
 
+_QUICK_EXIT = False
+
+
+def quick_exit() -> None:
+    """Skip CPython's last garbage collection at exit. It walks every object still alive, and with torch,
+    torch._dynamo (imported by torch.optim's first optimizer) and sympy loaded that is 0.8 s of a 5-step run's 3.4 s
+    on a 2-core CPU, spent after the run has ended. gc.freeze as an atexit handler moves them out of its reach; they
+    are still released by reference counting, and nothing here relies on that collection: files are closed when
+    written, logs are flushed by logging's own atexit handler. Registered once per process (the test suite runs
+    entry points in its own process too)."""
+    global _QUICK_EXIT
+    if not _QUICK_EXIT:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _QUICK_EXIT = True
+
+
 class BrokenInstall(RuntimeError):
     """torch or torchvision cannot be imported: the installation is wrong (entry points exit BROKEN_INSTALL_EXIT)."""
 
@@ -76,9 +95,10 @@ def require_torchvision() -> None:
 
 def exit_early(args: list[str]) -> None:
     """What every Hydra entry point does before composing: `--version` prints the versions and exits 0; a broken
-    torch/torchvision is one line and exit BROKEN_INSTALL_EXIT."""
+    torch is one line and exit BROKEN_INSTALL_EXIT; the process will end without the last garbage collection."""
     import sys
 
+    quick_exit()
     if "--version" in args:
         print(version_line())
         sys.exit(0)

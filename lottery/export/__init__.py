@@ -89,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from lottery.core.commandline import quick_exit
+
+    quick_exit()
     args = parser().parse_args(argv)
     try:
         return _export(args)

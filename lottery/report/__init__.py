@@ -95,7 +95,9 @@ def main(argv=None) -> int:
         "count over replicates per condition and level) and draw the lottery-ticket figures (PNG and "
         "SVG). A file that cannot be read is one warning line; the other runs are still reported.",
     )
-    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, version_line
+    from lottery.core.commandline import BROKEN_INSTALL_EXIT, install_error, quick_exit, version_line
+
+    quick_exit()
 
     parser.add_argument("--version", action="version", version=version_line())
     parser.add_argument("paths", nargs="+", help="run folders, sweep folders, or any folder above them")
