@@ -242,7 +242,11 @@ def answer(reps, tolerance: float) -> str | None:
         for name, recs in sorted(by_level[level].items())
         if name != "ticket"
     ]
-    there = f"; there: {', '.join(controls)}" if controls else "; no control ran there (pruning.branches)"
+    there = (
+        f"; there: {', '.join(controls)}"
+        if controls
+        else "; no control ran there (pruning.branches, pruning.branch_levels)"
+    )
     return (
         f"answer: the sparsest ticket that matches the dense network (test accuracy {reference:.4f}{over}, "
         f"{within}) is level {level}, {100 * mean(by_level[level]['ticket'], 'weights_remaining'):.2f}% of the "
