@@ -351,8 +351,9 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group("slurm"))
     # That group first: its ~220 s are mostly waits for the cluster, which then overlap the other workers' tests
-    # instead of ending the run with one busy worker (xdist hands out work in collection order).
-    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+    # instead of ending the run with one busy worker; then the slow tests (over ~2 s each), and the many short ones
+    # last, to even out the workers' ends (xdist hands out work one test or group at a time, in collection order).
+    items.sort(key=lambda item: (item.get_closest_marker("slurm") is None, item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture(autouse=True)
