@@ -291,6 +291,27 @@ def _reset_lottery_state() -> None:
 PLUGINS = REPO / "tests" / "plugins"
 
 
+@pytest.fixture
+def plugins_on_path(monkeypatch):
+    """tests/plugins on sys.path for a test that imports a user's module in this process (imports=[my_lottery_ext]).
+    What the module registers (datasets, branches, updaters, callbacks) and the module itself are gone after the
+    test, as they would be with its process: no later test in this worker sees them (test_data's registry check
+    did, depending on which tests the worker had run before)."""
+    from lottery.experiment.callbacks import CALLBACKS
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    saved = [(r, dict(r)) for r in _lottery_registries()]
+    callbacks, modules = list(CALLBACKS), set(sys.modules)
+    yield
+    for r, entries in saved:
+        r.clear()
+        r.update(entries)
+    CALLBACKS[:] = callbacks
+    for name in set(sys.modules) - modules:
+        if (getattr(sys.modules[name], "__file__", None) or "").startswith(str(PLUGINS)):
+            del sys.modules[name]
+
+
 def plugins_env(env: dict | None = None) -> dict:
     """`env` plus tests/plugins on PYTHONPATH (the user-extension examples and the fault injection)."""
     return {**(env or {}), "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")])}

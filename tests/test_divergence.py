@@ -102,11 +102,9 @@ def test_continue_after_a_diverged_control_makes_every_level(tmp_path, monkeypat
                    (2, "reinit", False)]
 
 
-def test_branch_of_several_units_stops_at_its_diverged_unit(tmp_path, monkeypatch):
+def test_branch_of_several_units_stops_at_its_diverged_unit(tmp_path, monkeypatch, plugins_on_path):
     """A user's two-unit branch with an analysis: the diverged copy ends the branch (no second copy, no analysis
     over NaNs), its record says which unit diverged, and the levels go on with train.on_divergence=continue."""
-    from conftest import REPO
-    monkeypatch.syspath_prepend(str(REPO / "tests" / "plugins"))
     poison(monkeypatch, "level 1 two_copies/copy_0")
     run_dir = tmp_path / "run"
     with pytest.raises(Diverged, match="level 1 two_copies has a non-finite loss by step 0"):

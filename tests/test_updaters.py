@@ -35,11 +35,10 @@ def _same(a, b):
 
 
 @pytest.mark.slow
-def test_a_users_updater_runs_alone_and_as_replicas_in_both_layouts(tmp_path, monkeypatch):
+def test_a_users_updater_runs_alone_and_as_replicas_in_both_layouts(tmp_path, plugins_on_path):
     """magnitude_drop (tests/plugins/my_lottery_ext.py + conf/dst/magnitude_drop.yaml): one module and one YAML
     file. Each drop removes exactly `count` weights of every layer; replicas=2 interleaved ends exactly as two single
     runs, stacked with the same counts."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
     static = run_experiment(tiny_cfg(*SPARSE), tmp_path / "static")[0]
     one = run_experiment(tiny_cfg(*SPARSE, *USER), tmp_path / "one")
     res = _result(tmp_path / "one")
@@ -125,8 +124,7 @@ def test_a_checkpoint_of_another_updater_is_refused_in_one_line():
         checkpoint_state("rigl", {"step": 20, "model": {}})
 
 
-def test_a_users_updater_settings_are_checked_before_any_work(monkeypatch):
-    monkeypatch.syspath_prepend(str(PLUGINS))
+def test_a_users_updater_settings_are_checked_before_any_work(plugins_on_path):
     from lottery.experiment.check import checked
     with pytest.raises(ValueError, match="unknown key dst.size for mask updater 'magnitude_drop'; accepted: every, "
                                          "count"):
