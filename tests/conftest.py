@@ -365,9 +365,13 @@ def pytest_xdist_auto_num_workers(config):
     return cores + 1 if slurm else cores
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Under pytest-xdist (--dist loadgroup) every test of the one-node SLURM cluster runs in one worker, one after
     # another: they share its single node and its queue, and a second worker's jobs would wait behind the first's.
+    # tryfirst: xdist's worker turns the xdist_group marker into the "@slurm" suffix loadgroup schedules by in its own
+    # pytest_collection_modifyitems, which otherwise ran before this one and saw no marker (the SLURM tests were
+    # spread over every worker, each starting the cluster).
     for item in items:
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group("slurm"))

@@ -121,6 +121,17 @@ def test_slurm_launcher_puts_site_settings_in_the_job_script(fake_slurm, tmp_pat
         assert len({row["run_dir"] for row in csv.DictReader(f)}) == 2
 
 
+def test_the_cluster_tests_share_one_worker(request):
+    """Under xdist (the suite's default) every `slurm` test carries loadgroup's "@slurm" suffix, so one worker runs
+    them one after another and only it starts the cluster."""
+    if not hasattr(request.config, "workerinput"):
+        pytest.skip("not under pytest-xdist (-n0): one process runs everything")
+    cluster = [item for item in request.session.items if item.get_closest_marker("slurm") is not None]
+    if not cluster:
+        pytest.skip("no slurm test selected")
+    assert all(item.nodeid.endswith("@slurm") for item in cluster), [i.nodeid for i in cluster]
+
+
 def test_hanging_sacct_gives_way_to_squeue(tmp_path, monkeypatch):
     """An accounting database that does not answer: after SACCT_TIMEOUT_S the states come from squeue; a job that
     squeue no longer lists has ended, and one it lists keeps its state."""
