@@ -139,20 +139,13 @@ def _guarded(fn, job: _Job, multirun: bool) -> None:
             return
         print(f"error: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT if isinstance(e, Diverged) else AT_CHANCE_EXIT)
-    except BrokenInstall as e:
-        # torchvision, imported where the data first needs it: the installation, not the command, is wrong.
+    except (WriteFailed, BrokenInstall) as e:
+        # Neither a bug nor a bad command: a full disk or a read-only folder (the files in place are intact, the
+        # rerun resumes), or a torchvision that cannot be imported where the data first needs it. One line.
         _record_error(job, e)
         print(f"error: {e}", file=sys.stderr)
         if not multirun:
-            sys.exit(BROKEN_INSTALL_EXIT)
-        _FAILED_JOBS.append(run_dir)
-    except WriteFailed as e:
-        # A full disk or a read-only folder is neither a bug nor a bad command: one line, the files in place are
-        # intact, the rerun resumes.
-        _record_error(job, e)
-        print(f"error: {e}", file=sys.stderr)
-        if not multirun:
-            sys.exit(WRITE_FAILED_EXIT)
+            sys.exit(WRITE_FAILED_EXIT if isinstance(e, WriteFailed) else BROKEN_INSTALL_EXIT)
         _FAILED_JOBS.append(run_dir)
     except Preempted as e:
         # Neither done nor failed: leave without a result (under submitit the requeue already happened in

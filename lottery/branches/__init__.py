@@ -9,6 +9,15 @@ Imports training (evaluation), pruning, masks and core; never the experiment tha
 """
 
 from lottery.branches import controls, lmc, retraining  # noqa: F401  (register the built-in branches)
-from lottery.branches.base import BRANCHES, Branch, LevelContext, Unit, branch_settings, label, register_branch
+from lottery.branches.base import (
+    BRANCHES,
+    Branch,
+    LevelContext,
+    Unit,
+    branch_settings,
+    check_levels,
+    label,
+    register_branch,
+)
 
-__all__ = ["BRANCHES", "Branch", "LevelContext", "Unit", "branch_settings", "label", "register_branch"]
+__all__ = ["BRANCHES", "Branch", "LevelContext", "Unit", "branch_settings", "check_levels", "label", "register_branch"]

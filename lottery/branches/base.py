@@ -152,5 +152,17 @@ def branch_settings(name: str, cfg) -> dict:
     return check_settings(raw, BRANCHES.lookup(name).settings, f"branch.{name}", of=f"branch '{name}'")
 
 
+def check_levels(key: str, listed, levels: int, dense: bool) -> None:
+    """A setting listing IMP levels (`key`, e.g. pruning.branch_levels) must name levels the run has: 0 (the dense
+    network) only where it trains, the last one `levels - 1`."""
+    have = list(range(0 if dense else 1, levels))
+    missing = [lv for lv in listed if lv not in have]
+    if missing:
+        raise ValueError(
+            f"{key} names level {missing[0]}, which this run does not have (it trains levels "
+            f"{', '.join(map(str, have)) or 'none'}); accepted: those levels, or [] for every level"
+        )
+
+
 def label(branch: str) -> str:
     return BRANCHES[branch].label if branch in BRANCHES else branch

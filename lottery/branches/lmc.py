@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lottery import masks as M
-from lottery.branches.base import LevelContext, Unit, register_branch
+from lottery.branches.base import LevelContext, Unit, check_levels, register_branch
 from lottery.core.ranges import at_least, setting
 from lottery.core.seeds import derive_seed
 from lottery.core.steps import parse_steps
@@ -199,13 +199,7 @@ def _analyze(ctx: LevelContext, units: list[Unit], records: list[dict]) -> dict:
 
 def _check(settings: dict, levels: int, dense: bool, steps) -> None:
     """branch.lmc.levels must name levels the run has (and level 0 only where the dense network trains)."""
-    have = list(range(0 if dense else 1, levels))
-    missing = [lv for lv in settings["levels"] if lv not in have]
-    if missing:
-        raise ValueError(
-            f"branch.lmc.levels names level {missing[0]}, which this run does not have (it trains levels "
-            f"{', '.join(map(str, have)) or 'none'}); accepted: those levels, or [] for every level"
-        )
+    check_levels("branch.lmc.levels", settings["levels"], levels, dense)
 
 
 register_branch(

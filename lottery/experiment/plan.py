@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from lottery import masks as M, pruning
-from lottery.branches import BRANCHES, branch_settings
+from lottery.branches import BRANCHES, branch_settings, check_levels
 from lottery.core.files import load_torch
 from lottery.core.seeds import derive_seed
 from lottery.pruning import granularity as G
@@ -99,13 +99,7 @@ def preflight(rep, model) -> int:
         if crit.check is not None:
             crit.check(pruning.criterion_settings(p.criterion), rep.split)
         _collapse_at_init(rep, n_levels)
-    have = list(range(0 if p.train_dense else 1, n_levels))
-    missing = [lv for lv in p.branch_levels if lv not in have]
-    if missing:
-        raise ValueError(
-            f"pruning.branch_levels names level {missing[0]}, which this run does not have (it trains levels "
-            f"{', '.join(map(str, have))}); accepted: those levels, or [] for every level"
-        )
+    check_levels("pruning.branch_levels", p.branch_levels, n_levels, bool(p.train_dense))
     for name in p.branches:
         check = BRANCHES[name].check
         if check is not None:
