@@ -1,6 +1,7 @@
 """Shared test helpers: Hydra compose over conf/, tiny configs, the real data folder, W&B kept out of $HOME."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -140,7 +141,6 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
     inside, so they write there too); SystemExit as the exit status, an uncaught exception as its traceback and
     status 1, as the interpreter does. What the call leaves behind in this process is put back: Hydra's global state,
     logging, signal handlers, warnings filters, torch's thread count, and lottery.cli's record of a multirun."""
-    import contextlib
     import importlib
     import io
     import logging
@@ -165,16 +165,15 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR2", None))
                      if s is not None}
     saved_threads = torch.get_num_threads()
-    registries = _lottery_registries()
-    saved_registries = [(r, dict(r)) for r in registries]
-    from lottery.experiment.callbacks import CALLBACKS  # a list: instances, registered by a user's module on import
-    saved_callbacks = list(CALLBACKS)
+    from lottery.experiment.callbacks import CALLBACKS
+
     out, err = io.StringIO(), io.StringIO()
     code = 0
     # PYTHONPATH (tests/plugins for `imports=[faults]`) as a new interpreter reads it: on sys.path for the call; the
     # modules it imports from there are dropped after it, so that the next call imports (and registers) them again
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-    saved_modules = set(sys.modules)
+    registrations = contextlib.ExitStack()
+    registries = registrations.enter_context(_registrations_undone(paths))
     sys.path[:0] = paths
     real_kill = os.kill
 
@@ -236,20 +235,35 @@ def in_process(*args: str, cwd: Path, env: dict | None = None, entry: str = "lot
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        for r, entries in saved_registries:
-            r.clear()
-            r.update(entries)
-        CALLBACKS[:] = saved_callbacks
+        registrations.close()
         os.kill = real_kill
         _reset_lottery_state()
         torch.set_num_threads(saved_threads)
         for p in paths:
             sys.path.remove(p)
-        for name in set(sys.modules) - saved_modules:
-            origin = getattr(sys.modules[name], "__file__", None) or ""
-            if any(origin.startswith(p) for p in paths):
-                del sys.modules[name]
     return subprocess.CompletedProcess([function, *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _registrations_undone(paths):
+    """What a user's module registers when imported (registry entries; CALLBACKS, a list of instances) is undone after
+    the block, and the modules imported from `paths` are dropped from sys.modules, as if the block had run in a
+    process of its own. Yields the registries."""
+    from lottery.experiment.callbacks import CALLBACKS
+
+    saved = [(r, dict(r)) for r in _lottery_registries()]
+    callbacks, modules = list(CALLBACKS), set(sys.modules)
+    try:
+        yield [r for r, _ in saved]
+    finally:
+        for r, entries in saved:
+            r.clear()
+            r.update(entries)
+        CALLBACKS[:] = callbacks
+        for name in set(sys.modules) - modules:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if any(origin.startswith(str(p)) for p in paths):
+                del sys.modules[name]
 
 
 def _lottery_registries() -> list:
@@ -297,19 +311,9 @@ def plugins_on_path(monkeypatch):
     What the module registers (datasets, branches, updaters, callbacks) and the module itself are gone after the
     test, as they would be with its process: no later test in this worker sees them (test_data's registry check
     did, depending on which tests the worker had run before)."""
-    from lottery.experiment.callbacks import CALLBACKS
-
     monkeypatch.syspath_prepend(str(PLUGINS))
-    saved = [(r, dict(r)) for r in _lottery_registries()]
-    callbacks, modules = list(CALLBACKS), set(sys.modules)
-    yield
-    for r, entries in saved:
-        r.clear()
-        r.update(entries)
-    CALLBACKS[:] = callbacks
-    for name in set(sys.modules) - modules:
-        if (getattr(sys.modules[name], "__file__", None) or "").startswith(str(PLUGINS)):
-            del sys.modules[name]
+    with _registrations_undone([PLUGINS]):
+        yield
 
 
 def plugins_env(env: dict | None = None) -> dict:
