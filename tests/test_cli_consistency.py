@@ -88,8 +88,8 @@ def test_slurm_without_a_controller_is_one_line(tmp_path):
 
 
 def test_a_broken_torchvision_is_one_line_where_a_run_needs_it(tmp_path):
-    """torchvision is imported where the data needs it (CIFAR-10, downloads), not at every start-up (its import pulls
-    in torch._dynamo: 1.3 s): a run on synthetic data does not need it, one on CIFAR-10 gets the one line."""
+    """torchvision is imported where the data needs it (CIFAR-10, downloads), not at every start-up: a run on
+    synthetic data does not need it, one on CIFAR-10 gets the one line."""
     fake = tmp_path / "fake" / "torchvision"  # what a torchvision built for another torch raises on import
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
